@@ -1,1 +1,4 @@
-pub fn dummy(){}
+pub mod checkpoint;
+pub mod knn;
+pub mod loaders;
+pub mod metrics;
