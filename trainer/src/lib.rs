@@ -1,4 +1,6 @@
 pub mod checkpoint;
+pub mod export;
 pub mod knn;
 pub mod loaders;
 pub mod metrics;
+pub mod plot;
