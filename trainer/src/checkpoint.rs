@@ -2,8 +2,9 @@
 //!
 //! * Tensors (student, teacher, optimiser moments, anything a [`Tensor`] holds) go into one
 //!   safetensors file, keyed by name; f32 round-trips bit for bit.
-//! * Everything else (step, epoch, data cursor, centres, RNG state, the config text) is JSON.
-//!   serde_json writes f32 with the shortest representation that parses back to the same bits.
+//! * Everything else (step, epoch, data cursor, RNG state, the config text) is JSON. The three
+//!   loss centres are tensors (`center.{cls,udi,patch}`, K values each), stored with the weights
+//!   so they round-trip bit for bit like them.
 //! * A checkpoint is written into a hidden temporary directory, fsynced and renamed into place,
 //!   so a crash mid-write leaves the previous checkpoints and no half-written one.
 //! * After each save only the newest `keep_last` checkpoints remain.
@@ -42,8 +43,6 @@ pub struct CheckpointState {
     /// The master seed; every random stream is keyed by (seed, domain, epoch/step, index), so
     /// the RNG state is (seed, step): nothing else is needed to continue the streams exactly.
     pub seed: u64,
-    /// The three loss centres c0, c1, c2 (udi-spec §3.4), each K values.
-    pub centres: Vec<Vec<f32>>,
     /// The full config file text the run started with.
     pub config_toml: String,
     /// Anything else the trainer wants back (e.g. its own step counters).
@@ -219,7 +218,6 @@ mod tests {
             epoch: 1,
             cursor: DataCursor { epoch: 1, batch: step % 7 },
             seed: 3,
-            centres: vec![vec![0.1f32, -1e-30, f32::MIN_POSITIVE, 1.0 / 3.0]; 3],
             config_toml: "[data]\nbatch_size = 4\n".into(),
             extra: serde_json::json!({"k": 1}),
         }

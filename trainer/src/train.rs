@@ -1,0 +1,285 @@
+//! The training loop of `trainer train`: batches from a [`BatchFeed`] (the shared-memory ring
+//! fed by loader processes, or an in-process source in tests), one [`Trainer::step`] each,
+//! metrics every step, checkpoints every `checkpoint_every` steps and at the end, exact resume.
+//!
+//! Exact resume rests on three facts: every tensor that evolves (student, teacher, centres,
+//! AdamW moments and per-parameter step counts) is checkpointed bit for bit; every random stream
+//! is keyed by (seed, step) or (seed, epoch, index) rather than carried state; and the data
+//! cursor (epoch, batch) is saved, so the ring is sought to the very next batch.
+
+use crate::checkpoint::{self, CheckpointManager, CheckpointState, DataCursor, FORMAT_VERSION};
+use crate::config::TrainConfig;
+use crate::data::TrainBatch;
+use crate::metrics::{self, EntropyGuard, MetricsLog, StepMetrics};
+use crate::step::Trainer;
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use shared::config::AugmentConfig;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The `[run]` table of a config: how a run is driven (not what is trained). Not part of the
+/// config fingerprint, so changing it never invalidates a ring or a resume.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    /// Save a checkpoint every N steps (and always at the end).
+    pub checkpoint_every: u64,
+    /// Checkpoints kept (newest first).
+    pub keep_last: usize,
+    /// Print the console line every N steps (the JSONL gets every step).
+    pub log_every: u64,
+    /// Ring slots (batches in flight between loaders and trainer).
+    pub ring_slots: u32,
+    /// Give up when no batch arrives for this long (seconds).
+    pub batch_timeout_s: f64,
+    /// Steps before the teacher-entropy warnings are armed.
+    pub entropy_grace_steps: u64,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self { checkpoint_every: 500, keep_last: 3, log_every: 10, ring_slots: 8, batch_timeout_s: 600.0, entropy_grace_steps: 100 }
+    }
+}
+
+impl RunConfig {
+    /// Reads the `[run]` table of a whole config document (other tables are ignored).
+    pub fn from_toml_str(text: &str) -> Result<Self> {
+        #[derive(Deserialize, Default)]
+        struct Doc {
+            #[serde(default)]
+            run: RunConfig,
+        }
+        let d: Doc = toml::from_str(text).context("[run]")?;
+        ensure!(d.run.checkpoint_every > 0, "[run]: checkpoint_every must be > 0");
+        ensure!(d.run.log_every > 0, "[run]: log_every must be > 0");
+        ensure!(d.run.ring_slots >= 2, "[run]: ring_slots must be >= 2");
+        Ok(d.run)
+    }
+}
+
+/// One batch handed to the trainer.
+pub struct FedBatch {
+    pub batch: TrainBatch,
+    pub epoch: u64,
+    /// Batch number within the epoch.
+    pub index: u64,
+    /// Time spent waiting for the batch to be ready (not converting it).
+    pub wait: Duration,
+}
+
+/// Where batches come from. Batch `b` of epoch `e` is a pure function of (seed, e, b) for every
+/// implementation, so a seek reproduces the stream exactly.
+pub trait BatchFeed {
+    fn n_samples(&self) -> u64;
+    /// Identity of the dataset (checked on resume).
+    fn dataset_id(&self) -> u64;
+    /// The next batch returned is batch `batch` of epoch `epoch`.
+    fn seek(&mut self, epoch: u64, batch: u64) -> Result<()>;
+    fn next(&mut self, aug: &AugmentConfig, device: &Device) -> Result<FedBatch>;
+}
+
+/// What `trainer train` was asked to do.
+#[derive(Clone, Debug)]
+pub struct TrainOptions {
+    /// The whole config text (`[data] [augment] [model] [loss] [optim] [run]`).
+    pub config_toml: String,
+    pub run_dir: PathBuf,
+    /// Continue from the newest checkpoint in `run_dir` (error if there is none).
+    pub resume: bool,
+    /// Stop after this many optimiser steps in total (with a final checkpoint).
+    pub max_steps: Option<u64>,
+    pub device: Device,
+    /// No console lines (tests).
+    pub quiet: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct TrainSummary {
+    pub first_step: u64,
+    pub last_step: u64,
+    pub total_steps: u64,
+    pub last_checkpoint: Option<PathBuf>,
+    pub last: Option<StepMetrics>,
+    /// Mean fraction of step time spent waiting for data, over this invocation.
+    pub mean_data_wait: f64,
+    pub mean_images_per_s: f64,
+}
+
+/// Reads the config text of a run and checks both halves parse.
+pub fn parse_config(text: &str, what: &str) -> Result<(TrainConfig, RunConfig)> {
+    let cfg = TrainConfig::from_toml_str(text).map_err(|e| anyhow::anyhow!("{what}: {e:#}"))?;
+    let run = RunConfig::from_toml_str(text).map_err(|e| anyhow::anyhow!("{what}: {e:#}"))?;
+    Ok((cfg, run))
+}
+
+/// The next cursor after consuming batch `index` of `epoch`.
+pub fn advance(epoch: u64, index: u64, batches_per_epoch: u64) -> DataCursor {
+    if index + 1 >= batches_per_epoch {
+        DataCursor { epoch: epoch + 1, batch: 0 }
+    } else {
+        DataCursor { epoch, batch: index + 1 }
+    }
+}
+
+/// Runs (or resumes) training until `max_steps` or the end of the schedule.
+pub fn train(opts: &TrainOptions, feed: &mut dyn BatchFeed) -> Result<TrainSummary> {
+    let (cfg, run) = parse_config(&opts.config_toml, "config")?;
+    std::fs::create_dir_all(&opts.run_dir).with_context(|| format!("creating {}", opts.run_dir.display()))?;
+    let bpe = shared::rng::batches_per_epoch(feed.n_samples(), cfg.data.batch_size);
+    ensure!(
+        bpe > 0,
+        "the dataset has {} samples, fewer than one batch of {}",
+        feed.n_samples(),
+        cfg.data.batch_size
+    );
+    let schedule_steps = cfg.optim.epochs * bpe;
+    let end_step = opts.max_steps.map_or(schedule_steps, |m| m.min(schedule_steps));
+
+    let mut trainer = Trainer::new(&cfg, bpe, &opts.device)?;
+    let ckpts = CheckpointManager::new(&opts.run_dir, run.keep_last)?;
+    let mut step = 0u64;
+    let mut cursor = DataCursor::default();
+    if opts.resume {
+        let c = ckpts
+            .latest()?
+            .with_context(|| format!("--resume: no checkpoint in {}", ckpts.dir().display()))?;
+        let (tensors, state) = checkpoint::load(&c, &opts.device)?;
+        let (saved_cfg, _) = parse_config(&state.config_toml, &format!("{}", c.state().display()))?;
+        if saved_cfg != cfg {
+            bail!(
+                "--resume: the config differs from the one {} was trained with (only [run] may change); \
+                 the original is in {}",
+                c.dir.display(),
+                opts.run_dir.join("config.toml").display()
+            );
+        }
+        let saved_id = state.extra.get("dataset_id").and_then(|v| v.as_u64());
+        if saved_id.is_some_and(|id| id != feed.dataset_id()) {
+            bail!("--resume: {} was trained on dataset {:016x}, these shards are {:016x}", c.dir.display(), saved_id.unwrap(), feed.dataset_id());
+        }
+        trainer.load_state(&tensors, &format!("{}", c.tensors().display()))?;
+        step = state.step;
+        cursor = state.cursor;
+        if !opts.quiet {
+            eprintln!("resuming from {} (step {step}, next batch: epoch {} batch {})", c.dir.display(), cursor.epoch, cursor.batch);
+        }
+    } else {
+        if ckpts.latest()?.is_some() {
+            bail!("{} already has checkpoints: pass --resume to continue it, or choose a new --out", opts.run_dir.display());
+        }
+        std::fs::write(opts.run_dir.join("config.toml"), &opts.config_toml)?;
+    }
+    feed.seek(cursor.epoch, cursor.batch)?;
+    let mut log = MetricsLog::open(&opts.run_dir, Some(step))?;
+    let mut guard = EntropyGuard::new(run.entropy_grace_steps);
+    let first_step = step;
+    let started = Instant::now();
+    let ln_k = (cfg.model.out_dim as f32).ln();
+    let mut last_ckpt = None;
+    let mut last = None;
+    let (mut wait_sum, mut ips_sum, mut n) = (0.0, 0.0, 0u64);
+    let dataset_id = feed.dataset_id();
+    let save = |trainer: &Trainer, step: u64, epoch: u64, cursor: DataCursor| -> Result<PathBuf> {
+        let tensors: HashMap<String, Tensor> = trainer.state_tensors()?.into_iter().collect();
+        let state = CheckpointState {
+            format_version: FORMAT_VERSION,
+            step,
+            epoch,
+            cursor,
+            seed: cfg.data.seed,
+            config_toml: opts.config_toml.clone(),
+            extra: serde_json::json!({
+                "dataset_id": dataset_id,
+                "batches_per_epoch": bpe,
+                "note": "centres are the tensors center.{cls,udi,patch}; RNG streams are keyed by (seed, step)",
+            }),
+        };
+        Ok(ckpts.save(&tensors, &state)?.dir)
+    };
+    while step < end_step {
+        let t0 = Instant::now();
+        let fed = feed.next(&cfg.augment, &opts.device)?;
+        ensure!(
+            (fed.epoch, fed.index) == (cursor.epoch, cursor.batch),
+            "data feed returned epoch {} batch {}, expected epoch {} batch {}",
+            fed.epoch,
+            fed.index,
+            cursor.epoch,
+            cursor.batch
+        );
+        let global_step = fed.epoch * bpe + fed.index;
+        let stats = trainer.step(&fed.batch, fed.epoch, global_step).map_err(|e| {
+            anyhow::anyhow!(
+                "training stopped at step {} (epoch {}): {e:#}\nThe last good checkpoint is intact: {}",
+                step + 1,
+                fed.epoch,
+                last_ckpt_display(&ckpts)
+            )
+        })?;
+        step += 1;
+        cursor = advance(fed.epoch, fed.index, bpe);
+        let dt = t0.elapsed().as_secs_f64();
+        let m = StepMetrics {
+            step,
+            epoch: fed.epoch,
+            loss: stats.loss as f32,
+            loss_cls: stats.loss_cls as f32,
+            loss_udi: stats.loss_udi as f32,
+            loss_patch: stats.loss_patch as f32,
+            lr: stats.lr,
+            wd: stats.weight_decay,
+            momentum: stats.momentum,
+            teacher_temp: stats.teacher_temp,
+            teacher_entropy: stats.teacher_entropy.map(|x| x as f32),
+            ln_k,
+            centre_norm: stats.centre_norms.map(|x| x as f32),
+            images_per_s: cfg.data.batch_size as f64 / dt.max(1e-9),
+            data_wait_frac: (fed.wait.as_secs_f64() / dt.max(1e-9)).min(1.0),
+            elapsed_s: started.elapsed().as_secs_f64(),
+        };
+        metrics::check_finite(&m).map_err(|e| anyhow::anyhow!("{e:#}\nLast good checkpoint: {}", last_ckpt_display(&ckpts)))?;
+        log.write(&m)?;
+        wait_sum += m.data_wait_frac;
+        ips_sum += m.images_per_s;
+        n += 1;
+        if !opts.quiet {
+            for w in guard.check(&m) {
+                eprintln!("{w}");
+            }
+            if step % run.log_every == 0 || step == end_step || step == first_step + 1 {
+                eprintln!("{}", metrics::console_line(&m, end_step, first_step));
+            }
+        }
+        if step % run.checkpoint_every == 0 || step == end_step {
+            let p = save(&trainer, step, fed.epoch, cursor)?;
+            last_ckpt = Some(p);
+        }
+        last = Some(m);
+    }
+    Ok(TrainSummary {
+        first_step,
+        last_step: step,
+        total_steps: end_step,
+        last_checkpoint: last_ckpt.or(ckpts.latest()?.map(|c| c.dir)),
+        last,
+        mean_data_wait: if n > 0 { wait_sum / n as f64 } else { 0.0 },
+        mean_images_per_s: if n > 0 { ips_sum / n as f64 } else { 0.0 },
+    })
+}
+
+fn last_ckpt_display(c: &CheckpointManager) -> String {
+    match c.latest() {
+        Ok(Some(p)) => format!("{} (step {})", p.dir.display(), p.step),
+        _ => "none yet".into(),
+    }
+}
+
+/// Checks a run directory holds what a finished or interrupted run leaves.
+pub fn run_dir_summary(run_dir: &Path) -> Result<String> {
+    let c = checkpoint::resolve(run_dir)?;
+    Ok(format!("{} (step {})", c.dir.display(), c.step))
+}

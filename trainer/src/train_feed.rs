@@ -1,0 +1,238 @@
+//! The two [`BatchFeed`]s: [`RingFeed`] reads the shared-memory ring filled by loader processes
+//! (started and supervised here, or started by hand); [`InProcessFeed`] builds the same batches
+//! in this process from any [`SampleSource`] (tests, and a fallback without loaders).
+
+use crate::data::TrainBatch;
+use crate::loaders::{LoaderEvent, Supervisor};
+use crate::train::{BatchFeed, FedBatch};
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use shared::batch::{BatchLayout, BatchView, BatchWriter, OwnedBatch};
+use shared::config::{AugmentConfig, PipelineConfig};
+use shared::geometry::{Sample, SampleSource};
+use shared::ring::{Consumer, Ring, RingSpec};
+use shared::rng::{batch_samples, batches_per_epoch, epoch_permutation};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Batches built in this process, in the ring's order: batch b of epoch e holds the permutation
+/// entries [bB, (b+1)B) of `epoch_permutation(seed, e, n)` (the PROTOCOL's batch order).
+pub struct InProcessFeed {
+    source: Arc<dyn SampleSource>,
+    pipe: PipelineConfig,
+    layout: BatchLayout,
+    buf: OwnedBatch,
+    dataset_id: u64,
+    threads: usize,
+    epoch: u64,
+    batch: u64,
+    perm: Option<(u64, Vec<u64>)>,
+}
+
+impl InProcessFeed {
+    pub fn new(source: Arc<dyn SampleSource>, pipe: &PipelineConfig, dataset_id: u64, threads: usize) -> Self {
+        let layout = BatchLayout::new(&pipe.augment, pipe.data.batch_size);
+        let buf = OwnedBatch::zeroed(&layout);
+        Self { source, pipe: pipe.clone(), layout, buf, dataset_id, threads: threads.max(1), epoch: 0, batch: 0, perm: None }
+    }
+
+    /// Builds batch `batch` of `epoch` into the internal buffer.
+    pub fn build(&mut self, epoch: u64, batch: u64) -> Result<BatchView<'_>> {
+        let n = self.source.len();
+        if self.perm.as_ref().map(|p| p.0) != Some(epoch) {
+            self.perm = Some((epoch, epoch_permutation(self.pipe.data.seed, epoch, n)));
+        }
+        let idx: Vec<u64> = batch_samples(&self.perm.as_ref().unwrap().1, batch, self.pipe.data.batch_size).to_vec();
+        let chunk = idx.len().div_ceil(self.threads);
+        let source = &self.source;
+        let samples: Vec<Result<Sample>> = std::thread::scope(|s| {
+            let hs: Vec<_> = idx
+                .chunks(chunk.max(1))
+                .map(|c| s.spawn(move || c.iter().map(|&i| source.produce(epoch, i)).collect::<Vec<_>>()))
+                .collect();
+            hs.into_iter().flat_map(|h| h.join().expect("sample thread panicked")).collect()
+        });
+        let mut w = BatchWriter::new(&self.layout, self.buf.bytes_mut(), epoch, batch, &self.pipe.augment);
+        for (b, s) in samples.into_iter().enumerate() {
+            w.write_sample(b, &s.with_context(|| format!("epoch {epoch} batch {batch} sample {b}"))?);
+        }
+        BatchView::new(&self.layout, self.buf.bytes()).map_err(anyhow::Error::msg)
+    }
+}
+
+impl BatchFeed for InProcessFeed {
+    fn n_samples(&self) -> u64 {
+        self.source.len()
+    }
+    fn dataset_id(&self) -> u64 {
+        self.dataset_id
+    }
+    fn seek(&mut self, epoch: u64, batch: u64) -> Result<()> {
+        self.epoch = epoch;
+        self.batch = batch;
+        Ok(())
+    }
+    fn next(&mut self, aug: &AugmentConfig, device: &Device) -> Result<FedBatch> {
+        let (e, b) = (self.epoch, self.batch);
+        let t0 = Instant::now();
+        let view = self.build(e, b)?;
+        let wait = t0.elapsed();
+        let batch = TrainBatch::from_view(&view, aug, device)?;
+        let bpe = batches_per_epoch(self.source.len(), self.pipe.data.batch_size);
+        let c = crate::train::advance(e, b, bpe);
+        (self.epoch, self.batch) = (c.epoch, c.batch);
+        Ok(FedBatch { batch, epoch: e, index: b, wait })
+    }
+}
+
+/// How the loader processes of a [`RingFeed`] are started.
+#[derive(Clone, Debug)]
+pub struct LoaderLaunch {
+    pub loader_bin: PathBuf,
+    pub shards: PathBuf,
+    pub config: PathBuf,
+    /// Loader processes.
+    pub processes: usize,
+    /// Worker threads per loader process.
+    pub threads: usize,
+}
+
+/// The ring's consumer side, plus the supervisor of the loaders this trainer started.
+pub struct RingFeed {
+    consumer: Consumer,
+    n_samples: u64,
+    dataset_id: u64,
+    timeout: Duration,
+    supervisor: Option<SupervisorThread>,
+}
+
+/// Polls the loader [`Supervisor`] in the background so a dead loader is restarted even while
+/// the trainer blocks on the ring.
+struct SupervisorThread {
+    stop: Arc<AtomicBool>,
+    failed: Arc<Mutex<Option<String>>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SupervisorThread {
+    fn start(mut sup: Supervisor) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let failed = Arc::new(Mutex::new(None));
+        let (st, fl) = (stop.clone(), failed.clone());
+        let handle = std::thread::spawn(move || {
+            while !st.load(Ordering::Relaxed) {
+                match sup.poll() {
+                    Ok(ev) => {
+                        for e in ev {
+                            match e {
+                                LoaderEvent::Exited { slot, status } => eprintln!("trainer: loader {slot} exited ({status})"),
+                                LoaderEvent::Restarted { slot, restarts } => eprintln!("trainer: restarted loader {slot} (restart #{restarts})"),
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        *fl.lock().unwrap() = Some(format!("{e:#}"));
+                        break;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            sup.shutdown(Duration::from_secs(5));
+        });
+        Self { stop, failed, handle: Some(handle) }
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.failed.lock().unwrap().clone()
+    }
+}
+
+impl Drop for SupervisorThread {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl RingFeed {
+    /// Creates ring `name` for (config, dataset) and, with `launch`, starts the loaders that
+    /// fill it. Without `launch` (`--external-loaders`) it attaches to (or creates) the ring and
+    /// waits for loaders started by hand with the same config and shards.
+    pub fn start(
+        name: &str,
+        pipe: &PipelineConfig,
+        dataset_id: u64,
+        n_samples: u64,
+        slots: u32,
+        timeout: Duration,
+        launch: Option<&LoaderLaunch>,
+    ) -> Result<Self> {
+        let spec = RingSpec::new(pipe, dataset_id, n_samples, slots);
+        let ring = match launch {
+            Some(_) => Ring::create(name, &spec)?,
+            None => Ring::open_or_create(name, &spec)?,
+        };
+        let consumer = Consumer::new(Arc::new(ring))?;
+        let supervisor = match launch {
+            None => None,
+            Some(l) => {
+                let l = l.clone();
+                let ring_name = name.to_string();
+                let sup = Supervisor::start(l.processes, move |_slot| {
+                    let mut c = Command::new(&l.loader_bin);
+                    c.arg("run")
+                        .arg("--shards")
+                        .arg(&l.shards)
+                        .arg("--ring")
+                        .arg(&ring_name)
+                        .arg("--config")
+                        .arg(&l.config)
+                        .arg("--threads")
+                        .arg(l.threads.to_string());
+                    c
+                })?;
+                Some(SupervisorThread::start(sup))
+            }
+        };
+        Ok(Self { consumer, n_samples, dataset_id, timeout, supervisor })
+    }
+}
+
+impl BatchFeed for RingFeed {
+    fn n_samples(&self) -> u64 {
+        self.n_samples
+    }
+    fn dataset_id(&self) -> u64 {
+        self.dataset_id
+    }
+    fn seek(&mut self, epoch: u64, batch: u64) -> Result<()> {
+        if self.consumer.position() != (epoch, batch) {
+            self.consumer.seek(epoch, batch, self.timeout)?;
+        }
+        Ok(())
+    }
+    fn next(&mut self, aug: &AugmentConfig, device: &Device) -> Result<FedBatch> {
+        let t0 = Instant::now();
+        loop {
+            if let Some(f) = self.supervisor.as_ref().and_then(|s| s.failure()) {
+                bail!("loaders failed: {f}");
+            }
+            // Short waits so a loader failure is noticed while blocked on the ring.
+            match self.consumer.next_batch(Duration::from_secs(2)) {
+                Ok(guard) => {
+                    let wait = t0.elapsed();
+                    let (epoch, index) = (guard.epoch(), guard.batch());
+                    let batch = TrainBatch::from_view(&guard.view(), aug, device)?;
+                    return Ok(FedBatch { batch, epoch, index, wait });
+                }
+                Err(e) if t0.elapsed() < self.timeout && format!("{e}").contains("waited") => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
