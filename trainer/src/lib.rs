@@ -1,6 +1,10 @@
 pub mod checkpoint;
 pub mod export;
 pub mod knn;
+pub mod knn_eval;
 pub mod loaders;
 pub mod metrics;
 pub mod plot;
+pub mod train;
+pub mod train_cli;
+pub mod train_feed;

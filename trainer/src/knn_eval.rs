@@ -1,0 +1,191 @@
+//! `trainer knn`: teacher features of labelled images, then the weighted k-NN of [`crate::knn`].
+//!
+//! Image sets ([`open_images`]): a packed shard directory (`manifest.json`, labels from the
+//! packer; pack train/ and val/ separately, with the same class folders) or a plain ImageFolder
+//! (`DIR/<class>/<image>`, classes in sorted order). Images are decoded, resized and cropped by
+//! [`crate::knn::eval_transform`] on worker threads, `chunk` at a time, so memory holds the
+//! train features plus one chunk.
+
+use crate::config::TrainConfig;
+use crate::knn::{eval_transform, to_normalised_tensor, KnnIndex, KnnParams, KnnResult, KnnTally};
+use crate::params::ParamStore;
+use crate::vit::{ClassToken, Vit};
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// A labelled image set with random access.
+pub trait LabelledImages: Send + Sync {
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn class_names(&self) -> Vec<String>;
+    /// Label and decoded RGB8 image of item `i` (errors name the file or record).
+    fn get(&self, i: usize) -> Result<(i32, RgbImage)>;
+}
+
+fn to_image(img: loader::decode::RgbImage) -> Result<RgbImage> {
+    RgbImage::from_raw(img.width, img.height, img.data).context("decoded image buffer size")
+}
+
+/// A packed shard directory.
+pub struct ShardImages {
+    ds: shared::shard::Dataset,
+}
+
+impl LabelledImages for ShardImages {
+    fn len(&self) -> usize {
+        self.ds.len() as usize
+    }
+    fn class_names(&self) -> Vec<String> {
+        self.ds.class_names().to_vec()
+    }
+    fn get(&self, i: usize) -> Result<(i32, RgbImage)> {
+        let rec = self.ds.record(i as u64).with_context(|| format!("{}: record {i}", self.ds.dir().display()))?;
+        let img = loader::decode::decode(&rec).with_context(|| format!("{}", self.ds.dir().display()))?;
+        Ok((rec.label, to_image(img)?))
+    }
+}
+
+/// `DIR/<class>/<file>`; classes sorted by name (torchvision's ImageFolder convention).
+pub struct FolderImages {
+    classes: Vec<String>,
+    items: Vec<(PathBuf, i32)>,
+}
+
+impl FolderImages {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let mut classes: Vec<String> = std::fs::read_dir(dir)
+            .with_context(|| format!("listing {}", dir.display()))?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().is_dir())
+            .filter_map(|e| e.file_name().to_str().map(str::to_string))
+            .collect();
+        classes.sort();
+        let mut items = Vec::new();
+        for (c, name) in classes.iter().enumerate() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(dir.join(name))?.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_file()).collect();
+            files.sort();
+            items.extend(files.into_iter().map(|p| (p, c as i32)));
+        }
+        ensure!(!items.is_empty(), "{}: no images (expected DIR/<class>/<image> or a packed shard dir)", dir.display());
+        Ok(Self { classes, items })
+    }
+}
+
+impl LabelledImages for FolderImages {
+    fn len(&self) -> usize {
+        self.items.len()
+    }
+    fn class_names(&self) -> Vec<String> {
+        self.classes.clone()
+    }
+    fn get(&self, i: usize) -> Result<(i32, RgbImage)> {
+        let (p, l) = &self.items[i];
+        let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+        let img = loader::decode::decode_bytes(&bytes).with_context(|| format!("decoding {}", p.display()))?;
+        Ok((*l, to_image(img)?))
+    }
+}
+
+/// A shard dir if it has a `manifest.json`, else an ImageFolder.
+pub fn open_images(dir: &Path) -> Result<Box<dyn LabelledImages>> {
+    if dir.join("manifest.json").is_file() {
+        let ds = shared::shard::Dataset::open(dir).with_context(|| format!("opening shards {}", dir.display()))?;
+        ensure!(ds.len() > 0, "{}: empty dataset", dir.display());
+        Ok(Box::new(ShardImages { ds }))
+    } else if dir.is_dir() {
+        Ok(Box::new(FolderImages::open(dir)?))
+    } else {
+        bail!("{}: not a directory", dir.display())
+    }
+}
+
+/// Decodes and transforms items `range` on `threads` threads (order kept).
+fn load_chunk(set: &dyn LabelledImages, range: std::ops::Range<usize>, crop: u32, threads: usize) -> Result<(Vec<RgbImage>, Vec<i32>)> {
+    let idx: Vec<usize> = range.collect();
+    let per = idx.len().div_ceil(threads.max(1)).max(1);
+    let parts: Vec<Result<Vec<(i32, RgbImage)>>> = std::thread::scope(|s| {
+        let hs: Vec<_> = idx
+            .chunks(per)
+            .map(|c| s.spawn(move || c.iter().map(|&i| set.get(i).map(|(l, im)| (l, eval_transform(&im, crop)))).collect::<Result<Vec<_>>>()))
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("decode thread panicked")).collect()
+    });
+    let mut imgs = Vec::with_capacity(idx.len());
+    let mut labels = Vec::with_capacity(idx.len());
+    for p in parts {
+        for (l, im) in p? {
+            labels.push(l);
+            imgs.push(im);
+        }
+    }
+    Ok((imgs, labels))
+}
+
+/// Features (`[N, D]`, on the CPU) of a whole set, `chunk` images at a time.
+pub fn features(backbone: &Vit, set: &dyn LabelledImages, crop: u32, chunk: usize, token: ClassToken, device: &Device) -> Result<(Tensor, Vec<i32>)> {
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let mut feats = Vec::new();
+    let mut labels = Vec::new();
+    let mut at = 0;
+    while at < set.len() {
+        let end = (at + chunk).min(set.len());
+        let (imgs, l) = load_chunk(set, at..end, crop, threads)?;
+        let x = to_normalised_tensor(&imgs, crop, device)?;
+        feats.push(backbone.features(&x, token)?.to_dtype(DType::F32)?.to_device(&Device::Cpu)?);
+        labels.extend(l);
+        at = end;
+    }
+    Ok((Tensor::cat(&feats, 0)?, labels))
+}
+
+/// The teacher backbone of a checkpoint's tensors (`teacher.*`), or a fresh random init.
+pub fn teacher_backbone(cfg: &TrainConfig, tensors: Option<&HashMap<String, Tensor>>, device: &Device) -> Result<(ParamStore, Vit)> {
+    let store = ParamStore::init(cfg, cfg.data.seed, DType::F32, device)?;
+    if let Some(t) = tensors {
+        for p in store.params().iter().filter(|p| p.name.starts_with("backbone.")) {
+            let key = format!("teacher.{}", p.name);
+            let v = t.get(&key).with_context(|| format!("checkpoint has no {key}"))?;
+            ensure!(v.dims() == p.var.dims(), "{key} has shape {:?}, the config wants {:?}", v.dims(), p.var.dims());
+            p.var.set(&v.to_dtype(DType::F32)?.to_device(device)?)?;
+        }
+    }
+    let vit = Vit::new(cfg, &store, false)?;
+    Ok((store, vit))
+}
+
+/// k-NN of `val` against `train` with the features of `backbone`.
+pub fn evaluate(
+    backbone: &Vit,
+    train: &dyn LabelledImages,
+    val: &dyn LabelledImages,
+    crop: u32,
+    chunk: usize,
+    token: ClassToken,
+    p: KnnParams,
+    device: &Device,
+) -> Result<KnnResult> {
+    let n_classes = train.class_names().len().max(val.class_names().len());
+    ensure!(n_classes > 0, "k-NN needs labelled images (the train set has no classes)");
+    if train.class_names() != val.class_names() {
+        eprintln!("warning: train and val class lists differ; labels are compared by index");
+    }
+    let (tf, tl) = features(backbone, train, crop, chunk, token, device)?;
+    let index = KnnIndex::new(&tf, tl, n_classes)?;
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let mut tally = KnnTally::default();
+    let mut at = 0;
+    while at < val.len() {
+        let end = (at + chunk).min(val.len());
+        let (imgs, labels) = load_chunk(val, at..end, crop, threads)?;
+        let x = to_normalised_tensor(&imgs, crop, device)?;
+        let f = backbone.features(&x, token)?;
+        index.score_chunk(&f, &labels, p, &mut tally)?;
+        at = end;
+    }
+    Ok(index.result(&tally, p))
+}

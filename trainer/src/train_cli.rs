@@ -1,0 +1,257 @@
+//! The `train`, `knn`, `export` and `plot` subcommands: argument structs and the single call
+//! each makes into the library.
+
+use crate::checkpoint;
+use crate::config::TrainConfig;
+use crate::export::{self, VitShape};
+use crate::knn::KnnParams;
+use crate::knn_eval;
+use crate::loaders::find_loader_bin;
+use crate::train::{self, BatchFeed, TrainOptions};
+use crate::train_feed::{InProcessFeed, LoaderLaunch, RingFeed};
+use crate::vit::ClassToken;
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use clap::{Args, ValueEnum};
+use shared::config::PipelineConfig;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Run config (TOML: [data] [augment] [model] [loss] [optim] [run]).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Packed shard directory (`shard-tool pack`).
+    #[arg(long)]
+    pub shards: PathBuf,
+    /// Run directory: config.toml, metrics.jsonl, checkpoints/.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Continue from the newest checkpoint in --out.
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop after N optimiser steps in total (with a final checkpoint).
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+    /// Loader processes to start (default: one per 8 cores, at least 1).
+    #[arg(long)]
+    pub loaders: Option<usize>,
+    /// Worker threads per loader (default: cores / loaders).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Ring name (default: udi-train-<pid>).
+    #[arg(long)]
+    pub ring: Option<String>,
+    /// Do not start loaders: attach to --ring, fed by `loader run` processes started by hand.
+    #[arg(long, requires = "ring")]
+    pub external_loaders: bool,
+    /// The `loader` executable (default: next to this one).
+    #[arg(long)]
+    pub loader_bin: Option<PathBuf>,
+    /// Build batches inside the trainer process (no loaders, no ring): debugging and tests.
+    #[arg(long, conflicts_with_all = ["external_loaders", "loaders"])]
+    pub in_process: bool,
+    /// Train on CUDA device 0 (needs a build with `--features cuda`).
+    #[arg(long)]
+    pub cuda: bool,
+}
+
+pub fn device(cuda: bool) -> Result<Device> {
+    if cuda {
+        Device::new_cuda(0).context("--cuda: opening CUDA device 0 (is the trainer built with --features cuda?)")
+    } else {
+        Ok(Device::Cpu)
+    }
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// `loader::source::Records` over the shard reader.
+pub struct ShardRecords(pub shared::shard::Dataset);
+
+impl loader::source::Records for ShardRecords {
+    fn len(&self) -> u64 {
+        self.0.len()
+    }
+    fn record(&self, index: u64) -> Result<shared::shard::RecordRef<'_>> {
+        Ok(self.0.record(index)?)
+    }
+}
+
+pub fn train_main(a: &TrainArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.config).with_context(|| format!("reading config {}", a.config.display()))?;
+    let (cfg, run) = train::parse_config(&text, &a.config.display().to_string())?;
+    let pipe = PipelineConfig { data: cfg.data.clone(), augment: cfg.augment.clone() };
+    let ds = shared::shard::Dataset::open(&a.shards).with_context(|| format!("opening shards {}", a.shards.display()))?;
+    let (n, id) = (ds.len(), ds.dataset_id());
+    let mut feed: Box<dyn BatchFeed> = if a.in_process {
+        let engine = loader::engine::CropEngine::new(cfg.augment.clone());
+        let src = loader::source::DatasetSource::new(ShardRecords(ds), engine, cfg.data.seed);
+        Box::new(InProcessFeed::new(Arc::new(src), &pipe, id, cores()))
+    } else {
+        drop(ds);
+        let name = a.ring.clone().unwrap_or_else(|| format!("udi-train-{}", std::process::id()));
+        let launch = if a.external_loaders {
+            eprintln!("waiting for loaders on ring '{name}': loader run --shards {} --ring {name} --config {}", a.shards.display(), a.config.display());
+            None
+        } else {
+            let processes = a.loaders.unwrap_or((cores() / 8).max(1));
+            let threads = a.threads.unwrap_or((cores() / processes).max(1));
+            let l = LoaderLaunch { loader_bin: find_loader_bin(a.loader_bin.as_deref())?, shards: a.shards.clone(), config: a.config.clone(), processes, threads };
+            eprintln!("starting {processes} loader process(es) × {threads} thread(s): {}", l.loader_bin.display());
+            Some(l)
+        };
+        Box::new(RingFeed::start(&name, &pipe, id, n, run.ring_slots, Duration::from_secs_f64(run.batch_timeout_s), launch.as_ref())?)
+    };
+    let opts = TrainOptions { config_toml: text, run_dir: a.out.clone(), resume: a.resume, max_steps: a.max_steps, device: device(a.cuda)?, quiet: false };
+    let s = train::train(&opts, feed.as_mut())?;
+    eprintln!(
+        "done: steps {}..{} of {}; mean {:.1} img/s, data wait {:.1}% of step time; checkpoint {}",
+        s.first_step,
+        s.last_step,
+        s.total_steps,
+        s.mean_images_per_s,
+        100.0 * s.mean_data_wait,
+        s.last_checkpoint.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into())
+    );
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum TokenArg {
+    Cls,
+    ClsPlus,
+}
+
+#[derive(Args, Debug)]
+pub struct KnnArgs {
+    /// A checkpoint dir, or a run dir (its newest checkpoint).
+    #[arg(long, required_unless_present = "random_init")]
+    pub checkpoint: Option<PathBuf>,
+    /// Train images: a packed shard dir or an ImageFolder (DIR/<class>/<image>).
+    #[arg(long)]
+    pub train: PathBuf,
+    /// Val images, same forms.
+    #[arg(long)]
+    pub val: PathBuf,
+    #[arg(long, default_value_t = 20)]
+    pub k: usize,
+    #[arg(long, default_value_t = 0.07)]
+    pub temperature: f32,
+    #[arg(long, value_enum, default_value_t = TokenArg::Cls)]
+    pub token: TokenArg,
+    /// Evaluate a randomly initialised backbone (the config's seed) instead of the checkpoint's.
+    #[arg(long)]
+    pub random_init: bool,
+    /// Config (default: the one saved in the checkpoint).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 256)]
+    pub chunk: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long)]
+    pub cuda: bool,
+}
+
+fn load_config(config: Option<&Path>, ckpt: Option<&checkpoint::CheckpointPath>) -> Result<TrainConfig> {
+    match (config, ckpt) {
+        (Some(p), _) => TrainConfig::from_toml_file(p),
+        (None, Some(c)) => {
+            let s = checkpoint::load_state(c)?;
+            TrainConfig::from_toml_str(&s.config_toml).map_err(|e| anyhow::anyhow!("{}: config: {e:#}", c.state().display()))
+        }
+        (None, None) => bail!("--random-init without --checkpoint needs --config"),
+    }
+}
+
+pub fn knn_main(a: &KnnArgs) -> Result<()> {
+    let dev = device(a.cuda)?;
+    let ckpt = a.checkpoint.as_deref().map(checkpoint::resolve).transpose()?;
+    let cfg = load_config(a.config.as_deref(), ckpt.as_ref())?;
+    let tensors = match (&ckpt, a.random_init) {
+        (Some(c), false) => Some(checkpoint::load(c, &dev)?.0),
+        _ => None,
+    };
+    let (_store, vit) = knn_eval::teacher_backbone(&cfg, tensors.as_ref(), &dev)?;
+    let train = knn_eval::open_images(&a.train)?;
+    let val = knn_eval::open_images(&a.val)?;
+    let token = match a.token {
+        TokenArg::Cls => ClassToken::Cls,
+        TokenArg::ClsPlus => ClassToken::ClsPlus,
+    };
+    let p = KnnParams { k: a.k, temperature: a.temperature };
+    let r = knn_eval::evaluate(&vit, train.as_ref(), val.as_ref(), cfg.augment.global_size, a.chunk.max(1), token, p, &dev)?;
+    let what = if a.random_init || ckpt.is_none() { "random init".to_string() } else { ckpt.as_ref().unwrap().dir.display().to_string() };
+    if a.json {
+        let mut v = serde_json::to_value(&r)?;
+        v["token"] = serde_json::json!(format!("{:?}", a.token).to_lowercase());
+        v["weights"] = serde_json::json!(what);
+        println!("{v}");
+    } else {
+        println!(
+            "k-NN ({what}, token {:?}, k {}, T {}): top-1 {:.2}%  top-5 {:.2}%  ({} train, {} val)",
+            a.token, r.k, r.temperature, r.top1, r.top5, r.n_train, r.n_val
+        );
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ExportFormat {
+    Timm,
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    #[arg(long, value_enum, default_value_t = ExportFormat::Timm)]
+    pub format: ExportFormat,
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// The timm shape of a config's backbone.
+pub fn vit_shape(cfg: &TrainConfig) -> VitShape {
+    let g = cfg.pos_grid();
+    VitShape { depth: cfg.model.depth, dim: cfg.model.dim, mlp_hidden: cfg.model.mlp_ratio * cfg.model.dim, patch: cfg.augment.patch_size as usize, n_patches: g * g }
+}
+
+/// Writes the teacher backbone of `ckpt` with timm's names; returns the tensor count.
+pub fn export_checkpoint(ckpt: &Path, out: &Path) -> Result<usize> {
+    let c = checkpoint::resolve(ckpt)?;
+    let (tensors, state) = checkpoint::load(&c, &Device::Cpu)?;
+    let cfg = TrainConfig::from_toml_str(&state.config_toml)?;
+    let t = export::to_timm(&tensors, "teacher.backbone.", vit_shape(&cfg))?;
+    export::save(&t, out)?;
+    Ok(t.len())
+}
+
+pub fn export_main(a: &ExportArgs) -> Result<()> {
+    let ExportFormat::Timm = a.format;
+    let n = export_checkpoint(&a.checkpoint, &a.out)?;
+    println!("wrote {} ({n} tensors, timm names; load with timm.create_model('vit_small_patch16_224', reg_tokens=1, num_classes=0) for ViT-S/16 configs)", a.out.display());
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct PlotArgs {
+    /// Run directory (reads metrics.jsonl).
+    pub run_dir: PathBuf,
+    /// Output PNG (default RUN_DIR/curves.png).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+pub fn plot_main(a: &PlotArgs) -> Result<()> {
+    let p = crate::plot::plot_run(&a.run_dir, a.out.as_deref())?;
+    println!("wrote {}", p.display());
+    Ok(())
+}
