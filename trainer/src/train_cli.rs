@@ -101,7 +101,7 @@ pub fn train_main(a: &TrainArgs) -> Result<()> {
         } else {
             let processes = a.loaders.unwrap_or((cores() / 8).max(1));
             let threads = a.threads.unwrap_or((cores() / processes).max(1));
-            let l = LoaderLaunch { loader_bin: find_loader_bin(a.loader_bin.as_deref())?, shards: a.shards.clone(), config: a.config.clone(), processes, threads };
+            let l = LoaderLaunch { loader_bin: find_loader_bin(a.loader_bin.as_deref())?, shards: a.shards.clone(), config: a.config.clone(), processes, threads, slots: run.ring_slots };
             eprintln!("starting {processes} loader process(es) × {threads} thread(s): {}", l.loader_bin.display());
             Some(l)
         };

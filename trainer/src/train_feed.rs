@@ -98,6 +98,8 @@ pub struct LoaderLaunch {
     pub processes: usize,
     /// Worker threads per loader process.
     pub threads: usize,
+    /// Ring slots (a loader that creates or checks the ring must agree with the trainer).
+    pub slots: u32,
 }
 
 /// The ring's consumer side, plus the supervisor of the loaders this trainer started.
@@ -193,7 +195,9 @@ impl RingFeed {
                         .arg("--config")
                         .arg(&l.config)
                         .arg("--threads")
-                        .arg(l.threads.to_string());
+                        .arg(l.threads.to_string())
+                        .arg("--slots")
+                        .arg(l.slots.to_string());
                     c
                 })?;
                 Some(SupervisorThread::start(sup))
