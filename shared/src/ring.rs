@@ -34,7 +34,7 @@
 //! Header fields (written once by the creator before the segment is linked, except where noted):
 //! * `magic` = `b"UDIring1"`, `version` = [`RING_VERSION`], `data_offset`, `total_bytes`.
 //! * `spec_hash`: xxh3 of the [`RingSpec`] (config fingerprint, dataset id, batch bytes, sample
-//!   count, batch size, slots). A process whose spec differs refuses to attach
+//!   count, batch size, seed; not the slot count). A process whose spec differs refuses to attach
 //!   ([`Ring::check_spec`] names every field that differs).
 //! * `config_fingerprint` ([`PipelineConfig::fingerprint`]), `dataset_id`, `batch_bytes`
 //!   ([`BatchLayout::total`]), `n_samples`, `batch_size`, `seed`, `slots`, `slot_bytes`,
@@ -246,7 +246,8 @@ impl RingSpec {
         }
     }
 
-    /// The header's `spec_hash`.
+    /// The header's `spec_hash`. The slot count is left out: it does not shape a batch, and
+    /// producers attach to a ring whatever its slot count.
     pub fn hash(&self) -> u64 {
         let mut b = Vec::with_capacity(48);
         for x in [
@@ -259,7 +260,6 @@ impl RingSpec {
             b.extend_from_slice(&x.to_le_bytes());
         }
         b.extend_from_slice(&self.batch_size.to_le_bytes());
-        b.extend_from_slice(&self.slots.to_le_bytes());
         xxhash_rust::xxh3::xxh3_64(&b)
     }
 
@@ -629,7 +629,6 @@ impl Ring {
             want.batch_size.to_string(),
         );
         cmp("seed", have.seed.to_string(), want.seed.to_string());
-        cmp("slots", have.slots.to_string(), want.slots.to_string());
         bail!(
             "ring '{}' ({}) was created for another geometry/config; refusing to attach: {}",
             self.name,
@@ -728,10 +727,19 @@ impl Ring {
         let now = monotonic_ns();
         let mut ready = 0;
         let mut writing = 0;
+        let mut writers = Vec::new();
         for i in 0..self.spec.slots as usize {
-            match word_state(self.slot(i).word.load(Acquire)) {
+            let w = self.slot(i).word.load(Acquire);
+            match word_state(w) {
                 READY => ready += 1,
-                WRITING => writing += 1,
+                WRITING => {
+                    writing += 1;
+                    let pid = self
+                        .producer((word_owner(w) & 63) as usize)
+                        .pid
+                        .load(Acquire);
+                    writers.push((word_g(w), pid));
+                }
                 _ => {}
             }
         }
@@ -766,6 +774,7 @@ impl Ring {
             published: h.published.load(Acquire),
             rebuilt: h.rebuilt.load(Acquire),
             producers,
+            writers,
         }
     }
 }
@@ -787,6 +796,8 @@ pub struct RingStatus {
     pub published: u64,
     pub rebuilt: u64,
     pub producers: Vec<ProducerInfo>,
+    /// (global batch, pid of the producer table entry) of every slot being written.
+    pub writers: Vec<(u64, u32)>,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
