@@ -30,7 +30,11 @@ impl Fixture {
     fn new(test: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("cfg.toml"), CONFIG).unwrap();
-        Fixture { name: format!("t{}-{test}", std::process::id()), dir, children: Vec::new() }
+        Fixture {
+            name: format!("t{}-{test}", std::process::id()),
+            dir,
+            children: Vec::new(),
+        }
     }
     fn config_path(&self) -> PathBuf {
         self.dir.path().join("cfg.toml")
@@ -40,12 +44,25 @@ impl Fixture {
     }
     fn run_cmd(&self, threads: usize, extra: &[&str]) -> Command {
         let mut c = Command::new(BIN);
-        c.args(["run", "--ring", &self.name, "--threads", &threads.to_string(), "--synthetic", &N.to_string()]);
+        c.args([
+            "run",
+            "--ring",
+            &self.name,
+            "--threads",
+            &threads.to_string(),
+            "--synthetic",
+            &N.to_string(),
+        ]);
         c.arg("--config").arg(self.config_path()).args(extra);
         c
     }
     fn spawn_loader(&mut self, threads: usize, extra: &[&str]) -> u32 {
-        let child = self.run_cmd(threads, extra).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let child = self
+            .run_cmd(threads, extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
         let pid = child.id();
         self.children.push(child);
         pid
@@ -53,11 +70,26 @@ impl Fixture {
     /// Runs `loader tap --json` to completion and parses its lines.
     fn tap(&self, batches: u64) -> Vec<Value> {
         let out = Command::new(BIN)
-            .args(["tap", "--json", "--ring", &self.name, "--batches", &batches.to_string()])
+            .args([
+                "tap",
+                "--json",
+                "--ring",
+                &self.name,
+                "--batches",
+                &batches.to_string(),
+            ])
             .output()
             .unwrap();
-        assert!(out.status.success(), "tap failed: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+        assert!(
+            out.status.success(),
+            "tap failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     }
     /// Waits for every child; all must exit successfully.
     fn wait_all(&mut self) {
@@ -89,23 +121,46 @@ fn reference(cfg: &PipelineConfig, g: u64) -> (String, Vec<u64>) {
     let layout = BatchLayout::new(&cfg.augment, cfg.data.batch_size);
     let perm = epoch_permutation(cfg.data.seed, e, N);
     let mut buf = OwnedBatch::zeroed(&layout);
-    fill_batch(&SyntheticSource::new(cfg, N), cfg, &layout, &perm, e, b, 1, buf.bytes_mut()).unwrap();
+    fill_batch(
+        &SyntheticSource::new(cfg, N),
+        cfg,
+        &layout,
+        &perm,
+        e,
+        b,
+        1,
+        buf.bytes_mut(),
+    )
+    .unwrap();
     let v = BatchView::new(&layout, buf.bytes()).unwrap();
     (format!("{:016x}", v.hash()), v.indices().to_vec())
 }
 
 fn samples(line: &Value) -> Vec<u64> {
-    line["samples"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
+    line["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect()
 }
 
 /// Every complete epoch holds each sample exactly once, and epochs are ordered differently.
 fn check_epochs(per_batch: &[Vec<u64>], bpe: usize) {
-    let epochs: Vec<Vec<u64>> = per_batch.chunks(bpe).filter(|c| c.len() == bpe).map(|c| c.concat()).collect();
+    let epochs: Vec<Vec<u64>> = per_batch
+        .chunks(bpe)
+        .filter(|c| c.len() == bpe)
+        .map(|c| c.concat())
+        .collect();
     assert!(epochs.len() >= 2);
     for (e, order) in epochs.iter().enumerate() {
         let set: BTreeSet<u64> = order.iter().copied().collect();
         assert_eq!(order.len(), N as usize, "epoch {e}");
-        assert_eq!(set, (0..N).collect(), "epoch {e} must hold every sample exactly once");
+        assert_eq!(
+            set,
+            (0..N).collect(),
+            "epoch {e} must hold every sample exactly once"
+        );
     }
     assert_ne!(epochs[0], epochs[1], "epochs must reshuffle");
 }
@@ -128,12 +183,25 @@ fn one_and_three_loaders_deliver_identical_batches() {
     assert!(!segment_path(&three.name).exists(), "segment left behind");
 
     assert_eq!(a.len(), batches as usize);
-    assert_eq!(a, b, "1 loader and 3 loaders must give byte-identical batches");
+    assert_eq!(
+        a, b,
+        "1 loader and 3 loaders must give byte-identical batches"
+    );
     let cfg = one.cfg();
     for (g, line) in a.iter().enumerate() {
-        assert_eq!((line["epoch"].as_u64().unwrap(), line["batch"].as_u64().unwrap()), (g as u64 / 10, g as u64 % 10));
+        assert_eq!(
+            (
+                line["epoch"].as_u64().unwrap(),
+                line["batch"].as_u64().unwrap()
+            ),
+            (g as u64 / 10, g as u64 % 10)
+        );
         let (hash, idx) = reference(&cfg, g as u64);
-        assert_eq!(line["hash"].as_str().unwrap(), hash, "batch {g} differs from the in-process pipeline");
+        assert_eq!(
+            line["hash"].as_str().unwrap(),
+            hash,
+            "batch {g} differs from the in-process pipeline"
+        );
         assert_eq!(samples(line), idx);
     }
     check_epochs(&a.iter().map(samples).collect::<Vec<_>>(), 10);
@@ -151,22 +219,39 @@ fn kill_9_of_one_loader_mid_epoch_loses_nothing() {
     fx.spawn_loader(3, &[]);
     let mut got = Vec::new();
     let mut killed = false;
+    let mut zombie = None;
     while got.len() < 30 {
-        if !killed && got.len() >= 2 && ring.status().writers.iter().any(|&(_, pid)| pid == victim) {
+        if !killed && got.len() >= 2 && ring.status().writers.iter().any(|&(_, pid)| pid == victim)
+        {
+            // SIGKILL, not reaped yet: the victim stays a zombie, as under a parent that does
+            // not wait for its loaders; it must still count as dead.
             let mut child = fx.children.remove(0);
-            child.kill().unwrap(); // SIGKILL
-            child.wait().unwrap(); // reaped: its pid is gone
+            child.kill().unwrap();
+            zombie = Some(child);
             killed = true;
         }
         let g = consumer.next_batch(WAIT).unwrap();
         let v = g.view();
-        got.push((g.epoch(), g.batch(), format!("{:016x}", v.hash()), v.indices().to_vec()));
+        got.push((
+            g.epoch(),
+            g.batch(),
+            format!("{:016x}", v.hash()),
+            v.indices().to_vec(),
+        ));
     }
     assert!(killed, "the victim never claimed a batch");
-    assert!(ring.status().rebuilt >= 1, "the victim's batch was not rebuilt");
+    zombie.unwrap().wait().unwrap();
+    assert!(
+        ring.status().rebuilt >= 1,
+        "the victim's batch was not rebuilt"
+    );
     for (g, (e, b, hash, idx)) in got.iter().enumerate() {
         assert_eq!((*e, *b), (g as u64 / 10, g as u64 % 10));
-        assert_eq!((hash.clone(), idx.clone()), reference(&cfg, g as u64), "batch {g}");
+        assert_eq!(
+            (hash.clone(), idx.clone()),
+            reference(&cfg, g as u64),
+            "batch {g}"
+        );
     }
     check_epochs(&got.iter().map(|x| x.3.clone()).collect::<Vec<_>>(), 10);
 
@@ -205,14 +290,20 @@ fn loaders_exit_when_the_consumer_is_killed_and_nothing_leaks() {
     tap.kill().unwrap();
     tap.wait().unwrap();
     fx.wait_all(); // loaders notice the dead consumer and exit cleanly
-    assert!(!segment_path(&fx.name).exists(), "the last loader must unlink the segment");
+    assert!(
+        !segment_path(&fx.name).exists(),
+        "the last loader must unlink the segment"
+    );
 }
 
 #[test]
 fn mismatched_config_is_refused_by_name_and_sigterm_cleans_up() {
     let mut fx = Fixture::new("mismatch");
     let pid = fx.spawn_loader(1, &[]);
-    while Ring::attach(&fx.name).map(|r| r.status().producers.is_empty()).unwrap_or(true) {
+    while Ring::attach(&fx.name)
+        .map(|r| r.status().producers.is_empty())
+        .unwrap_or(true)
+    {
         std::thread::sleep(Duration::from_millis(10));
     }
     let other = fx.dir.path().join("other.toml");
@@ -224,14 +315,22 @@ fn mismatched_config_is_refused_by_name_and_sigterm_cleans_up() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains(&format!("ring '{}'", fx.name)) && err.contains("config fingerprint") && err.contains("seed"), "{err}");
+    assert!(
+        err.contains(&format!("ring '{}'", fx.name))
+            && err.contains("config fingerprint")
+            && err.contains("seed"),
+        "{err}"
+    );
     let out = Command::new(BIN)
         .args(["run", "--ring", &fx.name, "--synthetic", "48", "--config"])
         .arg(fx.config_path())
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("dataset id") && err.contains("samples"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("dataset id") && err.contains("samples"),
+        "{err}"
+    );
 
     // SIGTERM with no consumer attached: the loader exits cleanly and, being the last one out,
     // removes the segment.

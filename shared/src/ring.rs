@@ -66,8 +66,10 @@
 //! * abandon (SIGINT/SIGTERM mid-batch, or an error): `WRITING(g, me)` → `FREE(g)`.
 //! * release: when the consumer drops the batch guard it stores `FREE(g + slots)` (release) and
 //!   then advances `cursor`.
-//! * crash: a slot `WRITING(g, owner)` whose owner's pid is gone (`kill(pid, 0)` = ESRCH) or
-//!   whose table entry was re-registered (generation differs) is re-claimed by CAS to
+//! * crash: a slot `WRITING(g, owner)` whose owner's pid is gone (`kill(pid, 0)` = ESRCH, or a
+//!   zombie not yet reaped, or a reused pid: the start time in `/proc/PID/stat` differs from the
+//!   one registered) or whose table entry was re-registered (generation differs) is re-claimed
+//!   by CAS to
 //!   `WRITING(g, me)` and rebuilt; crops are deterministic, so the consumer gets the same bytes.
 //!   Heartbeats are shown by `loader status` and in the consumer's timeout message, but a
 //!   producer that is alive with a stale heartbeat (e.g. stopped) is *not* robbed: it could
@@ -159,14 +161,32 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// True if a process with this pid exists (EPERM counts as alive).
+/// True if a process with this pid exists and is not a zombie (EPERM counts as alive). A dead
+/// child that its parent has not reaped yet is a zombie: it counts as dead, so its claims are
+/// rebuilt even if the parent (e.g. the trainer that spawned the loaders) never waits for it.
 pub fn pid_alive(pid: u32) -> bool {
     if pid == 0 || pid > i32::MAX as u32 {
         return false;
     }
     // SAFETY: signal 0 only checks for existence.
     let r = unsafe { libc::kill(pid as i32, 0) };
-    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    let exists = r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+    exists && !matches!(proc_stat(pid), Some((b'Z' | b'X', _)))
+}
+
+/// (state, start time in clock ticks since boot) of a process, from `/proc/PID/stat`.
+fn proc_stat(pid: u32) -> Option<(u8, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses: fields resume after the last ')'.
+    let mut rest = text[text.rfind(')')? + 1..].split_ascii_whitespace();
+    let state = *rest.next()?.as_bytes().first()?;
+    Some((state, rest.nth(18)?.parse().ok()?))
+}
+
+/// Start time of `pid` (0 if unknown): with the pid it identifies a process even after the pid
+/// is reused.
+fn proc_start(pid: u32) -> u64 {
+    proc_stat(pid).map(|s| s.1).unwrap_or(0)
 }
 
 fn futex_wait(w: &AtomicU32, expected: u32, timeout: Duration) {
@@ -328,6 +348,8 @@ pub struct ProducerEntry {
     pub batches: AtomicU64,
     /// Of which re-claimed from dead producers.
     pub rebuilt: AtomicU64,
+    /// Start time of the process (`/proc/PID/stat` field 22), to tell a reused pid apart.
+    pub proc_start: AtomicU64,
 }
 
 /// A slot's control word (one cache line).
@@ -685,8 +707,7 @@ impl Ring {
         if h.closed.load(Acquire) != 0 {
             return true;
         }
-        let live_producer =
-            (0..MAX_PRODUCERS).any(|i| pid_alive(self.producer(i).pid.load(Acquire)));
+        let live_producer = !self.live_producers().is_empty();
         !(pid_alive(h.creator_pid) || pid_alive(h.consumer_pid.load(Acquire)) || live_producer)
     }
 
@@ -702,13 +723,21 @@ impl Ring {
 
     fn owner_alive(&self, owner: u16) -> bool {
         let e = self.producer((owner & 63) as usize);
-        (e.generation.load(Acquire) & 0x3FF) as u16 == owner >> 6 && pid_alive(e.pid.load(Acquire))
+        (e.generation.load(Acquire) & 0x3FF) as u16 == owner >> 6 && Self::entry_alive(e)
+    }
+
+    /// The entry's process is alive and is still the one that registered (same start time).
+    fn entry_alive(e: &ProducerEntry) -> bool {
+        let pid = e.pid.load(Acquire);
+        let start = e.proc_start.load(Acquire);
+        pid_alive(pid) && (start == 0 || proc_start(pid) == start)
     }
 
     fn live_producers(&self) -> Vec<u32> {
         (0..MAX_PRODUCERS)
-            .map(|i| self.producer(i).pid.load(Acquire))
-            .filter(|&p| pid_alive(p))
+            .map(|i| self.producer(i))
+            .filter(|e| Self::entry_alive(e))
+            .map(|e| e.pid.load(Acquire))
             .collect()
     }
 
@@ -1054,6 +1083,7 @@ impl Producer {
         for i in 0..MAX_PRODUCERS {
             let e = ring.producer(i);
             let cur = e.pid.load(Acquire);
+            // A live pid blocks takeover even if reused (only costs an entry).
             if (cur == 0 || !pid_alive(cur))
                 && e.pid.compare_exchange(cur, me, AcqRel, Acquire).is_ok()
             {
@@ -1062,6 +1092,7 @@ impl Producer {
                 e.batches.store(0, Relaxed);
                 e.rebuilt.store(0, Relaxed);
                 e.started_ns.store(monotonic_ns(), Relaxed);
+                e.proc_start.store(proc_start(me), Release);
                 e.heartbeat_ns.store(monotonic_ns(), Release);
                 return Ok(Producer {
                     ring,
