@@ -2,11 +2,12 @@
 
 use crate::daemon::open_source;
 use crate::produce::fill_batch;
-use anyhow::{bail, Context, Result};
-use shared::batch::{BatchLayout, OwnedBatch};
+use anyhow::{Context, Result};
+use shared::batch::{BatchHeader, BatchLayout, OwnedBatch};
 use shared::config::PipelineConfig;
-use shared::ring::{Consumer, Idle, Producer, Ring, RingSpec};
+use shared::ring::{Consumer, Producer, Ring, RingSpec};
 use shared::rng::epoch_permutation;
+use std::mem::offset_of;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -110,6 +111,9 @@ pub struct BenchArgs {
     pub procs: Vec<usize>,
     #[arg(long, default_value_t = 4)]
     pub slots: u32,
+    /// Repetitions per case (the best is reported).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u32,
     #[arg(long)]
     pub json: bool,
 }
@@ -144,23 +148,72 @@ impl Drop for Children {
     }
 }
 
+/// Seconds for `n` memcpy's of `src` into a warm buffer.
+fn time_memcpy(src: &OwnedBatch, layout: &BatchLayout, n: u64) -> f64 {
+    let mut dst = OwnedBatch::zeroed(layout);
+    dst.bytes_mut().copy_from_slice(src.bytes());
+    let t = Instant::now();
+    for _ in 0..n {
+        dst.bytes_mut()
+            .copy_from_slice(std::hint::black_box(src.bytes()));
+    }
+    std::hint::black_box(dst.bytes()[0]);
+    t.elapsed().as_secs_f64()
+}
+
+/// Seconds for `n` batches through a ring: a producer thread copies `src` into each claimed
+/// slot (patching the header's epoch/batch) and publishes; this thread consumes in order.
+fn time_handover(name: &str, spec: &RingSpec, src: &OwnedBatch, n: u64) -> Result<f64> {
+    let ring = Arc::new(Ring::create(name, spec)?);
+    let mut consumer = Consumer::new(ring.clone())?;
+    let producer = Producer::register(ring.clone(), 1)?;
+    let warm = spec.slots as u64; // first touch of every slot's pages is not measured
+    let elapsed = std::thread::scope(|s| -> Result<f64> {
+        s.spawn(|| {
+            for _ in 0..warm + n {
+                let Ok(mut c) = producer.claim(Duration::from_secs(30), &|| false) else {
+                    break;
+                };
+                let (e, b) = (c.epoch, c.batch);
+                let out = c.bytes_mut();
+                out.copy_from_slice(src.bytes());
+                out[offset_of!(BatchHeader, epoch)..][..8].copy_from_slice(&e.to_le_bytes());
+                out[offset_of!(BatchHeader, batch)..][..8].copy_from_slice(&b.to_le_bytes());
+                c.publish();
+            }
+        });
+        for _ in 0..warm {
+            consumer.next_batch(Duration::from_secs(30))?;
+        }
+        let t = Instant::now();
+        for _ in 0..n {
+            let g = consumer.next_batch(Duration::from_secs(30))?;
+            std::hint::black_box(g.view().header());
+        }
+        Ok(t.elapsed().as_secs_f64())
+    });
+    drop(consumer); // closes the ring: the producer thread stops
+    elapsed
+}
+
 /// `loader bench-ring`: ring hand-over bandwidth against a plain memcpy of the same bytes, and
-/// end-to-end images/s through 1, 2, … loader processes against the in-process pipeline.
+/// end-to-end images/s through 1, 2, … loader processes against the in-process pipeline with
+/// the same total number of worker threads. Each case: best of `--rounds`.
 pub fn bench(args: &BenchArgs) -> Result<()> {
     let mut cfg = PipelineConfig::from_toml_file(&args.config)?;
     if let Some(b) = args.batch_size {
         cfg.data.batch_size = b;
     }
-    let (source, dataset_id) = open_source(
-        args.shards.as_ref(),
-        Some(args.synthetic).filter(|_| args.shards.is_none()),
-        args.synthetic_work,
-        &cfg,
-    )?;
+    let synthetic = Some(args.synthetic).filter(|_| args.shards.is_none());
+    let (source, dataset_id) =
+        open_source(args.shards.as_ref(), synthetic, args.synthetic_work, &cfg)?;
     let layout = BatchLayout::new(&cfg.augment, cfg.data.batch_size);
-    let bsz = cfg.data.batch_size;
-    let n = args.batches.max(1);
+    let (bsz, n, rounds) = (cfg.data.batch_size, args.batches.max(1), args.rounds.max(1));
+    let spec = RingSpec::new(&cfg, dataset_id, source.len(), args.slots);
+    let bpe = spec.batches_per_epoch();
     let perm = epoch_permutation(cfg.data.seed, 0, source.len());
+    let pid = std::process::id();
+    let _cleanup = Children(Vec::new(), format!("bench-{pid}"));
     let mut rows = Vec::new();
 
     // A real batch as the payload of the copy benchmarks.
@@ -176,141 +229,105 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         src.bytes_mut(),
     )?;
 
-    // 1. memcpy of the batch bytes into a (warm) destination buffer.
-    let mut dst = OwnedBatch::zeroed(&layout);
-    dst.bytes_mut().copy_from_slice(src.bytes());
-    let t = Instant::now();
-    for _ in 0..n {
-        dst.bytes_mut()
-            .copy_from_slice(std::hint::black_box(src.bytes()));
+    // Alternate the two so that both see the same machine load.
+    let (mut t_copy, mut t_ring) = (f64::MAX, f64::MAX);
+    for _ in 0..rounds {
+        t_copy = t_copy.min(time_memcpy(&src, &layout, n));
+        t_ring = t_ring.min(time_handover(&format!("bench-{pid}"), &spec, &src, n)?);
     }
     rows.push(row(
-        "memcpy (baseline)",
+        "memcpy of the batch bytes (baseline)",
         n,
-        t.elapsed().as_secs_f64(),
+        t_copy,
+        layout.total,
+        bsz,
+    ));
+    rows.push(row(
+        "ring hand-over (copy into slot, publish, consume)",
+        n,
+        t_ring,
         layout.total,
         bsz,
     ));
 
-    // 2. ring hand-over: a producer thread copies the same bytes into claimed slots and
-    // publishes; the consumer receives each batch in order and releases it.
-    let name = format!("bench-{}", std::process::id());
-    let spec = RingSpec::new(&cfg, dataset_id, source.len(), args.slots);
-    let _cleanup = Children(Vec::new(), name.clone());
-    {
-        let ring = Arc::new(Ring::create(&name, &spec)?);
-        let mut consumer = Consumer::new(ring.clone())?;
-        let producer = Producer::register(ring.clone(), 1)?;
-        let total = n + args.slots as u64; // warm every slot's pages first
-        let elapsed = std::thread::scope(|s| -> Result<f64> {
-            s.spawn(|| {
-                for _ in 0..total {
-                    match producer.claim(Duration::from_secs(30), &|| false) {
-                        Ok(mut c) => {
-                            c.bytes_mut().copy_from_slice(src.bytes());
-                            c.publish();
-                        }
-                        Err(Idle::Timeout | Idle::Stopped | Idle::ConsumerGone) => break,
-                    }
-                }
-            });
-            for _ in 0..args.slots {
-                consumer.next_batch(Duration::from_secs(30))?;
+    let cfg_path = std::env::temp_dir().join(format!("udi-bench-{pid}.toml"));
+    std::fs::write(&cfg_path, toml::to_string(&cfg)?)?;
+    for &procs in &args.procs {
+        let threads = procs * args.threads;
+        let mut t_inproc = f64::MAX;
+        let mut buf = OwnedBatch::zeroed(&layout);
+        for _ in 0..rounds {
+            let t = Instant::now();
+            for b in 0..n {
+                fill_batch(
+                    &*source,
+                    &cfg,
+                    &layout,
+                    &perm,
+                    0,
+                    b % bpe,
+                    threads,
+                    buf.bytes_mut(),
+                )?;
+            }
+            t_inproc = t_inproc.min(t.elapsed().as_secs_f64());
+        }
+        rows.push(row(
+            &format!("in-process pipeline, {threads} thread(s)"),
+            n,
+            t_inproc,
+            layout.total,
+            bsz,
+        ));
+
+        let mut t_procs = f64::MAX;
+        for _ in 0..rounds {
+            let name = format!("bench-{pid}-{procs}");
+            let ring = Arc::new(Ring::create(&name, &spec)?);
+            let mut children = Children(Vec::new(), name.clone());
+            let mut consumer = Consumer::new(ring.clone())?;
+            for _ in 0..procs {
+                let mut cmd = Command::new(std::env::current_exe()?);
+                cmd.args([
+                    "run",
+                    "--ring",
+                    &name,
+                    "--threads",
+                    &args.threads.to_string(),
+                ]);
+                cmd.arg("--config").arg(&cfg_path);
+                match &args.shards {
+                    Some(d) => cmd.arg("--shards").arg(d),
+                    None => cmd
+                        .args(["--synthetic", &args.synthetic.to_string()])
+                        .args(["--synthetic-work", &args.synthetic_work.to_string()]),
+                };
+                children
+                    .0
+                    .push(cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?);
+            }
+            // Start the clock once the loaders are up and what they built during start-up has
+            // been drained: the ring is then in its steady state.
+            consumer
+                .next_batch(Duration::from_secs(60))
+                .context("first batch from the loader processes")?;
+            for _ in 1..spec.slots {
+                consumer.next_batch(Duration::from_secs(60))?;
             }
             let t = Instant::now();
             for _ in 0..n {
-                let g = consumer.next_batch(Duration::from_secs(30))?;
+                let g = consumer.next_batch(Duration::from_secs(60))?;
                 std::hint::black_box(g.view().header());
             }
-            Ok(t.elapsed().as_secs_f64())
-        })?;
-        rows.push(row(
-            "ring hand-over (copy into slot + publish + consume)",
-            n,
-            elapsed,
-            layout.total,
-            bsz,
-        ));
-        drop(producer);
-        drop(consumer);
-    }
-
-    // 3. in-process pipeline: fill_batch into a private buffer.
-    let mut buf = OwnedBatch::zeroed(&layout);
-    let t = Instant::now();
-    for b in 0..n {
-        let b = b % spec.batches_per_epoch();
-        fill_batch(
-            &*source,
-            &cfg,
-            &layout,
-            &perm,
-            0,
-            b,
-            args.threads,
-            buf.bytes_mut(),
-        )?;
-    }
-    rows.push(row(
-        &format!("in-process pipeline, {} thread(s)", args.threads),
-        n,
-        t.elapsed().as_secs_f64(),
-        layout.total,
-        bsz,
-    ));
-
-    // 4. loader processes on a ring, consumed here.
-    let cfg_path = std::env::temp_dir().join(format!("udi-bench-{}.toml", std::process::id()));
-    std::fs::write(&cfg_path, toml::to_string(&cfg)?)?;
-    for &procs in &args.procs {
-        let name = format!("bench-{}-{procs}", std::process::id());
-        let ring = Arc::new(Ring::create(&name, &spec)?);
-        let mut children = Children(Vec::new(), name.clone());
-        let mut consumer = Consumer::new(ring.clone())?;
-        for _ in 0..procs {
-            let mut cmd = Command::new(std::env::current_exe()?);
-            cmd.args([
-                "run",
-                "--ring",
-                &name,
-                "--threads",
-                &args.threads.to_string(),
-            ]);
-            cmd.arg("--config").arg(&cfg_path);
-            match &args.shards {
-                Some(d) => cmd.arg("--shards").arg(d),
-                None => cmd.args([
-                    "--synthetic",
-                    &args.synthetic.to_string(),
-                    "--synthetic-work",
-                    &args.synthetic_work.to_string(),
-                ]),
-            };
-            children
-                .0
-                .push(cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?);
+            t_procs = t_procs.min(t.elapsed().as_secs_f64());
+            drop(consumer);
+            drop(children);
         }
-        consumer
-            .next_batch(Duration::from_secs(60))
-            .context("first batch from the loader processes")?;
-        let t = Instant::now();
-        for _ in 0..n {
-            let g = consumer.next_batch(Duration::from_secs(60))?;
-            std::hint::black_box(g.view().header());
-        }
-        let secs = t.elapsed().as_secs_f64();
-        rows.push(row(
-            &format!(
-                "{procs} loader process(es) × {} thread(s) via ring",
-                args.threads
-            ),
-            n,
-            secs,
-            layout.total,
-            bsz,
-        ));
-        drop(consumer);
-        drop(children);
+        let case = format!(
+            "{procs} loader process(es) × {} thread(s) via ring",
+            args.threads
+        );
+        rows.push(row(&case, n, t_procs, layout.total, bsz));
     }
     let _ = std::fs::remove_file(&cfg_path);
 
@@ -320,29 +337,27 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         }
         return Ok(());
     }
+    let cores = std::thread::available_parallelism()
+        .map(|x| x.get())
+        .unwrap_or(1);
     println!(
-        "batch: {} images, {:.2} MB; {} measured batches per case; {} core(s) on this machine",
-        bsz,
+        "batch: {bsz} images, {:.2} MB; {n} batches per case, best of {rounds}; {cores} core(s); source: {}",
         layout.total as f64 / 1e6,
-        n,
-        std::thread::available_parallelism()
-            .map(|x| x.get())
-            .unwrap_or(1)
+        if args.shards.is_some() { "shards" } else { "synthetic" }
     );
     println!(
-        "{:<58} {:>9} {:>10} {:>10}",
+        "{:<56} {:>9} {:>8} {:>10}",
         "case", "seconds", "GB/s", "images/s"
     );
     for r in &rows {
         println!(
-            "{:<58} {:>9.3} {:>10.2} {:>10.1}",
+            "{:<56} {:>9.3} {:>8.2} {:>10.1}",
             r.case, r.seconds, r.gb_per_s, r.images_per_s
         );
     }
-    let ratio = rows[1].gb_per_s / rows[0].gb_per_s;
-    println!("ring hand-over / memcpy bandwidth: {ratio:.2}×");
-    if ratio.is_nan() {
-        bail!("no measurement");
-    }
+    println!(
+        "ring hand-over / memcpy bandwidth: {:.2}×",
+        rows[1].gb_per_s / rows[0].gb_per_s
+    );
     Ok(())
 }
