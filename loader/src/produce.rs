@@ -10,6 +10,7 @@ use shared::rng::{batch_samples, sample_rng};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::*};
 
 /// Fills `out` with batch `batch` of `epoch` (permutation `perm`) using `threads` workers.
+#[allow(clippy::too_many_arguments)]
 pub fn fill_batch(
     source: &dyn SampleSource,
     cfg: &PipelineConfig,

@@ -220,7 +220,7 @@ fn kill_9_of_one_loader_mid_epoch_loses_nothing() {
     let mut got = Vec::new();
     let mut killed = false;
     let mut zombie = None;
-    while got.len() < 30 {
+    while got.len() < 30 || !killed {
         if !killed && got.len() >= 2 && ring.status().writers.iter().any(|&(_, pid)| pid == victim)
         {
             // SIGKILL, not reaped yet: the victim stays a zombie, as under a parent that does
@@ -330,6 +330,48 @@ fn mismatched_config_is_refused_by_name_and_sigterm_cleans_up() {
     assert!(
         !out.status.success() && err.contains("dataset id") && err.contains("samples"),
         "{err}"
+    );
+
+    // `loader status` sees the producer, the full ring and no consumer.
+    let out = Command::new(BIN)
+        .args(["status", "--json", "--interval", "0.05", "--ring", &fx.name])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(st["producers"].as_array().unwrap().len(), 1, "{st}");
+    assert_eq!(st["producers"][0]["pid"].as_u64(), Some(pid as u64));
+    assert_eq!(st["consumer_pid"].as_u64(), Some(0));
+    while Ring::attach(&fx.name).unwrap().status().ready < 4 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        Ring::attach(&fx.name).unwrap().status().published,
+        4,
+        "producers must stop when every slot is full"
+    );
+
+    // Backpressure: with every slot full the loader sleeps instead of spinning a core.
+    let cpu_ticks = || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let f: Vec<u64> = stat[stat.rfind(')').unwrap() + 2..]
+            .split(' ')
+            .skip(11)
+            .take(2)
+            .map(|x| x.parse().unwrap())
+            .collect();
+        f[0] + f[1] // utime + stime
+    };
+    let before = cpu_ticks();
+    std::thread::sleep(Duration::from_millis(500));
+    let used = cpu_ticks() - before;
+    assert!(
+        used <= 5,
+        "an idle loader used {used} CPU ticks in 0.5 s: it spins"
     );
 
     // SIGTERM with no consumer attached: the loader exits cleanly and, being the last one out,
