@@ -73,6 +73,11 @@ pub fn open_source(
 
 /// `loader run`.
 pub fn run(args: &RunArgs) -> Result<()> {
+    // Handlers first: a signal during start-up must still end in a clean exit.
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
+    }
     let cfg = PipelineConfig::from_toml_file(&args.config)?;
     let (source, dataset_id) = open_source(
         args.shards.as_ref(),
@@ -84,10 +89,6 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let ring = Arc::new(Ring::open_or_create(&args.ring, &spec)?);
     let threads = args.threads.max(1);
     let producer = Producer::register(ring.clone(), threads as u32)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
-    }
     let done = AtomicBool::new(false);
     let layout = ring.layout().clone();
     let hold = Duration::from_millis(args.hold_ms);

@@ -381,3 +381,46 @@ fn mismatched_config_is_refused_by_name_and_sigterm_cleans_up() {
     fx.wait_all();
     assert!(!segment_path(&fx.name).exists());
 }
+
+#[test]
+fn stale_segment_of_a_killed_run_is_reclaimed() {
+    let mut fx = Fixture::new("stale");
+    fx.spawn_loader(1, &[]);
+    while Ring::attach(&fx.name)
+        .map(|r| r.status().published < 4)
+        .unwrap_or(true)
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut child = fx.children.remove(0);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        segment_path(&fx.name).exists(),
+        "a SIGKILLed run leaves its segment"
+    );
+    // A new run with another config is not refused: the dead run's segment is replaced.
+    let other = fx.dir.path().join("other.toml");
+    std::fs::write(&other, CONFIG.replace("seed = 5", "seed = 6")).unwrap();
+    let child = Command::new(BIN)
+        .args(["run", "--ring", &fx.name, "--synthetic", "40", "--config"])
+        .arg(&other)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    fx.children.push(child);
+    loop {
+        if let Ok(r) = Ring::attach(&fx.name) {
+            if r.status().producers.iter().any(|p| p.pid == pid) {
+                assert_eq!(r.spec().seed, 6);
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGINT) }, 0);
+    fx.wait_all();
+    assert!(!segment_path(&fx.name).exists());
+}
