@@ -2,6 +2,29 @@
 //! `/dev/shm` segment, one consumer (the trainer, or `loader tap`) reads them in order without a
 //! copy.
 //!
+//! # Usage (the trainer's side)
+//!
+//! ```no_run
+//! use shared::config::PipelineConfig;
+//! use shared::ring::{Consumer, Ring, RingSpec};
+//! use std::{sync::Arc, time::Duration};
+//! # fn main() -> anyhow::Result<()> {
+//! # let (dataset_id, n_samples) = (0u64, 1000u64);
+//! let cfg = PipelineConfig::from_toml_file("configs/tiny.toml".as_ref())?;
+//! // dataset_id / n_samples: from the shard reader (`Dataset::dataset_id()`, `len()`).
+//! let spec = RingSpec::new(&cfg, dataset_id, n_samples, 4);
+//! let mut consumer = Consumer::new(Arc::new(Ring::open_or_create("run1", &spec)?))?;
+//! consumer.seek(0, 0, Duration::from_secs(60))?; // resume point
+//! // … spawn `loader run --ring run1 --config configs/tiny.toml --shards DIR --threads N` …
+//! for _ in 0..10 {
+//!     let batch = consumer.next_batch(Duration::from_secs(60))?;
+//!     let view = batch.view(); // zero-copy BatchView of the slot
+//!     let _ = (batch.epoch(), batch.batch(), view.global_view(0), view.indices());
+//! } // each guard frees its slot when dropped
+//! drop(consumer); // closes the ring: loaders exit, /dev/shm/udi-ring-run1 is removed
+//! # Ok(()) }
+//! ```
+//!
 //! # PROTOCOL
 //!
 //! ## Naming and lifetime
