@@ -214,13 +214,19 @@ fn kill_9_of_one_loader_mid_epoch_loses_nothing() {
     let ring = Arc::new(Ring::create(&fx.name, &fx.spec()).unwrap());
     let mut consumer = Consumer::new(ring.clone()).unwrap();
     // The victim holds each claim for a long time, so it is killed while owning a batch.
-    let victim = fx.spawn_loader(2, &["--hold-ms", "400"]);
+    // It starts alone, so it owns a batch before the fast ones compete for slots.
+    let victim = fx.spawn_loader(2, &["--hold-ms", "300"]);
+    while !ring.status().writers.iter().any(|&(_, pid)| pid == victim) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     fx.spawn_loader(1, &[]);
     fx.spawn_loader(3, &[]);
     let mut got = Vec::new();
     let mut killed = false;
     let mut zombie = None;
-    while got.len() < 30 || !killed {
+    // Go on until the victim's claimed batch (always inside the window the consumer is about to
+    // read) has been rebuilt by a survivor.
+    while got.len() < 30 || !killed || ring.status().rebuilt == 0 {
         if !killed && got.len() >= 2 && ring.status().writers.iter().any(|&(_, pid)| pid == victim)
         {
             // SIGKILL, not reaped yet: the victim stays a zombie, as under a parent that does
