@@ -430,3 +430,79 @@ fn stale_segment_of_a_killed_run_is_reclaimed() {
     fx.wait_all();
     assert!(!segment_path(&fx.name).exists());
 }
+
+#[test]
+fn tap_detaches_and_a_second_tap_seeks() {
+    let mut fx = Fixture::new("seek");
+    fx.spawn_loader(2, &[]);
+    fx.spawn_loader(1, &[]);
+    let run_tap = |extra: &[&str]| -> Vec<Value> {
+        let out = Command::new(BIN)
+            .args(["tap", "--json", "--ring", &fx.name])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "tap: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let cfg = fx.cfg();
+    let first = run_tap(&["--batches", "3", "--detach"]);
+    let second = run_tap(&["--batches", "2"]); // continues at the stored cursor
+    assert!(
+        !segment_path(&fx.name).exists(),
+        "the second tap closes the ring"
+    );
+    let hashes: Vec<&str> = first
+        .iter()
+        .chain(&second)
+        .map(|l| l["hash"].as_str().unwrap())
+        .collect();
+    let want: Vec<String> = (0..5).map(|g| reference(&cfg, g).0).collect();
+    assert_eq!(hashes, want);
+    fx.wait_all();
+
+    let mut fx2 = Fixture::new("seek2");
+    fx2.spawn_loader(1, &[]);
+    let out = Command::new(BIN)
+        .args([
+            "tap",
+            "--json",
+            "--ring",
+            &fx2.name,
+            "--batches",
+            "2",
+            "--seek",
+            "2:7",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tap: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for (k, line) in lines.iter().enumerate() {
+        assert_eq!(
+            (line["epoch"].as_u64(), line["batch"].as_u64()),
+            (Some(2), Some(7 + k as u64))
+        );
+        assert_eq!(
+            line["hash"].as_str().unwrap(),
+            reference(&cfg, 27 + k as u64).0
+        );
+    }
+    fx2.wait_all();
+}
