@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The main job on a small embedded default (README line 1), on CPU, in a few minutes:
+#   1. generate a small labelled dataset (10 classes of shapes/textures, train + val) and pack it;
+#   2. k-NN of a randomly initialised network (the "before");
+#   3. pretrain with configs/tiny.toml: the trainer starts the loader processes, which fill a
+#      shared-memory ring; metrics go to RUN/metrics.jsonl, checkpoints to RUN/checkpoints/;
+#   4. k-NN of the pretrained teacher (the "after"), the training curves, a timm export.
+# Knobs (environment): DEMO_OUT (default target/demo), DEMO_STEPS (default: the whole schedule),
+# DEMO_LOADERS (loader processes, default 1).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup-deps.sh
+
+OUT=${DEMO_OUT:-target/demo}
+CONFIG=configs/tiny.toml
+BIN=target/release
+
+echo "== building release binaries (first time: several minutes)"
+cargo build --release --locked -p shard-tool -p loader -p trainer
+
+rm -rf "$OUT"
+mkdir -p "$OUT"
+echo "== generating and packing the dataset"
+"$BIN/shard-tool" synth "$OUT/images/train" --classes 10 --per-class 100 --size 64 --seed 0
+"$BIN/shard-tool" synth "$OUT/images/val" --classes 10 --per-class 30 --size 64 --seed 1
+"$BIN/shard-tool" pack "$OUT/images/train" "$OUT/shards/train" --json > "$OUT/pack-train.json"
+"$BIN/shard-tool" pack "$OUT/images/val" "$OUT/shards/val" --json > "$OUT/pack-val.json"
+
+knn() { "$BIN/trainer" knn --train "$OUT/shards/train" --val "$OUT/shards/val" --json "$@"; }
+
+echo "== k-NN before pretraining (random init)"
+knn --random-init --config "$CONFIG" | tee "$OUT/knn-before.json"
+
+echo "== pretraining ($CONFIG)"
+STEPS_ARG=()
+[ -n "${DEMO_STEPS:-}" ] && STEPS_ARG=(--max-steps "$DEMO_STEPS")
+"$BIN/trainer" train --config "$CONFIG" --shards "$OUT/shards/train" --out "$OUT/run" \
+  --loaders "${DEMO_LOADERS:-1}" "${STEPS_ARG[@]}"
+
+echo "== k-NN after pretraining (teacher)"
+knn --checkpoint "$OUT/run" | tee "$OUT/knn-after.json"
+
+"$BIN/trainer" plot "$OUT/run"
+"$BIN/trainer" export --checkpoint "$OUT/run" --format timm --out "$OUT/backbone.safetensors"
+
+top1() { sed -E 's/.*"top1":([0-9.]+).*/\1/' "$1"; }
+echo
+echo "== summary"
+echo "k-NN top-1 (k=20, T=0.07): random init $(top1 "$OUT/knn-before.json")% -> pretrained $(top1 "$OUT/knn-after.json")%"
+echo "metrics:     $OUT/run/metrics.jsonl"
+echo "curves:      $OUT/run/curves.png"
+echo "checkpoints: $OUT/run/checkpoints/"
+echo "timm export: $OUT/backbone.safetensors"
