@@ -141,12 +141,10 @@ pub fn render(metrics: &[StepMetrics], w: u32, h: u32) -> Result<Vec<u8>> {
 fn format_tick(v: f64) -> String {
     let a = v.abs();
     if a != 0.0 && !(1e-2..1e4).contains(&a) {
-        format!("{v:.1e}")
-    } else if a >= 100.0 {
-        format!("{v:.0}")
-    } else {
-        format!("{v:.3}")
+        return format!("{v:.1e}");
     }
+    let s = format!("{v:.4}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
 /// Reads `RUN_DIR/metrics.jsonl` and writes `out` (default `RUN_DIR/curves.png`).
@@ -198,6 +196,15 @@ mod tests {
         let dark = img.pixels().filter(|p| p.0.iter().all(|&c| c < 60)).count();
         assert!(blue > 200, "blue pixels: {blue}");
         assert!(dark > 1000, "dark pixels: {dark}");
+    }
+
+    #[test]
+    fn tick_labels_are_short() {
+        assert_eq!(format_tick(7.0), "7");
+        assert_eq!(format_tick(6.5), "6.5");
+        assert_eq!(format_tick(0.0), "0");
+        assert_eq!(format_tick(0.9961), "0.9961");
+        assert_eq!(format_tick(1.2e-4), "1.2e-4");
     }
 
     #[test]

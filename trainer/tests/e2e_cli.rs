@@ -1,0 +1,143 @@
+//! The `trainer` binary end to end with real `loader` processes: train on packed shards, a
+//! loader killed mid-run is restarted and the run's losses are unchanged (bitwise equal to an
+//! `--in-process` run), then plot, k-NN (--json) and export.
+//!
+//! Needs the `loader` binary next to the test's target dir (built by `cargo test --workspace`
+//! or `cargo build -p loader`); without it the test says so and stops early.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TRAINER: &str = env!("CARGO_BIN_EXE_trainer");
+
+const CONFIG: &str = r#"
+[data]
+batch_size = 4
+seed = 2
+[augment]
+global_size = 32
+local_size = 16
+n_local = 2
+patch_size = 8
+global_window = 2
+local_window = 2
+[model]
+dim = 32
+depth = 2
+heads = 2
+head_hidden = 64
+head_bottleneck = 16
+out_dim = 128
+[optim]
+epochs = 2
+warmup_epochs = 1
+lr = 0.05
+[run]
+checkpoint_every = 1
+log_every = 1
+ring_slots = 2
+batch_timeout_s = 120
+"#;
+
+fn loader_bin() -> Option<PathBuf> {
+    let p = Path::new(TRAINER).parent()?.join("loader");
+    p.is_file().then_some(p)
+}
+
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
+                out.extend(s.split_whitespace().filter_map(|x| x.parse::<u32>().ok()));
+            }
+        }
+    }
+    out
+}
+
+fn losses(run: &Path) -> Vec<(u64, u32)> {
+    trainer::metrics::read_metrics(&run.join("metrics.jsonl")).unwrap().iter().map(|m| (m.step, m.loss.to_bits())).collect()
+}
+
+#[test]
+fn train_with_loader_processes_survives_a_killed_loader() {
+    let Some(loader) = loader_bin() else {
+        eprintln!("SKIPPED: no loader binary next to {TRAINER} (run `cargo build -p loader` or `cargo test --workspace`)");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("img");
+    shard_tool::synth::write_imagefolder(&img, 2, 8, 40, 0).unwrap();
+    let shards = tmp.path().join("shards");
+    shard_tool::pack::pack(&img, &shards, &shard_tool::pack::PackConfig { progress: false, ..Default::default() }).unwrap();
+    let cfg = tmp.path().join("cfg.toml");
+    std::fs::write(&cfg, CONFIG).unwrap();
+
+    let run = tmp.path().join("run");
+    let child = Command::new(TRAINER)
+        .args(["train", "--max-steps", "8", "--loaders", "1", "--threads", "1"])
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--shards")
+        .arg(&shards)
+        .arg("--out")
+        .arg(&run)
+        .arg("--loader-bin")
+        .arg(&loader)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kill the loader once the first step is logged.
+    let t0 = Instant::now();
+    let mut killed = None;
+    while killed.is_none() && t0.elapsed() < Duration::from_secs(120) {
+        let stepped = std::fs::read_to_string(run.join("metrics.jsonl")).map(|s| s.lines().count() >= 1).unwrap_or(false);
+        let kids = children(child.id());
+        if stepped && !kids.is_empty() {
+            unsafe { libc::kill(kids[0] as i32, libc::SIGKILL) };
+            killed = Some(kids[0]);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "trainer failed:\n{stderr}");
+    assert!(killed.is_some(), "never saw the loader process");
+    assert!(stderr.contains("restarted loader 0"), "no restart reported:\n{stderr}");
+    assert!(stderr.contains("step 8/8"), "{stderr}");
+
+    // Same run, batches built in-process: identical losses, so the restart lost nothing.
+    let run2 = tmp.path().join("run-in-process");
+    let st = Command::new(TRAINER)
+        .args(["train", "--max-steps", "8", "--in-process"])
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--shards")
+        .arg(&shards)
+        .arg("--out")
+        .arg(&run2)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_eq!(losses(&run), losses(&run2));
+    assert_eq!(losses(&run).len(), 8);
+
+    let ok = |args: &[&str]| {
+        let o = Command::new(TRAINER).args(args).output().unwrap();
+        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let r = run.to_str().unwrap();
+    ok(&["plot", r]);
+    assert!(run.join("curves.png").is_file());
+    let s = shards.to_str().unwrap();
+    let j: serde_json::Value = serde_json::from_str(ok(&["knn", "--checkpoint", r, "--train", s, "--val", s, "--k", "3", "--json"]).trim()).unwrap();
+    assert!(j["top1"].as_f64().unwrap() >= 0.0 && j["top5"].as_f64().unwrap() >= j["top1"].as_f64().unwrap());
+    assert_eq!(j["k"], 3);
+    let e = tmp.path().join("b.safetensors");
+    ok(&["export", "--checkpoint", r, "--format", "timm", "--out", e.to_str().unwrap()]);
+    assert!(candle_core::safetensors::load(&e, &candle_core::Device::Cpu).unwrap().contains_key("reg_token"));
+}
