@@ -18,6 +18,8 @@ use serde::{Deserialize, Serialize};
 use shared::config::AugmentConfig;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The `[run]` table of a config: how a run is driven (not what is trained). Not part of the
@@ -95,6 +97,8 @@ pub struct TrainOptions {
     pub device: Device,
     /// No console lines (tests).
     pub quiet: bool,
+    /// Set (e.g. by SIGINT/SIGTERM) to stop after the current step with a checkpoint.
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 #[derive(Clone, Debug)]
@@ -254,11 +258,18 @@ pub fn train(opts: &TrainOptions, feed: &mut dyn BatchFeed) -> Result<TrainSumma
                 eprintln!("{}", metrics::console_line(&m, end_step, first_step));
             }
         }
-        if step % run.checkpoint_every == 0 || step == end_step {
+        let stopping = opts.stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed));
+        if step % run.checkpoint_every == 0 || step == end_step || stopping {
             let p = save(&trainer, step, fed.epoch, cursor)?;
+            if stopping && !opts.quiet {
+                eprintln!("stopped at step {step}; checkpoint {} (continue with --resume)", p.display());
+            }
             last_ckpt = Some(p);
         }
         last = Some(m);
+        if stopping {
+            break;
+        }
     }
     Ok(TrainSummary {
         first_step,

@@ -107,7 +107,21 @@ pub fn train_main(a: &TrainArgs) -> Result<()> {
         };
         Box::new(RingFeed::start(&name, &pipe, id, n, run.ring_slots, Duration::from_secs_f64(run.batch_timeout_s), launch.as_ref())?)
     };
-    let opts = TrainOptions { config_toml: text, run_dir: a.out.clone(), resume: a.resume, max_steps: a.max_steps, device: device(a.cuda)?, quiet: false };
+    // Ctrl-C / SIGTERM: finish the step, checkpoint, stop; a second one exits at once.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, 130, stop.clone())?;
+        signal_hook::flag::register(sig, stop.clone())?;
+    }
+    let opts = TrainOptions {
+        config_toml: text,
+        run_dir: a.out.clone(),
+        resume: a.resume,
+        max_steps: a.max_steps,
+        device: device(a.cuda)?,
+        quiet: false,
+        stop: Some(stop),
+    };
     let s = train::train(&opts, feed.as_mut())?;
     eprintln!(
         "done: steps {}..{} of {}; mean {:.1} img/s, data wait {:.1}% of step time; checkpoint {}",

@@ -187,6 +187,9 @@ impl RingFeed {
                 let ring_name = name.to_string();
                 let sup = Supervisor::start(l.processes, move |_slot| {
                     let mut c = Command::new(&l.loader_bin);
+                    // Own process group: a terminal's Ctrl-C reaches the trainer only, which
+                    // checkpoints and then stops its loaders itself.
+                    std::os::unix::process::CommandExt::process_group(&mut c, 0);
                     c.arg("run")
                         .arg("--shards")
                         .arg(&l.shards)

@@ -141,3 +141,59 @@ fn train_with_loader_processes_survives_a_killed_loader() {
     ok(&["export", "--checkpoint", r, "--format", "timm", "--out", e.to_str().unwrap()]);
     assert!(candle_core::safetensors::load(&e, &candle_core::Device::Cpu).unwrap().contains_key("reg_token"));
 }
+
+/// `trainer train` with `args`, returning (success, stderr).
+fn train_cli(cfg: &Path, shards: &Path, run: &Path, args: &[&str], interrupt_after_first_step: bool) -> (bool, String) {
+    let child = Command::new(TRAINER)
+        .arg("train")
+        .args(args)
+        .arg("--config")
+        .arg(cfg)
+        .arg("--shards")
+        .arg(shards)
+        .arg("--out")
+        .arg(run)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if interrupt_after_first_step {
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(120) {
+            if std::fs::read_to_string(run.join("metrics.jsonl")).map(|s| s.lines().count() >= 1).unwrap_or(false) {
+                unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn ctrl_c_checkpoints_and_resume_continues_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("img");
+    shard_tool::synth::write_imagefolder(&img, 2, 8, 40, 1).unwrap();
+    let shards = tmp.path().join("shards");
+    shard_tool::pack::pack(&img, &shards, &shard_tool::pack::PackConfig { progress: false, ..Default::default() }).unwrap();
+    let cfg = tmp.path().join("cfg.toml");
+    // Checkpoints only at the end: the one after Ctrl-C comes from the interrupt.
+    std::fs::write(&cfg, CONFIG.replace("checkpoint_every = 1", "checkpoint_every = 100")).unwrap();
+
+    let run = tmp.path().join("run");
+    let (ok, err) = train_cli(&cfg, &shards, &run, &["--max-steps", "8", "--in-process"], true);
+    assert!(ok, "interrupted trainer should exit cleanly:\n{err}");
+    assert!(err.contains("stopped at step"), "{err}");
+    let stopped = trainer::checkpoint::resolve(&run).unwrap().step;
+    assert!(stopped < 8, "stopped at {stopped}");
+    let (ok, err) = train_cli(&cfg, &shards, &run, &["--max-steps", "8", "--in-process", "--resume"], false);
+    assert!(ok, "{err}");
+    assert!(err.contains("resuming from"), "{err}");
+
+    let reference = tmp.path().join("reference");
+    let (ok, err) = train_cli(&cfg, &shards, &reference, &["--max-steps", "8", "--in-process"], false);
+    assert!(ok, "{err}");
+    assert_eq!(losses(&run), losses(&reference));
+    assert_eq!(losses(&run).len(), 8);
+}

@@ -55,7 +55,7 @@ fn export_reloads_into_our_backbone_and_reproduces_the_features() {
     let dir = tempfile::tempdir().unwrap();
     let pipe = PipelineConfig::from_toml_str(CONFIG).unwrap();
     let mut feed = InProcessFeed::new(Arc::new(Synth(pipe.augment.clone())), &pipe, 1, 1);
-    let opts = TrainOptions { config_toml: CONFIG.into(), run_dir: dir.path().into(), resume: false, max_steps: Some(2), device: Device::Cpu, quiet: true };
+    let opts = TrainOptions { config_toml: CONFIG.into(), run_dir: dir.path().into(), resume: false, max_steps: Some(2), device: Device::Cpu, quiet: true, stop: None };
     train(&opts, &mut feed).unwrap();
 
     let out = dir.path().join("backbone.safetensors");

@@ -52,7 +52,7 @@ fn learning_pretraining_beats_random_init_on_knn() {
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let mut feed = InProcessFeed::new(Arc::new(src), &pipe, 1, threads);
     let run = tempfile::tempdir().unwrap();
-    let opts = TrainOptions { config_toml: text.clone(), run_dir: run.path().into(), resume: false, max_steps: Some(steps), device: Device::Cpu, quiet: false };
+    let opts = TrainOptions { config_toml: text.clone(), run_dir: run.path().into(), resume: false, max_steps: Some(steps), device: Device::Cpu, quiet: false, stop: None };
     let s = train(&opts, &mut feed).unwrap();
     assert_eq!(s.last_step, steps.min(s.total_steps));
 

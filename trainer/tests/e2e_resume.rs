@@ -79,6 +79,7 @@ fn run(dir: &Path, config: &str, resume: bool, max_steps: u64) -> anyhow::Result
         max_steps: Some(max_steps),
         device: Device::Cpu,
         quiet: true,
+        stop: None,
     };
     train(&opts, &mut feed(config))
 }

@@ -55,7 +55,7 @@ fn make_shards(dir: &Path) -> std::path::PathBuf {
 }
 
 fn opts(dir: &Path, resume: bool, max_steps: u64) -> TrainOptions {
-    TrainOptions { config_toml: CONFIG.into(), run_dir: dir.into(), resume, max_steps: Some(max_steps), device: Device::Cpu, quiet: true }
+    TrainOptions { config_toml: CONFIG.into(), run_dir: dir.into(), resume, max_steps: Some(max_steps), device: Device::Cpu, quiet: true, stop: None }
 }
 
 /// Trains through ring `name`, fed by a loader daemon on a thread.
