@@ -109,7 +109,8 @@ pub fn normalise_u8(pixels: &[u8], n: usize, size: usize, dtype: DType, device: 
     let t = Tensor::from_slice(pixels, (n, size, size, 3), device)?.to_dtype(DType::F32)?;
     let mean = Tensor::new(&MEAN, device)?;
     let std = Tensor::new(&STD, device)?;
-    let t = (t / 255.0)?.broadcast_sub(&mean)?.broadcast_div(&std)?;
+    // True f32 division (candle's `t / 255.0` multiplies by the reciprocal: 1 ulp off torch).
+    let t = t.broadcast_div(&Tensor::new(&[255f32], device)?)?.broadcast_sub(&mean)?.broadcast_div(&std)?;
     Ok(t.permute((0, 3, 1, 2))?.contiguous()?.to_dtype(dtype)?)
 }
 

@@ -22,7 +22,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 use shared::batch::BatchView;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::Instant;
 
@@ -80,7 +80,7 @@ struct DebugReport {
     #[serde(flatten)]
     stats: StepStats,
     iters_per_epoch: u64,
-    centres: HashMap<String, CentreSummary>,
+    centres: BTreeMap<String, CentreSummary>,
     grad_norms: Vec<GradNorm>,
 }
 
@@ -112,7 +112,7 @@ pub fn debug_step(cfg: &TrainConfig, weights: &Path, batch: &Path, out_json: &Pa
     let epoch = scalar_i64(&b, "epoch", &bname)?;
     let step = scalar_i64(&b, "step", &bname)?;
     let rep = tr.step_detailed(&tb, epoch, step)?;
-    let mut centres = HashMap::new();
+    let mut centres = BTreeMap::new();
     for (n, t) in tr.centres.named_tensors() {
         let t = t.to_dtype(DType::F64)?;
         centres.insert(n, CentreSummary { sum: t.sum_all()?.to_scalar()?, norm: t.sqr()?.sum_all()?.sqrt()?.to_scalar()? });

@@ -65,7 +65,7 @@ fn finite_differences_match_backprop_for_every_parameter_tensor() {
 #[test]
 fn every_trainable_parameter_gets_a_finite_nonzero_gradient() {
     let cfg = common::tiny_cfg();
-    let batch = common::batch(&cfg, 4, 11, DType::F32);
+    let batch = common::batch(&cfg, 2, 11, DType::F32);
     let mut tr = Trainer::new(&cfg, 10, &Device::Cpu).unwrap();
     // Epoch 1: the last layer is no longer frozen.
     let rep = tr.step_detailed(&batch, 1, 10).unwrap();
