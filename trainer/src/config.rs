@@ -184,16 +184,33 @@ impl TrainConfig {
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
-        self.augment.validate().map_err(|e| anyhow::anyhow!("[augment]: {e}"))?;
+        self.augment
+            .validate()
+            .map_err(|e| anyhow::anyhow!("[augment]: {e}"))?;
         anyhow::ensure!(self.data.batch_size > 0, "[data]: batch_size must be > 0");
         let m = &self.model;
-        anyhow::ensure!(m.dim > 0 && m.heads > 0 && m.dim % m.heads == 0, "[model]: dim must be a positive multiple of heads");
+        anyhow::ensure!(
+            m.dim > 0 && m.heads > 0 && m.dim.is_multiple_of(m.heads),
+            "[model]: dim must be a positive multiple of heads"
+        );
         anyhow::ensure!(m.depth > 0, "[model]: depth must be > 0");
-        anyhow::ensure!(m.head_hidden > 0 && m.head_bottleneck > 0 && m.out_dim > 0, "[model]: head sizes must be > 0");
-        anyhow::ensure!((0.0..1.0).contains(&m.drop_path), "[model]: drop_path must be in [0, 1)");
+        anyhow::ensure!(
+            m.head_hidden > 0 && m.head_bottleneck > 0 && m.out_dim > 0,
+            "[model]: head sizes must be > 0"
+        );
+        anyhow::ensure!(
+            (0.0..1.0).contains(&m.drop_path),
+            "[model]: drop_path must be in [0, 1)"
+        );
         anyhow::ensure!(self.optim.epochs > 0, "[optim]: epochs must be > 0");
-        anyhow::ensure!(self.optim.warmup_epochs <= self.optim.epochs, "[optim]: warmup_epochs > epochs");
-        anyhow::ensure!(self.loss.student_temp > 0.0 && self.loss.teacher_temp > 0.0, "[loss]: temperatures must be > 0");
+        anyhow::ensure!(
+            self.optim.warmup_epochs <= self.optim.epochs,
+            "[optim]: warmup_epochs > epochs"
+        );
+        anyhow::ensure!(
+            self.loss.student_temp > 0.0 && self.loss.teacher_temp > 0.0,
+            "[loss]: temperatures must be > 0"
+        );
         Ok(())
     }
 }

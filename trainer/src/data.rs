@@ -65,7 +65,12 @@ fn dense_rows(aug: &AugmentConfig, h: &HostRows) -> Result<DenseRows> {
     let ng2 = (aug.global_grid() * aug.global_grid()) as usize;
     let nl2 = (aug.local_grid() * aug.local_grid()) as usize;
     let n_pairs = 2 + 2 * l;
-    ensure!(h.n_valid.len() == b_sz * n_pairs, "n_valid has {} entries, expected {}", h.n_valid.len(), b_sz * n_pairs);
+    ensure!(
+        h.n_valid.len() == b_sz * n_pairs,
+        "n_valid has {} entries, expected {}",
+        h.n_valid.len(),
+        b_sz * n_pairs
+    );
     let rt = n_g + l * n_l;
     let mut student = vec![0f32; 2 * b_sz * n_g * ng2];
     let mut teacher = vec![0f32; 2 * b_sz * rt * ng2];
@@ -76,18 +81,40 @@ fn dense_rows(aug: &AugmentConfig, h: &HostRows) -> Result<DenseRows> {
             let rows = (h.rows)(b, p);
             let n_rows = if p < 2 { n_g } else { n_l };
             let src_cells = if p < 2 { ng2 } else { nl2 };
-            ensure!(rows.len() == n_rows, "sample {b} pair {p}: {} rows, expected {n_rows}", rows.len());
+            ensure!(
+                rows.len() == n_rows,
+                "sample {b} pair {p}: {} rows, expected {n_rows}",
+                rows.len()
+            );
             let nv = h.n_valid[b * n_pairs + p] as usize;
-            ensure!(nv <= n_rows, "sample {b} pair {p}: n_valid {nv} > {n_rows} rows");
+            ensure!(
+                nv <= n_rows,
+                "sample {b} pair {p}: n_valid {nv} > {n_rows} rows"
+            );
             for (r, row) in rows.iter().take(nv).enumerate() {
-                ensure!((row.src as usize) < src_cells, "sample {b} pair {p} row {r}: src {} out of range", row.src);
+                ensure!(
+                    (row.src as usize) < src_cells,
+                    "sample {b} pair {p} row {r}: src {} out of range",
+                    row.src
+                );
                 let wsum: f32 = row.w.iter().sum();
-                ensure!(wsum > 0.0 && row.w.iter().all(|w| w.is_finite()), "sample {b} pair {p} row {r}: bad weights {:?}", row.w);
+                ensure!(
+                    wsum > 0.0 && row.w.iter().all(|w| w.is_finite()),
+                    "sample {b} pair {p} row {r}: bad weights {:?}",
+                    row.w
+                );
                 for &c in &row.tgt {
-                    ensure!((c as usize) < ng2, "sample {b} pair {p} row {r}: target cell {c} out of range");
+                    ensure!(
+                        (c as usize) < ng2,
+                        "sample {b} pair {p} row {r}: target cell {c} out of range"
+                    );
                 }
                 // Target view and row slot in `teacher_rows`.
-                let (u, slot) = if p < 2 { (1 - p, r) } else { ((p - 2) % 2, n_g + ((p - 2) / 2) * n_l + r) };
+                let (u, slot) = if p < 2 {
+                    (1 - p, r)
+                } else {
+                    ((p - 2) % 2, n_g + ((p - 2) / 2) * n_l + r)
+                };
                 let t_off = ((u * b_sz + b) * rt + slot) * ng2;
                 row.dense_t(&mut teacher[t_off..t_off + ng2]);
                 if p < 2 {
@@ -100,26 +127,49 @@ fn dense_rows(aug: &AugmentConfig, h: &HostRows) -> Result<DenseRows> {
             }
         }
     }
-    Ok(DenseRows { student, teacher, valid_g, valid_l })
+    Ok(DenseRows {
+        student,
+        teacher,
+        valid_g,
+        valid_l,
+    })
 }
 
 /// Normalises uint8 HWC crops `[N, S, S, 3]` to NCHW `[N, 3, S, S]` of `dtype` on `device`
 /// (`(x/255 − mean)/std` in f32, as torchvision's ToTensor + Normalize).
-pub fn normalise_u8(pixels: &[u8], n: usize, size: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+pub fn normalise_u8(
+    pixels: &[u8],
+    n: usize,
+    size: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
     let t = Tensor::from_slice(pixels, (n, size, size, 3), device)?.to_dtype(DType::F32)?;
     let mean = Tensor::new(&MEAN, device)?;
     let std = Tensor::new(&STD, device)?;
     // True f32 division (candle's `t / 255.0` multiplies by the reciprocal: 1 ulp off torch).
-    let t = t.broadcast_div(&Tensor::new(&[255f32], device)?)?.broadcast_sub(&mean)?.broadcast_div(&std)?;
+    let t = t
+        .broadcast_div(&Tensor::new(&[255f32], device)?)?
+        .broadcast_sub(&mean)?
+        .broadcast_div(&std)?;
     Ok(t.permute((0, 3, 1, 2))?.contiguous()?.to_dtype(dtype)?)
 }
 
 impl TrainBatch {
     /// Builds a batch from the shared layout; images are normalised on `device` in `dtype`.
-    pub fn from_view_dtype(view: &BatchView, aug: &AugmentConfig, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn from_view_dtype(
+        view: &BatchView,
+        aug: &AugmentConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let lay = view.layout;
         let (b, l) = (lay.batch_size, lay.n_local);
-        ensure!(lay.global_size == aug.global_size as usize && lay.local_size == aug.local_size as usize, "batch crop sizes do not match [augment]");
+        ensure!(
+            lay.global_size == aug.global_size as usize
+                && lay.local_size == aug.local_size as usize,
+            "batch crop sizes do not match [augment]"
+        );
         let mut g = Vec::with_capacity(2 * view.global_view(0).len());
         g.extend_from_slice(view.global_view(0));
         g.extend_from_slice(view.global_view(1));
@@ -134,10 +184,23 @@ impl TrainBatch {
             None
         };
         let rows_fn = |bb: usize, p: usize| view.pair_rows(bb, p);
-        let host = HostRows { batch_size: b, n_local: l, n_valid: view.n_valid(), rows: &rows_fn };
+        let host = HostRows {
+            batch_size: b,
+            n_local: l,
+            n_valid: view.n_valid(),
+            rows: &rows_fn,
+        };
         let h = view.header();
-        Self::assemble(aug, &host, globals, locals, view.labels().to_vec(), dtype, device)
-            .map_err(|e| anyhow::anyhow!("batch (epoch {}, batch {}): {e:#}", h.epoch, h.batch))
+        Self::assemble(
+            aug,
+            &host,
+            globals,
+            locals,
+            view.labels().to_vec(),
+            dtype,
+            device,
+        )
+        .map_err(|e| anyhow::anyhow!("batch (epoch {}, batch {}): {e:#}", h.epoch, h.batch))
     }
 
     /// [`Self::from_view_dtype`] in f32 (training).
@@ -188,9 +251,17 @@ pub fn synthetic_sample(aug: &AugmentConfig, rng: &mut impl Rng, index: u64) -> 
     let mut rows = Vec::new();
     let mut n_valid = Vec::new();
     for p in 0..2 + 2 * l {
-        let (n, src_cells) = if p < 2 { (n_g, gg * gg) } else { (n_l, gl * gl) };
+        let (n, src_cells) = if p < 2 {
+            (n_g, gg * gg)
+        } else {
+            (n_l, gl * gl)
+        };
         // Global pairs keep at least one valid row (as the loader's always do in practice).
-        let nv = if p < 2 { rng.random_range(1..=n) } else { rng.random_range(0..=n) };
+        let nv = if p < 2 {
+            rng.random_range(1..=n)
+        } else {
+            rng.random_range(0..=n)
+        };
         n_valid.push(nv as u32);
         for r in 0..n {
             if r >= nv {
@@ -200,13 +271,26 @@ pub fn synthetic_sample(aug: &AugmentConfig, rng: &mut impl Rng, index: u64) -> 
             let u = rng.random::<f64>() * (gg - 1) as f64;
             let v = rng.random::<f64>() * (gg - 1) as f64;
             let (fu, fv) = (u.floor(), v.floor());
-            let (cu, cv) = ((fu + 1.0).min((gg - 1) as f64), (fv + 1.0).min((gg - 1) as f64));
+            let (cu, cv) = (
+                (fu + 1.0).min((gg - 1) as f64),
+                (fv + 1.0).min((gg - 1) as f64),
+            );
             let (fu_i, fv_i, cu_i, cv_i) = (fu as usize, fv as usize, cu as usize, cv as usize);
-            let w = [(fu + 1.0 - u) * (fv + 1.0 - v), (fu + 1.0 - u) * (v - fv), (u - fu) * (fv + 1.0 - v), (u - fu) * (v - fv)];
+            let w = [
+                (fu + 1.0 - u) * (fv + 1.0 - v),
+                (fu + 1.0 - u) * (v - fv),
+                (u - fu) * (fv + 1.0 - v),
+                (u - fu) * (v - fv),
+            ];
             rows.push(SrsRow {
                 src: rng.random_range(0..src_cells) as u16,
                 _pad: 0,
-                tgt: [(fu_i * gg + fv_i) as u16, (fu_i * gg + cv_i) as u16, (cu_i * gg + fv_i) as u16, (cu_i * gg + cv_i) as u16],
+                tgt: [
+                    (fu_i * gg + fv_i) as u16,
+                    (fu_i * gg + cv_i) as u16,
+                    (cu_i * gg + fv_i) as u16,
+                    (cu_i * gg + cv_i) as u16,
+                ],
                 w: w.map(|x| x as f32),
             });
         }
@@ -225,7 +309,11 @@ pub fn synthetic_sample(aug: &AugmentConfig, rng: &mut impl Rng, index: u64) -> 
 }
 
 /// A whole synthetic batch in the shared layout (`seed` picks the content).
-pub fn synthetic_batch(aug: &AugmentConfig, batch_size: u32, seed: u64) -> (BatchLayout, OwnedBatch) {
+pub fn synthetic_batch(
+    aug: &AugmentConfig,
+    batch_size: u32,
+    seed: u64,
+) -> (BatchLayout, OwnedBatch) {
     let layout = BatchLayout::new(aug, batch_size);
     let mut buf = OwnedBatch::zeroed(&layout);
     {
@@ -252,7 +340,11 @@ pub fn synthetic_batch(aug: &AugmentConfig, batch_size: u32, seed: u64) -> (Batc
 ///
 /// Rows follow the loader's layout exactly (`shared::geometry`): pair p = 0: g0→g1, 1: g1→g0,
 /// 2+2k+t: local k → global t; valid rows first; corner order (fu,fv),(fu,cv),(cu,fv),(cu,cv).
-pub fn batch_file_tensors(view: &BatchView, aug: &AugmentConfig, device: &Device) -> Result<HashMap<String, Tensor>> {
+pub fn batch_file_tensors(
+    view: &BatchView,
+    aug: &AugmentConfig,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
     let lay = view.layout;
     let (b, l) = (lay.batch_size, lay.n_local);
     let tb = TrainBatch::from_view(view, aug, device)?;
@@ -261,8 +353,14 @@ pub fn batch_file_tensors(view: &BatchView, aug: &AugmentConfig, device: &Device
     if let Some(x) = tb.locals {
         m.insert("locals".to_string(), x);
     }
-    m.insert("n_valid".to_string(), Tensor::from_slice(view.n_valid(), (b, 2 + 2 * l), device)?);
-    for (name, pairs, n, off) in [("global_rows", 2, lay.n_g, 0), ("local_rows", 2 * l, lay.n_l, 2)] {
+    m.insert(
+        "n_valid".to_string(),
+        Tensor::from_slice(view.n_valid(), (b, 2 + 2 * l), device)?,
+    );
+    for (name, pairs, n, off) in [
+        ("global_rows", 2, lay.n_g, 0),
+        ("local_rows", 2 * l, lay.n_l, 2),
+    ] {
         let (mut src, mut tgt, mut w) = (vec![], vec![], vec![]);
         for bb in 0..b {
             for p in 0..pairs {
@@ -276,22 +374,48 @@ pub fn batch_file_tensors(view: &BatchView, aug: &AugmentConfig, device: &Device
         if pairs == 0 {
             continue;
         }
-        m.insert(format!("{name}.src"), Tensor::from_vec(src, (b, pairs, n), device)?);
-        m.insert(format!("{name}.tgt"), Tensor::from_vec(tgt, (b, pairs, n, 4), device)?);
-        m.insert(format!("{name}.w"), Tensor::from_vec(w, (b, pairs, n, 4), device)?);
+        m.insert(
+            format!("{name}.src"),
+            Tensor::from_vec(src, (b, pairs, n), device)?,
+        );
+        m.insert(
+            format!("{name}.tgt"),
+            Tensor::from_vec(tgt, (b, pairs, n, 4), device)?,
+        );
+        m.insert(
+            format!("{name}.w"),
+            Tensor::from_vec(w, (b, pairs, n, 4), device)?,
+        );
     }
     Ok(m)
 }
 
 /// Reads a debug batch file's images and rows back into a [`TrainBatch`].
-pub fn batch_from_file_tensors(m: &HashMap<String, Tensor>, aug: &AugmentConfig, dtype: DType, device: &Device, what: &str) -> Result<TrainBatch> {
-    let get = |k: &str| m.get(k).ok_or_else(|| anyhow::anyhow!("{what}: missing tensor {k}"));
+pub fn batch_from_file_tensors(
+    m: &HashMap<String, Tensor>,
+    aug: &AugmentConfig,
+    dtype: DType,
+    device: &Device,
+    what: &str,
+) -> Result<TrainBatch> {
+    let get = |k: &str| {
+        m.get(k)
+            .ok_or_else(|| anyhow::anyhow!("{what}: missing tensor {k}"))
+    };
     let globals = get("globals")?.to_dtype(dtype)?.to_device(device)?;
     let (b2, _, sg, _) = globals.dims4()?;
-    ensure!(b2 % 2 == 0 && sg == aug.global_size as usize, "{what}: globals shape {:?} does not match the config", globals.dims());
+    ensure!(
+        b2 % 2 == 0 && sg == aug.global_size as usize,
+        "{what}: globals shape {:?} does not match the config",
+        globals.dims()
+    );
     let b = b2 / 2;
     let l = aug.n_local as usize;
-    let locals = if l > 0 { Some(get("locals")?.to_dtype(dtype)?.to_device(device)?) } else { None };
+    let locals = if l > 0 {
+        Some(get("locals")?.to_dtype(dtype)?.to_device(device)?)
+    } else {
+        None
+    };
     let n_valid: Vec<u32> = get("n_valid")?.flatten_all()?.to_vec1()?;
     let mut rows_all: Vec<Vec<SrsRow>> = vec![Vec::new(); b * (2 + 2 * l)];
     for (name, pairs, off) in [("global_rows", 2, 0), ("local_rows", 2 * l, 2)] {
@@ -300,26 +424,48 @@ pub fn batch_from_file_tensors(m: &HashMap<String, Tensor>, aug: &AugmentConfig,
         }
         let src: Vec<u32> = get(&format!("{name}.src"))?.flatten_all()?.to_vec1()?;
         let tgt: Vec<u32> = get(&format!("{name}.tgt"))?.flatten_all()?.to_vec1()?;
-        let w: Vec<f32> = get(&format!("{name}.w"))?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        ensure!(src.len() % (b * pairs) == 0, "{what}: {name}.src has a bad size");
+        let w: Vec<f32> = get(&format!("{name}.w"))?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        ensure!(
+            src.len().is_multiple_of(b * pairs),
+            "{what}: {name}.src has a bad size"
+        );
         let n = src.len() / (b * pairs);
-        ensure!(tgt.len() == 4 * src.len() && w.len() == 4 * src.len(), "{what}: {name} tensors disagree in size");
+        ensure!(
+            tgt.len() == 4 * src.len() && w.len() == 4 * src.len(),
+            "{what}: {name} tensors disagree in size"
+        );
         for i in 0..src.len() {
             let (bb, p) = (i / (pairs * n), (i / n) % pairs);
-            if src[i] > u16::MAX as u32 || tgt[4 * i..4 * i + 4].iter().any(|&c| c > u16::MAX as u32) {
+            if src[i] > u16::MAX as u32
+                || tgt[4 * i..4 * i + 4].iter().any(|&c| c > u16::MAX as u32)
+            {
                 bail!("{what}: {name} row {i} has an index over u16");
             }
             rows_all[bb * (2 + 2 * l) + p + off].push(SrsRow {
                 src: src[i] as u16,
                 _pad: 0,
-                tgt: [tgt[4 * i] as u16, tgt[4 * i + 1] as u16, tgt[4 * i + 2] as u16, tgt[4 * i + 3] as u16],
+                tgt: [
+                    tgt[4 * i] as u16,
+                    tgt[4 * i + 1] as u16,
+                    tgt[4 * i + 2] as u16,
+                    tgt[4 * i + 3] as u16,
+                ],
                 w: [w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]],
             });
         }
     }
     let rows_fn = |bb: usize, p: usize| rows_all[bb * (2 + 2 * l) + p].as_slice();
-    let host = HostRows { batch_size: b, n_local: l, n_valid: &n_valid, rows: &rows_fn };
-    TrainBatch::assemble(aug, &host, globals, locals, vec![-1; b], dtype, device).map_err(|e| anyhow::anyhow!("{what}: {e:#}"))
+    let host = HostRows {
+        batch_size: b,
+        n_local: l,
+        n_valid: &n_valid,
+        rows: &rows_fn,
+    };
+    TrainBatch::assemble(aug, &host, globals, locals, vec![-1; b], dtype, device)
+        .map_err(|e| anyhow::anyhow!("{what}: {e:#}"))
 }
 
 /// Checks a config's augment table against a parsed [`TrainConfig`] (used by the CLI).

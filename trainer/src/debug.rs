@@ -28,11 +28,13 @@ use std::time::Instant;
 
 fn save(tensors: Vec<(String, Tensor)>, path: &Path) -> Result<()> {
     let map: HashMap<String, Tensor> = tensors.into_iter().collect();
-    candle_core::safetensors::save(&map, path).with_context(|| format!("writing {}", path.display()))
+    candle_core::safetensors::save(&map, path)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn load(path: &Path) -> Result<HashMap<String, Tensor>> {
-    candle_core::safetensors::load(path, &Device::Cpu).with_context(|| format!("reading safetensors {}", path.display()))
+    candle_core::safetensors::load(path, &Device::Cpu)
+        .with_context(|| format!("reading safetensors {}", path.display()))
 }
 
 /// Writes freshly initialised student and teacher (= copy) weights.
@@ -87,12 +89,22 @@ struct DebugReport {
 fn scalar_i64(m: &HashMap<String, Tensor>, k: &str, what: &str) -> Result<u64> {
     let t = m.get(k).with_context(|| format!("{what}: missing {k}"))?;
     let v: Vec<i64> = t.to_dtype(DType::I64)?.flatten_all()?.to_vec1()?;
-    anyhow::ensure!(v.len() == 1 && v[0] >= 0, "{what}: {k} must hold one non-negative integer");
+    anyhow::ensure!(
+        v.len() == 1 && v[0] >= 0,
+        "{what}: {k} must hold one non-negative integer"
+    );
     Ok(v[0] as u64)
 }
 
 /// Runs one training step with drop path off and writes the JSON report and the tensors.
-pub fn debug_step(cfg: &TrainConfig, weights: &Path, batch: &Path, out_json: &Path, out_tensors: &Path, iters_per_epoch: u64) -> Result<()> {
+pub fn debug_step(
+    cfg: &TrainConfig,
+    weights: &Path,
+    batch: &Path,
+    out_json: &Path,
+    out_tensors: &Path,
+    iters_per_epoch: u64,
+) -> Result<()> {
     let dev = Device::Cpu;
     let mut tr = Trainer::new(cfg, iters_per_epoch, &dev)?;
     tr.drop_path = false;
@@ -105,25 +117,48 @@ pub fn debug_step(cfg: &TrainConfig, weights: &Path, batch: &Path, out_json: &Pa
     let tb: TrainBatch = batch_from_file_tensors(&b, &cfg.augment, DType::F32, &dev, &bname)?;
     let c = |k: &str| -> Result<Tensor> {
         let t = b.get(k).with_context(|| format!("{bname}: missing {k}"))?;
-        anyhow::ensure!(t.dims() == [cfg.model.out_dim], "{bname}: {k} has shape {:?}", t.dims());
+        anyhow::ensure!(
+            t.dims() == [cfg.model.out_dim],
+            "{bname}: {k} has shape {:?}",
+            t.dims()
+        );
         Ok(t.to_dtype(DType::F32)?)
     };
-    tr.centres = Centres { cls: c("center.cls")?, udi: c("center.udi")?, patch: c("center.patch")? };
+    tr.centres = Centres {
+        cls: c("center.cls")?,
+        udi: c("center.udi")?,
+        patch: c("center.patch")?,
+    };
     let epoch = scalar_i64(&b, "epoch", &bname)?;
     let step = scalar_i64(&b, "step", &bname)?;
     let rep = tr.step_detailed(&tb, epoch, step)?;
     let mut centres = BTreeMap::new();
     for (n, t) in tr.centres.named_tensors() {
         let t = t.to_dtype(DType::F64)?;
-        centres.insert(n, CentreSummary { sum: t.sum_all()?.to_scalar()?, norm: t.sqr()?.sum_all()?.sqrt()?.to_scalar()? });
+        centres.insert(
+            n,
+            CentreSummary {
+                sum: t.sum_all()?.to_scalar()?,
+                norm: t.sqr()?.sum_all()?.sqrt()?.to_scalar()?,
+            },
+        );
     }
     let report = DebugReport {
         stats: rep.stats,
         iters_per_epoch,
         centres,
-        grad_norms: rep.grad_norms.into_iter().map(|(name, pre_clip, post_clip)| GradNorm { name, pre_clip, post_clip }).collect(),
+        grad_norms: rep
+            .grad_norms
+            .into_iter()
+            .map(|(name, pre_clip, post_clip)| GradNorm {
+                name,
+                pre_clip,
+                post_clip,
+            })
+            .collect(),
     };
-    std::fs::write(out_json, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", out_json.display()))?;
+    std::fs::write(out_json, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", out_json.display()))?;
     save(tr.state_tensors()?, out_tensors)
 }
 
@@ -142,7 +177,13 @@ pub struct BenchResult {
 }
 
 /// Times `steps` training steps (after `warmup` untimed ones) on a synthetic batch.
-pub fn bench(cfg: &TrainConfig, device: &Device, batch_size: u32, warmup: usize, steps: usize) -> Result<BenchResult> {
+pub fn bench(
+    cfg: &TrainConfig,
+    device: &Device,
+    batch_size: u32,
+    warmup: usize,
+    steps: usize,
+) -> Result<BenchResult> {
     let (layout, buf) = synthetic_batch(&cfg.augment, batch_size, 7);
     let view = BatchView::new(&layout, buf.bytes()).map_err(anyhow::Error::msg)?;
     let batch = TrainBatch::from_view(&view, &cfg.augment, device)?;

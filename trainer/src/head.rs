@@ -16,11 +16,18 @@ pub struct Head {
 impl Head {
     pub fn new(_cfg: &TrainConfig, store: &ParamStore, tracked: bool) -> Result<Self> {
         let get = |n: &str| -> Result<Tensor> {
-            let r = if tracked { store.tensor(n) } else { store.detached(n) };
+            let r = if tracked {
+                store.tensor(n)
+            } else {
+                store.detached(n)
+            };
             r.map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
         };
         let lin = |i: usize| -> Result<Linear> {
-            Ok(Linear { weight: get(&format!("head.mlp.{i}.weight"))?, bias: Some(get(&format!("head.mlp.{i}.bias"))?) })
+            Ok(Linear {
+                weight: get(&format!("head.mlp.{i}.weight"))?,
+                bias: Some(get(&format!("head.mlp.{i}.bias"))?),
+            })
         };
         Ok(Self {
             fc: [lin(0)?, lin(2)?, lin(4)?],
@@ -34,7 +41,14 @@ impl Head {
         let x = gelu(&self.fc[0].forward(x)?)?;
         let x = gelu(&self.fc[1].forward(&x)?)?;
         let x = l2_normalize(&self.fc[2].forward(&x)?, 1e-12)?;
-        let w = self.v.broadcast_div(&self.v.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?)?.broadcast_mul(&self.g)?;
-        Linear { weight: w, bias: None }.forward(&x)
+        let w = self
+            .v
+            .broadcast_div(&self.v.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?)?
+            .broadcast_mul(&self.g)?;
+        Linear {
+            weight: w,
+            bias: None,
+        }
+        .forward(&x)
     }
 }

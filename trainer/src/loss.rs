@@ -27,11 +27,19 @@ pub struct Centres {
 impl Centres {
     pub fn zeros(k: usize, dtype: DType, device: &Device) -> Result<Self> {
         let z = Tensor::zeros(k, dtype, device)?;
-        Ok(Self { cls: z.clone(), udi: z.clone(), patch: z })
+        Ok(Self {
+            cls: z.clone(),
+            udi: z.clone(),
+            patch: z,
+        })
     }
     /// `[("center.cls", c₀), ("center.udi", c₁), ("center.patch", c₂)]`.
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
-        vec![("center.cls".into(), self.cls.clone()), ("center.udi".into(), self.udi.clone()), ("center.patch".into(), self.patch.clone())]
+        vec![
+            ("center.cls".into(), self.cls.clone()),
+            ("center.udi".into(), self.udi.clone()),
+            ("center.patch".into(), self.patch.clone()),
+        ]
     }
 }
 
@@ -62,14 +70,25 @@ fn mean_entropy(x: &Tensor, c: &Tensor, tau: f64, weights: Option<&Tensor>) -> R
     match weights {
         Some(w) => {
             let n = scalar_f64(&w.sum_all()?)?;
-            Ok(if n > 0.0 { scalar_f64(&(h * w)?.sum_all()?)? / n } else { 0.0 })
+            Ok(if n > 0.0 {
+                scalar_f64(&(h * w)?.sum_all()?)? / n
+            } else {
+                0.0
+            })
         }
         None => scalar_f64(&h.mean_all()?),
     }
 }
 
 /// Computes the loss and the updated centres. `teacher` outputs must carry no gradient.
-pub fn udi_loss(cfg: &LossConfig, batch: &TrainBatch, s: &StudentOut, t: &TeacherOut, centres: &Centres, teacher_temp: f64) -> Result<LossOut> {
+pub fn udi_loss(
+    cfg: &LossConfig,
+    batch: &TrainBatch,
+    s: &StudentOut,
+    t: &TeacherOut,
+    centres: &Centres,
+    teacher_temp: f64,
+) -> Result<LossOut> {
     let b = batch.batch_size;
     let l = batch.n_local;
     let n_pairs = (2 + 2 * l) as f64;
@@ -104,13 +123,17 @@ pub fn udi_loss(cfg: &LossConfig, batch: &TrainBatch, s: &StudentOut, t: &Teache
                 cls: l_cls,
                 udi: zero.clone(),
                 patch: zero,
-                new_centres: Centres { cls: new_cls, udi: centres.udi.clone(), patch: centres.patch.clone() },
+                new_centres: Centres {
+                    cls: new_cls,
+                    udi: centres.udi.clone(),
+                    patch: centres.patch.clone(),
+                },
                 teacher_entropy: [h0, 0.0, 0.0],
             });
         }
     };
     let n_g = batch.student_rows.dim(1)?;
-    let n_l = if l > 0 { (rows.dim(1)? - n_g) / l } else { 0 };
+    let n_l = (rows.dim(1)? - n_g).checked_div(l).unwrap_or(0);
 
     // ---- teacher patch logits regrouped per pair ------------------------------------------
     // Global: teacher view u holds pair ū's rows; swap views so index v = pair v = student view v.
@@ -121,8 +144,14 @@ pub fn udi_loss(cfg: &LossConfig, batch: &TrainBatch, s: &StudentOut, t: &Teache
 
     // ---- multimodal targets (raw logits) ---------------------------------------------------
     let alpha = cfg.alpha;
-    let avg_g = (&t_pat.broadcast_mul(&vg4)?.sum(2)?).broadcast_div(&(vg.sum_keepdim(2)? + 1e-5)?)?; // [2, B, K]
-    let t_cls_swapped = Tensor::cat(&[t_cls.get(1)?.unsqueeze(0)?, t_cls.get(0)?.unsqueeze(0)?], 0)?;
+    let avg_g = t_pat
+        .broadcast_mul(&vg4)?
+        .sum(2)?
+        .broadcast_div(&(vg.sum_keepdim(2)? + 1e-5)?)?; // [2, B, K]
+    let t_cls_swapped = Tensor::cat(
+        &[t_cls.get(1)?.unsqueeze(0)?, t_cls.get(0)?.unsqueeze(0)?],
+        0,
+    )?;
     let mm_g = ((avg_g * alpha)? + (t_cls_swapped * (1.0 - alpha))?)?; // [2, B, K] by student view
     let mut mm_sum = mm_g.sum((0, 1))?;
     let lsp = log_softmax(&(s_plus / cfg.student_temp)?)?;
@@ -135,7 +164,9 @@ pub fn udi_loss(cfg: &LossConfig, batch: &TrainBatch, s: &StudentOut, t: &Teache
         let vl = &batch.valid_l; // [2, B, L, n_l]
         let vl5 = vl.unsqueeze(4)?;
         let masked = t_lp.broadcast_mul(&vl5)?;
-        let avg_l = masked.sum(3)?.broadcast_div(&(vl.sum_keepdim(3)? + 1e-5)?)?; // [2, B, L, K]
+        let avg_l = masked
+            .sum(3)?
+            .broadcast_div(&(vl.sum_keepdim(3)? + 1e-5)?)?; // [2, B, L, K]
         let cls_t = t_cls.unsqueeze(2)?; // [2, B, 1, K]
         let mm_l = ((avg_l * alpha)?.broadcast_add(&(cls_t * (1.0 - alpha))?))?; // [2, B, L, K]
         mm_sum = (mm_sum + mm_l.sum((0, 1, 2))?)?;
@@ -169,7 +200,11 @@ pub fn udi_loss(cfg: &LossConfig, batch: &TrainBatch, s: &StudentOut, t: &Teache
         cls: l_cls,
         udi: l_udi,
         patch: l_patch,
-        new_centres: Centres { cls: new_cls, udi: new_udi, patch: new_patch },
+        new_centres: Centres {
+            cls: new_cls,
+            udi: new_udi,
+            patch: new_patch,
+        },
         teacher_entropy: [h0, h1, h2],
     })
 }

@@ -77,17 +77,39 @@ enum Cmd {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::InitWeights { config, out } => trainer::debug::init_weights(&TrainConfig::from_toml_file(&config)?, &out),
-        Cmd::MakeBatch { config, synthetic: _, batch_size, seed, out } => {
+        Cmd::InitWeights { config, out } => {
+            trainer::debug::init_weights(&TrainConfig::from_toml_file(&config)?, &out)
+        }
+        Cmd::MakeBatch {
+            config,
+            synthetic: _,
+            batch_size,
+            seed,
+            out,
+        } => {
             let cfg = TrainConfig::from_toml_file(&config)?;
             trainer::debug::make_batch(&cfg, batch_size.unwrap_or(cfg.data.batch_size), seed, &out)
         }
-        Cmd::DebugStep { config, weights, batch, out, out_tensors, iters_per_epoch } => {
+        Cmd::DebugStep {
+            config,
+            weights,
+            batch,
+            out,
+            out_tensors,
+            iters_per_epoch,
+        } => {
             let cfg = TrainConfig::from_toml_file(&config)?;
             let ot = out_tensors.unwrap_or_else(|| out.with_extension("safetensors"));
             trainer::debug::debug_step(&cfg, &weights, &batch, &out, &ot, iters_per_epoch)
         }
-        Cmd::Bench { config, device, batch_size, warmup, steps, json } => {
+        Cmd::Bench {
+            config,
+            device,
+            batch_size,
+            warmup,
+            steps,
+            json,
+        } => {
             let cfg = TrainConfig::from_toml_file(&config)?;
             let dev = match device.as_str() {
                 "cpu" => Device::Cpu,

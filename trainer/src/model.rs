@@ -47,10 +47,16 @@ impl Network {
     }
 
     /// The student pass over all crops (drop masks: `(globals, locals)` or none).
-    pub fn student(&self, batch: &TrainBatch, drop: Option<&(DropMasks, DropMasks)>) -> Result<StudentOut> {
+    pub fn student(
+        &self,
+        batch: &TrainBatch,
+        drop: Option<&(DropMasks, DropMasks)>,
+    ) -> Result<StudentOut> {
         let b = batch.batch_size;
         let np = self.backbone.n_prefix();
-        let xg = self.backbone.forward_tokens(&batch.globals, drop.map(|d| &d.0))?;
+        let xg = self
+            .backbone
+            .forward_tokens(&batch.globals, drop.map(|d| &d.0))?;
         let mut cls_in = vec![self.backbone.class_outputs(&xg)?];
         if let Some(l) = &batch.locals {
             let x = self.backbone.forward_tokens(l, drop.map(|d| &d.1))?;
@@ -72,11 +78,21 @@ impl Network {
         let k = logits.dim(1)?;
         let cls = logits.narrow(0, 0, n_crops)?;
         if self.dino_only {
-            return Ok(StudentOut { cls, cls_plus: None, patch: None });
+            return Ok(StudentOut {
+                cls,
+                cls_plus: None,
+                patch: None,
+            });
         }
         let cls_plus = logits.narrow(0, n_crops, n_crops)?;
-        let patch = logits.narrow(0, 2 * n_crops, 2 * b * n_patch)?.reshape((2 * b, n_patch, k))?;
-        Ok(StudentOut { cls, cls_plus: Some(cls_plus), patch: Some(patch) })
+        let patch = logits
+            .narrow(0, 2 * n_crops, 2 * b * n_patch)?
+            .reshape((2 * b, n_patch, k))?;
+        Ok(StudentOut {
+            cls,
+            cls_plus: Some(cls_plus),
+            patch: Some(patch),
+        })
     }
 
     /// The teacher pass over the two global views (no drop path; call on detached networks).
@@ -84,13 +100,22 @@ impl Network {
         let b = batch.batch_size;
         let np = self.backbone.n_prefix();
         let xg = self.backbone.forward_tokens(&batch.globals, None)?;
-        let cls_tok = self.backbone.class_outputs(&xg)?.narrow(1, 0, 1)?.squeeze(1)?; // [2B, D]
+        let cls_tok = self
+            .backbone
+            .class_outputs(&xg)?
+            .narrow(1, 0, 1)?
+            .squeeze(1)?; // [2B, D]
         if self.dino_only {
-            return Ok(TeacherOut { cls: self.head.forward(&cls_tok)?, rows: None });
+            return Ok(TeacherOut {
+                cls: self.head.forward(&cls_tok)?,
+                rows: None,
+            });
         }
         let z = self.srs.forward(&xg, np, &batch.teacher_rows)?; // [2B, R, D]
         let (_, r, d) = z.dims3()?;
-        let logits = self.head.forward(&Tensor::cat(&[cls_tok, z.reshape((2 * b * r, d))?], 0)?)?;
+        let logits = self
+            .head
+            .forward(&Tensor::cat(&[cls_tok, z.reshape((2 * b * r, d))?], 0)?)?;
         let k = logits.dim(1)?;
         Ok(TeacherOut {
             cls: logits.narrow(0, 0, 2 * b)?,

@@ -28,7 +28,12 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(n_params: usize, beta1: f64, beta2: f64, eps: f64) -> Self {
-        Self { beta1, beta2, eps, states: (0..n_params).map(|_| None).collect() }
+        Self {
+            beta1,
+            beta2,
+            eps,
+            states: (0..n_params).map(|_| None).collect(),
+        }
     }
 
     /// One update of parameter `i` with gradient `grad` (same shape and dtype).
@@ -41,7 +46,11 @@ impl AdamW {
         });
         st.step += 1;
         let p = var.as_tensor();
-        let p = if wd != 0.0 { (p * (1.0 - lr * wd))? } else { p.detach() };
+        let p = if wd != 0.0 {
+            (p * (1.0 - lr * wd))?
+        } else {
+            p.detach()
+        };
         // lerp(m, g, 1−β₁) = m + (1−β₁)(g − m)
         st.exp_avg = (&st.exp_avg + ((grad - &st.exp_avg)? * (1.0 - b1))?)?;
         st.exp_avg_sq = ((&st.exp_avg_sq * b2)? + (grad.sqr()? * (1.0 - b2))?)?;
@@ -62,31 +71,57 @@ impl AdamW {
             if let Some(st) = st {
                 let dev = st.exp_avg.device();
                 out.push((format!("optim.{}.exp_avg", p.name), st.exp_avg.clone()));
-                out.push((format!("optim.{}.exp_avg_sq", p.name), st.exp_avg_sq.clone()));
-                out.push((format!("optim.{}.step", p.name), Tensor::new(&[st.step as i64], dev)?));
+                out.push((
+                    format!("optim.{}.exp_avg_sq", p.name),
+                    st.exp_avg_sq.clone(),
+                ));
+                out.push((
+                    format!("optim.{}.step", p.name),
+                    Tensor::new(&[st.step as i64], dev)?,
+                ));
             }
         }
         Ok(out)
     }
 
     /// Restores the state written by [`Self::named_tensors`] (absent entries = no state).
-    pub fn load_from(&mut self, map: &HashMap<String, Tensor>, store: &ParamStore, what: &str) -> Result<()> {
+    pub fn load_from(
+        &mut self,
+        map: &HashMap<String, Tensor>,
+        store: &ParamStore,
+        what: &str,
+    ) -> Result<()> {
         for (i, p) in store.params().iter().enumerate() {
             let key = format!("optim.{}.step", p.name);
             self.states[i] = match map.get(&key) {
                 None => None,
                 Some(step) => {
-                    let step: Vec<i64> = step.flatten_all()?.to_vec1().with_context(|| format!("{what}: {key}"))?;
+                    let step: Vec<i64> = step
+                        .flatten_all()?
+                        .to_vec1()
+                        .with_context(|| format!("{what}: {key}"))?;
                     let get = |k: &str| -> Result<Tensor> {
                         let key = format!("optim.{}.{k}", p.name);
-                        let t = map.get(&key).with_context(|| format!("{what}: missing {key}"))?;
+                        let t = map
+                            .get(&key)
+                            .with_context(|| format!("{what}: missing {key}"))?;
                         if t.dims() != p.var.dims() {
-                            bail!("{what}: {key} has shape {:?}, expected {:?}", t.dims(), p.var.dims());
+                            bail!(
+                                "{what}: {key} has shape {:?}, expected {:?}",
+                                t.dims(),
+                                p.var.dims()
+                            );
                         }
                         // `copy` so the state never aliases the caller's tensors.
-                        Ok(t.to_dtype(p.var.dtype())?.to_device(p.var.device())?.copy()?)
+                        Ok(t.to_dtype(p.var.dtype())?
+                            .to_device(p.var.device())?
+                            .copy()?)
                     };
-                    Some(AdamState { step: step[0] as u64, exp_avg: get("exp_avg")?, exp_avg_sq: get("exp_avg_sq")? })
+                    Some(AdamState {
+                        step: step[0] as u64,
+                        exp_avg: get("exp_avg")?,
+                        exp_avg_sq: get("exp_avg_sq")?,
+                    })
                 }
             };
         }
@@ -98,7 +133,11 @@ impl AdamW {
 pub fn joint_norm(grads: &[&Tensor]) -> Result<f64> {
     let mut s = 0.0;
     for g in grads {
-        s += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+        s += g
+            .to_dtype(DType::F64)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f64>()?;
     }
     Ok(s.sqrt())
 }

@@ -49,11 +49,20 @@ impl ParamSpec {
 }
 
 fn spec(out: &mut Vec<ParamSpec>, name: String, shape: &[usize], init: Init) {
-    out.push(ParamSpec { name, shape: shape.to_vec(), init });
+    out.push(ParamSpec {
+        name,
+        shape: shape.to_vec(),
+        init,
+    });
 }
 
 fn linear(out: &mut Vec<ParamSpec>, name: &str, d_in: usize, d_out: usize) {
-    spec(out, format!("{name}.weight"), &[d_out, d_in], Init::Normal(0.02));
+    spec(
+        out,
+        format!("{name}.weight"),
+        &[d_out, d_in],
+        Init::Normal(0.02),
+    );
     spec(out, format!("{name}.bias"), &[d_out], Init::Zeros);
 }
 
@@ -69,13 +78,38 @@ pub fn backbone_specs(cfg: &TrainConfig) -> Vec<ParamSpec> {
     let p = cfg.augment.patch_size as usize;
     let g = cfg.pos_grid();
     let mut v = Vec::new();
-    spec(&mut v, "backbone.cls_token".into(), &[1, 1, d], Init::Normal(0.02));
-    spec(&mut v, "backbone.reg_token".into(), &[1, 1, d], Init::Normal(0.02));
-    spec(&mut v, "backbone.pos_embed".into(), &[1, 2 + g * g, d], Init::Normal(0.02));
+    spec(
+        &mut v,
+        "backbone.cls_token".into(),
+        &[1, 1, d],
+        Init::Normal(0.02),
+    );
+    spec(
+        &mut v,
+        "backbone.reg_token".into(),
+        &[1, 1, d],
+        Init::Normal(0.02),
+    );
+    spec(
+        &mut v,
+        "backbone.pos_embed".into(),
+        &[1, 2 + g * g, d],
+        Init::Normal(0.02),
+    );
     // PyTorch's default Conv2d init: kaiming_uniform(a=√5) → U(±1/√fan_in), bias likewise.
     let bound = 1.0 / ((3 * p * p) as f64).sqrt();
-    spec(&mut v, "backbone.patch_embed.proj.weight".into(), &[d, 3, p, p], Init::Uniform(bound));
-    spec(&mut v, "backbone.patch_embed.proj.bias".into(), &[d], Init::Uniform(bound));
+    spec(
+        &mut v,
+        "backbone.patch_embed.proj.weight".into(),
+        &[d, 3, p, p],
+        Init::Uniform(bound),
+    );
+    spec(
+        &mut v,
+        "backbone.patch_embed.proj.bias".into(),
+        &[d],
+        Init::Uniform(bound),
+    );
     for b in 0..m.depth {
         let n = format!("backbone.blocks.{b}");
         layer_norm(&mut v, &format!("{n}.norm1"), d);
@@ -107,10 +141,20 @@ pub fn head_specs(cfg: &TrainConfig) -> Vec<ParamSpec> {
     linear(&mut v, "head.mlp.0", m.dim, m.head_hidden);
     linear(&mut v, "head.mlp.2", m.head_hidden, m.head_hidden);
     linear(&mut v, "head.mlp.4", m.head_hidden, m.head_bottleneck);
-    spec(&mut v, "head.last_layer.weight_g".into(), &[m.out_dim, 1], Init::Ones);
+    spec(
+        &mut v,
+        "head.last_layer.weight_g".into(),
+        &[m.out_dim, 1],
+        Init::Ones,
+    );
     // PyTorch Linear default init (applied after the trunc-normal pass): U(±1/√in).
     let bound = 1.0 / (m.head_bottleneck as f64).sqrt();
-    spec(&mut v, "head.last_layer.weight_v".into(), &[m.out_dim, m.head_bottleneck], Init::Uniform(bound));
+    spec(
+        &mut v,
+        "head.last_layer.weight_v".into(),
+        &[m.out_dim, m.head_bottleneck],
+        Init::Uniform(bound),
+    );
     v
 }
 
@@ -134,7 +178,9 @@ pub fn init_values(spec: &ParamSpec, seed: u64, index: u64) -> Vec<f64> {
     match spec.init {
         Init::Zeros => vec![0.0; n],
         Init::Ones => vec![1.0; n],
-        Init::Uniform(b) => (0..n).map(|_| (rng.random::<f64>() * 2.0 - 1.0) * b).collect(),
+        Init::Uniform(b) => (0..n)
+            .map(|_| (rng.random::<f64>() * 2.0 - 1.0) * b)
+            .collect(),
         Init::Normal(std) => {
             let mut out = Vec::with_capacity(n + 1);
             while out.len() < n {
@@ -175,7 +221,9 @@ impl ParamStore {
         let mut params = Vec::with_capacity(specs.len());
         for (i, s) in specs.iter().enumerate() {
             let vals = init_values(s, seed, i as u64);
-            let t = Tensor::from_vec(vals, s.shape.as_slice(), &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?;
+            let t = Tensor::from_vec(vals, s.shape.as_slice(), &Device::Cpu)?
+                .to_dtype(dtype)?
+                .to_device(device)?;
             params.push(Param {
                 name: s.name.clone(),
                 var: Var::from_tensor(&t)?,
@@ -187,7 +235,11 @@ impl ParamStore {
     }
 
     fn from_params(params: Vec<Param>) -> Self {
-        let index = params.iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect();
+        let index = params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.name.clone(), i))
+            .collect();
         Self { params, index }
     }
 
@@ -197,7 +249,12 @@ impl ParamStore {
             .params
             .iter()
             .map(|p| {
-                Ok(Param { name: p.name.clone(), var: Var::from_tensor(&p.var.as_tensor().copy()?)?, decay: p.decay, trainable: p.trainable })
+                Ok(Param {
+                    name: p.name.clone(),
+                    var: Var::from_tensor(&p.var.as_tensor().copy()?)?,
+                    decay: p.decay,
+                    trainable: p.trainable,
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self::from_params(params))
@@ -236,7 +293,10 @@ impl ParamStore {
     /// `(name, tensor)` for every parameter, in store order (tensors share storage: copy
     /// before keeping them across an optimiser step).
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
-        self.params.iter().map(|p| (p.name.clone(), p.var.as_detached_tensor())).collect()
+        self.params
+            .iter()
+            .map(|p| (p.name.clone(), p.var.as_detached_tensor()))
+            .collect()
     }
 
     /// Overwrites every parameter from `map[prefix + name]` (shape and presence checked; the
@@ -244,12 +304,20 @@ impl ParamStore {
     pub fn load_from(&self, map: &HashMap<String, Tensor>, prefix: &str, what: &str) -> Result<()> {
         for p in &self.params {
             let key = format!("{prefix}{}", p.name);
-            let t = map.get(&key).with_context(|| format!("{what}: missing tensor {key}"))?;
+            let t = map
+                .get(&key)
+                .with_context(|| format!("{what}: missing tensor {key}"))?;
             if t.dims() != p.var.dims() {
-                bail!("{what}: tensor {key} has shape {:?}, expected {:?}", t.dims(), p.var.dims());
+                bail!(
+                    "{what}: tensor {key} has shape {:?}, expected {:?}",
+                    t.dims(),
+                    p.var.dims()
+                );
             }
             let t = t.to_dtype(p.var.dtype())?.to_device(p.var.device())?;
-            p.var.set(&t).with_context(|| format!("{what}: setting {key}"))?;
+            p.var
+                .set(&t)
+                .with_context(|| format!("{what}: setting {key}"))?;
         }
         Ok(())
     }

@@ -22,15 +22,33 @@ pub struct Srs {
 impl Srs {
     pub fn new(cfg: &TrainConfig, store: &ParamStore, tracked: bool) -> Result<Self> {
         let get = |n: &str| -> Result<Tensor> {
-            let r = if tracked { store.tensor(n) } else { store.detached(n) };
+            let r = if tracked {
+                store.tensor(n)
+            } else {
+                store.detached(n)
+            };
             r.map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
         };
         let eps = cfg.model.ln_eps;
         Ok(Self {
-            norm1: LayerNorm { weight: get("srs.norm1.weight")?, bias: get("srs.norm1.bias")?, eps },
-            qkv: Linear { weight: get("srs.attn.qkv.weight")?, bias: Some(get("srs.attn.qkv.bias")?) },
-            proj: Linear { weight: get("srs.attn.proj.weight")?, bias: Some(get("srs.attn.proj.bias")?) },
-            norm: LayerNorm { weight: get("srs.attn.norm.weight")?, bias: get("srs.attn.norm.bias")?, eps },
+            norm1: LayerNorm {
+                weight: get("srs.norm1.weight")?,
+                bias: get("srs.norm1.bias")?,
+                eps,
+            },
+            qkv: Linear {
+                weight: get("srs.attn.qkv.weight")?,
+                bias: Some(get("srs.attn.qkv.bias")?),
+            },
+            proj: Linear {
+                weight: get("srs.attn.proj.weight")?,
+                bias: Some(get("srs.attn.proj.bias")?),
+            },
+            norm: LayerNorm {
+                weight: get("srs.attn.norm.weight")?,
+                bias: get("srs.attn.norm.bias")?,
+                eps,
+            },
             heads: cfg.model.heads,
             skip: cfg.model.srs_skip,
         })
@@ -45,8 +63,16 @@ impl Srs {
         let h = self.heads;
         let dh = d / h;
         // [B, N, 3, H, dh] → q/k/v [B, H, N, dh]
-        let qkv = self.qkv.forward(&x)?.reshape((b, n_tok, 3, h, dh))?.permute((2, 0, 3, 1, 4))?;
-        let (q, k, v) = (qkv.get(0)?.contiguous()?, qkv.get(1)?.contiguous()?, qkv.get(2)?.contiguous()?);
+        let qkv = self
+            .qkv
+            .forward(&x)?
+            .reshape((b, n_tok, 3, h, dh))?
+            .permute((2, 0, 3, 1, 4))?;
+        let (q, k, v) = (
+            qkv.get(0)?.contiguous()?,
+            qkv.get(1)?.contiguous()?,
+            qkv.get(2)?.contiguous()?,
+        );
         // Queries R·Q per head: rows [B, 1, n, N] × q [B, H, N, dh].
         let r = rows.unsqueeze(1)?;
         let n = rows.dim(1)?;

@@ -79,7 +79,12 @@ impl Trainer {
         Self::with_dtype(cfg, iters_per_epoch, device, DType::F32)
     }
 
-    pub fn with_dtype(cfg: &TrainConfig, iters_per_epoch: u64, device: &Device, dtype: DType) -> Result<Self> {
+    pub fn with_dtype(
+        cfg: &TrainConfig,
+        iters_per_epoch: u64,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         cfg.validate()?;
         let student = ParamStore::init(cfg, cfg.data.seed, dtype, device)?;
         let teacher = student.deep_copy()?;
@@ -88,8 +93,12 @@ impl Trainer {
         let names: Vec<&str> = student.params().iter().map(|p| p.name.as_str()).collect();
         // The official code stores [cls] and [cls+] as ONE [1,2,D] parameter: clip them jointly.
         let mut clip_groups = Vec::new();
-        let cls_pair: Vec<usize> =
-            names.iter().enumerate().filter(|(_, n)| **n == "backbone.cls_token" || **n == "backbone.reg_token").map(|(i, _)| i).collect();
+        let cls_pair: Vec<usize> = names
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n == "backbone.cls_token" || **n == "backbone.reg_token")
+            .map(|(i, _)| i)
+            .collect();
         clip_groups.push(cls_pair.clone());
         for i in 0..names.len() {
             if !cls_pair.contains(&i) {
@@ -122,7 +131,11 @@ impl Trainer {
     }
 
     /// Drop-path masks of one step: `(globals, locals)`.
-    pub fn drop_masks(&self, batch: &TrainBatch, global_step: u64) -> Result<(DropMasks, DropMasks)> {
+    pub fn drop_masks(
+        &self,
+        batch: &TrainBatch,
+        global_step: u64,
+    ) -> Result<(DropMasks, DropMasks)> {
         let mut rng = rng_for(self.cfg.data.seed, Domain::Step, 0, global_step);
         let rates = self.student_net.backbone.drop_rates.clone();
         let b = batch.batch_size;
@@ -132,8 +145,20 @@ impl Trainer {
                 let keep = 1.0 - rate;
                 let mut pair = Vec::with_capacity(2);
                 for _ in 0..2 {
-                    let v: Vec<f64> = (0..n).map(|_| if rng.random::<f64>() < keep { 1.0 / keep } else { 0.0 }).collect();
-                    pair.push(Tensor::from_vec(v, (n, 1, 1), &Device::Cpu)?.to_dtype(self.dtype)?.to_device(&self.device)?);
+                    let v: Vec<f64> = (0..n)
+                        .map(|_| {
+                            if rng.random::<f64>() < keep {
+                                1.0 / keep
+                            } else {
+                                0.0
+                            }
+                        })
+                        .collect();
+                    pair.push(
+                        Tensor::from_vec(v, (n, 1, 1), &Device::Cpu)?
+                            .to_dtype(self.dtype)?
+                            .to_device(&self.device)?,
+                    );
                 }
                 let m = pair.pop().unwrap();
                 let a = pair.pop().unwrap();
@@ -155,14 +180,28 @@ impl Trainer {
         Ok(self.device.synchronize()?)
     }
 
-    pub fn step_detailed(&mut self, batch: &TrainBatch, epoch: u64, global_step: u64) -> Result<StepReport> {
+    pub fn step_detailed(
+        &mut self,
+        batch: &TrainBatch,
+        epoch: u64,
+        global_step: u64,
+    ) -> Result<StepReport> {
         let s = &self.schedules;
-        let (lr, wd, mom, tau) = (s.lr(global_step), s.weight_decay(global_step), s.momentum(global_step), s.teacher_temp(epoch));
+        let (lr, wd, mom, tau) = (
+            s.lr(global_step),
+            s.weight_decay(global_step),
+            s.momentum(global_step),
+            s.teacher_temp(epoch),
+        );
         let t0 = Instant::now();
         let t_out = self.teacher_net.teacher(batch)?;
         self.sync()?;
         let t1 = Instant::now();
-        let masks = if self.drop_path { Some(self.drop_masks(batch, global_step)?) } else { None };
+        let masks = if self.drop_path {
+            Some(self.drop_masks(batch, global_step)?)
+        } else {
+            None
+        };
         let s_out = self.student_net.student(batch, masks.as_ref())?;
         let loss = udi_loss(&self.cfg.loss, batch, &s_out, &t_out, &self.centres, tau)?;
         let total = scalar_f64(&loss.total)?;
@@ -209,14 +248,22 @@ impl Trainer {
             if let Some(g) = g {
                 let p = &params[i];
                 let wd_i = if p.decay { wd } else { 0.0 };
-                self.optim.update(i, &p.var, g, lr, wd_i).with_context(|| format!("AdamW on {}", p.name))?;
+                self.optim
+                    .update(i, &p.var, g, lr, wd_i)
+                    .with_context(|| format!("AdamW on {}", p.name))?;
             }
         }
         ema_update(&self.teacher, &self.student, mom)?;
         self.sync()?;
         let t4 = Instant::now();
 
-        let cn = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.sqr()?.sum_all()?.sqrt()?.to_scalar::<f64>()?) };
+        let cn = |t: &Tensor| -> Result<f64> {
+            Ok(t.to_dtype(DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .sqrt()?
+                .to_scalar::<f64>()?)
+        };
         let stats = StepStats {
             epoch,
             global_step,
@@ -229,7 +276,11 @@ impl Trainer {
             momentum: mom,
             teacher_temp: tau,
             teacher_entropy: loss.teacher_entropy,
-            centre_norms: [cn(&self.centres.cls)?, cn(&self.centres.udi)?, cn(&self.centres.patch)?],
+            centre_norms: [
+                cn(&self.centres.cls)?,
+                cn(&self.centres.udi)?,
+                cn(&self.centres.patch)?,
+            ],
             grad_norm: total_sq.sqrt(),
             timings: [
                 (t1 - t0).as_secs_f64(),
@@ -238,7 +289,11 @@ impl Trainer {
                 (t4 - t3).as_secs_f64(),
             ],
         };
-        let grad_norms = params.iter().enumerate().map(|(i, p)| (p.name.clone(), pre[i], post[i])).collect();
+        let grad_norms = params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.name.clone(), pre[i], post[i]))
+            .collect();
         Ok(StepReport { stats, grad_norms })
     }
 
@@ -266,10 +321,18 @@ impl Trainer {
         self.load_weights(map, what)?;
         let c = |k: &str| -> Result<Tensor> {
             let t = map.get(k).with_context(|| format!("{what}: missing {k}"))?;
-            anyhow::ensure!(t.dims() == [self.cfg.model.out_dim], "{what}: {k} has shape {:?}", t.dims());
+            anyhow::ensure!(
+                t.dims() == [self.cfg.model.out_dim],
+                "{what}: {k} has shape {:?}",
+                t.dims()
+            );
             Ok(t.to_dtype(self.dtype)?.to_device(&self.device)?.copy()?)
         };
-        self.centres = Centres { cls: c("center.cls")?, udi: c("center.udi")?, patch: c("center.patch")? };
+        self.centres = Centres {
+            cls: c("center.cls")?,
+            udi: c("center.udi")?,
+            patch: c("center.patch")?,
+        };
         self.optim.load_from(map, &self.student, what)?;
         Ok(())
     }

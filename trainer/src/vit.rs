@@ -96,7 +96,9 @@ impl Block {
             None => a,
         };
         let x = (x + a)?;
-        let h = self.fc2.forward(&gelu(&self.fc1.forward(&self.norm2.forward(&x)?)?)?)?;
+        let h = self
+            .fc2
+            .forward(&gelu(&self.fc1.forward(&self.norm2.forward(&x)?)?)?)?;
         let h = match drop {
             Some((_, m)) => h.broadcast_mul(m)?,
             None => h,
@@ -129,22 +131,37 @@ impl Vit {
     /// Builds the backbone over `store`; `tracked = false` reads detached tensors (teacher).
     pub fn new(cfg: &TrainConfig, store: &ParamStore, tracked: bool) -> Result<Self> {
         let get = |n: &str| -> Result<Tensor> {
-            let r = if tracked { store.tensor(n) } else { store.detached(n) };
+            let r = if tracked {
+                store.tensor(n)
+            } else {
+                store.detached(n)
+            };
             r.map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
         };
         let m = &cfg.model;
         let lin = |n: &str| -> Result<Linear> {
-            Ok(Linear { weight: get(&format!("{n}.weight"))?, bias: Some(get(&format!("{n}.bias"))?) })
+            Ok(Linear {
+                weight: get(&format!("{n}.weight"))?,
+                bias: Some(get(&format!("{n}.bias"))?),
+            })
         };
         let ln = |n: &str| -> Result<LayerNorm> {
-            Ok(LayerNorm { weight: get(&format!("{n}.weight"))?, bias: get(&format!("{n}.bias"))?, eps: m.ln_eps })
+            Ok(LayerNorm {
+                weight: get(&format!("{n}.weight"))?,
+                bias: get(&format!("{n}.bias"))?,
+                eps: m.ln_eps,
+            })
         };
         let blocks = (0..m.depth)
             .map(|b| {
                 let n = format!("backbone.blocks.{b}");
                 Ok(Block {
                     norm1: ln(&format!("{n}.norm1"))?,
-                    attn: Attention { qkv: lin(&format!("{n}.attn.qkv"))?, proj: lin(&format!("{n}.attn.proj"))?, heads: m.heads },
+                    attn: Attention {
+                        qkv: lin(&format!("{n}.attn.qkv"))?,
+                        proj: lin(&format!("{n}.attn.proj"))?,
+                        heads: m.heads,
+                    },
                     norm2: ln(&format!("{n}.norm2"))?,
                     fc1: lin(&format!("{n}.mlp.fc1"))?,
                     fc2: lin(&format!("{n}.mlp.fc2"))?,
@@ -158,13 +175,24 @@ impl Vit {
         let mut resample = HashMap::new();
         for g in [cfg.global_grid(), cfg.local_grid()] {
             if g != pos_grid {
-                let mat = Tensor::from_vec(bicubic_matrix_2d(pos_grid, g), (g * g, pos_grid * pos_grid), &Device::Cpu)?;
+                let mat = Tensor::from_vec(
+                    bicubic_matrix_2d(pos_grid, g),
+                    (g * g, pos_grid * pos_grid),
+                    &Device::Cpu,
+                )?;
                 resample.insert(g, mat.to_dtype(dtype)?.to_device(&device)?);
             }
         }
         let depth = m.depth;
-        let drop_rates =
-            (0..depth).map(|b| if depth > 1 { m.drop_path * b as f64 / (depth - 1) as f64 } else { 0.0 }).collect();
+        let drop_rates = (0..depth)
+            .map(|b| {
+                if depth > 1 {
+                    m.drop_path * b as f64 / (depth - 1) as f64
+                } else {
+                    0.0
+                }
+            })
+            .collect();
         Ok(Self {
             patch_w: get("backbone.patch_embed.proj.weight")?,
             patch_b: get("backbone.patch_embed.proj.bias")?,
@@ -201,8 +229,13 @@ impl Vit {
             let m = match self.resample.get(&grid) {
                 Some(m) => m.clone(),
                 None => {
-                    let mat = Tensor::from_vec(bicubic_matrix_2d(g0, grid), (grid * grid, g0 * g0), &Device::Cpu)?;
-                    mat.to_dtype(self.pos_embed.dtype())?.to_device(self.pos_embed.device())?
+                    let mat = Tensor::from_vec(
+                        bicubic_matrix_2d(g0, grid),
+                        (grid * grid, g0 * g0),
+                        &Device::Cpu,
+                    )?;
+                    mat.to_dtype(self.pos_embed.dtype())?
+                        .to_device(self.pos_embed.device())?
                 }
             };
             m.matmul(&patches.squeeze(0)?)?.unsqueeze(0)?
@@ -221,7 +254,11 @@ impl Vit {
             .contiguous()?
             .reshape((b, gh * gw, c * p * p))?;
         let w = self.patch_w.reshape((self.dim, c * p * p))?;
-        Linear { weight: w, bias: Some(self.patch_b.clone()) }.forward(&cols)
+        Linear {
+            weight: w,
+            bias: Some(self.patch_b.clone()),
+        }
+        .forward(&cols)
     }
 
     /// Last-block output `[B, n_prefix + G², D]` (before the final LayerNorm).

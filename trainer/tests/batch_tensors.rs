@@ -1,3 +1,4 @@
+#![allow(clippy::needless_range_loop)]
 //! `TrainBatch::from_view` on batches written with the shared BatchWriter: normalisation, the
 //! dense S/T row tensors, validity masks, and errors on malformed rows.
 mod common;
@@ -15,7 +16,9 @@ fn rows_and_pixels_land_where_the_layout_says() {
     let layout = BatchLayout::new(aug, b_sz);
     let mut buf = OwnedBatch::zeroed(&layout);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
-    let samples: Vec<_> = (0..b_sz as u64).map(|i| synthetic_sample(aug, &mut rng, i)).collect();
+    let samples: Vec<_> = (0..b_sz as u64)
+        .map(|i| synthetic_sample(aug, &mut rng, i))
+        .collect();
     {
         let mut w = BatchWriter::new(&layout, buf.bytes_mut(), 0, 0, aug);
         for (b, s) in samples.iter().enumerate() {
@@ -46,7 +49,11 @@ fn rows_and_pixels_land_where_the_layout_says() {
         for p in 0..2 + 2 * l {
             let nv = smp.n_valid[p] as usize;
             let n = if p < 2 { n_g } else { n_l };
-            let off = if p < 2 { p * n_g } else { 2 * n_g + (p - 2) * n_l };
+            let off = if p < 2 {
+                p * n_g
+            } else {
+                2 * n_g + (p - 2) * n_l
+            };
             for r in 0..n {
                 let row = &smp.rows[off + r];
                 let valid = r < nv;
@@ -57,22 +64,36 @@ fn rows_and_pixels_land_where_the_layout_says() {
                         dense[*c as usize] += w as f64;
                     }
                 }
-                let (u, slot) = if p < 2 { (1 - p, r) } else { ((p - 2) % 2, n_g + (p - 2) / 2 * n_l + r) };
+                let (u, slot) = if p < 2 {
+                    (1 - p, r)
+                } else {
+                    ((p - 2) % 2, n_g + (p - 2) / 2 * n_l + r)
+                };
                 let at = ((u * b + bi) * rt + slot) * ng2;
                 for c in 0..ng2 {
-                    assert!((t[at + c] - dense[c]).abs() < 1e-7, "sample {bi} pair {p} row {r}");
+                    assert!(
+                        (t[at + c] - dense[c]).abs() < 1e-7,
+                        "sample {bi} pair {p} row {r}"
+                    );
                 }
                 if p == global_pair(0) || p == global_pair(1) {
                     let at = ((p * b + bi) * n_g + r) * ng2;
                     for c in 0..ng2 {
-                        let want = if valid && c == row.src as usize { 1.0 } else { 0.0 };
+                        let want = if valid && c == row.src as usize {
+                            1.0
+                        } else {
+                            0.0
+                        };
                         assert_eq!(s[at + c], want);
                     }
                     assert_eq!(vg[(p * b + bi) * n_g + r], if valid { 1.0 } else { 0.0 });
                 } else {
                     let (k, tv) = ((p - 2) / 2, (p - 2) % 2);
                     assert_eq!(p, local_pair(k, tv));
-                    assert_eq!(vl[((tv * b + bi) * l + k) * n_l + r], if valid { 1.0 } else { 0.0 });
+                    assert_eq!(
+                        vl[((tv * b + bi) * l + k) * n_l + r],
+                        if valid { 1.0 } else { 0.0 }
+                    );
                 }
             }
         }
@@ -103,8 +124,15 @@ fn malformed_rows_are_refused_with_the_sample_and_pair() {
             }
         }
         let view = BatchView::new(&layout, buf.bytes()).unwrap();
-        let err = TrainBatch::from_view(&view, aug, &Device::Cpu).err().expect("must fail").to_string();
-        let want = if bad == 0 { "sample 1 pair 3" } else { "sample 1 pair 0 row 0" };
+        let err = TrainBatch::from_view(&view, aug, &Device::Cpu)
+            .err()
+            .expect("must fail")
+            .to_string();
+        let want = if bad == 0 {
+            "sample 1 pair 3"
+        } else {
+            "sample 1 pair 0 row 0"
+        };
         assert!(err.contains(want), "{err}");
     }
 }

@@ -7,11 +7,27 @@ use trainer::step::Trainer;
 
 #[test]
 fn shipped_configs_parse_with_the_paper_recipe() {
-    let full = TrainConfig::from_toml_file(&common::repo_path("configs/udi_vit_s16_in1k.toml")).unwrap();
-    assert_eq!((full.model.dim, full.model.depth, full.model.heads, full.model.out_dim), (384, 12, 6, 65536));
+    let full =
+        TrainConfig::from_toml_file(&common::repo_path("configs/udi_vit_s16_in1k.toml")).unwrap();
+    assert_eq!(
+        (
+            full.model.dim,
+            full.model.depth,
+            full.model.heads,
+            full.model.out_dim
+        ),
+        (384, 12, 6, 65536)
+    );
     assert_eq!(full.pos_grid(), 14);
     assert!(!full.model.norm_last_layer && full.model.srs_skip);
-    assert_eq!((full.optim.epochs, full.optim.warmup_epochs, full.optim.freeze_last_layer), (300, 10, 1));
+    assert_eq!(
+        (
+            full.optim.epochs,
+            full.optim.warmup_epochs,
+            full.optim.freeze_last_layer
+        ),
+        (300, 10, 1)
+    );
     assert_eq!(full.loss.warmup_teacher_temp_epochs, 30);
     let tiny = common::tiny_cfg();
     assert!(tiny.model.dim <= 64 && tiny.model.out_dim <= 1024);
@@ -34,11 +50,23 @@ fn norm_last_layer_keeps_g_at_one() {
     let batch = common::batch(&cfg, 2, 3, DType::F32);
     let mut tr = Trainer::new(&cfg, 2, &Device::Cpu).unwrap();
     let rep = tr.step_detailed(&batch, 1, 2).unwrap();
-    let g = rep.grad_norms.iter().find(|x| x.0 == "head.last_layer.weight_g").unwrap();
+    let g = rep
+        .grad_norms
+        .iter()
+        .find(|x| x.0 == "head.last_layer.weight_g")
+        .unwrap();
     assert!(g.1.is_none() && g.2.is_none());
     for store in [&tr.student, &tr.teacher] {
-        assert!(common::to_vec_f64(&store.tensor("head.last_layer.weight_g").unwrap()).iter().all(|&x| x == 1.0));
+        assert!(
+            common::to_vec_f64(&store.tensor("head.last_layer.weight_g").unwrap())
+                .iter()
+                .all(|&x| x == 1.0)
+        );
     }
-    let v = rep.grad_norms.iter().find(|x| x.0 == "head.last_layer.weight_v").unwrap();
+    let v = rep
+        .grad_norms
+        .iter()
+        .find(|x| x.0 == "head.last_layer.weight_v")
+        .unwrap();
     assert!(v.2.is_some());
 }

@@ -1,3 +1,4 @@
+#![allow(clippy::needless_range_loop)]
 //! The loss and centre updates against a plain f64 loop-by-loop implementation of udi-spec §3,
 //! on small hand-built logits (including a local pair with zero valid rows).
 mod common;
@@ -23,25 +24,38 @@ fn softmax(x: &[f64]) -> Vec<f64> {
 }
 
 fn teacher_p(x: &[f64], c: &[f64], tau: f64) -> Vec<f64> {
-    softmax(&x.iter().zip(c).map(|(a, b)| (a - b) / tau).collect::<Vec<_>>())
+    softmax(
+        &x.iter()
+            .zip(c)
+            .map(|(a, b)| (a - b) / tau)
+            .collect::<Vec<_>>(),
+    )
 }
 
 fn h(p: &[f64], s: &[f64], tau_s: f64) -> f64 {
     let z: Vec<f64> = s.iter().map(|v| v / tau_s).collect();
     let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
     let lse = z.iter().map(|v| (v - m).exp()).sum::<f64>().ln() + m;
-    -p.iter().zip(&z).map(|(pi, zi)| pi * (zi - lse)).sum::<f64>()
+    -p.iter()
+        .zip(&z)
+        .map(|(pi, zi)| pi * (zi - lse))
+        .sum::<f64>()
 }
 
 fn rand_vec(rng: &mut impl Rng, n: usize, scale: f64) -> Vec<f64> {
-    (0..n).map(|_| (rng.random::<f64>() * 2.0 - 1.0) * scale).collect()
+    (0..n)
+        .map(|_| (rng.random::<f64>() * 2.0 - 1.0) * scale)
+        .collect()
 }
 
 #[test]
 fn loss_matches_a_loop_reference() {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
     let dev = Device::Cpu;
-    let cfg = LossConfig { alpha: 0.3, ..LossConfig::default() }; // α ≠ 0.5 catches a swapped blend
+    let cfg = LossConfig {
+        alpha: 0.3,
+        ..LossConfig::default()
+    }; // α ≠ 0.5 catches a swapped blend
     let tau = 0.055;
     let rt = NG + L * NL;
     // Logits.
@@ -53,12 +67,22 @@ fn loss_matches_a_loop_reference() {
     let cents: Vec<Vec<f64>> = (0..3).map(|_| rand_vec(&mut rng, K, 0.5)).collect();
     // Validity: valid rows first; local pair (k=1, t=0) of sample 1 has none.
     let nv_g = [[2usize, 3], [1, 3]]; // [pair v][b]
-    let nv_l = |t: usize, b: usize, k: usize| if (t, b, k) == (0, 1, 1) { 0 } else { 1 + (t + b + k) % 2 };
+    let nv_l = |t: usize, b: usize, k: usize| {
+        if (t, b, k) == (0, 1, 1) {
+            0
+        } else {
+            1 + (t + b + k) % 2
+        }
+    };
     let mut valid_g = vec![0.0; 2 * B * NG];
     let mut valid_l = vec![0.0; 2 * B * L * NL];
     let mut trows = vec![0.0; 2 * B * rt * G2];
     let mut weight_sum = 0.0;
-    let put_row = |trows: &mut Vec<f64>, u: usize, b: usize, slot: usize, rng: &mut rand_chacha::ChaCha8Rng| {
+    let put_row = |trows: &mut Vec<f64>,
+                   u: usize,
+                   b: usize,
+                   slot: usize,
+                   rng: &mut rand_chacha::ChaCha8Rng| {
         let w: Vec<f64> = (0..G2).map(|_| rng.random::<f64>()).collect();
         let s: f64 = w.iter().sum();
         for c in 0..G2 {
@@ -103,8 +127,15 @@ fn loss_matches_a_loop_reference() {
         cls_plus: Some(t64(&s_plus, &[(2 + L) * B, K])),
         patch: Some(t64(&s_pat, &[2 * B, NG, K])),
     };
-    let t_out = TeacherOut { cls: t64(&t_cls, &[2 * B, K]), rows: Some(t64(&t_rows, &[2 * B, rt, K])) };
-    let centres = Centres { cls: t64(&cents[0], &[K]), udi: t64(&cents[1], &[K]), patch: t64(&cents[2], &[K]) };
+    let t_out = TeacherOut {
+        cls: t64(&t_cls, &[2 * B, K]),
+        rows: Some(t64(&t_rows, &[2 * B, rt, K])),
+    };
+    let centres = Centres {
+        cls: t64(&cents[0], &[K]),
+        udi: t64(&cents[1], &[K]),
+        patch: t64(&cents[2], &[K]),
+    };
     let out = udi_loss(&cfg, &batch, &s_out, &t_out, &centres, tau).unwrap();
 
     // ---------------- reference -----------------
@@ -113,16 +144,26 @@ fn loss_matches_a_loop_reference() {
     let row = |v: &Vec<f64>, i: usize| v[i * K..(i + 1) * K].to_vec();
     let tcls = |v: usize, b: usize| row(&t_cls, v * B + b);
     let tpat = |v: usize, b: usize, r: usize| row(&t_rows, ((1 - v) * B + b) * rt + r);
-    let tlp = |k: usize, t: usize, b: usize, r: usize| row(&t_rows, (t * B + b) * rt + NG + k * NL + r);
+    let tlp =
+        |k: usize, t: usize, b: usize, r: usize| row(&t_rows, (t * B + b) * rt + NG + k * NL + r);
     let n_pairs = (2 + 2 * L) as f64;
-    let mix = |avg: Vec<f64>, cls: Vec<f64>| -> Vec<f64> { avg.iter().zip(&cls).map(|(x, c)| a * x + (1.0 - a) * c).collect() };
+    let mix = |avg: Vec<f64>, cls: Vec<f64>| -> Vec<f64> {
+        avg.iter()
+            .zip(&cls)
+            .map(|(x, c)| a * x + (1.0 - a) * c)
+            .collect()
+    };
     let mut l_cls = 0.0;
     let mut l_udi = 0.0;
     let mut mm_rows: Vec<Vec<f64>> = vec![];
     for v in 0..2 {
         for b in 0..B {
-            l_cls += h(&teacher_p(&tcls(1 - v, b), &cents[0], tau), &row(&s_cls, v * B + b), ts) / B as f64;
-            let mut sum = vec![0.0; K];
+            l_cls += h(
+                &teacher_p(&tcls(1 - v, b), &cents[0], tau),
+                &row(&s_cls, v * B + b),
+                ts,
+            ) / B as f64;
+            let mut sum = [0.0; K];
             for r in 0..nv_g[v][b] {
                 for (s, x) in sum.iter_mut().zip(tpat(v, b, r)) {
                     *s += x;
@@ -130,7 +171,11 @@ fn loss_matches_a_loop_reference() {
             }
             let avg: Vec<f64> = sum.iter().map(|s| s / (nv_g[v][b] as f64 + 1e-5)).collect();
             let mm = mix(avg, tcls(1 - v, b));
-            l_udi += h(&teacher_p(&mm, &cents[1], tau), &row(&s_plus, v * B + b), ts) / B as f64;
+            l_udi += h(
+                &teacher_p(&mm, &cents[1], tau),
+                &row(&s_plus, v * B + b),
+                ts,
+            ) / B as f64;
             mm_rows.push(mm);
         }
     }
@@ -138,9 +183,13 @@ fn loss_matches_a_loop_reference() {
         for t in 0..2 {
             for b in 0..B {
                 let s_row = (2 + k) * B + b;
-                l_cls += h(&teacher_p(&tcls(t, b), &cents[0], tau), &row(&s_cls, s_row), ts) / B as f64;
+                l_cls += h(
+                    &teacher_p(&tcls(t, b), &cents[0], tau),
+                    &row(&s_cls, s_row),
+                    ts,
+                ) / B as f64;
                 let n = nv_l(t, b, k);
-                let mut sum = vec![0.0; K];
+                let mut sum = [0.0; K];
                 for r in 0..n {
                     for (s, x) in sum.iter_mut().zip(tlp(k, t, b, r)) {
                         *s += x;
@@ -156,11 +205,15 @@ fn loss_matches_a_loop_reference() {
     l_cls /= n_pairs;
     l_udi /= n_pairs;
     let (mut lp, mut nvalid) = (0.0, 0.0);
-    let mut c2_sum = vec![0.0; K];
+    let mut c2_sum = [0.0; K];
     for v in 0..2 {
         for b in 0..B {
             for r in 0..nv_g[v][b] {
-                lp += h(&teacher_p(&tpat(v, b, r), &cents[2], tau), &s_pat[((v * B + b) * NG + r) * K..][..K], ts);
+                lp += h(
+                    &teacher_p(&tpat(v, b, r), &cents[2], tau),
+                    &s_pat[((v * B + b) * NG + r) * K..][..K],
+                    ts,
+                );
                 nvalid += 1.0;
                 for (s, x) in c2_sum.iter_mut().zip(tpat(v, b, r)) {
                     *s += x;
@@ -183,7 +236,10 @@ fn loss_matches_a_loop_reference() {
     let total = (l_cls + l_udi + l_patch) / 3.0;
     let close = |got: &Tensor, want: f64, what: &str| {
         let g = got.to_scalar::<f64>().unwrap();
-        assert!((g - want).abs() < 1e-10 * want.abs().max(1.0), "{what}: {g} vs {want}");
+        assert!(
+            (g - want).abs() < 1e-10 * want.abs().max(1.0),
+            "{what}: {g} vs {want}"
+        );
     };
     close(&out.cls, l_cls, "L_cls");
     close(&out.udi, l_udi, "L_udi");
@@ -203,9 +259,22 @@ fn loss_matches_a_loop_reference() {
         }
     }
     assert_eq!(mm_rows.len(), 2 * B + 2 * L * B);
-    let upd = |old: &Vec<f64>, new: Vec<f64>| -> Vec<f64> { old.iter().zip(new).map(|(o, n)| 0.9 * o + 0.1 * n).collect() };
-    let want = [upd(&cents[0], c0), upd(&cents[1], c1), upd(&cents[2], c2_sum.iter().map(|s| s / weight_sum).collect())];
-    let got = [&out.new_centres.cls, &out.new_centres.udi, &out.new_centres.patch];
+    let upd = |old: &Vec<f64>, new: Vec<f64>| -> Vec<f64> {
+        old.iter()
+            .zip(new)
+            .map(|(o, n)| 0.9 * o + 0.1 * n)
+            .collect()
+    };
+    let want = [
+        upd(&cents[0], c0),
+        upd(&cents[1], c1),
+        upd(&cents[2], c2_sum.iter().map(|s| s / weight_sum).collect()),
+    ];
+    let got = [
+        &out.new_centres.cls,
+        &out.new_centres.udi,
+        &out.new_centres.patch,
+    ];
     for j in 0..3 {
         let g = common::to_vec_f64(got[j]);
         for (x, y) in g.iter().zip(&want[j]) {

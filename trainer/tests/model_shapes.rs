@@ -1,3 +1,4 @@
+#![allow(clippy::needless_range_loop)]
 //! Parameter counts (udi-spec §8), timm names, and the pos-embed resampling weights (§2.2).
 mod common;
 use trainer::config::TrainConfig;
@@ -10,7 +11,8 @@ fn count(v: &[trainer::params::ParamSpec]) -> usize {
 
 #[test]
 fn vit_s16_parameter_counts_match_the_spec() {
-    let cfg = TrainConfig::from_toml_file(&common::repo_path("configs/udi_vit_s16_in1k.toml")).unwrap();
+    let cfg =
+        TrainConfig::from_toml_file(&common::repo_path("configs/udi_vit_s16_in1k.toml")).unwrap();
     assert_eq!(count(&backbone_specs(&cfg)), 21_666_432);
     assert_eq!(count(&srs_specs(&cfg)), 592_896);
     assert_eq!(count(&head_specs(&cfg)), 22_352_128);
@@ -22,7 +24,14 @@ fn backbone_names_are_timm_reg_token_names() {
     let cfg = TrainConfig::default();
     let specs = backbone_specs(&cfg);
     assert_eq!(specs.len(), 151);
-    let get = |n: &str| specs.iter().find(|s| s.name == format!("backbone.{n}")).unwrap_or_else(|| panic!("{n}")).shape.clone();
+    let get = |n: &str| {
+        specs
+            .iter()
+            .find(|s| s.name == format!("backbone.{n}"))
+            .unwrap_or_else(|| panic!("{n}"))
+            .shape
+            .clone()
+    };
     assert_eq!(get("cls_token"), vec![1, 1, 384]);
     assert_eq!(get("reg_token"), vec![1, 1, 384]);
     assert_eq!(get("pos_embed"), vec![1, 198, 384]);
@@ -37,13 +46,36 @@ fn backbone_names_are_timm_reg_token_names() {
             .as_object()
             .unwrap()
             .iter()
-            .map(|(k, v)| (k.clone(), v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect()))
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v.as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.as_u64().unwrap() as usize)
+                        .collect(),
+                )
+            })
             .collect();
         for (k, v) in j["udi_export_variant"]["changes"].as_object().unwrap() {
-            expect.insert(k.clone(), v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect());
+            expect.insert(
+                k.clone(),
+                v.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_u64().unwrap() as usize)
+                    .collect(),
+            );
         }
-        let ours: std::collections::BTreeMap<String, Vec<usize>> =
-            specs.iter().map(|s| (s.name.trim_start_matches("backbone.").to_string(), s.shape.clone())).collect();
+        let ours: std::collections::BTreeMap<String, Vec<usize>> = specs
+            .iter()
+            .map(|s| {
+                (
+                    s.name.trim_start_matches("backbone.").to_string(),
+                    s.shape.clone(),
+                )
+            })
+            .collect();
         assert_eq!(ours, expect);
     }
 }
@@ -56,7 +88,13 @@ fn decay_groups_follow_the_official_rule() {
         assert_eq!(s.decays(), expect, "{}", s.name);
     }
     let specs = param_specs(&cfg);
-    for n in ["backbone.cls_token", "backbone.reg_token", "backbone.pos_embed", "head.last_layer.weight_g", "head.last_layer.weight_v"] {
+    for n in [
+        "backbone.cls_token",
+        "backbone.reg_token",
+        "backbone.pos_embed",
+        "head.last_layer.weight_g",
+        "head.last_layer.weight_v",
+    ] {
         assert!(specs.iter().find(|s| s.name == n).unwrap().decays(), "{n}");
     }
 }
@@ -76,7 +114,7 @@ fn pos_embed_14_to_6_first_row_taps() {
     let m = bicubic_matrix_2d(14, 6);
     assert_eq!(m.len(), 36 * 196);
     assert!((m[0] - 0.3356 * 0.3356).abs() < 1e-4);
-    assert!((m[(1 * 6 + 2) * 196 + 3 * 14 + 5] - w[1][3] * w[2][5]).abs() < 1e-15);
+    assert!((m[(6 + 2) * 196 + 3 * 14 + 5] - w[1][3] * w[2][5]).abs() < 1e-15);
 }
 
 #[test]

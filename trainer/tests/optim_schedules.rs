@@ -25,13 +25,18 @@ fn schedules_match_closed_forms() {
     assert!(close(s.lr(w - 1), peak, 1e-12)); // np.linspace includes the end point
     assert!(close(s.lr(w), peak, 1e-12)); // cos(0) = 1
     assert!(close(s.lr(w + t / 2), 1e-5 + 0.5 * (peak - 1e-5), 1e-12));
-    let last = 1e-5 + 0.5 * (peak - 1e-5) * (1.0 + (std::f64::consts::PI * (t - 1) as f64 / t as f64).cos());
+    let last = 1e-5
+        + 0.5 * (peak - 1e-5) * (1.0 + (std::f64::consts::PI * (t - 1) as f64 / t as f64).cos());
     assert!(close(s.lr(300 * ipe - 1), last, 1e-12));
     assert!(s.lr(300 * ipe - 1) > 1e-5);
     // Weight decay: cosine 0.04 → 0.1 over all 30 000 iterations, no warm-up.
     assert_eq!(s.weight_decay(0), 0.04);
     assert!(close(s.weight_decay(15_000), 0.07, 1e-12));
-    assert!(close(s.weight_decay(7_500), 0.1 + 0.5 * (0.04 - 0.1) * (1.0 + (std::f64::consts::FRAC_PI_4).cos()), 1e-12));
+    assert!(close(
+        s.weight_decay(7_500),
+        0.1 + 0.5 * (0.04 - 0.1) * (1.0 + (std::f64::consts::FRAC_PI_4).cos()),
+        1e-12
+    ));
     // EMA momentum 0.996 → 1.
     assert_eq!(s.momentum(0), 0.996);
     assert!(close(s.momentum(15_000), 0.998, 1e-12));
@@ -57,11 +62,16 @@ fn adamw_matches_the_pytorch_formula_over_three_steps() {
     let p0 = vec![0.5f64, -1.0, 2.0, 0.0];
     let var = Var::from_tensor(&Tensor::new(p0.as_slice(), &dev).unwrap()).unwrap();
     let mut opt = AdamW::new(1, 0.9, 0.999, 1e-8);
-    let grads = [[0.1f64, -0.2, 0.0, 3.0], [0.3, 0.1, -0.5, 1.0], [-0.2, 0.0, 0.4, 2.0]];
+    let grads = [
+        [0.1f64, -0.2, 0.0, 3.0],
+        [0.3, 0.1, -0.5, 1.0],
+        [-0.2, 0.0, 0.4, 2.0],
+    ];
     let (lr, wd) = (0.01, 0.05);
     let (mut p, mut m, mut v) = (p0.clone(), vec![0.0; 4], vec![0.0; 4]);
     for (t, g) in grads.iter().enumerate() {
-        opt.update(0, &var, &Tensor::new(g, &dev).unwrap(), lr, wd).unwrap();
+        opt.update(0, &var, &Tensor::new(g, &dev).unwrap(), lr, wd)
+            .unwrap();
         let t = (t + 1) as i32;
         for i in 0..4 {
             p[i] *= 1.0 - lr * wd;
@@ -80,7 +90,11 @@ fn adamw_matches_the_pytorch_formula_over_three_steps() {
 }
 
 fn snapshot(store: &trainer::params::ParamStore) -> HashMap<String, Vec<f64>> {
-    store.named_tensors().into_iter().map(|(n, t)| (n, common::to_vec_f64(&t))).collect()
+    store
+        .named_tensors()
+        .into_iter()
+        .map(|(n, t)| (n, common::to_vec_f64(&t)))
+        .collect()
 }
 
 #[test]
@@ -98,10 +112,15 @@ fn clipping_freeze_and_ema_over_steps() {
         assert_eq!(rep.stats.momentum, m);
         // Clipping: post = min(pre, 3) per parameter (cls tokens: on their joint norm).
         let norm_of = |n: &str| rep.grad_norms.iter().find(|g| g.0 == n).unwrap().1.unwrap();
-        let joint = (norm_of("backbone.cls_token").powi(2) + norm_of("backbone.reg_token").powi(2)).sqrt();
+        let joint =
+            (norm_of("backbone.cls_token").powi(2) + norm_of("backbone.reg_token").powi(2)).sqrt();
         for (name, pre, post) in &rep.grad_norms {
             let pre = pre.unwrap();
-            let group = if name == "backbone.cls_token" || name == "backbone.reg_token" { joint } else { pre };
+            let group = if name == "backbone.cls_token" || name == "backbone.reg_token" {
+                joint
+            } else {
+                pre
+            };
             let f = clip_factor(group, 3.0);
             saw_clipping |= f < 1.0;
             match post {
@@ -116,9 +135,15 @@ fn clipping_freeze_and_ema_over_steps() {
             if p.name.starts_with("head.last_layer.") {
                 assert_eq!(changed, epoch >= 1, "{}", p.name);
                 let st = tr.optim.states[i].as_ref().map(|s| s.step);
-                assert_eq!(st, if epoch == 0 { None } else { Some(step - 2) }, "{}", p.name);
+                assert_eq!(
+                    st,
+                    if epoch == 0 { None } else { Some(step - 2) },
+                    "{}",
+                    p.name
+                );
             } else {
-                assert!(changed || step == 0, "{} unchanged at step {step}", p.name); // lr(0) = 0
+                assert!(changed || step == 0, "{} unchanged at step {step}", p.name);
+                // lr(0) = 0
             }
         }
         // EMA: θ_t ← m θ_t + (1 − m) θ_s (θ_s after the optimiser step), checked in f64.
@@ -130,12 +155,18 @@ fn clipping_freeze_and_ema_over_steps() {
         let got = snapshot(&tr.teacher);
         for (n, t) in &teacher {
             for (a, b) in got[n].iter().zip(t) {
-                assert!((a - b).abs() < 1e-6 * b.abs().max(1.0), "teacher {n}: {a} vs {b}");
+                assert!(
+                    (a - b).abs() < 1e-6 * b.abs().max(1.0),
+                    "teacher {n}: {a} vs {b}"
+                );
             }
         }
         teacher = got; // continue from the f32 values
     }
-    assert!(saw_clipping, "the tiny batch should trigger clipping somewhere");
+    assert!(
+        saw_clipping,
+        "the tiny batch should trigger clipping somewhere"
+    );
 }
 
 #[test]
@@ -159,7 +190,10 @@ fn resume_from_state_tensors_is_bitwise() {
     for ((n1, t1), (n2, t2)) in x.iter().zip(&y) {
         assert_eq!(n1, n2);
         let (v1, v2) = (common::to_vec_f64(t1), common::to_vec_f64(t2));
-        assert!(v1.iter().zip(&v2).all(|(p, q)| p.to_bits() == q.to_bits()), "{n1} differs after resume");
+        assert!(
+            v1.iter().zip(&v2).all(|(p, q)| p.to_bits() == q.to_bits()),
+            "{n1} differs after resume"
+        );
     }
 }
 
@@ -170,7 +204,11 @@ fn drop_path_masks_are_keyed_by_step() {
     let tr = Trainer::new(&cfg, 3, &Device::Cpu).unwrap();
     let v = |s: u64| -> Vec<f64> {
         let (g, l) = tr.drop_masks(&batch, s).unwrap();
-        g.iter().chain(&l).flat_map(|(a, m)| [common::to_vec_f64(a), common::to_vec_f64(m)]).flatten().collect()
+        g.iter()
+            .chain(&l)
+            .flat_map(|(a, m)| [common::to_vec_f64(a), common::to_vec_f64(m)])
+            .flatten()
+            .collect()
     };
     assert_eq!(v(5), v(5));
     assert_ne!(v(5), v(6));
@@ -178,5 +216,9 @@ fn drop_path_masks_are_keyed_by_step() {
     let (g, _) = tr.drop_masks(&batch, 5).unwrap();
     assert!(common::to_vec_f64(&g[0].0).iter().all(|&x| x == 1.0));
     let last = common::to_vec_f64(&g[g.len() - 1].1);
-    assert!(last.iter().all(|&x| x == 0.0 || (x - 1.0 / 0.9).abs() < 1e-6), "{last:?}");
+    assert!(
+        last.iter()
+            .all(|&x| x == 0.0 || (x - 1.0 / 0.9).abs() < 1e-6),
+        "{last:?}"
+    );
 }

@@ -5,7 +5,9 @@ use trainer::config::TrainConfig;
 use trainer::data::{synthetic_batch, TrainBatch};
 
 pub fn repo_path(rel: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(rel)
 }
 
 pub fn tiny_cfg() -> TrainConfig {
@@ -40,5 +42,10 @@ pub fn batch(cfg: &TrainConfig, b: u32, seed: u64, dtype: DType) -> TrainBatch {
 }
 
 pub fn to_vec_f64(t: &candle_core::Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
 }
