@@ -299,6 +299,19 @@ impl ParamStore {
             .collect()
     }
 
+    /// The backbone tensors under timm's names (`vit_small_patch16_224`, `reg_tokens=1`): the
+    /// `backbone.` prefix stripped, nothing else renamed (export reads the teacher's).
+    pub fn timm_backbone_tensors(&self) -> Vec<(String, Tensor)> {
+        self.params
+            .iter()
+            .filter_map(|p| {
+                p.name
+                    .strip_prefix("backbone.")
+                    .map(|n| (n.to_string(), p.var.as_detached_tensor()))
+            })
+            .collect()
+    }
+
     /// Overwrites every parameter from `map[prefix + name]` (shape and presence checked; the
     /// values are converted to the store's dtype and device).
     pub fn load_from(&self, map: &HashMap<String, Tensor>, prefix: &str, what: &str) -> Result<()> {

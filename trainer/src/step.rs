@@ -234,13 +234,16 @@ impl Trainer {
             let norm = joint_norm(&refs)?;
             total_sq += norm * norm;
             let f = clip_factor(norm, self.cfg.optim.clip_grad);
+            let single = gs.len() == 1;
             for (i, g) in gs {
-                pre[i] = Some(joint_norm(&[&g])?);
+                // Post-clip norms are reported as pre·factor (saves two passes over each tensor).
+                let own = if single { norm } else { joint_norm(&[&g])? };
+                pre[i] = Some(own);
                 let g = if f < 1.0 { (g * f)? } else { g };
                 if frozen && is_last_layer(&params[i].name) {
                     continue; // grad = None: no update, no decay, no Adam state
                 }
-                post[i] = Some(joint_norm(&[&g])?);
+                post[i] = Some(own * f);
                 clipped[i] = Some(g);
             }
         }

@@ -128,6 +128,28 @@ fn clipping_freeze_and_ema_over_steps() {
                 None => assert!(epoch == 0 && name.starts_with("head.last_layer."), "{name}"),
             }
         }
+        // The clipped gradient really is what AdamW saw: on the first update m = (1 − β₁)·g.
+        if step == 0 {
+            for (i, p) in tr.student.params().iter().enumerate() {
+                if let Some(st) = &tr.optim.states[i] {
+                    let m = common::to_vec_f64(&st.exp_avg)
+                        .iter()
+                        .map(|x| x * x)
+                        .sum::<f64>()
+                        .sqrt();
+                    let (_, pre, post) = rep.grad_norms.iter().find(|g| g.0 == p.name).unwrap();
+                    let group = if p.name == "backbone.cls_token" || p.name == "backbone.reg_token"
+                    {
+                        joint
+                    } else {
+                        pre.unwrap()
+                    };
+                    let want = 0.1 * pre.unwrap() * clip_factor(group, 3.0);
+                    assert!(close(m, want, 1e-4), "{}: |m| {m} vs {want}", p.name);
+                    assert!(close(post.unwrap(), want / 0.1, 1e-9));
+                }
+            }
+        }
         // Last layer frozen in epoch 0: unchanged and without Adam state; updated after.
         let after = snapshot(&tr.student);
         for (i, p) in tr.student.params().iter().enumerate() {
