@@ -468,7 +468,7 @@ pub fn batch_from_file_tensors(
         .map_err(|e| anyhow::anyhow!("{what}: {e:#}"))
 }
 
-/// Checks a config's augment table against a parsed [`TrainConfig`] (used by the CLI).
+/// The batch layout of a config (its `[augment]` table and `[data] batch_size`).
 pub fn layout_for(cfg: &TrainConfig) -> BatchLayout {
     BatchLayout::new(&cfg.augment, cfg.data.batch_size)
 }
