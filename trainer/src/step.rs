@@ -139,32 +139,25 @@ impl Trainer {
         let mut rng = rng_for(self.cfg.data.seed, Domain::Step, 0, global_step);
         let rates = self.student_net.backbone.drop_rates.clone();
         let b = batch.batch_size;
+        // One upload per crop group: values [depth][2][n], sliced per block and branch.
         let mut make = |n: usize| -> Result<DropMasks> {
-            let mut out = Vec::with_capacity(rates.len());
+            let mut v = Vec::with_capacity(rates.len() * 2 * n);
             for &rate in &rates {
                 let keep = 1.0 - rate;
-                let mut pair = Vec::with_capacity(2);
-                for _ in 0..2 {
-                    let v: Vec<f64> = (0..n)
-                        .map(|_| {
-                            if rng.random::<f64>() < keep {
-                                1.0 / keep
-                            } else {
-                                0.0
-                            }
-                        })
-                        .collect();
-                    pair.push(
-                        Tensor::from_vec(v, (n, 1, 1), &Device::Cpu)?
-                            .to_dtype(self.dtype)?
-                            .to_device(&self.device)?,
-                    );
+                for _ in 0..2 * n {
+                    v.push(if rng.random::<f64>() < keep {
+                        1.0 / keep
+                    } else {
+                        0.0
+                    });
                 }
-                let m = pair.pop().unwrap();
-                let a = pair.pop().unwrap();
-                out.push((a, m));
             }
-            Ok(out)
+            let all = Tensor::from_vec(v, (rates.len(), 2, n, 1, 1), &Device::Cpu)?
+                .to_dtype(self.dtype)?
+                .to_device(&self.device)?;
+            (0..rates.len())
+                .map(|i| Ok((all.get(i)?.get(0)?, all.get(i)?.get(1)?)))
+                .collect()
         };
         let g = make(2 * b)?;
         let l = make(batch.n_local * b)?;
