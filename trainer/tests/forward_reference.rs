@@ -256,7 +256,7 @@ fn srs(p: &P, cfg: &trainer::config::TrainConfig, toks: &M, row: &[f64]) -> Vec<
     )
     .iter()
     .zip(&skip)
-    .map(|(a, b)| a + b)
+    .map(|(a, b)| if cfg.model.srs_skip { a + b } else { *a })
     .collect();
     ln(&y, &p.v("srs.attn.norm.weight"), &p.v("srs.attn.norm.bias"))
 }
@@ -296,7 +296,17 @@ fn assert_close(got: &[f64], want: &[f64], what: &str) {
 
 #[test]
 fn forward_matches_a_loop_reference() {
+    check(true);
+}
+
+#[test]
+fn forward_without_srs_skip_matches_the_reference() {
+    check(false);
+}
+
+fn check(srs_skip: bool) {
     let mut cfg = common::micro_cfg();
+    cfg.model.srs_skip = srs_skip;
     cfg.model.pos_grid = Some(3); // globals (4×4) are resampled too, locals 3 → 2
     let dev = Device::Cpu;
     let batch = common::batch(&cfg, 2, 8, DType::F64);
