@@ -85,7 +85,10 @@ impl CheckpointManager {
     pub fn new(run_dir: &Path, keep_last: usize) -> Result<Self> {
         let dir = run_dir.join("checkpoints");
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(Self { dir, keep_last: keep_last.max(1) })
+        Ok(Self {
+            dir,
+            keep_last: keep_last.max(1),
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -93,7 +96,11 @@ impl CheckpointManager {
     }
 
     /// Writes checkpoint `state.step` atomically, then prunes old ones. Returns its path.
-    pub fn save(&self, tensors: &HashMap<String, Tensor>, state: &CheckpointState) -> Result<CheckpointPath> {
+    pub fn save(
+        &self,
+        tensors: &HashMap<String, Tensor>,
+        state: &CheckpointState,
+    ) -> Result<CheckpointPath> {
         let name = step_dir_name(state.step);
         let tmp = self.dir.join(format!(".tmp-{name}-{}", std::process::id()));
         if tmp.exists() {
@@ -106,7 +113,8 @@ impl CheckpointManager {
         fsync_file(&tpath)?;
         let spath = tmp.join(STATE_FILE);
         {
-            let mut f = fs::File::create(&spath).with_context(|| format!("writing {}", spath.display()))?;
+            let mut f =
+                fs::File::create(&spath).with_context(|| format!("writing {}", spath.display()))?;
             f.write_all(serde_json::to_string_pretty(state)?.as_bytes())?;
             f.sync_all()?;
         }
@@ -115,10 +123,14 @@ impl CheckpointManager {
             // Re-saving the same step (e.g. the final save right after a periodic one).
             fs::remove_dir_all(&dst).with_context(|| format!("replacing {}", dst.display()))?;
         }
-        fs::rename(&tmp, &dst).with_context(|| format!("renaming {} → {}", tmp.display(), dst.display()))?;
+        fs::rename(&tmp, &dst)
+            .with_context(|| format!("renaming {} → {}", tmp.display(), dst.display()))?;
         fsync_dir(&self.dir);
         self.prune()?;
-        Ok(CheckpointPath { step: state.step, dir: dst })
+        Ok(CheckpointPath {
+            step: state.step,
+            dir: dst,
+        })
     }
 
     /// All complete checkpoints, oldest first.
@@ -134,7 +146,8 @@ impl CheckpointManager {
         let all = self.list()?;
         if all.len() > self.keep_last {
             for c in &all[..all.len() - self.keep_last] {
-                fs::remove_dir_all(&c.dir).with_context(|| format!("removing old checkpoint {}", c.dir.display()))?;
+                fs::remove_dir_all(&c.dir)
+                    .with_context(|| format!("removing old checkpoint {}", c.dir.display()))?;
             }
         }
         Ok(())
@@ -146,8 +159,13 @@ fn list_checkpoints(dir: &Path) -> Result<Vec<CheckpointPath>> {
     for e in fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
         let e = e?;
         let name = e.file_name();
-        let Some(step) = name.to_str().and_then(parse_step_dir) else { continue };
-        let c = CheckpointPath { step, dir: e.path() };
+        let Some(step) = name.to_str().and_then(parse_step_dir) else {
+            continue;
+        };
+        let c = CheckpointPath {
+            step,
+            dir: e.path(),
+        };
         if c.tensors().is_file() && c.state().is_file() {
             out.push(c);
         }
@@ -159,9 +177,17 @@ fn list_checkpoints(dir: &Path) -> Result<Vec<CheckpointPath>> {
 /// Resolves what a user passes as `--checkpoint`: a checkpoint directory, its `state.json` or
 /// `tensors.safetensors`, a run directory (its newest checkpoint), or a run's `checkpoints/`.
 pub fn resolve(path: &Path) -> Result<CheckpointPath> {
-    let p = if path.is_file() { path.parent().unwrap_or(Path::new(".")).to_path_buf() } else { path.to_path_buf() };
+    let p = if path.is_file() {
+        path.parent().unwrap_or(Path::new(".")).to_path_buf()
+    } else {
+        path.to_path_buf()
+    };
     if p.join(STATE_FILE).is_file() && p.join(TENSORS_FILE).is_file() {
-        let step = p.file_name().and_then(|n| n.to_str()).and_then(parse_step_dir).unwrap_or(0);
+        let step = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(parse_step_dir)
+            .unwrap_or(0);
         return Ok(CheckpointPath { step, dir: p });
     }
     for dir in [p.join("checkpoints"), p.clone()] {
@@ -171,11 +197,17 @@ pub fn resolve(path: &Path) -> Result<CheckpointPath> {
             }
         }
     }
-    bail!("{}: no checkpoint here (expected a run dir, its checkpoints/ or a step-N dir)", path.display())
+    bail!(
+        "{}: no checkpoint here (expected a run dir, its checkpoints/ or a step-N dir)",
+        path.display()
+    )
 }
 
 /// Loads a checkpoint's tensors onto `device` and its state.
-pub fn load(c: &CheckpointPath, device: &Device) -> Result<(HashMap<String, Tensor>, CheckpointState)> {
+pub fn load(
+    c: &CheckpointPath,
+    device: &Device,
+) -> Result<(HashMap<String, Tensor>, CheckpointState)> {
     let state = load_state(c)?;
     let tensors = candle_core::safetensors::load(c.tensors(), device)
         .with_context(|| format!("reading {}", c.tensors().display()))?;
@@ -183,7 +215,8 @@ pub fn load(c: &CheckpointPath, device: &Device) -> Result<(HashMap<String, Tens
 }
 
 pub fn load_state(c: &CheckpointPath) -> Result<CheckpointState> {
-    let text = fs::read_to_string(c.state()).with_context(|| format!("reading {}", c.state().display()))?;
+    let text = fs::read_to_string(c.state())
+        .with_context(|| format!("reading {}", c.state().display()))?;
     let state: CheckpointState =
         serde_json::from_str(&text).with_context(|| format!("parsing {}", c.state().display()))?;
     if state.format_version != FORMAT_VERSION {
@@ -197,7 +230,9 @@ pub fn load_state(c: &CheckpointPath) -> Result<CheckpointState> {
 }
 
 fn fsync_file(p: &Path) -> Result<()> {
-    fs::File::open(p)?.sync_all().with_context(|| format!("fsync {}", p.display()))
+    fs::File::open(p)?
+        .sync_all()
+        .with_context(|| format!("fsync {}", p.display()))
 }
 
 /// Makes the rename durable; best effort (not every filesystem allows opening a directory).
@@ -216,7 +251,10 @@ mod tests {
             format_version: FORMAT_VERSION,
             step,
             epoch: 1,
-            cursor: DataCursor { epoch: 1, batch: step % 7 },
+            cursor: DataCursor {
+                epoch: 1,
+                batch: step % 7,
+            },
             seed: 3,
             config_toml: "[data]\nbatch_size = 4\n".into(),
             extra: serde_json::json!({"k": 1}),
@@ -227,13 +265,25 @@ mod tests {
         let d = Device::Cpu;
         let a: Vec<f32> = (0..24).map(|i| (i as f32 + seed).sin() / 7.0).collect();
         HashMap::from([
-            ("student.w".to_string(), Tensor::from_vec(a.clone(), (4, 6), &d).unwrap()),
-            ("opt.m.w".to_string(), Tensor::from_vec(a.iter().map(|x| x * 1e-7).collect::<Vec<_>>(), 24, &d).unwrap()),
+            (
+                "student.w".to_string(),
+                Tensor::from_vec(a.clone(), (4, 6), &d).unwrap(),
+            ),
+            (
+                "opt.m.w".to_string(),
+                Tensor::from_vec(a.iter().map(|x| x * 1e-7).collect::<Vec<_>>(), 24, &d).unwrap(),
+            ),
         ])
     }
 
     fn bits(t: &Tensor) -> Vec<u32> {
-        t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect()
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect()
     }
 
     #[test]
@@ -260,8 +310,18 @@ mod tests {
         let steps: Vec<u64> = m.list().unwrap().iter().map(|c| c.step).collect();
         assert_eq!(steps, vec![15, 20]);
         assert_eq!(resolve(dir.path()).unwrap().step, 20);
-        assert_eq!(resolve(&dir.path().join("checkpoints/step-00000015")).unwrap().step, 15);
-        assert_eq!(resolve(&dir.path().join("checkpoints/step-00000015/state.json")).unwrap().step, 15);
+        assert_eq!(
+            resolve(&dir.path().join("checkpoints/step-00000015"))
+                .unwrap()
+                .step,
+            15
+        );
+        assert_eq!(
+            resolve(&dir.path().join("checkpoints/step-00000015/state.json"))
+                .unwrap()
+                .step,
+            15
+        );
         assert!(resolve(&dir.path().join("nothing")).is_err());
     }
 

@@ -23,7 +23,13 @@ pub struct VitShape {
 }
 
 impl VitShape {
-    pub const VIT_S16: VitShape = VitShape { depth: 12, dim: 384, mlp_hidden: 1536, patch: 16, n_patches: 196 };
+    pub const VIT_S16: VitShape = VitShape {
+        depth: 12,
+        dim: 384,
+        mlp_hidden: 1536,
+        patch: 16,
+        n_patches: 196,
+    };
 }
 
 /// timm's tensor names and shapes of the `reg_tokens=1, num_classes=0` variant, in timm's order.
@@ -33,7 +39,10 @@ pub fn timm_keys(s: VitShape) -> Vec<(String, Vec<usize>)> {
         ("cls_token".to_string(), vec![1, 1, d]),
         ("reg_token".to_string(), vec![1, 1, d]),
         ("pos_embed".to_string(), vec![1, 2 + s.n_patches, d]),
-        ("patch_embed.proj.weight".to_string(), vec![d, 3, s.patch, s.patch]),
+        (
+            "patch_embed.proj.weight".to_string(),
+            vec![d, 3, s.patch, s.patch],
+        ),
         ("patch_embed.proj.bias".to_string(), vec![d]),
     ];
     for b in 0..s.depth {
@@ -65,7 +74,11 @@ pub fn timm_keys(s: VitShape) -> Vec<(String, Vec<usize>)> {
 /// `[2, D]` (both tokens in one parameter, as the official code), or `cls_token` + `reg_token`.
 /// `pos_embed` may be `[2 + N, D]` or `[1, 2 + N, D]`. Every other key is expected under its timm
 /// name; anything missing or misshapen is an error naming it.
-pub fn to_timm(tensors: &HashMap<String, Tensor>, prefix: &str, shape: VitShape) -> Result<BTreeMap<String, Tensor>> {
+pub fn to_timm(
+    tensors: &HashMap<String, Tensor>,
+    prefix: &str,
+    shape: VitShape,
+) -> Result<BTreeMap<String, Tensor>> {
     let get = |name: &str| tensors.get(&format!("{prefix}{name}"));
     let d = shape.dim;
     let mut out = BTreeMap::new();
@@ -80,19 +93,29 @@ pub fn to_timm(tensors: &HashMap<String, Tensor>, prefix: &str, shape: VitShape)
             out.insert("cls_token".to_string(), cls.reshape((1, 1, d))?);
             out.insert("reg_token".to_string(), reg.reshape((1, 1, d))?);
         }
-        (n, _) => bail!("`{prefix}cls_token` holds {n} tokens of dim {d}; UDI needs [cls] and [cls+]"),
+        (n, _) => {
+            bail!("`{prefix}cls_token` holds {n} tokens of dim {d}; UDI needs [cls] and [cls+]")
+        }
     }
     for (name, want) in timm_keys(shape) {
         if name == "cls_token" || name == "reg_token" {
             continue;
         }
-        let t = get(&name).with_context(|| format!("checkpoint has no `{prefix}{name}` (timm key `{name}`)"))?;
-        let t = if t.elem_count() == want.iter().product::<usize>() && t.dims() != want.as_slice() && name == "pos_embed" {
+        let t = get(&name)
+            .with_context(|| format!("checkpoint has no `{prefix}{name}` (timm key `{name}`)"))?;
+        let t = if t.elem_count() == want.iter().product::<usize>()
+            && t.dims() != want.as_slice()
+            && name == "pos_embed"
+        {
             t.reshape(want.as_slice())?
         } else {
             t.clone()
         };
-        ensure!(t.dims() == want.as_slice(), "`{prefix}{name}` has shape {:?}, timm expects {want:?}", t.dims());
+        ensure!(
+            t.dims() == want.as_slice(),
+            "`{prefix}{name}` has shape {:?}, timm expects {want:?}",
+            t.dims()
+        );
         out.insert(name, t.to_dtype(candle_core::DType::F32)?.contiguous()?);
     }
     Ok(out)
@@ -100,7 +123,11 @@ pub fn to_timm(tensors: &HashMap<String, Tensor>, prefix: &str, shape: VitShape)
 
 /// The inverse of [`to_timm`] for re-loading an export into our own model: the two class tokens
 /// joined back into `cls_token [1, 2, D]`, keys prefixed with `prefix`.
-pub fn from_timm(timm: &HashMap<String, Tensor>, prefix: &str, join_cls: bool) -> Result<HashMap<String, Tensor>> {
+pub fn from_timm(
+    timm: &HashMap<String, Tensor>,
+    prefix: &str,
+    join_cls: bool,
+) -> Result<HashMap<String, Tensor>> {
     let mut out = HashMap::new();
     for (k, v) in timm {
         if join_cls && (k == "cls_token" || k == "reg_token") {
@@ -118,8 +145,12 @@ pub fn from_timm(timm: &HashMap<String, Tensor>, prefix: &str, join_cls: bool) -
 
 /// Writes an export (timm's keys, f32) to `path`.
 pub fn save(tensors: &BTreeMap<String, Tensor>, path: &std::path::Path) -> Result<()> {
-    let map: HashMap<String, Tensor> = tensors.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    candle_core::safetensors::save(&map, path).with_context(|| format!("writing {}", path.display()))
+    let map: HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    candle_core::safetensors::save(&map, path)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 #[cfg(test)]
@@ -127,7 +158,13 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    const TINY: VitShape = VitShape { depth: 2, dim: 8, mlp_hidden: 32, patch: 4, n_patches: 16 };
+    const TINY: VitShape = VitShape {
+        depth: 2,
+        dim: 8,
+        mlp_hidden: 32,
+        patch: 4,
+        n_patches: 16,
+    };
 
     fn fake_model(prefix: &str, s: VitShape) -> HashMap<String, Tensor> {
         let mut m = HashMap::new();
@@ -144,10 +181,16 @@ mod tests {
             let n: usize = shape.iter().product();
             i += 1.0;
             let v: Vec<f32> = (0..n).map(|j| i * 1000.0 + j as f32).collect();
-            m.insert(format!("{prefix}{name}"), Tensor::from_vec(v, shape, &Device::Cpu).unwrap());
+            m.insert(
+                format!("{prefix}{name}"),
+                Tensor::from_vec(v, shape, &Device::Cpu).unwrap(),
+            );
         }
         // Head and SRS tensors are not part of the backbone and are left out.
-        m.insert(format!("{prefix}srs.qkv.weight"), Tensor::zeros((3, 3), candle_core::DType::F32, &Device::Cpu).unwrap());
+        m.insert(
+            format!("{prefix}srs.qkv.weight"),
+            Tensor::zeros((3, 3), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        );
         m
     }
 
@@ -157,15 +200,24 @@ mod tests {
         assert_eq!(k.len(), 151);
         let params: usize = k.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
         assert_eq!(params, 21_666_432); // udi_export_variant.num_params
-        // Checked against the reference list when ../shared is present.
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/timm-vit-s16-keys.json");
+                                        // Checked against the reference list when ../shared is present.
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared/timm-vit-s16-keys.json");
         if let Ok(text) = std::fs::read_to_string(&p) {
             let j: serde_json::Value = serde_json::from_str(&text).unwrap();
             let tensors = j["tensors"].as_object().unwrap();
             let changes = j["udi_export_variant"]["changes"].as_object().unwrap();
             for (name, shape) in &k {
-                let want = changes.get(name).or_else(|| tensors.get(name)).unwrap_or_else(|| panic!("{name} not in timm list"));
-                let want: Vec<usize> = want.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+                let want = changes
+                    .get(name)
+                    .or_else(|| tensors.get(name))
+                    .unwrap_or_else(|| panic!("{name} not in timm list"));
+                let want: Vec<usize> = want
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_u64().unwrap() as usize)
+                    .collect();
                 assert_eq!(&want, shape, "{name}");
             }
             assert_eq!(tensors.len() + 1, k.len());
@@ -180,7 +232,11 @@ mod tests {
         assert!(!t.keys().any(|k| k.contains("srs")));
         let cls: Vec<f32> = t["cls_token"].flatten_all().unwrap().to_vec1().unwrap();
         let reg: Vec<f32> = t["reg_token"].flatten_all().unwrap().to_vec1().unwrap();
-        let both: Vec<f32> = m["teacher.backbone.cls_token"].flatten_all().unwrap().to_vec1().unwrap();
+        let both: Vec<f32> = m["teacher.backbone.cls_token"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!([cls, reg].concat(), both);
         assert_eq!(t["pos_embed"].dims(), &[1, 18, 8]);
         // Back into our names: the same values.
@@ -207,7 +263,10 @@ mod tests {
         let e = to_timm(&m, "t.", TINY).unwrap_err().to_string();
         assert!(e.contains("t.blocks.1.mlp.fc2.bias"), "{e}");
         let mut m = fake_model("t.", TINY);
-        m.insert("t.norm.bias".into(), Tensor::zeros(7, candle_core::DType::F32, &Device::Cpu).unwrap());
+        m.insert(
+            "t.norm.bias".into(),
+            Tensor::zeros(7, candle_core::DType::F32, &Device::Cpu).unwrap(),
+        );
         let e = to_timm(&m, "t.", TINY).unwrap_err().to_string();
         assert!(e.contains("norm.bias") && e.contains("[7]"), "{e}");
     }

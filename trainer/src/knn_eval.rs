@@ -44,8 +44,12 @@ impl LabelledImages for ShardImages {
         self.ds.class_names().to_vec()
     }
     fn get(&self, i: usize) -> Result<(i32, RgbImage)> {
-        let rec = self.ds.record(i as u64).with_context(|| format!("{}: record {i}", self.ds.dir().display()))?;
-        let img = loader::decode::decode(&rec).with_context(|| format!("{}", self.ds.dir().display()))?;
+        let rec = self
+            .ds
+            .record(i as u64)
+            .with_context(|| format!("{}: record {i}", self.ds.dir().display()))?;
+        let img =
+            loader::decode::decode(&rec).with_context(|| format!("{}", self.ds.dir().display()))?;
         Ok((rec.label, to_image(img)?))
     }
 }
@@ -67,11 +71,19 @@ impl FolderImages {
         classes.sort();
         let mut items = Vec::new();
         for (c, name) in classes.iter().enumerate() {
-            let mut files: Vec<PathBuf> = std::fs::read_dir(dir.join(name))?.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_file()).collect();
+            let mut files: Vec<PathBuf> = std::fs::read_dir(dir.join(name))?
+                .filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.is_file())
+                .collect();
             files.sort();
             items.extend(files.into_iter().map(|p| (p, c as i32)));
         }
-        ensure!(!items.is_empty(), "{}: no images (expected DIR/<class>/<image> or a packed shard dir)", dir.display());
+        ensure!(
+            !items.is_empty(),
+            "{}: no images (expected DIR/<class>/<image> or a packed shard dir)",
+            dir.display()
+        );
         Ok(Self { classes, items })
     }
 }
@@ -86,7 +98,8 @@ impl LabelledImages for FolderImages {
     fn get(&self, i: usize) -> Result<(i32, RgbImage)> {
         let (p, l) = &self.items[i];
         let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
-        let img = loader::decode::decode_bytes(&bytes).with_context(|| format!("decoding {}", p.display()))?;
+        let img = loader::decode::decode_bytes(&bytes)
+            .with_context(|| format!("decoding {}", p.display()))?;
         Ok((*l, to_image(img)?))
     }
 }
@@ -94,8 +107,9 @@ impl LabelledImages for FolderImages {
 /// A shard dir if it has a `manifest.json`, else an ImageFolder.
 pub fn open_images(dir: &Path) -> Result<Box<dyn LabelledImages>> {
     if dir.join("manifest.json").is_file() {
-        let ds = shared::shard::Dataset::open(dir).with_context(|| format!("opening shards {}", dir.display()))?;
-        ensure!(ds.len() > 0, "{}: empty dataset", dir.display());
+        let ds = shared::shard::Dataset::open(dir)
+            .with_context(|| format!("opening shards {}", dir.display()))?;
+        ensure!(!ds.is_empty(), "{}: empty dataset", dir.display());
         Ok(Box::new(ShardImages { ds }))
     } else if dir.is_dir() {
         Ok(Box::new(FolderImages::open(dir)?))
@@ -105,15 +119,28 @@ pub fn open_images(dir: &Path) -> Result<Box<dyn LabelledImages>> {
 }
 
 /// Decodes and transforms items `range` on `threads` threads (order kept).
-fn load_chunk(set: &dyn LabelledImages, range: std::ops::Range<usize>, crop: u32, threads: usize) -> Result<(Vec<RgbImage>, Vec<i32>)> {
+fn load_chunk(
+    set: &dyn LabelledImages,
+    range: std::ops::Range<usize>,
+    crop: u32,
+    threads: usize,
+) -> Result<(Vec<RgbImage>, Vec<i32>)> {
     let idx: Vec<usize> = range.collect();
     let per = idx.len().div_ceil(threads.max(1)).max(1);
     let parts: Vec<Result<Vec<(i32, RgbImage)>>> = std::thread::scope(|s| {
         let hs: Vec<_> = idx
             .chunks(per)
-            .map(|c| s.spawn(move || c.iter().map(|&i| set.get(i).map(|(l, im)| (l, eval_transform(&im, crop)))).collect::<Result<Vec<_>>>()))
+            .map(|c| {
+                s.spawn(move || {
+                    c.iter()
+                        .map(|&i| set.get(i).map(|(l, im)| (l, eval_transform(&im, crop))))
+                        .collect::<Result<Vec<_>>>()
+                })
+            })
             .collect();
-        hs.into_iter().map(|h| h.join().expect("decode thread panicked")).collect()
+        hs.into_iter()
+            .map(|h| h.join().expect("decode thread panicked"))
+            .collect()
     });
     let mut imgs = Vec::with_capacity(idx.len());
     let mut labels = Vec::with_capacity(idx.len());
@@ -127,8 +154,17 @@ fn load_chunk(set: &dyn LabelledImages, range: std::ops::Range<usize>, crop: u32
 }
 
 /// Features (`[N, D]`, on the CPU) of a whole set, `chunk` images at a time.
-pub fn features(backbone: &Vit, set: &dyn LabelledImages, crop: u32, chunk: usize, token: ClassToken, device: &Device) -> Result<(Tensor, Vec<i32>)> {
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+pub fn features(
+    backbone: &Vit,
+    set: &dyn LabelledImages,
+    crop: u32,
+    chunk: usize,
+    token: ClassToken,
+    device: &Device,
+) -> Result<(Tensor, Vec<i32>)> {
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let mut feats = Vec::new();
     let mut labels = Vec::new();
     let mut at = 0;
@@ -136,7 +172,12 @@ pub fn features(backbone: &Vit, set: &dyn LabelledImages, crop: u32, chunk: usiz
         let end = (at + chunk).min(set.len());
         let (imgs, l) = load_chunk(set, at..end, crop, threads)?;
         let x = to_normalised_tensor(&imgs, crop, device)?;
-        feats.push(backbone.features(&x, token)?.to_dtype(DType::F32)?.to_device(&Device::Cpu)?);
+        feats.push(
+            backbone
+                .features(&x, token)?
+                .to_dtype(DType::F32)?
+                .to_device(&Device::Cpu)?,
+        );
         labels.extend(l);
         at = end;
     }
@@ -144,13 +185,28 @@ pub fn features(backbone: &Vit, set: &dyn LabelledImages, crop: u32, chunk: usiz
 }
 
 /// The teacher backbone of a checkpoint's tensors (`teacher.*`), or a fresh random init.
-pub fn teacher_backbone(cfg: &TrainConfig, tensors: Option<&HashMap<String, Tensor>>, device: &Device) -> Result<(ParamStore, Vit)> {
+pub fn teacher_backbone(
+    cfg: &TrainConfig,
+    tensors: Option<&HashMap<String, Tensor>>,
+    device: &Device,
+) -> Result<(ParamStore, Vit)> {
     let store = ParamStore::init(cfg, cfg.data.seed, DType::F32, device)?;
     if let Some(t) = tensors {
-        for p in store.params().iter().filter(|p| p.name.starts_with("backbone.")) {
+        for p in store
+            .params()
+            .iter()
+            .filter(|p| p.name.starts_with("backbone."))
+        {
             let key = format!("teacher.{}", p.name);
-            let v = t.get(&key).with_context(|| format!("checkpoint has no {key}"))?;
-            ensure!(v.dims() == p.var.dims(), "{key} has shape {:?}, the config wants {:?}", v.dims(), p.var.dims());
+            let v = t
+                .get(&key)
+                .with_context(|| format!("checkpoint has no {key}"))?;
+            ensure!(
+                v.dims() == p.var.dims(),
+                "{key} has shape {:?}, the config wants {:?}",
+                v.dims(),
+                p.var.dims()
+            );
             p.var.set(&v.to_dtype(DType::F32)?.to_device(device)?)?;
         }
     }
@@ -159,6 +215,7 @@ pub fn teacher_backbone(cfg: &TrainConfig, tensors: Option<&HashMap<String, Tens
 }
 
 /// k-NN of `val` against `train` with the features of `backbone`.
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     backbone: &Vit,
     train: &dyn LabelledImages,
@@ -170,13 +227,18 @@ pub fn evaluate(
     device: &Device,
 ) -> Result<KnnResult> {
     let n_classes = train.class_names().len().max(val.class_names().len());
-    ensure!(n_classes > 0, "k-NN needs labelled images (the train set has no classes)");
+    ensure!(
+        n_classes > 0,
+        "k-NN needs labelled images (the train set has no classes)"
+    );
     if train.class_names() != val.class_names() {
         eprintln!("warning: train and val class lists differ; labels are compared by index");
     }
     let (tf, tl) = features(backbone, train, crop, chunk, token, device)?;
     let index = KnnIndex::new(&tf, tl, n_classes)?;
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let mut tally = KnnTally::default();
     let mut at = 0;
     while at < val.len() {

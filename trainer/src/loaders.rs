@@ -61,10 +61,20 @@ impl Supervisor {
     /// Starts `n` processes. Children inherit stderr (their messages reach the user) and get
     /// null stdin.
     pub fn start(n: usize, make: impl Fn(usize) -> Command + Send + 'static) -> Result<Self> {
-        let mut s = Self { make: Box::new(make), slots: Vec::new(), max_restarts: 10, backoff: Duration::from_millis(500) };
+        let mut s = Self {
+            make: Box::new(make),
+            slots: Vec::new(),
+            max_restarts: 10,
+            backoff: Duration::from_millis(500),
+        };
         for i in 0..n {
             let child = s.spawn(i)?;
-            s.slots.push(Slot { child: Some(child), restarts: 0, not_before: Instant::now(), started: Instant::now() });
+            s.slots.push(Slot {
+                child: Some(child),
+                restarts: 0,
+                not_before: Instant::now(),
+                started: Instant::now(),
+            });
         }
         Ok(s)
     }
@@ -72,7 +82,8 @@ impl Supervisor {
     fn spawn(&self, slot: usize) -> Result<Child> {
         let mut cmd = (self.make)(slot);
         cmd.stdin(Stdio::null());
-        cmd.spawn().with_context(|| format!("starting loader {slot}: {cmd:?}"))
+        cmd.spawn()
+            .with_context(|| format!("starting loader {slot}: {cmd:?}"))
     }
 
     pub fn len(&self) -> usize {
@@ -85,7 +96,10 @@ impl Supervisor {
 
     /// Process ids of the running children (None for a slot waiting to restart).
     pub fn pids(&self) -> Vec<Option<u32>> {
-        self.slots.iter().map(|s| s.child.as_ref().map(|c| c.id())).collect()
+        self.slots
+            .iter()
+            .map(|s| s.child.as_ref().map(|c| c.id()))
+            .collect()
     }
 
     /// Reaps dead children and restarts them once their back-off has passed. Errors when a slot
@@ -100,20 +114,30 @@ impl Supervisor {
                     if self.slots[i].started.elapsed() > Duration::from_secs(60) {
                         self.slots[i].restarts = 0;
                     }
-                    self.slots[i].not_before = Instant::now() + self.backoff * (1 << self.slots[i].restarts.min(5));
-                    ev.push(LoaderEvent::Exited { slot: i, status: describe(st) });
+                    self.slots[i].not_before =
+                        Instant::now() + self.backoff * (1 << self.slots[i].restarts.min(5));
+                    ev.push(LoaderEvent::Exited {
+                        slot: i,
+                        status: describe(st),
+                    });
                 }
             }
             if self.slots[i].child.is_none() && Instant::now() >= self.slots[i].not_before {
                 if self.slots[i].restarts >= self.max_restarts {
-                    bail!("loader {i} died {} times in a row; giving up (see its messages above)", self.slots[i].restarts + 1);
+                    bail!(
+                        "loader {i} died {} times in a row; giving up (see its messages above)",
+                        self.slots[i].restarts + 1
+                    );
                 }
                 let child = self.spawn(i)?;
                 let s = &mut self.slots[i];
                 s.child = Some(child);
                 s.restarts += 1;
                 s.started = Instant::now();
-                ev.push(LoaderEvent::Restarted { slot: i, restarts: s.restarts });
+                ev.push(LoaderEvent::Restarted {
+                    slot: i,
+                    restarts: s.restarts,
+                });
             }
         }
         Ok(ev)
@@ -132,7 +156,9 @@ impl Supervisor {
                 loop {
                     match c.try_wait() {
                         Ok(Some(_)) | Err(_) => break,
-                        Ok(None) if Instant::now() < until => std::thread::sleep(Duration::from_millis(20)),
+                        Ok(None) if Instant::now() < until => {
+                            std::thread::sleep(Duration::from_millis(20))
+                        }
                         Ok(None) => {
                             let _ = c.kill();
                             let _ = c.wait();
@@ -184,7 +210,10 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
-    fn wait_for(sup: &mut Supervisor, mut pred: impl FnMut(&[LoaderEvent]) -> bool) -> Vec<LoaderEvent> {
+    fn wait_for(
+        sup: &mut Supervisor,
+        mut pred: impl FnMut(&[LoaderEvent]) -> bool,
+    ) -> Vec<LoaderEvent> {
         let mut all = Vec::new();
         for _ in 0..500 {
             all.extend(sup.poll().unwrap());
@@ -204,15 +233,33 @@ mod tests {
         let mut sup = Supervisor::start(2, move |slot| {
             let n = sp.fetch_add(1, Ordering::SeqCst);
             let mut c = Command::new("sh");
-            let script = if slot == 0 && n == 0 { "exit 3" } else { "sleep 30" };
+            let script = if slot == 0 && n == 0 {
+                "exit 3"
+            } else {
+                "sleep 30"
+            };
             c.args(["-c", script]);
             c
         })
         .unwrap();
         sup.backoff = Duration::from_millis(10);
-        let ev = wait_for(&mut sup, |e| e.iter().any(|x| matches!(x, LoaderEvent::Restarted { .. })));
-        assert_eq!(ev[0], LoaderEvent::Exited { slot: 0, status: "exit code 3".into() });
-        assert_eq!(ev[1], LoaderEvent::Restarted { slot: 0, restarts: 1 });
+        let ev = wait_for(&mut sup, |e| {
+            e.iter().any(|x| matches!(x, LoaderEvent::Restarted { .. }))
+        });
+        assert_eq!(
+            ev[0],
+            LoaderEvent::Exited {
+                slot: 0,
+                status: "exit code 3".into()
+            }
+        );
+        assert_eq!(
+            ev[1],
+            LoaderEvent::Restarted {
+                slot: 0,
+                restarts: 1
+            }
+        );
         assert_eq!(spawned.load(Ordering::SeqCst), 3);
         let pids: Vec<u32> = sup.pids().into_iter().map(|p| p.unwrap()).collect();
         sup.shutdown(Duration::from_secs(2));

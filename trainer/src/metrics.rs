@@ -52,10 +52,15 @@ impl MetricsLog {
     pub fn open(run_dir: &Path, keep_through_step: Option<u64>) -> Result<Self> {
         let path = run_dir.join(METRICS_FILE);
         let kept = match keep_through_step {
-            Some(s) if path.exists() => read_metrics(&path)?.into_iter().filter(|m| m.step <= s).collect(),
+            Some(s) if path.exists() => read_metrics(&path)?
+                .into_iter()
+                .filter(|m| m.step <= s)
+                .collect(),
             _ => Vec::new(),
         };
-        let mut out = BufWriter::new(fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?);
+        let mut out = BufWriter::new(
+            fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?,
+        );
         for m in &kept {
             writeln!(out, "{}", serde_json::to_string(m)?)?;
         }
@@ -69,7 +74,9 @@ impl MetricsLog {
 
     pub fn write(&mut self, m: &StepMetrics) -> Result<()> {
         writeln!(self.out, "{}", serde_json::to_string(m)?)?;
-        self.out.flush().with_context(|| format!("writing {}", self.path.display()))
+        self.out
+            .flush()
+            .with_context(|| format!("writing {}", self.path.display()))
     }
 }
 
@@ -77,7 +84,9 @@ impl MetricsLog {
 pub fn read_metrics(path: &Path) -> Result<Vec<StepMetrics>> {
     let f = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut out = Vec::new();
-    let lines: Vec<String> = std::io::BufReader::new(f).lines().collect::<std::io::Result<_>>()?;
+    let lines: Vec<String> = std::io::BufReader::new(f)
+        .lines()
+        .collect::<std::io::Result<_>>()?;
     let n = lines.len();
     for (i, line) in lines.into_iter().enumerate() {
         if line.trim().is_empty() {
@@ -106,7 +115,9 @@ pub fn console_line(m: &StepMetrics, total_steps: u64, first_step: u64) -> Strin
     let done = m.step.saturating_sub(first_step);
     let left = total_steps.saturating_sub(m.step);
     let eta = if done > 0 && m.elapsed_s > 0.0 {
-        fmt_duration(Duration::from_secs_f64(m.elapsed_s / done as f64 * left as f64))
+        fmt_duration(Duration::from_secs_f64(
+            m.elapsed_s / done as f64 * left as f64,
+        ))
     } else {
         "?".into()
     };
@@ -135,7 +146,12 @@ pub fn console_line(m: &StepMetrics, total_steps: u64, first_step: u64) -> Strin
 
 /// Raised when the loss is not finite: training stops, the last good checkpoint stays.
 pub fn check_finite(m: &StepMetrics) -> Result<()> {
-    let parts = [("loss", m.loss), ("loss_cls", m.loss_cls), ("loss_udi", m.loss_udi), ("loss_patch", m.loss_patch)];
+    let parts = [
+        ("loss", m.loss),
+        ("loss_cls", m.loss_cls),
+        ("loss_udi", m.loss_udi),
+        ("loss_patch", m.loss_patch),
+    ];
     if let Some((name, v)) = parts.iter().find(|(_, v)| !v.is_finite()) {
         anyhow::bail!(
             "non-finite {name} = {v} at step {} (epoch {}): stopping without saving this step. \
@@ -173,7 +189,12 @@ const TARGETS: [&str; 3] = ["[cls]", "multimodal [cls+]", "patch"];
 
 impl EntropyGuard {
     pub fn new(grace_steps: u64) -> Self {
-        Self { low: 0.05, high: 0.98, grace_steps, last: [EntropyState::Healthy; 3] }
+        Self {
+            low: 0.05,
+            high: 0.98,
+            grace_steps,
+            last: [EntropyState::Healthy; 3],
+        }
     }
 
     pub fn classify(&self, h: f32, ln_k: f32) -> EntropyState {
@@ -189,7 +210,7 @@ impl EntropyGuard {
     /// Warnings for targets whose state just became unhealthy.
     pub fn check(&mut self, m: &StepMetrics) -> Vec<String> {
         let mut out = Vec::new();
-        if m.step <= self.grace_steps || !(m.ln_k > 0.0) {
+        if m.step <= self.grace_steps || m.ln_k.is_nan() || m.ln_k <= 0.0 {
             return out;
         }
         for (j, h) in m.teacher_entropy.iter().enumerate() {
@@ -220,7 +241,18 @@ mod tests {
     use super::*;
 
     fn m(step: u64, loss: f32, h: [f32; 3]) -> StepMetrics {
-        StepMetrics { step, epoch: 0, loss, loss_cls: loss, loss_udi: loss, loss_patch: loss, teacher_entropy: h, ln_k: 10.0, elapsed_s: step as f64, ..Default::default() }
+        StepMetrics {
+            step,
+            epoch: 0,
+            loss,
+            loss_cls: loss,
+            loss_udi: loss,
+            loss_patch: loss,
+            teacher_entropy: h,
+            ln_k: 10.0,
+            elapsed_s: step as f64,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -232,13 +264,21 @@ mod tests {
         }
         drop(log);
         let back = read_metrics(&dir.path().join(METRICS_FILE)).unwrap();
-        assert_eq!(back, (1..=5).map(|s| m(s, s as f32 * 0.5, [1.0, 2.0, 3.0])).collect::<Vec<_>>());
+        assert_eq!(
+            back,
+            (1..=5)
+                .map(|s| m(s, s as f32 * 0.5, [1.0, 2.0, 3.0]))
+                .collect::<Vec<_>>()
+        );
         // Resume from the checkpoint of step 3: lines 4 and 5 are dropped.
         let mut log = MetricsLog::open(dir.path(), Some(3)).unwrap();
         log.write(&m(4, 9.0, [1.0; 3])).unwrap();
         drop(log);
         let back = read_metrics(&dir.path().join(METRICS_FILE)).unwrap();
-        assert_eq!(back.iter().map(|x| x.step).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+        assert_eq!(
+            back.iter().map(|x| x.step).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4]
+        );
         assert_eq!(back[3].loss, 9.0);
     }
 
@@ -272,9 +312,16 @@ mod tests {
         assert_eq!(w.len(), 2, "{w:?}");
         assert!(w[0].contains("[cls]") && w[0].contains("collapsed"));
         assert!(w[1].contains("patch") && w[1].contains("uniform"));
-        assert!(g.check(&m(4, 1.0, [0.1, 5.0, 9.9])).is_empty(), "no repeat while the state persists");
+        assert!(
+            g.check(&m(4, 1.0, [0.1, 5.0, 9.9])).is_empty(),
+            "no repeat while the state persists"
+        );
         assert!(g.check(&m(5, 1.0, [5.0, 5.0, 5.0])).is_empty());
-        assert_eq!(g.check(&m(6, 1.0, [0.2, 5.0, 5.0])).len(), 1, "a new episode warns again");
+        assert_eq!(
+            g.check(&m(6, 1.0, [0.2, 5.0, 5.0])).len(),
+            1,
+            "a new episode warns again"
+        );
     }
 
     #[test]
@@ -282,6 +329,9 @@ mod tests {
         let mut x = m(50, 2.5, [1.0, 2.0, 3.0]);
         x.elapsed_s = 100.0; // 50 steps in 100 s → 2 s/step, 50 left → 1m40s
         let line = console_line(&x, 100, 0);
-        assert!(line.contains("step 50/100 (50%)") && line.contains("ETA 1m40s"), "{line}");
+        assert!(
+            line.contains("step 50/100 (50%)") && line.contains("ETA 1m40s"),
+            "{line}"
+        );
     }
 }

@@ -48,10 +48,17 @@ fn panels() -> Vec<Panel> {
                 ("ln K", |m| m.ln_k as f64),
             ],
         },
-        Panel { title: "learning rate", series: vec![("lr", |m| m.lr)] },
+        Panel {
+            title: "learning rate",
+            series: vec![("lr", |m| m.lr)],
+        },
         Panel {
             title: "wd, EMA momentum, teacher temp",
-            series: vec![("wd", |m| m.wd), ("momentum", |m| m.momentum), ("teacher_temp", |m| m.teacher_temp)],
+            series: vec![
+                ("wd", |m| m.wd),
+                ("momentum", |m| m.momentum),
+                ("teacher_temp", |m| m.teacher_temp),
+            ],
         },
         Panel {
             title: "centre norms",
@@ -63,12 +70,21 @@ fn panels() -> Vec<Panel> {
         },
         Panel {
             title: "throughput (img/s) and data wait (%)",
-            series: vec![("img/s", |m| m.images_per_s), ("wait %", |m| 100.0 * m.data_wait_frac)],
+            series: vec![
+                ("img/s", |m| m.images_per_s),
+                ("wait %", |m| 100.0 * m.data_wait_frac),
+            ],
         },
     ]
 }
 
-const COLORS: [RGBColor; 5] = [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(214, 39, 40), RGBColor(80, 80, 80)];
+const COLORS: [RGBColor; 5] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(80, 80, 80),
+];
 
 /// Draws the curves of `metrics` into an RGB8 buffer of `w × h`.
 pub fn render(metrics: &[StepMetrics], w: u32, h: u32) -> Result<Vec<u8>> {
@@ -117,12 +133,18 @@ pub fn render(metrics: &[StepMetrics], w: u32, h: u32) -> Result<Vec<u8>> {
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             for (i, (name, g)) in p.series.iter().enumerate() {
                 let c = COLORS[i % COLORS.len()];
-                let pts: Vec<(f64, f64)> = metrics.iter().map(|m| (m.step as f64, g(m))).filter(|(_, y)| y.is_finite()).collect();
+                let pts: Vec<(f64, f64)> = metrics
+                    .iter()
+                    .map(|m| (m.step as f64, g(m)))
+                    .filter(|(_, y)| y.is_finite())
+                    .collect();
                 chart
                     .draw_series(LineSeries::new(pts, c.stroke_width(2)))
                     .map_err(|e| anyhow::anyhow!("{e}"))?
                     .label(*name)
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], c.stroke_width(2)));
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 16, y)], c.stroke_width(2))
+                    });
             }
             chart
                 .configure_series_labels()
@@ -150,10 +172,16 @@ fn format_tick(v: f64) -> String {
 /// Reads `RUN_DIR/metrics.jsonl` and writes `out` (default `RUN_DIR/curves.png`).
 pub fn plot_run(run_dir: &Path, out: Option<&Path>) -> Result<PathBuf> {
     let metrics = read_metrics(&run_dir.join(METRICS_FILE))?;
-    ensure!(!metrics.is_empty(), "{}: no steps logged yet", run_dir.join(METRICS_FILE).display());
+    ensure!(
+        !metrics.is_empty(),
+        "{}: no steps logged yet",
+        run_dir.join(METRICS_FILE).display()
+    );
     let (w, h) = (1400u32, 1200u32);
     let buf = render(&metrics, w, h)?;
-    let out = out.map(Path::to_path_buf).unwrap_or_else(|| run_dir.join("curves.png"));
+    let out = out
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| run_dir.join("curves.png"));
     image::RgbImage::from_raw(w, h, buf)
         .context("plot buffer size")?
         .save(&out)

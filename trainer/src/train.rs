@@ -43,7 +43,14 @@ pub struct RunConfig {
 
 impl Default for RunConfig {
     fn default() -> Self {
-        Self { checkpoint_every: 500, keep_last: 3, log_every: 10, ring_slots: 8, batch_timeout_s: 600.0, entropy_grace_steps: 100 }
+        Self {
+            checkpoint_every: 500,
+            keep_last: 3,
+            log_every: 10,
+            ring_slots: 8,
+            batch_timeout_s: 600.0,
+            entropy_grace_steps: 100,
+        }
     }
 }
 
@@ -56,7 +63,10 @@ impl RunConfig {
             run: RunConfig,
         }
         let d: Doc = toml::from_str(text).context("[run]")?;
-        ensure!(d.run.checkpoint_every > 0, "[run]: checkpoint_every must be > 0");
+        ensure!(
+            d.run.checkpoint_every > 0,
+            "[run]: checkpoint_every must be > 0"
+        );
         ensure!(d.run.log_every > 0, "[run]: log_every must be > 0");
         ensure!(d.run.ring_slots >= 2, "[run]: ring_slots must be >= 2");
         Ok(d.run)
@@ -123,16 +133,23 @@ pub fn parse_config(text: &str, what: &str) -> Result<(TrainConfig, RunConfig)> 
 /// The next cursor after consuming batch `index` of `epoch`.
 pub fn advance(epoch: u64, index: u64, batches_per_epoch: u64) -> DataCursor {
     if index + 1 >= batches_per_epoch {
-        DataCursor { epoch: epoch + 1, batch: 0 }
+        DataCursor {
+            epoch: epoch + 1,
+            batch: 0,
+        }
     } else {
-        DataCursor { epoch, batch: index + 1 }
+        DataCursor {
+            epoch,
+            batch: index + 1,
+        }
     }
 }
 
 /// Runs (or resumes) training until `max_steps` or the end of the schedule.
 pub fn train(opts: &TrainOptions, feed: &mut dyn BatchFeed) -> Result<TrainSummary> {
     let (cfg, run) = parse_config(&opts.config_toml, "config")?;
-    std::fs::create_dir_all(&opts.run_dir).with_context(|| format!("creating {}", opts.run_dir.display()))?;
+    std::fs::create_dir_all(&opts.run_dir)
+        .with_context(|| format!("creating {}", opts.run_dir.display()))?;
     let bpe = shared::rng::batches_per_epoch(feed.n_samples(), cfg.data.batch_size);
     ensure!(
         bpe > 0,
@@ -141,7 +158,9 @@ pub fn train(opts: &TrainOptions, feed: &mut dyn BatchFeed) -> Result<TrainSumma
         cfg.data.batch_size
     );
     let schedule_steps = cfg.optim.epochs * bpe;
-    let end_step = opts.max_steps.map_or(schedule_steps, |m| m.min(schedule_steps));
+    let end_step = opts
+        .max_steps
+        .map_or(schedule_steps, |m| m.min(schedule_steps));
 
     let mut trainer = Trainer::new(&cfg, bpe, &opts.device)?;
     let ckpts = CheckpointManager::new(&opts.run_dir, run.keep_last)?;
@@ -163,17 +182,30 @@ pub fn train(opts: &TrainOptions, feed: &mut dyn BatchFeed) -> Result<TrainSumma
         }
         let saved_id = state.extra.get("dataset_id").and_then(|v| v.as_u64());
         if saved_id.is_some_and(|id| id != feed.dataset_id()) {
-            bail!("--resume: {} was trained on dataset {:016x}, these shards are {:016x}", c.dir.display(), saved_id.unwrap(), feed.dataset_id());
+            bail!(
+                "--resume: {} was trained on dataset {:016x}, these shards are {:016x}",
+                c.dir.display(),
+                saved_id.unwrap(),
+                feed.dataset_id()
+            );
         }
         trainer.load_state(&tensors, &format!("{}", c.tensors().display()))?;
         step = state.step;
         cursor = state.cursor;
         if !opts.quiet {
-            eprintln!("resuming from {} (step {step}, next batch: epoch {} batch {})", c.dir.display(), cursor.epoch, cursor.batch);
+            eprintln!(
+                "resuming from {} (step {step}, next batch: epoch {} batch {})",
+                c.dir.display(),
+                cursor.epoch,
+                cursor.batch
+            );
         }
     } else {
         if ckpts.latest()?.is_some() {
-            bail!("{} already has checkpoints: pass --resume to continue it, or choose a new --out", opts.run_dir.display());
+            bail!(
+                "{} already has checkpoints: pass --resume to continue it, or choose a new --out",
+                opts.run_dir.display()
+            );
         }
         std::fs::write(opts.run_dir.join("config.toml"), &opts.config_toml)?;
     }
@@ -245,7 +277,9 @@ pub fn train(opts: &TrainOptions, feed: &mut dyn BatchFeed) -> Result<TrainSumma
             data_wait_frac: (fed.wait.as_secs_f64() / dt.max(1e-9)).min(1.0),
             elapsed_s: started.elapsed().as_secs_f64(),
         };
-        metrics::check_finite(&m).map_err(|e| anyhow::anyhow!("{e:#}\nLast good checkpoint: {}", last_ckpt_display(&ckpts)))?;
+        metrics::check_finite(&m).map_err(|e| {
+            anyhow::anyhow!("{e:#}\nLast good checkpoint: {}", last_ckpt_display(&ckpts))
+        })?;
         log.write(&m)?;
         wait_sum += m.data_wait_frac;
         ips_sum += m.images_per_s;
@@ -254,15 +288,21 @@ pub fn train(opts: &TrainOptions, feed: &mut dyn BatchFeed) -> Result<TrainSumma
             for w in guard.check(&m) {
                 eprintln!("{w}");
             }
-            if step % run.log_every == 0 || step == end_step || step == first_step + 1 {
+            if step.is_multiple_of(run.log_every) || step == end_step || step == first_step + 1 {
                 eprintln!("{}", metrics::console_line(&m, end_step, first_step));
             }
         }
-        let stopping = opts.stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed));
-        if step % run.checkpoint_every == 0 || step == end_step || stopping {
+        let stopping = opts
+            .stop
+            .as_ref()
+            .is_some_and(|s| s.load(Ordering::Relaxed));
+        if step.is_multiple_of(run.checkpoint_every) || step == end_step || stopping {
             let p = save(&trainer, step, fed.epoch, cursor)?;
             if stopping && !opts.quiet {
-                eprintln!("stopped at step {step}; checkpoint {} (continue with --resume)", p.display());
+                eprintln!(
+                    "stopped at step {step}; checkpoint {} (continue with --resume)",
+                    p.display()
+                );
             }
             last_ckpt = Some(p);
         }

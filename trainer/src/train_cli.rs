@@ -60,14 +60,17 @@ pub struct TrainArgs {
 
 pub fn device(cuda: bool) -> Result<Device> {
     if cuda {
-        Device::new_cuda(0).context("--cuda: opening CUDA device 0 (is the trainer built with --features cuda?)")
+        Device::new_cuda(0)
+            .context("--cuda: opening CUDA device 0 (is the trainer built with --features cuda?)")
     } else {
         Ok(Device::Cpu)
     }
 }
 
 fn cores() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 /// `loader::source::Records` over the shard reader.
@@ -83,10 +86,15 @@ impl loader::source::Records for ShardRecords {
 }
 
 pub fn train_main(a: &TrainArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&a.config).with_context(|| format!("reading config {}", a.config.display()))?;
+    let text = std::fs::read_to_string(&a.config)
+        .with_context(|| format!("reading config {}", a.config.display()))?;
     let (cfg, run) = train::parse_config(&text, &a.config.display().to_string())?;
-    let pipe = PipelineConfig { data: cfg.data.clone(), augment: cfg.augment.clone() };
-    let ds = shared::shard::Dataset::open(&a.shards).with_context(|| format!("opening shards {}", a.shards.display()))?;
+    let pipe = PipelineConfig {
+        data: cfg.data.clone(),
+        augment: cfg.augment.clone(),
+    };
+    let ds = shared::shard::Dataset::open(&a.shards)
+        .with_context(|| format!("opening shards {}", a.shards.display()))?;
     let (n, id) = (ds.len(), ds.dataset_id());
     let mut feed: Box<dyn BatchFeed> = if a.in_process {
         let engine = loader::engine::CropEngine::new(cfg.augment.clone());
@@ -94,18 +102,39 @@ pub fn train_main(a: &TrainArgs) -> Result<()> {
         Box::new(InProcessFeed::new(Arc::new(src), &pipe, id, cores()))
     } else {
         drop(ds);
-        let name = a.ring.clone().unwrap_or_else(|| format!("udi-train-{}", std::process::id()));
+        let name = a
+            .ring
+            .clone()
+            .unwrap_or_else(|| format!("udi-train-{}", std::process::id()));
         let launch = if a.external_loaders {
             eprintln!("waiting for loaders on ring '{name}': loader run --shards {} --ring {name} --config {}", a.shards.display(), a.config.display());
             None
         } else {
             let processes = a.loaders.unwrap_or((cores() / 8).max(1));
             let threads = a.threads.unwrap_or((cores() / processes).max(1));
-            let l = LoaderLaunch { loader_bin: find_loader_bin(a.loader_bin.as_deref())?, shards: a.shards.clone(), config: a.config.clone(), processes, threads, slots: run.ring_slots };
-            eprintln!("starting {processes} loader process(es) × {threads} thread(s): {}", l.loader_bin.display());
+            let l = LoaderLaunch {
+                loader_bin: find_loader_bin(a.loader_bin.as_deref())?,
+                shards: a.shards.clone(),
+                config: a.config.clone(),
+                processes,
+                threads,
+                slots: run.ring_slots,
+            };
+            eprintln!(
+                "starting {processes} loader process(es) × {threads} thread(s): {}",
+                l.loader_bin.display()
+            );
             Some(l)
         };
-        Box::new(RingFeed::start(&name, &pipe, id, n, run.ring_slots, Duration::from_secs_f64(run.batch_timeout_s), launch.as_ref())?)
+        Box::new(RingFeed::start(
+            &name,
+            &pipe,
+            id,
+            n,
+            run.ring_slots,
+            Duration::from_secs_f64(run.batch_timeout_s),
+            launch.as_ref(),
+        )?)
     };
     // Ctrl-C / SIGTERM: finish the step, checkpoint, stop; a second one exits at once.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -130,7 +159,10 @@ pub fn train_main(a: &TrainArgs) -> Result<()> {
         s.total_steps,
         s.mean_images_per_s,
         100.0 * s.mean_data_wait,
-        s.last_checkpoint.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into())
+        s.last_checkpoint
+            .as_deref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "none".into())
     );
     Ok(())
 }
@@ -174,12 +206,16 @@ pub struct KnnArgs {
     pub cuda: bool,
 }
 
-fn load_config(config: Option<&Path>, ckpt: Option<&checkpoint::CheckpointPath>) -> Result<TrainConfig> {
+fn load_config(
+    config: Option<&Path>,
+    ckpt: Option<&checkpoint::CheckpointPath>,
+) -> Result<TrainConfig> {
     match (config, ckpt) {
         (Some(p), _) => TrainConfig::from_toml_file(p),
         (None, Some(c)) => {
             let s = checkpoint::load_state(c)?;
-            TrainConfig::from_toml_str(&s.config_toml).map_err(|e| anyhow::anyhow!("{}: config: {e:#}", c.state().display()))
+            TrainConfig::from_toml_str(&s.config_toml)
+                .map_err(|e| anyhow::anyhow!("{}: config: {e:#}", c.state().display()))
         }
         (None, None) => bail!("--random-init without --checkpoint needs --config"),
     }
@@ -187,7 +223,11 @@ fn load_config(config: Option<&Path>, ckpt: Option<&checkpoint::CheckpointPath>)
 
 pub fn knn_main(a: &KnnArgs) -> Result<()> {
     let dev = device(a.cuda)?;
-    let ckpt = a.checkpoint.as_deref().map(checkpoint::resolve).transpose()?;
+    let ckpt = a
+        .checkpoint
+        .as_deref()
+        .map(checkpoint::resolve)
+        .transpose()?;
     let cfg = load_config(a.config.as_deref(), ckpt.as_ref())?;
     let tensors = match (&ckpt, a.random_init) {
         (Some(c), false) => Some(checkpoint::load(c, &dev)?.0),
@@ -200,9 +240,24 @@ pub fn knn_main(a: &KnnArgs) -> Result<()> {
         TokenArg::Cls => ClassToken::Cls,
         TokenArg::ClsPlus => ClassToken::ClsPlus,
     };
-    let p = KnnParams { k: a.k, temperature: a.temperature };
-    let r = knn_eval::evaluate(&vit, train.as_ref(), val.as_ref(), cfg.augment.global_size, a.chunk.max(1), token, p, &dev)?;
-    let what = if a.random_init || ckpt.is_none() { "random init".to_string() } else { ckpt.as_ref().unwrap().dir.display().to_string() };
+    let p = KnnParams {
+        k: a.k,
+        temperature: a.temperature,
+    };
+    let r = knn_eval::evaluate(
+        &vit,
+        train.as_ref(),
+        val.as_ref(),
+        cfg.augment.global_size,
+        a.chunk.max(1),
+        token,
+        p,
+        &dev,
+    )?;
+    let what = match &ckpt {
+        Some(c) if !a.random_init => c.dir.display().to_string(),
+        _ => "random init".to_string(),
+    };
     if a.json {
         let mut v = serde_json::to_value(&r)?;
         v["token"] = serde_json::json!(format!("{:?}", a.token).to_lowercase());
@@ -235,7 +290,13 @@ pub struct ExportArgs {
 /// The timm shape of a config's backbone.
 pub fn vit_shape(cfg: &TrainConfig) -> VitShape {
     let g = cfg.pos_grid();
-    VitShape { depth: cfg.model.depth, dim: cfg.model.dim, mlp_hidden: cfg.model.mlp_ratio * cfg.model.dim, patch: cfg.augment.patch_size as usize, n_patches: g * g }
+    VitShape {
+        depth: cfg.model.depth,
+        dim: cfg.model.dim,
+        mlp_hidden: cfg.model.mlp_ratio * cfg.model.dim,
+        patch: cfg.augment.patch_size as usize,
+        n_patches: g * g,
+    }
 }
 
 /// Writes the teacher backbone of `ckpt` with timm's names; returns the tensor count.

@@ -33,10 +33,25 @@ pub struct InProcessFeed {
 }
 
 impl InProcessFeed {
-    pub fn new(source: Arc<dyn SampleSource>, pipe: &PipelineConfig, dataset_id: u64, threads: usize) -> Self {
+    pub fn new(
+        source: Arc<dyn SampleSource>,
+        pipe: &PipelineConfig,
+        dataset_id: u64,
+        threads: usize,
+    ) -> Self {
         let layout = BatchLayout::new(&pipe.augment, pipe.data.batch_size);
         let buf = OwnedBatch::zeroed(&layout);
-        Self { source, pipe: pipe.clone(), layout, buf, dataset_id, threads: threads.max(1), epoch: 0, batch: 0, perm: None }
+        Self {
+            source,
+            pipe: pipe.clone(),
+            layout,
+            buf,
+            dataset_id,
+            threads: threads.max(1),
+            epoch: 0,
+            batch: 0,
+            perm: None,
+        }
     }
 
     /// Builds batch `batch` of `epoch` into the internal buffer.
@@ -45,19 +60,41 @@ impl InProcessFeed {
         if self.perm.as_ref().map(|p| p.0) != Some(epoch) {
             self.perm = Some((epoch, epoch_permutation(self.pipe.data.seed, epoch, n)));
         }
-        let idx: Vec<u64> = batch_samples(&self.perm.as_ref().unwrap().1, batch, self.pipe.data.batch_size).to_vec();
+        let idx: Vec<u64> = batch_samples(
+            &self.perm.as_ref().unwrap().1,
+            batch,
+            self.pipe.data.batch_size,
+        )
+        .to_vec();
         let chunk = idx.len().div_ceil(self.threads);
         let source = &self.source;
         let samples: Vec<Result<Sample>> = std::thread::scope(|s| {
             let hs: Vec<_> = idx
                 .chunks(chunk.max(1))
-                .map(|c| s.spawn(move || c.iter().map(|&i| source.produce(epoch, i)).collect::<Vec<_>>()))
+                .map(|c| {
+                    s.spawn(move || {
+                        c.iter()
+                            .map(|&i| source.produce(epoch, i))
+                            .collect::<Vec<_>>()
+                    })
+                })
                 .collect();
-            hs.into_iter().flat_map(|h| h.join().expect("sample thread panicked")).collect()
+            hs.into_iter()
+                .flat_map(|h| h.join().expect("sample thread panicked"))
+                .collect()
         });
-        let mut w = BatchWriter::new(&self.layout, self.buf.bytes_mut(), epoch, batch, &self.pipe.augment);
+        let mut w = BatchWriter::new(
+            &self.layout,
+            self.buf.bytes_mut(),
+            epoch,
+            batch,
+            &self.pipe.augment,
+        );
         for (b, s) in samples.into_iter().enumerate() {
-            w.write_sample(b, &s.with_context(|| format!("epoch {epoch} batch {batch} sample {b}"))?);
+            w.write_sample(
+                b,
+                &s.with_context(|| format!("epoch {epoch} batch {batch} sample {b}"))?,
+            );
         }
         BatchView::new(&self.layout, self.buf.bytes()).map_err(anyhow::Error::msg)
     }
@@ -84,7 +121,12 @@ impl BatchFeed for InProcessFeed {
         let bpe = batches_per_epoch(self.source.len(), self.pipe.data.batch_size);
         let c = crate::train::advance(e, b, bpe);
         (self.epoch, self.batch) = (c.epoch, c.batch);
-        Ok(FedBatch { batch, epoch: e, index: b, wait })
+        Ok(FedBatch {
+            batch,
+            epoch: e,
+            index: b,
+            wait,
+        })
     }
 }
 
@@ -130,8 +172,12 @@ impl SupervisorThread {
                     Ok(ev) => {
                         for e in ev {
                             match e {
-                                LoaderEvent::Exited { slot, status } => eprintln!("trainer: loader {slot} exited ({status})"),
-                                LoaderEvent::Restarted { slot, restarts } => eprintln!("trainer: restarted loader {slot} (restart #{restarts})"),
+                                LoaderEvent::Exited { slot, status } => {
+                                    eprintln!("trainer: loader {slot} exited ({status})")
+                                }
+                                LoaderEvent::Restarted { slot, restarts } => eprintln!(
+                                    "trainer: restarted loader {slot} (restart #{restarts})"
+                                ),
                             }
                         }
                     }
@@ -144,7 +190,11 @@ impl SupervisorThread {
             }
             sup.shutdown(Duration::from_secs(5));
         });
-        Self { stop, failed, handle: Some(handle) }
+        Self {
+            stop,
+            failed,
+            handle: Some(handle),
+        }
     }
 
     fn failure(&self) -> Option<String> {
@@ -206,7 +256,13 @@ impl RingFeed {
                 Some(SupervisorThread::start(sup))
             }
         };
-        Ok(Self { consumer, n_samples, dataset_id, timeout, supervisor })
+        Ok(Self {
+            consumer,
+            n_samples,
+            dataset_id,
+            timeout,
+            supervisor,
+        })
     }
 }
 
@@ -235,9 +291,16 @@ impl BatchFeed for RingFeed {
                     let wait = t0.elapsed();
                     let (epoch, index) = (guard.epoch(), guard.batch());
                     let batch = TrainBatch::from_view(&guard.view(), aug, device)?;
-                    return Ok(FedBatch { batch, epoch, index, wait });
+                    return Ok(FedBatch {
+                        batch,
+                        epoch,
+                        index,
+                        wait,
+                    });
                 }
-                Err(e) if t0.elapsed() < self.timeout && format!("{e}").contains("waited") => continue,
+                Err(e) if t0.elapsed() < self.timeout && format!("{e}").contains("waited") => {
+                    continue
+                }
                 Err(e) => return Err(e),
             }
         }

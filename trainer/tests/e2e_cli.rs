@@ -58,7 +58,11 @@ fn children(pid: u32) -> Vec<u32> {
 }
 
 fn losses(run: &Path) -> Vec<(u64, u32)> {
-    trainer::metrics::read_metrics(&run.join("metrics.jsonl")).unwrap().iter().map(|m| (m.step, m.loss.to_bits())).collect()
+    trainer::metrics::read_metrics(&run.join("metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .map(|m| (m.step, m.loss.to_bits()))
+        .collect()
 }
 
 #[test]
@@ -71,13 +75,29 @@ fn train_with_loader_processes_survives_a_killed_loader() {
     let img = tmp.path().join("img");
     shard_tool::synth::write_imagefolder(&img, 2, 8, 40, 0).unwrap();
     let shards = tmp.path().join("shards");
-    shard_tool::pack::pack(&img, &shards, &shard_tool::pack::PackConfig { progress: false, ..Default::default() }).unwrap();
+    shard_tool::pack::pack(
+        &img,
+        &shards,
+        &shard_tool::pack::PackConfig {
+            progress: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let cfg = tmp.path().join("cfg.toml");
     std::fs::write(&cfg, CONFIG).unwrap();
 
     let run = tmp.path().join("run");
     let child = Command::new(TRAINER)
-        .args(["train", "--max-steps", "8", "--loaders", "1", "--threads", "1"])
+        .args([
+            "train",
+            "--max-steps",
+            "8",
+            "--loaders",
+            "1",
+            "--threads",
+            "1",
+        ])
         .arg("--config")
         .arg(&cfg)
         .arg("--shards")
@@ -93,7 +113,9 @@ fn train_with_loader_processes_survives_a_killed_loader() {
     let t0 = Instant::now();
     let mut killed = None;
     while killed.is_none() && t0.elapsed() < Duration::from_secs(120) {
-        let stepped = std::fs::read_to_string(run.join("metrics.jsonl")).map(|s| s.lines().count() >= 1).unwrap_or(false);
+        let stepped = std::fs::read_to_string(run.join("metrics.jsonl"))
+            .map(|s| s.lines().count() >= 1)
+            .unwrap_or(false);
         let kids = children(child.id());
         if stepped && !kids.is_empty() {
             unsafe { libc::kill(kids[0] as i32, libc::SIGKILL) };
@@ -105,7 +127,10 @@ fn train_with_loader_processes_survives_a_killed_loader() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "trainer failed:\n{stderr}");
     assert!(killed.is_some(), "never saw the loader process");
-    assert!(stderr.contains("restarted loader 0"), "no restart reported:\n{stderr}");
+    assert!(
+        stderr.contains("restarted loader 0"),
+        "no restart reported:\n{stderr}"
+    );
     assert!(stderr.contains("step 8/8"), "{stderr}");
 
     // Same run, batches built in-process: identical losses, so the restart lost nothing.
@@ -127,23 +152,63 @@ fn train_with_loader_processes_survives_a_killed_loader() {
 
     let ok = |args: &[&str]| {
         let o = Command::new(TRAINER).args(args).output().unwrap();
-        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         String::from_utf8(o.stdout).unwrap()
     };
     let r = run.to_str().unwrap();
     ok(&["plot", r]);
     assert!(run.join("curves.png").is_file());
     let s = shards.to_str().unwrap();
-    let j: serde_json::Value = serde_json::from_str(ok(&["knn", "--checkpoint", r, "--train", s, "--val", s, "--k", "3", "--json"]).trim()).unwrap();
-    assert!(j["top1"].as_f64().unwrap() >= 0.0 && j["top5"].as_f64().unwrap() >= j["top1"].as_f64().unwrap());
+    let j: serde_json::Value = serde_json::from_str(
+        ok(&[
+            "knn",
+            "--checkpoint",
+            r,
+            "--train",
+            s,
+            "--val",
+            s,
+            "--k",
+            "3",
+            "--json",
+        ])
+        .trim(),
+    )
+    .unwrap();
+    assert!(
+        j["top1"].as_f64().unwrap() >= 0.0
+            && j["top5"].as_f64().unwrap() >= j["top1"].as_f64().unwrap()
+    );
     assert_eq!(j["k"], 3);
     let e = tmp.path().join("b.safetensors");
-    ok(&["export", "--checkpoint", r, "--format", "timm", "--out", e.to_str().unwrap()]);
-    assert!(candle_core::safetensors::load(&e, &candle_core::Device::Cpu).unwrap().contains_key("reg_token"));
+    ok(&[
+        "export",
+        "--checkpoint",
+        r,
+        "--format",
+        "timm",
+        "--out",
+        e.to_str().unwrap(),
+    ]);
+    assert!(
+        candle_core::safetensors::load(&e, &candle_core::Device::Cpu)
+            .unwrap()
+            .contains_key("reg_token")
+    );
 }
 
 /// `trainer train` with `args`, returning (success, stderr).
-fn train_cli(cfg: &Path, shards: &Path, run: &Path, args: &[&str], interrupt_after_first_step: bool) -> (bool, String) {
+fn train_cli(
+    cfg: &Path,
+    shards: &Path,
+    run: &Path,
+    args: &[&str],
+    interrupt_after_first_step: bool,
+) -> (bool, String) {
     let child = Command::new(TRAINER)
         .arg("train")
         .args(args)
@@ -159,7 +224,10 @@ fn train_cli(cfg: &Path, shards: &Path, run: &Path, args: &[&str], interrupt_aft
     if interrupt_after_first_step {
         let t0 = Instant::now();
         while t0.elapsed() < Duration::from_secs(120) {
-            if std::fs::read_to_string(run.join("metrics.jsonl")).map(|s| s.lines().count() >= 1).unwrap_or(false) {
+            if std::fs::read_to_string(run.join("metrics.jsonl"))
+                .map(|s| s.lines().count() >= 1)
+                .unwrap_or(false)
+            {
                 unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
                 break;
             }
@@ -167,7 +235,10 @@ fn train_cli(cfg: &Path, shards: &Path, run: &Path, args: &[&str], interrupt_aft
         }
     }
     let out = child.wait_with_output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -176,23 +247,53 @@ fn ctrl_c_checkpoints_and_resume_continues_exactly() {
     let img = tmp.path().join("img");
     shard_tool::synth::write_imagefolder(&img, 2, 8, 40, 1).unwrap();
     let shards = tmp.path().join("shards");
-    shard_tool::pack::pack(&img, &shards, &shard_tool::pack::PackConfig { progress: false, ..Default::default() }).unwrap();
+    shard_tool::pack::pack(
+        &img,
+        &shards,
+        &shard_tool::pack::PackConfig {
+            progress: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let cfg = tmp.path().join("cfg.toml");
     // Checkpoints only at the end: the one after Ctrl-C comes from the interrupt.
-    std::fs::write(&cfg, CONFIG.replace("checkpoint_every = 1", "checkpoint_every = 100")).unwrap();
+    std::fs::write(
+        &cfg,
+        CONFIG.replace("checkpoint_every = 1", "checkpoint_every = 100"),
+    )
+    .unwrap();
 
     let run = tmp.path().join("run");
-    let (ok, err) = train_cli(&cfg, &shards, &run, &["--max-steps", "8", "--in-process"], true);
+    let (ok, err) = train_cli(
+        &cfg,
+        &shards,
+        &run,
+        &["--max-steps", "8", "--in-process"],
+        true,
+    );
     assert!(ok, "interrupted trainer should exit cleanly:\n{err}");
     assert!(err.contains("stopped at step"), "{err}");
     let stopped = trainer::checkpoint::resolve(&run).unwrap().step;
     assert!(stopped < 8, "stopped at {stopped}");
-    let (ok, err) = train_cli(&cfg, &shards, &run, &["--max-steps", "8", "--in-process", "--resume"], false);
+    let (ok, err) = train_cli(
+        &cfg,
+        &shards,
+        &run,
+        &["--max-steps", "8", "--in-process", "--resume"],
+        false,
+    );
     assert!(ok, "{err}");
     assert!(err.contains("resuming from"), "{err}");
 
     let reference = tmp.path().join("reference");
-    let (ok, err) = train_cli(&cfg, &shards, &reference, &["--max-steps", "8", "--in-process"], false);
+    let (ok, err) = train_cli(
+        &cfg,
+        &shards,
+        &reference,
+        &["--max-steps", "8", "--in-process"],
+        false,
+    );
     assert!(ok, "{err}");
     assert_eq!(losses(&run), losses(&reference));
     assert_eq!(losses(&run).len(), 8);

@@ -46,7 +46,11 @@ impl SampleSource for Synth {
         8
     }
     fn produce(&self, epoch: u64, index: u64) -> anyhow::Result<Sample> {
-        Ok(trainer::data::synthetic_sample(&self.0, &mut rng_for(3, Domain::Crops, epoch, index), index))
+        Ok(trainer::data::synthetic_sample(
+            &self.0,
+            &mut rng_for(3, Domain::Crops, epoch, index),
+            index,
+        ))
     }
 }
 
@@ -55,7 +59,15 @@ fn export_reloads_into_our_backbone_and_reproduces_the_features() {
     let dir = tempfile::tempdir().unwrap();
     let pipe = PipelineConfig::from_toml_str(CONFIG).unwrap();
     let mut feed = InProcessFeed::new(Arc::new(Synth(pipe.augment.clone())), &pipe, 1, 1);
-    let opts = TrainOptions { config_toml: CONFIG.into(), run_dir: dir.path().into(), resume: false, max_steps: Some(2), device: Device::Cpu, quiet: true, stop: None };
+    let opts = TrainOptions {
+        config_toml: CONFIG.into(),
+        run_dir: dir.path().into(),
+        resume: false,
+        max_steps: Some(2),
+        device: Device::Cpu,
+        quiet: true,
+        stop: None,
+    };
     train(&opts, &mut feed).unwrap();
 
     let out = dir.path().join("backbone.safetensors");
@@ -85,20 +97,48 @@ fn export_reloads_into_our_backbone_and_reproduces_the_features() {
             set += 1;
         }
     }
-    assert_eq!(set, keys.len(), "every exported tensor maps onto a backbone parameter");
+    assert_eq!(
+        set,
+        keys.len(),
+        "every exported tensor maps onto a backbone parameter"
+    );
     let reloaded = Vit::new(&cfg, &store, false).unwrap();
 
-    let x: Vec<f32> = (0..3 * 3 * 32 * 32).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
+    let x: Vec<f32> = (0..3 * 3 * 32 * 32)
+        .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+        .collect();
     let x = Tensor::from_vec(x, (3, 3, 32, 32), &Device::Cpu).unwrap();
     for token in [ClassToken::Cls, ClassToken::ClsPlus] {
-        let a: Vec<f32> = teacher.features(&x, token).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let b: Vec<f32> = reloaded.features(&x, token).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let a: Vec<f32> = teacher
+            .features(&x, token)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let b: Vec<f32> = reloaded
+            .features(&x, token)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(a.len(), 3 * 32);
         assert_eq!(a, b, "{token:?} features differ after export → reload");
     }
     // And the export is not just the initial weights: training moved the teacher.
     let init = ParamStore::init(&cfg, cfg.data.seed, DType::F32, &Device::Cpu).unwrap();
-    let w0: Vec<f32> = init.tensor("backbone.blocks.0.attn.qkv.weight").unwrap().flatten_all().unwrap().to_vec1().unwrap();
-    let w1: Vec<f32> = exported["blocks.0.attn.qkv.weight"].flatten_all().unwrap().to_vec1().unwrap();
+    let w0: Vec<f32> = init
+        .tensor("backbone.blocks.0.attn.qkv.weight")
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let w1: Vec<f32> = exported["blocks.0.attn.qkv.weight"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     assert_ne!(w0, w1);
 }

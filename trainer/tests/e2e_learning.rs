@@ -27,20 +27,32 @@ fn data() -> (PathBuf, PathBuf, Option<tempfile::TempDir>, &'static str) {
     let tmp = tempfile::tempdir().unwrap();
     shard_tool::synth::write_imagefolder(&tmp.path().join("train"), 10, 100, 64, 0).unwrap();
     shard_tool::synth::write_imagefolder(&tmp.path().join("val"), 10, 30, 64, 1).unwrap();
-    (tmp.path().join("train"), tmp.path().join("val"), Some(tmp), "generated shapes")
+    (
+        tmp.path().join("train"),
+        tmp.path().join("val"),
+        Some(tmp),
+        "generated shapes",
+    )
 }
 
 #[test]
 #[ignore = "heavy: a few minutes of CPU pretraining (scripts/test.sh runs it in release)"]
 fn learning_pretraining_beats_random_init_on_knn() {
     let (train_dir, val_dir, _keep, name) = data();
-    let steps: u64 = std::env::var("LEARNING_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(250);
+    let steps: u64 = std::env::var("LEARNING_STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(250);
     let text = format!("{CONFIG}\n[run]\nlog_every = 25\ncheckpoint_every = 1000000\n");
     let cfg = TrainConfig::from_toml_str(&text).unwrap();
     let pipe = PipelineConfig::from_toml_str(&text).unwrap();
     // Pretraining ignores labels: every class folder's images, in one record set.
     let mut records = loader::folder::MemRecords::default();
-    let mut classes: Vec<PathBuf> = std::fs::read_dir(&train_dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.is_dir()).collect();
+    let mut classes: Vec<PathBuf> = std::fs::read_dir(&train_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
     classes.sort();
     for c in classes {
         for r in loader::folder::MemRecords::from_dir(&c).unwrap().records {
@@ -49,10 +61,20 @@ fn learning_pretraining_beats_random_init_on_knn() {
     }
     let engine = loader::engine::CropEngine::new(pipe.augment.clone());
     let src = loader::source::DatasetSource::new(records, engine, pipe.data.seed);
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let mut feed = InProcessFeed::new(Arc::new(src), &pipe, 1, threads);
     let run = tempfile::tempdir().unwrap();
-    let opts = TrainOptions { config_toml: text.clone(), run_dir: run.path().into(), resume: false, max_steps: Some(steps), device: Device::Cpu, quiet: false, stop: None };
+    let opts = TrainOptions {
+        config_toml: text.clone(),
+        run_dir: run.path().into(),
+        resume: false,
+        max_steps: Some(steps),
+        device: Device::Cpu,
+        quiet: false,
+        stop: None,
+    };
     let s = train(&opts, &mut feed).unwrap();
     assert_eq!(s.last_step, steps.min(s.total_steps));
 
@@ -61,12 +83,42 @@ fn learning_pretraining_beats_random_init_on_knn() {
     let p = KnnParams::default();
     let crop = cfg.augment.global_size;
     let (_s0, random) = teacher_backbone(&cfg, None, &Device::Cpu).unwrap();
-    let before = evaluate(&random, &tr, &va, crop, 256, ClassToken::Cls, p, &Device::Cpu).unwrap();
+    let before = evaluate(
+        &random,
+        &tr,
+        &va,
+        crop,
+        256,
+        ClassToken::Cls,
+        p,
+        &Device::Cpu,
+    )
+    .unwrap();
     let c = trainer::checkpoint::resolve(run.path()).unwrap();
     let (t, _) = trainer::checkpoint::load(&c, &Device::Cpu).unwrap();
     let (_s1, trained) = teacher_backbone(&cfg, Some(&t), &Device::Cpu).unwrap();
-    let after = evaluate(&trained, &tr, &va, crop, 256, ClassToken::Cls, p, &Device::Cpu).unwrap();
-    let after_plus = evaluate(&trained, &tr, &va, crop, 256, ClassToken::ClsPlus, p, &Device::Cpu).unwrap();
+    let after = evaluate(
+        &trained,
+        &tr,
+        &va,
+        crop,
+        256,
+        ClassToken::Cls,
+        p,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let after_plus = evaluate(
+        &trained,
+        &tr,
+        &va,
+        crop,
+        256,
+        ClassToken::ClsPlus,
+        p,
+        &Device::Cpu,
+    )
+    .unwrap();
     println!(
         "learning check on {name} ({} train / {} val), {} steps of configs/tiny.toml: k-NN top-1 random init {:.2}% → pretrained {:.2}% ([cls+]: {:.2}%); top-5 {:.2}% → {:.2}%",
         before.n_train, before.n_val, s.last_step, before.top1, after.top1, after_plus.top1, before.top5, after.top5

@@ -67,11 +67,19 @@ impl SampleSource for Synth {
 fn feed(config: &str) -> InProcessFeed {
     let pipe = PipelineConfig::from_toml_str(config).unwrap();
     // 24 samples, batch 4: 6 batches per epoch, 12 steps in the 2-epoch schedule.
-    let src = Synth { aug: pipe.augment.clone(), n: 24 };
+    let src = Synth {
+        aug: pipe.augment.clone(),
+        n: 24,
+    };
     InProcessFeed::new(Arc::new(src), &pipe, 0xABCD, 2)
 }
 
-fn run(dir: &Path, config: &str, resume: bool, max_steps: u64) -> anyhow::Result<trainer::train::TrainSummary> {
+fn run(
+    dir: &Path,
+    config: &str,
+    resume: bool,
+    max_steps: u64,
+) -> anyhow::Result<trainer::train::TrainSummary> {
     let opts = TrainOptions {
         config_toml: config.to_string(),
         run_dir: dir.to_path_buf(),
@@ -87,8 +95,18 @@ fn run(dir: &Path, config: &str, resume: bool, max_steps: u64) -> anyhow::Result
 fn bits(t: &Tensor) -> Vec<u64> {
     let t = t.flatten_all().unwrap();
     match t.dtype() {
-        candle_core::DType::F32 => t.to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits() as u64).collect(),
-        candle_core::DType::I64 => t.to_vec1::<i64>().unwrap().iter().map(|x| *x as u64).collect(),
+        candle_core::DType::F32 => t
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits() as u64)
+            .collect(),
+        candle_core::DType::I64 => t
+            .to_vec1::<i64>()
+            .unwrap()
+            .iter()
+            .map(|x| *x as u64)
+            .collect(),
         d => panic!("unexpected dtype {d:?}"),
     }
 }
@@ -109,7 +127,10 @@ fn killed_and_resumed_run_is_bitwise_identical_to_an_uninterrupted_one() {
     let s = run(b.path(), CONFIG, false, 5).unwrap();
     assert_eq!(s.last_step, 5);
     // A restart without --resume must refuse to overwrite the run.
-    assert!(run(b.path(), CONFIG, false, 8).unwrap_err().to_string().contains("--resume"));
+    assert!(run(b.path(), CONFIG, false, 8)
+        .unwrap_err()
+        .to_string()
+        .contains("--resume"));
     let s = run(b.path(), CONFIG, true, 8).unwrap();
     assert_eq!((s.first_step, s.last_step), (5, 8));
 
@@ -125,8 +146,16 @@ fn killed_and_resumed_run_is_bitwise_identical_to_an_uninterrupted_one() {
             "losses differ at step {}",
             x.step
         );
-        assert_eq!(x.teacher_entropy.map(f32::to_bits), y.teacher_entropy.map(f32::to_bits), "step {}", x.step);
-        assert_eq!((x.lr, x.wd, x.momentum, x.teacher_temp, x.epoch), (y.lr, y.wd, y.momentum, y.teacher_temp, y.epoch));
+        assert_eq!(
+            x.teacher_entropy.map(f32::to_bits),
+            y.teacher_entropy.map(f32::to_bits),
+            "step {}",
+            x.step
+        );
+        assert_eq!(
+            (x.lr, x.wd, x.momentum, x.teacher_temp, x.epoch),
+            (y.lr, y.wd, y.momentum, y.teacher_temp, y.epoch)
+        );
     }
     // The run learns something (losses move), so equality is not trivially true.
     assert_ne!(ma[0].loss.to_bits(), ma[7].loss.to_bits());
@@ -142,7 +171,9 @@ fn killed_and_resumed_run_is_bitwise_identical_to_an_uninterrupted_one() {
         checked += 1;
     }
     assert!(ta.contains_key("teacher.backbone.cls_token") && ta.contains_key("center.patch"));
-    assert!(ta.keys().any(|k| k.starts_with("optim.") && k.ends_with("exp_avg_sq")));
+    assert!(ta
+        .keys()
+        .any(|k| k.starts_with("optim.") && k.ends_with("exp_avg_sq")));
     assert!(checked > 50, "{checked}");
 }
 
@@ -162,7 +193,9 @@ fn resume_refuses_a_changed_config() {
 fn non_finite_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint() {
     let a = tempfile::tempdir().unwrap();
     // An absurd learning rate overflows the weights within a few steps.
-    let bad = CONFIG.replace("lr = 0.05", "lr = 1e36").replace("warmup_epochs = 1", "warmup_epochs = 0");
+    let bad = CONFIG
+        .replace("lr = 0.05", "lr = 1e36")
+        .replace("warmup_epochs = 1", "warmup_epochs = 0");
     let e = run(a.path(), &bad, false, 12).unwrap_err().to_string();
     assert!(e.contains("non-finite"), "{e}");
     assert!(e.contains("checkpoint"), "{e}");

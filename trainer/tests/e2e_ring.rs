@@ -49,21 +49,48 @@ fn make_shards(dir: &Path) -> std::path::PathBuf {
     let img = dir.join("img");
     shard_tool::synth::write_imagefolder(&img, 2, 8, 40, 0).unwrap();
     let out = dir.join("shards");
-    let cfg = shard_tool::pack::PackConfig { progress: false, ..Default::default() };
+    let cfg = shard_tool::pack::PackConfig {
+        progress: false,
+        ..Default::default()
+    };
     shard_tool::pack::pack(&img, &out, &cfg).unwrap();
     out
 }
 
 fn opts(dir: &Path, resume: bool, max_steps: u64) -> TrainOptions {
-    TrainOptions { config_toml: CONFIG.into(), run_dir: dir.into(), resume, max_steps: Some(max_steps), device: Device::Cpu, quiet: true, stop: None }
+    TrainOptions {
+        config_toml: CONFIG.into(),
+        run_dir: dir.into(),
+        resume,
+        max_steps: Some(max_steps),
+        device: Device::Cpu,
+        quiet: true,
+        stop: None,
+    }
 }
 
 /// Trains through ring `name`, fed by a loader daemon on a thread.
-fn train_via_ring(name: &str, shards: &Path, cfg_path: &Path, dir: &Path, resume: bool, max_steps: u64) -> TrainSummary {
+fn train_via_ring(
+    name: &str,
+    shards: &Path,
+    cfg_path: &Path,
+    dir: &Path,
+    resume: bool,
+    max_steps: u64,
+) -> TrainSummary {
     let pipe = PipelineConfig::from_toml_str(CONFIG).unwrap();
     let ds = shared::shard::Dataset::open(shards).unwrap();
     assert_eq!(ds.len(), N);
-    let mut feed = RingFeed::start(name, &pipe, ds.dataset_id(), N, 4, Duration::from_secs(120), None).unwrap();
+    let mut feed = RingFeed::start(
+        name,
+        &pipe,
+        ds.dataset_id(),
+        N,
+        4,
+        Duration::from_secs(120),
+        None,
+    )
+    .unwrap();
     let args = RunArgs {
         shards: Some(shards.into()),
         ring: name.into(),
@@ -75,10 +102,17 @@ fn train_via_ring(name: &str, shards: &Path, cfg_path: &Path, dir: &Path, resume
         hold_ms: 0,
     };
     let loader = std::thread::spawn(move || loader::daemon::run(&args));
-    let s = train(&opts(dir, resume, max_steps), &mut feed as &mut dyn BatchFeed).unwrap();
+    let s = train(
+        &opts(dir, resume, max_steps),
+        &mut feed as &mut dyn BatchFeed,
+    )
+    .unwrap();
     drop(feed); // closes the ring: the loader sees it and returns
     loader.join().unwrap().unwrap();
-    assert!(!shared::ring::segment_path(name).exists(), "ring segment left behind");
+    assert!(
+        !shared::ring::segment_path(name).exists(),
+        "ring segment left behind"
+    );
     s
 }
 
@@ -88,7 +122,18 @@ fn all_bits(dir: &Path) -> Vec<(String, Vec<u32>)> {
     let mut v: Vec<(String, Vec<u32>)> = t
         .iter()
         .filter(|(_, x)| x.dtype() == candle_core::DType::F32)
-        .map(|(k, x): (&String, &Tensor)| (k.clone(), x.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|f| f.to_bits()).collect()))
+        .map(|(k, x): (&String, &Tensor)| {
+            (
+                k.clone(),
+                x.flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|f| f.to_bits())
+                    .collect(),
+            )
+        })
         .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
@@ -103,9 +148,23 @@ fn ring_fed_run_with_resume_equals_the_in_process_run() {
     let shards = make_shards(tmp.path());
 
     let ring_dir = tmp.path().join("ring-run");
-    train_via_ring(&format!("e2e-test-{pid}-a"), &shards, &cfg_path, &ring_dir, false, 3);
+    train_via_ring(
+        &format!("e2e-test-{pid}-a"),
+        &shards,
+        &cfg_path,
+        &ring_dir,
+        false,
+        3,
+    );
     // Resume through a fresh ring: the consumer seeks to epoch 0 batch 3.
-    let s = train_via_ring(&format!("e2e-test-{pid}-b"), &shards, &cfg_path, &ring_dir, true, 6);
+    let s = train_via_ring(
+        &format!("e2e-test-{pid}-b"),
+        &shards,
+        &cfg_path,
+        &ring_dir,
+        true,
+        6,
+    );
     assert_eq!((s.first_step, s.last_step), (3, 6));
 
     let ref_dir = tmp.path().join("in-process");
@@ -121,7 +180,12 @@ fn ring_fed_run_with_resume_equals_the_in_process_run() {
     let b = read_metrics(&ref_dir.join("metrics.jsonl")).unwrap();
     assert_eq!(a.len(), 6);
     for (x, y) in a.iter().zip(&b) {
-        assert_eq!((x.step, x.epoch, x.loss.to_bits()), (y.step, y.epoch, y.loss.to_bits()), "step {}", x.step);
+        assert_eq!(
+            (x.step, x.epoch, x.loss.to_bits()),
+            (y.step, y.epoch, y.loss.to_bits()),
+            "step {}",
+            x.step
+        );
     }
     assert_eq!(a[5].epoch, 1, "the run crossed into epoch 1");
     assert_eq!(all_bits(&ring_dir), all_bits(&ref_dir));
