@@ -190,6 +190,16 @@ pub fn teacher_backbone(
     tensors: Option<&HashMap<String, Tensor>>,
     device: &Device,
 ) -> Result<(ParamStore, Vit)> {
+    backbone_from(cfg, tensors, "teacher.", device)
+}
+
+/// The backbone stored under `prefix` (`teacher.` or `student.`), or a fresh random init.
+pub fn backbone_from(
+    cfg: &TrainConfig,
+    tensors: Option<&HashMap<String, Tensor>>,
+    prefix: &str,
+    device: &Device,
+) -> Result<(ParamStore, Vit)> {
     let store = ParamStore::init(cfg, cfg.data.seed, DType::F32, device)?;
     if let Some(t) = tensors {
         for p in store
@@ -197,7 +207,7 @@ pub fn teacher_backbone(
             .iter()
             .filter(|p| p.name.starts_with("backbone."))
         {
-            let key = format!("teacher.{}", p.name);
+            let key = format!("{prefix}{}", p.name);
             let v = t
                 .get(&key)
                 .with_context(|| format!("checkpoint has no {key}"))?;

@@ -193,6 +193,9 @@ pub struct KnnArgs {
     /// Evaluate a randomly initialised backbone (the config's seed) instead of the checkpoint's.
     #[arg(long)]
     pub random_init: bool,
+    /// Evaluate the student's backbone instead of the teacher's (diagnostics).
+    #[arg(long)]
+    pub student: bool,
     /// Config (default: the one saved in the checkpoint).
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -233,7 +236,8 @@ pub fn knn_main(a: &KnnArgs) -> Result<()> {
         (Some(c), false) => Some(checkpoint::load(c, &dev)?.0),
         _ => None,
     };
-    let (_store, vit) = knn_eval::teacher_backbone(&cfg, tensors.as_ref(), &dev)?;
+    let prefix = if a.student { "student." } else { "teacher." };
+    let (_store, vit) = knn_eval::backbone_from(&cfg, tensors.as_ref(), prefix, &dev)?;
     let train = knn_eval::open_images(&a.train)?;
     let val = knn_eval::open_images(&a.val)?;
     let token = match a.token {

@@ -35,6 +35,27 @@ fn data() -> (PathBuf, PathBuf, Option<tempfile::TempDir>, &'static str) {
     )
 }
 
+/// configs/tiny.toml (architecture, crops, loss) with the schedule of a short run: the whole
+/// cosine fits in `steps`, and the teacher EMA is fast enough to follow the student within it
+/// (with 0.996 the teacher would still be mostly its random init after a few hundred steps).
+fn short_run_config(steps: u64) -> String {
+    let mut doc: toml::Table = CONFIG.parse().unwrap();
+    let optim = doc.get_mut("optim").unwrap().as_table_mut().unwrap();
+    optim.insert("epochs".into(), toml::Value::Integer(1));
+    optim.insert("warmup_epochs".into(), toml::Value::Integer(0));
+    optim.insert("lr".into(), toml::Value::Float(LR));
+    optim.insert("momentum_teacher".into(), toml::Value::Float(MOMENTUM));
+    let _ = steps;
+    let mut run = toml::Table::new();
+    run.insert("log_every".into(), toml::Value::Integer(25));
+    run.insert("checkpoint_every".into(), toml::Value::Integer(1_000_000));
+    doc.insert("run".into(), toml::Value::Table(run));
+    toml::to_string(&doc).unwrap()
+}
+
+const LR: f64 = 5e-3;
+const MOMENTUM: f64 = 0.99;
+
 #[test]
 #[ignore = "heavy: a few minutes of CPU pretraining (scripts/test.sh runs it in release)"]
 fn learning_pretraining_beats_random_init_on_knn() {
@@ -43,7 +64,7 @@ fn learning_pretraining_beats_random_init_on_knn() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(250);
-    let text = format!("{CONFIG}\n[run]\nlog_every = 25\ncheckpoint_every = 1000000\n");
+    let text = short_run_config(steps);
     let cfg = TrainConfig::from_toml_str(&text).unwrap();
     let pipe = PipelineConfig::from_toml_str(&text).unwrap();
     // Pretraining ignores labels: every class folder's images, in one record set.
