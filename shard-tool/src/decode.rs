@@ -55,7 +55,12 @@ fn with_decompressor<T>(
         if slot.is_none() {
             *slot = Some(Decompressor::new()?);
         }
-        f(slot.as_mut().unwrap())
+        let result = f(slot.as_mut().unwrap());
+        if result.is_err() {
+            // A handle that failed can keep failing on later, valid images: start afresh.
+            *slot = None;
+        }
+        result
     })
 }
 
