@@ -231,3 +231,9 @@ proptest! {
         read_all(dir.path());
     }
 }
+
+#[test]
+fn dataset_is_shareable_between_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Dataset>();
+}
