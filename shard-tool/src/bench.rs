@@ -36,21 +36,32 @@ pub struct BenchReport {
     pub rows: Vec<BenchRow>,
 }
 
-/// Median wall time of `repeats` runs of `f` (`prep` runs before each, untimed).
-fn time_median(
+/// Median wall times of `a` and `b`, run alternately `repeats` times each, so that a change in
+/// background load hits measure and baseline alike. Each closure times its own work (prep excluded).
+fn time_pair(
     repeats: usize,
-    mut prep: impl FnMut(),
-    mut f: impl FnMut() -> Result<()>,
-) -> Result<f64> {
-    let mut t = Vec::with_capacity(repeats);
+    mut a: impl FnMut() -> Result<f64>,
+    mut b: impl FnMut() -> Result<f64>,
+) -> Result<(f64, f64)> {
+    let (mut ta, mut tb) = (Vec::new(), Vec::new());
     for _ in 0..repeats {
-        prep();
-        let s = Instant::now();
-        f()?;
-        t.push(s.elapsed().as_secs_f64());
+        ta.push(a()?);
+        tb.push(b()?);
     }
+    Ok((median(ta), median(tb)))
+}
+
+fn median(mut t: Vec<f64>) -> f64 {
     t.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    Ok(t[t.len() / 2])
+    t[t.len() / 2]
+}
+
+/// Runs `prep` untimed, then times `f`.
+fn timed(prep: impl FnOnce(), f: impl FnOnce() -> Result<()>) -> Result<f64> {
+    prep();
+    let s = Instant::now();
+    f()?;
+    Ok(s.elapsed().as_secs_f64())
 }
 
 fn row(
@@ -109,36 +120,40 @@ pub fn bench(input: &Path, repeats: usize) -> Result<BenchReport> {
                 Ok(())
             })
     };
-    let t_copy = time_median(repeats, || clean(&copy_dir), || copy(false))?;
-    let t_copy_sync = time_median(repeats, || clean(&copy_dir), || copy(true))?;
-    clean(&copy_dir);
     let out = s.join("packed");
     let cfg = PackConfig {
         validate: false,
         progress: false,
         ..PackConfig::default()
     };
-    let t_pack_nv = time_median(
-        repeats,
-        || clean(&out),
-        || pack(input, &out, &cfg).map(|_| ()),
-    )?;
-    rows.push(row(
-        "pack --no-validate",
-        t_pack_nv,
-        "copy (no fsync)",
-        t_copy,
-        input_bytes,
-        Some(0.8),
-    ));
-    rows.push(row(
-        "pack --no-validate",
-        t_pack_nv,
-        "copy + fsync each file",
-        t_copy_sync,
-        input_bytes,
-        Some(0.8),
-    ));
+    // Like for like: no fsync on either side, then fsync on both sides.
+    let cfg_nosync = PackConfig {
+        fsync: false,
+        ..cfg.clone()
+    };
+    let pairs = [
+        (
+            "pack --no-validate --no-fsync",
+            &cfg_nosync,
+            "copy (no fsync)",
+            false,
+        ),
+        (
+            "pack --no-validate (fsync)",
+            &cfg,
+            "copy + fsync each file",
+            true,
+        ),
+    ];
+    for (name, pcfg, base, sync) in pairs {
+        let (t_pack, t_copy) = time_pair(
+            repeats,
+            || timed(|| clean(&out), || pack(input, &out, pcfg).map(|_| ())),
+            || timed(|| clean(&copy_dir), || copy(sync)),
+        )?;
+        rows.push(row(name, t_pack, base, t_copy, input_bytes, Some(0.8)));
+    }
+    clean(&copy_dir);
 
     // 2. validated pack vs read + decode-only of the same files.
     let decode_only = || -> Result<()> {
@@ -150,24 +165,29 @@ pub fn bench(input: &Path, repeats: usize) -> Result<BenchReport> {
             Ok(())
         })
     };
-    let t_decode = time_median(repeats, || {}, decode_only)?;
-    let cfg_v = PackConfig {
-        validate: true,
-        ..cfg.clone()
-    };
-    let t_pack_v = time_median(
-        repeats,
-        || clean(&out),
-        || pack(input, &out, &cfg_v).map(|_| ()),
-    )?;
-    rows.push(row(
-        "pack (validated)",
-        t_pack_v,
-        "read + decode only",
-        t_decode,
-        input_bytes,
-        Some(0.9),
-    ));
+    for (name, fsync) in [
+        ("pack (validated, --no-fsync)", false),
+        ("pack (validated, fsync)", true),
+    ] {
+        let cfg_v = PackConfig {
+            validate: true,
+            fsync,
+            ..cfg.clone()
+        };
+        let (t_pack_v, t_decode) = time_pair(
+            repeats,
+            || timed(|| clean(&out), || pack(input, &out, &cfg_v).map(|_| ())),
+            || timed(|| {}, decode_only),
+        )?;
+        rows.push(row(
+            name,
+            t_pack_v,
+            "read + decode only",
+            t_decode,
+            input_bytes,
+            Some(0.9),
+        ));
+    }
 
     // 3. random-access reads: the reader vs reading the loose files, same random order, both
     //    touching every byte (CRC32C), in parallel.
@@ -178,28 +198,21 @@ pub fn bench(input: &Path, repeats: usize) -> Result<BenchReport> {
         .map(|i| input.join(ds.record(i).unwrap().path))
         .collect();
     let payload_bytes = ds.manifest().payload_bytes;
-    let reps = repeats * 5;
-    let t_reader = time_median(
-        reps,
-        || {},
-        || {
-            order
-                .par_iter()
-                .try_for_each(|&i| ds.record_checked(i).map(|_| ()))
-                .map_err(Into::into)
-        },
-    )?;
-    let t_loose = time_median(
-        reps,
-        || {},
-        || {
-            order.par_iter().try_for_each(|&i| -> Result<()> {
-                let b = std::fs::read(&paths[i as usize])?;
-                std::hint::black_box(crc32c::crc32c(&b));
-                Ok(())
-            })
-        },
-    )?;
+    let reader = || {
+        order
+            .par_iter()
+            .try_for_each(|&i| ds.record_checked(i).map(|_| ()))
+            .map_err(Into::into)
+    };
+    let loose = || {
+        order.par_iter().try_for_each(|&i| -> Result<()> {
+            let b = std::fs::read(&paths[i as usize])?;
+            std::hint::black_box(crc32c::crc32c(&b));
+            Ok(())
+        })
+    };
+    let (t_reader, t_loose) =
+        time_pair(repeats * 5, || timed(|| {}, reader), || timed(|| {}, loose))?;
     rows.push(row(
         "random read: Dataset::record_checked",
         t_reader,
@@ -221,7 +234,7 @@ impl std::fmt::Display for BenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "{} files, {:.1} MB, {} threads, median of {} runs (reads: {} runs), warm cache",
+            "{} files, {:.1} MB, {} threads, median of {} alternating runs (reads: {}), warm cache",
             self.files,
             self.input_bytes as f64 / 1e6,
             self.threads,

@@ -43,6 +43,9 @@ enum Cmd {
         /// Fail on the first bad file instead of skipping it.
         #[arg(long)]
         strict: bool,
+        /// Skip the fsync before the final rename (faster; not durable against power loss).
+        #[arg(long)]
+        no_fsync: bool,
         #[arg(long, value_enum, default_value = "auto")]
         layout: Layout,
         /// Replace <out-dir> if it exists.
@@ -105,6 +108,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             shard_mib,
             no_validate,
             strict,
+            no_fsync,
             layout,
             force,
             threads,
@@ -125,6 +129,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                 layout,
                 force,
                 progress: !json,
+                fsync: !no_fsync,
                 ..PackConfig::default()
             };
             let summary = shard_tool::pack::pack(&input, &out_dir, &cfg)?;

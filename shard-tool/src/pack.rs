@@ -51,6 +51,9 @@ pub struct PackConfig {
     pub progress: bool,
     /// zstd level of raw payloads.
     pub zstd_level: i32,
+    /// fsync shards and manifest before the final rename (durable against power loss; the
+    /// rename alone already protects against a crashed process).
+    pub fsync: bool,
 }
 
 impl Default for PackConfig {
@@ -66,6 +69,7 @@ impl Default for PackConfig {
             force: false,
             progress: true,
             zstd_level: 3,
+            fsync: true,
         }
     }
 }
@@ -387,9 +391,13 @@ pub fn pack(input: &Path, out: &Path, cfg: &PackConfig) -> Result<PackSummary> {
     let result = pack_into(&inputs, &tmp, cfg, start);
     match result {
         Ok(mut summary) => {
-            sync_dir(&tmp);
+            if cfg.fsync {
+                sync_dir(&tmp);
+            }
             replace_dir(&tmp, out, cfg.force)?;
-            sync_dir(parent);
+            if cfg.fsync {
+                sync_dir(parent);
+            }
             summary.out = out.to_path_buf();
             Ok(summary)
         }
@@ -432,7 +440,7 @@ fn progress_bar(n: u64, enabled: bool) -> ProgressBar {
 }
 
 fn pack_into(inputs: &Inputs, dir: &Path, cfg: &PackConfig, start: Instant) -> Result<PackSummary> {
-    let mut writer = DatasetWriter::new(dir, cfg.shard_bytes);
+    let mut writer = DatasetWriter::new(dir, cfg.shard_bytes).with_fsync(cfg.fsync);
     let mut skipped = inputs.ignored.clone();
     let mut input_bytes = 0u64;
     let bar = progress_bar(inputs.files.len() as u64, cfg.progress);

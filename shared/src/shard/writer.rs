@@ -38,6 +38,7 @@ pub struct ShardWriter {
     pos: u64,
     entries: Vec<u8>,
     paths: Vec<String>,
+    fsync: bool,
 }
 
 impl ShardWriter {
@@ -55,7 +56,14 @@ impl ShardWriter {
             pos: HEADER_LEN as u64,
             entries: Vec::new(),
             paths: Vec::new(),
+            fsync: true,
         })
+    }
+
+    /// Whether `finish` fsyncs the file (default true: durable before the pack's final rename).
+    pub fn with_fsync(mut self, on: bool) -> ShardWriter {
+        self.fsync = on;
+        self
     }
 
     pub fn len(&self) -> u64 {
@@ -123,7 +131,9 @@ impl ShardWriter {
             .out
             .into_inner()
             .map_err(|e| ShardError::io(&self.path, e.into_error()))?;
-        file.sync_all().map_err(|e| ShardError::io(&self.path, e))?;
+        if self.fsync {
+            file.sync_all().map_err(|e| ShardError::io(&self.path, e))?;
+        }
         Ok(ShardInfo {
             file: self
                 .path
@@ -149,6 +159,7 @@ pub struct DatasetWriter {
     next_index: u64,
     class_counts: Vec<u64>,
     unlabelled: u64,
+    fsync: bool,
 }
 
 impl DatasetWriter {
@@ -161,7 +172,14 @@ impl DatasetWriter {
             next_index: 0,
             class_counts: Vec::new(),
             unlabelled: 0,
+            fsync: true,
         }
+    }
+
+    /// Whether shards and manifest are fsynced when finished (default true).
+    pub fn with_fsync(mut self, on: bool) -> DatasetWriter {
+        self.fsync = on;
+        self
     }
 
     /// Records pushed so far.
@@ -190,7 +208,8 @@ impl DatasetWriter {
         if self.current.is_none() {
             let id = self.shards.len() as u32;
             let path = self.dir.join(shard_file_name(id));
-            self.current = Some(ShardWriter::create(&path, id, self.next_index)?);
+            self.current =
+                Some(ShardWriter::create(&path, id, self.next_index)?.with_fsync(self.fsync));
         }
         self.current.as_mut().unwrap().push(rec)?;
         if rec.label == UNLABELLED {
@@ -242,7 +261,9 @@ impl DatasetWriter {
         json.push(b'\n');
         let mut f = File::create(&path).map_err(|e| ShardError::io(&path, e))?;
         f.write_all(&json).map_err(|e| ShardError::io(&path, e))?;
-        f.sync_all().map_err(|e| ShardError::io(&path, e))?;
+        if self.fsync {
+            f.sync_all().map_err(|e| ShardError::io(&path, e))?;
+        }
         Ok(manifest)
     }
 }
