@@ -347,3 +347,43 @@ fn synth_is_deterministic_and_classes_differ_in_structure() {
         "class 5 = horizontal stripes"
     );
 }
+
+#[test]
+fn truncated_shard_fails_verify_naming_the_shard() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write_imagefolder(&src, 2, 4, 24, 2).unwrap();
+    let out = tmp.path().join("packed");
+    pack_quiet(
+        &src,
+        &out,
+        PackConfig {
+            shard_bytes: 3_000,
+            ..PackConfig::default()
+        },
+    );
+    let file = out.join("shard-00001.bin");
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() - 10]).unwrap();
+    let o = shard_tool(&["verify", out.to_str().unwrap()]);
+    assert_ne!(o.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("shard-00001.bin") && stderr.contains("truncated"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn bench_runs_and_reports_every_row() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write_imagefolder(&src, 2, 5, 32, 4).unwrap();
+    let report = shard_tool::bench::bench(&src, 1).unwrap();
+    assert_eq!(report.files, 10);
+    assert_eq!(report.rows.len(), 5);
+    assert!(report
+        .rows
+        .iter()
+        .all(|r| r.seconds > 0.0 && r.baseline_seconds > 0.0 && r.ratio.is_finite()));
+}
