@@ -39,7 +39,13 @@ pub struct ShardWriter {
     entries: Vec<u8>,
     paths: Vec<String>,
     fsync: bool,
+    /// Bytes up to which writeback has been started (see `start_writeback`).
+    flushed: u64,
 }
+
+/// With fsync on, start writeback of every this many written bytes, so that the final fsync
+/// does not wait for the whole shard at once.
+const WRITEBACK_CHUNK: u64 = 8 << 20;
 
 impl ShardWriter {
     pub fn create(path: &Path, shard_id: u32, first_index: u64) -> Result<ShardWriter, ShardError> {
@@ -57,6 +63,7 @@ impl ShardWriter {
             entries: Vec::new(),
             paths: Vec::new(),
             fsync: true,
+            flushed: 0,
         })
     }
 
@@ -101,6 +108,32 @@ impl ShardWriter {
         self.pos += len as u64;
         self.entries.extend_from_slice(&entry.encode());
         self.paths.push(rec.path.to_string());
+        if self.fsync && self.pos - self.flushed >= WRITEBACK_CHUNK {
+            self.start_writeback()?;
+        }
+        Ok(())
+    }
+
+    /// Asks the kernel to begin writing the bytes so far to disk, without waiting (Linux).
+    fn start_writeback(&mut self) -> Result<(), ShardError> {
+        self.out
+            .flush()
+            .map_err(|e| ShardError::io(&self.path, e))?;
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            let fd = self.out.get_ref().as_raw_fd();
+            // SAFETY: a valid fd of our open file; the call only schedules I/O.
+            unsafe {
+                libc::sync_file_range(
+                    fd,
+                    self.flushed as libc::off64_t,
+                    (self.pos - self.flushed) as libc::off64_t,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                );
+            }
+        }
+        self.flushed = self.pos;
         Ok(())
     }
 
