@@ -221,6 +221,13 @@ pub fn train(opts: &TrainOptions, feed: &mut dyn BatchFeed) -> Result<TrainSumma
     let dataset_id = feed.dataset_id();
     let save = |trainer: &Trainer, step: u64, epoch: u64, cursor: DataCursor| -> Result<PathBuf> {
         let tensors: HashMap<String, Tensor> = trainer.state_tensors()?.into_iter().collect();
+        // A checkpoint must be resumable: refuse to replace good ones with non-finite weights.
+        if let Some(bad) = first_non_finite(&tensors)? {
+            bail!(
+                "tensor {bad} became non-finite at step {step}: not saving it; the last good checkpoint is {}",
+                last_ckpt_display(&ckpts)
+            );
+        }
         let state = CheckpointState {
             format_version: FORMAT_VERSION,
             step,
@@ -320,6 +327,26 @@ pub fn train(opts: &TrainOptions, feed: &mut dyn BatchFeed) -> Result<TrainSumma
         mean_data_wait: if n > 0 { wait_sum / n as f64 } else { 0.0 },
         mean_images_per_s: if n > 0 { ips_sum / n as f64 } else { 0.0 },
     })
+}
+
+/// The name of the first float tensor holding a NaN or an infinity (x − x is 0 iff x is finite).
+pub fn first_non_finite(tensors: &HashMap<String, Tensor>) -> Result<Option<String>> {
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for k in names {
+        let t = &tensors[k];
+        if !t.dtype().is_float() {
+            continue;
+        }
+        let s = (t - t)?
+            .sum_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
+        if !s.is_finite() {
+            return Ok(Some(k.clone()));
+        }
+    }
+    Ok(None)
 }
 
 fn last_ckpt_display(c: &CheckpointManager) -> String {

@@ -206,3 +206,21 @@ fn non_finite_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint() {
     assert!(logged.iter().all(|m| m.loss.is_finite()));
     checkpoint::load(&c, &Device::Cpu).unwrap();
 }
+
+#[test]
+fn non_finite_weights_are_detected_by_name() {
+    let d = Device::Cpu;
+    let mut m = HashMap::new();
+    m.insert("a".to_string(), Tensor::new(&[1.0f32, 2.0], &d).unwrap());
+    m.insert("n".to_string(), Tensor::new(&[7i64], &d).unwrap());
+    assert_eq!(trainer::train::first_non_finite(&m).unwrap(), None);
+    m.insert(
+        "b".to_string(),
+        Tensor::new(&[1.0f32, f32::INFINITY], &d).unwrap(),
+    );
+    m.insert("c".to_string(), Tensor::new(&[f32::NAN], &d).unwrap());
+    assert_eq!(
+        trainer::train::first_non_finite(&m).unwrap().as_deref(),
+        Some("b")
+    );
+}
