@@ -32,6 +32,10 @@ pub struct TrainArgs {
     /// Continue from the newest checkpoint in --out.
     #[arg(long)]
     pub resume: bool,
+    /// Override one config value, e.g. `--set optim.lr=1e-3` (repeatable; TOML values). The
+    /// run's config.toml records the result; pass the same overrides with --resume.
+    #[arg(long = "set", value_name = "TABLE.KEY=VALUE")]
+    pub overrides: Vec<String>,
     /// Stop after N optimiser steps in total (with a final checkpoint).
     #[arg(long)]
     pub max_steps: Option<u64>,
@@ -85,9 +89,42 @@ impl loader::source::Records for ShardRecords {
     }
 }
 
+/// Applies `TABLE.KEY=VALUE` overrides to a TOML document (values parsed as TOML, else taken
+/// as strings); returns the new document text.
+pub fn apply_overrides(text: &str, overrides: &[String]) -> Result<String> {
+    if overrides.is_empty() {
+        return Ok(text.to_string());
+    }
+    let mut doc: toml::Table = text.parse().context("parsing the config for --set")?;
+    for o in overrides {
+        let (path, val) = o
+            .split_once('=')
+            .with_context(|| format!("--set {o}: expected TABLE.KEY=VALUE"))?;
+        let value = match format!("v = {}", val.trim()).parse::<toml::Table>() {
+            Ok(mut t) => t.remove("v").unwrap(),
+            Err(_) => toml::Value::String(val.trim().to_string()),
+        };
+        let keys: Vec<&str> = path.trim().split('.').collect();
+        let (last, tables) = keys
+            .split_last()
+            .with_context(|| format!("--set {o}: empty key"))?;
+        let mut t = &mut doc;
+        for k in tables {
+            t = t
+                .entry(k.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                .as_table_mut()
+                .with_context(|| format!("--set {o}: {k} is not a table"))?;
+        }
+        t.insert(last.to_string(), value);
+    }
+    Ok(toml::to_string(&doc)?)
+}
+
 pub fn train_main(a: &TrainArgs) -> Result<()> {
     let text = std::fs::read_to_string(&a.config)
         .with_context(|| format!("reading config {}", a.config.display()))?;
+    let text = apply_overrides(&text, &a.overrides)?;
     let (cfg, run) = train::parse_config(&text, &a.config.display().to_string())?;
     let pipe = PipelineConfig {
         data: cfg.data.clone(),
@@ -333,4 +370,30 @@ pub fn plot_main(a: &PlotArgs) -> Result<()> {
     let p = crate::plot::plot_run(&a.run_dir, a.out.as_deref())?;
     println!("wrote {}", p.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_set_nested_values_and_keep_the_rest() {
+        let text = "[data]\nbatch_size = 16\n[optim]\nlr = 5e-4\nepochs = 4\n";
+        let out = apply_overrides(
+            text,
+            &[
+                "optim.lr=1e-2".into(),
+                "run.keep_last=2".into(),
+                "optim.epochs = 7".into(),
+            ],
+        )
+        .unwrap();
+        let doc: toml::Table = out.parse().unwrap();
+        assert_eq!(doc["optim"]["lr"].as_float(), Some(1e-2));
+        assert_eq!(doc["optim"]["epochs"].as_integer(), Some(7));
+        assert_eq!(doc["run"]["keep_last"].as_integer(), Some(2));
+        assert_eq!(doc["data"]["batch_size"].as_integer(), Some(16));
+        assert!(apply_overrides(text, &["optim.lr".into()]).is_err());
+        assert!(apply_overrides(text, &["data.batch_size.x=1".into()]).is_err());
+    }
 }
