@@ -43,7 +43,7 @@ knn --checkpoint "$OUT/run" | tee "$OUT/knn-after.json"
 "$BIN/trainer" plot "$OUT/run"
 "$BIN/trainer" export --checkpoint "$OUT/run" --format timm --out "$OUT/backbone.safetensors"
 
-top1() { sed -E 's/.*"top1":([0-9.]+).*/\1/' "$1"; }
+top1() { sed -E 's/.*"top1":([0-9.]+).*/\1/' "$1" | awk '{printf "%.1f", $1}'; }
 echo
 echo "== summary"
 echo "k-NN top-1 (k=20, T=0.07): random init $(top1 "$OUT/knn-before.json")% -> pretrained $(top1 "$OUT/knn-after.json")%"
