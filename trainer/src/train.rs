@@ -17,6 +17,7 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use shared::config::AugmentConfig;
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -150,6 +151,7 @@ pub fn train(opts: &TrainOptions, feed: &mut dyn BatchFeed) -> Result<TrainSumma
     let (cfg, run) = parse_config(&opts.config_toml, "config")?;
     std::fs::create_dir_all(&opts.run_dir)
         .with_context(|| format!("creating {}", opts.run_dir.display()))?;
+    let _lock = lock_run_dir(&opts.run_dir)?;
     let bpe = shared::rng::batches_per_epoch(feed.n_samples(), cfg.data.batch_size);
     ensure!(
         bpe > 0,
@@ -327,6 +329,31 @@ pub fn train(opts: &TrainOptions, feed: &mut dyn BatchFeed) -> Result<TrainSumma
         mean_data_wait: if n > 0 { wait_sum / n as f64 } else { 0.0 },
         mean_images_per_s: if n > 0 { ips_sum / n as f64 } else { 0.0 },
     })
+}
+
+/// An exclusive lock on `RUN_DIR/.lock`, held while training: two trainers in one run directory
+/// would interleave their checkpoints and metrics.
+pub fn lock_run_dir(run_dir: &Path) -> Result<std::fs::File> {
+    use std::os::unix::io::AsRawFd;
+    let p = run_dir.join(".lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&p)
+        .with_context(|| format!("opening {}", p.display()))?;
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let holder = std::fs::read_to_string(&p).unwrap_or_default();
+        bail!(
+            "{} is in use by another trainer (pid {}); stop it first",
+            run_dir.display(),
+            holder.trim()
+        );
+    }
+    let _ = f.set_len(0);
+    let _ = (&f).write_all(std::process::id().to_string().as_bytes());
+    Ok(f)
 }
 
 /// The name of the first float tensor holding a NaN or an infinity (x − x is 0 iff x is finite).

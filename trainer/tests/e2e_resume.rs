@@ -224,3 +224,13 @@ fn non_finite_weights_are_detected_by_name() {
         Some("b")
     );
 }
+
+#[test]
+fn a_run_dir_is_used_by_one_trainer_at_a_time() {
+    let a = tempfile::tempdir().unwrap();
+    let held = trainer::train::lock_run_dir(a.path()).unwrap();
+    let e = run(a.path(), CONFIG, false, 1).unwrap_err().to_string();
+    assert!(e.contains("in use by another trainer"), "{e}");
+    drop(held);
+    run(a.path(), CONFIG, false, 1).unwrap();
+}
