@@ -1,1 +1,21 @@
-pub fn dummy(){}
+//! The UDI data loader: decode, multi-crop augmentation, SRS rows (udi-spec §1), and the CLI
+//! tools around them.
+//!
+//! * [`decode`]: JPEG (libjpeg-turbo), PNG and raw-zstd records to RGB8.
+//! * [`crops`]: crop geometry (random-resized-crop, overlap-constrained crop, reference box).
+//! * [`photometric`]: colour jitter, grayscale, blur, solarise with PIL semantics, in uint8.
+//! * [`srs`]: SRS masks and the cross-view projection rows.
+//! * [`engine`]: [`engine::CropEngine`] ties them together into a [`shared::geometry::Sample`].
+//! * [`source`]: [`source::DatasetSource`], the [`shared::geometry::SampleSource`] over records.
+//! * [`folder`]: an in-memory record set from a folder of image files (tests, bench, preview).
+//! * [`bench`], [`preview`]: the `loader bench` / `loader preview` subcommands.
+
+pub mod bench;
+pub mod crops;
+pub mod decode;
+pub mod engine;
+pub mod folder;
+pub mod photometric;
+pub mod preview;
+pub mod source;
+pub mod srs;
