@@ -81,3 +81,34 @@ impl Records for MemRecords {
         Ok(r.as_ref(index))
     }
 }
+
+/// Where `bench`/`preview` read records from, and the run config.
+#[derive(Clone, Debug, clap::Args)]
+pub struct InputArgs {
+    /// Shard directory (written by shard-tool).
+    #[arg(long, conflicts_with = "images", required_unless_present = "images")]
+    pub shards: Option<std::path::PathBuf>,
+    /// A folder of image files instead of shards.
+    #[arg(long)]
+    pub images: Option<std::path::PathBuf>,
+    /// Run config (TOML with [data]/[augment]); the paper's recipe when absent.
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
+}
+
+impl InputArgs {
+    pub fn config(&self) -> Result<shared::config::PipelineConfig> {
+        match &self.config {
+            Some(p) => shared::config::PipelineConfig::from_toml_file(p),
+            None => Ok(Default::default()),
+        }
+    }
+
+    pub fn open(&self) -> Result<Box<dyn Records>> {
+        if let Some(dir) = &self.images {
+            return Ok(Box::new(MemRecords::from_dir(dir)?));
+        }
+        let dir = self.shards.as_ref().expect("clap requires --shards or --images");
+        crate::source::open_shards(dir)
+    }
+}

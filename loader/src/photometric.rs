@@ -109,13 +109,8 @@ pub fn luma(r: u8, g: u8, b: u8) -> u8 {
 #[inline]
 pub fn blend(in1: u8, in2: u8, alpha: f32) -> u8 {
     let t = in1 as i32 as f32 + alpha * ((in2 as i32 - in1 as i32) as f32);
-    if t <= 0.0 {
-        0
-    } else if t >= 255.0 {
-        255
-    } else {
-        t as u8
-    }
+    // Same as Pillow's `<= 0 → 0, >= 255 → 255, else truncate`, without branches.
+    t.clamp(0.0, 255.0) as u8
 }
 
 fn apply_lut(img: &mut [u8], lut: &[u8; 256]) {
@@ -174,7 +169,9 @@ pub fn rgb_to_hsv(r: u8, g: u8, b: u8) -> (u8, u8, u8) {
     } else {
         (4.0 + gc as f64 - rc as f64) as f32
     };
-    let h = ((h as f64 / 6.0 + 1.0) % 1.0) as f32;
+    // fmod(h/6 + 1, 1): the argument lies in [5/6, 11/6), where fmod is one exact subtraction.
+    let x = h as f64 / 6.0 + 1.0;
+    let h = (if x >= 1.0 { x - 1.0 } else { x }) as f32;
     let uh = ((h as f64 * 255.0) as i32).clamp(0, 255) as u8;
     let us = ((s as f64 * 255.0) as i32).clamp(0, 255) as u8;
     (uh, us, maxc)
@@ -183,7 +180,9 @@ pub fn rgb_to_hsv(r: u8, g: u8, b: u8) -> (u8, u8, u8) {
 /// C `round`: half away from zero.
 #[inline]
 fn c_round(x: f64) -> i32 {
-    x.round() as i32
+    // Half away from zero for x >= 0 (all callers), without a libm call: x − trunc(x) is exact.
+    let t = x as i32;
+    t + ((x - t as f64) >= 0.5) as i32
 }
 
 /// Pillow `hsv2rgb`.
@@ -193,7 +192,7 @@ pub fn hsv_to_rgb(h: u8, s: u8, v: u8) -> (u8, u8, u8) {
         return (v, v, v);
     }
     let hx = h as f32 as f64 * 6.0 / 255.0;
-    let i = hx.floor() as i32;
+    let i = hx as i32; // hx >= 0: truncation is floor
     let f = (hx - i as f32 as f64) as f32;
     let fs = (s as f32 as f64 / 255.0) as f32;
     let vf = v as f32 as f64;
@@ -271,32 +270,49 @@ impl BoxWeights {
 }
 
 /// One box pass along rows (`horizontal`) or columns, `src` → `dst`, edges repeated.
-fn box_pass(src: &[u8], dst: &mut [u8], w: usize, h: usize, bw: BoxWeights, horizontal: bool) {
-    let r = bw.radius as isize;
+/// `pad` is scratch for one edge-extended row.
+fn box_pass(src: &[u8], dst: &mut [u8], w: usize, h: usize, bw: BoxWeights, horizontal: bool, pad: &mut Vec<u32>) {
+    let r = bw.radius;
     let (ww, fw) = (bw.ww, bw.fw);
     if horizontal {
-        let last = w as isize - 1;
-        let cl = |x: isize| x.clamp(0, last) as usize;
+        // Row extended by r+1 repeated pixels on the left and r+2 on the right; padded index
+        // of pixel x is x + r + 1.
+        let ext = w + 2 * r + 3;
+        pad.resize(ext * 3, 0);
         for y in 0..h {
             let row = &src[y * w * 3..(y + 1) * w * 3];
             let out = &mut dst[y * w * 3..(y + 1) * w * 3];
-            for c in 0..3 {
-                let at = |x: isize| row[cl(x) * 3 + c] as u32;
-                // Window centred on pixel -1.
-                let mut acc: u32 = (-r - 1..r).map(at).sum();
-                for x in 0..w as isize {
-                    acc += at(x + r);
-                    acc -= at(x - r - 1);
-                    let bulk = acc * ww + (at(x - r - 1) + at(x + r + 1)) * fw;
-                    out[x as usize * 3 + c] = ((bulk + (1 << 23)) >> 24) as u8;
+            for (k, p) in pad.chunks_exact_mut(3).enumerate() {
+                let x = k.saturating_sub(r + 1).min(w - 1);
+                p[0] = row[x * 3] as u32;
+                p[1] = row[x * 3 + 1] as u32;
+                p[2] = row[x * 3 + 2] as u32;
+            }
+            // Window centred on pixel −1: padded indices 0 ..= 2r.
+            let mut acc = [0u32; 3];
+            for k in 0..=2 * r {
+                for c in 0..3 {
+                    acc[c] += pad[k * 3 + c];
+                }
+            }
+            for x in 0..w {
+                // Pixel x: window padded [x+1, x+2r+1]; far taps x and x+2r+2.
+                let (sub, add, far) = (x * 3, (x + 2 * r + 1) * 3, (x + 2 * r + 2) * 3);
+                for c in 0..3 {
+                    acc[c] = acc[c] + pad[add + c] - pad[sub + c];
+                    let bulk = acc[c] * ww + (pad[sub + c] + pad[far + c]) * fw;
+                    out[x * 3 + c] = ((bulk + (1 << 23)) >> 24) as u8;
                 }
             }
         }
     } else {
         let last = h as isize - 1;
+        let r = r as isize;
         let stride = w * 3;
         let rowf = |y: isize| y.clamp(0, last) as usize * stride;
-        let mut acc = vec![0u32; stride];
+        pad.clear();
+        pad.resize(stride, 0);
+        let acc = pad;
         for k in -r - 1..r {
             let o = rowf(k);
             for (a, &v) in acc.iter_mut().zip(&src[o..o + stride]) {
@@ -304,12 +320,14 @@ fn box_pass(src: &[u8], dst: &mut [u8], w: usize, h: usize, bw: BoxWeights, hori
             }
         }
         for y in 0..h as isize {
-            let (add, sub, far) = (rowf(y + r), rowf(y - r - 1), rowf(y + r + 1));
+            let add = &src[rowf(y + r)..][..stride];
+            let sub = &src[rowf(y - r - 1)..][..stride];
+            let far = &src[rowf(y + r + 1)..][..stride];
             let out = &mut dst[y as usize * stride..(y as usize + 1) * stride];
             for x in 0..stride {
-                let a = acc[x] + src[add + x] as u32 - src[sub + x] as u32;
+                let a = acc[x] + add[x] as u32 - sub[x] as u32;
                 acc[x] = a;
-                let bulk = a * ww + (src[sub + x] as u32 + src[far + x] as u32) * fw;
+                let bulk = a * ww + (sub[x] as u32 + far[x] as u32) * fw;
                 out[x] = ((bulk + (1 << 23)) >> 24) as u8;
             }
         }
@@ -324,12 +342,13 @@ pub fn gaussian_blur(img: &mut [u8], w: usize, h: usize, sigma: f32, scratch: &m
     }
     let bw = BoxWeights::new(fr);
     scratch.resize(img.len(), 0);
-    // 3 horizontal passes, then 3 vertical ones; the ping-pong ends in `scratch` after an odd
-    // count, so copy back once at the end.
-    for horizontal in [true, false] {
-        for _ in 0..3 {
-            box_pass(img, scratch, w, h, bw, horizontal);
-            img.copy_from_slice(scratch);
+    let mut pad = Vec::new();
+    // 3 horizontal passes, then 3 vertical ones, ping-ponging; six passes end back in `img`.
+    for (k, horizontal) in [true, true, true, false, false, false].into_iter().enumerate() {
+        if k % 2 == 0 {
+            box_pass(img, scratch, w, h, bw, horizontal, &mut pad);
+        } else {
+            box_pass(scratch, img, w, h, bw, horizontal, &mut pad);
         }
     }
 }

@@ -82,3 +82,21 @@ impl<R: Records> SampleSource for DatasetSource<R> {
         Ok(self.engine.make_sample(&img, self.seed, epoch, used, label))
     }
 }
+
+/// Opens a shard directory as records. The shard reader (`shared::shard::Dataset`) is not in
+/// this branch yet; until it is, shard input is refused with a clear message.
+pub fn open_shards(dir: &std::path::Path) -> Result<Box<dyn Records>> {
+    bail!(
+        "reading shards ({}) needs shared::shard::Dataset, which this build does not have yet; use --images DIR",
+        dir.display()
+    )
+}
+
+impl Records for Box<dyn Records> {
+    fn len(&self) -> u64 {
+        (**self).len()
+    }
+    fn record(&self, index: u64) -> Result<RecordRef<'_>> {
+        (**self).record(index)
+    }
+}
