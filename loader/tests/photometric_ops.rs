@@ -136,19 +136,71 @@ fn reference_blur(img: &[u8], w: usize, h: usize, sigma: f32) -> Vec<f64> {
     out
 }
 
+/// Pillow's blur written as direct sums: each pass is out[x] = round(Σ_{|k|≤r} ww·in[x+k] +
+/// fw·(in[x−r−1] + in[x+r+1])) in 24-bit fixed point with clamped indices (no running sum).
+fn pillow_blur_direct(img: &[u8], w: usize, h: usize, sigma: f32) -> Vec<u8> {
+    let bw = BoxWeights::new(box_radius(sigma, 3));
+    let r = bw.radius as isize;
+    let mut cur = img.to_vec();
+    for horizontal in [true, true, true, false, false, false] {
+        let prev = cur.clone();
+        let (n, at): (isize, Box<dyn Fn(usize, usize, isize, usize) -> u32>) = if horizontal {
+            (w as isize, Box::new(|x, y, d, c| prev[(y * w + (x as isize + d).clamp(0, w as isize - 1) as usize) * 3 + c] as u32))
+        } else {
+            (h as isize, Box::new(|x, y, d, c| prev[(((y as isize + d).clamp(0, h as isize - 1) as usize) * w + x) * 3 + c] as u32))
+        };
+        let _ = n;
+        for y in 0..h {
+            for x in 0..w {
+                for c in 0..3 {
+                    let inner: u32 = (-r..=r).map(|d| at(x, y, d, c)).sum();
+                    let bulk = inner * bw.ww + (at(x, y, -r - 1, c) + at(x, y, r + 1, c)) * bw.fw;
+                    cur[(y * w + x) * 3 + c] = ((bulk + (1 << 23)) >> 24) as u8;
+                }
+            }
+        }
+    }
+    cur
+}
+
 #[test]
 fn blur_matches_a_direct_convolution() {
-    let (w, h) = (40usize, 30usize);
+    let (w, h) = (37usize, 23usize);
+    let img: Vec<u8> = (0..w * h * 3).map(|i| ((i * 7919) % 251) as u8).collect();
+    for sigma in [0.1f32, 0.5, 1.0, 1.7, 2.0, 6.0] {
+        let mut out = img.clone();
+        gaussian_blur(&mut out, w, h, sigma, &mut Vec::new());
+        assert_eq!(out, pillow_blur_direct(&img, w, h, sigma), "sigma {sigma}");
+    }
+}
+
+#[test]
+fn blur_is_close_to_the_unrounded_gaussian() {
+    let (w, h) = (48usize, 40usize);
     let img: Vec<u8> = (0..w * h * 3).map(|i| ((i * 7919) % 251) as u8).collect();
     for sigma in [0.1f32, 0.5, 1.0, 1.7, 2.0] {
         let mut out = img.clone();
         gaussian_blur(&mut out, w, h, sigma, &mut Vec::new());
         let want = reference_blur(&img, w, h, sigma);
-        let max_err = out.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
-        // Six passes each rounding to uint8: at most ±0.5 per pass, far less in practice.
-        assert!(max_err <= 2.5, "sigma {sigma}: max error {max_err}");
-        let mean_err: f64 = out.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).sum::<f64>() / want.len() as f64;
-        assert!(mean_err < 0.6, "sigma {sigma}: mean error {mean_err}");
+        // Edge repetition per pass differs from one composed kernel near the border: compare
+        // the interior only.
+        let m = 3 * (BoxWeights::new(box_radius(sigma, 3)).radius + 1) + 1;
+        let mut errs = Vec::new();
+        for y in m..h - m {
+            for x in m..w - m {
+                for c in 0..3 {
+                    let i = (y * w + x) * 3 + c;
+                    errs.push((out[i] as f64 - want[i]).abs());
+                }
+            }
+        }
+        let max_err = errs.iter().cloned().fold(0.0, f64::max);
+        let mean_err = errs.iter().sum::<f64>() / errs.len() as f64;
+        // Six passes each rounding to uint8 (±0.5 each) on a noisy image.
+        assert!(max_err <= 3.0, "sigma {sigma}: max error {max_err}");
+        // At σ = 0.1 every pass moves values by < 0.5 and rounds back: Pillow's result is the
+        // identity while the unrounded kernel is not, so only the max bound applies there.
+        assert!(sigma < 0.2 || mean_err < 1.0, "sigma {sigma}: mean error {mean_err}");
     }
     // A constant image is unchanged.
     let mut flat = vec![93u8; 20 * 10 * 3];
