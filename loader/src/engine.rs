@@ -159,11 +159,13 @@ pub fn resize_crop(resizer: &mut fr::Resizer, img: &RgbImage, meta: &CropMeta, d
 pub fn flip_rows(img: &mut [u8], w: usize, h: usize) {
     for y in 0..h {
         let row = &mut img[y * w * 3..(y + 1) * w * 3];
-        for x in 0..w / 2 {
-            let (a, b) = (x * 3, (w - 1 - x) * 3);
-            for c in 0..3 {
-                row.swap(a + c, b + c);
-            }
+        let (left, right) = row.split_at_mut(w / 2 * 3);
+        let right_len = right.len();
+        for (x, a) in left.chunks_exact_mut(3).enumerate() {
+            let b = &mut right[right_len - 3 * (x + 1)..right_len - 3 * x];
+            let tmp = [a[0], a[1], a[2]];
+            a.copy_from_slice(b);
+            b.copy_from_slice(&tmp);
         }
     }
 }

@@ -209,13 +209,77 @@ pub fn hsv_to_rgb(h: u8, s: u8, v: u8) -> (u8, u8, u8) {
     }
 }
 
+/// Lookup tables for [`rgb_to_hsv`] without per-pixel divisions. Pillow's float expressions
+/// depend only on `cr = max − min`, on which channel is the max and which the min, and on the
+/// remaining difference `d = max − mid`; the tables hold Pillow's exact results per key.
+struct HsvTables {
+    /// `[case][cr][d]` → uh, case = 2·(max channel) + (min is the later of the other two).
+    hue: Vec<u8>,
+    /// `[max][cr]` → us.
+    sat: Vec<u8>,
+}
+
+fn hsv_tables() -> &'static HsvTables {
+    static T: std::sync::OnceLock<HsvTables> = std::sync::OnceLock::new();
+    T.get_or_init(|| {
+        let mut hue = vec![0u8; 6 * 256 * 256];
+        for case in 0..6usize {
+            for cr in 1..256usize {
+                for d in 0..=cr {
+                    let (mx, mn, mid) = (cr as u8, 0u8, (cr - d) as u8);
+                    let rgb = match case {
+                        0 => (mx, mn, mid), // r max, g min
+                        1 => (mx, mid, mn), // r max, b min
+                        2 => (mn, mx, mid), // g max, r min
+                        3 => (mid, mx, mn), // g max, b min
+                        4 => (mn, mid, mx), // b max, r min
+                        _ => (mid, mn, mx), // b max, g min
+                    };
+                    hue[(case * 256 + cr) * 256 + d] = rgb_to_hsv(rgb.0, rgb.1, rgb.2).0;
+                }
+            }
+        }
+        let mut sat = vec![0u8; 256 * 256];
+        for mx in 1..256usize {
+            for cr in 0..=mx {
+                sat[mx * 256 + cr] = ((cr as f32 / mx as f32) as f64 * 255.0) as u8;
+            }
+        }
+        HsvTables { hue, sat }
+    })
+}
+
+/// [`rgb_to_hsv`] through the tables (bit-identical; checked by a test over all cases).
+#[inline]
+pub fn rgb_to_hsv_fast(r: u8, g: u8, b: u8) -> (u8, u8, u8) {
+    let t = hsv_tables();
+    let mx = r.max(g).max(b);
+    let mn = r.min(g).min(b);
+    if mx == mn {
+        return (0, 0, mx);
+    }
+    let cr = (mx - mn) as usize;
+    // Pillow tests r == max first, then g; ties between the other two do not change the value.
+    let (case, mid) = if r == mx {
+        if g == mn { (0, b) } else { (1, g) }
+    } else if g == mx {
+        if r == mn { (2, b) } else { (3, r) }
+    } else if r == mn {
+        (4, g)
+    } else {
+        (5, r)
+    };
+    let d = (mx - mid) as usize;
+    (t.hue[(case * 256 + cr) * 256 + d], t.sat[mx as usize * 256 + cr], mx)
+}
+
 /// torchvision `adjust_hue` on PIL: H += uint8(hue·255) with wrap-around.
 pub fn hue(img: &mut [u8], factor: f32) {
     // numpy's float → uint8 cast truncates toward zero then wraps.
     let shift = ((factor as f64 * 255.0) as i32) as u8;
     // Even with shift 0 PIL round-trips through HSV, which is not the identity: always do it.
     for px in img.chunks_exact_mut(3) {
-        let (h, s, v) = rgb_to_hsv(px[0], px[1], px[2]);
+        let (h, s, v) = rgb_to_hsv_fast(px[0], px[1], px[2]);
         let (r, g, b) = hsv_to_rgb(h.wrapping_add(shift), s, v);
         px[0] = r;
         px[1] = g;

@@ -248,3 +248,21 @@ fn selector_rates_match_the_spec() {
     assert!((rate(b) - 0.425).abs() < 0.015);
     assert!((rate(s) - 0.10).abs() < 0.01);
 }
+
+#[test]
+fn table_hsv_is_bit_identical_to_pillow_formula() {
+    // Every (r, g, b) with a coarse step plus all the pure-case extremes.
+    for r in (0..=255u32).step_by(3) {
+        for g in (0..=255u32).step_by(5) {
+            for b in (0..=255u32).step_by(7) {
+                let (r, g, b) = (r as u8, g as u8, b as u8);
+                assert_eq!(rgb_to_hsv_fast(r, g, b), rgb_to_hsv(r, g, b), "{r} {g} {b}");
+            }
+        }
+    }
+    for v in [0u8, 1, 128, 254, 255] {
+        for (r, g, b) in [(v, 0, 0), (0, v, 0), (0, 0, v), (v, v, 0), (v, 0, v), (0, v, v), (v, 3, 3), (3, v, 3), (3, 3, v)] {
+            assert_eq!(rgb_to_hsv_fast(r, g, b), rgb_to_hsv(r, g, b), "{r} {g} {b}");
+        }
+    }
+}
