@@ -67,6 +67,7 @@ impl OwnedRecord {
             payload: &self.payload,
             path: &self.path,
             shard: 0,
+            crc32c: crc32c::crc32c(&self.payload),
         }
     }
 }

@@ -1,5 +1,5 @@
-//! The UDI data loader: decode, multi-crop augmentation, SRS rows (udi-spec §1), and the CLI
-//! tools around them.
+//! The UDI data loader: decode, multi-crop augmentation, SRS rows (udi-spec §1), batch assembly
+//! into the shared-memory ring, and the CLI tools around them.
 //!
 //! * [`decode`]: JPEG (libjpeg-turbo), PNG and raw-zstd records to RGB8.
 //! * [`crops`]: crop geometry (random-resized-crop, overlap-constrained crop, reference box).
@@ -9,13 +9,26 @@
 //! * [`source`]: [`source::DatasetSource`], the [`shared::geometry::SampleSource`] over records.
 //! * [`folder`]: an in-memory record set from a folder of image files (tests, bench, preview).
 //! * [`bench`], [`preview`]: the `loader bench` / `loader preview` subcommands.
+//! * [`produce`]: batch assembly; [`daemon`]: `loader run` / `loader status`;
+//!   [`ring_tools`]: `loader tap`, `loader bench-ring`.
+//!
+//! Ring workflow (protocol: `shared::ring`):
+//! ```text
+//! loader run --ring NAME --config configs/X.toml --shards DIR --threads N   # one or more
+//! loader status --ring NAME            # producers, fill level, batches/s
+//! loader tap --ring NAME --batches 5 --json   # or the trainer as the consumer
+//! loader bench-ring --batch-size 32    # hand-over vs memcpy, images/s vs in-process
+//! ```
 
 pub mod bench;
 pub mod crops;
+pub mod daemon;
 pub mod decode;
 pub mod engine;
 pub mod folder;
 pub mod photometric;
 pub mod preview;
+pub mod produce;
+pub mod ring_tools;
 pub mod source;
 pub mod srs;

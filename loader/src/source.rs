@@ -83,13 +83,20 @@ impl<R: Records> SampleSource for DatasetSource<R> {
     }
 }
 
-/// Opens a shard directory as records. The shard reader (`shared::shard::Dataset`) is not in
-/// this branch yet; until it is, shard input is refused with a clear message.
+/// Opens a shard directory (written by shard-tool) as records.
 pub fn open_shards(dir: &std::path::Path) -> Result<Box<dyn Records>> {
-    bail!(
-        "reading shards ({}) needs shared::shard::Dataset, which this build does not have yet; use --images DIR",
-        dir.display()
-    )
+    let ds = shared::shard::Dataset::open(dir)
+        .map_err(|e| anyhow::anyhow!("opening shards {}: {e}", dir.display()))?;
+    Ok(Box::new(ds))
+}
+
+impl Records for shared::shard::Dataset {
+    fn len(&self) -> u64 {
+        shared::shard::Dataset::len(self)
+    }
+    fn record(&self, index: u64) -> Result<RecordRef<'_>> {
+        shared::shard::Dataset::record(self, index).map_err(|e| anyhow::anyhow!("{e}"))
+    }
 }
 
 impl Records for Box<dyn Records> {
@@ -99,4 +106,16 @@ impl Records for Box<dyn Records> {
     fn record(&self, index: u64) -> Result<RecordRef<'_>> {
         (**self).record(index)
     }
+}
+
+/// The crop engine over a shard directory, with the dataset id the ring handshake needs:
+/// what `loader run --shards DIR` plugs in (`daemon::open_source`).
+pub fn open_dataset_source(
+    dir: &std::path::Path,
+    cfg: &shared::config::PipelineConfig,
+) -> Result<(DatasetSource<shared::shard::Dataset>, u64)> {
+    let ds = shared::shard::Dataset::open(dir)
+        .map_err(|e| anyhow::anyhow!("opening shards {}: {e}", dir.display()))?;
+    let id = ds.dataset_id();
+    Ok((DatasetSource::new(ds, CropEngine::new(cfg.augment.clone()), cfg.data.seed), id))
 }

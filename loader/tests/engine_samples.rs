@@ -35,7 +35,7 @@ fn encode(img: &image::RgbImage, fmt: image::ImageFormat) -> Vec<u8> {
 }
 
 fn record<'a>(payload: &'a [u8], encoding: Encoding, w: u32, h: u32) -> RecordRef<'a> {
-    RecordRef { index: 3, label: 1, width: w, height: h, encoding, payload, path: "x/img.bin", shard: 0 }
+    RecordRef { index: 3, label: 1, width: w, height: h, encoding, payload, path: "x/img.bin", shard: 0, crc32c: 0 }
 }
 
 #[test]
