@@ -66,7 +66,13 @@ enum Mode {
     Full,
 }
 
-fn run_mode(records: &dyn Records, engine: &CropEngine, opts: &BenchOptions, n: u64, mode: Mode) -> (ModeResult, u64) {
+fn run_mode(
+    records: &dyn Records,
+    engine: &CropEngine,
+    opts: &BenchOptions,
+    n: u64,
+    mode: Mode,
+) -> (ModeResult, u64) {
     let threads = opts.threads.max(1);
     let start = Instant::now();
     let per_thread: Vec<(StageTimes, u64, u64)> = std::thread::scope(|s| {
@@ -86,7 +92,14 @@ fn run_mode(records: &dyn Records, engine: &CropEngine, opts: &BenchOptions, n: 
                                 Ok(img) => {
                                     if mode != Mode::Decode {
                                         engine.make_sample_into(
-                                            &img, opts.seed, pass, i, -1, mode == Mode::Full, &mut sample, &mut times,
+                                            &img,
+                                            opts.seed,
+                                            pass,
+                                            i,
+                                            -1,
+                                            mode == Mode::Full,
+                                            &mut sample,
+                                            &mut times,
                                         );
                                     }
                                     done += 1;
@@ -100,7 +113,10 @@ fn run_mode(records: &dyn Records, engine: &CropEngine, opts: &BenchOptions, n: 
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("bench worker panicked")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("bench worker panicked"))
+            .collect()
     });
     let wall = start.elapsed().as_secs_f64();
     let mut times = StageTimes::default();
@@ -130,12 +146,25 @@ fn run_mode(records: &dyn Records, engine: &CropEngine, opts: &BenchOptions, n: 
 /// Runs the three modes back to back (decode-only first and last is not needed: each mode
 /// reads the same in-memory records, so the page cache plays no part).
 pub fn run(records: &dyn Records, aug: &AugmentConfig, opts: &BenchOptions) -> Result<BenchReport> {
-    let n = if opts.limit == 0 { records.len() } else { opts.limit.min(records.len()) };
+    let n = if opts.limit == 0 {
+        records.len()
+    } else {
+        opts.limit.min(records.len())
+    };
     anyhow::ensure!(n > 0, "no records to benchmark");
     let engine = CropEngine::new(aug.clone());
     // Warm-up: thread-local decoders and resizer buffers, page-in of the records.
-    let warm = BenchOptions { passes: 1, ..opts.clone() };
-    run_mode(records, &engine, &warm, n.min(8 * opts.threads.max(1) as u64), Mode::Full);
+    let warm = BenchOptions {
+        passes: 1,
+        ..opts.clone()
+    };
+    run_mode(
+        records,
+        &engine,
+        &warm,
+        n.min(8 * opts.threads.max(1) as u64),
+        Mode::Full,
+    );
     let (decode_only, skipped) = run_mode(records, &engine, opts, n, Mode::Decode);
     let (geometry_resize, _) = run_mode(records, &engine, opts, n, Mode::Resize);
     let (full, _) = run_mode(records, &engine, opts, n, Mode::Full);
@@ -162,7 +191,11 @@ pub fn format_report(r: &BenchReport) -> String {
         r.images, r.threads, r.skipped
     );
     s += "mode                      img/s   img/s/core   ms/img: decode  geometry  resize  photometric\n";
-    for (name, m) in [("(a) decode only", &r.decode_only), ("(b) decode+geometry+resize", &r.geometry_resize), ("(c) full recipe", &r.full)] {
+    for (name, m) in [
+        ("(a) decode only", &r.decode_only),
+        ("(b) decode+geometry+resize", &r.geometry_resize),
+        ("(c) full recipe", &r.full),
+    ] {
         s += &format!(
             "{name:<26}{:>7.1} {:>11.1}          {:>7.3} {:>9.3} {:>7.3} {:>12.3}\n",
             m.img_per_s,
@@ -200,7 +233,12 @@ pub struct BenchArgs {
 pub fn cli(args: &BenchArgs) -> Result<()> {
     let cfg = args.input.config()?;
     let records = args.input.open()?;
-    let opts = BenchOptions { threads: args.threads, limit: args.limit, passes: args.passes.max(1), seed: cfg.data.seed };
+    let opts = BenchOptions {
+        threads: args.threads,
+        limit: args.limit,
+        passes: args.passes.max(1),
+        seed: cfg.data.seed,
+    };
     let report = run(records.as_ref(), &cfg.augment, &opts)?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);

@@ -38,9 +38,19 @@ impl PixBox {
         let (t, l) = (meta.top as i64, meta.left as i64);
         let (b, r) = (t + meta.h as i64 - 1, l + meta.w as i64 - 1);
         if meta.hflip != 0 {
-            PixBox { r0: t, c0: r, r1: b, c1: l }
+            PixBox {
+                r0: t,
+                c0: r,
+                r1: b,
+                c1: l,
+            }
         } else {
-            PixBox { r0: t, c0: l, r1: b, c1: r }
+            PixBox {
+                r0: t,
+                c0: l,
+                r1: b,
+                c1: r,
+            }
         }
     }
 
@@ -89,7 +99,10 @@ impl CropSampler {
     pub fn centre_fallback(&self) -> Rect {
         let (hh, ww) = (self.height, self.width);
         let in_ratio = ww as f64 / hh as f64;
-        let (rmin, rmax) = (self.ratio[0].min(self.ratio[1]), self.ratio[0].max(self.ratio[1]));
+        let (rmin, rmax) = (
+            self.ratio[0].min(self.ratio[1]),
+            self.ratio[0].max(self.ratio[1]),
+        );
         let (h, w) = if in_ratio < rmin {
             (py_round(ww as f64 / rmin) as i64, ww)
         } else if in_ratio > rmax {
@@ -99,7 +112,12 @@ impl CropSampler {
         };
         // Rounding can overshoot by one on tiny images; keep the crop inside.
         let (h, w) = (h.clamp(1, hh), w.clamp(1, ww));
-        Rect { i: (hh - h).div_euclid(2), j: (ww - w).div_euclid(2), h, w }
+        Rect {
+            i: (hh - h).div_euclid(2),
+            j: (ww - w).div_euclid(2),
+            h,
+            w,
+        }
     }
 
     /// `get_params_ref`: a plain crop moved toward the reference box so that both axes overlap
@@ -141,7 +159,11 @@ impl CropSampler {
 
 /// Steps 5–6: the gap to close plus the half-overlap top-up, along one axis.
 fn overlap_shift(span: i64, size: i64, ref_size: i64) -> f64 {
-    let mut shift = if span > size + ref_size { (span - size - ref_size) as f64 } else { 0.0 };
+    let mut shift = if span > size + ref_size {
+        (span - size - ref_size) as f64
+    } else {
+        0.0
+    };
     let m = ref_size.min(size) as f64;
     if span as f64 >= (size + ref_size) as f64 - 0.5 * m {
         shift += 0.5 * m;
@@ -162,9 +184,19 @@ pub fn uniform<R: Rng>(rng: &mut R, lo: f64, hi: f64) -> f64 {
 pub fn local_reference(g0: PixBox, g1: PixBox, true_intersection: bool) -> PixBox {
     if true_intersection {
         let (a, b) = (g0.unflipped(), g1.unflipped());
-        PixBox { r0: a.r0.max(b.r0), c0: a.c0.max(b.c0), r1: a.r1.min(b.r1), c1: a.c1.min(b.c1) }
+        PixBox {
+            r0: a.r0.max(b.r0),
+            c0: a.c0.max(b.c0),
+            r1: a.r1.min(b.r1),
+            c1: a.c1.min(b.c1),
+        }
     } else {
-        PixBox { r0: g0.r0.min(g1.r0), c0: g0.c0.min(g1.c0), r1: g0.r1.max(g1.r1), c1: g0.c1.max(g1.c1) }
+        PixBox {
+            r0: g0.r0.min(g1.r0),
+            c0: g0.c0.min(g1.c0),
+            r1: g0.r1.max(g1.r1),
+            c1: g0.c1.max(g1.c1),
+        }
     }
 }
 
@@ -183,7 +215,12 @@ fn meta(height: i64, width: i64, r: Rect, hflip: bool) -> CropMeta {
 /// Draws the 2 + L crops of one image in the official order: view 0 (plain), its flip; view 1
 /// (constrained to view 0's signed box), its flip; then per local: constrained crop w.r.t. the
 /// reference box, its flip. `torch.rand(1) < p` is the flip test.
-pub fn sample_crops<R: Rng>(aug: &AugmentConfig, height: u32, width: u32, rng: &mut R) -> Vec<CropMeta> {
+pub fn sample_crops<R: Rng>(
+    aug: &AugmentConfig,
+    height: u32,
+    width: u32,
+    rng: &mut R,
+) -> Vec<CropMeta> {
     let (hh, ww) = (height as i64, width as i64);
     let global = CropSampler {
         height: hh,
@@ -192,7 +229,10 @@ pub fn sample_crops<R: Rng>(aug: &AugmentConfig, height: u32, width: u32, rng: &
         ratio: aug.ratio,
         fix_overlap_typo: aug.fix_overlap_typo,
     };
-    let local = CropSampler { scale: aug.local_scale, ..global };
+    let local = CropSampler {
+        scale: aug.local_scale,
+        ..global
+    };
     let mut out = Vec::with_capacity(2 + aug.n_local as usize);
 
     let r0 = global.plain(rng);
@@ -202,7 +242,11 @@ pub fn sample_crops<R: Rng>(aug: &AugmentConfig, height: u32, width: u32, rng: &
     let f1 = rng.random::<f64>() < aug.hflip_p;
     out.push(meta(hh, ww, r1, f1));
 
-    let reference = local_reference(PixBox::of(&out[0]), PixBox::of(&out[1]), aug.true_intersection);
+    let reference = local_reference(
+        PixBox::of(&out[0]),
+        PixBox::of(&out[1]),
+        aug.true_intersection,
+    );
     for _ in 0..aug.n_local {
         let r = local.constrained(rng, reference);
         let f = aug.local_hflip && rng.random::<f64>() < aug.hflip_p;

@@ -21,7 +21,11 @@ pub struct RgbImage {
 
 impl RgbImage {
     pub fn new(width: u32, height: u32) -> Self {
-        Self { width, height, data: vec![0; width as usize * height as usize * 3] }
+        Self {
+            width,
+            height,
+            data: vec![0; width as usize * height as usize * 3],
+        }
     }
 
     pub fn from_raw(width: u32, height: u32, data: Vec<u8>) -> Result<Self> {
@@ -30,7 +34,11 @@ impl RgbImage {
             "RGB buffer of {} bytes does not match {width}x{height}x3",
             data.len()
         );
-        Ok(Self { width, height, data })
+        Ok(Self {
+            width,
+            height,
+            data,
+        })
     }
 
     pub fn pixel(&self, x: u32, y: u32) -> [u8; 3] {
@@ -80,7 +88,10 @@ pub fn decode_bytes(bytes: &[u8]) -> Result<RgbImage> {
         Sniffed::Jpeg => decode_jpeg(bytes),
         Sniffed::Png => decode_png(bytes),
         Sniffed::Other if bytes.is_empty() => bail!("empty payload"),
-        Sniffed::Other => bail!("not a JPEG or PNG (first bytes {:02x?})", &bytes[..bytes.len().min(4)]),
+        Sniffed::Other => bail!(
+            "not a JPEG or PNG (first bytes {:02x?})",
+            &bytes[..bytes.len().min(4)]
+        ),
     }
 }
 
@@ -89,7 +100,11 @@ pub fn decode_raw_zstd(payload: &[u8], width: u32, height: u32) -> Result<RgbIma
     let n = width as usize * height as usize * 3;
     anyhow::ensure!(n > 0, "raw record with zero size {width}x{height}");
     let data = zstd::bulk::decompress(payload, n).context("zstd")?;
-    anyhow::ensure!(data.len() == n, "raw record has {} bytes, expected {width}x{height}x3", data.len());
+    anyhow::ensure!(
+        data.len() == n,
+        "raw record has {} bytes, expected {width}x{height}x3",
+        data.len()
+    );
     RgbImage::from_raw(width, height, data)
 }
 
@@ -123,7 +138,11 @@ fn decode_jpeg(bytes: &[u8]) -> Result<RgbImage> {
                     format: turbojpeg::PixelFormat::CMYK,
                 };
                 d.decompress(bytes, out).context("JPEG (CMYK)")?;
-                Ok(RgbImage { width: w as u32, height: h as u32, data: adobe_cmyk_to_rgb(&cmyk) })
+                Ok(RgbImage {
+                    width: w as u32,
+                    height: h as u32,
+                    data: adobe_cmyk_to_rgb(&cmyk),
+                })
             }
             _ => {
                 // Gray JPEGs are expanded to RGB by libjpeg itself (R = G = B = Y).
@@ -136,7 +155,11 @@ fn decode_jpeg(bytes: &[u8]) -> Result<RgbImage> {
                     format: turbojpeg::PixelFormat::RGB,
                 };
                 d.decompress(bytes, out).context("JPEG")?;
-                Ok(RgbImage { width: w as u32, height: h as u32, data })
+                Ok(RgbImage {
+                    width: w as u32,
+                    height: h as u32,
+                    data,
+                })
             }
         }
     })
@@ -168,7 +191,9 @@ mod tests {
     #[test]
     fn cmyk_white_black_and_primaries() {
         // stored (inverted) values: 255 = no ink.
-        let px = [255, 255, 255, 255, 0, 0, 0, 0, 0, 255, 255, 255, 255, 255, 255, 0];
+        let px = [
+            255, 255, 255, 255, 0, 0, 0, 0, 0, 255, 255, 255, 255, 255, 255, 0,
+        ];
         let rgb = adobe_cmyk_to_rgb(&px);
         assert_eq!(&rgb[0..3], &[255, 255, 255]);
         assert_eq!(&rgb[3..6], &[0, 0, 0]);

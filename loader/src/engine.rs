@@ -67,9 +67,25 @@ impl CropEngine {
     }
 
     /// All crops, masks and rows of sample `index` of `epoch` (see `shared::geometry::Sample`).
-    pub fn make_sample(&self, img: &RgbImage, seed: u64, epoch: u64, index: u64, label: i32) -> Sample {
+    pub fn make_sample(
+        &self,
+        img: &RgbImage,
+        seed: u64,
+        epoch: u64,
+        index: u64,
+        label: i32,
+    ) -> Sample {
         let mut s = Sample::default();
-        self.make_sample_into(img, seed, epoch, index, label, true, &mut s, &mut StageTimes::default());
+        self.make_sample_into(
+            img,
+            seed,
+            epoch,
+            index,
+            label,
+            true,
+            &mut s,
+            &mut StageTimes::default(),
+        );
         s
     }
 
@@ -94,24 +110,30 @@ impl CropEngine {
         let (gg, lg) = (aug.global_grid(), aug.local_grid());
         out.global_mask = sampling_mask(gg, aug.global_window, &mut rng);
         out.local_mask = sampling_mask(lg, aug.local_window, &mut rng);
-        let photo: Vec<PhotoParams> = crops.iter().map(|_| PhotoParams::draw(aug, &mut rng)).collect();
+        let photo: Vec<PhotoParams> = crops
+            .iter()
+            .map(|_| PhotoParams::draw(aug, &mut rng))
+            .collect();
 
         let (ng, nl) = (aug.global_samples() as usize, aug.local_samples() as usize);
         let n_local = aug.n_local as usize;
         out.rows.clear();
-        out.rows.resize(2 * ng + 2 * n_local * nl, SrsRow::default());
+        out.rows
+            .resize(2 * ng + 2 * n_local * nl, SrsRow::default());
         out.n_valid.clear();
         out.n_valid.resize(aug.n_pairs() as usize, 0);
         for v in 0..2 {
             let rows = &mut out.rows[v * ng..(v + 1) * ng];
-            out.n_valid[global_pair(v)] = project_rows(&crops[v], gg, &crops[1 - v], gg, &out.global_mask, rows);
+            out.n_valid[global_pair(v)] =
+                project_rows(&crops[v], gg, &crops[1 - v], gg, &out.global_mask, rows);
         }
         for k in 0..n_local {
             for t in 0..2 {
                 let p = local_pair(k, t);
                 let start = 2 * ng + (p - 2) * nl;
                 let rows = &mut out.rows[start..start + nl];
-                out.n_valid[p] = project_rows(&crops[2 + k], lg, &crops[t], gg, &out.local_mask, rows);
+                out.n_valid[p] =
+                    project_rows(&crops[2 + k], lg, &crops[t], gg, &out.local_mask, rows);
             }
         }
         out.index = index;
@@ -144,15 +166,25 @@ impl CropEngine {
 }
 
 /// Bicubic (PIL semantics) resize of the crop rectangle of `img` to `size × size` into `dst`.
-pub fn resize_crop(resizer: &mut fr::Resizer, img: &RgbImage, meta: &CropMeta, dst: &mut [u8], size: usize) {
+pub fn resize_crop(
+    resizer: &mut fr::Resizer,
+    img: &RgbImage,
+    meta: &CropMeta,
+    dst: &mut [u8],
+    size: usize,
+) {
     let src = fr::images::ImageRef::new(img.width, img.height, &img.data, fr::PixelType::U8x3)
         .expect("RgbImage buffer matches its size");
     let view = fr::images::CroppedImage::new(&src, meta.left, meta.top, meta.w, meta.h)
         .expect("crop rectangle inside the image");
-    let mut out = fr::images::Image::from_slice_u8(size as u32, size as u32, dst, fr::PixelType::U8x3)
-        .expect("destination buffer matches the crop size");
-    let opts = fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::CatmullRom));
-    resizer.resize(&view, &mut out, &opts).expect("u8x3 → u8x3 resize");
+    let mut out =
+        fr::images::Image::from_slice_u8(size as u32, size as u32, dst, fr::PixelType::U8x3)
+            .expect("destination buffer matches the crop size");
+    let opts =
+        fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::CatmullRom));
+    resizer
+        .resize(&view, &mut out, &opts)
+        .expect("u8x3 → u8x3 resize");
 }
 
 /// Mirrors every row of an RGB image in place.

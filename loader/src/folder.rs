@@ -38,7 +38,10 @@ impl MemRecords {
         let mut records = Vec::with_capacity(paths.len());
         for p in paths {
             let payload = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
-            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             records.push(OwnedRecord::encoded(name, UNLABELLED, payload));
         }
         anyhow::ensure!(!records.is_empty(), "no files in {}", dir.display());
@@ -53,8 +56,19 @@ impl MemRecords {
 impl OwnedRecord {
     /// A JPEG/PNG (or unknown) payload; size left 0 (the decoder reads it from the bytes).
     pub fn encoded(path: String, label: i32, payload: Vec<u8>) -> Self {
-        let encoding = if sniff(&payload) == Sniffed::Png { Encoding::Png } else { Encoding::Jpeg };
-        Self { path, label, width: 0, height: 0, encoding, payload }
+        let encoding = if sniff(&payload) == Sniffed::Png {
+            Encoding::Png
+        } else {
+            Encoding::Jpeg
+        };
+        Self {
+            path,
+            label,
+            width: 0,
+            height: 0,
+            encoding,
+            payload,
+        }
     }
 
     pub fn as_ref(&self, index: u64) -> RecordRef<'_> {
@@ -78,7 +92,10 @@ impl Records for MemRecords {
     }
 
     fn record(&self, index: u64) -> Result<RecordRef<'_>> {
-        let r = self.records.get(index as usize).with_context(|| format!("record {index} out of range"))?;
+        let r = self
+            .records
+            .get(index as usize)
+            .with_context(|| format!("record {index} out of range"))?;
         Ok(r.as_ref(index))
     }
 }
@@ -109,7 +126,10 @@ impl InputArgs {
         if let Some(dir) = &self.images {
             return Ok(Box::new(MemRecords::from_dir(dir)?));
         }
-        let dir = self.shards.as_ref().expect("clap requires --shards or --images");
+        let dir = self
+            .shards
+            .as_ref()
+            .expect("clap requires --shards or --images");
         crate::source::open_shards(dir)
     }
 }

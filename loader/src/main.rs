@@ -3,7 +3,10 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "loader", about = "UDI data loader: multi-crop augmentation into a shared-memory ring")]
+#[command(
+    name = "loader",
+    about = "UDI data loader: multi-crop augmentation into a shared-memory ring"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

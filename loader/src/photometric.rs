@@ -63,7 +63,11 @@ impl PhotoParams {
         let mut blur_p = aug.blur_p_global2;
         let mut solarize_p = 0.0;
         if rng.random::<f64>() < 0.5 {
-            blur_p = if rng.random::<f64>() < 0.5 { aug.blur_p_local } else { aug.blur_p_global1 };
+            blur_p = if rng.random::<f64>() < 0.5 {
+                aug.blur_p_local
+            } else {
+                aug.blur_p_global1
+            };
         } else {
             solarize_p = aug.solarize_p;
         }
@@ -261,16 +265,28 @@ pub fn rgb_to_hsv_fast(r: u8, g: u8, b: u8) -> (u8, u8, u8) {
     let cr = (mx - mn) as usize;
     // Pillow tests r == max first, then g; ties between the other two do not change the value.
     let (case, mid) = if r == mx {
-        if g == mn { (0, b) } else { (1, g) }
+        if g == mn {
+            (0, b)
+        } else {
+            (1, g)
+        }
     } else if g == mx {
-        if r == mn { (2, b) } else { (3, r) }
+        if r == mn {
+            (2, b)
+        } else {
+            (3, r)
+        }
     } else if r == mn {
         (4, g)
     } else {
         (5, r)
     };
     let d = (mx - mid) as usize;
-    (t.hue[(case * 256 + cr) * 256 + d], t.sat[mx as usize * 256 + cr], mx)
+    (
+        t.hue[(case * 256 + cr) * 256 + d],
+        t.sat[mx as usize * 256 + cr],
+        mx,
+    )
 }
 
 /// torchvision `adjust_hue` on PIL: H += uint8(hue·255) with wrap-around.
@@ -329,13 +345,25 @@ impl BoxWeights {
         let radius = float_radius as i32;
         let ww = ((1u32 << 24) as f32 / (float_radius * 2.0 + 1.0)) as u32;
         let fw = ((1u32 << 24) - (radius as u32 * 2 + 1) * ww) / 2;
-        Self { radius: radius as usize, ww, fw }
+        Self {
+            radius: radius as usize,
+            ww,
+            fw,
+        }
     }
 }
 
 /// One box pass along rows (`horizontal`) or columns, `src` → `dst`, edges repeated.
 /// `pad` is scratch for one edge-extended row.
-fn box_pass(src: &[u8], dst: &mut [u8], w: usize, h: usize, bw: BoxWeights, horizontal: bool, pad: &mut Vec<u32>) {
+fn box_pass(
+    src: &[u8],
+    dst: &mut [u8],
+    w: usize,
+    h: usize,
+    bw: BoxWeights,
+    horizontal: bool,
+    pad: &mut Vec<u32>,
+) {
     let r = bw.radius;
     let (ww, fw) = (bw.ww, bw.fw);
     if horizontal {
@@ -408,7 +436,10 @@ pub fn gaussian_blur(img: &mut [u8], w: usize, h: usize, sigma: f32, scratch: &m
     scratch.resize(img.len(), 0);
     let mut pad = Vec::new();
     // 3 horizontal passes, then 3 vertical ones, ping-ponging; six passes end back in `img`.
-    for (k, horizontal) in [true, true, true, false, false, false].into_iter().enumerate() {
+    for (k, horizontal) in [true, true, true, false, false, false]
+        .into_iter()
+        .enumerate()
+    {
         if k % 2 == 0 {
             box_pass(img, scratch, w, h, bw, horizontal, &mut pad);
         } else {

@@ -61,7 +61,15 @@ fn dot(c: &mut Canvas, x: i64, y: i64, r: i64, col: Rgb<u8>) {
             put(c, x + dx, y + dy, col);
         }
     }
-    rect(c, x - r - 1, y - r - 1, x + r + 1, y + r + 1, Rgb([0, 0, 0]), 1);
+    rect(
+        c,
+        x - r - 1,
+        y - r - 1,
+        x + r + 1,
+        y + r + 1,
+        Rgb([0, 0, 0]),
+        1,
+    );
 }
 
 /// Nearest-neighbour copy of an RGB buffer at `zoom`× to (x0, y0).
@@ -80,20 +88,38 @@ fn blit(c: &mut Canvas, data: &[u8], w: usize, h: usize, x0: i64, y0: i64, zoom:
 /// Draws the preview of `sample` (made from `img`) into a new canvas.
 pub fn render(img: &RgbImage, sample: &Sample, aug: &AugmentConfig) -> Canvas {
     let margin = 10i64;
-    let src_zoom = (600.0 / img.width as f64).min(360.0 / img.height as f64).min(4.0);
-    let (sw, sh) = ((img.width as f64 * src_zoom) as i64, (img.height as f64 * src_zoom) as i64);
+    let src_zoom = (600.0 / img.width as f64)
+        .min(360.0 / img.height as f64)
+        .min(4.0);
+    let (sw, sh) = (
+        (img.width as f64 * src_zoom) as i64,
+        (img.height as f64 * src_zoom) as i64,
+    );
     let crop_zoom = (224.0 / aug.global_size as f64).max(1.0);
     let (gs, ls) = (aug.global_size as usize, aug.local_size as usize);
-    let (gz, lz) = ((gs as f64 * crop_zoom) as i64, (ls as f64 * crop_zoom) as i64);
+    let (gz, lz) = (
+        (gs as f64 * crop_zoom) as i64,
+        (ls as f64 * crop_zoom) as i64,
+    );
     let n_local = aug.n_local as usize;
     let per_row = 6usize;
     let local_rows = n_local.div_ceil(per_row) as i64;
-    let width = (sw + 2 * margin).max(2 * gz + 3 * margin).max(per_row as i64 * (lz + margin) + margin);
+    let width = (sw + 2 * margin)
+        .max(2 * gz + 3 * margin)
+        .max(per_row as i64 * (lz + margin) + margin);
     let height = margin + sh + margin + gz + margin + local_rows * (lz + margin);
     let mut c = Canvas::from_pixel(width as u32, height as u32, Rgb([40, 40, 40]));
 
     // Source with the crop boxes.
-    blit(&mut c, &img.data, img.width as usize, img.height as usize, margin, margin, src_zoom);
+    blit(
+        &mut c,
+        &img.data,
+        img.width as usize,
+        img.height as usize,
+        margin,
+        margin,
+        src_zoom,
+    );
     for (k, m) in sample.crops.iter().enumerate() {
         let x0 = margin + (m.left as f64 * src_zoom) as i64;
         let y0 = margin + (m.top as f64 * src_zoom) as i64;
@@ -110,30 +136,64 @@ pub fn render(img: &RgbImage, sample: &Sample, aug: &AugmentConfig) -> Canvas {
     }
 
     // Crop origins on the canvas.
-    let mut origin = vec![(margin, margin + sh + margin), (2 * margin + gz, margin + sh + margin)];
+    let mut origin = vec![
+        (margin, margin + sh + margin),
+        (2 * margin + gz, margin + sh + margin),
+    ];
     for k in 0..n_local {
         let (row, col) = ((k / per_row) as i64, (k % per_row) as i64);
-        origin.push((margin + col * (lz + margin), margin + sh + margin + gz + margin + row * (lz + margin)));
+        origin.push((
+            margin + col * (lz + margin),
+            margin + sh + margin + gz + margin + row * (lz + margin),
+        ));
     }
     for v in 0..2 {
         let data = &sample.globals[v * gs * gs * 3..(v + 1) * gs * gs * 3];
         blit(&mut c, data, gs, gs, origin[v].0, origin[v].1, crop_zoom);
-        rect(&mut c, origin[v].0 - 2, origin[v].1 - 2, origin[v].0 + gz + 1, origin[v].1 + gz + 1, colour(v), 2);
+        rect(
+            &mut c,
+            origin[v].0 - 2,
+            origin[v].1 - 2,
+            origin[v].0 + gz + 1,
+            origin[v].1 + gz + 1,
+            colour(v),
+            2,
+        );
     }
     for k in 0..n_local {
         let data = &sample.locals[k * ls * ls * 3..(k + 1) * ls * ls * 3];
         let (x, y) = origin[2 + k];
         blit(&mut c, data, ls, ls, x, y, crop_zoom);
-        rect(&mut c, x - 2, y - 2, x + lz + 1, y + lz + 1, colour(2 + k), 2);
+        rect(
+            &mut c,
+            x - 2,
+            y - 2,
+            x + lz + 1,
+            y + lz + 1,
+            colour(2 + k),
+            2,
+        );
     }
 
     // Sampled source patches (white outlines), per crop from its own mask.
     let p = (aug.patch_size as f64 * crop_zoom) as i64;
     for (k, &(ox, oy)) in origin.iter().enumerate() {
-        let (mask, grid) = if k < 2 { (&sample.global_mask, aug.global_grid()) } else { (&sample.local_mask, aug.local_grid()) };
+        let (mask, grid) = if k < 2 {
+            (&sample.global_mask, aug.global_grid())
+        } else {
+            (&sample.local_mask, aug.local_grid())
+        };
         for &cell in mask.iter() {
             let (r, q) = ((cell as u32 / grid) as i64, (cell as u32 % grid) as i64);
-            rect(&mut c, ox + q * p, oy + r * p, ox + (q + 1) * p - 1, oy + (r + 1) * p - 1, Rgb([255, 255, 255]), 1);
+            rect(
+                &mut c,
+                ox + q * p,
+                oy + r * p,
+                ox + (q + 1) * p - 1,
+                oy + (r + 1) * p - 1,
+                Rgb([255, 255, 255]),
+                1,
+            );
         }
     }
 
@@ -142,7 +202,11 @@ pub fn render(img: &RgbImage, sample: &Sample, aug: &AugmentConfig) -> Canvas {
     let gg = aug.global_grid() as f64;
     let to_px = |u: f32| (u as f64 / (gg - 1.0) * (gs as f64 - 1.0) * crop_zoom) as i64;
     let mark = |c: &mut Canvas, pair: usize, src_crop: usize, target: usize| {
-        let (start, len) = if pair < 2 { (pair * ng, ng) } else { (2 * ng + (pair - 2) * nl, nl) };
+        let (start, len) = if pair < 2 {
+            (pair * ng, ng)
+        } else {
+            (2 * ng + (pair - 2) * nl, nl)
+        };
         let n = sample.n_valid[pair] as usize;
         for row in &sample.rows[start..start + n.min(len)] {
             // Continuous position = weighted corners.
@@ -152,7 +216,13 @@ pub fn render(img: &RgbImage, sample: &Sample, aug: &AugmentConfig) -> Canvas {
                 v += w * (*t as u32 % aug.global_grid()) as f32;
             }
             let (ox, oy) = origin[target];
-            dot(c, ox + to_px(v), oy + to_px(u), if src_crop < 2 { 3 } else { 2 }, colour(src_crop));
+            dot(
+                c,
+                ox + to_px(v),
+                oy + to_px(u),
+                if src_crop < 2 { 3 } else { 2 },
+                colour(src_crop),
+            );
         }
     };
     for v in 0..2 {
@@ -187,9 +257,13 @@ pub fn cli(args: &PreviewArgs) -> Result<()> {
     let records = args.input.open()?;
     let source = DatasetSource::new(records, CropEngine::new(cfg.augment.clone()), cfg.data.seed);
     let (used, label, img) = source.decode_from(args.index)?;
-    let sample = source.engine().make_sample(&img, cfg.data.seed, args.epoch, used, label);
+    let sample = source
+        .engine()
+        .make_sample(&img, cfg.data.seed, args.epoch, used, label);
     let canvas = render(&img, &sample, &cfg.augment);
-    canvas.save(&args.out).with_context(|| format!("writing {}", args.out.display()))?;
+    canvas
+        .save(&args.out)
+        .with_context(|| format!("writing {}", args.out.display()))?;
     let valid: Vec<u32> = sample.n_valid.clone();
     println!(
         "record {used} ({}x{}), label {label}: wrote {}; valid rows per pair {valid:?}",

@@ -32,7 +32,13 @@ pub struct DatasetSource<R: Records> {
 
 impl<R: Records> DatasetSource<R> {
     pub fn new(records: R, engine: CropEngine, seed: u64) -> Self {
-        Self { records, engine, seed, skipped: AtomicU64::new(0), logged: Mutex::new(Default::default()) }
+        Self {
+            records,
+            engine,
+            seed,
+            skipped: AtomicU64::new(0),
+            logged: Mutex::new(Default::default()),
+        }
     }
 
     /// How many times an undecodable record was met and replaced (every occurrence counts).
@@ -56,7 +62,10 @@ impl<R: Records> DatasetSource<R> {
         }
         for step in 0..n {
             let i = (index + step) % n;
-            let result = self.records.record(i).and_then(|rec| Ok((rec.label, decode(&rec)?)));
+            let result = self
+                .records
+                .record(i)
+                .and_then(|rec| Ok((rec.label, decode(&rec)?)));
             match result {
                 Ok((label, img)) => return Ok((i, label, img)),
                 Err(e) => {
@@ -117,5 +126,8 @@ pub fn open_dataset_source(
     let ds = shared::shard::Dataset::open(dir)
         .map_err(|e| anyhow::anyhow!("opening shards {}: {e}", dir.display()))?;
     let id = ds.dataset_id();
-    Ok((DatasetSource::new(ds, CropEngine::new(cfg.augment.clone()), cfg.data.seed), id))
+    Ok((
+        DatasetSource::new(ds, CropEngine::new(cfg.augment.clone()), cfg.data.seed),
+        id,
+    ))
 }

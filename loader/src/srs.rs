@@ -69,7 +69,8 @@ pub fn project_rows(
         let v = (p_col - t[1]) * gt / (t[3] - t[1]);
         let (fu, fv) = (u.floor(), v.floor());
         let (cu, cv) = ((fu + 1.0).min(gt), (fv + 1.0).min(gt));
-        let idx = |a: f64, b: f64| (a as u32 * tgt_grid + b as u32).min(last * tgt_grid + last) as u16;
+        let idx =
+            |a: f64, b: f64| (a as u32 * tgt_grid + b as u32).min(last * tgt_grid + last) as u16;
         out[n] = SrsRow {
             src: cell,
             _pad: 0,

@@ -29,13 +29,26 @@ fn crops_in_bounds_with_scale_and_aspect_in_range() {
         assert_eq!(crops.len(), 12);
         for (k, c) in crops.iter().enumerate() {
             assert_eq!((c.img_h, c.img_w), (hh, ww));
-            assert!(c.h >= 1 && c.w >= 1 && c.top + c.h <= hh && c.left + c.w <= ww, "{c:?}");
-            let scale = if k < 2 { aug.global_scale } else { aug.local_scale };
+            assert!(
+                c.h >= 1 && c.w >= 1 && c.top + c.h <= hh && c.left + c.w <= ww,
+                "{c:?}"
+            );
+            let scale = if k < 2 {
+                aug.global_scale
+            } else {
+                aug.local_scale
+            };
             let frac = (c.h * c.w) as f64 / area;
             // w and h are rounded to integers: allow a little slack around the sampled area.
-            assert!(frac >= scale[0] * 0.97 && frac <= scale[1] * 1.03, "crop {k} area {frac} {c:?}");
+            assert!(
+                frac >= scale[0] * 0.97 && frac <= scale[1] * 1.03,
+                "crop {k} area {frac} {c:?}"
+            );
             let aspect = c.w as f64 / c.h as f64;
-            assert!(aspect >= 0.75 * 0.97 && aspect <= 4.0 / 3.0 * 1.03, "crop {k} aspect {aspect}");
+            assert!(
+                aspect >= 0.75 * 0.97 && aspect <= 4.0 / 3.0 * 1.03,
+                "crop {k} aspect {aspect}"
+            );
             assert!(c.hflip <= 1);
         }
     }
@@ -61,7 +74,10 @@ fn flips_are_encoded_in_the_signed_box() {
 
 #[test]
 fn local_flip_flag_d9() {
-    let aug = AugmentConfig { local_hflip: false, ..Default::default() };
+    let aug = AugmentConfig {
+        local_hflip: false,
+        ..Default::default()
+    };
     for seed in 0..100u64 {
         let crops = sample_crops(&aug, 300, 400, &mut sample_rng(seed, 0, 0));
         assert!(crops[2..].iter().all(|c| c.hflip == 0));
@@ -80,7 +96,10 @@ fn global_overlap_statistics_match_the_spec() {
             })
             .collect()
     };
-    let official = stats(&AugmentConfig { n_local: 0, ..Default::default() });
+    let official = stats(&AugmentConfig {
+        n_local: 0,
+        ..Default::default()
+    });
     let med = quantile(official.clone(), 0.5);
     let p1 = quantile(official.clone(), 0.01);
     assert!((0.84..0.94).contains(&med), "median {med}");
@@ -88,7 +107,11 @@ fn global_overlap_statistics_match_the_spec() {
     let below = official.iter().filter(|&&x| x < 0.25).count() as f64 / n as f64;
     assert!(below < 0.01, "{below}");
 
-    let fixed = stats(&AugmentConfig { n_local: 0, fix_overlap_typo: true, ..Default::default() });
+    let fixed = stats(&AugmentConfig {
+        n_local: 0,
+        fix_overlap_typo: true,
+        ..Default::default()
+    });
     let min = fixed.iter().cloned().fold(1.0, f64::min);
     assert!(min >= 0.25, "with the D4 fix the minimum overlap is {min}");
 }
@@ -106,7 +129,13 @@ fn panorama_falls_back_to_the_centre_crop() {
         assert!(c[1].left + c[1].w <= 1000);
     }
     // Tall panorama: w = W, h = round(W / (3/4)).
-    let s = CropSampler { height: 1000, width: 100, scale: [0.25, 1.0], ratio: [0.75, 4.0 / 3.0], fix_overlap_typo: false };
+    let s = CropSampler {
+        height: 1000,
+        width: 100,
+        scale: [0.25, 1.0],
+        ratio: [0.75, 4.0 / 3.0],
+        fix_overlap_typo: false,
+    };
     let r = s.centre_fallback();
     assert_eq!((r.i, r.j, r.h, r.w), ((1000 - 133) / 2, 0, 133, 100));
 }
@@ -114,18 +143,65 @@ fn panorama_falls_back_to_the_centre_crop() {
 #[test]
 fn local_reference_box_d3() {
     // View 0 rows 10..50, cols 20..80; view 1 rows 30..90, cols 60..120 (pixel units).
-    let g0 = PixBox { r0: 10, c0: 20, r1: 50, c1: 80 };
-    let g1 = PixBox { r0: 30, c0: 60, r1: 90, c1: 120 };
+    let g0 = PixBox {
+        r0: 10,
+        c0: 20,
+        r1: 50,
+        c1: 80,
+    };
+    let g1 = PixBox {
+        r0: 30,
+        c0: 60,
+        r1: 90,
+        c1: 120,
+    };
     // No flips: the union.
-    assert_eq!(local_reference(g0, g1, false), PixBox { r0: 10, c0: 20, r1: 90, c1: 120 });
+    assert_eq!(
+        local_reference(g0, g1, false),
+        PixBox {
+            r0: 10,
+            c0: 20,
+            r1: 90,
+            c1: 120
+        }
+    );
     // Both flipped: columns become the intersection after un-flipping.
-    let f0 = PixBox { c0: 80, c1: 20, ..g0 };
-    let f1 = PixBox { c0: 120, c1: 60, ..g1 };
-    assert_eq!(local_reference(f0, f1, false).unflipped(), PixBox { r0: 10, c0: 60, r1: 90, c1: 80 });
+    let f0 = PixBox {
+        c0: 80,
+        c1: 20,
+        ..g0
+    };
+    let f1 = PixBox {
+        c0: 120,
+        c1: 60,
+        ..g1
+    };
+    assert_eq!(
+        local_reference(f0, f1, false).unflipped(),
+        PixBox {
+            r0: 10,
+            c0: 60,
+            r1: 90,
+            c1: 80
+        }
+    );
     // One flipped: the mixed range (min(J0, j1), max(j0, J1)).
-    assert_eq!(local_reference(f0, g1, false).unflipped(), PixBox { r0: 10, c0: 60, r1: 90, c1: 120 });
+    assert_eq!(
+        local_reference(f0, g1, false).unflipped(),
+        PixBox {
+            r0: 10,
+            c0: 60,
+            r1: 90,
+            c1: 120
+        }
+    );
     // The fix: the true intersection whatever the flips.
-    let inter = PixBox { r0: 30, c0: 60, r1: 50, c1: 80 };
+    let inter = PixBox {
+        r0: 30,
+        c0: 60,
+        r1: 50,
+        c1: 80,
+    };
     assert_eq!(local_reference(g0, g1, true), inter);
     assert_eq!(local_reference(f0, g1, true), inter);
 }
@@ -134,7 +210,10 @@ fn local_reference_box_d3() {
 fn local_crops_overlap_the_reference_region() {
     // Locals are pushed to overlap the reference box by ~half their side on each axis (with
     // the D4 fix; the typo applies to locals too).
-    let aug = AugmentConfig { fix_overlap_typo: true, ..Default::default() };
+    let aug = AugmentConfig {
+        fix_overlap_typo: true,
+        ..Default::default()
+    };
     let mut inside = Vec::new();
     for seed in 0..500u64 {
         let c = sample_crops(&aug, 375, 500, &mut sample_rng(seed, 3, 0));
@@ -153,5 +232,8 @@ fn local_crops_overlap_the_reference_region() {
         }
     }
     let min = inside.iter().cloned().fold(1.0, f64::min);
-    assert!(min >= 0.2, "min overlap of a local with its reference {min}");
+    assert!(
+        min >= 0.2,
+        "min overlap of a local with its reference {min}"
+    );
 }

@@ -19,7 +19,11 @@ fn tiny() -> AugmentConfig {
 /// A smooth, non-symmetric test picture.
 fn picture(w: u32, h: u32) -> image::RgbImage {
     image::RgbImage::from_fn(w, h, |x, y| {
-        image::Rgb([(x * 255 / w) as u8, (y * 255 / h) as u8, (((x + 2 * y) * 7) % 256) as u8])
+        image::Rgb([
+            (x * 255 / w) as u8,
+            (y * 255 / h) as u8,
+            (((x + 2 * y) * 7) % 256) as u8,
+        ])
     })
 }
 
@@ -27,7 +31,9 @@ fn encode(img: &image::RgbImage, fmt: image::ImageFormat) -> Vec<u8> {
     let mut buf = Cursor::new(Vec::new());
     match fmt {
         image::ImageFormat::Jpeg => {
-            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, 95).encode_image(img).unwrap()
+            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, 95)
+                .encode_image(img)
+                .unwrap()
         }
         _ => img.write_to(&mut buf, fmt).unwrap(),
     }
@@ -35,7 +41,17 @@ fn encode(img: &image::RgbImage, fmt: image::ImageFormat) -> Vec<u8> {
 }
 
 fn record<'a>(payload: &'a [u8], encoding: Encoding, w: u32, h: u32) -> RecordRef<'a> {
-    RecordRef { index: 3, label: 1, width: w, height: h, encoding, payload, path: "x/img.bin", shard: 0, crc32c: 0 }
+    RecordRef {
+        index: 3,
+        label: 1,
+        width: w,
+        height: h,
+        encoding,
+        payload,
+        path: "x/img.bin",
+        shard: 0,
+        crc32c: 0,
+    }
 }
 
 #[test]
@@ -44,7 +60,12 @@ fn decodes_jpeg_png_gray_and_raw() {
     let jpg = encode(&pic, image::ImageFormat::Jpeg);
     let img = decode(&record(&jpg, Encoding::Jpeg, 0, 0)).unwrap();
     assert_eq!((img.width, img.height), (61, 40));
-    let err: f64 = img.data.iter().zip(pic.as_raw()).map(|(a, b)| (*a as f64 - *b as f64).abs()).sum::<f64>()
+    let err: f64 = img
+        .data
+        .iter()
+        .zip(pic.as_raw())
+        .map(|(a, b)| (*a as f64 - *b as f64).abs())
+        .sum::<f64>()
         / img.data.len() as f64;
     assert!(err < 4.0, "mean JPEG error {err}");
 
@@ -56,7 +77,9 @@ fn decodes_jpeg_png_gray_and_raw() {
     // Grayscale JPEG → R = G = B.
     let gray = image::GrayImage::from_fn(30, 20, |x, y| image::Luma([(x * 8 + y) as u8]));
     let mut buf = Cursor::new(Vec::new());
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, 90).encode_image(&gray).unwrap();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, 90)
+        .encode_image(&gray)
+        .unwrap();
     let img = decode_bytes(buf.get_ref()).unwrap();
     assert!(img.data.chunks(3).all(|p| p[0] == p[1] && p[1] == p[2]));
 
@@ -73,7 +96,10 @@ fn bad_payloads_are_errors_naming_the_record() {
     for bad in [&b""[..], &b"not an image at all"[..], &jpg[..jpg.len() / 2]] {
         let err = decode(&record(bad, Encoding::Jpeg, 0, 0)).unwrap_err();
         let msg = format!("{err:#}");
-        assert!(msg.contains("record 3") && msg.contains("x/img.bin"), "{msg}");
+        assert!(
+            msg.contains("record 3") && msg.contains("x/img.bin"),
+            "{msg}"
+        );
     }
 }
 
@@ -121,9 +147,20 @@ fn resize_is_bicubic_of_the_crop_and_flip_mirrors() {
     let engine = CropEngine::new(off);
     let flat = RgbImage::from_raw(50, 40, [10u8, 120, 230].repeat(2000)).unwrap();
     let s = engine.make_sample(&flat, 1, 0, 0, 0);
-    assert!(s.globals.chunks(3).chain(s.locals.chunks(3)).all(|p| p == [10, 120, 230]));
+    assert!(s
+        .globals
+        .chunks(3)
+        .chain(s.locals.chunks(3))
+        .all(|p| p == [10, 120, 230]));
 
-    let ramp = RgbImage::from_raw(200, 150, (0..150).flat_map(|_| (0..200u32).flat_map(|x| [x as u8, 0, 0])).collect()).unwrap();
+    let ramp = RgbImage::from_raw(
+        200,
+        150,
+        (0..150)
+            .flat_map(|_| (0..200u32).flat_map(|x| [x as u8, 0, 0]))
+            .collect(),
+    )
+    .unwrap();
     let mut seen_flip = [false; 2];
     for idx in 0..20 {
         let s = engine.make_sample(&ramp, 1, 0, idx, 0);
@@ -139,7 +176,10 @@ fn resize_is_bicubic_of_the_crop_and_flip_mirrors() {
         // The resized row spans the crop's columns: within ~scale/2 pixels of left .. left+w−1.
         let lo = first.min(last);
         let hi = first.max(last);
-        assert!((lo - c.left as i32).abs() <= 3 && (hi - (c.left + c.w - 1) as i32).abs() <= 3, "{lo} {hi} {c:?}");
+        assert!(
+            (lo - c.left as i32).abs() <= 3 && (hi - (c.left + c.w - 1) as i32).abs() <= 3,
+            "{lo} {hi} {c:?}"
+        );
         seen_flip[c.hflip as usize] = true;
     }
     assert!(seen_flip[0] && seen_flip[1]);
@@ -153,7 +193,11 @@ fn mem_records(n: usize) -> MemRecords {
     let mut recs = MemRecords::default();
     for i in 0..n {
         let pic = picture(80 + 7 * i as u32, 60 + 5 * i as u32);
-        recs.push(OwnedRecord::encoded(format!("img{i}.jpg"), i as i32, encode(&pic, image::ImageFormat::Jpeg)));
+        recs.push(OwnedRecord::encoded(
+            format!("img{i}.jpg"),
+            i as i32,
+            encode(&pic, image::ImageFormat::Jpeg),
+        ));
     }
     recs
 }
@@ -167,7 +211,12 @@ fn samples_are_deterministic_across_thread_counts() {
             let hs: Vec<_> = (0..threads)
                 .map(|t| {
                     let source = &source;
-                    s.spawn(move || (t..6).step_by(threads).map(|i| (i, source.produce(3, i as u64).unwrap())).collect::<Vec<_>>())
+                    s.spawn(move || {
+                        (t..6)
+                            .step_by(threads)
+                            .map(|i| (i, source.produce(3, i as u64).unwrap()))
+                            .collect::<Vec<_>>()
+                    })
                 })
                 .collect();
             let mut all: Vec<_> = hs.into_iter().flat_map(|h| h.join().unwrap()).collect();

@@ -14,7 +14,13 @@ fn solarize_hand_values() {
 #[test]
 fn grayscale_luma_299_587_114() {
     // (299 R + 587 G + 114 B) / 1000, rounded (Pillow computes it in 16-bit fixed point).
-    let cases = [((255, 0, 0), 76), ((0, 255, 0), 150), ((0, 0, 255), 29), ((100, 150, 200), 141), ((255, 255, 255), 255)];
+    let cases = [
+        ((255, 0, 0), 76),
+        ((0, 255, 0), 150),
+        ((0, 0, 255), 29),
+        ((100, 150, 200), 141),
+        ((255, 255, 255), 255),
+    ];
     for ((r, g, b), want) in cases {
         assert_eq!(luma(r, g, b), want, "{r} {g} {b}");
         let exact = (299.0 * r as f64 + 587.0 * g as f64 + 114.0 * b as f64) / 1000.0;
@@ -90,7 +96,10 @@ fn hue_rotates_primaries_and_keeps_grays() {
     let mut px: Vec<u8> = (0..3000u32).map(|i| (i * 91 % 256) as u8).collect();
     let orig = px.clone();
     hue(&mut px, 0.0);
-    assert!(px.iter().zip(&orig).all(|(a, b)| (*a as i32 - *b as i32).abs() <= 6));
+    assert!(px
+        .iter()
+        .zip(&orig)
+        .all(|(a, b)| (*a as i32 - *b as i32).abs() <= 6));
 }
 
 /// Reference: the PIL blur as one direct convolution per axis with the composed kernel of the
@@ -101,7 +110,11 @@ fn reference_blur(img: &[u8], w: usize, h: usize, sigma: f32) -> Vec<f64> {
     let mut k1 = vec![0f64; (2 * r + 3) as usize];
     let n1 = k1.len();
     for (i, k) in k1.iter_mut().enumerate() {
-        *k = if i == 0 || i == n1 - 1 { bw.fw as f64 } else { bw.ww as f64 } / (1u64 << 24) as f64;
+        *k = if i == 0 || i == n1 - 1 {
+            bw.fw as f64
+        } else {
+            bw.ww as f64
+        } / (1u64 << 24) as f64;
     }
     let mut kernel = vec![1.0f64];
     for _ in 0..3 {
@@ -115,13 +128,19 @@ fn reference_blur(img: &[u8], w: usize, h: usize, sigma: f32) -> Vec<f64> {
     }
     let half = (kernel.len() / 2) as isize;
     let conv = |get: &dyn Fn(isize) -> f64| -> f64 {
-        kernel.iter().enumerate().map(|(i, k)| k * get(i as isize - half)).sum()
+        kernel
+            .iter()
+            .enumerate()
+            .map(|(i, k)| k * get(i as isize - half))
+            .sum()
     };
     let mut tmp = vec![0f64; img.len()];
     for y in 0..h {
         for x in 0..w {
             for c in 0..3 {
-                tmp[(y * w + x) * 3 + c] = conv(&|d| img[(y * w + (x as isize + d).clamp(0, w as isize - 1) as usize) * 3 + c] as f64);
+                tmp[(y * w + x) * 3 + c] = conv(&|d| {
+                    img[(y * w + (x as isize + d).clamp(0, w as isize - 1) as usize) * 3 + c] as f64
+                });
             }
         }
     }
@@ -129,7 +148,9 @@ fn reference_blur(img: &[u8], w: usize, h: usize, sigma: f32) -> Vec<f64> {
     for y in 0..h {
         for x in 0..w {
             for c in 0..3 {
-                out[(y * w + x) * 3 + c] = conv(&|d| tmp[(((y as isize + d).clamp(0, h as isize - 1) as usize) * w + x) * 3 + c]);
+                out[(y * w + x) * 3 + c] = conv(&|d| {
+                    tmp[(((y as isize + d).clamp(0, h as isize - 1) as usize) * w + x) * 3 + c]
+                });
             }
         }
     }
@@ -145,9 +166,21 @@ fn pillow_blur_direct(img: &[u8], w: usize, h: usize, sigma: f32) -> Vec<u8> {
     for horizontal in [true, true, true, false, false, false] {
         let prev = cur.clone();
         let (n, at): (isize, Box<dyn Fn(usize, usize, isize, usize) -> u32>) = if horizontal {
-            (w as isize, Box::new(|x, y, d, c| prev[(y * w + (x as isize + d).clamp(0, w as isize - 1) as usize) * 3 + c] as u32))
+            (
+                w as isize,
+                Box::new(|x, y, d, c| {
+                    prev[(y * w + (x as isize + d).clamp(0, w as isize - 1) as usize) * 3 + c]
+                        as u32
+                }),
+            )
         } else {
-            (h as isize, Box::new(|x, y, d, c| prev[(((y as isize + d).clamp(0, h as isize - 1) as usize) * w + x) * 3 + c] as u32))
+            (
+                h as isize,
+                Box::new(|x, y, d, c| {
+                    prev[(((y as isize + d).clamp(0, h as isize - 1) as usize) * w + x) * 3 + c]
+                        as u32
+                }),
+            )
         };
         let _ = n;
         for y in 0..h {
@@ -200,7 +233,10 @@ fn blur_is_close_to_the_unrounded_gaussian() {
         assert!(max_err <= 3.0, "sigma {sigma}: max error {max_err}");
         // At σ = 0.1 every pass moves values by < 0.5 and rounds back: Pillow's result is the
         // identity while the unrounded kernel is not, so only the max bound applies there.
-        assert!(sigma < 0.2 || mean_err < 1.0, "sigma {sigma}: mean error {mean_err}");
+        assert!(
+            sigma < 0.2 || mean_err < 1.0,
+            "sigma {sigma}: mean error {mean_err}"
+        );
     }
     // A constant image is unchanged.
     let mut flat = vec![93u8; 20 * 10 * 3];
@@ -217,8 +253,14 @@ fn box_radius_gives_the_requested_variance() {
         let a = fr - l;
         // Extended box: weight 1 on |x| ≤ l, weight a on |x| = l + 1, normalised.
         let norm = 2.0 * l + 1.0 + 2.0 * a;
-        let var = (2.0 * (1..=l as i64).map(|x| (x * x) as f64).sum::<f64>() + 2.0 * a * (l + 1.0).powi(2)) / norm;
-        assert!((3.0 * var - (sigma as f64).powi(2)).abs() < 1e-3, "sigma {sigma}: 3·var {}", 3.0 * var);
+        let var = (2.0 * (1..=l as i64).map(|x| (x * x) as f64).sum::<f64>()
+            + 2.0 * a * (l + 1.0).powi(2))
+            / norm;
+        assert!(
+            (3.0 * var - (sigma as f64).powi(2)).abs() < 1e-3,
+            "sigma {sigma}: 3·var {}",
+            3.0 * var
+        );
     }
 }
 
@@ -261,7 +303,17 @@ fn table_hsv_is_bit_identical_to_pillow_formula() {
         }
     }
     for v in [0u8, 1, 128, 254, 255] {
-        for (r, g, b) in [(v, 0, 0), (0, v, 0), (0, 0, v), (v, v, 0), (v, 0, v), (0, v, v), (v, 3, 3), (3, v, 3), (3, 3, v)] {
+        for (r, g, b) in [
+            (v, 0, 0),
+            (0, v, 0),
+            (0, 0, v),
+            (v, v, 0),
+            (v, 0, v),
+            (0, v, v),
+            (v, 3, 3),
+            (3, v, 3),
+            (3, 3, v),
+        ] {
             assert_eq!(rgb_to_hsv_fast(r, g, b), rgb_to_hsv(r, g, b), "{r} {g} {b}");
         }
     }

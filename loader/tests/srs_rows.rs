@@ -26,7 +26,9 @@ fn one_sample_per_window_sorted_with_corner_block() {
             }
             count.iter().flatten().all(|&n| n == 1)
         };
-        let corner = [(0, 0), (0, 2), (2, 0), (2, 2)].iter().position(|&(rb, cb)| fits(rb, cb));
+        let corner = [(0, 0), (0, 2), (2, 0), (2, 2)]
+            .iter()
+            .position(|&(rb, cb)| fits(rb, cb));
         let corner = corner.unwrap_or_else(|| panic!("no block placement fits {m:?}"));
         // Count placements that only the shifted blocks explain (cells in row/col 12-13).
         if rows.iter().any(|&r| r >= 12) || cols.iter().any(|&c| c >= 12) {
@@ -52,7 +54,15 @@ fn one_sample_per_window_sorted_with_corner_block() {
 }
 
 fn meta(top: u32, left: u32, h: u32, w: u32, hflip: u32) -> CropMeta {
-    CropMeta { img_h: 11, img_w: 11, top, left, h, w, hflip }
+    CropMeta {
+        img_h: 11,
+        img_w: 11,
+        top,
+        left,
+        h,
+        w,
+        hflip,
+    }
 }
 
 fn close(a: [f32; 4], b: [f64; 4]) {
@@ -77,7 +87,10 @@ fn hand_computed_projection_cases() {
     assert_eq!(rows[0].src, 6);
     assert_eq!(rows[0].tgt, [0, 1, 3, 4]);
     let (u, v) = (1.0 / 6.0, 1.0 / 6.0);
-    close(rows[0].w, [(1.0 - u) * (1.0 - v), (1.0 - u) * v, u * (1.0 - v), u * v]);
+    close(
+        rows[0].w,
+        [(1.0 - u) * (1.0 - v), (1.0 - u) * v, u * (1.0 - v), u * v],
+    );
     assert_eq!(rows[1], SrsRow::default());
 
     // Flipped target (.2, .8, .8, .2): v = (.25 − .8)·2/(.2 − .8) = 11/6 → fv 1, cv 2.
@@ -85,17 +98,30 @@ fn hand_computed_projection_cases() {
     assert_eq!(n, 1);
     assert_eq!(rows[0].tgt, [1, 2, 4, 5]);
     let v = 11.0 / 6.0 - 1.0;
-    close(rows[0].w, [(1.0 - u) * (1.0 - v), (1.0 - u) * v, u * (1.0 - v), u * v]);
+    close(
+        rows[0].w,
+        [(1.0 - u) * (1.0 - v), (1.0 - u) * v, u * (1.0 - v), u * v],
+    );
 
     // Flipped source (0, 1, 1, 0): cell (1,1) sits at column .75 → v = (.75 − .2)·2/.6 = 11/6.
     let n = project_rows(&meta(0, 0, 11, 11, 1), 5, &tgt, 3, &mask, &mut rows);
     assert_eq!(n, 1);
     assert_eq!(rows[0].src, 6);
     assert_eq!(rows[0].tgt, [1, 2, 4, 5]);
-    close(rows[0].w, [(1.0 - u) * (1.0 - v), (1.0 - u) * v, u * (1.0 - v), u * v]);
+    close(
+        rows[0].w,
+        [(1.0 - u) * (1.0 - v), (1.0 - u) * v, u * (1.0 - v), u * v],
+    );
 
     // Both flipped: the flips cancel → same as no flip.
-    let n = project_rows(&meta(0, 0, 11, 11, 1), 5, &meta(2, 2, 7, 7, 1), 3, &mask, &mut rows);
+    let n = project_rows(
+        &meta(0, 0, 11, 11, 1),
+        5,
+        &meta(2, 2, 7, 7, 1),
+        3,
+        &mask,
+        &mut rows,
+    );
     assert_eq!(n, 1);
     assert_eq!(rows[0].tgt, [0, 1, 3, 4]);
 }
@@ -115,7 +141,13 @@ fn rows_are_valid_first_sum_to_one_and_local_zero_pairs_occur() {
             let (mask, grid) = if k < 2 { (&gm, 14) } else { (&lm, 6) };
             let targets: Vec<usize> = if k < 2 { vec![1 - k] } else { vec![0, 1] };
             for t in targets {
-                let mut rows = vec![SrsRow { src: 99, ..Default::default() }; mask.len()];
+                let mut rows = vec![
+                    SrsRow {
+                        src: 99,
+                        ..Default::default()
+                    };
+                    mask.len()
+                ];
                 let n = project_rows(c, grid, &crops[t], 14, mask, &mut rows) as usize;
                 // S rows: valid sources are mask cells in mask order; T rows sum to 1.
                 let srcs: Vec<u16> = rows[..n].iter().map(|r| r.src).collect();
@@ -147,5 +179,8 @@ fn rows_are_valid_first_sum_to_one_and_local_zero_pairs_occur() {
     // Spec (375×500): 11.6 of 16, 6.6 of 9, 2.8 % zero-valid local pairs.
     assert!((10.8..12.4).contains(&mean_g), "global valid mean {mean_g}");
     assert!((6.0..7.2).contains(&mean_l), "local valid mean {mean_l}");
-    assert!((0.015..0.045).contains(&zero), "zero-valid local pairs {zero}");
+    assert!(
+        (0.015..0.045).contains(&zero),
+        "zero-valid local pairs {zero}"
+    );
 }
