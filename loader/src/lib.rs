@@ -1,5 +1,16 @@
-//! The data-loading side: batch assembly ([`produce`]), the `loader run` producer daemon and
-//! `loader status` ([`daemon`]), and ring tools: `loader tap`, `loader bench-ring` ([`ring_tools`]).
+//! The UDI data loader: decode, multi-crop augmentation, SRS rows (udi-spec §1), batch assembly
+//! into the shared-memory ring, and the CLI tools around them.
+//!
+//! * [`decode`]: JPEG (libjpeg-turbo), PNG and raw-zstd records to RGB8.
+//! * [`crops`]: crop geometry (random-resized-crop, overlap-constrained crop, reference box).
+//! * [`photometric`]: colour jitter, grayscale, blur, solarise with PIL semantics, in uint8.
+//! * [`srs`]: SRS masks and the cross-view projection rows.
+//! * [`engine`]: [`engine::CropEngine`] ties them together into a [`shared::geometry::Sample`].
+//! * [`source`]: [`source::DatasetSource`], the [`shared::geometry::SampleSource`] over records.
+//! * [`folder`]: an in-memory record set from a folder of image files (tests, bench, preview).
+//! * [`bench`], [`preview`]: the `loader bench` / `loader preview` subcommands.
+//! * [`produce`]: batch assembly; [`daemon`]: `loader run` / `loader status`;
+//!   [`ring_tools`]: `loader tap`, `loader bench-ring`.
 //!
 //! Ring workflow (protocol: `shared::ring`):
 //! ```text
@@ -9,6 +20,15 @@
 //! loader bench-ring --batch-size 32    # hand-over vs memcpy, images/s vs in-process
 //! ```
 
+pub mod bench;
+pub mod crops;
 pub mod daemon;
+pub mod decode;
+pub mod engine;
+pub mod folder;
+pub mod photometric;
+pub mod preview;
 pub mod produce;
 pub mod ring_tools;
+pub mod source;
+pub mod srs;

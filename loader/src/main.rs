@@ -1,11 +1,11 @@
-//! `loader`: produces UDI batches into a shared-memory ring (see `shared::ring`).
+//! `loader`: the data-loading daemon and its tools.
 
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
     name = "loader",
-    about = "UDI data loader: builds batches into a shared-memory ring"
+    about = "UDI data loader: multi-crop augmentation into a shared-memory ring"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -22,6 +22,10 @@ enum Cmd {
     Tap(loader::ring_tools::TapArgs),
     /// Ring hand-over bandwidth vs memcpy; images/s via loader processes vs in-process.
     BenchRing(loader::ring_tools::BenchArgs),
+    /// One PNG with the source image, the crop boxes, and every crop with its SRS samples.
+    Preview(loader::preview::PreviewArgs),
+    /// Images/s for decode only, decode + geometry + resize, and the full recipe.
+    Bench(loader::bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -30,5 +34,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Status(a) => loader::daemon::status(&a),
         Cmd::Tap(a) => loader::ring_tools::tap(&a),
         Cmd::BenchRing(a) => loader::ring_tools::bench(&a),
+        Cmd::Preview(a) => loader::preview::cli(&a),
+        Cmd::Bench(a) => loader::bench::cli(&a),
     }
 }

@@ -1,0 +1,203 @@
+//! The multi-crop engine: one decoded image + (seed, epoch, index) → one [`Sample`].
+//!
+//! Per crop: crop rectangle → antialiased bicubic resize straight from the source rectangle
+//! (fast_image_resize `CatmullRom` = PIL BICUBIC a = −0.5, kernel widened by the downscale
+//! factor, on a cropped view so no pixel outside the crop is read, as with PIL's crop + resize)
+//! → horizontal flip (after the resize: cheaper, same pixels up to the mirror symmetry of the
+//! resampling weights) → photometric pipeline. Every random draw comes from
+//! `shared::rng::sample_rng(seed, epoch, index)` in a fixed order: geometry, SRS masks, then the
+//! photometric parameters of each crop in crop order.
+
+use std::cell::RefCell;
+use std::time::Instant;
+
+use fast_image_resize as fr;
+use shared::config::AugmentConfig;
+use shared::geometry::{global_pair, local_pair, CropMeta, Sample, SrsRow};
+
+use crate::crops::sample_crops;
+use crate::decode::RgbImage;
+use crate::photometric::PhotoParams;
+use crate::srs::{project_rows, sampling_mask};
+
+/// Seconds spent per stage, accumulated over calls (for `loader bench`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StageTimes {
+    pub decode: f64,
+    pub geometry: f64,
+    pub resize: f64,
+    pub photometric: f64,
+}
+
+impl StageTimes {
+    pub fn add(&mut self, o: &StageTimes) {
+        self.decode += o.decode;
+        self.geometry += o.geometry;
+        self.resize += o.resize;
+        self.photometric += o.photometric;
+    }
+    pub fn total(&self) -> f64 {
+        self.decode + self.geometry + self.resize + self.photometric
+    }
+}
+
+struct Scratch {
+    resizer: fr::Resizer,
+    blur: Vec<u8>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> =
+        RefCell::new(Scratch { resizer: fr::Resizer::new(), blur: Vec::new() });
+}
+
+/// Turns decoded images into samples; cheap to share between threads (`&self` only).
+#[derive(Clone, Debug)]
+pub struct CropEngine {
+    aug: AugmentConfig,
+}
+
+impl CropEngine {
+    pub fn new(aug: AugmentConfig) -> Self {
+        Self { aug }
+    }
+
+    pub fn aug(&self) -> &AugmentConfig {
+        &self.aug
+    }
+
+    /// All crops, masks and rows of sample `index` of `epoch` (see `shared::geometry::Sample`).
+    pub fn make_sample(
+        &self,
+        img: &RgbImage,
+        seed: u64,
+        epoch: u64,
+        index: u64,
+        label: i32,
+    ) -> Sample {
+        let mut s = Sample::default();
+        self.make_sample_into(
+            img,
+            seed,
+            epoch,
+            index,
+            label,
+            true,
+            &mut s,
+            &mut StageTimes::default(),
+        );
+        s
+    }
+
+    /// [`Self::make_sample`] into a reused `Sample`; `photometric = false` stops after the
+    /// resize (bench stage b); `times` accumulates per-stage seconds.
+    #[allow(clippy::too_many_arguments)]
+    pub fn make_sample_into(
+        &self,
+        img: &RgbImage,
+        seed: u64,
+        epoch: u64,
+        index: u64,
+        label: i32,
+        photometric: bool,
+        out: &mut Sample,
+        times: &mut StageTimes,
+    ) {
+        let aug = &self.aug;
+        let t0 = Instant::now();
+        let mut rng = shared::rng::sample_rng(seed, epoch, index);
+        let crops = sample_crops(aug, img.height, img.width, &mut rng);
+        let (gg, lg) = (aug.global_grid(), aug.local_grid());
+        out.global_mask = sampling_mask(gg, aug.global_window, &mut rng);
+        out.local_mask = sampling_mask(lg, aug.local_window, &mut rng);
+        let photo: Vec<PhotoParams> = crops
+            .iter()
+            .map(|_| PhotoParams::draw(aug, &mut rng))
+            .collect();
+
+        let (ng, nl) = (aug.global_samples() as usize, aug.local_samples() as usize);
+        let n_local = aug.n_local as usize;
+        out.rows.clear();
+        out.rows
+            .resize(2 * ng + 2 * n_local * nl, SrsRow::default());
+        out.n_valid.clear();
+        out.n_valid.resize(aug.n_pairs() as usize, 0);
+        for v in 0..2 {
+            let rows = &mut out.rows[v * ng..(v + 1) * ng];
+            out.n_valid[global_pair(v)] =
+                project_rows(&crops[v], gg, &crops[1 - v], gg, &out.global_mask, rows);
+        }
+        for k in 0..n_local {
+            for t in 0..2 {
+                let p = local_pair(k, t);
+                let start = 2 * ng + (p - 2) * nl;
+                let rows = &mut out.rows[start..start + nl];
+                out.n_valid[p] =
+                    project_rows(&crops[2 + k], lg, &crops[t], gg, &out.local_mask, rows);
+            }
+        }
+        out.index = index;
+        out.label = label;
+        times.geometry += t0.elapsed().as_secs_f64();
+
+        let (sg, sl) = (aug.global_size as usize, aug.local_size as usize);
+        out.globals.resize(2 * sg * sg * 3, 0);
+        out.locals.resize(n_local * sl * sl * 3, 0);
+        SCRATCH.with(|cell| {
+            let scratch = &mut *cell.borrow_mut();
+            let globals = out.globals.chunks_exact_mut(sg * sg * 3).map(|b| (b, sg));
+            let locals = out.locals.chunks_exact_mut(sl * sl * 3).map(|b| (b, sl));
+            for (((buf, size), meta), params) in globals.chain(locals).zip(&crops).zip(&photo) {
+                let t1 = Instant::now();
+                resize_crop(&mut scratch.resizer, img, meta, buf, size);
+                if meta.hflip != 0 {
+                    flip_rows(buf, size, size);
+                }
+                let t2 = Instant::now();
+                times.resize += (t2 - t1).as_secs_f64();
+                if photometric {
+                    params.apply(buf, size, size, &mut scratch.blur);
+                    times.photometric += t2.elapsed().as_secs_f64();
+                }
+            }
+        });
+        out.crops = crops;
+    }
+}
+
+/// Bicubic (PIL semantics) resize of the crop rectangle of `img` to `size × size` into `dst`.
+pub fn resize_crop(
+    resizer: &mut fr::Resizer,
+    img: &RgbImage,
+    meta: &CropMeta,
+    dst: &mut [u8],
+    size: usize,
+) {
+    let src = fr::images::ImageRef::new(img.width, img.height, &img.data, fr::PixelType::U8x3)
+        .expect("RgbImage buffer matches its size");
+    let view = fr::images::CroppedImage::new(&src, meta.left, meta.top, meta.w, meta.h)
+        .expect("crop rectangle inside the image");
+    let mut out =
+        fr::images::Image::from_slice_u8(size as u32, size as u32, dst, fr::PixelType::U8x3)
+            .expect("destination buffer matches the crop size");
+    let opts =
+        fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::CatmullRom));
+    resizer
+        .resize(&view, &mut out, &opts)
+        .expect("u8x3 → u8x3 resize");
+}
+
+/// Mirrors every row of an RGB image in place.
+pub fn flip_rows(img: &mut [u8], w: usize, h: usize) {
+    for y in 0..h {
+        let row = &mut img[y * w * 3..(y + 1) * w * 3];
+        let (left, right) = row.split_at_mut(w / 2 * 3);
+        let right_len = right.len();
+        for (x, a) in left.chunks_exact_mut(3).enumerate() {
+            let b = &mut right[right_len - 3 * (x + 1)..right_len - 3 * x];
+            let tmp = [a[0], a[1], a[2]];
+            a.copy_from_slice(b);
+            b.copy_from_slice(&tmp);
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! Stratified random sampling masks and cross-view projection rows (udi-spec §1.5).
+
+use rand::Rng;
+use shared::geometry::{CropMeta, SrsRow};
+
+/// One sample per `window × window` block of a `grid × grid` patch grid, returned as row-major
+/// cell indices in ascending order. The `g·s` covered block sits in one of the four corners,
+/// drawn with `random() < .25/.5/.75`, when it does not fill the grid (14 = 4·3 + 2).
+pub fn sampling_mask<R: Rng>(grid: u32, window: u32, rng: &mut R) -> Vec<u16> {
+    let g = grid / window;
+    let covered = g * window;
+    let (mut off_r, mut off_c) = (0, 0);
+    if grid > covered {
+        let spare = grid - covered;
+        let u: f64 = rng.random();
+        (off_r, off_c) = if u < 0.25 {
+            (0, 0)
+        } else if u < 0.5 {
+            (0, spare)
+        } else if u < 0.75 {
+            (spare, 0)
+        } else {
+            (spare, spare)
+        };
+    }
+    let mut cells = Vec::with_capacity((g * g) as usize);
+    for wr in 0..g {
+        for wc in 0..g {
+            let u = rng.random_range(0..window * window);
+            let r = off_r + wr * window + u / window;
+            let c = off_c + wc * window + u % window;
+            cells.push((r * grid + c) as u16);
+        }
+    }
+    cells.sort_unstable();
+    cells
+}
+
+/// Fills `out` (length = mask length) with the rows of the pair (source crop → target global
+/// view) and returns the number of valid rows. Valid rows come first in mask order; the rest
+/// are zero. `src_grid` is the source crop's patch grid, `tgt_grid` the global grid.
+pub fn project_rows(
+    src: &CropMeta,
+    src_grid: u32,
+    tgt: &CropMeta,
+    tgt_grid: u32,
+    mask: &[u16],
+    out: &mut [SrsRow],
+) -> u32 {
+    debug_assert_eq!(out.len(), mask.len());
+    let c = src.signed_box();
+    let t = tgt.signed_box();
+    let (t_rmin, t_rmax) = (t[0].min(t[2]), t[0].max(t[2]));
+    let (t_cmin, t_cmax) = (t[1].min(t[3]), t[1].max(t[3]));
+    let gs = (src_grid - 1) as f64;
+    let gt = (tgt_grid - 1) as f64;
+    let last = tgt_grid - 1;
+    let mut n = 0usize;
+    for &cell in mask {
+        let (r, q) = (cell as u32 / src_grid, cell as u32 % src_grid);
+        // Align-corners position of the cell in normalised source-image coordinates.
+        let p_row = c[0] + r as f64 / gs * (c[2] - c[0]);
+        let p_col = c[1] + q as f64 / gs * (c[3] - c[1]);
+        if !(t_rmin < p_row && p_row < t_rmax && t_cmin < p_col && p_col < t_cmax) {
+            continue;
+        }
+        // Signed target box: a flipped target maps column 0 to its right edge.
+        let u = (p_row - t[0]) * gt / (t[2] - t[0]);
+        let v = (p_col - t[1]) * gt / (t[3] - t[1]);
+        let (fu, fv) = (u.floor(), v.floor());
+        let (cu, cv) = ((fu + 1.0).min(gt), (fv + 1.0).min(gt));
+        let idx =
+            |a: f64, b: f64| (a as u32 * tgt_grid + b as u32).min(last * tgt_grid + last) as u16;
+        out[n] = SrsRow {
+            src: cell,
+            _pad: 0,
+            tgt: [idx(fu, fv), idx(fu, cv), idx(cu, fv), idx(cu, cv)],
+            w: [
+                ((cu - u) * (cv - v)) as f32,
+                ((cu - u) * (v - fv)) as f32,
+                ((u - fu) * (cv - v)) as f32,
+                ((u - fu) * (v - fv)) as f32,
+            ],
+        };
+        n += 1;
+    }
+    for row in &mut out[n..] {
+        *row = SrsRow::default();
+    }
+    n as u32
+}
