@@ -69,6 +69,12 @@ pub fn project_rows(
         let v = (p_col - t[1]) * gt / (t[3] - t[1]);
         let (fu, fv) = (u.floor(), v.floor());
         let (cu, cv) = ((fu + 1.0).min(gt), (fv + 1.0).min(gt));
+        // A position that rounds onto the last grid line (u or v == G−1 although strictly
+        // inside the box) gets all-zero bilinear weights; the official code's validity test is
+        // "row sum > 0", so such a row is invalid, not a valid row of zeros.
+        if (cu - u) * (cv - v) + (cu - u) * (v - fv) + (u - fu) * (cv - v) + (u - fu) * (v - fv) <= 0.0 {
+            continue;
+        }
         let idx =
             |a: f64, b: f64| (a as u32 * tgt_grid + b as u32).min(last * tgt_grid + last) as u16;
         out[n] = SrsRow {
