@@ -51,11 +51,29 @@ impl MetricsLog {
     /// checkpoint we resume from) are dropped so the file describes one consistent run.
     pub fn open(run_dir: &Path, keep_through_step: Option<u64>) -> Result<Self> {
         let path = run_dir.join(METRICS_FILE);
-        let kept = match keep_through_step {
-            Some(s) if path.exists() => read_metrics(&path)?
-                .into_iter()
-                .filter(|m| m.step <= s)
-                .collect(),
+        // On resume a damaged line (e.g. a crash mid-write) must not block training: keep what
+        // parses, say what was dropped.
+        let kept: Vec<StepMetrics> = match keep_through_step {
+            Some(s) if path.exists() => {
+                let text = fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                let mut kept = Vec::new();
+                let mut bad = 0;
+                for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                    match serde_json::from_str::<StepMetrics>(line) {
+                        Ok(m) if m.step <= s => kept.push(m),
+                        Ok(_) => {}
+                        Err(_) => bad += 1,
+                    }
+                }
+                if bad > 0 {
+                    eprintln!(
+                        "warning: {}: dropped {bad} unreadable line(s)",
+                        path.display()
+                    );
+                }
+                kept
+            }
             _ => Vec::new(),
         };
         let mut out = BufWriter::new(
