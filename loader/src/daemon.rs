@@ -63,10 +63,10 @@ pub fn open_source(
         return Ok((Box::new(s), id));
     }
     match shards {
-        Some(dir) => bail!(
-            "--shards {}: the shard reader and crop engine are not in this build yet; use --synthetic N",
-            dir.display()
-        ),
+        Some(dir) => {
+            let (src, id) = crate::source::open_dataset_source(dir, cfg)?;
+            Ok((Box::new(src), id))
+        }
         None => bail!("give --shards DIR"),
     }
 }
