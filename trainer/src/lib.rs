@@ -1,1 +1,3 @@
-pub fn dummy(){}
+pub mod device;
+
+pub fn dummy() {}
