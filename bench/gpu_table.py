@@ -102,6 +102,18 @@ def main():
         summary["debug_step"].append({"config": cmp_name, "verdict": verdict})
         out.append(f"| {cmp_name} | {verdict} |")
 
+    smoke = last_json(os.path.join(res, "device-smoke.log"))
+    summary["device_smoke"] = smoke
+    out.append("")
+    if smoke:
+        mm = smoke.get("matmul_4096_tflops") or {}
+        out.append(
+            f"device-smoke on {smoke.get('device')}: {'ok' if smoke.get('ok') else 'MISMATCH'} "
+            f"(loss rel.diff {smoke.get('loss_rel_diff'):.2e}, grads {smoke.get('grad_rel_diff')}); "
+            f"4096² matmul bf16 {fmt(mm.get('bf16'), '.0f')} / f32 {fmt(mm.get('f32'), '.0f')} TFLOP/s"
+        )
+    else:
+        out.append(f"device-smoke: no result (step status {steps.get('device-smoke', ('not run',))[0]})")
     print("\n".join(out))
     with open(os.path.join(res, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)

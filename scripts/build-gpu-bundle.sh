@@ -3,6 +3,7 @@
 # .gpu/ (git-ignored, at most 64 MiB: the device tool's carry limit):
 #   .gpu/trainer      release binary, `--features cuda`, debug info stripped; it dlopens the CUDA
 #                     driver/cuBLAS/cuRAND at run time and links cudart statically
+#   .gpu/device-smoke trainer/examples/device_smoke.rs: candle itself on the GPU vs the CPU
 #   .gpu/configs/     the configs the check uses
 #   .gpu/BUILD-INFO   commit, toolchain, size, sha256
 # Then, with the device tool: run(command="bash scripts/gpu-check.sh", carry=[".gpu"], timeout_s=540)
@@ -16,22 +17,35 @@ bash scripts/cuda-toolchain.sh
 source <(bash scripts/cuda-toolchain.sh --env)
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target/cuda}"
 t0=$(date +%s)
-cargo build --release --locked --features cuda -p trainer
+cargo build --release --locked --features cuda -p trainer --bins --example device_smoke
 echo "cuda release build: $(( $(date +%s) - t0 ))s" >&2
 
-BIN="$CARGO_TARGET_DIR/release/trainer"
 rm -rf .gpu
 mkdir -p .gpu/configs
-objcopy --strip-debug "$BIN" .gpu/trainer
 cp configs/*.toml .gpu/configs/
-
-# The binary must not need the CUDA runtime or libraries at load time (they are dlopened).
-if objdump -p .gpu/trainer | grep -E 'NEEDED +lib(cudart|cuda|cublas|cublasLt|curand|nvrtc)\.' >&2; then
-  echo "error: .gpu/trainer links a CUDA library at load time (see above); see vendor/README.md" >&2
-  exit 1
+objcopy --strip-debug "$CARGO_TARGET_DIR/release/examples/device_smoke" .gpu/device-smoke
+if [ -x "$CARGO_TARGET_DIR/release/trainer" ]; then
+  objcopy --strip-debug "$CARGO_TARGET_DIR/release/trainer" .gpu/trainer
+else
+  echo "warning: the trainer crate has no \`trainer\` binary yet; bundling device-smoke only" >&2
 fi
-# It starts on this GPU-less machine (CPU fallback); `--device cuda` must explain itself, not panic.
-.gpu/trainer --help > /dev/null
+for b in .gpu/trainer .gpu/device-smoke; do
+  [ -e "$b" ] || continue
+  # Must not need the CUDA runtime or libraries at load time (they are dlopened on first use).
+  if objdump -p "$b" | grep -E 'NEEDED +lib(cudart|cuda|cublas|cublasLt|curand|nvrtc)\.' >&2; then
+    echo "error: $b links a CUDA library at load time (see above); see vendor/README.md" >&2
+    exit 1
+  fi
+done
+# Both start on this GPU-less machine: the CPU fallback, and a clear error for `--device cuda`.
+.gpu/device-smoke cpu > /dev/null
+if .gpu/device-smoke cuda > /dev/null 2> .gpu/no-gpu.txt; then
+  echo "note: this machine has a usable GPU" >&2
+else
+  grep -q -- "--device cuda:" .gpu/no-gpu.txt || { cat .gpu/no-gpu.txt >&2; exit 1; }
+fi
+rm -f .gpu/no-gpu.txt
+[ -e .gpu/trainer ] && .gpu/trainer --help > /dev/null
 
 size=$(du -cb .gpu | tail -n 1 | cut -f1)
 {
@@ -40,8 +54,11 @@ size=$(du -cb .gpu | tail -n 1 | cut -f1)
   echo "rustc: $(rustc --version)"
   echo "nvcc: $("$NVCC" --version | tail -n 1)"
   echo "CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP CUDARC_CUDA_VERSION=$CUDARC_CUDA_VERSION"
-  echo "trainer bytes: $(stat -c %s .gpu/trainer) sha256: $(sha256sum .gpu/trainer | cut -d' ' -f1)"
-  echo "needed: $(objdump -p .gpu/trainer | awk '/NEEDED/{print $2}' | paste -sd' ')"
+  for b in .gpu/trainer .gpu/device-smoke; do
+    [ -e "$b" ] || continue
+    echo "$b: $(stat -c %s "$b") bytes, sha256 $(sha256sum "$b" | cut -d' ' -f1)"
+    echo "  needs: $(objdump -p "$b" | awk '/NEEDED/{print $2}' | paste -sd' ')"
+  done
 } > .gpu/BUILD-INFO
 cat .gpu/BUILD-INFO
 limit=$(( 64 * 1024 * 1024 ))

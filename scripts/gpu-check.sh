@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: ONE call on the lent GPU machine (CUDA 13 libraries, PyTorch, no Rust, no network).
 #
+#   0. .gpu/device-smoke: candle's CUDA backend against the CPU (values, gradients, matmul TFLOP/s);
 #   1. CPU vs CUDA `trainer debug-step` on the same weights and batch (tiny config, then ViT-S/16 at a
 #      small batch): losses and gradient norms compared by bench/compare_debug_step.py;
 #   2. `trainer bench --device cuda --synthetic` at batch 64 and 128;
@@ -23,7 +24,7 @@ ROOT=$PWD
 START=$(date +%s)
 BIN=${BIN:-.gpu/trainer}
 CONFIGS=${CONFIGS:-.gpu/configs}
-RES=${OUT:-$ROOT/gpu-results}
+RES=${OUT:-$ROOT/target/gpu-results}
 BATCHES=${BATCHES:-64 128}
 DEBUG_BATCH=${DEBUG_BATCH:-4}
 DEADLINE=${DEADLINE:-420}
@@ -81,6 +82,9 @@ cat "$RES/env.txt"
 if [ ! -x "$BIN" ]; then
   log "no binary at $BIN: run scripts/build-gpu-bundle.sh on the development machine and carry .gpu"
 fi
+
+# --- 0. candle itself on the GPU (independent of the model code) -----------------------------
+run device-smoke 90 .gpu/device-smoke cuda && tail -n 1 "$RES/device-smoke.log"
 
 # --- 1. CPU vs CUDA debug-step ---------------------------------------------------------------
 debug_compare() {  # NAME CONFIG

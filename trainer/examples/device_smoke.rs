@@ -30,7 +30,9 @@ fn run(dev: &Device, inputs: &[Tensor]) -> Result<(f32, Vec<Tensor>)> {
     let grads = loss.backward()?;
     let mut out = Vec::new();
     for v in &vars[..3] {
-        let g = grads.get(v).ok_or_else(|| anyhow::anyhow!("missing gradient"))?;
+        let g = grads
+            .get(v)
+            .ok_or_else(|| anyhow::anyhow!("missing gradient"))?;
         out.push(g.to_device(&Device::Cpu)?);
     }
     Ok((loss.to_device(&Device::Cpu)?.to_scalar::<f32>()?, out))
@@ -58,7 +60,11 @@ fn matmul_tflops(dev: &Device, dtype: DType) -> Result<f64> {
 }
 
 fn main() -> Result<()> {
-    let flag: DeviceFlag = std::env::args().nth(1).as_deref().unwrap_or("auto").parse()?;
+    let flag: DeviceFlag = std::env::args()
+        .nth(1)
+        .as_deref()
+        .unwrap_or("auto")
+        .parse()?;
     let dev = device::pick(flag)?;
     let cpu = Device::Cpu;
     let inputs = vec![
@@ -80,7 +86,10 @@ fn main() -> Result<()> {
     let (bf16, f32) = if dev.is_cpu() {
         (None, None)
     } else {
-        (Some(matmul_tflops(&dev, DType::BF16)?), Some(matmul_tflops(&dev, DType::F32)?))
+        (
+            Some(matmul_tflops(&dev, DType::BF16)?),
+            Some(matmul_tflops(&dev, DType::F32)?),
+        )
     };
     // f32 on the GPU may use TF32-free cuBLAS paths or not; 1e-3 leaves room for either.
     let tol = 1e-3;
