@@ -15,6 +15,7 @@ bash scripts/setup-deps.sh
 bash scripts/cuda-toolchain.sh
 # shellcheck disable=SC1090
 source <(bash scripts/cuda-toolchain.sh --env)
+unset CANDLE_KERNELS_CHECK_ONLY   # that mode cannot link (vendor/README.md)
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target/cuda}"
 t0=$(date +%s)
 cargo build --release --locked --features cuda -p trainer --bins --example device_smoke
