@@ -12,7 +12,9 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use trainer::device::{self, DeviceFlag};
 
 fn forward(x: &Tensor, w1: &Tensor, w2: &Tensor, ln_w: &Tensor, ln_b: &Tensor) -> Result<Tensor> {
-    let h = candle_nn::ops::layer_norm(x, ln_w, ln_b, 1e-6)?;
+    // The fused `layer_norm` and `softmax_last_dim` ops have no backward in candle-nn 0.11.1:
+    // use the composed layer norm where gradients are needed.
+    let h = candle_nn::ops::layer_norm_slow(x, ln_w, ln_b, 1e-6)?;
     let h = h.broadcast_matmul(w1)?.gelu_erf()?;
     let logits = h.broadcast_matmul(w2)?;
     let target = candle_nn::ops::softmax_last_dim(&(logits.detach() / 0.04)?)?;
