@@ -1,3 +1,25 @@
-pub mod device;
+//! UDI pre-training in candle: model (ViT with [cls] and [cls+], SRS, shared DINO head), loss,
+//! optimiser and schedules (udi-spec §2–§4).
+//!
+//! * [`config`]: the whole TOML run config ([`config::TrainConfig`]).
+//! * [`params`]: named parameter store, init, shapes/counts without allocating.
+//! * [`nn`], [`vit`], [`srs`], [`head`], [`model`]: the networks.
+//! * [`data`]: shared BATCH LAYOUT → [`data::TrainBatch`] device tensors.
+//! * [`loss`], [`schedule`], [`optim`], [`step`]: one training iteration ([`step::Trainer`]).
+//! * [`debug`]: `init-weights`, `make-batch`, `debug-step`, `bench` behind the CLI.
+//! * [`device`]: `--device auto|cpu|cuda` → a candle `Device`, with CPU fallback (README "GPU").
 
-pub fn dummy() {}
+pub mod config;
+pub mod data;
+pub mod debug;
+pub mod device;
+pub mod head;
+pub mod loss;
+pub mod model;
+pub mod nn;
+pub mod optim;
+pub mod params;
+pub mod schedule;
+pub mod srs;
+pub mod step;
+pub mod vit;

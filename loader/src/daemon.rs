@@ -1,0 +1,219 @@
+//! `loader run` (a producer process on a ring) and `loader status`.
+//!
+//! A `loader run` process attaches to the ring (creating it if absent, reclaiming it if stale),
+//! registers as a producer and loops: claim the next batch, build it straight into the slot with
+//! `--threads` workers ([`crate::produce::fill_batch_until`]), publish. A heartbeat thread
+//! refreshes its entry every 100 ms. It exits when:
+//! * SIGINT/SIGTERM arrives: the batch being built is abandoned between samples and handed back
+//!   (another producer or a restart rebuilds it);
+//! * the consumer closes the ring or its process disappears (consumer killed): loaders exit, and
+//!   the last one out unlinks the segment (see `shared::ring` PROTOCOL, "Who unlinks").
+//!
+//! With no consumer attached yet, loaders fill every slot and wait.
+
+use crate::produce::{fill_batch_until, SyntheticSource};
+use anyhow::{bail, Context, Result};
+use shared::config::PipelineConfig;
+use shared::geometry::SampleSource;
+use shared::ring::{Idle, Producer, Ring, RingSpec};
+use shared::rng::epoch_permutation;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering::*};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Shard directory of the dataset.
+    #[arg(long, required_unless_present = "synthetic")]
+    pub shards: Option<PathBuf>,
+    /// Ring name: the segment is /dev/shm/udi-ring-NAME.
+    #[arg(long)]
+    pub ring: String,
+    /// Run config (its [data] and [augment] tables).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Worker threads building one batch.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Slots, if this process creates the ring.
+    #[arg(long, default_value_t = 4)]
+    pub slots: u32,
+    /// Testing: a synthetic dataset of N samples instead of --shards.
+    #[arg(long, hide = true, conflicts_with = "shards")]
+    pub synthetic: Option<u64>,
+    /// Testing/benchmarks: extra hashing passes per synthetic sample.
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub synthetic_work: u32,
+    /// Testing: sleep this long between building and publishing each batch (holds the claim).
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub hold_ms: u64,
+}
+
+/// The sample source named by the command line, with its dataset id.
+pub fn open_source(
+    shards: Option<&PathBuf>,
+    synthetic: Option<u64>,
+    work: u32,
+    cfg: &PipelineConfig,
+) -> Result<(Box<dyn SampleSource>, u64)> {
+    if let Some(n) = synthetic {
+        let s = SyntheticSource::new(cfg, n).with_work(work);
+        let id = s.dataset_id();
+        return Ok((Box::new(s), id));
+    }
+    match shards {
+        Some(dir) => bail!(
+            "--shards {}: the shard reader and crop engine are not in this build yet; use --synthetic N",
+            dir.display()
+        ),
+        None => bail!("give --shards DIR"),
+    }
+}
+
+/// `loader run`.
+pub fn run(args: &RunArgs) -> Result<()> {
+    // Handlers first: a signal during start-up must still end in a clean exit.
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
+    }
+    let cfg = PipelineConfig::from_toml_file(&args.config)?;
+    let (source, dataset_id) = open_source(
+        args.shards.as_ref(),
+        args.synthetic,
+        args.synthetic_work,
+        &cfg,
+    )?;
+    let spec = RingSpec::new(&cfg, dataset_id, source.len(), args.slots);
+    let ring = Arc::new(Ring::open_or_create(&args.ring, &spec)?);
+    let threads = args.threads.max(1);
+    let producer = Producer::register(ring.clone(), threads as u32)?;
+    let done = AtomicBool::new(false);
+    let layout = ring.layout().clone();
+    let hold = Duration::from_millis(args.hold_ms);
+    let mut published = 0u64;
+    let mut rebuilt = 0u64;
+    let outcome = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !done.load(Relaxed) {
+                producer.heartbeat();
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let mut perm: Option<(u64, Vec<u64>)> = None;
+        let result = loop {
+            let mut claim = match producer.claim(Duration::from_secs(1), &|| stop.load(Relaxed)) {
+                Ok(c) => c,
+                Err(Idle::Timeout) => continue,
+                Err(Idle::Stopped) => break Ok("stopped by signal"),
+                Err(Idle::ConsumerGone) => break Ok("the consumer closed the ring or exited"),
+            };
+            let epoch = claim.epoch;
+            if perm.as_ref().map(|p| p.0) != Some(epoch) {
+                perm = Some((epoch, epoch_permutation(cfg.data.seed, epoch, source.len())));
+            }
+            let p = &perm.as_ref().unwrap().1;
+            let batch = claim.batch;
+            match fill_batch_until(
+                &*source,
+                &cfg,
+                &layout,
+                p,
+                epoch,
+                batch,
+                threads,
+                claim.bytes_mut(),
+                &stop,
+            ) {
+                Ok(true) => {
+                    if !hold.is_zero() {
+                        std::thread::sleep(hold);
+                    }
+                    let was_rebuilt = claim.rebuilt;
+                    if claim.publish() {
+                        published += 1;
+                        rebuilt += was_rebuilt as u64;
+                    }
+                }
+                Ok(false) => break Ok("stopped by signal (batch abandoned)"),
+                Err(e) => break Err(e.context(format!("ring '{}'", args.ring))),
+            }
+        };
+        done.store(true, Relaxed);
+        result
+    });
+    drop(producer);
+    let why = outcome?;
+    eprintln!(
+        "loader run (pid {}): {why}; published {published} batches ({rebuilt} rebuilt from dead producers)",
+        std::process::id()
+    );
+    Ok(())
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct StatusArgs {
+    #[arg(long)]
+    pub ring: String,
+    /// Seconds between the two snapshots that give batches/s.
+    #[arg(long, default_value_t = 1.0)]
+    pub interval: f64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `loader status`: producers, fill level and batches/s of a ring (it does not attach as a
+/// producer or consumer).
+pub fn status(args: &StatusArgs) -> Result<()> {
+    let ring = Ring::attach(&args.ring)?;
+    let t0 = Instant::now();
+    let a = ring.status();
+    std::thread::sleep(Duration::from_secs_f64(args.interval.max(0.0)));
+    let b = ring.status();
+    let dt = t0.elapsed().as_secs_f64().max(1e-9);
+    let rate = (b.published - a.published) as f64 / dt;
+    let consumed_rate = (b.cursor.saturating_sub(a.cursor)) as f64 / dt;
+    if args.json {
+        let mut v = serde_json::to_value(&b)?;
+        v["batches_per_s"] = rate.into();
+        v["consumed_per_s"] = consumed_rate.into();
+        println!("{v}");
+        return Ok(());
+    }
+    let spec = ring.spec();
+    println!(
+        "ring '{}': {} slots of {} bytes, batch {} of {} samples, {} batches/epoch",
+        b.name, b.slots, spec.batch_bytes, spec.batch_size, spec.n_samples, b.batches_per_epoch
+    );
+    println!("fill: {} ready, {} being written", b.ready, b.writing);
+    println!(
+        "consumer: {} — next epoch {} batch {} (global {})",
+        match (b.consumer_pid, b.consumer_alive, b.closed) {
+            (_, _, true) => "closed".to_string(),
+            (0, _, _) => "none attached".to_string(),
+            (p, true, _) => format!("pid {p}"),
+            (p, false, _) => format!("pid {p} (dead)"),
+        },
+        b.epoch,
+        b.batch,
+        b.cursor
+    );
+    println!("rate: {rate:.1} batches/s published, {consumed_rate:.1} batches/s consumed; totals {} published, {} rebuilt", b.published, b.rebuilt);
+    println!("producers:");
+    for p in &b.producers {
+        println!(
+            "  pid {:>7} {:5} threads {:>3}  batches {:>8}  rebuilt {:>4}  heartbeat {:.1}s ago",
+            p.pid,
+            if p.alive { "alive" } else { "dead" },
+            p.threads,
+            p.batches,
+            p.rebuilt,
+            p.heartbeat_age_s
+        );
+    }
+    if b.producers.is_empty() {
+        println!("  (none)");
+    }
+    Ok(())
+}

@@ -1,0 +1,216 @@
+//! The reproducibility commands behind the CLI: `init-weights`, `make-batch`, `debug-step` and
+//! `bench`. See the README section "Checking a step against another implementation".
+//!
+//! **Weights file** (`init-weights` output, `debug-step --weights` input): safetensors with
+//! `student.<name>` and `teacher.<name>` for every parameter of [`crate::params`] (F32);
+//! optionally `optim.<name>.{exp_avg,exp_avg_sq,step}` to start from a non-fresh AdamW state.
+//!
+//! **Batch file** (`make-batch` output): see [`crate::data::batch_file_tensors`]; plus
+//! `center.{cls,udi,patch}` F32 [K] and `epoch`, `step` I64 [1].
+//!
+//! **debug-step outputs**: a JSON report (`loss`, `loss_cls`, `loss_udi`, `loss_patch`, the
+//! schedule values, centre sums and norms, per-parameter gradient norms before and after
+//! clipping — `null` where a parameter got no update, e.g. the last layer during epoch 0) and a
+//! safetensors file with the updated `student.*`, `teacher.*`, `center.*` and the AdamW moments
+//! `optim.<name>.{exp_avg,exp_avg_sq,step}`.
+
+use crate::config::TrainConfig;
+use crate::data::{batch_file_tensors, batch_from_file_tensors, synthetic_batch, TrainBatch};
+use crate::loss::Centres;
+use crate::step::{StepStats, Trainer};
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+use shared::batch::BatchView;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::time::Instant;
+
+fn save(tensors: Vec<(String, Tensor)>, path: &Path) -> Result<()> {
+    let map: HashMap<String, Tensor> = tensors.into_iter().collect();
+    candle_core::safetensors::save(&map, path)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn load(path: &Path) -> Result<HashMap<String, Tensor>> {
+    candle_core::safetensors::load(path, &Device::Cpu)
+        .with_context(|| format!("reading safetensors {}", path.display()))
+}
+
+/// Writes freshly initialised student and teacher (= copy) weights.
+pub fn init_weights(cfg: &TrainConfig, out: &Path) -> Result<()> {
+    let tr = Trainer::new(cfg, 1, &Device::Cpu)?;
+    let mut t = Vec::new();
+    for (n, x) in tr.student.named_tensors() {
+        t.push((format!("student.{n}"), x));
+    }
+    for (n, x) in tr.teacher.named_tensors() {
+        t.push((format!("teacher.{n}"), x));
+    }
+    save(t, out)
+}
+
+/// Writes a synthetic batch file (random pixels and well-formed random SRS rows), zero centres,
+/// epoch 0 and step 0.
+pub fn make_batch(cfg: &TrainConfig, batch_size: u32, seed: u64, out: &Path) -> Result<()> {
+    let (layout, buf) = synthetic_batch(&cfg.augment, batch_size, seed);
+    let view = BatchView::new(&layout, buf.bytes()).map_err(anyhow::Error::msg)?;
+    let mut m = batch_file_tensors(&view, &cfg.augment, &Device::Cpu)?;
+    for (n, t) in Centres::zeros(cfg.model.out_dim, DType::F32, &Device::Cpu)?.named_tensors() {
+        m.insert(n, t);
+    }
+    m.insert("epoch".into(), Tensor::new(&[0i64], &Device::Cpu)?);
+    m.insert("step".into(), Tensor::new(&[0i64], &Device::Cpu)?);
+    candle_core::safetensors::save(&m, out).with_context(|| format!("writing {}", out.display()))
+}
+
+#[derive(Serialize)]
+struct CentreSummary {
+    sum: f64,
+    norm: f64,
+}
+
+#[derive(Serialize)]
+struct GradNorm {
+    name: String,
+    pre_clip: Option<f64>,
+    post_clip: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct DebugReport {
+    #[serde(flatten)]
+    stats: StepStats,
+    iters_per_epoch: u64,
+    centres: BTreeMap<String, CentreSummary>,
+    grad_norms: Vec<GradNorm>,
+}
+
+fn scalar_i64(m: &HashMap<String, Tensor>, k: &str, what: &str) -> Result<u64> {
+    let t = m.get(k).with_context(|| format!("{what}: missing {k}"))?;
+    let v: Vec<i64> = t.to_dtype(DType::I64)?.flatten_all()?.to_vec1()?;
+    anyhow::ensure!(
+        v.len() == 1 && v[0] >= 0,
+        "{what}: {k} must hold one non-negative integer"
+    );
+    Ok(v[0] as u64)
+}
+
+/// Runs one training step with drop path off and writes the JSON report and the tensors.
+pub fn debug_step(
+    cfg: &TrainConfig,
+    weights: &Path,
+    batch: &Path,
+    out_json: &Path,
+    out_tensors: &Path,
+    iters_per_epoch: u64,
+) -> Result<()> {
+    let dev = Device::Cpu;
+    let mut tr = Trainer::new(cfg, iters_per_epoch, &dev)?;
+    tr.drop_path = false;
+    let w = load(weights)?;
+    let wname = weights.display().to_string();
+    tr.load_weights(&w, &wname)?;
+    tr.optim.load_from(&w, &tr.student, &wname)?;
+    let b = load(batch)?;
+    let bname = batch.display().to_string();
+    let tb: TrainBatch = batch_from_file_tensors(&b, &cfg.augment, DType::F32, &dev, &bname)?;
+    let c = |k: &str| -> Result<Tensor> {
+        let t = b.get(k).with_context(|| format!("{bname}: missing {k}"))?;
+        anyhow::ensure!(
+            t.dims() == [cfg.model.out_dim],
+            "{bname}: {k} has shape {:?}",
+            t.dims()
+        );
+        Ok(t.to_dtype(DType::F32)?)
+    };
+    tr.centres = Centres {
+        cls: c("center.cls")?,
+        udi: c("center.udi")?,
+        patch: c("center.patch")?,
+    };
+    let epoch = scalar_i64(&b, "epoch", &bname)?;
+    let step = scalar_i64(&b, "step", &bname)?;
+    let rep = tr.step_detailed(&tb, epoch, step)?;
+    let mut centres = BTreeMap::new();
+    for (n, t) in tr.centres.named_tensors() {
+        let t = t.to_dtype(DType::F64)?;
+        centres.insert(
+            n,
+            CentreSummary {
+                sum: t.sum_all()?.to_scalar()?,
+                norm: t.sqr()?.sum_all()?.sqrt()?.to_scalar()?,
+            },
+        );
+    }
+    let report = DebugReport {
+        stats: rep.stats,
+        iters_per_epoch,
+        centres,
+        grad_norms: rep
+            .grad_norms
+            .into_iter()
+            .map(|(name, pre_clip, post_clip)| GradNorm {
+                name,
+                pre_clip,
+                post_clip,
+            })
+            .collect(),
+    };
+    std::fs::write(out_json, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", out_json.display()))?;
+    save(tr.state_tensors()?, out_tensors)
+}
+
+/// Bench result (seconds are means over the timed steps).
+#[derive(Debug, Serialize)]
+pub struct BenchResult {
+    pub device: String,
+    pub batch_size: usize,
+    pub steps: usize,
+    pub step_s: f64,
+    pub images_per_s: f64,
+    pub teacher_fwd_s: f64,
+    pub student_fwd_loss_s: f64,
+    pub backward_s: f64,
+    pub optim_ema_s: f64,
+}
+
+/// Times `steps` training steps (after `warmup` untimed ones) on a synthetic batch.
+pub fn bench(
+    cfg: &TrainConfig,
+    device: &Device,
+    batch_size: u32,
+    warmup: usize,
+    steps: usize,
+) -> Result<BenchResult> {
+    let (layout, buf) = synthetic_batch(&cfg.augment, batch_size, 7);
+    let view = BatchView::new(&layout, buf.bytes()).map_err(anyhow::Error::msg)?;
+    let batch = TrainBatch::from_view(&view, &cfg.augment, device)?;
+    // Epoch 1 so that the last layer is trained too (the expensive case).
+    let mut tr = Trainer::new(cfg, 1000, device)?;
+    let mut acc = [0.0; 4];
+    let mut wall = 0.0;
+    for i in 0..warmup + steps {
+        let t = Instant::now();
+        let s = tr.step(&batch, 1, 1000 + i as u64)?;
+        if i >= warmup {
+            wall += t.elapsed().as_secs_f64();
+            for (a, x) in acc.iter_mut().zip(s.timings) {
+                *a += x;
+            }
+        }
+    }
+    let n = steps.max(1) as f64;
+    Ok(BenchResult {
+        device: format!("{device:?}"),
+        batch_size: batch_size as usize,
+        steps,
+        step_s: wall / n,
+        images_per_s: batch_size as f64 * n / wall,
+        teacher_fwd_s: acc[0] / n,
+        student_fwd_loss_s: acc[1] / n,
+        backward_s: acc[2] / n,
+        optim_ema_s: acc[3] / n,
+    })
+}

@@ -1,0 +1,54 @@
+//! The shared DINO projection head (udi-spec §2.4): Linear→GELU→Linear→GELU→Linear, L2-norm
+//! (eps 1e-12), then the weight-normalised last layer W = g ⊙ V/‖V_row‖ without bias. g and V are
+//! stored (and decayed, averaged, optimised) separately.
+
+use crate::config::TrainConfig;
+use crate::nn::{gelu, l2_normalize, Linear};
+use crate::params::ParamStore;
+use candle_core::{Result, Tensor, D};
+
+pub struct Head {
+    fc: [Linear; 3],
+    g: Tensor,
+    v: Tensor,
+}
+
+impl Head {
+    pub fn new(_cfg: &TrainConfig, store: &ParamStore, tracked: bool) -> Result<Self> {
+        let get = |n: &str| -> Result<Tensor> {
+            let r = if tracked {
+                store.tensor(n)
+            } else {
+                store.detached(n)
+            };
+            r.map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
+        };
+        let lin = |i: usize| -> Result<Linear> {
+            Ok(Linear {
+                weight: get(&format!("head.mlp.{i}.weight"))?,
+                bias: Some(get(&format!("head.mlp.{i}.bias"))?),
+            })
+        };
+        Ok(Self {
+            fc: [lin(0)?, lin(2)?, lin(4)?],
+            g: get("head.last_layer.weight_g")?,
+            v: get("head.last_layer.weight_v")?,
+        })
+    }
+
+    /// Raw logits `[.., K]` of features `[.., D]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = gelu(&self.fc[0].forward(x)?)?;
+        let x = gelu(&self.fc[1].forward(&x)?)?;
+        let x = l2_normalize(&self.fc[2].forward(&x)?, 1e-12)?;
+        let w = self
+            .v
+            .broadcast_div(&self.v.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?)?
+            .broadcast_mul(&self.g)?;
+        Linear {
+            weight: w,
+            bias: None,
+        }
+        .forward(&x)
+    }
+}

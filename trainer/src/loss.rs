@@ -1,0 +1,210 @@
+//! The UDI loss (udi-spec §3): L_cls, L_udi and L_patch with three centres, the multimodal
+//! target on raw logits, and the centre updates.
+//!
+//! Shapes follow [`crate::model`]: student crops g0, g1, l0.. (B rows each), teacher views
+//! view-major, pairs as in [`crate::data`]. With `n_pairs = 2 + 2L`:
+//!
+//! * L_cls = (1/n_pairs)·[Σ_v mean_b H(P0(t_cls[v̄]), s_cls[g_v]) + Σ_k Σ_t mean_b H(P0(t_cls[t]), s_cls[l_k])]
+//! * L_udi: the same pairs with s_cls+ and P1 of the multimodal targets
+//!   mm = α·Σ_valid rows / (n_valid + 1e-5) + (1−α)·t_cls (logits).
+//! * L_patch = Σ_{valid rows of both global pairs} H(P2(t_pat), s_pat) / #valid rows.
+//! * P_j(x) = softmax((x − c_j)/τ_t), H(P, s) = −Σ P·log_softmax(s/τ_s).
+
+use crate::config::LossConfig;
+use crate::data::TrainBatch;
+use crate::model::{StudentOut, TeacherOut};
+use crate::nn::{log_softmax, scalar_f64, softmax};
+use candle_core::{DType, Device, Result, Tensor, D};
+
+/// The three centres c₀ ([cls]), c₁ (multimodal), c₂ (patch), each `[K]`.
+#[derive(Clone, Debug)]
+pub struct Centres {
+    pub cls: Tensor,
+    pub udi: Tensor,
+    pub patch: Tensor,
+}
+
+impl Centres {
+    pub fn zeros(k: usize, dtype: DType, device: &Device) -> Result<Self> {
+        let z = Tensor::zeros(k, dtype, device)?;
+        Ok(Self {
+            cls: z.clone(),
+            udi: z.clone(),
+            patch: z,
+        })
+    }
+    /// `[("center.cls", c₀), ("center.udi", c₁), ("center.patch", c₂)]`.
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        vec![
+            ("center.cls".into(), self.cls.clone()),
+            ("center.udi".into(), self.udi.clone()),
+            ("center.patch".into(), self.patch.clone()),
+        ]
+    }
+}
+
+/// Loss terms (scalar tensors; `total` carries the student graph) and the new centres.
+pub struct LossOut {
+    pub total: Tensor,
+    pub cls: Tensor,
+    pub udi: Tensor,
+    pub patch: Tensor,
+    pub new_centres: Centres,
+    /// Mean entropy (nats) of the teacher distributions P0, P1, P2 (P2 over valid rows).
+    pub teacher_entropy: [f64; 3],
+}
+
+/// −Σ_K p · logq summed over every leading index.
+fn ce_sum(p: &Tensor, logq: &Tensor) -> Result<Tensor> {
+    (p * logq)?.sum_all()?.neg()
+}
+
+fn teacher_probs(x: &Tensor, c: &Tensor, tau: f64) -> Result<Tensor> {
+    softmax(&(x.broadcast_sub(c)? / tau)?)
+}
+
+/// Mean over rows of −Σ P log P, with log P from the log-softmax (no 0·log 0 NaNs).
+fn mean_entropy(x: &Tensor, c: &Tensor, tau: f64, weights: Option<&Tensor>) -> Result<f64> {
+    let z = (x.broadcast_sub(c)? / tau)?;
+    let h = (softmax(&z)? * log_softmax(&z)?)?.sum(D::Minus1)?.neg()?;
+    match weights {
+        Some(w) => {
+            let n = scalar_f64(&w.sum_all()?)?;
+            Ok(if n > 0.0 {
+                scalar_f64(&(h * w)?.sum_all()?)? / n
+            } else {
+                0.0
+            })
+        }
+        None => scalar_f64(&h.mean_all()?),
+    }
+}
+
+/// Computes the loss and the updated centres. `teacher` outputs must carry no gradient.
+pub fn udi_loss(
+    cfg: &LossConfig,
+    batch: &TrainBatch,
+    s: &StudentOut,
+    t: &TeacherOut,
+    centres: &Centres,
+    teacher_temp: f64,
+) -> Result<LossOut> {
+    let b = batch.batch_size;
+    let l = batch.n_local;
+    let n_pairs = (2 + 2 * l) as f64;
+    let bf = b as f64;
+    let tau = teacher_temp;
+    let k = t.cls.dim(1)?;
+    let m = cfg.center_momentum;
+
+    // ---- L_cls --------------------------------------------------------------------------
+    let t_cls = t.cls.reshape((2, b, k))?;
+    let p0 = teacher_probs(&t_cls, &centres.cls, tau)?;
+    let p0_swapped = Tensor::cat(&[p0.get(1)?, p0.get(0)?], 0)?; // [2B, K]: target of student view v
+    let ls_cls = log_softmax(&(&s.cls / cfg.student_temp)?)?;
+    let mut l_cls = ce_sum(&p0_swapped, &ls_cls.narrow(0, 0, 2 * b)?)?;
+    if l > 0 {
+        let p0_both = (p0.get(0)? + p0.get(1)?)?.unsqueeze(0)?; // [1, B, K]
+        let ls_l = ls_cls.narrow(0, 2 * b, l * b)?.reshape((l, b, k))?;
+        l_cls = (l_cls + ce_sum(&p0_both.broadcast_as((l, b, k))?, &ls_l)?)?;
+    }
+    let l_cls = (l_cls / (bf * n_pairs))?;
+    let batch_cls = t.cls.mean(0)?;
+    let new_cls = ((&centres.cls * m)? + (batch_cls * (1.0 - m))?)?;
+    let h0 = mean_entropy(&t_cls, &centres.cls, tau, None)?;
+
+    let (rows, s_plus, s_pat) = match (&t.rows, &s.cls_plus, &s.patch) {
+        (Some(r), Some(p), Some(q)) => (r, p, q),
+        _ => {
+            // dino_only: L_cls alone; the other centres stay as they are.
+            let zero = l_cls.zeros_like()?;
+            return Ok(LossOut {
+                total: l_cls.clone(),
+                cls: l_cls,
+                udi: zero.clone(),
+                patch: zero,
+                new_centres: Centres {
+                    cls: new_cls,
+                    udi: centres.udi.clone(),
+                    patch: centres.patch.clone(),
+                },
+                teacher_entropy: [h0, 0.0, 0.0],
+            });
+        }
+    };
+    let n_g = batch.student_rows.dim(1)?;
+    let n_l = (rows.dim(1)? - n_g).checked_div(l).unwrap_or(0);
+
+    // ---- teacher patch logits regrouped per pair ------------------------------------------
+    // Global: teacher view u holds pair ū's rows; swap views so index v = pair v = student view v.
+    let tg = rows.narrow(1, 0, n_g)?.reshape((2, b, n_g, k))?;
+    let t_pat = Tensor::cat(&[tg.get(1)?.unsqueeze(0)?, tg.get(0)?.unsqueeze(0)?], 0)?; // [2, B, n_g, K]
+    let vg = &batch.valid_g; // [2, B, n_g]
+    let vg4 = vg.unsqueeze(3)?;
+
+    // ---- multimodal targets (raw logits) ---------------------------------------------------
+    let alpha = cfg.alpha;
+    let avg_g = t_pat
+        .broadcast_mul(&vg4)?
+        .sum(2)?
+        .broadcast_div(&(vg.sum_keepdim(2)? + 1e-5)?)?; // [2, B, K]
+    let t_cls_swapped = Tensor::cat(
+        &[t_cls.get(1)?.unsqueeze(0)?, t_cls.get(0)?.unsqueeze(0)?],
+        0,
+    )?;
+    let mm_g = ((avg_g * alpha)? + (t_cls_swapped * (1.0 - alpha))?)?; // [2, B, K] by student view
+    let mut mm_sum = mm_g.sum((0, 1))?;
+    let lsp = log_softmax(&(s_plus / cfg.student_temp)?)?;
+    let p1_g = teacher_probs(&mm_g, &centres.udi, tau)?;
+    let mut l_udi = ce_sum(&p1_g.reshape((2 * b, k))?, &lsp.narrow(0, 0, 2 * b)?)?;
+    let mut h1_sum = mean_entropy(&mm_g, &centres.udi, tau, None)? * (2 * b) as f64;
+    let mut patch_sum = t_pat.broadcast_mul(&vg4)?.sum((0, 1, 2))?;
+    if l > 0 {
+        let t_lp = rows.narrow(1, n_g, l * n_l)?.reshape((2, b, l, n_l, k))?; // [t, b, k, r, K]
+        let vl = &batch.valid_l; // [2, B, L, n_l]
+        let vl5 = vl.unsqueeze(4)?;
+        let masked = t_lp.broadcast_mul(&vl5)?;
+        let avg_l = masked
+            .sum(3)?
+            .broadcast_div(&(vl.sum_keepdim(3)? + 1e-5)?)?; // [2, B, L, K]
+        let cls_t = t_cls.unsqueeze(2)?; // [2, B, 1, K]
+        let mm_l = ((avg_l * alpha)?.broadcast_add(&(cls_t * (1.0 - alpha))?))?; // [2, B, L, K]
+        mm_sum = (mm_sum + mm_l.sum((0, 1, 2))?)?;
+        let p1_l = teacher_probs(&mm_l, &centres.udi, tau)?;
+        let p1_l = (p1_l.get(0)? + p1_l.get(1)?)?.transpose(0, 1)?; // [L, B, K]
+        let lsp_l = lsp.narrow(0, 2 * b, l * b)?.reshape((l, b, k))?;
+        l_udi = (l_udi + ce_sum(&p1_l.contiguous()?, &lsp_l)?)?;
+        h1_sum += mean_entropy(&mm_l, &centres.udi, tau, None)? * (2 * b * l) as f64;
+        patch_sum = (patch_sum + masked.sum((0, 1, 2, 3))?)?;
+    }
+    let l_udi = (l_udi / (bf * n_pairs))?;
+    let new_udi = ((&centres.udi * m)? + ((mm_sum / ((2 * b + 2 * b * l) as f64))? * (1.0 - m))?)?;
+    let h1 = h1_sum / (2 * b + 2 * b * l) as f64;
+
+    // ---- L_patch (global views only, pooled over valid rows) ------------------------------
+    let p2 = teacher_probs(&t_pat, &centres.patch, tau)?;
+    let ls_pat = log_softmax(&(s_pat.reshape((2, b, n_g, k))? / cfg.student_temp)?)?;
+    let h_rows = (p2 * ls_pat)?.sum(D::Minus1)?.neg()?; // [2, B, n_g]
+    let n_valid = vg.sum_all()?;
+    // No valid row in the whole batch gives NaN, as in the official code (training then stops).
+    let l_patch = (h_rows * vg)?.sum_all()?.div(&n_valid)?;
+    let h2 = mean_entropy(&t_pat, &centres.patch, tau, Some(vg))?;
+    // c₂ count: the sum of the bilinear row sums of every T-row (global and local pairs).
+    let count = batch.teacher_rows.sum_all()?;
+    let new_patch = ((&centres.patch * m)? + (patch_sum.broadcast_div(&count)? * (1.0 - m))?)?;
+
+    let [w0, w1, w2] = cfg.weights;
+    let total = (((&l_cls * w0)? + (&l_udi * w1)?)? + (&l_patch * w2)?)?;
+    Ok(LossOut {
+        total,
+        cls: l_cls,
+        udi: l_udi,
+        patch: l_patch,
+        new_centres: Centres {
+            cls: new_cls,
+            udi: new_udi,
+            patch: new_patch,
+        },
+        teacher_entropy: [h0, h1, h2],
+    })
+}

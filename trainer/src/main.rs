@@ -1,0 +1,132 @@
+//! `trainer` CLI: thin wrappers over the library (see `trainer::debug`).
+
+use anyhow::Result;
+use candle_core::Device;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use trainer::config::TrainConfig;
+
+#[derive(Parser)]
+#[command(name = "trainer", about = "UDI self-supervised ViT pre-training")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Write freshly initialised student and teacher weights (safetensors).
+    InitWeights {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Write a batch file for `debug-step` (synthetic images and SRS rows, zero centres).
+    MakeBatch {
+        #[arg(long)]
+        config: PathBuf,
+        /// Random content (the only source for now).
+        #[arg(long, required = true)]
+        synthetic: bool,
+        /// Batch size (default: the config's).
+        #[arg(long)]
+        batch_size: Option<u32>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// One training step (drop path off) from weights + batch; JSON report + updated tensors.
+    DebugStep {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        weights: PathBuf,
+        #[arg(long)]
+        batch: PathBuf,
+        /// JSON report.
+        #[arg(long)]
+        out: PathBuf,
+        /// Updated tensors (default: the JSON path with extension .safetensors).
+        #[arg(long)]
+        out_tensors: Option<PathBuf>,
+        /// Iterations per epoch for the lr/wd/momentum schedules (ImageNet at 1024: 1251).
+        #[arg(long, default_value_t = 1251)]
+        iters_per_epoch: u64,
+    },
+    /// Time training steps on a synthetic batch.
+    Bench {
+        #[arg(long)]
+        config: PathBuf,
+        /// cpu or cuda (needs the `cuda` feature).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long)]
+        batch_size: Option<u32>,
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::InitWeights { config, out } => {
+            trainer::debug::init_weights(&TrainConfig::from_toml_file(&config)?, &out)
+        }
+        Cmd::MakeBatch {
+            config,
+            synthetic: _,
+            batch_size,
+            seed,
+            out,
+        } => {
+            let cfg = TrainConfig::from_toml_file(&config)?;
+            trainer::debug::make_batch(&cfg, batch_size.unwrap_or(cfg.data.batch_size), seed, &out)
+        }
+        Cmd::DebugStep {
+            config,
+            weights,
+            batch,
+            out,
+            out_tensors,
+            iters_per_epoch,
+        } => {
+            let cfg = TrainConfig::from_toml_file(&config)?;
+            let ot = out_tensors.unwrap_or_else(|| out.with_extension("safetensors"));
+            trainer::debug::debug_step(&cfg, &weights, &batch, &out, &ot, iters_per_epoch)
+        }
+        Cmd::Bench {
+            config,
+            device,
+            batch_size,
+            warmup,
+            steps,
+            json,
+        } => {
+            let cfg = TrainConfig::from_toml_file(&config)?;
+            let dev = match device.as_str() {
+                "cpu" => Device::Cpu,
+                "cuda" => Device::new_cuda(0)?,
+                other => anyhow::bail!("unknown device {other} (cpu or cuda)"),
+            };
+            let b = batch_size.unwrap_or(cfg.data.batch_size);
+            let r = trainer::debug::bench(&cfg, &dev, b, warmup, steps)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{} batch {}: {:.3} s/step, {:.1} images/s (teacher fwd {:.3} s, student fwd+loss {:.3} s, backward {:.3} s, optimiser+EMA {:.3} s)",
+                    r.device, r.batch_size, r.step_s, r.images_per_s, r.teacher_fwd_s, r.student_fwd_loss_s, r.backward_s, r.optim_ema_s
+                );
+            }
+            Ok(())
+        }
+    }
+}

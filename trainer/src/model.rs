@@ -1,0 +1,125 @@
+//! One UDI network (backbone + SRS + shared head) and the student/teacher forward passes that
+//! feed the loss (udi-spec §2.4, §3.5).
+
+use crate::config::TrainConfig;
+use crate::data::TrainBatch;
+use crate::head::Head;
+use crate::params::ParamStore;
+use crate::srs::Srs;
+use crate::vit::{DropMasks, Vit};
+use candle_core::{Result, Tensor};
+
+/// Backbone, SRS and head of one network, reading the parameters of a [`ParamStore`].
+pub struct Network {
+    pub backbone: Vit,
+    pub srs: Srs,
+    pub head: Head,
+    dino_only: bool,
+}
+
+/// Student head outputs (raw logits). Crop order: g0, g1 (B each), then l0..l_{L-1} (B each).
+pub struct StudentOut {
+    /// [cls] logits `[(2+L)·B, K]`.
+    pub cls: Tensor,
+    /// [cls+] logits `[(2+L)·B, K]` (`None` with `dino_only`).
+    pub cls_plus: Option<Tensor>,
+    /// Patch logits of view v at its S-rows (pair v), `[2B, n_g, K]` (`None` with `dino_only`).
+    pub patch: Option<Tensor>,
+}
+
+/// Teacher head outputs (raw logits, no gradient).
+pub struct TeacherOut {
+    /// [cls] logits of the two global views `[2B, K]`, view-major.
+    pub cls: Tensor,
+    /// Patch logits at the T-rows read on view u (`teacher_rows` layout), `[2B, n_g + L·n_l, K]`.
+    pub rows: Option<Tensor>,
+}
+
+impl Network {
+    /// `tracked`: build over the variables (student) or detached tensors (teacher).
+    pub fn new(cfg: &TrainConfig, store: &ParamStore, tracked: bool) -> Result<Self> {
+        Ok(Self {
+            backbone: Vit::new(cfg, store, tracked)?,
+            srs: Srs::new(cfg, store, tracked)?,
+            head: Head::new(cfg, store, tracked)?,
+            dino_only: cfg.loss.dino_only,
+        })
+    }
+
+    /// The student pass over all crops (drop masks: `(globals, locals)` or none).
+    pub fn student(
+        &self,
+        batch: &TrainBatch,
+        drop: Option<&(DropMasks, DropMasks)>,
+    ) -> Result<StudentOut> {
+        let b = batch.batch_size;
+        let np = self.backbone.n_prefix();
+        let xg = self
+            .backbone
+            .forward_tokens(&batch.globals, drop.map(|d| &d.0))?;
+        let mut cls_in = vec![self.backbone.class_outputs(&xg)?];
+        if let Some(l) = &batch.locals {
+            let x = self.backbone.forward_tokens(l, drop.map(|d| &d.1))?;
+            cls_in.push(self.backbone.class_outputs(&x)?);
+        }
+        let cls_tok = Tensor::cat(&cls_in, 0)?; // [(2+L)B, np, D]
+        let n_crops = cls_tok.dim(0)?;
+        let d = cls_tok.dim(2)?;
+        // One head call over every row: [cls of all crops; cls+ of all crops; SRS rows].
+        let mut inputs = vec![cls_tok.narrow(1, 0, 1)?.squeeze(1)?];
+        let mut n_patch = 0;
+        if !self.dino_only {
+            inputs.push(cls_tok.narrow(1, 1, 1)?.squeeze(1)?);
+            let z = self.srs.forward(&xg, np, &batch.student_rows)?; // [2B, n_g, D]
+            n_patch = z.dim(1)?;
+            inputs.push(z.reshape((2 * b * n_patch, d))?);
+        }
+        let logits = self.head.forward(&Tensor::cat(&inputs, 0)?)?;
+        let k = logits.dim(1)?;
+        let cls = logits.narrow(0, 0, n_crops)?;
+        if self.dino_only {
+            return Ok(StudentOut {
+                cls,
+                cls_plus: None,
+                patch: None,
+            });
+        }
+        let cls_plus = logits.narrow(0, n_crops, n_crops)?;
+        let patch = logits
+            .narrow(0, 2 * n_crops, 2 * b * n_patch)?
+            .reshape((2 * b, n_patch, k))?;
+        Ok(StudentOut {
+            cls,
+            cls_plus: Some(cls_plus),
+            patch: Some(patch),
+        })
+    }
+
+    /// The teacher pass over the two global views (no drop path; call on detached networks).
+    pub fn teacher(&self, batch: &TrainBatch) -> Result<TeacherOut> {
+        let b = batch.batch_size;
+        let np = self.backbone.n_prefix();
+        let xg = self.backbone.forward_tokens(&batch.globals, None)?;
+        let cls_tok = self
+            .backbone
+            .class_outputs(&xg)?
+            .narrow(1, 0, 1)?
+            .squeeze(1)?; // [2B, D]
+        if self.dino_only {
+            return Ok(TeacherOut {
+                cls: self.head.forward(&cls_tok)?,
+                rows: None,
+            });
+        }
+        let z = self.srs.forward(&xg, np, &batch.teacher_rows)?; // [2B, R, D]
+        let (_, r, d) = z.dims3()?;
+        let logits = self
+            .head
+            .forward(&Tensor::cat(&[cls_tok, z.reshape((2 * b * r, d))?], 0)?)?;
+        let k = logits.dim(1)?;
+        Ok(TeacherOut {
+            cls: logits.narrow(0, 0, 2 * b)?,
+            rows: Some(logits.narrow(0, 2 * b, 2 * b * r)?.reshape((2 * b, r, k))?),
+        })
+    }
+}

@@ -1,0 +1,165 @@
+//! AdamW exactly as PyTorch's (udi-spec §4), per-parameter gradient clipping, and the
+//! teacher EMA.
+//!
+//! PyTorch AdamW per element, with step t counted **per parameter** (so the last layer, frozen
+//! during epoch 0, starts its bias correction at t = 1 in epoch 1):
+//! `θ ← θ(1 − lr·wd); m ← m + (1−β₁)(g − m); v ← β₂v + (1−β₂)g²;
+//!  θ ← θ − lr/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + ε)`.
+
+use crate::params::ParamStore;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor, Var};
+use std::collections::HashMap;
+
+/// Adam moments of one parameter.
+pub struct AdamState {
+    pub step: u64,
+    pub exp_avg: Tensor,
+    pub exp_avg_sq: Tensor,
+}
+
+/// AdamW over one [`ParamStore`] (state indexed like the store; `None` = never updated yet).
+pub struct AdamW {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub states: Vec<Option<AdamState>>,
+}
+
+impl AdamW {
+    pub fn new(n_params: usize, beta1: f64, beta2: f64, eps: f64) -> Self {
+        Self {
+            beta1,
+            beta2,
+            eps,
+            states: (0..n_params).map(|_| None).collect(),
+        }
+    }
+
+    /// One update of parameter `i` with gradient `grad` (same shape and dtype).
+    pub fn update(&mut self, i: usize, var: &Var, grad: &Tensor, lr: f64, wd: f64) -> Result<()> {
+        let (b1, b2) = (self.beta1, self.beta2);
+        let st = self.states[i].get_or_insert_with(|| AdamState {
+            step: 0,
+            exp_avg: grad.zeros_like().expect("zeros"),
+            exp_avg_sq: grad.zeros_like().expect("zeros"),
+        });
+        st.step += 1;
+        let p = var.as_tensor();
+        let p = if wd != 0.0 {
+            (p * (1.0 - lr * wd))?
+        } else {
+            p.detach()
+        };
+        // lerp(m, g, 1−β₁) = m + (1−β₁)(g − m)
+        st.exp_avg = (&st.exp_avg + ((grad - &st.exp_avg)? * (1.0 - b1))?)?;
+        st.exp_avg_sq = ((&st.exp_avg_sq * b2)? + (grad.sqr()? * (1.0 - b2))?)?;
+        let bc1 = 1.0 - b1.powi(st.step as i32);
+        let bc2 = 1.0 - b2.powi(st.step as i32);
+        let step_size = lr / bc1;
+        let denom = ((st.exp_avg_sq.sqrt()? / bc2.sqrt())? + self.eps)?;
+        let new = (p - (st.exp_avg.div(&denom)? * step_size)?)?;
+        var.set(&new)?;
+        Ok(())
+    }
+
+    /// `optim.<param>.exp_avg`, `optim.<param>.exp_avg_sq` (param dtype) and `optim.<param>.step`
+    /// (I64 [1]) for every parameter that has state.
+    pub fn named_tensors(&self, store: &ParamStore) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for (p, st) in store.params().iter().zip(&self.states) {
+            if let Some(st) = st {
+                let dev = st.exp_avg.device();
+                out.push((format!("optim.{}.exp_avg", p.name), st.exp_avg.clone()));
+                out.push((
+                    format!("optim.{}.exp_avg_sq", p.name),
+                    st.exp_avg_sq.clone(),
+                ));
+                out.push((
+                    format!("optim.{}.step", p.name),
+                    Tensor::new(&[st.step as i64], dev)?,
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Restores the state written by [`Self::named_tensors`] (absent entries = no state).
+    pub fn load_from(
+        &mut self,
+        map: &HashMap<String, Tensor>,
+        store: &ParamStore,
+        what: &str,
+    ) -> Result<()> {
+        for (i, p) in store.params().iter().enumerate() {
+            let key = format!("optim.{}.step", p.name);
+            self.states[i] = match map.get(&key) {
+                None => None,
+                Some(step) => {
+                    let step: Vec<i64> = step
+                        .flatten_all()?
+                        .to_vec1()
+                        .with_context(|| format!("{what}: {key}"))?;
+                    let get = |k: &str| -> Result<Tensor> {
+                        let key = format!("optim.{}.{k}", p.name);
+                        let t = map
+                            .get(&key)
+                            .with_context(|| format!("{what}: missing {key}"))?;
+                        if t.dims() != p.var.dims() {
+                            bail!(
+                                "{what}: {key} has shape {:?}, expected {:?}",
+                                t.dims(),
+                                p.var.dims()
+                            );
+                        }
+                        // `copy` so the state never aliases the caller's tensors.
+                        Ok(t.to_dtype(p.var.dtype())?
+                            .to_device(p.var.device())?
+                            .copy()?)
+                    };
+                    Some(AdamState {
+                        step: step[0] as u64,
+                        exp_avg: get("exp_avg")?,
+                        exp_avg_sq: get("exp_avg_sq")?,
+                    })
+                }
+            };
+        }
+        Ok(())
+    }
+}
+
+/// ‖g‖₂ of several tensors together, accumulated in f64.
+pub fn joint_norm(grads: &[&Tensor]) -> Result<f64> {
+    let mut s = 0.0;
+    for g in grads {
+        s += g
+            .to_dtype(DType::F64)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f64>()?;
+    }
+    Ok(s.sqrt())
+}
+
+/// torch's `clip_gradients` factor: `clip/(norm + 1e-6)` when that is < 1, else 1.
+pub fn clip_factor(norm: f64, clip: f64) -> f64 {
+    if clip <= 0.0 {
+        return 1.0;
+    }
+    let c = clip / (norm + 1e-6);
+    if c < 1.0 {
+        c
+    } else {
+        1.0
+    }
+}
+
+/// θ_t ← m·θ_t + (1 − m)·θ_s for every parameter.
+pub fn ema_update(teacher: &ParamStore, student: &ParamStore, m: f64) -> Result<()> {
+    for (t, s) in teacher.params().iter().zip(student.params()) {
+        let new = ((t.var.as_tensor() * m)? + (s.var.as_detached_tensor() * (1.0 - m))?)?;
+        t.var.set(&new)?;
+    }
+    Ok(())
+}

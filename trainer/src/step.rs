@@ -1,0 +1,342 @@
+//! One training iteration (udi-spec §4, order of operations):
+//! schedules → teacher forward → student forward → loss (current centres) → centre update →
+//! backward → per-parameter clipping (the two class tokens jointly) → last layer dropped while
+//! `epoch < freeze_last_layer` → AdamW → teacher EMA.
+//!
+//! Stochastic depth draws from `shared::rng::rng_for(seed, Domain::Step, 0, global_step)`:
+//! global crops first, then local crops; per crop batch, block by block, the attention branch
+//! then the MLP branch, one uniform per sample (keep iff u < 1 − rate). A resumed run therefore
+//! draws the same masks.
+
+use crate::config::TrainConfig;
+use crate::data::TrainBatch;
+use crate::loss::{udi_loss, Centres};
+use crate::model::Network;
+use crate::nn::scalar_f64;
+use crate::optim::{clip_factor, ema_update, joint_norm, AdamW};
+use crate::params::{is_last_layer, ParamStore};
+use crate::schedule::Schedules;
+use crate::vit::DropMasks;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use rand::Rng;
+use serde::Serialize;
+use shared::rng::{rng_for, Domain};
+use std::collections::HashMap;
+use std::time::Instant;
+
+/// What one step reports.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StepStats {
+    pub epoch: u64,
+    pub global_step: u64,
+    pub loss: f64,
+    pub loss_cls: f64,
+    pub loss_udi: f64,
+    pub loss_patch: f64,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub momentum: f64,
+    pub teacher_temp: f64,
+    /// Mean entropy of the teacher's P0 ([cls]), P1 (multimodal), P2 (patch) targets.
+    pub teacher_entropy: [f64; 3],
+    /// ‖c₀‖, ‖c₁‖, ‖c₂‖ after the update.
+    pub centre_norms: [f64; 3],
+    /// Global ‖∇‖ over all trainable parameters before clipping.
+    pub grad_norm: f64,
+    /// Seconds: teacher forward, student forward + loss, backward, optimiser + EMA.
+    pub timings: [f64; 4],
+}
+
+/// [`StepStats`] plus per-parameter gradient norms (pre- and post-clipping; `None` for
+/// parameters without gradient, e.g. the frozen last layer post-clip).
+pub struct StepReport {
+    pub stats: StepStats,
+    pub grad_norms: Vec<(String, Option<f64>, Option<f64>)>,
+}
+
+/// Student, teacher, centres, optimiser and schedules of one run.
+pub struct Trainer {
+    pub cfg: TrainConfig,
+    pub device: Device,
+    pub dtype: DType,
+    pub student: ParamStore,
+    pub teacher: ParamStore,
+    student_net: Network,
+    teacher_net: Network,
+    pub centres: Centres,
+    pub optim: AdamW,
+    pub schedules: Schedules,
+    /// Stochastic depth in the student (on for training, off for `debug-step`).
+    pub drop_path: bool,
+    /// Clip groups: parameter indices clipped on their joint norm.
+    clip_groups: Vec<Vec<usize>>,
+}
+
+impl Trainer {
+    /// Fresh student (init from `cfg.data.seed`), teacher = copy, zero centres, f32.
+    pub fn new(cfg: &TrainConfig, iters_per_epoch: u64, device: &Device) -> Result<Self> {
+        Self::with_dtype(cfg, iters_per_epoch, device, DType::F32)
+    }
+
+    pub fn with_dtype(
+        cfg: &TrainConfig,
+        iters_per_epoch: u64,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let student = ParamStore::init(cfg, cfg.data.seed, dtype, device)?;
+        let teacher = student.deep_copy()?;
+        let student_net = Network::new(cfg, &student, true)?;
+        let teacher_net = Network::new(cfg, &teacher, false)?;
+        let names: Vec<&str> = student.params().iter().map(|p| p.name.as_str()).collect();
+        // The official code stores [cls] and [cls+] as ONE [1,2,D] parameter: clip them jointly.
+        let mut clip_groups = Vec::new();
+        let cls_pair: Vec<usize> = names
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n == "backbone.cls_token" || **n == "backbone.reg_token")
+            .map(|(i, _)| i)
+            .collect();
+        clip_groups.push(cls_pair.clone());
+        for i in 0..names.len() {
+            if !cls_pair.contains(&i) {
+                clip_groups.push(vec![i]);
+            }
+        }
+        let o = &cfg.optim;
+        Ok(Self {
+            cfg: cfg.clone(),
+            device: device.clone(),
+            dtype,
+            optim: AdamW::new(student.len(), o.beta1, o.beta2, o.eps),
+            centres: Centres::zeros(cfg.model.out_dim, dtype, device)?,
+            schedules: Schedules::new(cfg, iters_per_epoch),
+            student,
+            teacher,
+            student_net,
+            teacher_net,
+            drop_path: true,
+            clip_groups,
+        })
+    }
+
+    pub fn student_net(&self) -> &Network {
+        &self.student_net
+    }
+    /// The teacher network (k-NN and export read the teacher, udi-spec §5).
+    pub fn teacher_net(&self) -> &Network {
+        &self.teacher_net
+    }
+
+    /// Drop-path masks of one step: `(globals, locals)`.
+    pub fn drop_masks(
+        &self,
+        batch: &TrainBatch,
+        global_step: u64,
+    ) -> Result<(DropMasks, DropMasks)> {
+        let mut rng = rng_for(self.cfg.data.seed, Domain::Step, 0, global_step);
+        let rates = self.student_net.backbone.drop_rates.clone();
+        let b = batch.batch_size;
+        // One upload per crop group: values [depth][2][n], sliced per block and branch.
+        let mut make = |n: usize| -> Result<DropMasks> {
+            let mut v = Vec::with_capacity(rates.len() * 2 * n);
+            for &rate in &rates {
+                let keep = 1.0 - rate;
+                for _ in 0..2 * n {
+                    v.push(if rng.random::<f64>() < keep {
+                        1.0 / keep
+                    } else {
+                        0.0
+                    });
+                }
+            }
+            let all = Tensor::from_vec(v, (rates.len(), 2, n, 1, 1), &Device::Cpu)?
+                .to_dtype(self.dtype)?
+                .to_device(&self.device)?;
+            (0..rates.len())
+                .map(|i| Ok((all.get(i)?.get(0)?, all.get(i)?.get(1)?)))
+                .collect()
+        };
+        let g = make(2 * b)?;
+        let l = make(batch.n_local * b)?;
+        Ok((g, l))
+    }
+
+    /// One iteration; see the module docs for the order of operations.
+    pub fn step(&mut self, batch: &TrainBatch, epoch: u64, global_step: u64) -> Result<StepStats> {
+        Ok(self.step_detailed(batch, epoch, global_step)?.stats)
+    }
+
+    fn sync(&self) -> Result<()> {
+        Ok(self.device.synchronize()?)
+    }
+
+    pub fn step_detailed(
+        &mut self,
+        batch: &TrainBatch,
+        epoch: u64,
+        global_step: u64,
+    ) -> Result<StepReport> {
+        let s = &self.schedules;
+        let (lr, wd, mom, tau) = (
+            s.lr(global_step),
+            s.weight_decay(global_step),
+            s.momentum(global_step),
+            s.teacher_temp(epoch),
+        );
+        let t0 = Instant::now();
+        let t_out = self.teacher_net.teacher(batch)?;
+        self.sync()?;
+        let t1 = Instant::now();
+        let masks = if self.drop_path {
+            Some(self.drop_masks(batch, global_step)?)
+        } else {
+            None
+        };
+        let s_out = self.student_net.student(batch, masks.as_ref())?;
+        let loss = udi_loss(&self.cfg.loss, batch, &s_out, &t_out, &self.centres, tau)?;
+        let total = scalar_f64(&loss.total)?;
+        let t2 = Instant::now();
+        if !total.is_finite() {
+            bail!("non-finite loss {total} at epoch {epoch}, step {global_step} (L_cls {}, L_udi {}, L_patch {})",
+                scalar_f64(&loss.cls)?, scalar_f64(&loss.udi)?, scalar_f64(&loss.patch)?);
+        }
+        self.centres = loss.new_centres.clone();
+        let grads = loss.total.backward()?;
+        self.sync()?;
+        let t3 = Instant::now();
+
+        let params = self.student.params();
+        let frozen = epoch < self.cfg.optim.freeze_last_layer;
+        let mut pre: Vec<Option<f64>> = vec![None; params.len()];
+        let mut post: Vec<Option<f64>> = vec![None; params.len()];
+        let mut clipped: Vec<Option<Tensor>> = vec![None; params.len()];
+        let mut total_sq = 0.0;
+        for group in &self.clip_groups {
+            let gs: Vec<(usize, Tensor)> = group
+                .iter()
+                .filter(|&&i| params[i].trainable)
+                .filter_map(|&i| grads.get(params[i].var.as_tensor()).map(|g| (i, g.clone())))
+                .collect();
+            if gs.is_empty() {
+                continue;
+            }
+            let refs: Vec<&Tensor> = gs.iter().map(|(_, g)| g).collect();
+            let norm = joint_norm(&refs)?;
+            total_sq += norm * norm;
+            let f = clip_factor(norm, self.cfg.optim.clip_grad);
+            let single = gs.len() == 1;
+            for (i, g) in gs {
+                // Post-clip norms are reported as pre·factor (saves two passes over each tensor).
+                let own = if single { norm } else { joint_norm(&[&g])? };
+                pre[i] = Some(own);
+                let g = if f < 1.0 { (g * f)? } else { g };
+                if frozen && is_last_layer(&params[i].name) {
+                    continue; // grad = None: no update, no decay, no Adam state
+                }
+                post[i] = Some(own * f);
+                clipped[i] = Some(g);
+            }
+        }
+        for (i, g) in clipped.iter().enumerate() {
+            if let Some(g) = g {
+                let p = &params[i];
+                let wd_i = if p.decay { wd } else { 0.0 };
+                self.optim
+                    .update(i, &p.var, g, lr, wd_i)
+                    .with_context(|| format!("AdamW on {}", p.name))?;
+            }
+        }
+        ema_update(&self.teacher, &self.student, mom)?;
+        self.sync()?;
+        let t4 = Instant::now();
+
+        let cn = |t: &Tensor| -> Result<f64> {
+            Ok(t.to_dtype(DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .sqrt()?
+                .to_scalar::<f64>()?)
+        };
+        let stats = StepStats {
+            epoch,
+            global_step,
+            loss: total,
+            loss_cls: scalar_f64(&loss.cls)?,
+            loss_udi: scalar_f64(&loss.udi)?,
+            loss_patch: scalar_f64(&loss.patch)?,
+            lr,
+            weight_decay: wd,
+            momentum: mom,
+            teacher_temp: tau,
+            teacher_entropy: loss.teacher_entropy,
+            centre_norms: [
+                cn(&self.centres.cls)?,
+                cn(&self.centres.udi)?,
+                cn(&self.centres.patch)?,
+            ],
+            grad_norm: total_sq.sqrt(),
+            timings: [
+                (t1 - t0).as_secs_f64(),
+                (t2 - t1).as_secs_f64(),
+                (t3 - t2).as_secs_f64(),
+                (t4 - t3).as_secs_f64(),
+            ],
+        };
+        let grad_norms = params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.name.clone(), pre[i], post[i]))
+            .collect();
+        Ok(StepReport { stats, grad_norms })
+    }
+
+    /// Everything a checkpoint needs for a bitwise resume: `student.<name>`, `teacher.<name>`,
+    /// `center.{cls,udi,patch}`, `optim.<name>.{exp_avg,exp_avg_sq,step}` (copies).
+    pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for (n, t) in self.student.named_tensors() {
+            out.push((format!("student.{n}"), t.copy()?));
+        }
+        for (n, t) in self.teacher.named_tensors() {
+            out.push((format!("teacher.{n}"), t.copy()?));
+        }
+        for (n, t) in self.centres.named_tensors() {
+            out.push((n, t.copy()?));
+        }
+        for (n, t) in self.optim.named_tensors(&self.student)? {
+            out.push((n, t.copy()?));
+        }
+        Ok(out)
+    }
+
+    /// Restores [`Self::state_tensors`] (optimiser entries may be absent: fresh state).
+    pub fn load_state(&mut self, map: &HashMap<String, Tensor>, what: &str) -> Result<()> {
+        self.load_weights(map, what)?;
+        let c = |k: &str| -> Result<Tensor> {
+            let t = map.get(k).with_context(|| format!("{what}: missing {k}"))?;
+            anyhow::ensure!(
+                t.dims() == [self.cfg.model.out_dim],
+                "{what}: {k} has shape {:?}",
+                t.dims()
+            );
+            Ok(t.to_dtype(self.dtype)?.to_device(&self.device)?.copy()?)
+        };
+        self.centres = Centres {
+            cls: c("center.cls")?,
+            udi: c("center.udi")?,
+            patch: c("center.patch")?,
+        };
+        self.optim.load_from(map, &self.student, what)?;
+        Ok(())
+    }
+
+    /// Loads only `student.*` and `teacher.*`.
+    pub fn load_weights(&mut self, map: &HashMap<String, Tensor>, what: &str) -> Result<()> {
+        self.student.load_from(map, "student.", what)?;
+        self.teacher.load_from(map, "teacher.", what)?;
+        Ok(())
+    }
+}

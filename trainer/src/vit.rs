@@ -1,0 +1,299 @@
+//! ViT backbone with two class tokens, [cls] (index 0) and [cls+] (index 1) (udi-spec §2.1–§2.2).
+//!
+//! Images are normalised NCHW `[B, 3, S, S]`. The patch embedding is written as an unfold +
+//! matmul (identical to the stride-p convolution, simply differentiable). Tokens are
+//! `[cls, cls+, patches row-major]`; with `dino_only` the [cls+] token is left out entirely.
+
+use crate::config::TrainConfig;
+use crate::nn::{attention, gelu, merge_heads, split_heads, LayerNorm, Linear};
+use crate::params::ParamStore;
+use candle_core::{Device, Result, Tensor};
+use std::collections::HashMap;
+
+/// Which class token `features` returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClassToken {
+    /// The regular [cls] (index 0): the paper's default for image-level tasks.
+    Cls,
+    /// [cls+] (index 1): the "UDI+" variant.
+    ClsPlus,
+}
+
+/// The 1-D bicubic resampling weights `[dst][src]` of PyTorch's `interpolate(mode="bicubic",
+/// align_corners=False)` called with DINO's `scale_factor = (dst + 0.1)/src` (udi-spec §2.2):
+/// output o reads x = (o + 0.5)·src/(dst + 0.1) − 0.5, cubic-convolution kernel A = −0.75, taps
+/// ⌊x⌋−1 … ⌊x⌋+2 clamped to [0, src−1] (clamped taps accumulate on the border).
+pub fn bicubic_weights_1d(src: usize, dst: usize) -> Vec<Vec<f64>> {
+    const A: f64 = -0.75;
+    let cubic1 = |x: f64| ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0;
+    let cubic2 = |x: f64| ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A;
+    let scale = src as f64 / (dst as f64 + 0.1);
+    (0..dst)
+        .map(|o| {
+            let x = (o as f64 + 0.5) * scale - 0.5;
+            let f = x.floor();
+            let t = x - f;
+            let w = [cubic2(t + 1.0), cubic1(t), cubic1(1.0 - t), cubic2(2.0 - t)];
+            let mut row = vec![0.0; src];
+            for (i, wi) in w.iter().enumerate() {
+                let idx = (f as i64 - 1 + i as i64).clamp(0, src as i64 - 1) as usize;
+                row[idx] += wi;
+            }
+            row
+        })
+        .collect()
+}
+
+/// The separable 2-D resampling matrix `[dst², src²]` (row-major grids): M = W ⊗ W.
+pub fn bicubic_matrix_2d(src: usize, dst: usize) -> Vec<f64> {
+    let w = bicubic_weights_1d(src, dst);
+    let (n_src, n_dst) = (src * src, dst * dst);
+    let mut m = vec![0.0; n_dst * n_src];
+    for oi in 0..dst {
+        for oj in 0..dst {
+            for si in 0..src {
+                for sj in 0..src {
+                    m[(oi * dst + oj) * n_src + si * src + sj] = w[oi][si] * w[oj][sj];
+                }
+            }
+        }
+    }
+    m
+}
+
+/// Per-sample stochastic-depth multipliers of one forward pass: `masks[block] = (attn, mlp)`,
+/// each `[B, 1, 1]` holding 0 or 1/keep.
+pub type DropMasks = Vec<(Tensor, Tensor)>;
+
+struct Attention {
+    qkv: Linear,
+    proj: Linear,
+    heads: usize,
+}
+
+impl Attention {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (q, k, v) = split_heads(&self.qkv.forward(x)?, self.heads)?;
+        let dh = q.dim(3)?;
+        let o = attention(&q, &k, &v, (dh as f64).powf(-0.5))?;
+        self.proj.forward(&merge_heads(&o)?)
+    }
+}
+
+struct Block {
+    norm1: LayerNorm,
+    attn: Attention,
+    norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Block {
+    fn forward(&self, x: &Tensor, drop: Option<&(Tensor, Tensor)>) -> Result<Tensor> {
+        let a = self.attn.forward(&self.norm1.forward(x)?)?;
+        let a = match drop {
+            Some((m, _)) => a.broadcast_mul(m)?,
+            None => a,
+        };
+        let x = (x + a)?;
+        let h = self
+            .fc2
+            .forward(&gelu(&self.fc1.forward(&self.norm2.forward(&x)?)?)?)?;
+        let h = match drop {
+            Some((_, m)) => h.broadcast_mul(m)?,
+            None => h,
+        };
+        x + h
+    }
+}
+
+/// The backbone of one network.
+pub struct Vit {
+    patch_w: Tensor,
+    patch_b: Tensor,
+    cls_token: Tensor,
+    reg_token: Tensor,
+    pos_embed: Tensor,
+    blocks: Vec<Block>,
+    norm: LayerNorm,
+    patch: usize,
+    pos_grid: usize,
+    dim: usize,
+    /// 2 ([cls], [cls+]) or 1 with `dino_only`.
+    n_prefix: usize,
+    /// Resampling matrices by target grid side (constants; the matmul runs every forward).
+    resample: HashMap<usize, Tensor>,
+    /// Stochastic-depth rate of each block (linspace(0, drop_path, depth)).
+    pub drop_rates: Vec<f64>,
+}
+
+impl Vit {
+    /// Builds the backbone over `store`; `tracked = false` reads detached tensors (teacher).
+    pub fn new(cfg: &TrainConfig, store: &ParamStore, tracked: bool) -> Result<Self> {
+        let get = |n: &str| -> Result<Tensor> {
+            let r = if tracked {
+                store.tensor(n)
+            } else {
+                store.detached(n)
+            };
+            r.map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
+        };
+        let m = &cfg.model;
+        let lin = |n: &str| -> Result<Linear> {
+            Ok(Linear {
+                weight: get(&format!("{n}.weight"))?,
+                bias: Some(get(&format!("{n}.bias"))?),
+            })
+        };
+        let ln = |n: &str| -> Result<LayerNorm> {
+            Ok(LayerNorm {
+                weight: get(&format!("{n}.weight"))?,
+                bias: get(&format!("{n}.bias"))?,
+                eps: m.ln_eps,
+            })
+        };
+        let blocks = (0..m.depth)
+            .map(|b| {
+                let n = format!("backbone.blocks.{b}");
+                Ok(Block {
+                    norm1: ln(&format!("{n}.norm1"))?,
+                    attn: Attention {
+                        qkv: lin(&format!("{n}.attn.qkv"))?,
+                        proj: lin(&format!("{n}.attn.proj"))?,
+                        heads: m.heads,
+                    },
+                    norm2: ln(&format!("{n}.norm2"))?,
+                    fc1: lin(&format!("{n}.mlp.fc1"))?,
+                    fc2: lin(&format!("{n}.mlp.fc2"))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let pos_embed = get("backbone.pos_embed")?;
+        let device = pos_embed.device().clone();
+        let dtype = pos_embed.dtype();
+        let pos_grid = cfg.pos_grid();
+        let mut resample = HashMap::new();
+        for g in [cfg.global_grid(), cfg.local_grid()] {
+            if g != pos_grid {
+                let mat = Tensor::from_vec(
+                    bicubic_matrix_2d(pos_grid, g),
+                    (g * g, pos_grid * pos_grid),
+                    &Device::Cpu,
+                )?;
+                resample.insert(g, mat.to_dtype(dtype)?.to_device(&device)?);
+            }
+        }
+        let depth = m.depth;
+        let drop_rates = (0..depth)
+            .map(|b| {
+                if depth > 1 {
+                    m.drop_path * b as f64 / (depth - 1) as f64
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        Ok(Self {
+            patch_w: get("backbone.patch_embed.proj.weight")?,
+            patch_b: get("backbone.patch_embed.proj.bias")?,
+            cls_token: get("backbone.cls_token")?,
+            reg_token: get("backbone.reg_token")?,
+            pos_embed,
+            blocks,
+            norm: ln("backbone.norm")?,
+            patch: cfg.augment.patch_size as usize,
+            pos_grid,
+            dim: m.dim,
+            n_prefix: if cfg.loss.dino_only { 1 } else { 2 },
+            resample,
+            drop_rates,
+        })
+    }
+
+    pub fn depth(&self) -> usize {
+        self.blocks.len()
+    }
+    /// Number of class tokens in front of the patch tokens.
+    pub fn n_prefix(&self) -> usize {
+        self.n_prefix
+    }
+
+    /// The position embedding for a `grid`×`grid` crop: `[1, n_prefix + grid², D]`.
+    fn pos_for(&self, grid: usize) -> Result<Tensor> {
+        let g0 = self.pos_grid;
+        let prefix = self.pos_embed.narrow(1, 0, self.n_prefix)?;
+        let patches = self.pos_embed.narrow(1, 2, g0 * g0)?;
+        let patches = if grid == g0 {
+            patches
+        } else {
+            let m = match self.resample.get(&grid) {
+                Some(m) => m.clone(),
+                None => {
+                    let mat = Tensor::from_vec(
+                        bicubic_matrix_2d(g0, grid),
+                        (grid * grid, g0 * g0),
+                        &Device::Cpu,
+                    )?;
+                    mat.to_dtype(self.pos_embed.dtype())?
+                        .to_device(self.pos_embed.device())?
+                }
+            };
+            m.matmul(&patches.squeeze(0)?)?.unsqueeze(0)?
+        };
+        Tensor::cat(&[prefix, patches], 1)
+    }
+
+    /// Patch tokens `[B, G², D]` of images `[B, 3, S, S]`.
+    fn patch_embed(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let p = self.patch;
+        let (gh, gw) = (h / p, w / p);
+        let cols = x
+            .reshape((b, c, gh, p, gw, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((b, gh * gw, c * p * p))?;
+        let w = self.patch_w.reshape((self.dim, c * p * p))?;
+        Linear {
+            weight: w,
+            bias: Some(self.patch_b.clone()),
+        }
+        .forward(&cols)
+    }
+
+    /// Last-block output `[B, n_prefix + G², D]` (before the final LayerNorm).
+    pub fn forward_tokens(&self, images: &Tensor, drop: Option<&DropMasks>) -> Result<Tensor> {
+        let (b, _, h, w) = images.dims4()?;
+        if h != w || h % self.patch != 0 {
+            candle_core::bail!("images must be square multiples of the patch size, got {h}x{w}");
+        }
+        let grid = h / self.patch;
+        let patches = self.patch_embed(images)?;
+        let mut toks = vec![self.cls_token.broadcast_as((b, 1, self.dim))?];
+        if self.n_prefix == 2 {
+            toks.push(self.reg_token.broadcast_as((b, 1, self.dim))?);
+        }
+        toks.push(patches);
+        let mut x = Tensor::cat(&toks, 1)?.broadcast_add(&self.pos_for(grid)?)?;
+        for (i, blk) in self.blocks.iter().enumerate() {
+            x = blk.forward(&x, drop.map(|d| &d[i]))?;
+        }
+        Ok(x)
+    }
+
+    /// Final-LN outputs of the class tokens `[B, n_prefix, D]` from last-block tokens.
+    pub fn class_outputs(&self, tokens: &Tensor) -> Result<Tensor> {
+        self.norm.forward(&tokens.narrow(1, 0, self.n_prefix)?)
+    }
+
+    /// The final-LN output of one class token, `[B, D]` (k-NN / linear-probe feature).
+    pub fn features(&self, images: &Tensor, token: ClassToken) -> Result<Tensor> {
+        let x = self.forward_tokens(images, None)?;
+        let idx = match token {
+            ClassToken::Cls => 0,
+            ClassToken::ClsPlus if self.n_prefix == 2 => 1,
+            ClassToken::ClsPlus => candle_core::bail!("dino_only model has no [cls+] token"),
+        };
+        self.norm.forward(&x.narrow(1, idx, 1)?)?.squeeze(1)
+    }
+}

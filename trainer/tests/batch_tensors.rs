@@ -1,0 +1,138 @@
+#![allow(clippy::needless_range_loop)]
+//! `TrainBatch::from_view` on batches written with the shared BatchWriter: normalisation, the
+//! dense S/T row tensors, validity masks, and errors on malformed rows.
+mod common;
+use candle_core::{DType, Device};
+use rand::SeedableRng;
+use shared::batch::{BatchLayout, BatchView, BatchWriter, OwnedBatch};
+use shared::geometry::{global_pair, local_pair};
+use trainer::data::{synthetic_sample, TrainBatch, MEAN, STD};
+
+#[test]
+fn rows_and_pixels_land_where_the_layout_says() {
+    let cfg = common::tiny_cfg();
+    let aug = &cfg.augment;
+    let b_sz = 3;
+    let layout = BatchLayout::new(aug, b_sz);
+    let mut buf = OwnedBatch::zeroed(&layout);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+    let samples: Vec<_> = (0..b_sz as u64)
+        .map(|i| synthetic_sample(aug, &mut rng, i))
+        .collect();
+    {
+        let mut w = BatchWriter::new(&layout, buf.bytes_mut(), 0, 0, aug);
+        for (b, s) in samples.iter().enumerate() {
+            w.write_sample(b, s);
+        }
+    }
+    let view = BatchView::new(&layout, buf.bytes()).unwrap();
+    let tb = TrainBatch::from_view_dtype(&view, aug, DType::F64, &Device::Cpu).unwrap();
+    let (b, l) = (b_sz as usize, aug.n_local as usize);
+    let (n_g, n_l) = (aug.global_samples() as usize, aug.local_samples() as usize);
+    let gg = aug.global_grid() as usize;
+    let ng2 = gg * gg;
+    let sg = aug.global_size as usize;
+    let rt = n_g + l * n_l;
+    assert_eq!(tb.globals.dims(), &[2 * b, 3, sg, sg]);
+    assert_eq!(tb.locals.as_ref().unwrap().dims()[0], l * b);
+    assert_eq!(tb.teacher_rows.dims(), &[2 * b, rt, ng2]);
+    let g = common::to_vec_f64(&tb.globals);
+    let s = common::to_vec_f64(&tb.student_rows);
+    let t = common::to_vec_f64(&tb.teacher_rows);
+    let vg = common::to_vec_f64(&tb.valid_g);
+    let vl = common::to_vec_f64(&tb.valid_l);
+    for (bi, smp) in samples.iter().enumerate() {
+        // Pixel (view 1, y 5, x 7, channel 2).
+        let px = smp.globals[sg * sg * 3 + (5 * sg + 7) * 3 + 2];
+        let want = ((px as f32 / 255.0 - MEAN[2]) / STD[2]) as f64;
+        assert_eq!(g[(((b + bi) * 3 + 2) * sg + 5) * sg + 7], want);
+        for p in 0..2 + 2 * l {
+            let nv = smp.n_valid[p] as usize;
+            let n = if p < 2 { n_g } else { n_l };
+            let off = if p < 2 {
+                p * n_g
+            } else {
+                2 * n_g + (p - 2) * n_l
+            };
+            for r in 0..n {
+                let row = &smp.rows[off + r];
+                let valid = r < nv;
+                // Dense T-row from the four corners.
+                let mut dense = vec![0.0f64; ng2];
+                if valid {
+                    for (c, w) in row.tgt.iter().zip(row.w) {
+                        dense[*c as usize] += w as f64;
+                    }
+                }
+                let (u, slot) = if p < 2 {
+                    (1 - p, r)
+                } else {
+                    ((p - 2) % 2, n_g + (p - 2) / 2 * n_l + r)
+                };
+                let at = ((u * b + bi) * rt + slot) * ng2;
+                for c in 0..ng2 {
+                    assert!(
+                        (t[at + c] - dense[c]).abs() < 1e-7,
+                        "sample {bi} pair {p} row {r}"
+                    );
+                }
+                if p == global_pair(0) || p == global_pair(1) {
+                    let at = ((p * b + bi) * n_g + r) * ng2;
+                    for c in 0..ng2 {
+                        let want = if valid && c == row.src as usize {
+                            1.0
+                        } else {
+                            0.0
+                        };
+                        assert_eq!(s[at + c], want);
+                    }
+                    assert_eq!(vg[(p * b + bi) * n_g + r], if valid { 1.0 } else { 0.0 });
+                } else {
+                    let (k, tv) = ((p - 2) / 2, (p - 2) % 2);
+                    assert_eq!(p, local_pair(k, tv));
+                    assert_eq!(
+                        vl[((tv * b + bi) * l + k) * n_l + r],
+                        if valid { 1.0 } else { 0.0 }
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn malformed_rows_are_refused_with_the_sample_and_pair() {
+    let cfg = common::tiny_cfg();
+    let aug = &cfg.augment;
+    let layout = BatchLayout::new(aug, 2);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    for bad in 0..2 {
+        let mut buf = OwnedBatch::zeroed(&layout);
+        {
+            let mut w = BatchWriter::new(&layout, buf.bytes_mut(), 0, 0, aug);
+            for b in 0..2 {
+                let mut s = synthetic_sample(aug, &mut rng, b as u64);
+                if b == 1 {
+                    if bad == 0 {
+                        s.n_valid[3] = 99;
+                    } else {
+                        s.n_valid[0] = 1;
+                        s.rows[0].src = 10_000;
+                    }
+                }
+                w.write_sample(b, &s);
+            }
+        }
+        let view = BatchView::new(&layout, buf.bytes()).unwrap();
+        let err = TrainBatch::from_view(&view, aug, &Device::Cpu)
+            .err()
+            .expect("must fail")
+            .to_string();
+        let want = if bad == 0 {
+            "sample 1 pair 3"
+        } else {
+            "sample 1 pair 0 row 0"
+        };
+        assert!(err.contains(want), "{err}");
+    }
+}
