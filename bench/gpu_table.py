@@ -40,11 +40,23 @@ def pick(obj, key):
     for k in ALIASES[key]:
         if isinstance(obj.get(k), (int, float)):
             return float(obj[k])
+    if key == "ms_per_step" and isinstance(obj.get("step_s"), (int, float)):
+        return 1000.0 * obj["step_s"]
     if key == "peak_mem_gib":
         for k, scale in (("peak_mem_bytes", 2**30), ("peak_mem_mib", 1024), ("peak_mem_mb", 1024)):
             if isinstance(obj.get(k), (int, float)):
                 return float(obj[k]) / scale
     return None
+
+
+def smi_peak_gib(path):
+    """Peak of nvidia-smi's memory.used samples (MiB) during a step, in GiB."""
+    try:
+        with open(path) as f:
+            vals = [float(v) for v in f.read().split() if v.replace(".", "", 1).isdigit()]
+    except OSError:
+        return None
+    return max(vals) / 1024 if vals else None
 
 
 def fmt(x, spec):
@@ -64,8 +76,8 @@ def main():
         pass
 
     out, summary = [], {"bench": [], "debug_step": []}
-    out.append("| run | batch | images/s | ms/step | peak GiB | status |")
-    out.append("|---|---:|---:|---:|---:|---|")
+    out.append("| run | batch | images/s | ms/step | peak GiB (own) | peak GiB (nvidia-smi) | status |")
+    out.append("|---|---:|---:|---:|---:|---:|---|")
     names = sorted(
         (n for n in steps if n.startswith(("trainer-b", "pytorch-"))),
         key=lambda n: (not n.startswith("trainer"), int(re.sub(r".*-b", "", n) or 0), n),
@@ -77,12 +89,14 @@ def main():
             "run": name.rsplit("-b", 1)[0],
             "batch": int(name.rsplit("-b", 1)[1]),
             **{k: pick(obj, k) for k in ALIASES},
+            "smi_peak_gib": smi_peak_gib(os.path.join(res, name + ".smi")),
             "status": "ok" if rc == "0" else f"failed (rc {rc}, {secs}s)",
         }
         summary["bench"].append({**row, "raw": obj})
         out.append(
             f"| {row['run']} | {row['batch']} | {fmt(row['images_per_s'], '.1f')} | "
-            f"{fmt(row['ms_per_step'], '.1f')} | {fmt(row['peak_mem_gib'], '.2f')} | {row['status']} |"
+            f"{fmt(row['ms_per_step'], '.1f')} | {fmt(row['peak_mem_gib'], '.2f')} | "
+            f"{fmt(row['smi_peak_gib'], '.2f')} | {row['status']} |"
         )
 
     out.append("")
@@ -96,6 +110,9 @@ def main():
                 for line in f:
                     if line.startswith(("PASS", "FAIL", "MISMATCHED")):
                         verdict = line.strip()
+            if verdict is None:
+                with open(path) as f:
+                    verdict = f.readline().strip()
         except OSError:
             failed = [n for n in steps if n.startswith(cmp_name) and steps[n][0] != "0"]
             verdict = "not compared" + (f": {', '.join(failed)} failed" if failed else "")

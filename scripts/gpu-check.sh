@@ -17,6 +17,7 @@
 #
 # Knobs (environment): BIN (.gpu/trainer), BATCHES ("64 128"), DEBUG_BATCH (4), DEADLINE (420),
 # STEP_TIMEOUT (150), COMPARE_RTOL (2e-2), COMPARE_ATOL (1e-3), PYTHON (python3), FAST (1),
+# BENCH_STEPS (10), BENCH_WARMUP (3),
 # SKIP_DEBUG / SKIP_BENCH / SKIP_TORCH (0).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -48,9 +49,17 @@ run() {
   fi
   [ "$limit" -gt "$left" ] && limit=$left
   log "$name (limit ${limit}s): $*"
-  local t0=$(date +%s) rc
+  local t0=$(date +%s) rc smi=""
+  case $name in  # device memory as nvidia-smi sees it (caching allocators included), every 200 ms
+    trainer-b*|pytorch-*)
+      if command -v nvidia-smi > /dev/null; then
+        nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$RES/$name.smi" 2>/dev/null &
+        smi=$!
+      fi ;;
+  esac
   timeout --kill-after=5 "$limit" "$@" > "$RES/$name.log" 2>&1
   rc=$?
+  [ -n "$smi" ] && kill "$smi" 2>/dev/null
   printf '%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" >> "$STEPS"
   [ "$rc" -ne 0 ] && { log "$name failed (rc $rc), last lines:"; tail -n 5 "$RES/$name.log"; }
   return $rc
@@ -86,16 +95,34 @@ fi
 # --- 0. candle itself on the GPU (independent of the model code) -----------------------------
 run device-smoke 90 .gpu/device-smoke cuda && tail -n 1 "$RES/device-smoke.log"
 
+# The trainer CLI's flags, read from its --help (the brief's names, or main's at the time of writing).
+has_flag() { "$BIN" "$1" --help 2>/dev/null | grep -q -- "$2"; }
+DEBUG_DEVICE=0; has_flag debug-step "--device" && DEBUG_DEVICE=1
+DEBUG_TENSORS=0; has_flag debug-step "--out-tensors" && DEBUG_TENSORS=1  # keep them out of $OUT
+BENCH_ARGS=(--device cuda --json)
+has_flag bench "--synthetic" && BENCH_ARGS+=(--synthetic)
+if has_flag bench "--batch-size"; then BATCH_FLAG=--batch-size; else BATCH_FLAG=--batch; fi
+has_flag bench "--steps" && BENCH_ARGS+=(--steps "${BENCH_STEPS:-10}")
+has_flag bench "--warmup" && BENCH_ARGS+=(--warmup "${BENCH_WARMUP:-3}")
+log "debug-step --device: $([ $DEBUG_DEVICE = 1 ] && echo yes || echo 'no (CPU only: no comparison possible)'); bench: $BATCH_FLAG ${BENCH_ARGS[*]}"
+
 # --- 1. CPU vs CUDA debug-step ---------------------------------------------------------------
 debug_compare() {  # NAME CONFIG
   local name=$1 cfg=$2 d="$WORK/$1"
   mkdir -p "$d"
   run "$name-init" 60 "$BIN" init-weights --config "$cfg" --out "$d/w.safetensors" || return
   run "$name-batch" 60 "$BIN" make-batch --config "$cfg" --synthetic --out "$d/b.safetensors" || return
+  local dev_cpu=() dev_cuda=()
+  [ "$DEBUG_DEVICE" = 1 ] && { dev_cpu=(--device cpu); dev_cuda=(--device cuda); }
+  [ "$DEBUG_TENSORS" = 1 ] && { dev_cpu+=(--out-tensors "$d/cpu.safetensors"); dev_cuda+=(--out-tensors "$d/cuda.safetensors"); }
   run "$name-cpu" "$STEP_TIMEOUT" "$BIN" debug-step --config "$cfg" --weights "$d/w.safetensors" \
-    --batch "$d/b.safetensors" --out "$RES/$name-cpu.json" --device cpu
+    --batch "$d/b.safetensors" --out "$RES/$name-cpu.json" "${dev_cpu[@]}"
+  if [ "$DEBUG_DEVICE" != 1 ]; then
+    echo "not compared: this trainer's debug-step has no --device flag" > "$RES/$name-compare.txt"
+    return
+  fi
   run "$name-cuda" "$STEP_TIMEOUT" "$BIN" debug-step --config "$cfg" --weights "$d/w.safetensors" \
-    --batch "$d/b.safetensors" --out "$RES/$name-cuda.json" --device cuda
+    --batch "$d/b.safetensors" --out "$RES/$name-cuda.json" "${dev_cuda[@]}"
   if [ -s "$RES/$name-cpu.json" ] && [ -s "$RES/$name-cuda.json" ]; then
     "$PY" bench/compare_debug_step.py "$RES/$name-cpu.json" "$RES/$name-cuda.json" \
       --rtol "${COMPARE_RTOL:-2e-2}" --atol "${COMPARE_ATOL:-1e-3}" > "$RES/$name-compare.txt" 2>&1
@@ -114,7 +141,7 @@ fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   for b in $BATCHES; do
     run "trainer-b$b" "$STEP_TIMEOUT" "$BIN" bench --config "$CONFIGS/udi_vit_s16_in1k.toml" \
-      --synthetic --batch "$b" --device cuda --json
+      "$BATCH_FLAG" "$b" "${BENCH_ARGS[@]}"
   done
 fi
 if [ "${SKIP_TORCH:-0}" != 1 ]; then
