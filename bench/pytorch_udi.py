@@ -477,9 +477,8 @@ def main():
     device = torch.device(args.device)
     if args.amp is None:
         args.amp = "none" if device.type == "cpu" else ("fp16" if args.mode == "official" else "bf16")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cuda" and args.mode == "fast":
+        torch.backends.cuda.matmul.allow_tf32 = True  # the official code leaves PyTorch's defaults
     torch.manual_seed(args.seed)
     cfg = Cfg(args.tiny, args.n_local)
     udi = UDIStep(cfg, args, device)
