@@ -141,7 +141,11 @@ fn write_trimmed_stubs(out_dir: &std::path::Path) -> PathBuf {
         ));
     }
     let path = out_dir.join("trimmed_stubs.cu");
-    std::fs::write(&path, src).expect("write trimmed_stubs.cu");
+    // Rewriting an unchanged file would make cargo rerun this script (and rebuild candle-core) on
+    // every build: cudaforge watches its sources.
+    if std::fs::read_to_string(&path).ok().as_deref() != Some(src.as_str()) {
+        std::fs::write(&path, src).expect("write trimmed_stubs.cu");
+    }
     path
 }
 
