@@ -64,8 +64,8 @@ pub fn open_source(
     }
     match shards {
         Some(dir) => {
-            let (s, id) = crate::source::open_dataset_source(dir, cfg)?;
-            Ok((Box::new(s), id))
+            let (src, id) = crate::source::open_dataset_source(dir, cfg)?;
+            Ok((Box::new(src), id))
         }
         None => bail!("give --shards DIR"),
     }

@@ -15,14 +15,7 @@ pub struct Head {
 
 impl Head {
     pub fn new(_cfg: &TrainConfig, store: &ParamStore, tracked: bool) -> Result<Self> {
-        let get = |n: &str| -> Result<Tensor> {
-            let r = if tracked {
-                store.tensor(n)
-            } else {
-                store.detached(n)
-            };
-            r.map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
-        };
+        let get = |n: &str| store.layer_tensor(n, tracked);
         let lin = |i: usize| -> Result<Linear> {
             Ok(Linear {
                 weight: get(&format!("head.mlp.{i}.weight"))?,

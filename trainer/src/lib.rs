@@ -7,10 +7,12 @@
 //! * [`data`]: shared BATCH LAYOUT → [`data::TrainBatch`] device tensors.
 //! * [`loss`], [`schedule`], [`optim`], [`step`]: one training iteration ([`step::Trainer`]).
 //! * [`debug`]: `init-weights`, `make-batch`, `debug-step`, `bench` behind the CLI.
+//! * [`device`]: `--device auto|cpu|cuda` → a candle `Device`, with CPU fallback (README "GPU").
 
 pub mod config;
 pub mod data;
 pub mod debug;
+pub mod device;
 pub mod head;
 pub mod loss;
 pub mod model;

@@ -290,6 +290,13 @@ impl ParamStore {
         Ok(self.get(name)?.var.as_detached_tensor())
     }
 
+    /// The tensor a layer is built from: tracked (student, gradients flow) or detached (teacher),
+    /// with the error converted for candle's `Result`.
+    pub fn layer_tensor(&self, name: &str, tracked: bool) -> candle_core::Result<Tensor> {
+        let r = if tracked { self.tensor(name) } else { self.detached(name) };
+        r.map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
+    }
+
     /// `(name, tensor)` for every parameter, in store order (tensors share storage: copy
     /// before keeping them across an optimiser step).
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {

@@ -21,14 +21,7 @@ pub struct Srs {
 
 impl Srs {
     pub fn new(cfg: &TrainConfig, store: &ParamStore, tracked: bool) -> Result<Self> {
-        let get = |n: &str| -> Result<Tensor> {
-            let r = if tracked {
-                store.tensor(n)
-            } else {
-                store.detached(n)
-            };
-            r.map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
-        };
+        let get = |n: &str| store.layer_tensor(n, tracked);
         let eps = cfg.model.ln_eps;
         Ok(Self {
             norm1: LayerNorm {

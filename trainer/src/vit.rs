@@ -130,14 +130,7 @@ pub struct Vit {
 impl Vit {
     /// Builds the backbone over `store`; `tracked = false` reads detached tensors (teacher).
     pub fn new(cfg: &TrainConfig, store: &ParamStore, tracked: bool) -> Result<Self> {
-        let get = |n: &str| -> Result<Tensor> {
-            let r = if tracked {
-                store.tensor(n)
-            } else {
-                store.detached(n)
-            };
-            r.map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
-        };
+        let get = |n: &str| store.layer_tensor(n, tracked);
         let m = &cfg.model;
         let lin = |n: &str| -> Result<Linear> {
             Ok(Linear {

@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""Summarise a scripts/gpu-check.sh results folder as one markdown table (+ summary.json).
+
+Reads steps.tsv (step, rc, seconds), the *-compare.txt verdicts, and the last JSON object printed
+in each trainer-b*.log / pytorch-*.log. The trainer's `bench --json` is expected to use the same
+keys as bench/pytorch_udi.py (images_per_s, ms_per_step, peak_mem_gib); a few aliases are accepted.
+
+  python3 bench/gpu_table.py gpu-results/
+"""
+
+import json
+import os
+import re
+import sys
+
+ALIASES = {
+    "images_per_s": ("images_per_s", "img_per_s", "images_per_sec", "imgs_per_s", "throughput"),
+    "ms_per_step": ("ms_per_step", "step_ms", "ms_step", "mean_ms"),
+    "peak_mem_gib": ("peak_mem_gib", "peak_memory_gib", "peak_gib", "peak_mem_gb"),
+}
+
+
+def last_json(path):
+    try:
+        with open(path, errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        line = line.strip()
+        if line.startswith("{") and line.endswith("}"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue
+    return None
+
+
+def pick(obj, key):
+    for k in ALIASES[key]:
+        if isinstance(obj.get(k), (int, float)):
+            return float(obj[k])
+    if key == "ms_per_step" and isinstance(obj.get("step_s"), (int, float)):
+        return 1000.0 * obj["step_s"]
+    if key == "peak_mem_gib":
+        for k, scale in (("peak_mem_bytes", 2**30), ("peak_mem_mib", 1024), ("peak_mem_mb", 1024)):
+            if isinstance(obj.get(k), (int, float)):
+                return float(obj[k]) / scale
+    return None
+
+
+def smi_peak_gib(path):
+    """Peak of nvidia-smi's memory.used samples (MiB) during a step, in GiB."""
+    try:
+        with open(path) as f:
+            vals = [float(v) for v in f.read().split() if v.replace(".", "", 1).isdigit()]
+    except OSError:
+        return None
+    return max(vals) / 1024 if vals else None
+
+
+def fmt(x, spec):
+    return "—" if x is None else format(x, spec)
+
+
+def main():
+    res = sys.argv[1] if len(sys.argv) > 1 else "gpu-results"
+    steps = {}
+    try:
+        with open(os.path.join(res, "steps.tsv")) as f:
+            next(f)
+            for line in f:
+                name, rc, secs = line.rstrip("\n").split("\t")
+                steps[name] = (rc, secs)
+    except (OSError, StopIteration, ValueError):
+        pass
+
+    out, summary = [], {"bench": [], "debug_step": []}
+    out.append("| run | batch | images/s | ms/step | peak GiB (own) | peak GiB (nvidia-smi) | status |")
+    out.append("|---|---:|---:|---:|---:|---:|---|")
+    names = sorted(
+        (n for n in steps if n.startswith(("trainer-b", "pytorch-"))),
+        key=lambda n: (not n.startswith("trainer"), int(re.sub(r".*-b", "", n) or 0), n),
+    )
+    for name in names:
+        rc, secs = steps[name]
+        obj = last_json(os.path.join(res, name + ".log")) or {}
+        row = {
+            "run": name.rsplit("-b", 1)[0],
+            "batch": int(name.rsplit("-b", 1)[1]),
+            **{k: pick(obj, k) for k in ALIASES},
+            "smi_peak_gib": smi_peak_gib(os.path.join(res, name + ".smi")),
+            "status": "ok" if rc == "0" else f"failed (rc {rc}, {secs}s)",
+        }
+        summary["bench"].append({**row, "raw": obj})
+        out.append(
+            f"| {row['run']} | {row['batch']} | {fmt(row['images_per_s'], '.1f')} | "
+            f"{fmt(row['ms_per_step'], '.1f')} | {fmt(row['peak_mem_gib'], '.2f')} | "
+            f"{fmt(row['smi_peak_gib'], '.2f')} | {row['status']} |"
+        )
+
+    out.append("")
+    out.append("| CPU vs CUDA debug-step | verdict |")
+    out.append("|---|---|")
+    for cmp_name in ("debug-tiny", "debug-vits"):
+        path = os.path.join(res, cmp_name + "-compare.txt")
+        verdict = None
+        try:
+            with open(path) as f:
+                for line in f:
+                    if line.startswith(("PASS", "FAIL", "MISMATCHED")):
+                        verdict = line.strip()
+            if verdict is None:
+                with open(path) as f:
+                    verdict = f.readline().strip()
+        except OSError:
+            failed = [n for n in steps if n.startswith(cmp_name) and steps[n][0] != "0"]
+            verdict = "not compared" + (f": {', '.join(failed)} failed" if failed else "")
+        summary["debug_step"].append({"config": cmp_name, "verdict": verdict})
+        out.append(f"| {cmp_name} | {verdict} |")
+
+    smoke = last_json(os.path.join(res, "device-smoke.log"))
+    summary["device_smoke"] = smoke
+    out.append("")
+    if smoke:
+        mm = smoke.get("matmul_4096_tflops") or {}
+        out.append(
+            f"device-smoke on {smoke.get('device')}: {'ok' if smoke.get('ok') else 'MISMATCH'} "
+            f"(loss rel.diff {smoke.get('loss_rel_diff'):.2e}, grads {smoke.get('grad_rel_diff')}); "
+            f"4096² matmul bf16 {fmt(mm.get('bf16'), '.0f')} / f32 {fmt(mm.get('f32'), '.0f')} TFLOP/s"
+        )
+    else:
+        out.append(f"device-smoke: no result (step status {steps.get('device-smoke', ('not run',))[0]})")
+    print("\n".join(out))
+    with open(os.path.join(res, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

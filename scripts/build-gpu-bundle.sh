@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Builds the CUDA trainer on this (GPU-less) machine and puts what scripts/gpu-check.sh reads into
+# .gpu/ (git-ignored, at most 64 MiB: the device tool's carry limit):
+#   .gpu/trainer      release binary, `--features cuda`, debug info stripped; it dlopens the CUDA
+#                     driver/cuBLAS/cuRAND at run time and links cudart statically
+#   .gpu/device-smoke trainer/examples/device_smoke.rs: candle itself on the GPU vs the CPU
+#   .gpu/configs/     the configs the check uses
+#   .gpu/BUILD-INFO   commit, toolchain, size, sha256
+# Then, with the device tool: run(command="bash scripts/gpu-check.sh", carry=[".gpu"], timeout_s=540)
+#
+# Cold: ~12 min on 2 cores (candle-kernels' PTX is ~2 of them); warm (target/cuda kept): ~1 min.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup-deps.sh
+bash scripts/cuda-toolchain.sh
+# shellcheck disable=SC1090
+source <(bash scripts/cuda-toolchain.sh --env)
+unset CANDLE_KERNELS_CHECK_ONLY   # that mode cannot link (vendor/README.md)
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target/cuda}"
+t0=$(date +%s)
+cargo build --release --locked --features cuda -p trainer --bins --example device_smoke
+echo "cuda release build: $(( $(date +%s) - t0 ))s" >&2
+
+rm -rf .gpu
+mkdir -p .gpu/configs
+cp configs/*.toml .gpu/configs/
+objcopy --strip-debug "$CARGO_TARGET_DIR/release/examples/device_smoke" .gpu/device-smoke
+if [ -x "$CARGO_TARGET_DIR/release/trainer" ]; then
+  objcopy --strip-debug "$CARGO_TARGET_DIR/release/trainer" .gpu/trainer
+else
+  echo "warning: the trainer crate has no \`trainer\` binary yet; bundling device-smoke only" >&2
+fi
+for b in .gpu/trainer .gpu/device-smoke; do
+  [ -e "$b" ] || continue
+  # Must not need the CUDA runtime or libraries at load time (they are dlopened on first use).
+  if objdump -p "$b" | grep -E 'NEEDED +lib(cudart|cuda|cublas|cublasLt|curand|nvrtc)\.' >&2; then
+    echo "error: $b links a CUDA library at load time (see above); see vendor/README.md" >&2
+    exit 1
+  fi
+done
+# Both start on this GPU-less machine: the CPU fallback, and a clear error for `--device cuda`.
+.gpu/device-smoke cpu > /dev/null
+if .gpu/device-smoke cuda > /dev/null 2> .gpu/no-gpu.txt; then
+  echo "note: this machine has a usable GPU" >&2
+else
+  grep -q -- "--device cuda:" .gpu/no-gpu.txt || { cat .gpu/no-gpu.txt >&2; exit 1; }
+fi
+rm -f .gpu/no-gpu.txt
+[ -e .gpu/trainer ] && .gpu/trainer --help > /dev/null
+
+size=$(du -cb .gpu | tail -n 1 | cut -f1)
+{
+  echo "commit: $(git rev-parse HEAD)$(git diff --quiet HEAD -- . ':!.gpu' || echo ' (+ uncommitted changes)')"
+  echo "built: $(date -u +%FT%TZ) on $(hostname)"
+  echo "rustc: $(rustc --version)"
+  echo "nvcc: $("$NVCC" --version | tail -n 1)"
+  echo "CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP CUDARC_CUDA_VERSION=$CUDARC_CUDA_VERSION"
+  for b in .gpu/trainer .gpu/device-smoke; do
+    [ -e "$b" ] || continue
+    echo "$b: $(stat -c %s "$b") bytes, sha256 $(sha256sum "$b" | cut -d' ' -f1)"
+    echo "  needs: $(objdump -p "$b" | awk '/NEEDED/{print $2}' | paste -sd' ')"
+  done
+} > .gpu/BUILD-INFO
+cat .gpu/BUILD-INFO
+limit=$(( 64 * 1024 * 1024 ))
+if [ "$size" -gt "$limit" ]; then
+  echo "error: .gpu is $size bytes, over the 64 MiB the device tool carries" >&2
+  exit 1
+fi
+echo ".gpu: $(( size / 1024 / 1024 )) MiB; next: bash scripts/gpu-check.sh on the GPU machine (carry .gpu)" >&2

@@ -1,0 +1,187 @@
+//! Choosing where tensors live: `--device auto|cpu|cuda`.
+//!
+//! A `--features cuda` binary loads the CUDA libraries at run time (cudarc's dynamic loading, see
+//! vendor/README.md), so the same binary starts on a machine without a GPU. `pick` therefore
+//! checks that the driver and the libraries candle calls can be opened *before* creating the CUDA
+//! device: cudarc panics on first use of a library it cannot load, and we want an error that says
+//! what is missing instead.
+
+use std::fmt;
+use std::str::FromStr;
+
+use candle_core::Device;
+
+/// The `--device` flag.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceFlag {
+    /// CUDA GPU 0 when this binary has CUDA support and a GPU is usable, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    /// CUDA GPU 0; an error if there is none.
+    Cuda,
+}
+
+impl FromStr for DeviceFlag {
+    type Err = DeviceError;
+    fn from_str(s: &str) -> Result<Self, DeviceError> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" | "gpu" => Ok(Self::Cuda),
+            _ => Err(DeviceError::UnknownFlag(s.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for DeviceFlag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Cpu => "cpu",
+            Self::Cuda => "cuda",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("unknown device {0:?}: expected auto, cpu or cuda")]
+    UnknownFlag(String),
+    #[error(
+        "--device cuda: this trainer binary was built without CUDA support; rebuild it with \
+         `cargo build --release --features cuda -p trainer` (README, section GPU)"
+    )]
+    NotCompiled,
+    #[error(
+        "--device cuda: cannot load {missing} (the NVIDIA driver and CUDA 13 libraries); \
+         on a GPU machine put the directory holding them on LD_LIBRARY_PATH \
+         (e.g. /usr/local/cuda/lib64 or PyTorch's site-packages/nvidia/cu13/lib)"
+    )]
+    LibrariesMissing { missing: String },
+    #[error("--device cuda: no usable CUDA GPU 0: {0}")]
+    NoGpu(String),
+}
+
+/// True when this binary was compiled with the `cuda` feature.
+pub const CUDA_COMPILED: bool = cfg!(feature = "cuda");
+
+/// The device for `flag`. `Auto` falls back to the CPU (with a log line saying why); `Cuda`
+/// fails with a message naming what is missing.
+pub fn pick(flag: DeviceFlag) -> Result<Device, DeviceError> {
+    match flag {
+        DeviceFlag::Cpu => Ok(Device::Cpu),
+        DeviceFlag::Cuda => cuda0(),
+        DeviceFlag::Auto => match cuda0() {
+            Ok(dev) => Ok(dev),
+            Err(why) => {
+                if CUDA_COMPILED {
+                    tracing::info!("using the CPU: {why}");
+                }
+                Ok(Device::Cpu)
+            }
+        },
+    }
+}
+
+/// Short name for logs and JSON reports: "cpu" or "cuda:0".
+pub fn name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".to_string(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda0() -> Result<Device, DeviceError> {
+    Err(DeviceError::NotCompiled)
+}
+
+#[cfg(feature = "cuda")]
+fn cuda0() -> Result<Device, DeviceError> {
+    use candle_core::cuda::cudarc;
+    // The libraries candle's CUDA backend opens when the device is created or on the first
+    // matmul/random op. nvrtc is only needed for user-compiled kernels, so it is not required.
+    // SAFETY: these only try dlopen on the candidate names and drop the handle.
+    let checks: [(&str, bool); 4] = unsafe {
+        [
+            ("libcuda (driver)", cudarc::driver::sys::is_culib_present()),
+            ("libcublas", cudarc::cublas::sys::is_culib_present()),
+            ("libcublasLt", cudarc::cublaslt::sys::is_culib_present()),
+            ("libcurand", cudarc::curand::sys::is_culib_present()),
+        ]
+    };
+    let missing: Vec<&str> = checks
+        .iter()
+        .filter(|(_, ok)| !ok)
+        .map(|(lib, _)| *lib)
+        .collect();
+    if !missing.is_empty() {
+        return Err(DeviceError::LibrariesMissing {
+            missing: missing.join(", "),
+        });
+    }
+    Device::new_cuda(0).map_err(|e| DeviceError::NoGpu(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_parses_and_prints() {
+        for (s, f) in [
+            ("auto", DeviceFlag::Auto),
+            ("cpu", DeviceFlag::Cpu),
+            ("cuda", DeviceFlag::Cuda),
+            ("CUDA", DeviceFlag::Cuda),
+            ("gpu", DeviceFlag::Cuda),
+        ] {
+            assert_eq!(s.parse::<DeviceFlag>().unwrap(), f);
+        }
+        for f in [DeviceFlag::Auto, DeviceFlag::Cpu, DeviceFlag::Cuda] {
+            assert_eq!(f.to_string().parse::<DeviceFlag>().unwrap(), f);
+        }
+        let err = "tpu".parse::<DeviceFlag>().unwrap_err().to_string();
+        assert!(err.contains("tpu") && err.contains("cuda"), "{err}");
+    }
+
+    #[test]
+    fn cpu_is_always_cpu() {
+        let dev = pick(DeviceFlag::Cpu).unwrap();
+        assert!(dev.is_cpu());
+        assert_eq!(name(&dev), "cpu");
+    }
+
+    /// On a machine without a usable GPU (CI, the dev machines), `auto` must fall back to the CPU
+    /// and `cuda` must fail with a message that says what to do; with a GPU, both give cuda:0.
+    #[test]
+    fn auto_falls_back_and_cuda_explains() {
+        let auto = pick(DeviceFlag::Auto).unwrap();
+        match pick(DeviceFlag::Cuda) {
+            Ok(dev) => {
+                assert!(dev.is_cuda());
+                assert!(auto.is_cuda());
+                assert_eq!(name(&dev), "cuda:0");
+            }
+            Err(e) => {
+                assert!(auto.is_cpu());
+                let msg = e.to_string();
+                assert!(msg.starts_with("--device cuda:"), "{msg}");
+                match e {
+                    DeviceError::NotCompiled => {
+                        assert!(!CUDA_COMPILED);
+                        assert!(msg.contains("--features cuda"), "{msg}");
+                    }
+                    DeviceError::LibrariesMissing { .. } => {
+                        assert!(CUDA_COMPILED);
+                        assert!(msg.contains("LD_LIBRARY_PATH"), "{msg}");
+                    }
+                    DeviceError::NoGpu(_) => assert!(CUDA_COMPILED),
+                    DeviceError::UnknownFlag(_) => panic!("unexpected {msg}"),
+                }
+            }
+        }
+    }
+}
