@@ -32,8 +32,8 @@ fn save(tensors: Vec<(String, Tensor)>, path: &Path) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
-fn load(path: &Path) -> Result<HashMap<String, Tensor>> {
-    candle_core::safetensors::load(path, &Device::Cpu)
+fn load(path: &Path, dev: &Device) -> Result<HashMap<String, Tensor>> {
+    candle_core::safetensors::load(path, dev)
         .with_context(|| format!("reading safetensors {}", path.display()))
 }
 
@@ -104,15 +104,16 @@ pub fn debug_step(
     out_json: &Path,
     out_tensors: &Path,
     iters_per_epoch: u64,
+    dev: &Device,
 ) -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = dev.clone();
     let mut tr = Trainer::new(cfg, iters_per_epoch, &dev)?;
     tr.drop_path = false;
-    let w = load(weights)?;
+    let w = load(weights, &dev)?;
     let wname = weights.display().to_string();
     tr.load_weights(&w, &wname)?;
     tr.optim.load_from(&w, &tr.student, &wname)?;
-    let b = load(batch)?;
+    let b = load(batch, &dev)?;
     let bname = batch.display().to_string();
     let tb: TrainBatch = batch_from_file_tensors(&b, &cfg.augment, DType::F32, &dev, &bname)?;
     let c = |k: &str| -> Result<Tensor> {

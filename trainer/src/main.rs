@@ -1,7 +1,6 @@
 //! `trainer` CLI: thin wrappers over the library (see `trainer::debug`).
 
 use anyhow::Result;
-use candle_core::Device;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use trainer::config::TrainConfig;
@@ -63,14 +62,17 @@ enum Cmd {
         /// Iterations per epoch for the lr/wd/momentum schedules (ImageNet at 1024: 1251).
         #[arg(long, default_value_t = 1251)]
         iters_per_epoch: u64,
+        /// auto, cpu or cuda (needs the `cuda` feature).
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: trainer::device::DeviceFlag,
     },
     /// Time training steps on a synthetic batch.
     Bench {
         #[arg(long)]
         config: PathBuf,
-        /// cpu or cuda (needs the `cuda` feature).
-        #[arg(long, default_value = "cpu")]
-        device: String,
+        /// auto, cpu or cuda (needs the `cuda` feature).
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: trainer::device::DeviceFlag,
         #[arg(long)]
         batch_size: Option<u32>,
         #[arg(long, default_value_t = 1)]
@@ -110,10 +112,12 @@ fn main() -> Result<()> {
             out,
             out_tensors,
             iters_per_epoch,
+            device,
         } => {
             let cfg = TrainConfig::from_toml_file(&config)?;
             let ot = out_tensors.unwrap_or_else(|| out.with_extension("safetensors"));
-            trainer::debug::debug_step(&cfg, &weights, &batch, &out, &ot, iters_per_epoch)
+            let dev = trainer::device::pick(device)?;
+            trainer::debug::debug_step(&cfg, &weights, &batch, &out, &ot, iters_per_epoch, &dev)
         }
         Cmd::Bench {
             config,
@@ -124,11 +128,7 @@ fn main() -> Result<()> {
             json,
         } => {
             let cfg = TrainConfig::from_toml_file(&config)?;
-            let dev = match device.as_str() {
-                "cpu" => Device::Cpu,
-                "cuda" => Device::new_cuda(0)?,
-                other => anyhow::bail!("unknown device {other} (cpu or cuda)"),
-            };
+            let dev = trainer::device::pick(device)?;
             let b = batch_size.unwrap_or(cfg.data.batch_size);
             let r = trainer::debug::bench(&cfg, &dev, b, warmup, steps)?;
             if json {
