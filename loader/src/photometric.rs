@@ -131,12 +131,12 @@ pub fn brightness(img: &mut [u8], factor: f32) {
 
 /// `ImageEnhance.Contrast`: blend with the uniform image at `int(mean(L) + 0.5)`.
 pub fn contrast(img: &mut [u8], factor: f32) {
-    let mut hist = [0u64; 256];
-    for px in img.chunks_exact(3) {
-        hist[luma(px[0], px[1], px[2]) as usize] += 1;
-    }
-    let n: u64 = hist.iter().sum();
-    let sum: u64 = hist.iter().enumerate().map(|(i, c)| i as u64 * c).sum();
+    // Σ luma directly (the same integer as Σ i·hist[i]); u32 per pixel is exact.
+    let n = (img.len() / 3) as u64;
+    let sum: u64 = img
+        .chunks_exact(3)
+        .map(|px| luma(px[0], px[1], px[2]) as u64)
+        .sum();
     let mean = (sum as f64 / n.max(1) as f64 + 0.5) as u8;
     let lut: [u8; 256] = std::array::from_fn(|v| blend(mean, v as u8, factor));
     apply_lut(img, &lut);
@@ -144,9 +144,31 @@ pub fn contrast(img: &mut [u8], factor: f32) {
 
 /// `ImageEnhance.Color`: blend with the luma image converted back to RGB.
 pub fn saturation(img: &mut [u8], factor: f32) {
-    for px in img.chunks_exact_mut(3) {
-        let l = luma(px[0], px[1], px[2]);
-        for v in px.iter_mut() {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked above).
+        unsafe { saturation_avx2(img, factor) };
+        return;
+    }
+    saturation_blocks(img, factor);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn saturation_avx2(img: &mut [u8], factor: f32) {
+    saturation_blocks(img, factor)
+}
+
+/// Lumas of a block first, then the per-byte blend over a flat array (vectorises).
+#[inline(always)]
+fn saturation_blocks(img: &mut [u8], factor: f32) {
+    const B: usize = 64;
+    let mut l3 = [0u8; 3 * B];
+    for chunk in img.chunks_mut(3 * B) {
+        for (px, l) in chunk.chunks_exact(3).zip(l3.chunks_exact_mut(3)) {
+            l.fill(luma(px[0], px[1], px[2]));
+        }
+        for (v, &l) in chunk.iter_mut().zip(&l3) {
             *v = blend(l, *v, factor);
         }
     }
@@ -257,7 +279,11 @@ fn hsv_tables() -> &'static HsvTables {
 /// Branch-free: natural images make the max/min channel unpredictable.
 #[inline]
 pub fn rgb_to_hsv_fast(r: u8, g: u8, b: u8) -> (u8, u8, u8) {
-    let t = hsv_tables();
+    rgb_to_hsv_tab(hsv_tables(), r, g, b)
+}
+
+#[inline(always)]
+fn rgb_to_hsv_tab(t: &HsvTables, r: u8, g: u8, b: u8) -> (u8, u8, u8) {
     let mx = r.max(g).max(b);
     let mn = r.min(g).min(b);
     let cr = (mx - mn) as usize;
@@ -276,6 +302,16 @@ pub fn rgb_to_hsv_fast(r: u8, g: u8, b: u8) -> (u8, u8, u8) {
         mx,
     )
 }
+
+/// Indices into `[v, t, p, q]` per `hsv2rgb` sector, as in Pillow's switch.
+const HSV_PICK: [[u8; 3]; 6] = [
+    [0, 1, 2],
+    [3, 0, 2],
+    [2, 0, 1],
+    [2, 3, 0],
+    [1, 2, 0],
+    [0, 2, 3],
+];
 
 /// Per-`h` and per-`s` values of Pillow's `hsv2rgb` (`i = floor(6h/255) % 6`, `f`, `fs`), so
 /// the per-pixel work has no division and no branch.
@@ -310,15 +346,6 @@ fn rgb_tables() -> &'static RgbTables {
 /// Pillow's gray shortcut needs no branch either.
 #[inline]
 pub fn hsv_to_rgb_fast(h: u8, s: u8, v: u8) -> (u8, u8, u8) {
-    // Indices into [v, t, p, q] per sector, as in Pillow's switch.
-    const PICK: [[u8; 3]; 6] = [
-        [0, 1, 2],
-        [3, 0, 2],
-        [2, 0, 1],
-        [2, 3, 0],
-        [1, 2, 0],
-        [0, 2, 3],
-    ];
     let tb = rgb_tables();
     let f = tb.f[h as usize];
     let fs = tb.fs[s as usize];
@@ -327,7 +354,7 @@ pub fn hsv_to_rgb_fast(h: u8, s: u8, v: u8) -> (u8, u8, u8) {
     let q = c_round(vf * (1.0 - (fs * f) as f64)).clamp(0, 255) as u8;
     let t = c_round(vf * (1.0 - fs as f64 * (1.0 - f as f64))).clamp(0, 255) as u8;
     let vals = [v, t, p, q];
-    let k = &PICK[tb.sector[h as usize] as usize];
+    let k = &HSV_PICK[tb.sector[h as usize] as usize];
     (
         vals[k[0] as usize & 3],
         vals[k[1] as usize & 3],
@@ -340,12 +367,59 @@ pub fn hue(img: &mut [u8], factor: f32) {
     // numpy's float → uint8 cast truncates toward zero then wraps.
     let shift = ((factor as f64 * 255.0) as i32) as u8;
     // Even with shift 0 PIL round-trips through HSV, which is not the identity: always do it.
-    for px in img.chunks_exact_mut(3) {
-        let (h, s, v) = rgb_to_hsv_fast(px[0], px[1], px[2]);
-        let (r, g, b) = hsv_to_rgb_fast(h.wrapping_add(shift), s, v);
-        px[0] = r;
-        px[1] = g;
-        px[2] = b;
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked above).
+        unsafe { hue_avx2(img, shift) };
+        return;
+    }
+    hue_blocks(img, shift);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn hue_avx2(img: &mut [u8], shift: u8) {
+    hue_blocks(img, shift)
+}
+
+/// The hue round trip in blocks of pixels: table gathers (scalar) are split from the
+/// `p`/`q`/`t` float math, which then vectorises. Same expressions as [`hsv_to_rgb_fast`], so the
+/// same bytes (IEEE f32/f64 ops, no contraction).
+#[inline(always)]
+fn hue_blocks(img: &mut [u8], shift: u8) {
+    const B: usize = 64;
+    let ht = hsv_tables();
+    let rt = rgb_tables();
+    let mut sec = [0u8; B];
+    let mut vv = [0f64; B];
+    let mut ff = [0f32; B];
+    let mut fss = [0f32; B];
+    let mut pqt = [[0u8; 4]; B];
+    for chunk in img.chunks_mut(3 * B) {
+        let n = chunk.len() / 3;
+        for (j, px) in chunk.chunks_exact(3).enumerate() {
+            let (h, s, v) = rgb_to_hsv_tab(ht, px[0], px[1], px[2]);
+            let h = h.wrapping_add(shift);
+            sec[j] = rt.sector[h as usize];
+            ff[j] = rt.f[h as usize];
+            fss[j] = rt.fs[s as usize];
+            vv[j] = v as f64;
+        }
+        for j in 0..B {
+            let (f, fs, vf) = (ff[j], fss[j], vv[j]);
+            // All three factors lie in [0, 1], so the products are in [0, v]: no clamp needed.
+            let p = c_round(vf * (1.0 - fs as f64)) as u8;
+            let q = c_round(vf * (1.0 - (fs * f) as f64)) as u8;
+            let t = c_round(vf * (1.0 - fs as f64 * (1.0 - f as f64))) as u8;
+            pqt[j] = [vf as u8, t, p, q];
+        }
+        for (j, px) in chunk.chunks_exact_mut(3).enumerate().take(n) {
+            let k = &HSV_PICK[sec[j] as usize];
+            let vals = pqt[j];
+            px[0] = vals[k[0] as usize & 3];
+            px[1] = vals[k[1] as usize & 3];
+            px[2] = vals[k[2] as usize & 3];
+        }
     }
 }
 
@@ -360,9 +434,7 @@ pub fn grayscale(img: &mut [u8]) {
 /// DINO's `Solarization` = `ImageOps.solarize(img, 128)`.
 pub fn solarize(img: &mut [u8]) {
     for v in img.iter_mut() {
-        if *v >= 128 {
-            *v = 255 - *v;
-        }
+        *v = if *v >= 128 { 255 - *v } else { *v };
     }
 }
 
