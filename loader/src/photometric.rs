@@ -113,8 +113,12 @@ pub fn luma(r: u8, g: u8, b: u8) -> u8 {
 #[inline]
 pub fn blend(in1: u8, in2: u8, alpha: f32) -> u8 {
     let t = in1 as i32 as f32 + alpha * ((in2 as i32 - in1 as i32) as f32);
-    // Same as Pillow's `<= 0 → 0, >= 255 → 255, else truncate`, without branches.
-    t.clamp(0.0, 255.0) as u8
+    // Same as Pillow's `<= 0 → 0, >= 255 → 255, else truncate`, without branches. `max`/`min`
+    // also map NaN to 0, so the value is always in [0, 255]; the unchecked truncation
+    // vectorises (`cvttps2dq`) where the saturating `as u8` does not.
+    let c = t.max(0.0).min(255.0);
+    // SAFETY: `c` is finite and in [0, 255].
+    unsafe { c.to_int_unchecked::<i32>() as u8 }
 }
 
 fn apply_lut(img: &mut [u8], lut: &[u8; 256]) {
@@ -131,12 +135,12 @@ pub fn brightness(img: &mut [u8], factor: f32) {
 
 /// `ImageEnhance.Contrast`: blend with the uniform image at `int(mean(L) + 0.5)`.
 pub fn contrast(img: &mut [u8], factor: f32) {
-    let mut hist = [0u64; 256];
-    for px in img.chunks_exact(3) {
-        hist[luma(px[0], px[1], px[2]) as usize] += 1;
-    }
-    let n: u64 = hist.iter().sum();
-    let sum: u64 = hist.iter().enumerate().map(|(i, c)| i as u64 * c).sum();
+    // Σ luma directly (the same integer as Σ i·hist[i]); u32 per pixel is exact.
+    let n = (img.len() / 3) as u64;
+    let sum: u64 = img
+        .chunks_exact(3)
+        .map(|px| luma(px[0], px[1], px[2]) as u64)
+        .sum();
     let mean = (sum as f64 / n.max(1) as f64 + 0.5) as u8;
     let lut: [u8; 256] = std::array::from_fn(|v| blend(mean, v as u8, factor));
     apply_lut(img, &lut);
@@ -144,9 +148,31 @@ pub fn contrast(img: &mut [u8], factor: f32) {
 
 /// `ImageEnhance.Color`: blend with the luma image converted back to RGB.
 pub fn saturation(img: &mut [u8], factor: f32) {
-    for px in img.chunks_exact_mut(3) {
-        let l = luma(px[0], px[1], px[2]);
-        for v in px.iter_mut() {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked above).
+        unsafe { saturation_avx2(img, factor) };
+        return;
+    }
+    saturation_blocks(img, factor);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn saturation_avx2(img: &mut [u8], factor: f32) {
+    saturation_blocks(img, factor)
+}
+
+/// Lumas of a block first, then the per-byte blend over a flat array (vectorises).
+#[inline(always)]
+fn saturation_blocks(img: &mut [u8], factor: f32) {
+    const B: usize = 64;
+    let mut l3 = [0u8; 3 * B];
+    for chunk in img.chunks_mut(3 * B) {
+        for (px, l) in chunk.chunks_exact(3).zip(l3.chunks_exact_mut(3)) {
+            l.fill(luma(px[0], px[1], px[2]));
+        }
+        for (v, &l) in chunk.iter_mut().zip(&l3) {
             *v = blend(l, *v, factor);
         }
     }
@@ -253,39 +279,90 @@ fn hsv_tables() -> &'static HsvTables {
     })
 }
 
-/// [`rgb_to_hsv`] through the tables (bit-identical; checked by a test over all cases).
+/// [`rgb_to_hsv`] through the tables (bit-identical; checked by a test over all 2^24 inputs).
+/// Branch-free: natural images make the max/min channel unpredictable.
 #[inline]
 pub fn rgb_to_hsv_fast(r: u8, g: u8, b: u8) -> (u8, u8, u8) {
-    let t = hsv_tables();
+    rgb_to_hsv_tab(hsv_tables(), r, g, b)
+}
+
+#[inline(always)]
+fn rgb_to_hsv_tab(t: &HsvTables, r: u8, g: u8, b: u8) -> (u8, u8, u8) {
     let mx = r.max(g).max(b);
     let mn = r.min(g).min(b);
-    if mx == mn {
-        return (0, 0, mx);
-    }
     let cr = (mx - mn) as usize;
     // Pillow tests r == max first, then g; ties between the other two do not change the value.
-    let (case, mid) = if r == mx {
-        if g == mn {
-            (0, b)
-        } else {
-            (1, g)
-        }
-    } else if g == mx {
-        if r == mn {
-            (2, b)
-        } else {
-            (3, r)
-        }
-    } else if r == mn {
-        (4, g)
-    } else {
-        (5, r)
-    };
-    let d = (mx - mid) as usize;
+    // Grays (cr = 0) read the zeroed `hue[case][0][0]` and `sat[mx][0]` = 0, Pillow's (0, 0, v).
+    let r_max = r == mx;
+    let g_max = !r_max & (g == mx);
+    let max_ch = (!r_max) as usize * (1 + (!g_max) as usize);
+    let min_first = if r_max { g == mn } else { r == mn };
+    let case = 2 * max_ch + (!min_first) as usize;
+    let mid = r as usize + g as usize + b as usize - mx as usize - mn as usize;
+    let d = mx as usize - mid;
     (
         t.hue[(case * 256 + cr) * 256 + d],
         t.sat[mx as usize * 256 + cr],
         mx,
+    )
+}
+
+/// Indices into `[v, t, p, q]` per `hsv2rgb` sector, as in Pillow's switch.
+const HSV_PICK: [[u8; 3]; 6] = [
+    [0, 1, 2],
+    [3, 0, 2],
+    [2, 0, 1],
+    [2, 3, 0],
+    [1, 2, 0],
+    [0, 2, 3],
+];
+
+/// Per-`h` and per-`s` values of Pillow's `hsv2rgb` (`i = floor(6h/255) % 6`, `f`, `fs`), so
+/// the per-pixel work has no division and no branch.
+struct RgbTables {
+    sector: [u8; 256],
+    f: [f32; 256],
+    fs: [f32; 256],
+}
+
+fn rgb_tables() -> &'static RgbTables {
+    static T: std::sync::OnceLock<RgbTables> = std::sync::OnceLock::new();
+    T.get_or_init(|| {
+        let mut t = RgbTables {
+            sector: [0; 256],
+            f: [0.0; 256],
+            fs: [0.0; 256],
+        };
+        for x in 0..256usize {
+            // The exact expressions of `hsv_to_rgb`.
+            let hx = x as u8 as f32 as f64 * 6.0 / 255.0;
+            let i = hx as i32;
+            t.f[x] = (hx - i as f32 as f64) as f32;
+            t.sector[x] = (i % 6) as u8;
+            t.fs[x] = (x as u8 as f32 as f64 / 255.0) as f32;
+        }
+        t
+    })
+}
+
+/// [`hsv_to_rgb`] with tabulated `i`, `f`, `fs` and a branch-free sector select
+/// (bit-identical; checked by a test over all 2^24 inputs). With `s = 0`, `p = q = t = v`, so
+/// Pillow's gray shortcut needs no branch either.
+#[inline]
+pub fn hsv_to_rgb_fast(h: u8, s: u8, v: u8) -> (u8, u8, u8) {
+    let tb = rgb_tables();
+    let f = tb.f[h as usize];
+    let fs = tb.fs[s as usize];
+    let vf = v as f64;
+    let p = c_round(vf * (1.0 - fs as f64)).clamp(0, 255) as u8;
+    let q = c_round(vf * (1.0 - (fs * f) as f64)).clamp(0, 255) as u8;
+    let t = c_round(vf * (1.0 - fs as f64 * (1.0 - f as f64))).clamp(0, 255) as u8;
+    let vals = [v, t, p, q];
+    let k = &HSV_PICK[tb.sector[h as usize] as usize];
+    (
+        vals[k[0] as usize & 3],
+        vals[k[1] as usize & 3],
+        vals[k[2] as usize & 3],
     )
 }
 
@@ -294,12 +371,59 @@ pub fn hue(img: &mut [u8], factor: f32) {
     // numpy's float → uint8 cast truncates toward zero then wraps.
     let shift = ((factor as f64 * 255.0) as i32) as u8;
     // Even with shift 0 PIL round-trips through HSV, which is not the identity: always do it.
-    for px in img.chunks_exact_mut(3) {
-        let (h, s, v) = rgb_to_hsv_fast(px[0], px[1], px[2]);
-        let (r, g, b) = hsv_to_rgb(h.wrapping_add(shift), s, v);
-        px[0] = r;
-        px[1] = g;
-        px[2] = b;
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked above).
+        unsafe { hue_avx2(img, shift) };
+        return;
+    }
+    hue_blocks(img, shift);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn hue_avx2(img: &mut [u8], shift: u8) {
+    hue_blocks(img, shift)
+}
+
+/// The hue round trip in blocks of pixels: table gathers (scalar) are split from the
+/// `p`/`q`/`t` float math, which then vectorises. Same expressions as [`hsv_to_rgb_fast`], so the
+/// same bytes (IEEE f32/f64 ops, no contraction).
+#[inline(always)]
+fn hue_blocks(img: &mut [u8], shift: u8) {
+    const B: usize = 64;
+    let ht = hsv_tables();
+    let rt = rgb_tables();
+    let mut sec = [0u8; B];
+    let mut vv = [0f64; B];
+    let mut ff = [0f32; B];
+    let mut fss = [0f32; B];
+    let mut pqt = [[0u8; 4]; B];
+    for chunk in img.chunks_mut(3 * B) {
+        let n = chunk.len() / 3;
+        for (j, px) in chunk.chunks_exact(3).enumerate() {
+            let (h, s, v) = rgb_to_hsv_tab(ht, px[0], px[1], px[2]);
+            let h = h.wrapping_add(shift);
+            sec[j] = rt.sector[h as usize];
+            ff[j] = rt.f[h as usize];
+            fss[j] = rt.fs[s as usize];
+            vv[j] = v as f64;
+        }
+        for j in 0..B {
+            let (f, fs, vf) = (ff[j], fss[j], vv[j]);
+            // All three factors lie in [0, 1], so the products are in [0, v]: no clamp needed.
+            let p = c_round(vf * (1.0 - fs as f64)) as u8;
+            let q = c_round(vf * (1.0 - (fs * f) as f64)) as u8;
+            let t = c_round(vf * (1.0 - fs as f64 * (1.0 - f as f64))) as u8;
+            pqt[j] = [vf as u8, t, p, q];
+        }
+        for (j, px) in chunk.chunks_exact_mut(3).enumerate().take(n) {
+            let k = &HSV_PICK[sec[j] as usize];
+            let vals = pqt[j];
+            px[0] = vals[k[0] as usize & 3];
+            px[1] = vals[k[1] as usize & 3];
+            px[2] = vals[k[2] as usize & 3];
+        }
     }
 }
 
@@ -314,9 +438,7 @@ pub fn grayscale(img: &mut [u8]) {
 /// DINO's `Solarization` = `ImageOps.solarize(img, 128)`.
 pub fn solarize(img: &mut [u8]) {
     for v in img.iter_mut() {
-        if *v >= 128 {
-            *v = 255 - *v;
-        }
+        *v = if *v >= 128 { 255 - *v } else { *v };
     }
 }
 
@@ -353,97 +475,117 @@ impl BoxWeights {
     }
 }
 
-/// One box pass along rows (`horizontal`) or columns, `src` → `dst`, edges repeated.
-/// `pad` is scratch for one edge-extended row.
-fn box_pass(
+/// One vertical box pass (along columns) of an RGB image `w × h`, `src` → `dst`, edge rows
+/// repeated (Pillow `ImagingHorizontalBoxBlur` applied to columns: window `[y−r, y+r]` at weight
+/// `ww`, far taps `y−r−1` and `y+r+1` at `fw`). Every byte column is independent, so the inner
+/// loop runs over a whole row and vectorises. `acc` is scratch for one row of sums.
+fn vertical_box_pass(
     src: &[u8],
     dst: &mut [u8],
     w: usize,
     h: usize,
     bw: BoxWeights,
-    horizontal: bool,
-    pad: &mut Vec<u32>,
+    acc: &mut Vec<u32>,
 ) {
-    let r = bw.radius;
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked above).
+        unsafe { vertical_box_pass_avx2(src, dst, w, h, bw, acc) };
+        return;
+    }
+    vertical_box_pass_generic(src, dst, w, h, bw, acc);
+}
+
+/// 8 u32 lanes with `vpmulld` (the x86-64 baseline has no 32-bit vector multiply).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn vertical_box_pass_avx2(
+    src: &[u8],
+    dst: &mut [u8],
+    w: usize,
+    h: usize,
+    bw: BoxWeights,
+    acc: &mut Vec<u32>,
+) {
+    vertical_box_pass_generic(src, dst, w, h, bw, acc)
+}
+
+#[inline(always)]
+fn vertical_box_pass_generic(
+    src: &[u8],
+    dst: &mut [u8],
+    w: usize,
+    h: usize,
+    bw: BoxWeights,
+    acc: &mut Vec<u32>,
+) {
+    let r = bw.radius as isize;
     let (ww, fw) = (bw.ww, bw.fw);
-    if horizontal {
-        // Row extended by r+1 repeated pixels on the left and r+2 on the right; padded index
-        // of pixel x is x + r + 1.
-        let ext = w + 2 * r + 3;
-        pad.resize(ext * 3, 0);
-        for y in 0..h {
-            let row = &src[y * w * 3..(y + 1) * w * 3];
-            let out = &mut dst[y * w * 3..(y + 1) * w * 3];
-            for (k, p) in pad.chunks_exact_mut(3).enumerate() {
-                let x = k.saturating_sub(r + 1).min(w - 1);
-                p[0] = row[x * 3] as u32;
-                p[1] = row[x * 3 + 1] as u32;
-                p[2] = row[x * 3 + 2] as u32;
-            }
-            // Window centred on pixel −1: padded indices 0 ..= 2r.
-            let mut acc = [0u32; 3];
-            for k in 0..=2 * r {
-                for c in 0..3 {
-                    acc[c] += pad[k * 3 + c];
-                }
-            }
-            for x in 0..w {
-                // Pixel x: window padded [x+1, x+2r+1]; far taps x and x+2r+2.
-                let (sub, add, far) = (x * 3, (x + 2 * r + 1) * 3, (x + 2 * r + 2) * 3);
-                for c in 0..3 {
-                    acc[c] = acc[c] + pad[add + c] - pad[sub + c];
-                    let bulk = acc[c] * ww + (pad[sub + c] + pad[far + c]) * fw;
-                    out[x * 3 + c] = ((bulk + (1 << 23)) >> 24) as u8;
-                }
-            }
+    let last = h as isize - 1;
+    let stride = w * 3;
+    let rowf = |y: isize| y.clamp(0, last) as usize * stride;
+    acc.clear();
+    acc.resize(stride, 0);
+    for k in -r - 1..r {
+        let o = rowf(k);
+        for (a, &v) in acc.iter_mut().zip(&src[o..o + stride]) {
+            *a += v as u32;
         }
-    } else {
-        let last = h as isize - 1;
-        let r = r as isize;
-        let stride = w * 3;
-        let rowf = |y: isize| y.clamp(0, last) as usize * stride;
-        pad.clear();
-        pad.resize(stride, 0);
-        let acc = pad;
-        for k in -r - 1..r {
-            let o = rowf(k);
-            for (a, &v) in acc.iter_mut().zip(&src[o..o + stride]) {
-                *a += v as u32;
-            }
+    }
+    for (y, out) in dst.chunks_exact_mut(stride).enumerate().take(h) {
+        let y = y as isize;
+        let add = &src[rowf(y + r)..][..stride];
+        let sub = &src[rowf(y - r - 1)..][..stride];
+        let far = &src[rowf(y + r + 1)..][..stride];
+        for ((((a, o), &ad), &su), &fa) in acc.iter_mut().zip(out).zip(add).zip(sub).zip(far) {
+            let s = *a + ad as u32 - su as u32;
+            *a = s;
+            let bulk = s * ww + (su as u32 + fa as u32) * fw;
+            *o = ((bulk + (1 << 23)) >> 24) as u8;
         }
-        for y in 0..h as isize {
-            let add = &src[rowf(y + r)..][..stride];
-            let sub = &src[rowf(y - r - 1)..][..stride];
-            let far = &src[rowf(y + r + 1)..][..stride];
-            let out = &mut dst[y as usize * stride..(y as usize + 1) * stride];
-            for x in 0..stride {
-                let a = acc[x] + add[x] as u32 - sub[x] as u32;
-                acc[x] = a;
-                let bulk = a * ww + (sub[x] as u32 + far[x] as u32) * fw;
-                out[x] = ((bulk + (1 << 23)) >> 24) as u8;
+    }
+}
+
+/// Transposes an RGB image of `w × h` (pixels of 3 bytes) into `dst` of `h × w`, in tiles so
+/// both sides stay in cache.
+fn transpose_rgb(src: &[u8], dst: &mut [u8], w: usize, h: usize) {
+    const T: usize = 16;
+    for y0 in (0..h).step_by(T) {
+        for x0 in (0..w).step_by(T) {
+            for y in y0..(y0 + T).min(h) {
+                for x in x0..(x0 + T).min(w) {
+                    let s = (y * w + x) * 3;
+                    let d = (x * h + y) * 3;
+                    dst[d..d + 3].copy_from_slice(&src[s..s + 3]);
+                }
             }
         }
     }
 }
 
 /// Pillow `GaussianBlur(radius = sigma)` on an RGB image of `w × h`, in place.
+///
+/// Pillow runs three horizontal box passes, then three vertical ones. The horizontal passes are
+/// done here as vertical passes on the transposed image (the same sums per channel, the same edge
+/// repetition, so the same bytes) because the vertical pass vectorises across a whole row.
 pub fn gaussian_blur(img: &mut [u8], w: usize, h: usize, sigma: f32, scratch: &mut Vec<u8>) {
     let fr = box_radius(sigma, 3);
     if fr == 0.0 || w == 0 || h == 0 {
         return;
     }
     let bw = BoxWeights::new(fr);
-    scratch.resize(img.len(), 0);
-    let mut pad = Vec::new();
-    // 3 horizontal passes, then 3 vertical ones, ping-ponging; six passes end back in `img`.
-    for (k, horizontal) in [true, true, true, false, false, false]
-        .into_iter()
-        .enumerate()
-    {
-        if k % 2 == 0 {
-            box_pass(img, scratch, w, h, bw, horizontal, &mut pad);
-        } else {
-            box_pass(scratch, img, w, h, bw, horizontal, &mut pad);
-        }
-    }
+    let n = img.len();
+    scratch.resize(2 * n, 0);
+    let (s1, s2) = scratch.split_at_mut(n);
+    let mut acc = Vec::new();
+    // Horizontal passes on the transpose (width h, height w).
+    transpose_rgb(img, s1, w, h);
+    vertical_box_pass(s1, s2, h, w, bw, &mut acc);
+    vertical_box_pass(s2, s1, h, w, bw, &mut acc);
+    vertical_box_pass(s1, s2, h, w, bw, &mut acc);
+    transpose_rgb(s2, s1, h, w);
+    // Vertical passes, ending back in `img`.
+    vertical_box_pass(s1, s2, w, h, bw, &mut acc);
+    vertical_box_pass(s2, s1, w, h, bw, &mut acc);
+    vertical_box_pass(s1, img, w, h, bw, &mut acc);
 }

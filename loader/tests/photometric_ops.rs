@@ -318,3 +318,43 @@ fn table_hsv_is_bit_identical_to_pillow_formula() {
         }
     }
 }
+
+#[test]
+fn fast_hsv_round_trip_is_bit_identical_on_all_2_pow_24_inputs() {
+    for x in 0..1u32 << 24 {
+        let (a, b, c) = ((x >> 16) as u8, (x >> 8) as u8, x as u8);
+        assert_eq!(
+            rgb_to_hsv_fast(a, b, c),
+            rgb_to_hsv(a, b, c),
+            "rgb {a} {b} {c}"
+        );
+        assert_eq!(
+            hsv_to_rgb_fast(a, b, c),
+            hsv_to_rgb(a, b, c),
+            "hsv {a} {b} {c}"
+        );
+    }
+}
+
+/// The per-pixel formula `hue` used before the table-driven rewrite.
+fn reference_hue(img: &mut [u8], factor: f32) {
+    let shift = ((factor as f64 * 255.0) as i32) as u8;
+    for px in img.chunks_exact_mut(3) {
+        let (h, s, v) = rgb_to_hsv(px[0], px[1], px[2]);
+        let (r, g, b) = hsv_to_rgb(h.wrapping_add(shift), s, v);
+        px.copy_from_slice(&[r, g, b]);
+    }
+}
+
+#[test]
+fn hue_matches_the_reference_formula_on_random_pixels() {
+    use rand::Rng;
+    let mut rng = sample_rng(5, 0, 0);
+    let img: Vec<u8> = (0..3 * 20_000).map(|_| rng.random::<u8>()).collect();
+    for factor in [-0.5f32, -0.1, -0.0371, 0.0, 0.004, 0.05, 0.1, 0.5] {
+        let (mut fast, mut slow) = (img.clone(), img.clone());
+        hue(&mut fast, factor);
+        reference_hue(&mut slow, factor);
+        assert_eq!(fast, slow, "factor {factor}");
+    }
+}
