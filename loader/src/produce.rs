@@ -177,17 +177,27 @@ impl SampleSource for SyntheticSource {
         let local_mask = (0..n_l)
             .map(|_| rng.random_range(0..l_cells) as u16)
             .collect();
-        let n_valid = (0..2 + 2 * l)
+        let n_valid: Vec<u32> = (0..2 + 2 * l)
             .map(|p| rng.random_range(0..=if p < 2 { n_g } else { n_l }) as u32)
             .collect();
-        let rows = (0..2 * n_g + 2 * l * n_l)
-            .map(|_| SrsRow {
-                src: rng.random_range(0..g_cells) as u16,
-                _pad: 0,
-                tgt: [0; 4].map(|_| rng.random_range(0..g_cells) as u16),
-                w: [0.25; 4],
-            })
-            .collect();
+        // Rows in the documented format: valid rows first (source index inside the source
+        // crop's grid), then all-zero invalid rows, so the trainer accepts these batches too.
+        let mut rows = Vec::with_capacity(2 * n_g + 2 * l * n_l);
+        for (p, &valid) in n_valid.iter().enumerate() {
+            let (n, src_cells) = if p < 2 { (n_g, g_cells) } else { (n_l, l_cells) };
+            for r in 0..n as u32 {
+                rows.push(if r < valid {
+                    SrsRow {
+                        src: rng.random_range(0..src_cells) as u16,
+                        _pad: 0,
+                        tgt: [0; 4].map(|_| rng.random_range(0..g_cells) as u16),
+                        w: [0.25; 4],
+                    }
+                } else {
+                    SrsRow::default()
+                });
+            }
+        }
         Ok(Sample {
             index,
             label: (index % 10) as i32,
