@@ -4,9 +4,45 @@
 //! `libcudart.so.13`. Pointing ld at a folder whose `libcudart.a` is the toolkit's
 //! `libcudart_static.a` makes it take the static archive, so the binary needs no libcudart at run
 //! time (it dlopens libcuda/cublas/cublasLt/curand through cudarc's dynamic loading).
+//! Also compiles our own kernels (src/kernels/udi_kernels.cu) to PTX with the same nvcc
+//! (`$OUT_DIR/udi_kernels.ptx`, read by `trainer::kernels` through `include_str!`), and checks
+//! the PTX with `ptxas -arch=sm_90` when the toolkit has ptxas, so a kernel that does not compile
+//! fails the build here and not on the GPU machine.
 //! Without the feature this is a no-op.
 use std::env;
 use std::path::PathBuf;
+
+const KERNELS_CU: &str = "src/kernels/udi_kernels.cu";
+
+/// nvcc → PTX for compute capability 9.0 (H100/H200; the GPU machines' driver JIT-compiles PTX
+/// ISA ≤ 9.0, which CUDA 13.0's nvcc emits), then `ptxas -arch=sm_90` as a syntax/resource check.
+fn compile_ptx(root: &std::path::Path, ptx: &std::path::Path) {
+    let nvcc = env::var_os("NVCC")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("bin/nvcc"));
+    let cap = env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
+    let status = std::process::Command::new(&nvcc)
+        .args(["--ptx", "-O3", "-std=c++17", "-lineinfo"])
+        .arg(format!("-arch=compute_{cap}"))
+        .arg(KERNELS_CU)
+        .arg("-o")
+        .arg(ptx)
+        .status()
+        .unwrap_or_else(|e| panic!("running {}: {e}", nvcc.display()));
+    assert!(status.success(), "nvcc failed on {KERNELS_CU}");
+    let ptxas = nvcc.with_file_name("ptxas");
+    if ptxas.is_file() {
+        let cubin = ptx.with_extension("cubin");
+        let status = std::process::Command::new(&ptxas)
+            .arg(format!("-arch=sm_{cap}"))
+            .arg(ptx)
+            .arg("-o")
+            .arg(&cubin)
+            .status()
+            .unwrap_or_else(|e| panic!("running {}: {e}", ptxas.display()));
+        assert!(status.success(), "ptxas rejected the PTX of {KERNELS_CU}");
+    }
+}
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");
@@ -14,11 +50,17 @@ fn main() {
     println!("cargo::rerun-if-env-changed=CUDA_HOME");
     println!("cargo::rerun-if-env-changed=CUDA_PATH");
     println!("cargo::rerun-if-env-changed=CANDLE_KERNELS_CHECK_ONLY");
+    println!("cargo::rerun-if-env-changed=NVCC");
+    println!("cargo::rerun-if-changed={KERNELS_CU}");
     if env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
-    // CI's toolchain-free `cargo check --features cuda` (scripts/test.sh): nothing gets linked.
+    let out_dir = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
+    let ptx = out_dir.join("udi_kernels.ptx");
+    // CI's toolchain-free `cargo check --features cuda` (scripts/test.sh): nothing gets linked,
+    // and the PTX is an empty string (such a build cannot link, see vendor/README.md).
     if env::var("CANDLE_KERNELS_CHECK_ONLY").is_ok_and(|v| v == "1") {
+        std::fs::write(&ptx, "").expect("write empty PTX");
         return;
     }
     let root = ["CUDA_ROOT", "CUDA_HOME", "CUDA_PATH"]
@@ -42,8 +84,9 @@ fn main() {
             )
         });
     println!("cargo::rerun-if-changed={}", archive.display());
+    compile_ptx(&root, &ptx);
 
-    let dir = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR")).join("cudart-static");
+    let dir = out_dir.join("cudart-static");
     std::fs::create_dir_all(&dir).expect("create OUT_DIR/cudart-static");
     let link = dir.join("libcudart.a");
     std::fs::copy(&archive, &link)

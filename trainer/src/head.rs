@@ -3,7 +3,8 @@
 //! stored (and decayed, averaged, optimised) separately.
 
 use crate::config::TrainConfig;
-use crate::nn::{gelu, l2_normalize, Linear};
+use crate::kernels::Compute;
+use crate::nn::{l2_normalize, Linear};
 use crate::params::ParamStore;
 use candle_core::{Result, Tensor, D};
 
@@ -11,29 +12,39 @@ pub struct Head {
     fc: [Linear; 3],
     g: Tensor,
     v: Tensor,
+    compute: Compute,
 }
 
 impl Head {
-    pub fn new(_cfg: &TrainConfig, store: &ParamStore, tracked: bool) -> Result<Self> {
+    pub fn new(
+        _cfg: &TrainConfig,
+        store: &ParamStore,
+        tracked: bool,
+        compute: Compute,
+    ) -> Result<Self> {
         let get = |n: &str| store.layer_tensor(n, tracked);
         let lin = |i: usize| -> Result<Linear> {
             Ok(Linear {
                 weight: get(&format!("head.mlp.{i}.weight"))?,
                 bias: Some(get(&format!("head.mlp.{i}.bias"))?),
+                compute,
             })
         };
         Ok(Self {
             fc: [lin(0)?, lin(2)?, lin(4)?],
             g: get("head.last_layer.weight_g")?,
             v: get("head.last_layer.weight_v")?,
+            compute,
         })
     }
 
-    /// Raw logits `[.., K]` of features `[.., D]`.
+    /// Raw logits `[.., K]` of features `[.., D]`, in the compute dtype (bf16 under bf16: the
+    /// loss reads them in f32). The L2 normalisation and the weight norm run in the parameter
+    /// dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = gelu(&self.fc[0].forward(x)?)?;
-        let x = gelu(&self.fc[1].forward(&x)?)?;
-        let x = l2_normalize(&self.fc[2].forward(&x)?, 1e-12)?;
+        let x = self.fc[0].forward_gelu(x)?;
+        let x = self.fc[1].forward_gelu(&x)?;
+        let x = l2_normalize(&self.fc[2].forward(&x)?.to_dtype(self.v.dtype())?, 1e-12)?;
         let w = self
             .v
             .broadcast_div(&self.v.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?)?
@@ -41,6 +52,7 @@ impl Head {
         Linear {
             weight: w,
             bias: None,
+            compute: self.compute,
         }
         .forward(&x)
     }

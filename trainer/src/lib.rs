@@ -25,6 +25,7 @@ pub mod step;
 pub mod vit;
 pub mod checkpoint;
 pub mod export;
+pub mod kernels;
 pub mod knn;
 pub mod knn_eval;
 pub mod loaders;

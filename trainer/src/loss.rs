@@ -12,6 +12,7 @@
 
 use crate::config::LossConfig;
 use crate::data::TrainBatch;
+use crate::kernels::{centered_softmax, soft_ce_rows};
 use crate::model::{StudentOut, TeacherOut};
 use crate::nn::{log_softmax, scalar_f64, softmax};
 use candle_core::{DType, Device, Result, Tensor, D};
@@ -54,13 +55,9 @@ pub struct LossOut {
     pub teacher_entropy: [f64; 3],
 }
 
-/// −Σ_K p · logq summed over every leading index.
-fn ce_sum(p: &Tensor, logq: &Tensor) -> Result<Tensor> {
-    (p * logq)?.sum_all()?.neg()
-}
-
-fn teacher_probs(x: &Tensor, c: &Tensor, tau: f64) -> Result<Tensor> {
-    softmax(&(x.broadcast_sub(c)? / tau)?)
+/// Σ_rows −Σ_K p·log_softmax(s/τ_s) (p broadcast over leading groups of s's rows).
+fn ce_sum(s: &Tensor, p: &Tensor, tau_s: f64, fused: bool) -> Result<Tensor> {
+    soft_ce_rows(s, p, tau_s, fused)?.sum_all()
 }
 
 /// Mean over rows of −Σ P log P, with log P from the log-softmax (no 0·log 0 NaNs).
@@ -80,7 +77,8 @@ fn mean_entropy(x: &Tensor, c: &Tensor, tau: f64, weights: Option<&Tensor>) -> R
     }
 }
 
-/// Computes the loss and the updated centres. `teacher` outputs must carry no gradient.
+/// Computes the loss and the updated centres with composed ops. `teacher` outputs must carry no
+/// gradient.
 pub fn udi_loss(
     cfg: &LossConfig,
     batch: &TrainBatch,
@@ -89,6 +87,29 @@ pub fn udi_loss(
     centres: &Centres,
     teacher_temp: f64,
 ) -> Result<LossOut> {
+    udi_loss_with(cfg, batch, s, t, centres, teacher_temp, false)
+}
+
+/// [`udi_loss`] with the teacher softmax and the student cross-entropy as fused ops when
+/// `fused`. Logits may be bf16: the teacher's are read in the centres' dtype (f32), the
+/// student's log-softmax is computed in f32 either way.
+pub fn udi_loss_with(
+    cfg: &LossConfig,
+    batch: &TrainBatch,
+    s: &StudentOut,
+    t: &TeacherOut,
+    centres: &Centres,
+    teacher_temp: f64,
+    fused: bool,
+) -> Result<LossOut> {
+    let dt = centres.cls.dtype();
+    let t = &TeacherOut {
+        cls: t.cls.to_dtype(dt)?,
+        rows: t.rows.as_ref().map(|r| r.to_dtype(dt)).transpose()?,
+    };
+    let teacher_probs =
+        |x: &Tensor, c: &Tensor, tau: f64| -> Result<Tensor> { centered_softmax(x, c, tau, fused) };
+    let ts = cfg.student_temp;
     let b = batch.batch_size;
     let l = batch.n_local;
     let n_pairs = (2 + 2 * l) as f64;
@@ -101,12 +122,12 @@ pub fn udi_loss(
     let t_cls = t.cls.reshape((2, b, k))?;
     let p0 = teacher_probs(&t_cls, &centres.cls, tau)?;
     let p0_swapped = Tensor::cat(&[p0.get(1)?, p0.get(0)?], 0)?; // [2B, K]: target of student view v
-    let ls_cls = log_softmax(&(&s.cls / cfg.student_temp)?)?;
-    let mut l_cls = ce_sum(&p0_swapped, &ls_cls.narrow(0, 0, 2 * b)?)?;
+    let mut l_cls = ce_sum(&s.cls.narrow(0, 0, 2 * b)?, &p0_swapped, ts, fused)?;
     if l > 0 {
-        let p0_both = (p0.get(0)? + p0.get(1)?)?.unsqueeze(0)?; // [1, B, K]
-        let ls_l = ls_cls.narrow(0, 2 * b, l * b)?.reshape((l, b, k))?;
-        l_cls = (l_cls + ce_sum(&p0_both.broadcast_as((l, b, k))?, &ls_l)?)?;
+        // Every local crop k (rows k·B + b) against both views' targets of image b.
+        let p0_both = (p0.get(0)? + p0.get(1)?)?; // [B, K]
+        let s_l = s.cls.narrow(0, 2 * b, l * b)?;
+        l_cls = (l_cls + ce_sum(&s_l, &p0_both, ts, fused)?)?;
     }
     let l_cls = (l_cls / (bf * n_pairs))?;
     let batch_cls = t.cls.mean(0)?;
@@ -154,9 +175,13 @@ pub fn udi_loss(
     )?;
     let mm_g = ((avg_g * alpha)? + (t_cls_swapped * (1.0 - alpha))?)?; // [2, B, K] by student view
     let mut mm_sum = mm_g.sum((0, 1))?;
-    let lsp = log_softmax(&(s_plus / cfg.student_temp)?)?;
     let p1_g = teacher_probs(&mm_g, &centres.udi, tau)?;
-    let mut l_udi = ce_sum(&p1_g.reshape((2 * b, k))?, &lsp.narrow(0, 0, 2 * b)?)?;
+    let mut l_udi = ce_sum(
+        &s_plus.narrow(0, 0, 2 * b)?,
+        &p1_g.reshape((2 * b, k))?,
+        ts,
+        fused,
+    )?;
     let mut h1_sum = mean_entropy(&mm_g, &centres.udi, tau, None)? * (2 * b) as f64;
     let mut patch_sum = t_pat.broadcast_mul(&vg4)?.sum((0, 1, 2))?;
     if l > 0 {
@@ -172,8 +197,8 @@ pub fn udi_loss(
         mm_sum = (mm_sum + mm_l.sum((0, 1, 2))?)?;
         let p1_l = teacher_probs(&mm_l, &centres.udi, tau)?;
         let p1_l = (p1_l.get(0)? + p1_l.get(1)?)?.transpose(0, 1)?; // [L, B, K]
-        let lsp_l = lsp.narrow(0, 2 * b, l * b)?.reshape((l, b, k))?;
-        l_udi = (l_udi + ce_sum(&p1_l.contiguous()?, &lsp_l)?)?;
+        let s_pl = s_plus.narrow(0, 2 * b, l * b)?;
+        l_udi = (l_udi + ce_sum(&s_pl, &p1_l.contiguous()?, ts, fused)?)?;
         h1_sum += mean_entropy(&mm_l, &centres.udi, tau, None)? * (2 * b * l) as f64;
         patch_sum = (patch_sum + masked.sum((0, 1, 2, 3))?)?;
     }
@@ -183,8 +208,13 @@ pub fn udi_loss(
 
     // ---- L_patch (global views only, pooled over valid rows) ------------------------------
     let p2 = teacher_probs(&t_pat, &centres.patch, tau)?;
-    let ls_pat = log_softmax(&(s_pat.reshape((2, b, n_g, k))? / cfg.student_temp)?)?;
-    let h_rows = (p2 * ls_pat)?.sum(D::Minus1)?.neg()?; // [2, B, n_g]
+    let h_rows = soft_ce_rows(
+        &s_pat.reshape((2 * b * n_g, k))?,
+        &p2.reshape((2 * b * n_g, k))?,
+        ts,
+        fused,
+    )?
+    .reshape((2, b, n_g))?;
     let n_valid = vg.sum_all()?;
     // No valid row in the whole batch gives NaN, as in the official code (training then stops).
     let l_patch = (h_rows * vg)?.sum_all()?.div(&n_valid)?;

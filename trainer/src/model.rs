@@ -4,6 +4,7 @@
 use crate::config::TrainConfig;
 use crate::data::TrainBatch;
 use crate::head::Head;
+use crate::kernels::Compute;
 use crate::params::ParamStore;
 use crate::srs::Srs;
 use crate::vit::{DropMasks, Vit};
@@ -36,12 +37,24 @@ pub struct TeacherOut {
 }
 
 impl Network {
-    /// `tracked`: build over the variables (student) or detached tensors (teacher).
+    /// `tracked`: build over the variables (student) or detached tensors (teacher). Computes
+    /// in the parameter dtype with composed ops.
     pub fn new(cfg: &TrainConfig, store: &ParamStore, tracked: bool) -> Result<Self> {
+        Self::with_compute(cfg, store, tracked, Compute::default())
+    }
+
+    /// As [`Self::new`] with a precision / kernel choice (head logits come out in the compute
+    /// dtype).
+    pub fn with_compute(
+        cfg: &TrainConfig,
+        store: &ParamStore,
+        tracked: bool,
+        compute: Compute,
+    ) -> Result<Self> {
         Ok(Self {
-            backbone: Vit::new(cfg, store, tracked)?,
-            srs: Srs::new(cfg, store, tracked)?,
-            head: Head::new(cfg, store, tracked)?,
+            backbone: Vit::with_compute(cfg, store, tracked, compute)?,
+            srs: Srs::new(cfg, store, tracked, compute)?,
+            head: Head::new(cfg, store, tracked, compute)?,
             dino_only: cfg.loss.dino_only,
         })
     }

@@ -1,29 +1,56 @@
 //! Differentiable building blocks.
 //!
 //! candle-nn's fused `LayerNorm` and `softmax_last_dim` have no backward pass (gradients
-//! upstream silently vanish: candle issues #2168, #2977, #3011), so everything here is written
-//! with plain tensor ops that candle can differentiate.
+//! upstream silently vanish: candle issues #2168, #2977, #3011), so the composed path is written
+//! with plain tensor ops that candle can differentiate; the fused path ([`crate::kernels`]) uses
+//! our custom ops, which carry their own backward.
+//!
+//! Precision ([`Compute`]): weights are the f32 masters; a [`Linear`] casts its input and weight
+//! to the compute dtype (bf16 or the parameter dtype) per call, so autograd returns f32
+//! gradients to the masters through the cast. [`LayerNorm`] computes its statistics in the
+//! parameter dtype and writes the dtype its caller asks for.
 
+use crate::kernels::{self, Compute};
 use candle_core::{DType, Result, Tensor, D};
 
-/// `x · Wᵀ + b` over the last dimension, for inputs of any rank (flattened to 2-D for one gemm).
+/// `x · Wᵀ + b` over the last dimension, for inputs of any rank (flattened to 2-D for one gemm),
+/// computed and returned in the compute dtype.
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    pub compute: Compute,
 }
 
 impl Linear {
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `x · Wᵀ` without the bias, `[rows, d_out]` plus the output shape.
+    fn matmul(&self, x: &Tensor) -> Result<(Tensor, Vec<usize>)> {
+        let dt = self.compute.dtype(self.weight.dtype());
         let dims = x.dims().to_vec();
         let d_in = *dims.last().expect("linear input has a last dim");
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let y = x.reshape((rows, d_in))?.matmul(&self.weight.t()?)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
+        let w = self.weight.to_dtype(dt)?;
+        let y = x.to_dtype(dt)?.reshape((rows, d_in))?.matmul(&w.t()?)?;
         let mut out = dims;
         *out.last_mut().unwrap() = self.weight.dim(0)?;
+        Ok((y, out))
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (y, out) = self.matmul(x)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
+            None => y,
+        };
+        y.reshape(out)
+    }
+
+    /// `gelu(x · Wᵀ + b)`: the bias and GELU fused into one op with `--kernels fused`.
+    pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        let (y, out) = self.matmul(x)?;
+        let y = match &self.bias {
+            Some(b) => kernels::bias_gelu(&y, b, self.compute.fused())?,
+            None => gelu(&y)?,
+        };
         y.reshape(out)
     }
 }
@@ -33,15 +60,30 @@ pub struct LayerNorm {
     pub weight: Tensor,
     pub bias: Tensor,
     pub eps: f64,
+    pub compute: Compute,
 }
 
 impl LayerNorm {
+    /// Output in the parameter dtype (features, head inputs).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+        self.forward_to(x, self.weight.dtype())
+    }
+
+    /// Output in the compute dtype (the input of a matmul).
+    pub fn forward_compute(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_to(x, self.compute.dtype(self.weight.dtype()))
+    }
+
+    /// Statistics in the parameter dtype (f32 under bf16), output in `out`.
+    pub fn forward_to(&self, x: &Tensor, out: DType) -> Result<Tensor> {
+        kernels::layer_norm(
+            x,
+            &self.weight,
+            &self.bias,
+            self.eps,
+            out,
+            self.compute.fused(),
+        )
     }
 }
 
@@ -71,10 +113,11 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
     x.gelu_erf()
 }
 
-/// Multi-head attention core: `softmax(q kᵀ · scale) v` for q [B,H,n,dh], k/v [B,H,N,dh].
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let logits = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
-    softmax(&logits)?.matmul(&v.contiguous()?)
+/// Multi-head attention core: `softmax(q kᵀ · scale) v` for q [B,H,n,dh], k/v [B,H,N,dh]
+/// (matmuls in the inputs' dtype, softmax statistics in f32).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, fused: bool) -> Result<Tensor> {
+    let logits = q.contiguous()?.matmul(&k.t()?.contiguous()?)?;
+    kernels::attn_softmax(&logits, scale, fused)?.matmul(&v.contiguous()?)
 }
 
 /// Splits `[B, T, 3·D]` qkv projections into q, k, v of shape `[B, H, T, D/H]` each.

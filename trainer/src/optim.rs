@@ -6,6 +6,7 @@
 //! `θ ← θ(1 − lr·wd); m ← m + (1−β₁)(g − m); v ← β₂v + (1−β₂)g²;
 //!  θ ← θ − lr/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + ε)`.
 
+use crate::kernels::adamw::{meta_tensor, AdamwEma, Segment};
 use crate::params::ParamStore;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
@@ -60,6 +61,116 @@ impl AdamW {
         let denom = ((st.exp_avg_sq.sqrt()? / bc2.sqrt())? + self.eps)?;
         let new = (p - (st.exp_avg.div(&denom)? * step_size)?)?;
         var.set(&new)?;
+        Ok(())
+    }
+
+    /// Every AdamW update of one step plus the teacher EMA in one multi-tensor launch
+    /// ([`AdamwEma`]) over flat buffers: `grads[i] = Some((raw gradient, clip factor, weight
+    /// decay))` for the parameters updated this step, `None` for the others (no update and no
+    /// Adam state, e.g. the frozen last layer); the EMA `θ_t ← m·θ_t + (1 − m)·θ_s` covers every
+    /// parameter, after the update. Same arithmetic as [`Self::update`] + [`ema_update`]
+    /// (in f32, so equal up to rounding). The moments afterwards are views of the flat buffer.
+    pub fn fused_update_ema(
+        &mut self,
+        student: &ParamStore,
+        teacher: &ParamStore,
+        grads: &[Option<(Tensor, f64, f64)>],
+        lr: f64,
+        momentum: f64,
+    ) -> Result<()> {
+        let params = student.params();
+        anyhow::ensure!(
+            grads.len() == params.len() && teacher.len() == params.len(),
+            "fused AdamW: {} gradients for {} parameters",
+            grads.len(),
+            params.len()
+        );
+        let n: usize = params.iter().map(|p| p.var.elem_count()).sum();
+        let (b1, b2) = (self.beta1, self.beta2);
+        let mut segs = Vec::with_capacity(params.len());
+        let (mut ps, mut ms, mut vs, mut ts, mut gs) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut off = 0;
+        for (i, p) in params.iter().enumerate() {
+            let len = p.var.elem_count();
+            let flat = |t: &Tensor| t.flatten_all();
+            ps.push(flat(p.var.as_tensor())?.detach());
+            ts.push(flat(teacher.params()[i].var.as_tensor())?.detach());
+            let mut seg = Segment {
+                offset: off,
+                len,
+                update: false,
+                decay: 1.0,
+                step_size: 0.0,
+                bc2_sqrt: 1.0,
+                clip: 1.0,
+            };
+            match &grads[i] {
+                Some((g, clip, wd)) => {
+                    let st = self.states[i].get_or_insert_with(|| AdamState {
+                        step: 0,
+                        exp_avg: g.zeros_like().expect("zeros"),
+                        exp_avg_sq: g.zeros_like().expect("zeros"),
+                    });
+                    st.step += 1;
+                    let bc1 = 1.0 - b1.powi(st.step as i32);
+                    let bc2 = 1.0 - b2.powi(st.step as i32);
+                    seg.update = true;
+                    seg.decay = (1.0 - lr * wd) as f32;
+                    seg.step_size = (lr / bc1) as f32;
+                    seg.bc2_sqrt = bc2.sqrt() as f32;
+                    seg.clip = *clip as f32;
+                    gs.push(flat(g)?.to_dtype(p.var.dtype())?);
+                    ms.push(flat(&st.exp_avg)?);
+                    vs.push(flat(&st.exp_avg_sq)?);
+                }
+                None => {
+                    let z = Tensor::zeros(len, p.var.dtype(), p.var.device())?;
+                    gs.push(z.clone());
+                    match &self.states[i] {
+                        Some(st) => {
+                            ms.push(flat(&st.exp_avg)?);
+                            vs.push(flat(&st.exp_avg_sq)?);
+                        }
+                        None => {
+                            ms.push(z.clone());
+                            vs.push(z);
+                        }
+                    }
+                }
+            }
+            segs.push(seg);
+            off += len;
+        }
+        let mut all = ps;
+        all.extend(ms);
+        all.extend(vs);
+        all.extend(ts);
+        let state = Tensor::cat(&all, 0)?;
+        let g = Tensor::cat(&gs, 0)?;
+        let dev = state.device().clone();
+        let meta = meta_tensor(&segs, &dev)?;
+        state.inplace_op3(
+            &g,
+            &meta,
+            &AdamwEma {
+                beta1: b1,
+                beta2: b2,
+                eps: self.eps,
+                momentum,
+            },
+        )?;
+        for (i, (p, seg)) in params.iter().zip(&segs).enumerate() {
+            let shape = p.var.shape();
+            let part = |k: usize| state.narrow(0, k * n + seg.offset, seg.len)?.reshape(shape);
+            if seg.update {
+                p.var.set(&part(0)?)?;
+                let st = self.states[i].as_mut().expect("state created above");
+                st.exp_avg = part(1)?;
+                st.exp_avg_sq = part(2)?;
+            }
+            teacher.params()[i].var.set(&part(3)?)?;
+        }
         Ok(())
     }
 

@@ -10,7 +10,8 @@
 
 use crate::config::TrainConfig;
 use crate::data::TrainBatch;
-use crate::loss::{udi_loss, Centres};
+use crate::kernels::Compute;
+use crate::loss::{udi_loss_with, Centres};
 use crate::model::Network;
 use crate::nn::scalar_f64;
 use crate::optim::{clip_factor, ema_update, joint_norm, AdamW};
@@ -59,7 +60,10 @@ pub struct StepReport {
 pub struct Trainer {
     pub cfg: TrainConfig,
     pub device: Device,
+    /// Parameter (master weight) dtype: f32 in training, f64 in gradient tests.
     pub dtype: DType,
+    /// Precision of the forward and which kernels run (see [`crate::kernels`]).
+    pub compute: Compute,
     pub student: ParamStore,
     pub teacher: ParamStore,
     student_net: Network,
@@ -74,22 +78,36 @@ pub struct Trainer {
 }
 
 impl Trainer {
-    /// Fresh student (init from `cfg.data.seed`), teacher = copy, zero centres, f32.
+    /// Fresh student (init from `cfg.data.seed`), teacher = copy, zero centres, f32 masters;
+    /// the device's default precision and kernels ([`Compute::for_device`]: bf16 + fused on
+    /// CUDA, f32 + composed on the CPU).
     pub fn new(cfg: &TrainConfig, iters_per_epoch: u64, device: &Device) -> Result<Self> {
-        Self::with_dtype(cfg, iters_per_epoch, device, DType::F32)
+        let compute = Compute::for_device(device, None, None);
+        Self::with_options(cfg, iters_per_epoch, device, DType::F32, compute)
     }
 
+    /// Parameters in `dtype`, composed ops in that dtype (the reference path).
     pub fn with_dtype(
         cfg: &TrainConfig,
         iters_per_epoch: u64,
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
+        Self::with_options(cfg, iters_per_epoch, device, dtype, Compute::default())
+    }
+
+    pub fn with_options(
+        cfg: &TrainConfig,
+        iters_per_epoch: u64,
+        device: &Device,
+        dtype: DType,
+        compute: Compute,
+    ) -> Result<Self> {
         cfg.validate()?;
         let student = ParamStore::init(cfg, cfg.data.seed, dtype, device)?;
         let teacher = student.deep_copy()?;
-        let student_net = Network::new(cfg, &student, true)?;
-        let teacher_net = Network::new(cfg, &teacher, false)?;
+        let student_net = Network::with_compute(cfg, &student, true, compute)?;
+        let teacher_net = Network::with_compute(cfg, &teacher, false, compute)?;
         let names: Vec<&str> = student.params().iter().map(|p| p.name.as_str()).collect();
         // The official code stores [cls] and [cls+] as ONE [1,2,D] parameter: clip them jointly.
         let mut clip_groups = Vec::new();
@@ -110,6 +128,7 @@ impl Trainer {
             cfg: cfg.clone(),
             device: device.clone(),
             dtype,
+            compute,
             optim: AdamW::new(student.len(), o.beta1, o.beta2, o.eps),
             centres: Centres::zeros(cfg.model.out_dim, dtype, device)?,
             schedules: Schedules::new(cfg, iters_per_epoch),
@@ -196,7 +215,16 @@ impl Trainer {
             None
         };
         let s_out = self.student_net.student(batch, masks.as_ref())?;
-        let loss = udi_loss(&self.cfg.loss, batch, &s_out, &t_out, &self.centres, tau)?;
+        let fused = self.compute.fused();
+        let loss = udi_loss_with(
+            &self.cfg.loss,
+            batch,
+            &s_out,
+            &t_out,
+            &self.centres,
+            tau,
+            fused,
+        )?;
         let total = scalar_f64(&loss.total)?;
         let t2 = Instant::now();
         if !total.is_finite() {
@@ -212,7 +240,8 @@ impl Trainer {
         let frozen = epoch < self.cfg.optim.freeze_last_layer;
         let mut pre: Vec<Option<f64>> = vec![None; params.len()];
         let mut post: Vec<Option<f64>> = vec![None; params.len()];
-        let mut clipped: Vec<Option<Tensor>> = vec![None; params.len()];
+        // (raw gradient, clip factor) of every parameter updated this step.
+        let mut clipped: Vec<Option<(Tensor, f64)>> = vec![None; params.len()];
         let mut total_sq = 0.0;
         for group in &self.clip_groups {
             let gs: Vec<(usize, Tensor)> = group
@@ -232,24 +261,35 @@ impl Trainer {
                 // Post-clip norms are reported as pre·factor (saves two passes over each tensor).
                 let own = if single { norm } else { joint_norm(&[&g])? };
                 pre[i] = Some(own);
-                let g = if f < 1.0 { (g * f)? } else { g };
                 if frozen && is_last_layer(&params[i].name) {
                     continue; // grad = None: no update, no decay, no Adam state
                 }
                 post[i] = Some(own * f);
-                clipped[i] = Some(g);
+                clipped[i] = Some((g, f));
             }
         }
-        for (i, g) in clipped.iter().enumerate() {
-            if let Some(g) = g {
-                let p = &params[i];
-                let wd_i = if p.decay { wd } else { 0.0 };
-                self.optim
-                    .update(i, &p.var, g, lr, wd_i)
-                    .with_context(|| format!("AdamW on {}", p.name))?;
+        if fused {
+            let gs: Vec<Option<(Tensor, f64, f64)>> = clipped
+                .into_iter()
+                .enumerate()
+                .map(|(i, c)| c.map(|(g, f)| (g, f, if params[i].decay { wd } else { 0.0 })))
+                .collect();
+            self.optim
+                .fused_update_ema(&self.student, &self.teacher, &gs, lr, mom)
+                .context("fused AdamW + EMA")?;
+        } else {
+            for (i, c) in clipped.into_iter().enumerate() {
+                if let Some((g, f)) = c {
+                    let g = if f < 1.0 { (g * f)? } else { g };
+                    let p = &params[i];
+                    let wd_i = if p.decay { wd } else { 0.0 };
+                    self.optim
+                        .update(i, &p.var, &g, lr, wd_i)
+                        .with_context(|| format!("AdamW on {}", p.name))?;
+                }
             }
+            ema_update(&self.teacher, &self.student, mom)?;
         }
-        ema_update(&self.teacher, &self.student, mom)?;
         self.sync()?;
         let t4 = Instant::now();
 

@@ -5,7 +5,8 @@
 //! `[cls, cls+, patches row-major]`; with `dino_only` the [cls+] token is left out entirely.
 
 use crate::config::TrainConfig;
-use crate::nn::{attention, gelu, merge_heads, split_heads, LayerNorm, Linear};
+use crate::kernels::Compute;
+use crate::nn::{attention, merge_heads, split_heads, LayerNorm, Linear};
 use crate::params::ParamStore;
 use candle_core::{Device, Result, Tensor};
 use std::collections::HashMap;
@@ -69,13 +70,14 @@ struct Attention {
     qkv: Linear,
     proj: Linear,
     heads: usize,
+    fused: bool,
 }
 
 impl Attention {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (q, k, v) = split_heads(&self.qkv.forward(x)?, self.heads)?;
         let dh = q.dim(3)?;
-        let o = attention(&q, &k, &v, (dh as f64).powf(-0.5))?;
+        let o = attention(&q, &k, &v, (dh as f64).powf(-0.5), self.fused)?;
         self.proj.forward(&merge_heads(&o)?)
     }
 }
@@ -89,8 +91,11 @@ struct Block {
 }
 
 impl Block {
+    /// `x`: the residual stream in the parameter dtype; the branches run in the compute dtype
+    /// and are cast back before the residual add (as under PyTorch autocast).
     fn forward(&self, x: &Tensor, drop: Option<&(Tensor, Tensor)>) -> Result<Tensor> {
-        let a = self.attn.forward(&self.norm1.forward(x)?)?;
+        let a = self.attn.forward(&self.norm1.forward_compute(x)?)?;
+        let a = a.to_dtype(x.dtype())?;
         let a = match drop {
             Some((m, _)) => a.broadcast_mul(m)?,
             None => a,
@@ -98,7 +103,8 @@ impl Block {
         let x = (x + a)?;
         let h = self
             .fc2
-            .forward(&gelu(&self.fc1.forward(&self.norm2.forward(&x)?)?)?)?;
+            .forward(&self.fc1.forward_gelu(&self.norm2.forward_compute(&x)?)?)?;
+        let h = h.to_dtype(x.dtype())?;
         let h = match drop {
             Some((_, m)) => h.broadcast_mul(m)?,
             None => h,
@@ -125,17 +131,30 @@ pub struct Vit {
     resample: HashMap<usize, Tensor>,
     /// Stochastic-depth rate of each block (linspace(0, drop_path, depth)).
     pub drop_rates: Vec<f64>,
+    compute: Compute,
 }
 
 impl Vit {
     /// Builds the backbone over `store`; `tracked = false` reads detached tensors (teacher).
+    /// Computes in the parameter dtype with composed ops.
     pub fn new(cfg: &TrainConfig, store: &ParamStore, tracked: bool) -> Result<Self> {
+        Self::with_compute(cfg, store, tracked, Compute::default())
+    }
+
+    /// As [`Self::new`] with a precision / kernel choice.
+    pub fn with_compute(
+        cfg: &TrainConfig,
+        store: &ParamStore,
+        tracked: bool,
+        compute: Compute,
+    ) -> Result<Self> {
         let get = |n: &str| store.layer_tensor(n, tracked);
         let m = &cfg.model;
         let lin = |n: &str| -> Result<Linear> {
             Ok(Linear {
                 weight: get(&format!("{n}.weight"))?,
                 bias: Some(get(&format!("{n}.bias"))?),
+                compute,
             })
         };
         let ln = |n: &str| -> Result<LayerNorm> {
@@ -143,6 +162,7 @@ impl Vit {
                 weight: get(&format!("{n}.weight"))?,
                 bias: get(&format!("{n}.bias"))?,
                 eps: m.ln_eps,
+                compute,
             })
         };
         let blocks = (0..m.depth)
@@ -154,6 +174,7 @@ impl Vit {
                         qkv: lin(&format!("{n}.attn.qkv"))?,
                         proj: lin(&format!("{n}.attn.proj"))?,
                         heads: m.heads,
+                        fused: compute.fused(),
                     },
                     norm2: ln(&format!("{n}.norm2"))?,
                     fc1: lin(&format!("{n}.mlp.fc1"))?,
@@ -200,6 +221,7 @@ impl Vit {
             n_prefix: if cfg.loss.dino_only { 1 } else { 2 },
             resample,
             drop_rates,
+            compute,
         })
     }
 
@@ -250,8 +272,10 @@ impl Vit {
         Linear {
             weight: w,
             bias: Some(self.patch_b.clone()),
+            compute: self.compute,
         }
-        .forward(&cols)
+        .forward(&cols)?
+        .to_dtype(self.pos_embed.dtype())
     }
 
     /// Last-block output `[B, n_prefix + G², D]` (before the final LayerNorm).

@@ -1,0 +1,155 @@
+//! Launch helpers for `udi_kernels.cu` (compiled to PTX by build.rs, loaded once per device as
+//! the custom module "udi_kernels").
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, CudaStream, CudaView, LaunchArgs, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
+use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result};
+use half::bf16;
+use std::sync::Arc;
+
+pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/udi_kernels.ptx"));
+
+/// A read-only, typed view of a contiguous input.
+pub enum In<'a> {
+    F32(CudaView<'a, f32>),
+    Bf16(CudaView<'a, bf16>),
+    U32(CudaView<'a, u32>),
+}
+
+impl<'c> In<'c> {
+    pub fn new(s: &'c CudaStorage, l: &Layout, what: &str) -> Result<Self> {
+        let Some((a, b)) = l.contiguous_offsets() else {
+            bail!("{what}: input must be contiguous")
+        };
+        Ok(match &s.slice {
+            CudaStorageSlice::F32(v) => In::F32(v.slice(a..b)),
+            CudaStorageSlice::BF16(v) => In::Bf16(v.slice(a..b)),
+            CudaStorageSlice::U32(v) => In::U32(v.slice(a..b)),
+            _ => bail!("{what}: unsupported dtype {:?} on CUDA", s.dtype()),
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self {
+            In::F32(_) => DType::F32,
+            In::Bf16(_) => DType::BF16,
+            In::U32(_) => DType::U32,
+        }
+    }
+
+    pub fn push<'a, 'b: 'a>(&'b self, b: &mut LaunchArgs<'a>)
+    where
+        'c: 'b,
+    {
+        match self {
+            In::F32(v) => b.arg(v),
+            In::Bf16(v) => b.arg(v),
+            In::U32(v) => b.arg(v),
+        };
+    }
+}
+
+/// A freshly allocated output buffer.
+pub enum Out {
+    F32(CudaSlice<f32>),
+    Bf16(CudaSlice<bf16>),
+}
+
+impl Out {
+    /// Uninitialised unless `zero` (every kernel here writes all of its output).
+    pub fn alloc(dev: &CudaDevice, dtype: DType, n: usize, zero: bool) -> Result<Self> {
+        Ok(match (dtype, zero) {
+            (DType::F32, false) => Out::F32(unsafe { dev.alloc::<f32>(n)? }),
+            (DType::F32, true) => Out::F32(dev.alloc_zeros::<f32>(n)?),
+            (DType::BF16, false) => Out::Bf16(unsafe { dev.alloc::<bf16>(n)? }),
+            (DType::BF16, true) => Out::Bf16(dev.alloc_zeros::<bf16>(n)?),
+            (d, _) => bail!("unsupported output dtype {d:?} on CUDA"),
+        })
+    }
+
+    pub fn push<'a, 'b: 'a>(&'b mut self, b: &mut LaunchArgs<'a>) {
+        match self {
+            Out::F32(v) => b.arg(v),
+            Out::Bf16(v) => b.arg(v),
+        };
+    }
+
+    pub fn into_storage(self, dev: &CudaDevice) -> CudaStorage {
+        let slice = match self {
+            Out::F32(v) => CudaStorageSlice::F32(v),
+            Out::Bf16(v) => CudaStorageSlice::BF16(v),
+        };
+        CudaStorage {
+            slice,
+            device: dev.clone(),
+        }
+    }
+}
+
+/// Kernel-name suffix of a dtype.
+pub fn suffix(d: DType) -> Result<&'static str> {
+    Ok(match d {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        d => bail!("no CUDA kernel for dtype {d:?}"),
+    })
+}
+
+/// A loaded kernel and the device's stream (candle's single stream: ordering with candle's own
+/// kernels is preserved).
+pub struct Kernel {
+    stream: Arc<CudaStream>,
+    func: CudaFunction,
+}
+
+impl Kernel {
+    pub fn builder(&self) -> LaunchArgs<'_> {
+        self.stream.launch_builder(&self.func)
+    }
+}
+
+/// Loads (once per device) and returns kernel `name`.
+pub fn func(dev: &CudaDevice, name: &str) -> Result<Kernel> {
+    if PTX.is_empty() {
+        bail!("this binary was built with CANDLE_KERNELS_CHECK_ONLY=1: it has no PTX for {name}");
+    }
+    let f = dev.get_or_load_custom_func(name, "udi_kernels", PTX)?;
+    Ok(Kernel {
+        stream: dev.cuda_stream(),
+        func: f.into_cuda_function(),
+    })
+}
+
+/// One block of `threads` per row.
+pub fn per_row(rows: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// A grid-stride elementwise launch over `n` elements.
+pub fn elementwise(n: usize) -> LaunchConfig {
+    let threads = 256u32;
+    let blocks = n.div_ceil(threads as usize).clamp(1, 65_535 * 8) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Threads per row-block for rows of `d` elements: a multiple of 32, at most 1024.
+pub fn threads_for(d: usize) -> u32 {
+    (d.div_ceil(32) * 32).clamp(32, 1024) as u32
+}
+
+/// Launches `builder` with `cfg`.
+pub fn launch(mut b: LaunchArgs<'_>, cfg: LaunchConfig) -> Result<()> {
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(())
+}

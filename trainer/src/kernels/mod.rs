@@ -1,0 +1,123 @@
+//! Precision and kernel selection, and the trainer's own fused ops (issue 7 items 2–3).
+//!
+//! * [`Precision`] (`--precision bf16|f32`): bf16 runs the matmuls, GELU and attention in bf16
+//!   with f32 master weights (cast per forward; autograd flows back to the f32 masters through
+//!   the cast). LayerNorm statistics, the residual stream, softmax/log-softmax of the loss, the
+//!   centres, the EMA and AdamW stay f32.
+//! * [`Kernels`] (`--kernels candle|fused`): `candle` composes candle ops (differentiable by
+//!   candle's autograd); `fused` uses the ops below, each a candle `CustomOp` whose `cpu_fwd` is
+//!   the reference implementation and whose `cuda_fwd` launches our PTX (`udi_kernels.cu`).
+//!
+//! Fused ops: [`layer_norm`] (fwd + bwd), [`bias_gelu`] (fwd + bwd), [`attn_softmax`] (fwd +
+//! bwd), [`centered_softmax`] (teacher targets, no bwd), [`soft_ce_rows`] (student
+//! cross-entropy with temperature, fwd + bwd), [`adamw::AdamwEma`] (multi-tensor AdamW + EMA
+//! over flat buffers). Each public function takes `fused: bool` and falls back to the composed
+//! candle ops, so the two paths can be compared op by op (`trainer kernel-check`).
+
+pub mod adamw;
+
+mod cpu;
+#[cfg(feature = "cuda")]
+mod gpu;
+mod ops;
+
+pub use ops::{
+    attn_softmax, bias_gelu, centered_softmax, layer_norm, soft_ce_rows, AttnSoftmax, BiasGelu,
+    CenteredSoftmax, LayerNormOp, SoftCe,
+};
+
+use candle_core::{DType, Device};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// The `--precision` flag / `[run] precision`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// bf16 matmuls/activations, f32 master weights, statistics and loss (default on CUDA).
+    Bf16,
+    /// Everything in the parameter dtype (default on the CPU).
+    F32,
+}
+
+/// The `--kernels` flag / `[run] kernels`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Kernels {
+    /// Composed candle ops (default on the CPU).
+    Candle,
+    /// Our fused ops (default on CUDA; on the CPU they run their reference `cpu_fwd`).
+    Fused,
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Bf16 => "bf16",
+            Self::F32 => "f32",
+        })
+    }
+}
+
+impl fmt::Display for Kernels {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Candle => "candle",
+            Self::Fused => "fused",
+        })
+    }
+}
+
+/// How a network computes: the activation dtype of matmuls/GELU/attention and whether the fused
+/// ops are used. Parameters keep their own dtype (the f32 masters).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Compute {
+    pub precision: Precision,
+    pub kernels: Kernels,
+}
+
+impl Default for Compute {
+    /// f32 and composed ops: the reference behaviour (CPU default).
+    fn default() -> Self {
+        Self {
+            precision: Precision::F32,
+            kernels: Kernels::Candle,
+        }
+    }
+}
+
+impl Compute {
+    /// The defaults for a device: bf16 + fused on CUDA, f32 + candle on the CPU; `precision` /
+    /// `kernels` override them.
+    pub fn for_device(
+        device: &Device,
+        precision: Option<Precision>,
+        kernels: Option<Kernels>,
+    ) -> Self {
+        let cuda = device.is_cuda();
+        Self {
+            precision: precision.unwrap_or(if cuda {
+                Precision::Bf16
+            } else {
+                Precision::F32
+            }),
+            kernels: kernels.unwrap_or(if cuda {
+                Kernels::Fused
+            } else {
+                Kernels::Candle
+            }),
+        }
+    }
+
+    /// The dtype matmul inputs are cast to, given the parameter dtype.
+    pub fn dtype(&self, param: DType) -> DType {
+        match self.precision {
+            Precision::Bf16 => DType::BF16,
+            Precision::F32 => param,
+        }
+    }
+
+    pub fn fused(&self) -> bool {
+        self.kernels == Kernels::Fused
+    }
+}

@@ -1,0 +1,862 @@
+//! The fused ops as candle custom ops. `cpu_fwd` is the reference (f64 arithmetic, any float
+//! dtype); `cuda_fwd` launches `udi_kernels.cu` (f32 / bf16 activations, f32 parameters).
+//! The public functions pick the fused op or the composed candle ops (`fused = false`).
+
+use super::cpu;
+#[cfg(feature = "cuda")]
+use super::gpu;
+use crate::nn;
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
+};
+#[cfg(feature = "cuda")]
+use candle_core::{cuda_backend::cudarc::driver::PushKernelArg, CudaStorage};
+
+/// f32 for half types, else the dtype itself: where statistics are computed.
+fn upcast(d: DType) -> DType {
+    match d {
+        DType::BF16 | DType::F16 => DType::F32,
+        d => d,
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn need_f32(i: &gpu::In<'_>, what: &str) -> Result<()> {
+    if i.dtype() != DType::F32 {
+        bail!("{what} must be f32 on CUDA, got {:?}", i.dtype());
+    }
+    Ok(())
+}
+
+// ---- LayerNorm ------------------------------------------------------------------------------
+
+/// LayerNorm over the last dim: `(x − mean)/√(var + eps)·w + b`, output in `out`.
+pub struct LayerNormOp {
+    pub eps: f64,
+    pub out: DType,
+}
+
+fn ln_stats(row: &[f64], eps: f64) -> (f64, f64) {
+    let d = row.len() as f64;
+    let mean = row.iter().sum::<f64>() / d;
+    let var = row.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / d;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "udi-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = cpu::read(s1, l1, "layer_norm x")?;
+        let w = cpu::read(s2, l2, "layer_norm w")?;
+        let b = cpu::read(s3, l3, "layer_norm b")?;
+        let (_, d) = cpu::rows_cols(l1)?;
+        let mut y = vec![0.0; x.len()];
+        for (xr, yr) in x.chunks(d).zip(y.chunks_mut(d)) {
+            let (mean, rstd) = ln_stats(xr, self.eps);
+            for j in 0..d {
+                yr[j] = (xr[j] - mean) * rstd * w[j] + b[j];
+            }
+        }
+        Ok((cpu::write(&y, self.out)?, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = &s1.device;
+        let (x, w, b) = (
+            gpu::In::new(s1, l1, "layer_norm x")?,
+            gpu::In::new(s2, l2, "layer_norm w")?,
+            gpu::In::new(s3, l3, "layer_norm b")?,
+        );
+        need_f32(&w, "layer_norm w")?;
+        need_f32(&b, "layer_norm b")?;
+        let (rows, d) = cpu::rows_cols(l1)?;
+        let name = format!(
+            "ln_fwd_{}_{}",
+            gpu::suffix(x.dtype())?,
+            gpu::suffix(self.out)?
+        );
+        let k = gpu::func(dev, &name)?;
+        let mut y = gpu::Out::alloc(dev, self.out, rows * d, false)?;
+        let (di, eps) = (d as i32, self.eps as f32);
+        let mut a = k.builder();
+        x.push(&mut a);
+        w.push(&mut a);
+        b.push(&mut a);
+        y.push(&mut a);
+        a.arg(&di).arg(&eps);
+        gpu::launch(a, gpu::per_row(rows, gpu::threads_for(d).min(512)))?;
+        Ok((y.into_storage(dev), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let dx = x.apply_op3_no_bwd(w, &dy, &LnBwdDx { eps: self.eps })?;
+        let d = w.elem_count();
+        let dwdb = x.apply_op2_no_bwd(
+            &dy,
+            &LnBwdWb {
+                eps: self.eps,
+                out: w.dtype(),
+            },
+        )?;
+        let dw = dwdb.narrow(0, 0, 1)?.reshape(w.shape())?;
+        let db = dwdb.narrow(0, 1, 1)?.reshape(d)?.reshape(w.shape())?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// LayerNorm backward, input gradient: (x, w, dy) → dx in x's dtype.
+struct LnBwdDx {
+    eps: f64,
+}
+
+impl CustomOp3 for LnBwdDx {
+    fn name(&self) -> &'static str {
+        "udi-layer-norm-bwd-dx"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = cpu::read(s1, l1, "ln bwd x")?;
+        let w = cpu::read(s2, l2, "ln bwd w")?;
+        let dy = cpu::read(s3, l3, "ln bwd dy")?;
+        let (_, d) = cpu::rows_cols(l1)?;
+        let mut dx = vec![0.0; x.len()];
+        for ((xr, gr), dr) in x.chunks(d).zip(dy.chunks(d)).zip(dx.chunks_mut(d)) {
+            let (mean, rstd) = ln_stats(xr, self.eps);
+            let (mut c1, mut c2) = (0.0, 0.0);
+            for j in 0..d {
+                let g = w[j] * gr[j];
+                c1 += g * (xr[j] - mean) * rstd;
+                c2 += g;
+            }
+            let (c1, c2) = (c1 / d as f64, c2 / d as f64);
+            for j in 0..d {
+                let xh = (xr[j] - mean) * rstd;
+                dr[j] = rstd * (w[j] * gr[j] - c1 * xh - c2);
+            }
+        }
+        Ok((cpu::write(&dx, s1.dtype())?, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = &s1.device;
+        let (x, w, dy) = (
+            gpu::In::new(s1, l1, "ln bwd x")?,
+            gpu::In::new(s2, l2, "ln bwd w")?,
+            gpu::In::new(s3, l3, "ln bwd dy")?,
+        );
+        need_f32(&w, "layer_norm w")?;
+        let (rows, d) = cpu::rows_cols(l1)?;
+        let name = format!(
+            "ln_bwd_dx_{}_{}",
+            gpu::suffix(x.dtype())?,
+            gpu::suffix(dy.dtype())?
+        );
+        let k = gpu::func(dev, &name)?;
+        let mut dx = gpu::Out::alloc(dev, x.dtype(), rows * d, false)?;
+        let (di, eps) = (d as i32, self.eps as f32);
+        let mut a = k.builder();
+        x.push(&mut a);
+        w.push(&mut a);
+        dy.push(&mut a);
+        dx.push(&mut a);
+        a.arg(&di).arg(&eps);
+        gpu::launch(a, gpu::per_row(rows, gpu::threads_for(d).min(512)))?;
+        Ok((dx.into_storage(dev), l1.shape().clone()))
+    }
+}
+
+/// LayerNorm backward, parameter gradients: (x, dy) → `[2, D]` = [dw; db] in `out`.
+struct LnBwdWb {
+    eps: f64,
+    out: DType,
+}
+
+/// Rows per block of the dw/db reduction (one atomicAdd per column and block).
+#[cfg(feature = "cuda")]
+const LN_WB_ROWS: usize = 64;
+
+impl CustomOp2 for LnBwdWb {
+    fn name(&self) -> &'static str {
+        "udi-layer-norm-bwd-wb"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = cpu::read(s1, l1, "ln bwd x")?;
+        let dy = cpu::read(s2, l2, "ln bwd dy")?;
+        let (_, d) = cpu::rows_cols(l1)?;
+        let mut out = vec![0.0; 2 * d];
+        for (xr, gr) in x.chunks(d).zip(dy.chunks(d)) {
+            let (mean, rstd) = ln_stats(xr, self.eps);
+            for j in 0..d {
+                out[j] += gr[j] * (xr[j] - mean) * rstd;
+                out[d + j] += gr[j];
+            }
+        }
+        Ok((cpu::write(&out, self.out)?, Shape::from((2, d))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = &s1.device;
+        let (x, dy) = (
+            gpu::In::new(s1, l1, "ln bwd x")?,
+            gpu::In::new(s2, l2, "ln bwd dy")?,
+        );
+        if self.out != DType::F32 {
+            bail!("layer_norm parameters must be f32 on CUDA");
+        }
+        let (rows, d) = cpu::rows_cols(l1)?;
+        let threads = gpu::threads_for(d)
+            .min(256)
+            .max(gpu::threads_for(d.div_ceil(8)));
+        if d > 8 * threads as usize {
+            bail!("layer_norm backward: last dim {d} > 8192");
+        }
+        let name = format!(
+            "ln_bwd_wb_{}_{}",
+            gpu::suffix(x.dtype())?,
+            gpu::suffix(dy.dtype())?
+        );
+        let k = gpu::func(dev, &name)?;
+        let mut out = gpu::Out::alloc(dev, DType::F32, 2 * d, true)?;
+        let (ri, di, eps, rpb) = (rows as i32, d as i32, self.eps as f32, LN_WB_ROWS as i32);
+        let mut a = k.builder();
+        x.push(&mut a);
+        dy.push(&mut a);
+        out.push(&mut a);
+        a.arg(&ri).arg(&di).arg(&eps).arg(&rpb);
+        gpu::launch(a, gpu::per_row(rows.div_ceil(LN_WB_ROWS).max(1), threads))?;
+        Ok((out.into_storage(dev), Shape::from((2, d))))
+    }
+}
+
+/// LayerNorm over the last dimension with f32 (parameter-dtype) statistics, output in `out`.
+/// Composed: candle ops (differentiable); fused: [`LayerNormOp`].
+pub fn layer_norm(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f64,
+    out: DType,
+    fused: bool,
+) -> Result<Tensor> {
+    if fused {
+        return x.contiguous()?.apply_op3(w, b, LayerNormOp { eps, out });
+    }
+    let x = x.to_dtype(upcast(w.dtype()))?;
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    xn.broadcast_mul(w)?.broadcast_add(b)?.to_dtype(out)
+}
+
+// ---- bias + GELU ------------------------------------------------------------------------------
+
+/// `gelu_erf(x + b)` with b broadcast over the last dim; output in x's dtype.
+pub struct BiasGelu;
+
+fn gelu_grad(v: f64) -> f64 {
+    0.5 * (1.0 + cpu::erf(v / std::f64::consts::SQRT_2))
+        + v * (-0.5 * v * v).exp() / (2.0 * std::f64::consts::PI).sqrt()
+}
+
+impl CustomOp2 for BiasGelu {
+    fn name(&self) -> &'static str {
+        "udi-bias-gelu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = cpu::read(s1, l1, "bias_gelu x")?;
+        let b = cpu::read(s2, l2, "bias_gelu b")?;
+        let d = b.len();
+        let y: Vec<f64> = x
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                let v = v + b[i % d];
+                0.5 * v * (1.0 + cpu::erf(v / std::f64::consts::SQRT_2))
+            })
+            .collect();
+        Ok((cpu::write(&y, s1.dtype())?, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = &s1.device;
+        let (x, b) = (
+            gpu::In::new(s1, l1, "bias_gelu x")?,
+            gpu::In::new(s2, l2, "bias_gelu b")?,
+        );
+        need_f32(&b, "bias_gelu b")?;
+        let n = l1.shape().elem_count();
+        let d = l2.shape().elem_count() as i32;
+        let k = gpu::func(dev, &format!("bias_gelu_fwd_{}", gpu::suffix(x.dtype())?))?;
+        let mut y = gpu::Out::alloc(dev, x.dtype(), n, false)?;
+        let mut a = k.builder();
+        x.push(&mut a);
+        b.push(&mut a);
+        y.push(&mut a);
+        a.arg(&n).arg(&d);
+        gpu::launch(a, gpu::elementwise(n))?;
+        Ok((y.into_storage(dev), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = x.apply_op3_no_bwd(b, &dy.contiguous()?, &BiasGeluBwd)?;
+        let d = b.elem_count();
+        let db = dx
+            .to_dtype(b.dtype())?
+            .reshape(((), d))?
+            .sum(0)?
+            .reshape(b.shape())?;
+        Ok((Some(dx), Some(db)))
+    }
+}
+
+/// (x, b, dy) → dy·gelu'(x + b) in x's dtype.
+struct BiasGeluBwd;
+
+impl CustomOp3 for BiasGeluBwd {
+    fn name(&self) -> &'static str {
+        "udi-bias-gelu-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = cpu::read(s1, l1, "bias_gelu x")?;
+        let b = cpu::read(s2, l2, "bias_gelu b")?;
+        let dy = cpu::read(s3, l3, "bias_gelu dy")?;
+        let d = b.len();
+        let dx: Vec<f64> = x
+            .iter()
+            .zip(&dy)
+            .enumerate()
+            .map(|(i, (&v, &g))| g * gelu_grad(v + b[i % d]))
+            .collect();
+        Ok((cpu::write(&dx, s1.dtype())?, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = &s1.device;
+        let (x, b, dy) = (
+            gpu::In::new(s1, l1, "bias_gelu x")?,
+            gpu::In::new(s2, l2, "bias_gelu b")?,
+            gpu::In::new(s3, l3, "bias_gelu dy")?,
+        );
+        need_f32(&b, "bias_gelu b")?;
+        if dy.dtype() != x.dtype() {
+            bail!(
+                "bias_gelu backward: dy {:?} != x {:?}",
+                dy.dtype(),
+                x.dtype()
+            );
+        }
+        let n = l1.shape().elem_count();
+        let d = l2.shape().elem_count() as i32;
+        let k = gpu::func(dev, &format!("bias_gelu_bwd_{}", gpu::suffix(x.dtype())?))?;
+        let mut dx = gpu::Out::alloc(dev, x.dtype(), n, false)?;
+        let mut a = k.builder();
+        x.push(&mut a);
+        b.push(&mut a);
+        dy.push(&mut a);
+        dx.push(&mut a);
+        a.arg(&n).arg(&d);
+        gpu::launch(a, gpu::elementwise(n))?;
+        Ok((dx.into_storage(dev), l1.shape().clone()))
+    }
+}
+
+/// `gelu_erf(x + b)` (b over the last dim, cast to x's dtype in the composed path).
+pub fn bias_gelu(x: &Tensor, b: &Tensor, fused: bool) -> Result<Tensor> {
+    if fused {
+        return x.contiguous()?.apply_op2(b, BiasGelu);
+    }
+    x.broadcast_add(&b.to_dtype(x.dtype())?)?.gelu_erf()
+}
+
+// ---- attention softmax ------------------------------------------------------------------------
+
+/// `softmax(x·scale)` over the last dim, computed in f32 (f64 for f64), output in x's dtype.
+pub struct AttnSoftmax {
+    pub scale: f64,
+}
+
+impl CustomOp1 for AttnSoftmax {
+    fn name(&self) -> &'static str {
+        "udi-attn-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = cpu::read(s, l, "attn_softmax x")?;
+        let (_, n) = cpu::rows_cols(l)?;
+        let mut y = vec![0.0; x.len()];
+        for (xr, yr) in x.chunks(n).zip(y.chunks_mut(n)) {
+            let m = xr
+                .iter()
+                .fold(f64::NEG_INFINITY, |a, &v| a.max(v * self.scale));
+            let mut s = 0.0;
+            for j in 0..n {
+                yr[j] = (xr[j] * self.scale - m).exp();
+                s += yr[j];
+            }
+            yr.iter_mut().for_each(|v| *v /= s);
+        }
+        Ok((cpu::write(&y, s.dtype())?, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = &s.device;
+        let x = gpu::In::new(s, l, "attn_softmax x")?;
+        let (rows, n) = cpu::rows_cols(l)?;
+        let k = gpu::func(
+            dev,
+            &format!("attn_softmax_fwd_{}", gpu::suffix(x.dtype())?),
+        )?;
+        let mut y = gpu::Out::alloc(dev, x.dtype(), rows * n, false)?;
+        let (ni, sc) = (n as i32, self.scale as f32);
+        let mut a = k.builder();
+        x.push(&mut a);
+        y.push(&mut a);
+        a.arg(&rows).arg(&ni).arg(&sc);
+        gpu::launch(a, gpu::per_row(rows.div_ceil(8), 256))?;
+        Ok((y.into_storage(dev), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(y.apply_op2_no_bwd(
+            &dy.contiguous()?,
+            &AttnSoftmaxBwd { scale: self.scale },
+        )?))
+    }
+}
+
+/// (y, dy) → scale·y·(dy − Σ y·dy).
+struct AttnSoftmaxBwd {
+    scale: f64,
+}
+
+impl CustomOp2 for AttnSoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "udi-attn-softmax-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = cpu::read(s1, l1, "attn_softmax y")?;
+        let dy = cpu::read(s2, l2, "attn_softmax dy")?;
+        let (_, n) = cpu::rows_cols(l1)?;
+        let mut dx = vec![0.0; y.len()];
+        for ((yr, gr), dr) in y.chunks(n).zip(dy.chunks(n)).zip(dx.chunks_mut(n)) {
+            let s: f64 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+            for j in 0..n {
+                dr[j] = self.scale * yr[j] * (gr[j] - s);
+            }
+        }
+        Ok((cpu::write(&dx, s1.dtype())?, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = &s1.device;
+        let (y, dy) = (
+            gpu::In::new(s1, l1, "attn_softmax y")?,
+            gpu::In::new(s2, l2, "attn_softmax dy")?,
+        );
+        if y.dtype() != dy.dtype() {
+            bail!("attn_softmax backward: dtypes differ");
+        }
+        let (rows, n) = cpu::rows_cols(l1)?;
+        let k = gpu::func(
+            dev,
+            &format!("attn_softmax_bwd_{}", gpu::suffix(y.dtype())?),
+        )?;
+        let mut dx = gpu::Out::alloc(dev, y.dtype(), rows * n, false)?;
+        let (ni, sc) = (n as i32, self.scale as f32);
+        let mut a = k.builder();
+        y.push(&mut a);
+        dy.push(&mut a);
+        dx.push(&mut a);
+        a.arg(&rows).arg(&ni).arg(&sc);
+        gpu::launch(a, gpu::per_row(rows.div_ceil(8), 256))?;
+        Ok((dx.into_storage(dev), l1.shape().clone()))
+    }
+}
+
+/// `softmax(x·scale)` over the last dim: statistics in f32 for bf16 inputs, output in x's dtype.
+pub fn attn_softmax(x: &Tensor, scale: f64, fused: bool) -> Result<Tensor> {
+    if fused {
+        return x.contiguous()?.apply_op1(AttnSoftmax { scale });
+    }
+    let z = (x.to_dtype(upcast(x.dtype()))? * scale)?;
+    nn::softmax(&z)?.to_dtype(x.dtype())
+}
+
+// ---- the head's teacher softmax and student cross-entropy ------------------------------------
+
+/// Teacher targets `softmax((t − c)/tau)` over the last dim, in c's dtype (f32). No backward.
+pub struct CenteredSoftmax {
+    pub tau: f64,
+}
+
+impl CustomOp2 for CenteredSoftmax {
+    fn name(&self) -> &'static str {
+        "udi-centered-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let t = cpu::read(s1, l1, "centered_softmax t")?;
+        let c = cpu::read(s2, l2, "centered_softmax c")?;
+        let k = c.len();
+        let mut p = vec![0.0; t.len()];
+        for (tr, pr) in t.chunks(k).zip(p.chunks_mut(k)) {
+            let m = (0..k).fold(f64::NEG_INFINITY, |a, j| a.max((tr[j] - c[j]) / self.tau));
+            let mut s = 0.0;
+            for j in 0..k {
+                pr[j] = ((tr[j] - c[j]) / self.tau - m).exp();
+                s += pr[j];
+            }
+            pr.iter_mut().for_each(|v| *v /= s);
+        }
+        Ok((cpu::write(&p, s2.dtype())?, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = &s1.device;
+        let (t, c) = (
+            gpu::In::new(s1, l1, "centered_softmax t")?,
+            gpu::In::new(s2, l2, "centered_softmax c")?,
+        );
+        need_f32(&c, "centre")?;
+        let (rows, k) = cpu::rows_cols(l1)?;
+        let f = gpu::func(
+            dev,
+            &format!("centered_softmax_{}", gpu::suffix(t.dtype())?),
+        )?;
+        let mut p = gpu::Out::alloc(dev, DType::F32, rows * k, false)?;
+        let (ki, it) = (k as i32, (1.0 / self.tau) as f32);
+        let mut a = f.builder();
+        t.push(&mut a);
+        c.push(&mut a);
+        p.push(&mut a);
+        a.arg(&ki).arg(&it);
+        gpu::launch(a, gpu::per_row(rows, gpu::threads_for(k).min(1024)))?;
+        Ok((p.into_storage(dev), l1.shape().clone()))
+    }
+}
+
+/// Teacher probabilities `softmax((t − c)/tau)` in c's dtype (no gradient).
+pub fn centered_softmax(t: &Tensor, c: &Tensor, tau: f64, fused: bool) -> Result<Tensor> {
+    if fused {
+        let k = c.elem_count();
+        let shape = t.shape().clone();
+        let t2 = t.detach().contiguous()?.reshape(((), k))?;
+        return t2
+            .apply_op2_no_bwd(&c.detach().contiguous()?, &CenteredSoftmax { tau })?
+            .reshape(shape);
+    }
+    nn::softmax(&(t.to_dtype(c.dtype())?.broadcast_sub(c)? / tau)?)
+}
+
+/// Student cross-entropy rows: `loss[r] = −Σ_k p[r mod P, k]·log_softmax(s[r]/tau)_k` for
+/// s `[R, K]`, p `[P, K]` (P divides R: a target broadcast over leading groups); `[R]` in p's
+/// dtype. Backward to s only (p is a teacher target).
+pub struct SoftCe {
+    pub tau: f64,
+}
+
+/// (max z, log Σ exp(z − max), Σ p, Σ p·z) of z = s/tau.
+fn ce_stats(s: &[f64], p: &[f64], tau: f64) -> (f64, f64, f64, f64) {
+    let m = s.iter().fold(f64::NEG_INFINITY, |a, &v| a.max(v / tau));
+    let (mut e, mut sp, mut spz) = (0.0, 0.0, 0.0);
+    for (&sv, &pv) in s.iter().zip(p) {
+        let z = sv / tau;
+        e += (z - m).exp();
+        sp += pv;
+        spz += pv * z;
+    }
+    (m, e.ln(), sp, spz)
+}
+
+impl CustomOp2 for SoftCe {
+    fn name(&self) -> &'static str {
+        "udi-soft-ce"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let s = cpu::read(s1, l1, "soft_ce s")?;
+        let p = cpu::read(s2, l2, "soft_ce p")?;
+        let (rows, k) = cpu::rows_cols(l1)?;
+        let (p_rows, _) = cpu::rows_cols(l2)?;
+        let loss: Vec<f64> = (0..rows)
+            .map(|r| {
+                let pr = r % p_rows;
+                let (m, lse, sp, spz) =
+                    ce_stats(&s[r * k..(r + 1) * k], &p[pr * k..(pr + 1) * k], self.tau);
+                sp * (m + lse) - spz
+            })
+            .collect();
+        Ok((cpu::write(&loss, s2.dtype())?, Shape::from(rows)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = &s1.device;
+        let (s, p) = (
+            gpu::In::new(s1, l1, "soft_ce s")?,
+            gpu::In::new(s2, l2, "soft_ce p")?,
+        );
+        need_f32(&p, "soft_ce target")?;
+        let (rows, k) = cpu::rows_cols(l1)?;
+        let (p_rows, _) = cpu::rows_cols(l2)?;
+        let f = gpu::func(dev, &format!("soft_ce_fwd_{}", gpu::suffix(s.dtype())?))?;
+        let mut loss = gpu::Out::alloc(dev, DType::F32, rows, false)?;
+        let (ki, pi, it) = (k as i32, p_rows as i32, (1.0 / self.tau) as f32);
+        let mut a = f.builder();
+        s.push(&mut a);
+        p.push(&mut a);
+        loss.push(&mut a);
+        a.arg(&ki).arg(&pi).arg(&it);
+        gpu::launch(a, gpu::per_row(rows, gpu::threads_for(k).min(1024)))?;
+        Ok((loss.into_storage(dev), Shape::from(rows)))
+    }
+
+    fn bwd(
+        &self,
+        s: &Tensor,
+        p: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let ds = s.apply_op3_no_bwd(p, &g.contiguous()?, &SoftCeBwd { tau: self.tau })?;
+        Ok((Some(ds), None))
+    }
+}
+
+/// (s, p, g) → ds = g_r·(Σp·softmax(s/tau) − p)/tau in s's dtype.
+struct SoftCeBwd {
+    tau: f64,
+}
+
+impl CustomOp3 for SoftCeBwd {
+    fn name(&self) -> &'static str {
+        "udi-soft-ce-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let s = cpu::read(s1, l1, "soft_ce s")?;
+        let p = cpu::read(s2, l2, "soft_ce p")?;
+        let g = cpu::read(s3, l3, "soft_ce g")?;
+        let (rows, k) = cpu::rows_cols(l1)?;
+        let (p_rows, _) = cpu::rows_cols(l2)?;
+        let mut ds = vec![0.0; s.len()];
+        for r in 0..rows {
+            let pr = &p[(r % p_rows) * k..(r % p_rows + 1) * k];
+            let sr = &s[r * k..(r + 1) * k];
+            let (m, lse, sp, _) = ce_stats(sr, pr, self.tau);
+            for j in 0..k {
+                let q = (sr[j] / self.tau - m - lse).exp();
+                ds[r * k + j] = g[r] * (sp * q - pr[j]) / self.tau;
+            }
+        }
+        Ok((cpu::write(&ds, s1.dtype())?, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = &s1.device;
+        let (s, p, g) = (
+            gpu::In::new(s1, l1, "soft_ce s")?,
+            gpu::In::new(s2, l2, "soft_ce p")?,
+            gpu::In::new(s3, l3, "soft_ce g")?,
+        );
+        need_f32(&p, "soft_ce target")?;
+        need_f32(&g, "soft_ce gradient")?;
+        let (rows, k) = cpu::rows_cols(l1)?;
+        let (p_rows, _) = cpu::rows_cols(l2)?;
+        let f = gpu::func(dev, &format!("soft_ce_bwd_{}", gpu::suffix(s.dtype())?))?;
+        let mut ds = gpu::Out::alloc(dev, s.dtype(), rows * k, false)?;
+        let (ki, pi, it) = (k as i32, p_rows as i32, (1.0 / self.tau) as f32);
+        let mut a = f.builder();
+        s.push(&mut a);
+        p.push(&mut a);
+        g.push(&mut a);
+        ds.push(&mut a);
+        a.arg(&ki).arg(&pi).arg(&it);
+        gpu::launch(a, gpu::per_row(rows, gpu::threads_for(k).min(1024)))?;
+        Ok((ds.into_storage(dev), l1.shape().clone()))
+    }
+}
+
+/// Per-row cross-entropy `−Σ_k p·log_softmax(s/tau)` of student logits s `[.., K]` (any float
+/// dtype, gradient flows) against targets p `[.., K]` (p's dtype, no gradient) whose row count
+/// divides s's: row r of s reads row `r mod P` of p. Returns `[R]` (R = rows of s) in p's dtype.
+pub fn soft_ce_rows(s: &Tensor, p: &Tensor, tau: f64, fused: bool) -> Result<Tensor> {
+    let k = s.dim(D::Minus1)?;
+    if p.dim(D::Minus1)? != k {
+        bail!("soft_ce: K differs ({k} vs {})", p.dim(D::Minus1)?);
+    }
+    let s2 = s.reshape(((), k))?;
+    let p2 = p.detach().reshape(((), k))?;
+    let (r, pr) = (s2.dim(0)?, p2.dim(0)?);
+    if pr == 0 || r % pr != 0 {
+        bail!("soft_ce: {pr} target rows do not divide {r} student rows");
+    }
+    if fused {
+        return s2
+            .contiguous()?
+            .apply_op2(&p2.contiguous()?, SoftCe { tau });
+    }
+    let ls = nn::log_softmax(&(s2.to_dtype(p.dtype())? / tau)?)?;
+    let h = ls
+        .reshape((r / pr, pr, k))?
+        .broadcast_mul(&p2.unsqueeze(0)?)?
+        .sum(D::Minus1)?
+        .neg()?;
+    h.reshape(r)
+}
