@@ -16,6 +16,7 @@
 
 use crate::config::TrainConfig;
 use crate::data::{batch_file_tensors, batch_from_file_tensors, synthetic_batch, TrainBatch};
+use crate::kernels::Compute;
 use crate::loss::Centres;
 use crate::step::{StepStats, Trainer};
 use anyhow::{Context, Result};
@@ -79,6 +80,9 @@ struct GradNorm {
 
 #[derive(Serialize)]
 struct DebugReport {
+    device: String,
+    precision: String,
+    kernels: String,
     #[serde(flatten)]
     stats: StepStats,
     iters_per_epoch: u64,
@@ -105,9 +109,10 @@ pub fn debug_step(
     out_tensors: &Path,
     iters_per_epoch: u64,
     dev: &Device,
+    compute: Compute,
 ) -> Result<()> {
     let dev = dev.clone();
-    let mut tr = Trainer::new(cfg, iters_per_epoch, &dev)?;
+    let mut tr = Trainer::with_options(cfg, iters_per_epoch, &dev, DType::F32, compute)?;
     tr.drop_path = false;
     let w = load(weights, &dev)?;
     let wname = weights.display().to_string();
@@ -145,6 +150,9 @@ pub fn debug_step(
         );
     }
     let report = DebugReport {
+        device: crate::device::name(&dev),
+        precision: compute.precision.to_string(),
+        kernels: compute.kernels.to_string(),
         stats: rep.stats,
         iters_per_epoch,
         centres,
@@ -167,9 +175,12 @@ pub fn debug_step(
 #[derive(Debug, Serialize)]
 pub struct BenchResult {
     pub device: String,
+    pub precision: String,
+    pub kernels: String,
     pub batch_size: usize,
     pub steps: usize,
     pub step_s: f64,
+    pub ms_per_step: f64,
     pub images_per_s: f64,
     pub teacher_fwd_s: f64,
     pub student_fwd_loss_s: f64,
@@ -184,12 +195,13 @@ pub fn bench(
     batch_size: u32,
     warmup: usize,
     steps: usize,
+    compute: Compute,
 ) -> Result<BenchResult> {
     let (layout, buf) = synthetic_batch(&cfg.augment, batch_size, 7);
     let view = BatchView::new(&layout, buf.bytes()).map_err(anyhow::Error::msg)?;
     let batch = TrainBatch::from_view(&view, &cfg.augment, device)?;
     // Epoch 1 so that the last layer is trained too (the expensive case).
-    let mut tr = Trainer::new(cfg, 1000, device)?;
+    let mut tr = Trainer::with_options(cfg, 1000, device, DType::F32, compute)?;
     let mut acc = [0.0; 4];
     let mut wall = 0.0;
     for i in 0..warmup + steps {
@@ -204,10 +216,13 @@ pub fn bench(
     }
     let n = steps.max(1) as f64;
     Ok(BenchResult {
-        device: format!("{device:?}"),
+        device: crate::device::name(device),
+        precision: compute.precision.to_string(),
+        kernels: compute.kernels.to_string(),
         batch_size: batch_size as usize,
         steps,
         step_s: wall / n,
+        ms_per_step: 1000.0 * wall / n,
         images_per_s: batch_size as f64 * n / wall,
         teacher_fwd_s: acc[0] / n,
         student_fwd_loss_s: acc[1] / n,

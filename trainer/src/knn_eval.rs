@@ -220,7 +220,9 @@ pub fn backbone_from(
             p.var.set(&v.to_dtype(DType::F32)?.to_device(device)?)?;
         }
     }
-    let vit = Vit::new(cfg, &store, false)?;
+    // bf16 + fused kernels on CUDA, f32 + composed on the CPU (crate::kernels).
+    let compute = crate::kernels::Compute::for_device(device, None, None);
+    let vit = Vit::with_compute(cfg, &store, false, compute)?;
     Ok((store, vit))
 }
 

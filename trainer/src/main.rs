@@ -65,6 +65,8 @@ enum Cmd {
         /// auto, cpu or cuda (needs the `cuda` feature).
         #[arg(long, value_enum, default_value = "cpu")]
         device: trainer::device::DeviceFlag,
+        #[command(flatten)]
+        compute: ComputeArgs,
     },
     /// Time training steps on a synthetic batch.
     Bench {
@@ -82,7 +84,43 @@ enum Cmd {
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        compute: ComputeArgs,
     },
+    /// Every fused kernel on the device against its CPU reference (forward and backward), and
+    /// composed-vs-fused timings.
+    KernelCheck {
+        /// cuda (the point), or cpu (reference against itself: a smoke test).
+        #[arg(long, value_enum, default_value = "cuda")]
+        device: trainer::device::DeviceFlag,
+        /// Shapes: `vits` (ViT-S/16 at batch --batch-size, K = 65 536) or `tiny`.
+        #[arg(long, default_value = "vits")]
+        shapes: String,
+        #[arg(long, default_value_t = 32)]
+        batch_size: usize,
+        /// Timed repetitions per op.
+        #[arg(long, default_value_t = 20)]
+        reps: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `--precision` / `--kernels` (defaults depend on the device: bf16 + fused on CUDA).
+#[derive(clap::Args, Clone, Copy, Debug)]
+struct ComputeArgs {
+    /// bf16 (bf16 matmuls, f32 masters/statistics) or f32. Default: bf16 on CUDA, f32 on CPU.
+    #[arg(long, value_enum)]
+    precision: Option<trainer::kernels::Precision>,
+    /// fused (our kernels) or candle (composed ops). Default: fused on CUDA, candle on CPU.
+    #[arg(long, value_enum)]
+    kernels: Option<trainer::kernels::Kernels>,
+}
+
+impl ComputeArgs {
+    fn resolve(&self, dev: &candle_core::Device) -> trainer::kernels::Compute {
+        trainer::kernels::Compute::for_device(dev, self.precision, self.kernels)
+    }
 }
 
 fn main() -> Result<()> {
@@ -113,11 +151,13 @@ fn main() -> Result<()> {
             out_tensors,
             iters_per_epoch,
             device,
+            compute,
         } => {
             let cfg = TrainConfig::from_toml_file(&config)?;
             let ot = out_tensors.unwrap_or_else(|| out.with_extension("safetensors"));
             let dev = trainer::device::pick(device)?;
-            trainer::debug::debug_step(&cfg, &weights, &batch, &out, &ot, iters_per_epoch, &dev)
+            let c = compute.resolve(&dev);
+            trainer::debug::debug_step(&cfg, &weights, &batch, &out, &ot, iters_per_epoch, &dev, c)
         }
         Cmd::Bench {
             config,
@@ -126,19 +166,41 @@ fn main() -> Result<()> {
             warmup,
             steps,
             json,
+            compute,
         } => {
             let cfg = TrainConfig::from_toml_file(&config)?;
             let dev = trainer::device::pick(device)?;
             let b = batch_size.unwrap_or(cfg.data.batch_size);
-            let r = trainer::debug::bench(&cfg, &dev, b, warmup, steps)?;
+            let r = trainer::debug::bench(&cfg, &dev, b, warmup, steps, compute.resolve(&dev))?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!(
-                    "{} batch {}: {:.3} s/step, {:.1} images/s (teacher fwd {:.3} s, student fwd+loss {:.3} s, backward {:.3} s, optimiser+EMA {:.3} s)",
-                    r.device, r.batch_size, r.step_s, r.images_per_s, r.teacher_fwd_s, r.student_fwd_loss_s, r.backward_s, r.optim_ema_s
+                    "{} {} {} batch {}: {:.3} s/step, {:.1} images/s (teacher fwd {:.3} s, student fwd+loss {:.3} s, backward {:.3} s, optimiser+EMA {:.3} s)",
+                    r.device, r.precision, r.kernels, r.batch_size, r.step_s, r.images_per_s, r.teacher_fwd_s, r.student_fwd_loss_s, r.backward_s, r.optim_ema_s
                 );
             }
+            Ok(())
+        }
+        Cmd::KernelCheck {
+            device,
+            shapes,
+            batch_size,
+            reps,
+            json,
+        } => {
+            let dev = trainer::device::pick(device)?;
+            let shapes = trainer::kernels::check::Shapes::named(&shapes, batch_size)?;
+            let rep = trainer::kernels::check::run(&dev, &shapes, reps)?;
+            if json {
+                println!("{}", serde_json::to_string(&rep)?);
+            } else {
+                print!("{}", rep.table());
+            }
+            anyhow::ensure!(
+                rep.ok,
+                "kernel-check: a kernel differs from its CPU reference"
+            );
             Ok(())
         }
     }

@@ -40,6 +40,10 @@ pub struct RunConfig {
     pub batch_timeout_s: f64,
     /// Steps before the teacher-entropy warnings are armed.
     pub entropy_grace_steps: u64,
+    /// `bf16` or `f32` forward (default: bf16 on CUDA, f32 on the CPU; `crate::kernels`).
+    pub precision: Option<crate::kernels::Precision>,
+    /// `fused` or `candle` kernels (default: fused on CUDA, candle on the CPU).
+    pub kernels: Option<crate::kernels::Kernels>,
 }
 
 impl Default for RunConfig {
@@ -51,6 +55,8 @@ impl Default for RunConfig {
             ring_slots: 8,
             batch_timeout_s: 600.0,
             entropy_grace_steps: 100,
+            precision: None,
+            kernels: None,
         }
     }
 }
@@ -164,7 +170,9 @@ pub fn train(opts: &TrainOptions, feed: &mut dyn BatchFeed) -> Result<TrainSumma
         .max_steps
         .map_or(schedule_steps, |m| m.min(schedule_steps));
 
-    let mut trainer = Trainer::new(&cfg, bpe, &opts.device)?;
+    let compute = crate::kernels::Compute::for_device(&opts.device, run.precision, run.kernels);
+    let mut trainer =
+        Trainer::with_options(&cfg, bpe, &opts.device, candle_core::DType::F32, compute)?;
     let ckpts = CheckpointManager::new(&opts.run_dir, run.keep_last)?;
     let mut step = 0u64;
     let mut cursor = DataCursor::default();

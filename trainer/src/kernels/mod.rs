@@ -16,6 +16,7 @@
 
 pub mod adamw;
 
+pub mod check;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod gpu;

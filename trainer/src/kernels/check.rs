@@ -1,0 +1,470 @@
+//! `trainer kernel-check`: every fused op on a device against its CPU reference (`cpu_fwd`),
+//! forward and backward, on random inputs at training shapes; then composed-vs-fused timings
+//! (forward + backward) on the device.
+//!
+//! Inputs are drawn on the CPU (f32, cast to bf16 where the op runs in bf16) and copied to the
+//! device, so both sides read identical values. Errors are reported as the largest absolute
+//! difference and that difference relative to the largest reference magnitude; an op passes
+//! when the relative error is within its dtype's tolerance (f32 1e-4: f32 reductions over up to
+//! 65 536 terms against an f64 reference; bf16 1.6e-2: two bf16 roundings of 2^-9 each,
+//! plus f32 accumulation order).
+
+use super::adamw::{meta_tensor, AdamwEma, Segment};
+use super::{attn_softmax, bias_gelu, centered_softmax, layer_norm, soft_ce_rows};
+use crate::config::TrainConfig;
+use crate::optim::{ema_update, AdamW};
+use crate::params::{param_specs, ParamStore};
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use std::time::Instant;
+
+/// Problem sizes of one check.
+#[derive(Clone, Debug, Serialize)]
+pub struct Shapes {
+    pub name: String,
+    /// Token rows (batch × tokens) and width of the LayerNorm / bias+GELU inputs.
+    pub rows: usize,
+    pub dim: usize,
+    pub mlp: usize,
+    /// Attention score rows (batch × heads × queries) and keys.
+    pub attn_rows: usize,
+    pub keys: usize,
+    /// Head rows (crops × batch), target rows, K.
+    pub ce_rows: usize,
+    pub ce_targets: usize,
+    pub k: usize,
+    /// Parameter tensor sizes for the multi-tensor AdamW.
+    pub params: Vec<usize>,
+    /// The config whose parameters the AdamW timing uses.
+    #[serde(skip)]
+    pub cfg: TrainConfig,
+}
+
+impl Shapes {
+    /// `vits`: ViT-S/16 at the paper's recipe (global crops: 198 tokens, D 384, MLP 1536, 6 heads;
+    /// head rows 12·B — 2 global + 10 local crops — against B targets; K = 65 536; the UDI
+    /// parameter set). `tiny`: the same structure at CPU size.
+    pub fn named(name: &str, batch: usize) -> Result<Self> {
+        let (cfg, tokens) = match name {
+            "vits" => (TrainConfig::from_toml_str("")?, 198),
+            "tiny" => {
+                let text = "[augment]\nglobal_size = 64\nlocal_size = 32\nn_local = 4\n\
+                            patch_size = 8\nglobal_window = 2\nlocal_window = 2\n\
+                            [model]\ndim = 64\ndepth = 2\nheads = 4\nhead_hidden = 128\n\
+                            head_bottleneck = 32\nout_dim = 512\n";
+                (TrainConfig::from_toml_str(text)?, 66)
+            }
+            other => bail!("unknown --shapes {other:?}: vits or tiny"),
+        };
+        let m = &cfg.model;
+        let crops = 2 + cfg.augment.n_local as usize;
+        Ok(Self {
+            name: name.to_string(),
+            rows: batch * tokens,
+            dim: m.dim,
+            mlp: m.mlp_ratio * m.dim,
+            attn_rows: batch * m.heads * tokens,
+            keys: tokens,
+            ce_rows: crops * batch,
+            ce_targets: batch,
+            k: m.out_dim,
+            params: param_specs(&cfg).iter().map(|s| s.numel()).collect(),
+            cfg,
+        })
+    }
+}
+
+/// One op × dtype.
+#[derive(Clone, Debug, Serialize)]
+pub struct KernelResult {
+    pub op: String,
+    pub dtype: String,
+    pub shape: String,
+    pub fwd_max_abs: f64,
+    pub fwd_max_rel: f64,
+    /// Over every input gradient (None: the op has no backward).
+    pub bwd_max_abs: Option<f64>,
+    pub bwd_max_rel: Option<f64>,
+    pub tolerance: f64,
+    pub pass: bool,
+    /// Forward + backward on the device, ms per call (median of the repetitions).
+    pub composed_ms: f64,
+    pub fused_ms: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CheckReport {
+    pub device: String,
+    pub shapes: Shapes,
+    pub results: Vec<KernelResult>,
+    pub ok: bool,
+}
+
+impl CheckReport {
+    /// A markdown table.
+    pub fn table(&self) -> String {
+        let mut s = format!(
+            "kernel-check on {} ({} shapes)\n\n| op | dtype | shape | fwd rel err | bwd rel err | tol | pass | composed ms | fused ms | speed-up |\n|---|---|---|---:|---:|---:|---|---:|---:|---:|\n",
+            self.device, self.shapes.name
+        );
+        for r in &self.results {
+            s += &format!(
+                "| {} | {} | {} | {:.1e} | {} | {:.1e} | {} | {:.3} | {:.3} | {:.2}× |\n",
+                r.op,
+                r.dtype,
+                r.shape,
+                r.fwd_max_rel,
+                r.bwd_max_rel.map_or("—".into(), |e| format!("{e:.1e}")),
+                r.tolerance,
+                if r.pass { "ok" } else { "FAIL" },
+                r.composed_ms,
+                r.fused_ms,
+                r.composed_ms / r.fused_ms.max(1e-9)
+            );
+        }
+        s += &format!(
+            "\n{}\n",
+            if self.ok {
+                "all kernels match their CPU references"
+            } else {
+                "SOME KERNELS DIFFER"
+            }
+        );
+        s
+    }
+}
+
+fn rand_t(shape: &[usize], seed: u64, lo: f64, hi: f64) -> Result<Tensor> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| (lo + (hi - lo) * rng.random::<f64>()) as f32)
+        .collect();
+    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+}
+
+/// (max |a − b|, that / max |a|) over equally shaped tensors (any device / dtype).
+fn errors(reference: &Tensor, got: &Tensor) -> Result<(f64, f64)> {
+    let a = reference.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+    let b = got.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+    let abs = (&a - &b)?.abs()?.max_all()?.to_scalar::<f64>()?;
+    let scale = a.abs()?.max_all()?.to_scalar::<f64>()?;
+    Ok((abs, abs / scale.max(1e-30)))
+}
+
+fn tolerance(dt: DType) -> f64 {
+    if dt == DType::BF16 {
+        1.6e-2
+    } else {
+        1e-4
+    }
+}
+
+type OpFn<'a> = &'a dyn Fn(&[Tensor], bool) -> candle_core::Result<Tensor>;
+
+/// Output and input gradients of `f(inputs, fused = true)` on `dev` (inputs copied there;
+/// gradients for the indices in `grad`, from the upstream gradient `r`).
+fn run_once(
+    f: OpFn<'_>,
+    inputs: &[Tensor],
+    grad: &[usize],
+    r: &Tensor,
+    dev: &Device,
+    fused: bool,
+) -> Result<(Tensor, Vec<Tensor>)> {
+    let mut ts = Vec::new();
+    for (i, t) in inputs.iter().enumerate() {
+        let t = t.to_device(dev)?;
+        ts.push(if grad.contains(&i) {
+            Var::from_tensor(&t)?.as_tensor().clone()
+        } else {
+            t
+        });
+    }
+    let y = f(&ts, fused)?;
+    let mut gs = Vec::new();
+    if !grad.is_empty() {
+        let loss = (y.to_dtype(DType::F32)? * r.to_device(dev)?)?.sum_all()?;
+        let g = loss.backward()?;
+        for &i in grad {
+            match g.get(&ts[i]) {
+                Some(t) => gs.push(t.clone()),
+                None => bail!("no gradient for input {i}"),
+            }
+        }
+    }
+    Ok((y, gs))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// ms per forward+backward on `dev` (2 warm-up calls, then `reps` timed, median).
+fn time_it(
+    f: OpFn<'_>,
+    inputs: &[Tensor],
+    grad: &[usize],
+    r: &Tensor,
+    dev: &Device,
+    fused: bool,
+    reps: usize,
+) -> Result<f64> {
+    let inputs: Vec<Tensor> = inputs
+        .iter()
+        .map(|t| t.to_device(dev))
+        .collect::<candle_core::Result<_>>()?;
+    let r = r.to_device(dev)?;
+    let mut ms = Vec::new();
+    for i in 0..reps + 2 {
+        dev.synchronize()?;
+        let t0 = Instant::now();
+        run_once(f, &inputs, grad, &r, dev, fused)?;
+        dev.synchronize()?;
+        if i >= 2 {
+            ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok(median(ms))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check(
+    out: &mut Vec<KernelResult>,
+    op: &str,
+    shape: String,
+    dt: DType,
+    f: OpFn<'_>,
+    inputs: Vec<Tensor>,
+    grad: &[usize],
+    dev: &Device,
+    reps: usize,
+) -> Result<()> {
+    let (y_ref, _) = run_once(
+        f,
+        &inputs,
+        &[],
+        &Tensor::zeros(1, DType::F32, &Device::Cpu)?,
+        &Device::Cpu,
+        true,
+    )?;
+    let r = rand_t(y_ref.dims(), 77, -1.0, 1.0)?;
+    let (y_ref, g_ref) = run_once(f, &inputs, grad, &r, &Device::Cpu, true)?;
+    let (y_dev, g_dev) = run_once(f, &inputs, grad, &r, dev, true)?;
+    let (fa, fr) = errors(&y_ref, &y_dev)?;
+    let mut bwd: Option<(f64, f64)> = None;
+    for (a, b) in g_ref.iter().zip(&g_dev) {
+        let (ea, er) = errors(a, b)?;
+        let cur = bwd.unwrap_or((0.0, 0.0));
+        bwd = Some((cur.0.max(ea), cur.1.max(er)));
+    }
+    let tol = tolerance(dt);
+    let pass = fr <= tol && bwd.is_none_or(|(_, r)| r <= tol) && fa.is_finite();
+    let composed_ms = time_it(f, &inputs, grad, &r, dev, false, reps)?;
+    let fused_ms = time_it(f, &inputs, grad, &r, dev, true, reps)?;
+    out.push(KernelResult {
+        op: op.into(),
+        dtype: format!("{dt:?}").to_lowercase(),
+        shape,
+        fwd_max_abs: fa,
+        fwd_max_rel: fr,
+        bwd_max_abs: bwd.map(|b| b.0),
+        bwd_max_rel: bwd.map(|b| b.1),
+        tolerance: tol,
+        pass,
+        composed_ms,
+        fused_ms,
+    });
+    Ok(())
+}
+
+/// The multi-tensor AdamW + EMA: device vs CPU reference on one flat state, then the
+/// per-tensor optimiser + EMA (composed) vs the fused launch on a whole parameter store.
+fn check_adamw(out: &mut Vec<KernelResult>, s: &Shapes, dev: &Device, reps: usize) -> Result<()> {
+    let n: usize = s.params.iter().sum();
+    let mut segs = Vec::new();
+    let mut off = 0;
+    for (i, &len) in s.params.iter().enumerate() {
+        segs.push(Segment {
+            offset: off,
+            len,
+            update: i % 7 != 3, // some frozen segments
+            decay: 1.0 - 1e-3 * 0.04,
+            step_size: 1e-3 / (1.0 - 0.9f32.powi(3)),
+            bc2_sqrt: (1.0 - 0.999f32.powi(3)).sqrt(),
+            clip: if i % 2 == 0 { 1.0 } else { 0.3 },
+        });
+        off += len;
+    }
+    let p = rand_t(&[n], 1, -0.1, 0.1)?;
+    let m = rand_t(&[n], 2, -1e-3, 1e-3)?;
+    let v = rand_t(&[n], 3, 0.0, 1e-6)?;
+    let t = rand_t(&[n], 4, -0.1, 0.1)?;
+    let g = rand_t(&[n], 5, -1e-2, 1e-2)?;
+    let op = AdamwEma {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        momentum: 0.996,
+    };
+    let run = |d: &Device| -> Result<Tensor> {
+        let st = Tensor::cat(&[&p, &m, &v, &t], 0)?.to_device(d)?;
+        st.inplace_op3(&g.to_device(d)?, &meta_tensor(&segs, d)?, &op)?;
+        Ok(st)
+    };
+    let reference = run(&Device::Cpu)?;
+    let got = run(dev)?;
+    // Relative to the size of one update (lr = 1e-3), not of the parameters.
+    let (fa, _) = errors(&reference, &got)?;
+    let fr = fa / 1e-3;
+
+    // Timing on a real parameter store: per-tensor AdamW + EMA vs one fused launch.
+    let store = ParamStore::init(&s.cfg, 0, DType::F32, dev)?;
+    let teacher = store.deep_copy()?;
+    let grads: Vec<Tensor> = store
+        .params()
+        .iter()
+        .map(|p| Ok(p.var.as_tensor().affine(1e-3, 1e-4)?))
+        .collect::<Result<_>>()?;
+    let mut opt = AdamW::new(store.len(), 0.9, 0.999, 1e-8);
+    let mut composed = Vec::new();
+    let mut fused = Vec::new();
+    for i in 0..reps + 2 {
+        dev.synchronize()?;
+        let t0 = Instant::now();
+        for (j, (pp, g)) in store.params().iter().zip(&grads).enumerate() {
+            opt.update(j, &pp.var, &(g * 0.5)?, 1e-3, 0.04)?;
+        }
+        ema_update(&teacher, &store, 0.996)?;
+        dev.synchronize()?;
+        if i >= 2 {
+            composed.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let gs: Vec<Option<(Tensor, f64, f64)>> =
+        grads.iter().map(|g| Some((g.clone(), 0.5, 0.04))).collect();
+    for i in 0..reps + 2 {
+        dev.synchronize()?;
+        let t0 = Instant::now();
+        opt.fused_update_ema(&store, &teacher, &gs, 1e-3, 0.996)?;
+        dev.synchronize()?;
+        if i >= 2 {
+            fused.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let tol = 1e-4;
+    out.push(KernelResult {
+        op: "adamw+ema".into(),
+        dtype: "f32".into(),
+        shape: format!("{} tensors, {n} values", s.params.len()),
+        fwd_max_abs: fa,
+        fwd_max_rel: fr,
+        bwd_max_abs: None,
+        bwd_max_rel: None,
+        tolerance: tol,
+        pass: fr <= tol && fa.is_finite(),
+        composed_ms: median(composed),
+        fused_ms: median(fused),
+    });
+    Ok(())
+}
+
+/// Runs every check on `dev` (the CPU reference always runs on the CPU).
+pub fn run(dev: &Device, s: &Shapes, reps: usize) -> Result<CheckReport> {
+    let mut out = Vec::new();
+    let reps = reps.max(1);
+    for dt in [DType::F32, DType::BF16] {
+        let cast = |t: Tensor| t.to_dtype(dt);
+        // LayerNorm: activations in dt, f32 parameters, output in dt.
+        let x = cast(rand_t(&[s.rows, s.dim], 10, -3.0, 3.0)?)?;
+        let w = rand_t(&[s.dim], 11, 0.5, 1.5)?;
+        let b = rand_t(&[s.dim], 12, -0.5, 0.5)?;
+        let f = move |t: &[Tensor], fused: bool| layer_norm(&t[0], &t[1], &t[2], 1e-6, dt, fused);
+        check(
+            &mut out,
+            "layer_norm",
+            format!("[{}, {}]", s.rows, s.dim),
+            dt,
+            &f,
+            vec![x, w, b],
+            &[0, 1, 2],
+            dev,
+            reps,
+        )?;
+
+        let x = cast(rand_t(&[s.rows, s.mlp], 13, -4.0, 4.0)?)?;
+        let b = rand_t(&[s.mlp], 14, -0.5, 0.5)?;
+        let f = |t: &[Tensor], fused: bool| bias_gelu(&t[0], &t[1], fused);
+        check(
+            &mut out,
+            "bias_gelu",
+            format!("[{}, {}]", s.rows, s.mlp),
+            dt,
+            &f,
+            vec![x, b],
+            &[0, 1],
+            dev,
+            reps,
+        )?;
+
+        let x = cast(rand_t(&[s.attn_rows, s.keys], 15, -20.0, 20.0)?)?;
+        let f = |t: &[Tensor], fused: bool| attn_softmax(&t[0], 0.125, fused);
+        check(
+            &mut out,
+            "attn_softmax",
+            format!("[{}, {}]", s.attn_rows, s.keys),
+            dt,
+            &f,
+            vec![x],
+            &[0],
+            dev,
+            reps,
+        )?;
+
+        let t = cast(rand_t(&[2 * s.ce_targets, s.k], 16, -1.0, 1.0)?)?;
+        let c = rand_t(&[s.k], 17, -0.1, 0.1)?;
+        let f = |t: &[Tensor], fused: bool| centered_softmax(&t[0], &t[1], 0.04, fused);
+        check(
+            &mut out,
+            "centered_softmax",
+            format!("[{}, {}]", 2 * s.ce_targets, s.k),
+            dt,
+            &f,
+            vec![t, c],
+            &[],
+            dev,
+            reps,
+        )?;
+
+        let st = cast(rand_t(&[s.ce_rows, s.k], 18, -1.0, 1.0)?)?;
+        let p = centered_softmax(
+            &rand_t(&[s.ce_targets, s.k], 19, -1.0, 1.0)?,
+            &Tensor::zeros(s.k, DType::F32, &Device::Cpu)?,
+            0.04,
+            false,
+        )?;
+        let f = |t: &[Tensor], fused: bool| soft_ce_rows(&t[0], &t[1], 0.1, fused);
+        check(
+            &mut out,
+            "soft_ce",
+            format!("[{}, {}] vs [{}, {}]", s.ce_rows, s.k, s.ce_targets, s.k),
+            dt,
+            &f,
+            vec![st, p],
+            &[0],
+            dev,
+            reps,
+        )?;
+    }
+    check_adamw(&mut out, s, dev, reps.min(10))?;
+    let ok = out.iter().all(|r| r.pass);
+    Ok(CheckReport {
+        device: crate::device::name(dev),
+        shapes: s.clone(),
+        results: out,
+        ok,
+    })
+}
