@@ -16,7 +16,7 @@ import json
 import math
 import sys
 
-SKIP = ("device", "time", "seconds", "elapsed", "ms", "path", "host", "version", "dtype")
+SKIP = ("device", "time", "timings", "precision", "kernels", "seconds", "elapsed", "ms", "path", "host", "version", "dtype")
 
 
 def skipped(key):

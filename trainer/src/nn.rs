@@ -38,7 +38,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (y, out) = self.matmul(x)?;
         let y = match &self.bias {
-            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
+            Some(b) => kernels::bias_add(&y, b, self.compute.fused())?,
             None => y,
         };
         y.reshape(out)

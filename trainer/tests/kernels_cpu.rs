@@ -8,8 +8,8 @@ mod common;
 use candle_core::{DType, Device, Tensor, Var};
 use common::{batch, micro_cfg, tiny_cfg, to_vec_f64};
 use trainer::kernels::{
-    attn_softmax, bias_gelu, centered_softmax, layer_norm, soft_ce_rows, Compute, Kernels,
-    Precision,
+    attn_softmax, bias_add, bias_gelu, centered_softmax, layer_norm, soft_ce_rows, Compute,
+    Kernels, Precision,
 };
 use trainer::optim::{ema_update, AdamW};
 use trainer::params::ParamStore;
@@ -125,6 +125,28 @@ fn bias_gelu_fused_matches_composed() {
     );
     // The composed path adds the bias in bf16 (one more rounding) before the GELU.
     assert_paths_agree("bias_gelu bf16", &out, 2e-2);
+}
+
+#[test]
+fn bias_add_keeps_f32_bias_gradients() {
+    let x = rand(&[64, 40, 8], 20, 1.0);
+    let b = rand(&[8], 21, 1.0);
+    let out = both_paths(&[x.clone(), b.clone()], |t, fused| {
+        bias_add(&t[0], &t[1], fused)
+    });
+    assert_paths_agree("bias_add f64", &out, 1e-12);
+    // bf16 activations, f32 bias: db sums 2560 rows. Both paths must sum in f32, i.e. match the
+    // f64 sum of the same bf16 upstream gradients closely (a bf16 accumulation is ~1e-1 off).
+    let xb = x.to_dtype(DType::BF16).unwrap();
+    let bf = b.to_dtype(DType::F32).unwrap();
+    let out16 = both_paths(&[xb, bf], |t, fused| bias_add(&t[0], &t[1], fused));
+    let r = rand(&[64, 40, 8], 99, 1.0).to_dtype(DType::BF16).unwrap();
+    let exact = r.to_dtype(DType::F64).unwrap().sum((0, 1)).unwrap();
+    for (fused, (_, g)) in out16.iter().enumerate() {
+        assert_eq!(g[1].dtype(), DType::F32);
+        let e = max_abs_diff(&exact, &g[1]) / max_abs(&exact);
+        assert!(e < 1e-5, "fused={fused}: bias grad rel error {e:e}");
+    }
 }
 
 #[test]
@@ -386,22 +408,23 @@ fn bf16_step_close_to_f32_step() {
         results.push((loss_err, gn_err, median, worst));
     }
     for (loss_err, gn_err, median, worst) in results {
-        // bf16 keeps 8 significand bits (relative rounding 2^-9 ≈ 2e-3 per value); matmuls over
-        // ≤ 512 terms accumulate in f32 and the loss statistics are f32, so the loss moves by
-        // a few rounding units: 1e-2. Gradients go through more bf16 roundings (every
-        // activation gradient is stored in bf16): 5e-2 on the global norm and the median
-        // parameter, 0.25 on the worst single tensor (small biases whose gradient is a sum of
-        // cancelling terms).
+        // bf16 keeps 8 significand bits (relative rounding 2^-9 ≈ 2e-3 per value); matmuls
+        // accumulate in f32 and the loss statistics, LayerNorm statistics and bias gradients
+        // are f32, so the losses move by about one rounding unit (measured ≤ 1.3e-3): 5e-3.
+        // Gradients pass through more bf16 roundings (activation gradients are stored in
+        // bf16): measured 1e-3 on the global norm, 3.4e-3 median and 8e-3 worst per tensor;
+        // bounds 1e-2 / 1e-2 / 5e-2. (Before bias gradients were summed in f32 the worst
+        // tensor, a qkv bias, was 45 % off.)
         for e in loss_err {
-            assert!(e < 1e-2, "loss rel error {e:e}");
+            assert!(e < 5e-3, "loss rel error {e:e}");
         }
-        assert!(gn_err < 5e-2, "grad norm rel error {gn_err:e}");
+        assert!(gn_err < 1e-2, "grad norm rel error {gn_err:e}");
         assert!(
-            median < 5e-2,
+            median < 1e-2,
             "median per-parameter grad-norm rel error {median:e}"
         );
         assert!(
-            worst < 0.25,
+            worst < 5e-2,
             "worst per-parameter grad-norm rel error {worst:e}"
         );
     }

@@ -10,7 +10,7 @@
 //! plus f32 accumulation order).
 
 use super::adamw::{meta_tensor, AdamwEma, Segment};
-use super::{attn_softmax, bias_gelu, centered_softmax, layer_norm, soft_ce_rows};
+use super::{attn_softmax, bias_add, bias_gelu, centered_softmax, layer_norm, soft_ce_rows};
 use crate::config::TrainConfig;
 use crate::optim::{ema_update, AdamW};
 use crate::params::{param_specs, ParamStore};
@@ -391,6 +391,21 @@ pub fn run(dev: &Device, s: &Shapes, reps: usize) -> Result<CheckReport> {
             &f,
             vec![x, w, b],
             &[0, 1, 2],
+            dev,
+            reps,
+        )?;
+
+        let x = cast(rand_t(&[s.rows, 3 * s.dim], 20, -4.0, 4.0)?)?;
+        let b = rand_t(&[3 * s.dim], 21, -0.5, 0.5)?;
+        let f = |t: &[Tensor], fused: bool| bias_add(&t[0], &t[1], fused);
+        check(
+            &mut out,
+            "bias_add",
+            format!("[{}, {}]", s.rows, 3 * s.dim),
+            dt,
+            &f,
+            vec![x, b],
+            &[0, 1],
             dev,
             reps,
         )?;

@@ -8,7 +8,8 @@
 //!   candle's autograd); `fused` uses the ops below, each a candle `CustomOp` whose `cpu_fwd` is
 //!   the reference implementation and whose `cuda_fwd` launches our PTX (`udi_kernels.cu`).
 //!
-//! Fused ops: [`layer_norm`] (fwd + bwd), [`bias_gelu`] (fwd + bwd), [`attn_softmax`] (fwd +
+//! Fused ops: [`layer_norm`] (fwd + bwd), [`bias_add`] and [`bias_gelu`] (fwd + bwd, bias
+//! gradients summed in f32), [`attn_softmax`] (fwd +
 //! bwd), [`centered_softmax`] (teacher targets, no bwd), [`soft_ce_rows`] (student
 //! cross-entropy with temperature, fwd + bwd), [`adamw::AdamwEma`] (multi-tensor AdamW + EMA
 //! over flat buffers). Each public function takes `fused: bool` and falls back to the composed
@@ -23,8 +24,8 @@ mod gpu;
 mod ops;
 
 pub use ops::{
-    attn_softmax, bias_gelu, centered_softmax, layer_norm, soft_ce_rows, AttnSoftmax, BiasGelu,
-    CenteredSoftmax, LayerNormOp, SoftCe,
+    attn_softmax, bias_add, bias_gelu, centered_softmax, layer_norm, soft_ce_rows, AttnSoftmax,
+    BiasAdd, BiasGelu, CenteredSoftmax, LayerNormOp, SoftCe,
 };
 
 use candle_core::{DType, Device};

@@ -459,12 +459,93 @@ impl CustomOp3 for BiasGeluBwd {
     }
 }
 
+/// `x + b` with b (f32) broadcast over the last dim; output in x's dtype. The backward sums
+/// the bias gradient in b's dtype: candle's own broadcast-add backward would sum thousands of
+/// bf16 rows in bf16 (30–45 % off for the qkv biases in `bias_add_keeps_f32_bias_gradients`).
+pub struct BiasAdd;
+
+impl CustomOp2 for BiasAdd {
+    fn name(&self) -> &'static str {
+        "udi-bias-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = cpu::read(s1, l1, "bias_add x")?;
+        let b = cpu::read(s2, l2, "bias_add b")?;
+        let d = b.len();
+        let y: Vec<f64> = x.iter().enumerate().map(|(i, &v)| v + b[i % d]).collect();
+        Ok((cpu::write(&y, s1.dtype())?, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = &s1.device;
+        let (x, b) = (
+            gpu::In::new(s1, l1, "bias_add x")?,
+            gpu::In::new(s2, l2, "bias_add b")?,
+        );
+        need_f32(&b, "bias_add b")?;
+        let n = l1.shape().elem_count();
+        let d = l2.shape().elem_count() as i32;
+        let k = gpu::func(dev, &format!("bias_add_{}", gpu::suffix(x.dtype())?))?;
+        let mut y = gpu::Out::alloc(dev, x.dtype(), n, false)?;
+        let mut a = k.builder();
+        x.push(&mut a);
+        b.push(&mut a);
+        y.push(&mut a);
+        a.arg(&n).arg(&d);
+        gpu::launch(a, gpu::elementwise(n))?;
+        Ok((y.into_storage(dev), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let d = b.elem_count();
+        let db = dy
+            .to_dtype(b.dtype())?
+            .reshape(((), d))?
+            .sum(0)?
+            .reshape(b.shape())?;
+        Ok((Some(dy.clone()), Some(db)))
+    }
+}
+
+/// `x + b` (b over the last dim) in x's dtype with the bias gradient summed in b's dtype.
+/// Composed: the add runs in b's dtype when x is narrower (a cast there and back), so that
+/// candle's reduction for the bias gradient is f32 too.
+pub fn bias_add(x: &Tensor, b: &Tensor, fused: bool) -> Result<Tensor> {
+    if fused {
+        return x.contiguous()?.apply_op2(b, BiasAdd);
+    }
+    if x.dtype() == b.dtype() {
+        return x.broadcast_add(b);
+    }
+    x.to_dtype(b.dtype())?.broadcast_add(b)?.to_dtype(x.dtype())
+}
+
 /// `gelu_erf(x + b)` (b over the last dim, cast to x's dtype in the composed path).
 pub fn bias_gelu(x: &Tensor, b: &Tensor, fused: bool) -> Result<Tensor> {
     if fused {
         return x.contiguous()?.apply_op2(b, BiasGelu);
     }
-    x.broadcast_add(&b.to_dtype(x.dtype())?)?.gelu_erf()
+    bias_add(x, b, false)?.gelu_erf()
 }
 
 // ---- attention softmax ------------------------------------------------------------------------

@@ -184,6 +184,19 @@ __device__ void bias_gelu_bwd(const T *x, const float *b, const T *dy, T *dx, si
 BG_INST(f32, float)
 BG_INST(bf16, bf16)
 
+// ---- bias add (f32 bias onto f32/bf16 activations; the backward is a f32 column sum) --------
+template <typename T>
+__device__ void bias_add(const T *x, const float *b, T *y, size_t n, int d) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+    y[i] = from_f<T>(to_f(x[i]) + b[i % d]);
+}
+extern "C" __global__ void bias_add_f32(const float *x, const float *b, float *y, size_t n, int d) {
+  bias_add<float>(x, b, y, n, d);
+}
+extern "C" __global__ void bias_add_bf16(const bf16 *x, const float *b, bf16 *y, size_t n, int d) {
+  bias_add<bf16>(x, b, y, n, d);
+}
+
 // ---- the head's softmax / cross-entropy (K up to 65 536, one block per row) ------------------
 // Teacher targets: p[r, k] = softmax_k((t[r, k] − c[k]) / tau)  (f32 out, no backward).
 template <typename T>
