@@ -6,6 +6,10 @@ in each trainer-b*.log / pytorch-*.log. The trainer's `bench --json` is expected
 keys as bench/pytorch_udi.py (images_per_s, ms_per_step, peak_mem_gib); a few aliases are accepted.
 
   python3 bench/gpu_table.py gpu-results/
+
+MFU uses 131 GFLOP per image (ViT-S/16, 2×224 + 10×96 crops, K = 65 536: forward + backward of the
+student, forward of the teacher) and 989 TFLOP/s (H100/H200 SXM dense bf16). "× PyTorch" divides by
+the official-style PyTorch run at the same batch in the same call.
 """
 
 import json
@@ -59,6 +63,10 @@ def smi_peak_gib(path):
     return max(vals) / 1024 if vals else None
 
 
+GFLOP_PER_IMAGE = 131.0
+PEAK_TFLOPS = 989.0
+
+
 def fmt(x, spec):
     return "—" if x is None else format(x, spec)
 
@@ -76,12 +84,18 @@ def main():
         pass
 
     out, summary = [], {"bench": [], "debug_step": []}
-    out.append("| run | batch | images/s | ms/step | peak GiB (own) | peak GiB (nvidia-smi) | status |")
-    out.append("|---|---:|---:|---:|---:|---:|---|")
+    out.append("| run | batch | images/s | ms/step | MFU | × PyTorch | peak GiB (own) | peak GiB (nvidia-smi) | status |")
+    out.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     names = sorted(
         (n for n in steps if n.startswith(("trainer-b", "pytorch-"))),
         key=lambda n: (not n.startswith("trainer"), int(re.sub(r".*-b", "", n) or 0), n),
     )
+    torch_ips = {}
+    for name in names:
+        if name.startswith("pytorch-official-b"):
+            o = last_json(os.path.join(res, name + ".log")) or {}
+            if steps[name][0] == "0":
+                torch_ips[int(name.rsplit("-b", 1)[1])] = pick(o, "images_per_s")
     for name in names:
         rc, secs = steps[name]
         obj = last_json(os.path.join(res, name + ".log")) or {}
@@ -92,17 +106,23 @@ def main():
             "smi_peak_gib": smi_peak_gib(os.path.join(res, name + ".smi")),
             "status": "ok" if rc == "0" else f"failed (rc {rc}, {secs}s)",
         }
+        ips = row["images_per_s"] if rc == "0" else None
+        row["mfu"] = ips * GFLOP_PER_IMAGE / (PEAK_TFLOPS * 1e3) if ips else None
+        base = torch_ips.get(row["batch"])
+        row["vs_pytorch"] = ips / base if ips and base else None
         summary["bench"].append({**row, "raw": obj})
         out.append(
             f"| {row['run']} | {row['batch']} | {fmt(row['images_per_s'], '.1f')} | "
-            f"{fmt(row['ms_per_step'], '.1f')} | {fmt(row['peak_mem_gib'], '.2f')} | "
+            f"{fmt(row['ms_per_step'], '.1f')} | {fmt(row['mfu'], '.1%')} | "
+            f"{fmt(row['vs_pytorch'], '.2f')} | {fmt(row['peak_mem_gib'], '.2f')} | "
             f"{fmt(row['smi_peak_gib'], '.2f')} | {row['status']} |"
         )
 
     out.append("")
-    out.append("| CPU vs CUDA debug-step | verdict |")
+    out.append("| CPU f32 (composed) vs CUDA debug-step | verdict |")
     out.append("|---|---|")
-    for cmp_name in ("debug-tiny", "debug-vits"):
+    cmp_names = sorted(n[: -len("-compare.txt")] for n in os.listdir(res) if n.endswith("-compare.txt"))
+    for cmp_name in cmp_names or ["debug-tiny", "debug-vits"]:
         path = os.path.join(res, cmp_name + "-compare.txt")
         verdict = None
         try:
@@ -118,6 +138,25 @@ def main():
             verdict = "not compared" + (f": {', '.join(failed)} failed" if failed else "")
         summary["debug_step"].append({"config": cmp_name, "verdict": verdict})
         out.append(f"| {cmp_name} | {verdict} |")
+
+    kc = last_json(os.path.join(res, "kernel-check.log"))
+    summary["kernel_check"] = kc
+    out.append("")
+    if kc:
+        out.append(f"kernel-check on {kc.get('device')} ({kc.get('shapes', {}).get('name')} shapes): "
+                   f"{'all match their CPU references' if kc.get('ok') else 'SOME KERNELS DIFFER'}")
+        out.append("")
+        out.append("| op | dtype | shape | fwd rel err | bwd rel err | tol | pass | composed ms | fused ms | speed-up |")
+        out.append("|---|---|---|---:|---:|---:|---|---:|---:|---:|")
+        for r in kc.get("results", []):
+            sp = r["composed_ms"] / r["fused_ms"] if r.get("fused_ms") else None
+            out.append(
+                f"| {r['op']} | {r['dtype']} | {r['shape']} | {r['fwd_max_rel']:.1e} | "
+                f"{fmt(r.get('bwd_max_rel'), '.1e')} | {r['tolerance']:.1e} | {'ok' if r['pass'] else 'FAIL'} | "
+                f"{r['composed_ms']:.3f} | {r['fused_ms']:.3f} | {fmt(sp, '.2f')}× |"
+            )
+    else:
+        out.append(f"kernel-check: no result (step status {steps.get('kernel-check', ('not run',))[0]})")
 
     smoke = last_json(os.path.join(res, "device-smoke.log"))
     summary["device_smoke"] = smoke

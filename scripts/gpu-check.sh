@@ -2,12 +2,20 @@
 # The GPU check: ONE call on the lent GPU machine (CUDA 13 libraries, PyTorch, no Rust, no network).
 #
 #   0. .gpu/device-smoke: candle's CUDA backend against the CPU (values, gradients, matmul TFLOP/s);
+#      `trainer kernel-check --device cuda`: every fused kernel (LayerNorm, bias add, bias+GELU,
+#      attention softmax, teacher softmax, soft cross-entropy: forward and backward; multi-tensor
+#      AdamW+EMA) against its CPU reference at ViT-S shapes, plus composed-vs-fused timings;
 #   1. CPU vs CUDA `trainer debug-step` on the same weights and batch (tiny config, then ViT-S/16 at a
-#      small batch): losses and gradient norms compared by bench/compare_debug_step.py;
-#   2. `trainer bench --device cuda --synthetic` at batch 64 and 128;
-#   3. the PyTorch baseline (bench/pytorch_udi.py) at batch 64 and 128 (official-style), and the
+#      small batch): the CPU runs f32 with composed ops (the reference), CUDA runs f32+fused (tight
+#      tolerance: checks the kernels end to end) and bf16 (bf16 tolerance); compared by
+#      bench/compare_debug_step.py;
+#   2. `trainer bench --device cuda` (bf16+fused at batch 128 and 64, bf16 with candle's composed ops
+#      at 128, f32+fused at 64);
+#   3. the PyTorch baseline (bench/pytorch_udi.py) at batch 128 and 64 (official-style), and the
 #      "fast" PyTorch variant at 128;
 #   4. one table (bench/gpu_table.py), also written to $OUT/summary.md and $OUT/summary.json.
+#   The most informative steps run first (kernel-check, tiny debug-step, our bench and PyTorch at
+#   128), so a run cut by the deadline still answers the main questions.
 #
 # Expects the binary and configs in .gpu/ (made here by scripts/build-gpu-bundle.sh). From the
 # development machine, with the device tool:  run(command="bash scripts/gpu-check.sh",
@@ -15,10 +23,11 @@
 # starting new steps after $DEADLINE seconds, so the table always comes back; a failed step is a
 # row marked failed with its log in $OUT, never an abort.
 #
-# Knobs (environment): BIN (.gpu/trainer), BATCHES ("64 128"), DEBUG_BATCH (4), DEADLINE (420),
-# STEP_TIMEOUT (150), COMPARE_RTOL (2e-2), COMPARE_ATOL (1e-3), PYTHON (python3), FAST (1),
-# BENCH_STEPS (10), BENCH_WARMUP (3),
-# SKIP_DEBUG / SKIP_BENCH / SKIP_TORCH (0).
+# Knobs (environment): BIN (.gpu/trainer), TRAINER_RUNS ("bf16:fused:128 bf16:fused:64
+# bf16:candle:128 f32:fused:64" = precision:kernels:batch), TORCH_BATCHES ("128 64"), DEBUG_BATCH (4),
+# DEADLINE (450), STEP_TIMEOUT (150), COMPARE_RTOL (2e-2), COMPARE_ATOL (1e-3) for bf16,
+# F32_RTOL (1e-3), F32_ATOL (1e-4) for f32, PYTHON (python3), FAST (1), BENCH_STEPS (10),
+# BENCH_WARMUP (3), KCHECK_BATCH (32), SKIP_KCHECK / SKIP_DEBUG / SKIP_BENCH / SKIP_TORCH (0).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -26,9 +35,10 @@ START=$(date +%s)
 BIN=${BIN:-.gpu/trainer}
 CONFIGS=${CONFIGS:-.gpu/configs}
 RES=${OUT:-$ROOT/target/gpu-results}
-BATCHES=${BATCHES:-64 128}
+TRAINER_RUNS=${TRAINER_RUNS:-bf16:fused:128 bf16:fused:64 bf16:candle:128 f32:fused:64}
+TORCH_BATCHES=${TORCH_BATCHES:-${BATCHES:-128 64}}
 DEBUG_BATCH=${DEBUG_BATCH:-4}
-DEADLINE=${DEADLINE:-420}
+DEADLINE=${DEADLINE:-450}
 STEP_TIMEOUT=${STEP_TIMEOUT:-150}
 PY=${PYTHON:-python3}
 mkdir -p "$RES"
@@ -51,7 +61,7 @@ run() {
   log "$name (limit ${limit}s): $*"
   local t0=$(date +%s) rc smi=""
   case $name in  # device memory as nvidia-smi sees it (caching allocators included), every 200 ms
-    trainer-b*|pytorch-*)
+    trainer-*|pytorch-*)
       if command -v nvidia-smi > /dev/null; then
         nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$RES/$name.smi" 2>/dev/null &
         smi=$!
@@ -92,66 +102,87 @@ if [ ! -x "$BIN" ]; then
   log "no binary at $BIN: run scripts/build-gpu-bundle.sh on the development machine and carry .gpu"
 fi
 
-# --- 0. candle itself on the GPU (independent of the model code) -----------------------------
+# --- 0. candle itself on the GPU (independent of the model code), then our kernels ----------
 run device-smoke 90 .gpu/device-smoke cuda && tail -n 1 "$RES/device-smoke.log"
+if [ "${SKIP_KCHECK:-0}" != 1 ]; then
+  run kernel-check 150 "$BIN" kernel-check --device cuda --shapes vits \
+    --batch-size "${KCHECK_BATCH:-32}" --reps 10 --json
+  grep -E '^\||kernel-check|KERNELS' "$RES/kernel-check.log" | head -n 30
+fi
 
-# The trainer CLI's flags, read from its --help (the brief's names, or main's at the time of writing).
+# The trainer CLI's flags, read from its --help.
 has_flag() { "$BIN" "$1" --help 2>/dev/null | grep -q -- "$2"; }
-DEBUG_DEVICE=0; has_flag debug-step "--device" && DEBUG_DEVICE=1
-DEBUG_TENSORS=0; has_flag debug-step "--out-tensors" && DEBUG_TENSORS=1  # keep them out of $OUT
 BENCH_ARGS=(--device cuda --json)
-has_flag bench "--synthetic" && BENCH_ARGS+=(--synthetic)
 if has_flag bench "--batch-size"; then BATCH_FLAG=--batch-size; else BATCH_FLAG=--batch; fi
 has_flag bench "--steps" && BENCH_ARGS+=(--steps "${BENCH_STEPS:-10}")
 has_flag bench "--warmup" && BENCH_ARGS+=(--warmup "${BENCH_WARMUP:-3}")
-log "debug-step --device: $([ $DEBUG_DEVICE = 1 ] && echo yes || echo 'no (CPU only: no comparison possible)'); bench: $BATCH_FLAG ${BENCH_ARGS[*]}"
 
-# --- 1. CPU vs CUDA debug-step ---------------------------------------------------------------
-debug_compare() {  # NAME CONFIG
+# --- 1. CPU (f32, composed: the reference) vs CUDA debug-step --------------------------------
+# debug_prepare NAME CONFIG: weights, batch and the CPU reference report.
+debug_prepare() {
   local name=$1 cfg=$2 d="$WORK/$1"
   mkdir -p "$d"
-  run "$name-init" 60 "$BIN" init-weights --config "$cfg" --out "$d/w.safetensors" || return
-  run "$name-batch" 60 "$BIN" make-batch --config "$cfg" --synthetic --out "$d/b.safetensors" || return
-  local dev_cpu=() dev_cuda=()
-  [ "$DEBUG_DEVICE" = 1 ] && { dev_cpu=(--device cpu); dev_cuda=(--device cuda); }
-  [ "$DEBUG_TENSORS" = 1 ] && { dev_cpu+=(--out-tensors "$d/cpu.safetensors"); dev_cuda+=(--out-tensors "$d/cuda.safetensors"); }
+  run "$name-init" 60 "$BIN" init-weights --config "$cfg" --out "$d/w.safetensors" || return 1
+  run "$name-batch" 60 "$BIN" make-batch --config "$cfg" --synthetic --out "$d/b.safetensors" || return 1
   run "$name-cpu" "$STEP_TIMEOUT" "$BIN" debug-step --config "$cfg" --weights "$d/w.safetensors" \
-    --batch "$d/b.safetensors" --out "$RES/$name-cpu.json" "${dev_cpu[@]}"
-  if [ "$DEBUG_DEVICE" != 1 ]; then
-    echo "not compared: this trainer's debug-step has no --device flag" > "$RES/$name-compare.txt"
-    return
-  fi
-  run "$name-cuda" "$STEP_TIMEOUT" "$BIN" debug-step --config "$cfg" --weights "$d/w.safetensors" \
-    --batch "$d/b.safetensors" --out "$RES/$name-cuda.json" "${dev_cuda[@]}"
-  if [ -s "$RES/$name-cpu.json" ] && [ -s "$RES/$name-cuda.json" ]; then
-    "$PY" bench/compare_debug_step.py "$RES/$name-cpu.json" "$RES/$name-cuda.json" \
-      --rtol "${COMPARE_RTOL:-2e-2}" --atol "${COMPARE_ATOL:-1e-3}" > "$RES/$name-compare.txt" 2>&1
-    echo "compare rc $?" >> "$RES/$name-compare.txt"
-    cat "$RES/$name-compare.txt"
+    --batch "$d/b.safetensors" --out "$RES/$name-cpu.json" --out-tensors "$d/cpu.safetensors" \
+    --device cpu --precision f32 --kernels candle
+}
+# debug_cuda NAME CONFIG PRECISION KERNELS: one CUDA variant compared with the CPU reference.
+debug_cuda() {
+  local name=$1 cfg=$2 prec=$3 kern=$4 d="$WORK/$1" v="$1-cuda-$3-$4" rtol atol
+  if [ "$prec" = f32 ]; then rtol=${F32_RTOL:-1e-3}; atol=${F32_ATOL:-1e-4}
+  else rtol=${COMPARE_RTOL:-2e-2}; atol=${COMPARE_ATOL:-1e-3}; fi
+  run "$v" "$STEP_TIMEOUT" "$BIN" debug-step --config "$cfg" --weights "$d/w.safetensors" \
+    --batch "$d/b.safetensors" --out "$RES/$v.json" --out-tensors "$d/$v.safetensors" \
+    --device cuda --precision "$prec" --kernels "$kern" || return
+  if [ -s "$RES/$name-cpu.json" ] && [ -s "$RES/$v.json" ]; then
+    "$PY" bench/compare_debug_step.py "$RES/$name-cpu.json" "$RES/$v.json" \
+      --rtol "$rtol" --atol "$atol" > "$RES/$v-compare.txt" 2>&1
+    echo "compare rc $?" >> "$RES/$v-compare.txt"
+    echo "== $v vs CPU f32: $(grep -E '^(PASS|FAIL|MISMATCHED)' "$RES/$v-compare.txt")"
   fi
 }
+# bench_trainer PRECISION:KERNELS:BATCH
+bench_trainer() {
+  local prec kern b
+  IFS=: read -r prec kern b <<< "$1"
+  run "trainer-$prec-$kern-b$b" "$STEP_TIMEOUT" "$BIN" bench --config "$CONFIGS/udi_vit_s16_in1k.toml" \
+    "$BATCH_FLAG" "$b" "${BENCH_ARGS[@]}" --precision "$prec" --kernels "$kern"
+}
+torch_run() {  # MODE BATCH
+  run "pytorch-$1-b$2" 120 "$PY" bench/pytorch_udi.py --batch "$2" --mode "$1" --json
+}
+
 if [ "${SKIP_DEBUG:-0}" != 1 ]; then
-  debug_compare debug-tiny "$CONFIGS/tiny.toml"
-  # ViT-S/16 at the paper's crop sizes and K, at a batch small enough for the CPU side.
-  sed "s/^batch_size *=.*/batch_size = $DEBUG_BATCH/" "$CONFIGS/udi_vit_s16_in1k.toml" > "$WORK/vits-debug.toml"
-  debug_compare debug-vits "$WORK/vits-debug.toml"
+  if debug_prepare debug-tiny "$CONFIGS/tiny.toml"; then
+    debug_cuda debug-tiny "$CONFIGS/tiny.toml" f32 fused
+    debug_cuda debug-tiny "$CONFIGS/tiny.toml" bf16 fused
+    debug_cuda debug-tiny "$CONFIGS/tiny.toml" bf16 candle
+  fi
 fi
 
-# --- 2. trainer bench, 3. PyTorch baseline ---------------------------------------------------
+# --- 2./3. the headline pair first: our bf16+fused bench and PyTorch at the largest batch ------
+runs=($TRAINER_RUNS)
+tb=($TORCH_BATCHES)
+[ "${SKIP_BENCH:-0}" != 1 ] && bench_trainer "${runs[0]}"
+[ "${SKIP_TORCH:-0}" != 1 ] && torch_run official "${tb[0]}"
+
+# ViT-S/16 at the paper's crop sizes and K, at a batch small enough for the CPU side.
+if [ "${SKIP_DEBUG:-0}" != 1 ]; then
+  sed "s/^batch_size *=.*/batch_size = $DEBUG_BATCH/" "$CONFIGS/udi_vit_s16_in1k.toml" > "$WORK/vits-debug.toml"
+  if debug_prepare debug-vits "$WORK/vits-debug.toml"; then
+    debug_cuda debug-vits "$WORK/vits-debug.toml" bf16 fused
+    debug_cuda debug-vits "$WORK/vits-debug.toml" f32 fused
+  fi
+fi
+
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
-  for b in $BATCHES; do
-    run "trainer-b$b" "$STEP_TIMEOUT" "$BIN" bench --config "$CONFIGS/udi_vit_s16_in1k.toml" \
-      "$BATCH_FLAG" "$b" "${BENCH_ARGS[@]}"
-  done
+  for r in "${runs[@]:1}"; do bench_trainer "$r"; done
 fi
 if [ "${SKIP_TORCH:-0}" != 1 ]; then
-  for b in $BATCHES; do
-    run "pytorch-official-b$b" 120 "$PY" bench/pytorch_udi.py --batch "$b" --mode official --json
-  done
-  if [ "${FAST:-1}" = 1 ]; then
-    b=$(echo "$BATCHES" | awk '{print $NF}')
-    run "pytorch-fast-b$b" 120 "$PY" bench/pytorch_udi.py --batch "$b" --mode fast --json
-  fi
+  for b in "${tb[@]:1}"; do torch_run official "$b"; done
+  [ "${FAST:-1}" = 1 ] && torch_run fast "${tb[0]}"
 fi
 
 # --- 4. the table ----------------------------------------------------------------------------

@@ -192,7 +192,9 @@ fn main() -> Result<()> {
             let dev = trainer::device::pick(device)?;
             let shapes = trainer::kernels::check::Shapes::named(&shapes, batch_size)?;
             let rep = trainer::kernels::check::run(&dev, &shapes, reps)?;
+            // The table always (stderr with --json), the JSON line last on stdout.
             if json {
+                eprint!("{}", rep.table());
                 println!("{}", serde_json::to_string(&rep)?);
             } else {
                 print!("{}", rep.table());
