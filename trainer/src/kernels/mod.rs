@@ -123,3 +123,29 @@ impl Compute {
         self.kernels == Kernels::Fused
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_the_device_and_flags_override() {
+        let c = Compute::for_device(&Device::Cpu, None, None);
+        assert_eq!((c.precision, c.kernels), (Precision::F32, Kernels::Candle));
+        assert_eq!(c.dtype(DType::F32), DType::F32);
+        assert_eq!(c.dtype(DType::F64), DType::F64);
+        let c = Compute::for_device(&Device::Cpu, Some(Precision::Bf16), Some(Kernels::Fused));
+        assert!(c.fused());
+        assert_eq!(c.dtype(DType::F32), DType::BF16);
+        // `[run] precision = "bf16"` / `kernels = "fused"` spellings.
+        #[derive(Deserialize)]
+        struct R {
+            precision: Precision,
+            kernels: Kernels,
+        }
+        let r: R = toml::from_str("precision = \"bf16\"\nkernels = \"candle\"").unwrap();
+        assert_eq!((r.precision, r.kernels), (Precision::Bf16, Kernels::Candle));
+        assert_eq!(Precision::Bf16.to_string(), "bf16");
+        assert_eq!(Kernels::Fused.to_string(), "fused");
+    }
+}
