@@ -65,7 +65,7 @@ fn main() {
     }
     let root = ["CUDA_ROOT", "CUDA_HOME", "CUDA_PATH"]
         .iter()
-        .find_map(|k| env::var_os(k))
+        .find_map(env::var_os)
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             panic!(

@@ -100,6 +100,7 @@ fn scalar_i64(m: &HashMap<String, Tensor>, k: &str, what: &str) -> Result<u64> {
     Ok(v[0] as u64)
 }
 
+#[allow(clippy::too_many_arguments)]
 /// Runs one training step with drop path off and writes the JSON report and the tensors.
 pub fn debug_step(
     cfg: &TrainConfig,
