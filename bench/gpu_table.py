@@ -87,7 +87,7 @@ def main():
     out.append("| run | batch | images/s | ms/step | MFU | × PyTorch | peak GiB (own) | peak GiB (nvidia-smi) | status |")
     out.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     names = sorted(
-        (n for n in steps if n.startswith(("trainer-b", "pytorch-"))),
+        (n for n in steps if n.startswith(("trainer-", "pytorch-"))),
         key=lambda n: (not n.startswith("trainer"), int(re.sub(r".*-b", "", n) or 0), n),
     )
     torch_ips = {}
