@@ -67,17 +67,15 @@ impl Fixture {
         self.children.push(child);
         pid
     }
-    /// Runs `loader tap --json` to completion and parses its lines.
+    /// Runs `loader tap --json --batches N` to completion and parses its lines.
     fn tap(&self, batches: u64) -> Vec<Value> {
+        self.tap_with(&["--batches", &batches.to_string()])
+    }
+    /// Runs `loader tap --json` with `extra` arguments to completion and parses its lines.
+    fn tap_with(&self, extra: &[&str]) -> Vec<Value> {
         let out = Command::new(BIN)
-            .args([
-                "tap",
-                "--json",
-                "--ring",
-                &self.name,
-                "--batches",
-                &batches.to_string(),
-            ])
+            .args(["tap", "--json", "--ring", &self.name])
+            .args(extra)
             .output()
             .unwrap();
         assert!(
@@ -436,26 +434,9 @@ fn tap_detaches_and_a_second_tap_seeks() {
     let mut fx = Fixture::new("seek");
     fx.spawn_loader(2, &[]);
     fx.spawn_loader(1, &[]);
-    let run_tap = |extra: &[&str]| -> Vec<Value> {
-        let out = Command::new(BIN)
-            .args(["tap", "--json", "--ring", &fx.name])
-            .args(extra)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "tap: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    };
     let cfg = fx.cfg();
-    let first = run_tap(&["--batches", "3", "--detach"]);
-    let second = run_tap(&["--batches", "2"]); // continues at the stored cursor
+    let first = fx.tap_with(&["--batches", "3", "--detach"]);
+    let second = fx.tap_with(&["--batches", "2"]); // continues at the stored cursor
     assert!(
         !segment_path(&fx.name).exists(),
         "the second tap closes the ring"
@@ -471,29 +452,7 @@ fn tap_detaches_and_a_second_tap_seeks() {
 
     let mut fx2 = Fixture::new("seek2");
     fx2.spawn_loader(1, &[]);
-    let out = Command::new(BIN)
-        .args([
-            "tap",
-            "--json",
-            "--ring",
-            &fx2.name,
-            "--batches",
-            "2",
-            "--seek",
-            "2:7",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "tap: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = fx2.tap_with(&["--batches", "2", "--seek", "2:7"]);
     for (k, line) in lines.iter().enumerate() {
         assert_eq!(
             (line["epoch"].as_u64(), line["batch"].as_u64()),
