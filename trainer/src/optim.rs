@@ -253,6 +253,19 @@ pub fn joint_norm(grads: &[&Tensor]) -> Result<f64> {
     Ok(s.sqrt())
 }
 
+/// ‖g‖² of each tensor, accumulated in f64 exactly as [`joint_norm`] does, fetched from the
+/// device in one transfer.
+pub fn squared_norms(grads: &[&Tensor]) -> Result<Vec<f64>> {
+    if grads.is_empty() {
+        return Ok(Vec::new());
+    }
+    let sums = grads
+        .iter()
+        .map(|g| g.to_dtype(DType::F64)?.sqr()?.sum_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::stack(&sums, 0)?.to_vec1::<f64>()?)
+}
+
 /// torch's `clip_gradients` factor: `clip/(norm + 1e-6)` when that is < 1, else 1.
 pub fn clip_factor(norm: f64, clip: f64) -> f64 {
     if clip <= 0.0 {

@@ -14,7 +14,7 @@ use crate::kernels::Compute;
 use crate::loss::{udi_loss_with, Centres};
 use crate::model::Network;
 use crate::nn::scalar_f64;
-use crate::optim::{clip_factor, ema_update, joint_norm, AdamW};
+use crate::optim::{clip_factor, ema_update, squared_norms, AdamW};
 use crate::params::{is_last_layer, ParamStore};
 use crate::schedule::Schedules;
 use crate::vit::DropMasks;
@@ -242,24 +242,38 @@ impl Trainer {
         let mut post: Vec<Option<f64>> = vec![None; params.len()];
         // (raw gradient, clip factor) of every parameter updated this step.
         let mut clipped: Vec<Option<(Tensor, f64)>> = vec![None; params.len()];
+        // ‖g‖² of every gradient in one device→host transfer (one sync, not one per tensor).
+        let with_grad: Vec<(usize, Tensor)> = params
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.trainable)
+            .filter_map(|(i, p)| grads.get(p.var.as_tensor()).map(|g| (i, g.clone())))
+            .collect();
+        let sq = {
+            let refs: Vec<&Tensor> = with_grad.iter().map(|(_, g)| g).collect();
+            squared_norms(&refs)?
+        };
+        let mut grad_of: Vec<Option<(Tensor, f64)>> = vec![None; params.len()];
+        for ((i, g), s) in with_grad.into_iter().zip(sq) {
+            grad_of[i] = Some((g, s));
+        }
         let mut total_sq = 0.0;
         for group in &self.clip_groups {
-            let gs: Vec<(usize, Tensor)> = group
+            let gs: Vec<(usize, Tensor, f64)> = group
                 .iter()
-                .filter(|&&i| params[i].trainable)
-                .filter_map(|&i| grads.get(params[i].var.as_tensor()).map(|g| (i, g.clone())))
+                .filter_map(|&i| grad_of[i].take().map(|(g, s)| (i, g, s)))
                 .collect();
             if gs.is_empty() {
                 continue;
             }
-            let refs: Vec<&Tensor> = gs.iter().map(|(_, g)| g).collect();
-            let norm = joint_norm(&refs)?;
+            // Same arithmetic as `joint_norm`: Σ of the f64 squared norms, then √.
+            let norm = gs.iter().fold(0.0, |acc, (_, _, s)| acc + s).sqrt();
             total_sq += norm * norm;
             let f = clip_factor(norm, self.cfg.optim.clip_grad);
             let single = gs.len() == 1;
-            for (i, g) in gs {
+            for (i, g, s) in gs {
                 // Post-clip norms are reported as pre·factor (saves two passes over each tensor).
-                let own = if single { norm } else { joint_norm(&[&g])? };
+                let own = if single { norm } else { s.sqrt() };
                 pre[i] = Some(own);
                 if frozen && is_last_layer(&params[i].name) {
                     continue; // grad = None: no update, no decay, no Adam state
