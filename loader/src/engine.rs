@@ -4,7 +4,7 @@
 //! (fast_image_resize `CatmullRom` = PIL BICUBIC a = −0.5, kernel widened by the downscale
 //! factor, on a cropped view so no pixel outside the crop is read, as with PIL's crop + resize)
 //! → horizontal flip (after the resize: cheaper, same pixels up to the mirror symmetry of the
-//! resampling weights) → photometric pipeline. Every random draw comes from
+//! resampling weights; folded into the first photometric pass) → photometric pipeline. Every random draw comes from
 //! `shared::rng::sample_rng(seed, epoch, index)` in a fixed order: geometry, SRS masks, then the
 //! photometric parameters of each crop in crop order.
 
@@ -17,7 +17,7 @@ use shared::geometry::{global_pair, local_pair, CropMeta, Sample, SrsRow};
 
 use crate::crops::sample_crops;
 use crate::decode::RgbImage;
-use crate::photometric::PhotoParams;
+use crate::photometric::{PhotoParams, PhotoScratch};
 use crate::srs::{project_rows, sampling_mask};
 
 /// Seconds spent per stage, accumulated over calls (for `loader bench`).
@@ -43,12 +43,14 @@ impl StageTimes {
 
 struct Scratch {
     resizer: fr::Resizer,
-    blur: Vec<u8>,
+    photo: PhotoScratch,
 }
 
 thread_local! {
-    static SCRATCH: RefCell<Scratch> =
-        RefCell::new(Scratch { resizer: fr::Resizer::new(), blur: Vec::new() });
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch {
+        resizer: fr::Resizer::new(),
+        photo: PhotoScratch::default(),
+    });
 }
 
 /// Turns decoded images into samples; cheap to share between threads (`&self` only).
@@ -150,14 +152,18 @@ impl CropEngine {
             for (((buf, size), meta), params) in globals.chain(locals).zip(&crops).zip(&photo) {
                 let t1 = Instant::now();
                 resize_crop(&mut scratch.resizer, img, meta, buf, size);
-                if meta.hflip != 0 {
-                    flip_rows(buf, size, size);
-                }
-                let t2 = Instant::now();
-                times.resize += (t2 - t1).as_secs_f64();
+                let flip = meta.hflip != 0;
                 if photometric {
-                    params.apply(buf, size, size, &mut scratch.blur);
+                    let t2 = Instant::now();
+                    times.resize += (t2 - t1).as_secs_f64();
+                    // The flip is folded into the first photometric pass.
+                    params.apply_flipped(buf, size, size, flip, &mut scratch.photo);
                     times.photometric += t2.elapsed().as_secs_f64();
+                } else {
+                    if flip {
+                        flip_rows(buf, size, size);
+                    }
+                    times.resize += t1.elapsed().as_secs_f64();
                 }
             }
         });

@@ -3,7 +3,8 @@
 //!
 //! * [`decode`]: JPEG (libjpeg-turbo), PNG and raw-zstd records to RGB8.
 //! * [`crops`]: crop geometry (random-resized-crop, overlap-constrained crop, reference box).
-//! * [`photometric`]: colour jitter, grayscale, blur, solarise with PIL semantics, in uint8.
+//! * [`photometric`]: colour jitter, grayscale, blur, solarise with PIL semantics, in uint8;
+//!   [`fused`] runs them in few passes, [`hue_simd`] holds the AVX2 hue kernel.
 //! * [`srs`]: SRS masks and the cross-view projection rows.
 //! * [`engine`]: [`engine::CropEngine`] ties them together into a [`shared::geometry::Sample`].
 //! * [`source`]: [`source::DatasetSource`], the [`shared::geometry::SampleSource`] over records.
@@ -26,6 +27,9 @@ pub mod daemon;
 pub mod decode;
 pub mod engine;
 pub mod folder;
+pub mod fused;
+#[cfg(target_arch = "x86_64")]
+pub mod hue_simd;
 pub mod photometric;
 pub mod preview;
 pub mod produce;

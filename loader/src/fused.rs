@@ -1,0 +1,328 @@
+//! The photometric pipeline of one crop in as few passes over its pixels as the semantics allow,
+//! bit-identical to the op-by-op reference ([`PhotoParams::apply_reference`]).
+//!
+//! Every op before the blur is pixel-local except contrast, which blends with the mean luma of
+//! the image *as it is at that point*. So the jitter splits at the contrast op:
+//! * ops before it that are per-value tables (brightness) are folded into a read-only pass that
+//!   sums the luma, then composed with the contrast table;
+//! * ops before it that are not (saturation, hue) run in a first writing pass that also sums the
+//!   luma of its output;
+//! * everything after (contrast table, remaining jitter ops, grayscale, and solarise when there is
+//!   no blur) runs in one more pass. Consecutive table ops compose into one table.
+//!
+//! A pass deinterleaves each row into planes (mirrored when the crop is flipped, so the flip
+//! costs nothing), runs its stages on the planes (vectorised; hue by the AVX2 kernel when the
+//! CPU has it), and interleaves back. A grayscale crop that is blurred is blurred as one plane
+//! (R = G = B, so the three channel blurs are the same), a third of the work.
+
+use crate::photometric::{
+    blend, box_blur_plane, contrast_mean, hsv_to_rgb_fast, rgb_to_hsv_fast, solarize_lut, JitterOp,
+    PhotoParams,
+};
+
+/// Buffers reused across crops (one per worker thread).
+#[derive(Clone, Debug, Default)]
+pub struct PhotoScratch {
+    r: Vec<u8>,
+    g: Vec<u8>,
+    b: Vec<u8>,
+    gray: Vec<u8>,
+    pub(crate) blur: Vec<u8>,
+    pub(crate) acc: Vec<u32>,
+}
+
+/// One per-pixel step of a pass.
+#[derive(Clone, Copy, Debug)]
+enum Stage {
+    /// Per-value table on every channel.
+    Lut([u8; 256]),
+    Saturation(f32),
+    /// Hue shift as the uint8 added to H.
+    Hue(u8),
+    Gray,
+}
+
+fn identity() -> [u8; 256] {
+    std::array::from_fn(|v| v as u8)
+}
+
+/// `second ∘ first`.
+fn compose(first: &[u8; 256], second: &[u8; 256]) -> [u8; 256] {
+    std::array::from_fn(|v| second[first[v] as usize])
+}
+
+/// Appends a stage, composing table stages that meet.
+fn push(stages: &mut Vec<Stage>, s: Stage) {
+    if let (Stage::Lut(next), Some(Stage::Lut(prev))) = (s, stages.last_mut()) {
+        *prev = compose(prev, &next);
+        return;
+    }
+    stages.push(s);
+}
+
+fn jitter_stage(op: JitterOp) -> Stage {
+    match op {
+        JitterOp::Brightness(f) => Stage::Lut(crate::photometric::brightness_lut(f)),
+        JitterOp::Saturation(f) => Stage::Saturation(f),
+        JitterOp::Hue(f) => Stage::Hue(crate::photometric::hue_shift(f)),
+        JitterOp::Contrast(_) => unreachable!("contrast is planned separately"),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    std::arch::is_x86_feature_detected!("avx2")
+}
+
+/// The fused pipeline; `flip` mirrors the crop first (the engine's flip after resize).
+pub fn apply_fused(
+    p: &PhotoParams,
+    img: &mut [u8],
+    w: usize,
+    h: usize,
+    flip: bool,
+    sc: &mut PhotoScratch,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2 (checked above).
+        unsafe { apply_avx2(p, img, w, h, flip, sc) };
+        return;
+    }
+    apply_impl::<false>(p, img, w, h, flip, sc);
+}
+
+/// [`apply_fused`] without the AVX2 kernels (the path of CPUs without AVX2), for tests.
+pub fn apply_fused_scalar(
+    p: &PhotoParams,
+    img: &mut [u8],
+    w: usize,
+    h: usize,
+    flip: bool,
+    sc: &mut PhotoScratch,
+) {
+    apply_impl::<false>(p, img, w, h, flip, sc);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn apply_avx2(
+    p: &PhotoParams,
+    img: &mut [u8],
+    w: usize,
+    h: usize,
+    flip: bool,
+    sc: &mut PhotoScratch,
+) {
+    apply_impl::<true>(p, img, w, h, flip, sc);
+}
+
+#[inline(always)]
+fn apply_impl<const AVX2: bool>(
+    p: &PhotoParams,
+    img: &mut [u8],
+    w: usize,
+    h: usize,
+    mut flip: bool,
+    sc: &mut PhotoScratch,
+) {
+    debug_assert_eq!(img.len(), w * h * 3);
+    let mut stages: Vec<Stage> = Vec::with_capacity(6);
+    let ci = p
+        .jitter
+        .iter()
+        .position(|op| matches!(op, JitterOp::Contrast(_)));
+    let rest = match ci {
+        None => &p.jitter[..],
+        Some(k) => {
+            let JitterOp::Contrast(cf) = p.jitter[k] else {
+                unreachable!()
+            };
+            for &op in &p.jitter[..k] {
+                push(&mut stages, jitter_stage(op));
+            }
+            let (pre_lut, sum) = match stages.as_slice() {
+                [] => (
+                    identity(),
+                    pass::<AVX2>(img, w, h, false, &[], Out::SumOnly, sc),
+                ),
+                [Stage::Lut(l)] => (
+                    *l,
+                    pass::<AVX2>(img, w, h, false, &stages, Out::SumOnly, sc),
+                ),
+                _ => {
+                    let s = pass::<AVX2>(img, w, h, flip, &stages, Out::RgbSum, sc);
+                    flip = false;
+                    (identity(), s)
+                }
+            };
+            let mean = contrast_mean(sum, (w * h) as u64);
+            let c: [u8; 256] = std::array::from_fn(|v| blend(mean, v as u8, cf));
+            stages.clear();
+            stages.push(Stage::Lut(compose(&pre_lut, &c)));
+            &p.jitter[k + 1..]
+        }
+    };
+    for &op in rest {
+        push(&mut stages, jitter_stage(op));
+    }
+    if p.grayscale {
+        push(&mut stages, Stage::Gray);
+    }
+    match p.blur {
+        None => {
+            if p.solarize {
+                push(&mut stages, Stage::Lut(solarize_lut()));
+            }
+            if flip || !stages.is_empty() {
+                pass::<AVX2>(img, w, h, flip, &stages, Out::Rgb, sc);
+            }
+        }
+        Some(sigma) if p.grayscale => {
+            // All three channels equal: blur one plane, expand (and solarise) on the way back.
+            stages.pop(); // the Gray stage: the pass writes the luma plane instead
+            pass::<AVX2>(img, w, h, flip, &stages, Out::Luma, sc);
+            let mut gray = std::mem::take(&mut sc.gray);
+            box_blur_plane::<1>(&mut gray, w, h, sigma, &mut sc.blur, &mut sc.acc);
+            let lut = if p.solarize {
+                solarize_lut()
+            } else {
+                identity()
+            };
+            for (px, &l) in img.chunks_exact_mut(3).zip(&gray) {
+                px.fill(lut[l as usize]);
+            }
+            sc.gray = gray;
+        }
+        Some(sigma) => {
+            if flip || !stages.is_empty() {
+                pass::<AVX2>(img, w, h, flip, &stages, Out::Rgb, sc);
+            }
+            box_blur_plane::<3>(img, w, h, sigma, &mut sc.blur, &mut sc.acc);
+            if p.solarize {
+                let lut = solarize_lut();
+                for v in img.iter_mut() {
+                    *v = lut[*v as usize];
+                }
+            }
+        }
+    }
+}
+
+/// What a pass writes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Out {
+    /// Nothing: only Σ luma of the staged pixels (read-only pass).
+    SumOnly,
+    /// The pixels back into the image.
+    Rgb,
+    /// The pixels, and Σ luma of them.
+    RgbSum,
+    /// The luma of the staged pixels into `scratch.gray` (a `w × h` plane).
+    Luma,
+}
+
+#[inline(always)]
+fn luma_lane(r: u8, g: u8, b: u8) -> u32 {
+    (r as u32 * 19595 + g as u32 * 38470 + b as u32 * 7471 + 0x8000) >> 16
+}
+
+/// One pass over the rows; returns Σ luma when `out` asks for it.
+#[inline(always)]
+fn pass<const AVX2: bool>(
+    img: &mut [u8],
+    w: usize,
+    h: usize,
+    flip: bool,
+    stages: &[Stage],
+    out: Out,
+    sc: &mut PhotoScratch,
+) -> u64 {
+    // Planes padded to a multiple of 8 for the 8-lane kernels; the padding is never read back.
+    let wp = w.div_ceil(8) * 8;
+    for v in [&mut sc.r, &mut sc.g, &mut sc.b] {
+        v.clear();
+        v.resize(wp, 0);
+    }
+    if out == Out::Luma {
+        sc.gray.clear();
+        sc.gray.resize(w * h, 0);
+    }
+    let (r, g, b) = (&mut sc.r[..], &mut sc.g[..], &mut sc.b[..]);
+    let mut sum = 0u64;
+    for y in 0..h {
+        let row = &mut img[y * w * 3..(y + 1) * w * 3];
+        if flip {
+            for (x, px) in row.chunks_exact(3).rev().enumerate() {
+                (r[x], g[x], b[x]) = (px[0], px[1], px[2]);
+            }
+        } else {
+            for (x, px) in row.chunks_exact(3).enumerate() {
+                (r[x], g[x], b[x]) = (px[0], px[1], px[2]);
+            }
+        }
+        for st in stages {
+            match *st {
+                Stage::Lut(ref lut) => {
+                    for v in r.iter_mut().chain(g.iter_mut()).chain(b.iter_mut()) {
+                        *v = lut[*v as usize];
+                    }
+                }
+                Stage::Saturation(f) => {
+                    for ((r, g), b) in r.iter_mut().zip(g.iter_mut()).zip(b.iter_mut()) {
+                        let l = luma_lane(*r, *g, *b) as u8;
+                        *r = blend(l, *r, f);
+                        *g = blend(l, *g, f);
+                        *b = blend(l, *b, f);
+                    }
+                }
+                Stage::Hue(shift) => hue_planes::<AVX2>(r, g, b, shift),
+                Stage::Gray => {
+                    for ((r, g), b) in r.iter_mut().zip(g.iter_mut()).zip(b.iter_mut()) {
+                        let l = luma_lane(*r, *g, *b) as u8;
+                        (*r, *g, *b) = (l, l, l);
+                    }
+                }
+            }
+        }
+        if matches!(out, Out::SumOnly | Out::RgbSum) {
+            let s: u32 = r[..w]
+                .iter()
+                .zip(&g[..w])
+                .zip(&b[..w])
+                .map(|((&r, &g), &b)| luma_lane(r, g, b))
+                .sum();
+            sum += s as u64;
+        }
+        match out {
+            Out::SumOnly => {}
+            Out::Rgb | Out::RgbSum => {
+                for (x, px) in row.chunks_exact_mut(3).enumerate() {
+                    px.copy_from_slice(&[r[x], g[x], b[x]]);
+                }
+            }
+            Out::Luma => {
+                let dst = &mut sc.gray[y * w..(y + 1) * w];
+                for (x, d) in dst.iter_mut().enumerate() {
+                    *d = luma_lane(r[x], g[x], b[x]) as u8;
+                }
+            }
+        }
+    }
+    sum
+}
+
+#[inline(always)]
+fn hue_planes<const AVX2: bool>(r: &mut [u8], g: &mut [u8], b: &mut [u8], shift: u8) {
+    #[cfg(target_arch = "x86_64")]
+    if AVX2 {
+        // SAFETY: `AVX2` is true only on the path entered after the runtime AVX2 check; the
+        // planes have equal lengths, a multiple of 8.
+        unsafe { crate::hue_simd::hue_planes(r, g, b, shift) };
+        return;
+    }
+    for ((r, g), b) in r.iter_mut().zip(g.iter_mut()).zip(b.iter_mut()) {
+        let (hh, s, v) = rgb_to_hsv_fast(*r, *g, *b);
+        (*r, *g, *b) = hsv_to_rgb_fast(hh.wrapping_add(shift), s, v);
+    }
+}
