@@ -12,11 +12,12 @@ use std::cell::RefCell;
 use std::time::Instant;
 
 use fast_image_resize as fr;
-use shared::config::AugmentConfig;
+use shared::config::{AugmentConfig, ResizeMode};
 use shared::geometry::{global_pair, local_pair, CropMeta, Sample, SrsRow};
 
 use crate::crops::sample_crops;
 use crate::decode::RgbImage;
+use crate::fast_resize::{fast_eligible, FastResizer};
 use crate::photometric::{PhotoParams, PhotoScratch};
 use crate::srs::{project_rows, sampling_mask};
 
@@ -43,12 +44,14 @@ impl StageTimes {
 
 struct Scratch {
     resizer: fr::Resizer,
+    fast: FastResizer,
     photo: PhotoScratch,
 }
 
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch {
         resizer: fr::Resizer::new(),
+        fast: FastResizer::default(),
         photo: PhotoScratch::default(),
     });
 }
@@ -145,13 +148,18 @@ impl CropEngine {
         let (sg, sl) = (aug.global_size as usize, aug.local_size as usize);
         out.globals.resize(2 * sg * sg * 3, 0);
         out.locals.resize(n_local * sl * sl * 3, 0);
+        let fast = aug.resize == ResizeMode::Fast;
         SCRATCH.with(|cell| {
             let scratch = &mut *cell.borrow_mut();
             let globals = out.globals.chunks_exact_mut(sg * sg * 3).map(|b| (b, sg));
             let locals = out.locals.chunks_exact_mut(sl * sl * 3).map(|b| (b, sl));
             for (((buf, size), meta), params) in globals.chain(locals).zip(&crops).zip(&photo) {
                 let t1 = Instant::now();
-                resize_crop(&mut scratch.resizer, img, meta, buf, size);
+                if fast && fast_eligible(meta, size) {
+                    scratch.fast.resize(img, meta, buf, size);
+                } else {
+                    resize_crop(&mut scratch.resizer, img, meta, buf, size);
+                }
                 let flip = meta.hflip != 0;
                 if photometric {
                     let t2 = Instant::now();

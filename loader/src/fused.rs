@@ -3,12 +3,12 @@
 //!
 //! Every op before the blur is pixel-local except contrast, which blends with the mean luma of
 //! the image *as it is at that point*. So the jitter splits at the contrast op:
-//! * ops before it that are per-value tables (brightness) are folded into a read-only pass that
-//!   sums the luma, then composed with the contrast table;
+//! * ops before it that are per-value (brightness) run in a read-only pass that sums the luma of
+//!   their result, and are redone in the writing pass;
 //! * ops before it that are not (saturation, hue) run in a first writing pass that also sums the
 //!   luma of its output;
-//! * everything after (contrast table, remaining jitter ops, grayscale, and solarise when there is
-//!   no blur) runs in one more pass. Consecutive table ops compose into one table.
+//! * everything after (the contrast blend, remaining jitter ops, grayscale, and solarise when
+//!   there is no blur) runs in one more pass.
 //!
 //! A pass deinterleaves each row into planes (mirrored when the crop is flipped, so the flip
 //! costs nothing), runs its stages on the planes (vectorised; hue by the AVX2 kernel when the
@@ -16,8 +16,7 @@
 //! (R = G = B, so the three channel blurs are the same), a third of the work.
 
 use crate::photometric::{
-    blend, box_blur_plane, contrast_mean, hsv_to_rgb_fast, rgb_to_hsv_fast, solarize_lut, JitterOp,
-    PhotoParams,
+    blend, box_blur_plane, contrast_mean, hsv_to_rgb_fast, rgb_to_hsv_fast, JitterOp, PhotoParams,
 };
 
 /// Buffers reused across crops (one per worker thread).
@@ -31,42 +30,33 @@ pub struct PhotoScratch {
     pub(crate) acc: Vec<u32>,
 }
 
-/// One per-pixel step of a pass.
+/// One per-pixel step of a pass. Brightness, contrast and solarise are per-value functions;
+/// they are evaluated arithmetically (vectorised) rather than by table look-up, which on
+/// planar rows is several times slower than the SIMD blend.
 #[derive(Clone, Copy, Debug)]
 enum Stage {
-    /// Per-value table on every channel.
-    Lut([u8; 256]),
+    /// `blend(base, v, factor)` on every channel (brightness: base 0; contrast: base the mean).
+    Blend(u8, f32),
+    Solarize,
     Saturation(f32),
     /// Hue shift as the uint8 added to H.
     Hue(u8),
     Gray,
 }
 
-fn identity() -> [u8; 256] {
-    std::array::from_fn(|v| v as u8)
-}
-
-/// `second ∘ first`.
-fn compose(first: &[u8; 256], second: &[u8; 256]) -> [u8; 256] {
-    std::array::from_fn(|v| second[first[v] as usize])
-}
-
-/// Appends a stage, composing table stages that meet.
-fn push(stages: &mut Vec<Stage>, s: Stage) {
-    if let (Stage::Lut(next), Some(Stage::Lut(prev))) = (s, stages.last_mut()) {
-        *prev = compose(prev, &next);
-        return;
-    }
-    stages.push(s);
-}
-
 fn jitter_stage(op: JitterOp) -> Stage {
     match op {
-        JitterOp::Brightness(f) => Stage::Lut(crate::photometric::brightness_lut(f)),
+        JitterOp::Brightness(f) => Stage::Blend(0, f),
         JitterOp::Saturation(f) => Stage::Saturation(f),
         JitterOp::Hue(f) => Stage::Hue(crate::photometric::hue_shift(f)),
         JitterOp::Contrast(_) => unreachable!("contrast is planned separately"),
     }
+}
+
+/// Solarise at threshold 128 as `min(v, 255 − v)` (branch-free, vectorises).
+#[inline(always)]
+fn solarize_v(v: u8) -> u8 {
+    v.min(255 - v)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -138,41 +128,30 @@ fn apply_impl<const AVX2: bool>(
             let JitterOp::Contrast(cf) = p.jitter[k] else {
                 unreachable!()
             };
-            for &op in &p.jitter[..k] {
-                push(&mut stages, jitter_stage(op));
-            }
-            let (pre_lut, sum) = match stages.as_slice() {
-                [] => (
-                    identity(),
-                    pass::<AVX2>(img, w, h, false, &[], Out::SumOnly, sc),
-                ),
-                [Stage::Lut(l)] => (
-                    *l,
-                    pass::<AVX2>(img, w, h, false, &stages, Out::SumOnly, sc),
-                ),
-                _ => {
-                    let s = pass::<AVX2>(img, w, h, flip, &stages, Out::RgbSum, sc);
-                    flip = false;
-                    (identity(), s)
-                }
+            stages.extend(p.jitter[..k].iter().map(|&op| jitter_stage(op)));
+            let pointwise = stages.iter().all(|s| matches!(s, Stage::Blend(..)));
+            let sum = if pointwise {
+                // Read-only: the mean of the image after these per-value ops; they are redone
+                // in the writing pass below (cheaper than writing twice).
+                pass::<AVX2>(img, w, h, false, &stages, Out::SumOnly, sc)
+            } else {
+                let s = pass::<AVX2>(img, w, h, flip, &stages, Out::RgbSum, sc);
+                flip = false;
+                stages.clear();
+                s
             };
-            let mean = contrast_mean(sum, (w * h) as u64);
-            let c: [u8; 256] = std::array::from_fn(|v| blend(mean, v as u8, cf));
-            stages.clear();
-            stages.push(Stage::Lut(compose(&pre_lut, &c)));
+            stages.push(Stage::Blend(contrast_mean(sum, (w * h) as u64), cf));
             &p.jitter[k + 1..]
         }
     };
-    for &op in rest {
-        push(&mut stages, jitter_stage(op));
-    }
+    stages.extend(rest.iter().map(|&op| jitter_stage(op)));
     if p.grayscale {
-        push(&mut stages, Stage::Gray);
+        stages.push(Stage::Gray);
     }
     match p.blur {
         None => {
             if p.solarize {
-                push(&mut stages, Stage::Lut(solarize_lut()));
+                stages.push(Stage::Solarize);
             }
             if flip || !stages.is_empty() {
                 pass::<AVX2>(img, w, h, flip, &stages, Out::Rgb, sc);
@@ -184,13 +163,11 @@ fn apply_impl<const AVX2: bool>(
             pass::<AVX2>(img, w, h, flip, &stages, Out::Luma, sc);
             let mut gray = std::mem::take(&mut sc.gray);
             box_blur_plane::<1>(&mut gray, w, h, sigma, &mut sc.blur, &mut sc.acc);
-            let lut = if p.solarize {
-                solarize_lut()
-            } else {
-                identity()
-            };
+            if p.solarize {
+                gray.iter_mut().for_each(|v| *v = solarize_v(*v));
+            }
             for (px, &l) in img.chunks_exact_mut(3).zip(&gray) {
-                px.fill(lut[l as usize]);
+                px.fill(l);
             }
             sc.gray = gray;
         }
@@ -200,10 +177,7 @@ fn apply_impl<const AVX2: bool>(
             }
             box_blur_plane::<3>(img, w, h, sigma, &mut sc.blur, &mut sc.acc);
             if p.solarize {
-                let lut = solarize_lut();
-                for v in img.iter_mut() {
-                    *v = lut[*v as usize];
-                }
+                img.iter_mut().for_each(|v| *v = solarize_v(*v));
             }
         }
     }
@@ -263,9 +237,14 @@ fn pass<const AVX2: bool>(
         }
         for st in stages {
             match *st {
-                Stage::Lut(ref lut) => {
-                    for v in r.iter_mut().chain(g.iter_mut()).chain(b.iter_mut()) {
-                        *v = lut[*v as usize];
+                Stage::Blend(base, f) => {
+                    for plane in [&mut *r, &mut *g, &mut *b] {
+                        plane.iter_mut().for_each(|v| *v = blend(base, *v, f));
+                    }
+                }
+                Stage::Solarize => {
+                    for plane in [&mut *r, &mut *g, &mut *b] {
+                        plane.iter_mut().for_each(|v| *v = solarize_v(*v));
                     }
                 }
                 Stage::Saturation(f) => {

@@ -477,11 +477,6 @@ pub fn solarize(img: &mut [u8]) {
     }
 }
 
-/// The per-value table of [`solarize`].
-pub fn solarize_lut() -> [u8; 256] {
-    std::array::from_fn(|v| if v >= 128 { 255 - v as u8 } else { v as u8 })
-}
-
 /// Pillow `_gaussian_blur_radius`: the fractional box radius for `passes` box blurs (f32/f64 mix
 /// as in the C code).
 pub fn box_radius(sigma: f32, passes: i32) -> f32 {
