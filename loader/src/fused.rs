@@ -226,13 +226,10 @@ fn pass<const AVX2: bool>(
     let mut sum = 0u64;
     for y in 0..h {
         let row = &mut img[y * w * 3..(y + 1) * w * 3];
+        deinterleave::<AVX2>(row, r, g, b);
         if flip {
-            for (x, px) in row.chunks_exact(3).rev().enumerate() {
-                (r[x], g[x], b[x]) = (px[0], px[1], px[2]);
-            }
-        } else {
-            for (x, px) in row.chunks_exact(3).enumerate() {
-                (r[x], g[x], b[x]) = (px[0], px[1], px[2]);
+            for plane in [&mut *r, &mut *g, &mut *b] {
+                plane[..w].reverse();
             }
         }
         for st in stages {
@@ -275,11 +272,7 @@ fn pass<const AVX2: bool>(
         }
         match out {
             Out::SumOnly => {}
-            Out::Rgb | Out::RgbSum => {
-                for (x, px) in row.chunks_exact_mut(3).enumerate() {
-                    px.copy_from_slice(&[r[x], g[x], b[x]]);
-                }
-            }
+            Out::Rgb | Out::RgbSum => interleave::<AVX2>(r, g, b, row),
             Out::Luma => {
                 let dst = &mut sc.gray[y * w..(y + 1) * w];
                 for (x, d) in dst.iter_mut().enumerate() {
@@ -289,6 +282,143 @@ fn pass<const AVX2: bool>(
         }
     }
     sum
+}
+
+/// RGB row → planes (the first `row.len() / 3` entries of each).
+#[inline(always)]
+fn deinterleave<const AVX2: bool>(row: &[u8], r: &mut [u8], g: &mut [u8], b: &mut [u8]) {
+    let w = row.len() / 3;
+    let mut x = 0;
+    #[cfg(target_arch = "x86_64")]
+    if AVX2 {
+        while x + 16 <= w {
+            // SAFETY: AVX2 (hence SSSE3) checked by the caller's dispatch; 48 bytes from
+            // `row[3x..]` and 16 into each plane at `x` are in bounds (x + 16 ≤ w).
+            unsafe { shuffle::deinterleave16(row.as_ptr().add(3 * x), r, g, b, x) };
+            x += 16;
+        }
+    }
+    for (x, px) in row.chunks_exact(3).enumerate().skip(x) {
+        (r[x], g[x], b[x]) = (px[0], px[1], px[2]);
+    }
+}
+
+/// Planes → RGB row.
+#[inline(always)]
+fn interleave<const AVX2: bool>(r: &[u8], g: &[u8], b: &[u8], row: &mut [u8]) {
+    let w = row.len() / 3;
+    let mut x = 0;
+    #[cfg(target_arch = "x86_64")]
+    if AVX2 {
+        while x + 16 <= w {
+            // SAFETY: as in `deinterleave`.
+            unsafe { shuffle::interleave16(r, g, b, x, row.as_mut_ptr().add(3 * x)) };
+            x += 16;
+        }
+    }
+    for (x, px) in row.chunks_exact_mut(3).enumerate().skip(x) {
+        px.copy_from_slice(&[r[x], g[x], b[x]]);
+    }
+}
+
+/// 16 RGB pixels ↔ three planes of 16 bytes with `pshufb` (3 shuffles + 2 ors per output).
+#[cfg(target_arch = "x86_64")]
+mod shuffle {
+    use std::arch::x86_64::*;
+
+    /// Byte `i` of plane `c` is byte `3i + c` of the 48: in block `(3i + c) / 16`.
+    const fn de_mask(block: usize, c: usize) -> [i8; 16] {
+        let mut m = [-1i8; 16];
+        let mut i = 0;
+        while i < 16 {
+            let q = 3 * i + c;
+            if q / 16 == block {
+                m[i] = (q % 16) as i8;
+            }
+            i += 1;
+        }
+        m
+    }
+
+    /// Byte `k` of output block `block` is channel `q % 3` of pixel `q / 3`, `q = 16·block + k`.
+    const fn in_mask(block: usize, c: usize) -> [i8; 16] {
+        let mut m = [-1i8; 16];
+        let mut k = 0;
+        while k < 16 {
+            let q = 16 * block + k;
+            if q % 3 == c {
+                m[k] = (q / 3) as i8;
+            }
+            k += 1;
+        }
+        m
+    }
+
+    macro_rules! masks {
+        ($f:ident) => {
+            [
+                [$f(0, 0), $f(1, 0), $f(2, 0)],
+                [$f(0, 1), $f(1, 1), $f(2, 1)],
+                [$f(0, 2), $f(1, 2), $f(2, 2)],
+            ]
+        };
+    }
+    /// `DE[c][block]`, `IN[c][block]`.
+    static DE: [[[i8; 16]; 3]; 3] = masks!(de_mask);
+    static IN: [[[i8; 16]; 3]; 3] = masks!(in_mask);
+
+    #[inline(always)]
+    unsafe fn m(t: &[i8; 16]) -> __m128i {
+        _mm_loadu_si128(t.as_ptr() as *const __m128i)
+    }
+
+    /// # Safety
+    /// SSSE3; `src` points at 48 readable bytes; the planes hold `x + 16` bytes.
+    #[inline(always)]
+    pub unsafe fn deinterleave16(
+        src: *const u8,
+        r: &mut [u8],
+        g: &mut [u8],
+        b: &mut [u8],
+        x: usize,
+    ) {
+        let blk = [
+            _mm_loadu_si128(src as *const __m128i),
+            _mm_loadu_si128(src.add(16) as *const __m128i),
+            _mm_loadu_si128(src.add(32) as *const __m128i),
+        ];
+        for (c, plane) in [r, g, b].into_iter().enumerate() {
+            let v = _mm_or_si128(
+                _mm_or_si128(
+                    _mm_shuffle_epi8(blk[0], m(&DE[c][0])),
+                    _mm_shuffle_epi8(blk[1], m(&DE[c][1])),
+                ),
+                _mm_shuffle_epi8(blk[2], m(&DE[c][2])),
+            );
+            _mm_storeu_si128(plane[x..x + 16].as_mut_ptr() as *mut __m128i, v);
+        }
+    }
+
+    /// # Safety
+    /// SSSE3; the planes hold `x + 16` bytes; `dst` points at 48 writable bytes.
+    #[inline(always)]
+    pub unsafe fn interleave16(r: &[u8], g: &[u8], b: &[u8], x: usize, dst: *mut u8) {
+        let p = [
+            _mm_loadu_si128(r[x..x + 16].as_ptr() as *const __m128i),
+            _mm_loadu_si128(g[x..x + 16].as_ptr() as *const __m128i),
+            _mm_loadu_si128(b[x..x + 16].as_ptr() as *const __m128i),
+        ];
+        for blk in 0..3 {
+            let v = _mm_or_si128(
+                _mm_or_si128(
+                    _mm_shuffle_epi8(p[0], m(&IN[0][blk])),
+                    _mm_shuffle_epi8(p[1], m(&IN[1][blk])),
+                ),
+                _mm_shuffle_epi8(p[2], m(&IN[2][blk])),
+            );
+            _mm_storeu_si128(dst.add(16 * blk) as *mut __m128i, v);
+        }
+    }
 }
 
 #[inline(always)]

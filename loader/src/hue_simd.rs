@@ -1,9 +1,10 @@
 //! AVX2 kernels for the hue round trip of [`crate::photometric`], 8 pixels at a time on planar
-//! rows. Every expression is Pillow's (`rgb2hsv` / `hsv2rgb`) evaluated with the same IEEE
-//! f32/f64 operations and roundings, so the bytes equal the scalar reference; the three constant
-//! divisions (by 6 and by 255) are multiplications by the rounded reciprocal, which gives the
-//! same bytes for every input (checked over all 2^24 inputs of each half by
-//! `tests/photometric_fused.rs`). Callers check `is_x86_feature_detected!("avx2")` first.
+//! rows. The expressions are Pillow's (`rgb2hsv` / `hsv2rgb`); where a cheaper evaluation gives
+//! the same bytes it is used: the constant divisions (by 6 and by 255) are multiplications by
+//! the rounded reciprocal, and some double expressions are evaluated in f32 (8 lanes instead of
+//! 4). "Same bytes" is not argued but checked: each half of the round trip is compared with the
+//! scalar reference on all 2^24 inputs by `tests/photometric_fused.rs` (the domain is finite, so
+//! the check is a proof). Callers check `is_x86_feature_detected!("avx2")` first.
 
 #![cfg(target_arch = "x86_64")]
 
@@ -51,9 +52,11 @@ unsafe fn joinps(l: __m128, h: __m128) -> __m256 {
     _mm256_set_m128(h, l)
 }
 
-/// The f64 tail of rgb2hsv for 4 lanes: (uh, us) unclamped.
+/// The f64 tail of rgb2hsv's hue for 4 lanes: `h = c0 + a − b` (exact in f64, rounded once to
+/// f32 as Pillow's float `h`), `h/6 + 1` wrapped to [0, 1) in double, to float, `× 255` in
+/// double, truncated. This part needs f64: in f32 ~63k of the 2^24 inputs come out different.
 #[inline(always)]
-unsafe fn hsv_half(a: __m128, b: __m128, c0: __m128i, s: __m128) -> (__m128i, __m128i) {
+unsafe fn hue_half(a: __m128, b: __m128, c0: __m128i) -> __m128i {
     let h = _mm256_sub_pd(
         _mm256_add_pd(_mm256_cvtepi32_pd(c0), _mm256_cvtps_pd(a)),
         _mm256_cvtps_pd(b),
@@ -63,9 +66,7 @@ unsafe fn hsv_half(a: __m128, b: __m128, c0: __m128i, s: __m128) -> (__m128i, __
     let x = _mm256_add_pd(_mm256_mul_pd(h, _mm256_set1_pd(1.0 / 6.0)), one);
     let x = _mm256_sub_pd(x, _mm256_and_pd(_mm256_cmp_pd::<_CMP_GE_OQ>(x, one), one));
     let x = _mm256_cvtps_pd(_mm256_cvtpd_ps(x));
-    let uh = _mm256_cvttpd_epi32(_mm256_mul_pd(x, _mm256_set1_pd(255.0)));
-    let us = _mm256_cvttpd_epi32(_mm256_mul_pd(_mm256_cvtps_pd(s), _mm256_set1_pd(255.0)));
-    (uh, us)
+    _mm256_cvttpd_epi32(_mm256_mul_pd(x, _mm256_set1_pd(255.0)))
 }
 
 /// Pillow rgb2hsv for 8 pixels (i32 lanes in 0..=255).
@@ -81,7 +82,7 @@ unsafe fn rgb_to_hsv8(r: __m256i, g: __m256i, b: __m256i) -> (__m256i, __m256i, 
         _mm256_sub_epi32(mx, g),
         _mm256_sub_epi32(mx, b),
     );
-    // r max: bc − gc; g max: 2 + rc − bc; b max: 4 + gc − rc.
+    // r max: bc − gc; g max: 2 + rc − bc; b max: 4 + gc − rc (xc = (max − x)/cr in f32).
     let na = _mm256_blendv_epi8(_mm256_blendv_epi8(dg, dr, g_max), db, r_max);
     let nb = _mm256_blendv_epi8(_mm256_blendv_epi8(dr, db, g_max), dg, r_max);
     let c0 = _mm256_blendv_epi8(
@@ -92,65 +93,44 @@ unsafe fn rgb_to_hsv8(r: __m256i, g: __m256i, b: __m256i) -> (__m256i, __m256i, 
     let crf = _mm256_cvtepi32_ps(cr);
     let a = _mm256_div_ps(_mm256_cvtepi32_ps(na), crf);
     let bq = _mm256_div_ps(_mm256_cvtepi32_ps(nb), crf);
+    // s = cr/max in f32; Pillow truncates s·255 in double, which f32 reproduces on all inputs.
     let s = _mm256_div_ps(crf, _mm256_cvtepi32_ps(mx));
-    let (uh0, us0) = hsv_half(lops(a), lops(bq), lo(c0), lops(s));
-    let (uh1, us1) = hsv_half(hips(a), hips(bq), hi(c0), hips(s));
+    let us = _mm256_cvttps_epi32(_mm256_mul_ps(s, _mm256_set1_ps(255.0)));
+    let uh = join(
+        hue_half(lops(a), lops(bq), lo(c0)),
+        hue_half(hips(a), hips(bq), hi(c0)),
+    );
     let zero = _mm256_setzero_si256();
     let top = _mm256_set1_epi32(255);
     // Grays (cr = 0) divide 0/0: NaN converts to INT_MIN; Pillow returns (0, 0, v) for them.
     let gray = _mm256_cmpeq_epi32(cr, zero);
-    let uh = _mm256_andnot_si256(
-        gray,
-        _mm256_min_epi32(_mm256_max_epi32(join(uh0, uh1), zero), top),
-    );
-    let us = _mm256_andnot_si256(
-        gray,
-        _mm256_min_epi32(_mm256_max_epi32(join(us0, us1), zero), top),
-    );
+    let uh = _mm256_andnot_si256(gray, _mm256_min_epi32(_mm256_max_epi32(uh, zero), top));
+    let us = _mm256_andnot_si256(gray, _mm256_min_epi32(_mm256_max_epi32(us, zero), top));
     (uh, us, mx)
 }
 
+/// Pillow's `hx = h·6/255` (double), its sector `i` and `f = float(hx − i)` for 4 lanes (f32
+/// here changes ~0.01% of the outputs, so this stays double).
 #[inline(always)]
-unsafe fn hx_half(h: __m128i, s: __m128i) -> (__m128i, __m128, __m128) {
+unsafe fn hx_half(h: __m128i) -> (__m128i, __m128) {
     let hx = _mm256_mul_pd(
         _mm256_mul_pd(_mm256_cvtepi32_pd(h), _mm256_set1_pd(6.0)),
         _mm256_set1_pd(1.0 / 255.0),
     );
     let i = _mm256_cvttpd_epi32(hx);
     let f = _mm256_cvtpd_ps(_mm256_sub_pd(hx, _mm256_cvtepi32_pd(i)));
-    let fs = _mm256_cvtpd_ps(_mm256_mul_pd(
-        _mm256_cvtepi32_pd(s),
-        _mm256_set1_pd(1.0 / 255.0),
-    ));
-    (i, f, fs)
+    (i, f)
 }
 
 /// C `round` (half away from zero) of x ≥ 0, to i32.
 #[inline(always)]
-unsafe fn c_round4(x: __m256d) -> __m128i {
-    let t = _mm256_round_pd::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(x);
-    let up = _mm256_and_pd(
-        _mm256_cmp_pd::<_CMP_GE_OQ>(_mm256_sub_pd(x, t), _mm256_set1_pd(0.5)),
-        _mm256_set1_pd(1.0),
+unsafe fn c_round8(x: __m256) -> __m256i {
+    let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(x);
+    let up = _mm256_and_ps(
+        _mm256_cmp_ps::<_CMP_GE_OQ>(_mm256_sub_ps(x, t), _mm256_set1_ps(0.5)),
+        _mm256_set1_ps(1.0),
     );
-    _mm256_cvttpd_epi32(_mm256_add_pd(t, up))
-}
-
-#[inline(always)]
-unsafe fn pqt_half(v: __m128i, f: __m128, fs: __m128, fsf: __m128) -> (__m128i, __m128i, __m128i) {
-    let one = _mm256_set1_pd(1.0);
-    let vf = _mm256_cvtepi32_pd(v);
-    let fs = _mm256_cvtps_pd(fs);
-    let p = c_round4(_mm256_mul_pd(vf, _mm256_sub_pd(one, fs)));
-    let q = c_round4(_mm256_mul_pd(vf, _mm256_sub_pd(one, _mm256_cvtps_pd(fsf))));
-    let t = c_round4(_mm256_mul_pd(
-        vf,
-        _mm256_sub_pd(
-            one,
-            _mm256_mul_pd(fs, _mm256_sub_pd(one, _mm256_cvtps_pd(f))),
-        ),
-    ));
-    (p, q, t)
+    _mm256_cvttps_epi32(_mm256_add_ps(t, up))
 }
 
 #[inline(always)]
@@ -159,16 +139,22 @@ unsafe fn pick(pk: __m256i, sec: __m256i, tab: __m256i) -> __m256i {
     _mm256_and_si256(_mm256_srlv_epi32(pk, sh), _mm256_set1_epi32(255))
 }
 
-/// Pillow hsv2rgb for 8 pixels.
+/// Pillow hsv2rgb for 8 pixels. Pillow evaluates `p`, `q`, `t` in double; f32 gives the same
+/// rounded bytes on every input (checked exhaustively), at twice the lanes.
 #[inline(always)]
 unsafe fn hsv_to_rgb8(h: __m256i, s: __m256i, v: __m256i) -> (__m256i, __m256i, __m256i) {
-    let (i0, f0, fs0) = hx_half(lo(h), lo(s));
-    let (i1, f1, fs1) = hx_half(hi(h), hi(s));
-    let (i, f, fs) = (join(i0, i1), joinps(f0, f1), joinps(fs0, fs1));
-    let fsf = _mm256_mul_ps(fs, f);
-    let (p0, q0, t0) = pqt_half(lo(v), lops(f), lops(fs), lops(fsf));
-    let (p1, q1, t1) = pqt_half(hi(v), hips(f), hips(fs), hips(fsf));
-    let (p, q, t) = (join(p0, p1), join(q0, q1), join(t0, t1));
+    let (i0, f0) = hx_half(lo(h));
+    let (i1, f1) = hx_half(hi(h));
+    let (i, f) = (join(i0, i1), joinps(f0, f1));
+    let fs = _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(1.0 / 255.0));
+    let one = _mm256_set1_ps(1.0);
+    let vf = _mm256_cvtepi32_ps(v);
+    let p = c_round8(_mm256_mul_ps(vf, _mm256_sub_ps(one, fs)));
+    let q = c_round8(_mm256_mul_ps(vf, _mm256_sub_ps(one, _mm256_mul_ps(fs, f))));
+    let t = c_round8(_mm256_mul_ps(
+        vf,
+        _mm256_sub_ps(one, _mm256_mul_ps(fs, _mm256_sub_ps(one, f))),
+    ));
     // i = 6 only for h = 255 (sector 0).
     let sec = _mm256_andnot_si256(_mm256_cmpeq_epi32(i, _mm256_set1_epi32(6)), i);
     // Bytes of `pk`: v, t, p, q; per sector the byte each channel takes (Pillow's switch).
