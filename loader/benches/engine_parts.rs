@@ -41,6 +41,29 @@ fn main() {
     let dir = args.first().map(|s| s.as_str());
     let n: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(50);
     let imgs = images(dir, n);
+    if let Some(dir) = dir {
+        // Decode again from memory, timed (the baseline of the goal).
+        let mut paths: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        paths.sort();
+        let bytes: Vec<Vec<u8>> = paths
+            .iter()
+            .take(n)
+            .map(|p| std::fs::read(p).unwrap())
+            .collect();
+        for _ in 0..2 {
+            let t = Instant::now();
+            for b in &bytes {
+                std::hint::black_box(decode_bytes(b).ok());
+            }
+            println!(
+                "decode                   {:7.3} ms/img",
+                1e3 * t.elapsed().as_secs_f64() / bytes.len().max(1) as f64
+            );
+        }
+    }
     let aug = AugmentConfig::default();
     let mut crops: Vec<(usize, CropMeta, usize, PhotoParams)> = Vec::new();
     for (k, img) in imgs.iter().enumerate() {

@@ -37,6 +37,10 @@ pub struct FastResizer {
     tmp: Vec<u8>,
     xs: Vec<Tap>,
     ys: Vec<Tap>,
+    /// The x taps for the AVX2 kernel: byte offsets `3·i0`, `3·i1`, and `w1` repeated 4 times.
+    xa: Vec<i32>,
+    xb: Vec<i32>,
+    xw4: Vec<u16>,
 }
 
 /// Whether the crop may take the 2-tap path.
@@ -78,17 +82,29 @@ impl FastResizer {
             unsafe { self.resize_avx2(img, meta, dst, size) };
             return;
         }
-        self.resize_impl(img, meta, dst, size);
+        self.resize_impl::<false>(img, meta, dst, size);
+    }
+
+    /// [`Self::resize`] without the AVX2 kernel (the path of CPUs without AVX2), for tests: the
+    /// bytes are the same.
+    pub fn resize_scalar(&mut self, img: &RgbImage, meta: &CropMeta, dst: &mut [u8], size: usize) {
+        self.resize_impl::<false>(img, meta, dst, size);
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     unsafe fn resize_avx2(&mut self, img: &RgbImage, meta: &CropMeta, dst: &mut [u8], size: usize) {
-        self.resize_impl(img, meta, dst, size);
+        self.resize_impl::<true>(img, meta, dst, size);
     }
 
     #[inline(always)]
-    fn resize_impl(&mut self, img: &RgbImage, meta: &CropMeta, dst: &mut [u8], size: usize) {
+    fn resize_impl<const AVX2: bool>(
+        &mut self,
+        img: &RgbImage,
+        meta: &CropMeta,
+        dst: &mut [u8],
+        size: usize,
+    ) {
         assert_eq!(
             dst.len(),
             size * size * 3,
@@ -100,9 +116,20 @@ impl FastResizer {
         );
         taps(meta.w, size, &mut self.xs);
         taps(meta.h, size, &mut self.ys);
+        if AVX2 {
+            self.xa.clear();
+            self.xb.clear();
+            self.xw4.clear();
+            for t in &self.xs {
+                self.xa.push(3 * t.i0 as i32);
+                self.xb.push(3 * t.i1 as i32);
+                self.xw4.extend_from_slice(&[t.w1; 4]);
+            }
+        }
         let stride = img.width as usize * 3;
         let (x0, cw) = (meta.left as usize * 3, meta.w as usize * 3);
-        self.tmp.resize(cw, 0);
+        // One spare byte: the kernel reads 4 bytes at the last pixel's offset.
+        self.tmp.resize(cw + 1, 0);
         let tmp = &mut self.tmp[..];
         for (ty, out) in self.ys.iter().zip(dst.chunks_exact_mut(size * 3)) {
             let row = |y: u32| {
@@ -115,8 +142,19 @@ impl FastResizer {
                 *t = lerp(a, b, ty.w1);
             }
             // Horizontal: two neighbouring pixels per output pixel.
+            let mut done = 0;
+            #[cfg(target_arch = "x86_64")]
+            if AVX2 {
+                // SAFETY: AVX2 checked by the dispatch; see `horizontal8` for the bounds.
+                while (done + 8) * 3 + 4 <= out.len() {
+                    unsafe {
+                        horizontal8(tmp, &self.xa, &self.xb, &self.xw4, done, out);
+                    }
+                    done += 8;
+                }
+            }
             let t = tmp.as_ptr();
-            for (tx, px) in self.xs.iter().zip(out.chunks_exact_mut(3)) {
+            for (tx, px) in self.xs.iter().zip(out.chunks_exact_mut(3)).skip(done) {
                 // SAFETY: `taps` clamps i0, i1 to `meta.w − 1`, and `tmp` holds `meta.w` pixels.
                 unsafe {
                     let (a, b) = (t.add(tx.i0 as usize * 3), t.add(tx.i1 as usize * 3));
@@ -127,6 +165,58 @@ impl FastResizer {
             }
         }
     }
+}
+
+/// Output pixels `j..j + 8` of a row: gathers the two source pixels of each (4 bytes each,
+/// the 4th ignored), blends them in 16-bit lanes with the formula of [`lerp`], and stores 24
+/// bytes (plus 4 scratch bytes that the next group or the scalar tail overwrites).
+///
+/// # Safety
+/// AVX2; `xa`, `xb` hold offsets ≤ `tmp.len() − 4`, `xa`/`xb` at least `j + 8` entries, `xw4`
+/// `4(j + 8)`; `out.len() ≥ 3(j + 8) + 4`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn horizontal8(tmp: &[u8], xa: &[i32], xb: &[i32], xw4: &[u16], j: usize, out: &mut [u8]) {
+    use std::arch::x86_64::*;
+    debug_assert!(xa.len() >= j + 8 && xb.len() >= j + 8 && xw4.len() >= 4 * (j + 8));
+    debug_assert!(out.len() >= 3 * (j + 8) + 4);
+    let base = tmp.as_ptr() as *const i32;
+    let ia = _mm256_loadu_si256(xa.as_ptr().add(j) as *const __m256i);
+    let ib = _mm256_loadu_si256(xb.as_ptr().add(j) as *const __m256i);
+    let ga = _mm256_i32gather_epi32::<1>(base, ia);
+    let gb = _mm256_i32gather_epi32::<1>(base, ib);
+    #[inline(always)]
+    unsafe fn blend(a: __m128i, b: __m128i, w: __m256i) -> __m256i {
+        let one = _mm256_set1_epi16(ONE as i16);
+        let half = _mm256_set1_epi16((ONE >> 1) as i16);
+        let (a, b) = (_mm256_cvtepu8_epi16(a), _mm256_cvtepu8_epi16(b));
+        let s = _mm256_add_epi16(
+            _mm256_mullo_epi16(a, _mm256_sub_epi16(one, w)),
+            _mm256_mullo_epi16(b, w),
+        );
+        _mm256_srli_epi16::<{ BITS as i32 }>(_mm256_add_epi16(s, half))
+    }
+    let w_lo = _mm256_loadu_si256(xw4.as_ptr().add(4 * j) as *const __m256i);
+    let w_hi = _mm256_loadu_si256(xw4.as_ptr().add(4 * j + 16) as *const __m256i);
+    let lo = blend(_mm256_castsi256_si128(ga), _mm256_castsi256_si128(gb), w_lo);
+    let hi = blend(
+        _mm256_extracti128_si256::<1>(ga),
+        _mm256_extracti128_si256::<1>(gb),
+        w_hi,
+    );
+    // packus interleaves the 128-bit lanes: 64-bit chunks are pixels (0,1), (4,5), (2,3), (6,7).
+    let px = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi16(lo, hi));
+    let squeeze = _mm256_setr_epi8(
+        0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1, 0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13,
+        14, -1, -1, -1, -1,
+    );
+    let px = _mm256_shuffle_epi8(px, squeeze);
+    let dst = out.as_mut_ptr().add(3 * j);
+    _mm_storeu_si128(dst as *mut __m128i, _mm256_castsi256_si128(px));
+    _mm_storeu_si128(
+        dst.add(12) as *mut __m128i,
+        _mm256_extracti128_si256::<1>(px),
+    );
 }
 
 #[cfg(test)]
@@ -157,6 +247,36 @@ mod tests {
     }
 
     #[test]
+    fn avx2_kernel_equals_the_scalar_path() {
+        let (w, h) = (301u32, 203u32);
+        let data: Vec<u8> = (0..w * h * 3)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        let img = RgbImage::from_raw(w, h, data).unwrap();
+        let mut k = 0u32;
+        for size in [1usize, 5, 8, 9, 31, 96, 130] {
+            for _ in 0..6 {
+                k = k.wrapping_mul(1103515245).wrapping_add(12345);
+                let (cw, ch) = (1 + (k >> 8) % w, 1 + (k >> 16) % h);
+                let meta = CropMeta {
+                    img_h: h,
+                    img_w: w,
+                    top: (k >> 3) % (h - ch + 1),
+                    left: (k >> 5) % (w - cw + 1),
+                    h: ch,
+                    w: cw,
+                    hflip: 0,
+                };
+                let (mut a, mut b) = (vec![0u8; size * size * 3], vec![1u8; size * size * 3]);
+                let mut r = FastResizer::default();
+                r.resize(&img, &meta, &mut a, size);
+                r.resize_scalar(&img, &meta, &mut b, size);
+                assert_eq!(a, b, "size {size} crop {meta:?}");
+            }
+        }
+    }
+
+    #[test]
     fn constant_and_linear_images_are_reproduced() {
         let (w, h) = (37u32, 23u32);
         let data: Vec<u8> = (0..h)
@@ -174,6 +294,9 @@ mod tests {
         };
         let mut out = vec![0u8; 16 * 16 * 3];
         FastResizer::default().resize(&img, &meta, &mut out, 16);
+        let mut scalar = vec![0u8; 16 * 16 * 3];
+        FastResizer::default().resize_scalar(&img, &meta, &mut scalar, 16);
+        assert_eq!(out, scalar);
         for y in 0..16 {
             for x in 0..16 {
                 let px = &out[(y * 16 + x) * 3..][..3];
