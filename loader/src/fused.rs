@@ -402,6 +402,7 @@ mod shuffle {
     /// # Safety
     /// SSSE3; the planes hold `x + 16` bytes; `dst` points at 48 writable bytes.
     #[inline(always)]
+    #[allow(clippy::needless_range_loop)] // `blk` indexes three mask tables and the output
     pub unsafe fn interleave16(r: &[u8], g: &[u8], b: &[u8], x: usize, dst: *mut u8) {
         let p = [
             _mm_loadu_si128(r[x..x + 16].as_ptr() as *const __m128i),

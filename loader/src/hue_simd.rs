@@ -177,7 +177,7 @@ unsafe fn hsv_to_rgb8(h: __m256i, s: __m256i, v: __m256i) -> (__m256i, __m256i, 
 #[target_feature(enable = "avx2")]
 pub unsafe fn hue_planes(r: &mut [u8], g: &mut [u8], b: &mut [u8], shift: u8) {
     let n = r.len();
-    assert!(n % 8 == 0 && g.len() == n && b.len() == n);
+    assert!(n.is_multiple_of(8) && g.len() == n && b.len() == n);
     let sh = _mm256_set1_epi32(shift as i32);
     let m = _mm256_set1_epi32(255);
     let (r, g, b) = (r.as_mut_ptr(), g.as_mut_ptr(), b.as_mut_ptr());
@@ -198,7 +198,7 @@ pub unsafe fn hue_planes(r: &mut [u8], g: &mut [u8], b: &mut [u8], shift: u8) {
 #[target_feature(enable = "avx2")]
 pub unsafe fn rgb_to_hsv_planes(r: &mut [u8], g: &mut [u8], b: &mut [u8]) {
     let n = r.len();
-    assert!(n % 8 == 0 && g.len() == n && b.len() == n);
+    assert!(n.is_multiple_of(8) && g.len() == n && b.len() == n);
     let (r, g, b) = (r.as_mut_ptr(), g.as_mut_ptr(), b.as_mut_ptr());
     for k in (0..n).step_by(8) {
         let (h, s, v) = rgb_to_hsv8(load8(r.add(k)), load8(g.add(k)), load8(b.add(k)));
@@ -215,7 +215,7 @@ pub unsafe fn rgb_to_hsv_planes(r: &mut [u8], g: &mut [u8], b: &mut [u8]) {
 #[target_feature(enable = "avx2")]
 pub unsafe fn hsv_to_rgb_planes(h: &mut [u8], s: &mut [u8], v: &mut [u8]) {
     let n = h.len();
-    assert!(n % 8 == 0 && s.len() == n && v.len() == n);
+    assert!(n.is_multiple_of(8) && s.len() == n && v.len() == n);
     let (h, s, v) = (h.as_mut_ptr(), s.as_mut_ptr(), v.as_mut_ptr());
     for k in (0..n).step_by(8) {
         let (r, g, b) = hsv_to_rgb8(load8(h.add(k)), load8(s.add(k)), load8(v.add(k)));
