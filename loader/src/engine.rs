@@ -4,9 +4,11 @@
 //! (fast_image_resize `CatmullRom` = PIL BICUBIC a = −0.5, kernel widened by the downscale
 //! factor, on a cropped view so no pixel outside the crop is read, as with PIL's crop + resize)
 //! → horizontal flip (after the resize: cheaper, same pixels up to the mirror symmetry of the
-//! resampling weights; folded into the first photometric pass) → photometric pipeline. Every random draw comes from
-//! `shared::rng::sample_rng(seed, epoch, index)` in a fixed order: geometry, SRS masks, then the
-//! photometric parameters of each crop in crop order.
+//! resampling weights; folded into the first photometric pass) → photometric pipeline
+//! ([`crate::fused`]). With `[augment] resize = "fast"` a crop that downsamples by at most 2×
+//! is resized by [`crate::fast_resize`] instead (a documented deviation: other pixel values, same
+//! geometry). Every random draw comes from `shared::rng::sample_rng(seed, epoch, index)` in a
+//! fixed order: geometry, SRS masks, then the photometric parameters of each crop in crop order.
 
 use std::cell::RefCell;
 use std::time::Instant;
