@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use serde::Serialize;
-use shared::config::AugmentConfig;
+use shared::config::{AugmentConfig, ResizeMode};
 use shared::geometry::Sample;
 
 use crate::decode::decode;
@@ -20,6 +20,8 @@ pub struct BenchOptions {
     /// Passes over the records per mode.
     pub passes: u32,
     pub seed: u64,
+    /// Also measure the other resize mode (`--resize both`).
+    pub both: bool,
 }
 
 /// One mode's result.
@@ -30,6 +32,9 @@ pub struct ModeResult {
     pub img_per_s: f64,
     /// img/s divided by the thread count.
     pub img_per_s_per_core: f64,
+    /// Images per second of the workers' own CPU time (`CLOCK_THREAD_CPUTIME_ID`): the per-core
+    /// rate without the time other processes take from a shared machine.
+    pub img_per_cpu_s: f64,
     pub stages: StageShares,
 }
 
@@ -54,9 +59,122 @@ pub struct BenchReport {
     pub full_img_per_s_per_core: f64,
     /// full / decode-only, same run (the goal is ≥ 0.5).
     pub full_over_decode: f64,
+    /// The same ratio from the workers' CPU time (robust to other load on the machine).
+    pub full_over_decode_cpu: f64,
+    /// Resize mode of the fields above (`exact` or `fast`).
+    pub resize: String,
     pub decode_only: ModeResult,
     pub geometry_resize: ModeResult,
     pub full: ModeResult,
+    /// With `--resize both`: the fast mode in the same run, and its pixel error vs exact.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fast: Option<FastSection>,
+}
+
+/// The fast resize mode measured beside the exact one.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct FastSection {
+    pub full_img_per_s: f64,
+    pub full_img_per_s_per_core: f64,
+    /// fast full / decode-only, same run.
+    pub full_over_decode: f64,
+    pub full_over_decode_cpu: f64,
+    pub geometry_resize: ModeResult,
+    pub full: ModeResult,
+    pub error: PixelError,
+}
+
+/// Fast vs exact on the same crops (same boxes, flips and photometric draws), over every byte
+/// of every crop of the benchmarked records.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PixelError {
+    /// After the resize (+ flip), before photometric ops: the resize deviation itself.
+    pub resize_mae: f64,
+    pub resize_psnr_db: f64,
+    pub resize_max_abs: u8,
+    /// Fraction of output bytes that differ after the resize.
+    pub resize_differing: f64,
+    /// On the finished crops (photometric ops amplify or damp the difference).
+    pub full_mae: f64,
+    pub full_psnr_db: f64,
+    /// Fraction of crops that took the 2-tap path (the rest downsample by > 2×).
+    pub fast_crop_fraction: f64,
+}
+
+#[derive(Default)]
+struct ErrAcc {
+    abs: u64,
+    sq: u64,
+    max: u8,
+    differing: u64,
+    n: u64,
+}
+
+impl ErrAcc {
+    fn add(&mut self, a: &[u8], b: &[u8]) {
+        for (&x, &y) in a.iter().zip(b) {
+            let d = x.abs_diff(y);
+            self.abs += d as u64;
+            self.sq += d as u64 * d as u64;
+            self.max = self.max.max(d);
+            self.differing += (d != 0) as u64;
+        }
+        self.n += a.len() as u64;
+    }
+    fn mae(&self) -> f64 {
+        self.abs as f64 / self.n.max(1) as f64
+    }
+    fn psnr(&self) -> f64 {
+        let mse = self.sq as f64 / self.n.max(1) as f64;
+        10.0 * (255.0f64 * 255.0 / mse).log10()
+    }
+}
+
+/// Pixel error of the fast mode vs exact over the first `n` records.
+fn fast_error(
+    records: &dyn Records,
+    exact: &CropEngine,
+    fast: &CropEngine,
+    n: u64,
+    seed: u64,
+) -> PixelError {
+    let (mut resize, mut full) = (ErrAcc::default(), ErrAcc::default());
+    let (mut crops, mut eligible) = (0u64, 0u64);
+    let (mut a, mut b) = (Sample::default(), Sample::default());
+    let mut t = StageTimes::default();
+    for i in 0..n {
+        let Ok(img) = records.record(i).and_then(|r| decode(&r)) else {
+            continue;
+        };
+        for photometric in [false, true] {
+            exact.make_sample_into(&img, seed, 0, i, -1, photometric, &mut a, &mut t);
+            fast.make_sample_into(&img, seed, 0, i, -1, photometric, &mut b, &mut t);
+            assert_eq!(a.crops, b.crops, "fast mode changed the geometry");
+            assert_eq!(a.rows, b.rows, "fast mode changed the SRS rows");
+            let acc = if photometric { &mut full } else { &mut resize };
+            acc.add(&a.globals, &b.globals);
+            acc.add(&a.locals, &b.locals);
+        }
+        let aug = fast.aug();
+        for (k, c) in a.crops.iter().enumerate() {
+            let size = if k < 2 {
+                aug.global_size
+            } else {
+                aug.local_size
+            } as usize;
+            crops += 1;
+            eligible += crate::fast_resize::fast_eligible(c, size) as u64;
+        }
+    }
+    PixelError {
+        resize_mae: resize.mae(),
+        resize_psnr_db: resize.psnr(),
+        resize_max_abs: resize.max,
+        resize_differing: resize.differing as f64 / resize.n.max(1) as f64,
+        full_mae: full.mae(),
+        full_psnr_db: full.psnr(),
+        fast_crop_fraction: eligible as f64 / crops.max(1) as f64,
+    }
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -64,6 +182,17 @@ enum Mode {
     Decode,
     Resize,
     Full,
+}
+
+/// CPU time of the calling thread in seconds.
+fn thread_cpu_s() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer; CLOCK_THREAD_CPUTIME_ID exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
 fn run_mode(
@@ -75,10 +204,11 @@ fn run_mode(
 ) -> (ModeResult, u64) {
     let threads = opts.threads.max(1);
     let start = Instant::now();
-    let per_thread: Vec<(StageTimes, u64, u64)> = std::thread::scope(|s| {
+    let per_thread: Vec<(StageTimes, u64, u64, f64)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 s.spawn(move || {
+                    let cpu0 = thread_cpu_s();
                     let mut times = StageTimes::default();
                     let (mut done, mut skipped) = (0u64, 0u64);
                     let mut sample = Sample::default();
@@ -109,7 +239,7 @@ fn run_mode(
                             i += threads as u64;
                         }
                     }
-                    (times, done, skipped)
+                    (times, done, skipped, thread_cpu_s() - cpu0)
                 })
             })
             .collect();
@@ -120,11 +250,12 @@ fn run_mode(
     });
     let wall = start.elapsed().as_secs_f64();
     let mut times = StageTimes::default();
-    let (mut done, mut skipped) = (0, 0);
-    for (t, d, s) in &per_thread {
+    let (mut done, mut skipped, mut cpu) = (0, 0, 0.0);
+    for (t, d, s, c) in &per_thread {
         times.add(t);
         done += d;
         skipped += s;
+        cpu += c;
     }
     let per = |x: f64| 1e3 * x / done.max(1) as f64;
     let rate = done as f64 / wall;
@@ -133,6 +264,7 @@ fn run_mode(
         wall_s: wall,
         img_per_s: rate,
         img_per_s_per_core: rate / threads as f64,
+        img_per_cpu_s: done as f64 / cpu.max(1e-9),
         stages: StageShares {
             decode_ms: per(times.decode),
             geometry_ms: per(times.geometry),
@@ -168,6 +300,29 @@ pub fn run(records: &dyn Records, aug: &AugmentConfig, opts: &BenchOptions) -> R
     let (decode_only, skipped) = run_mode(records, &engine, opts, n, Mode::Decode);
     let (geometry_resize, _) = run_mode(records, &engine, opts, n, Mode::Resize);
     let (full, _) = run_mode(records, &engine, opts, n, Mode::Full);
+    let fast = if opts.both {
+        let fast_engine = CropEngine::new(AugmentConfig {
+            resize: ResizeMode::Fast,
+            ..aug.clone()
+        });
+        let exact_engine = CropEngine::new(AugmentConfig {
+            resize: ResizeMode::Exact,
+            ..aug.clone()
+        });
+        let (geometry_resize, _) = run_mode(records, &fast_engine, opts, n, Mode::Resize);
+        let (full, _) = run_mode(records, &fast_engine, opts, n, Mode::Full);
+        Some(FastSection {
+            full_img_per_s: full.img_per_s,
+            full_img_per_s_per_core: full.img_per_s_per_core,
+            full_over_decode: full.img_per_s / decode_only.img_per_s.max(1e-9),
+            full_over_decode_cpu: full.img_per_cpu_s / decode_only.img_per_cpu_s.max(1e-9),
+            geometry_resize,
+            full,
+            error: fast_error(records, &exact_engine, &fast_engine, n, opts.seed),
+        })
+    } else {
+        None
+    };
     Ok(BenchReport {
         threads: opts.threads.max(1),
         images: n,
@@ -178,35 +333,70 @@ pub fn run(records: &dyn Records, aug: &AugmentConfig, opts: &BenchOptions) -> R
         decode_only_img_per_s_per_core: decode_only.img_per_s_per_core,
         full_img_per_s_per_core: full.img_per_s_per_core,
         full_over_decode: full.img_per_s / decode_only.img_per_s.max(1e-9),
+        full_over_decode_cpu: full.img_per_cpu_s / decode_only.img_per_cpu_s.max(1e-9),
+        resize: if aug.resize.is_exact() {
+            "exact"
+        } else {
+            "fast"
+        }
+        .into(),
         decode_only,
         geometry_resize,
         full,
+        fast,
     })
 }
 
 /// Human-readable summary.
 pub fn format_report(r: &BenchReport) -> String {
     let mut s = format!(
-        "{} images × passes, {} threads ({} undecodable skipped)\n",
-        r.images, r.threads, r.skipped
+        "{} images × passes, {} threads ({} undecodable skipped), resize {}\n",
+        r.images, r.threads, r.skipped, r.resize
     );
-    s += "mode                      img/s   img/s/core   ms/img: decode  geometry  resize  photometric\n";
-    for (name, m) in [
+    s += "mode                      img/s   img/s/core img/cpu-s   ms/img: decode  geometry  resize  photometric\n";
+    let mut rows = vec![
         ("(a) decode only", &r.decode_only),
         ("(b) decode+geometry+resize", &r.geometry_resize),
         ("(c) full recipe", &r.full),
-    ] {
+    ];
+    if let Some(f) = &r.fast {
+        rows.push(("(b) ... resize = fast", &f.geometry_resize));
+        rows.push(("(c) ... resize = fast", &f.full));
+    }
+    for (name, m) in rows {
         s += &format!(
-            "{name:<26}{:>7.1} {:>11.1}          {:>7.3} {:>9.3} {:>7.3} {:>12.3}\n",
+            "{name:<26}{:>7.1} {:>11.1} {:>9.1}          {:>7.3} {:>9.3} {:>7.3} {:>12.3}\n",
             m.img_per_s,
             m.img_per_s_per_core,
+            m.img_per_cpu_s,
             m.stages.decode_ms,
             m.stages.geometry_ms,
             m.stages.resize_ms,
             m.stages.photometric_ms
         );
     }
-    s += &format!("full / decode-only = {:.3}\n", r.full_over_decode);
+    s += &format!(
+        "full / decode-only = {:.3} wall, {:.3} CPU time ({})\n",
+        r.full_over_decode, r.full_over_decode_cpu, r.resize
+    );
+    if let Some(f) = &r.fast {
+        let e = &f.error;
+        s += &format!(
+            "full / decode-only = {:.3} wall, {:.3} CPU time (fast)\n",
+            f.full_over_decode, f.full_over_decode_cpu
+        );
+        s += &format!(
+            "fast vs exact: after resize MAE {:.3}, PSNR {:.1} dB, max |d| {}, {:.1}% bytes differ; \
+             finished crops MAE {:.3}, PSNR {:.1} dB; {:.1}% of crops on the 2-tap path\n",
+            e.resize_mae,
+            e.resize_psnr_db,
+            e.resize_max_abs,
+            100.0 * e.resize_differing,
+            e.full_mae,
+            e.full_psnr_db,
+            100.0 * e.fast_crop_fraction
+        );
+    }
     s
 }
 
@@ -227,17 +417,27 @@ pub struct BenchArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Resize mode: the config's (default), `exact`, `fast`, or `both` (exact, then fast in the
+    /// same run, with the fast mode's pixel error vs exact).
+    #[arg(long, value_parser = ["exact", "fast", "both"])]
+    pub resize: Option<String>,
 }
 
 /// The `loader bench` subcommand.
 pub fn cli(args: &BenchArgs) -> Result<()> {
-    let cfg = args.input.config()?;
+    let mut cfg = args.input.config()?;
     let records = args.input.open()?;
+    match args.resize.as_deref() {
+        Some("fast") => cfg.augment.resize = ResizeMode::Fast,
+        Some("exact" | "both") => cfg.augment.resize = ResizeMode::Exact,
+        _ => {}
+    }
     let opts = BenchOptions {
         threads: args.threads,
         limit: args.limit,
         passes: args.passes.max(1),
         seed: cfg.data.seed,
+        both: args.resize.as_deref() == Some("both"),
     };
     let report = run(records.as_ref(), &cfg.augment, &opts)?;
     if args.json {

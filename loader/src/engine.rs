@@ -4,20 +4,23 @@
 //! (fast_image_resize `CatmullRom` = PIL BICUBIC a = −0.5, kernel widened by the downscale
 //! factor, on a cropped view so no pixel outside the crop is read, as with PIL's crop + resize)
 //! → horizontal flip (after the resize: cheaper, same pixels up to the mirror symmetry of the
-//! resampling weights) → photometric pipeline. Every random draw comes from
-//! `shared::rng::sample_rng(seed, epoch, index)` in a fixed order: geometry, SRS masks, then the
-//! photometric parameters of each crop in crop order.
+//! resampling weights; folded into the first photometric pass) → photometric pipeline
+//! ([`crate::fused`]). With `[augment] resize = "fast"` a crop that downsamples by at most 2×
+//! is resized by [`crate::fast_resize`] instead (a documented deviation: other pixel values, same
+//! geometry). Every random draw comes from `shared::rng::sample_rng(seed, epoch, index)` in a
+//! fixed order: geometry, SRS masks, then the photometric parameters of each crop in crop order.
 
 use std::cell::RefCell;
 use std::time::Instant;
 
 use fast_image_resize as fr;
-use shared::config::AugmentConfig;
+use shared::config::{AugmentConfig, ResizeMode};
 use shared::geometry::{global_pair, local_pair, CropMeta, Sample, SrsRow};
 
 use crate::crops::sample_crops;
 use crate::decode::RgbImage;
-use crate::photometric::PhotoParams;
+use crate::fast_resize::{fast_eligible, FastResizer};
+use crate::photometric::{PhotoParams, PhotoScratch};
 use crate::srs::{project_rows, sampling_mask};
 
 /// Seconds spent per stage, accumulated over calls (for `loader bench`).
@@ -43,12 +46,16 @@ impl StageTimes {
 
 struct Scratch {
     resizer: fr::Resizer,
-    blur: Vec<u8>,
+    fast: FastResizer,
+    photo: PhotoScratch,
 }
 
 thread_local! {
-    static SCRATCH: RefCell<Scratch> =
-        RefCell::new(Scratch { resizer: fr::Resizer::new(), blur: Vec::new() });
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch {
+        resizer: fr::Resizer::new(),
+        fast: FastResizer::default(),
+        photo: PhotoScratch::default(),
+    });
 }
 
 /// Turns decoded images into samples; cheap to share between threads (`&self` only).
@@ -143,21 +150,30 @@ impl CropEngine {
         let (sg, sl) = (aug.global_size as usize, aug.local_size as usize);
         out.globals.resize(2 * sg * sg * 3, 0);
         out.locals.resize(n_local * sl * sl * 3, 0);
+        let fast = aug.resize == ResizeMode::Fast;
         SCRATCH.with(|cell| {
             let scratch = &mut *cell.borrow_mut();
             let globals = out.globals.chunks_exact_mut(sg * sg * 3).map(|b| (b, sg));
             let locals = out.locals.chunks_exact_mut(sl * sl * 3).map(|b| (b, sl));
             for (((buf, size), meta), params) in globals.chain(locals).zip(&crops).zip(&photo) {
                 let t1 = Instant::now();
-                resize_crop(&mut scratch.resizer, img, meta, buf, size);
-                if meta.hflip != 0 {
-                    flip_rows(buf, size, size);
+                if fast && fast_eligible(meta, size) {
+                    scratch.fast.resize(img, meta, buf, size);
+                } else {
+                    resize_crop(&mut scratch.resizer, img, meta, buf, size);
                 }
-                let t2 = Instant::now();
-                times.resize += (t2 - t1).as_secs_f64();
+                let flip = meta.hflip != 0;
                 if photometric {
-                    params.apply(buf, size, size, &mut scratch.blur);
+                    let t2 = Instant::now();
+                    times.resize += (t2 - t1).as_secs_f64();
+                    // The flip is folded into the first photometric pass.
+                    params.apply_flipped(buf, size, size, flip, &mut scratch.photo);
                     times.photometric += t2.elapsed().as_secs_f64();
+                } else {
+                    if flip {
+                        flip_rows(buf, size, size);
+                    }
+                    times.resize += t1.elapsed().as_secs_f64();
                 }
             }
         });

@@ -3,9 +3,11 @@
 //!
 //! * [`decode`]: JPEG (libjpeg-turbo), PNG and raw-zstd records to RGB8.
 //! * [`crops`]: crop geometry (random-resized-crop, overlap-constrained crop, reference box).
-//! * [`photometric`]: colour jitter, grayscale, blur, solarise with PIL semantics, in uint8.
+//! * [`photometric`]: colour jitter, grayscale, blur, solarise with PIL semantics, in uint8;
+//!   [`fused`] runs them in few passes, [`hue_simd`] holds the AVX2 hue kernel.
 //! * [`srs`]: SRS masks and the cross-view projection rows.
-//! * [`engine`]: [`engine::CropEngine`] ties them together into a [`shared::geometry::Sample`].
+//! * [`engine`]: [`engine::CropEngine`] ties them together into a [`shared::geometry::Sample`];
+//!   [`fast_resize`] is the opt-in `resize = "fast"` path.
 //! * [`source`]: [`source::DatasetSource`], the [`shared::geometry::SampleSource`] over records.
 //! * [`folder`]: an in-memory record set from a folder of image files (tests, bench, preview).
 //! * [`bench`], [`preview`]: the `loader bench` / `loader preview` subcommands.
@@ -25,7 +27,11 @@ pub mod crops;
 pub mod daemon;
 pub mod decode;
 pub mod engine;
+pub mod fast_resize;
 pub mod folder;
+pub mod fused;
+#[cfg(target_arch = "x86_64")]
+pub mod hue_simd;
 pub mod photometric;
 pub mod preview;
 pub mod produce;

@@ -16,6 +16,8 @@ use rand::Rng;
 use shared::config::AugmentConfig;
 
 use crate::crops::uniform;
+use crate::fused::apply_fused;
+pub use crate::fused::PhotoScratch;
 
 /// The four ColorJitter ops, in torchvision's `fn_idx` numbering.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -81,8 +83,27 @@ impl PhotoParams {
         p
     }
 
-    /// Applies the pipeline in place to an RGB crop of `w × h`; `scratch` is reused.
-    pub fn apply(&self, img: &mut [u8], w: usize, h: usize, scratch: &mut Vec<u8>) {
+    /// Applies the pipeline in place to an RGB crop of `w × h` (fused passes, see
+    /// [`crate::fused`]); bit-identical to [`Self::apply_reference`].
+    pub fn apply(&self, img: &mut [u8], w: usize, h: usize, scratch: &mut PhotoScratch) {
+        apply_fused(self, img, w, h, false, scratch);
+    }
+
+    /// Mirrors the crop horizontally when `flip`, then [`Self::apply`] (the mirror is folded into
+    /// the first pass).
+    pub fn apply_flipped(
+        &self,
+        img: &mut [u8],
+        w: usize,
+        h: usize,
+        flip: bool,
+        scratch: &mut PhotoScratch,
+    ) {
+        apply_fused(self, img, w, h, flip, scratch);
+    }
+
+    /// The reference: one op after the other over the whole crop, as torchvision/PIL do.
+    pub fn apply_reference(&self, img: &mut [u8], w: usize, h: usize, scratch: &mut Vec<u8>) {
         for op in &self.jitter {
             match *op {
                 JitterOp::Brightness(f) => brightness(img, f),
@@ -129,8 +150,17 @@ fn apply_lut(img: &mut [u8], lut: &[u8; 256]) {
 
 /// `ImageEnhance.Brightness`: blend with black.
 pub fn brightness(img: &mut [u8], factor: f32) {
-    let lut: [u8; 256] = std::array::from_fn(|v| blend(0, v as u8, factor));
-    apply_lut(img, &lut);
+    apply_lut(img, &brightness_lut(factor));
+}
+
+/// The per-value table of [`brightness`].
+pub fn brightness_lut(factor: f32) -> [u8; 256] {
+    std::array::from_fn(|v| blend(0, v as u8, factor))
+}
+
+/// `int(mean(L) + 0.5)` from Σ luma over `n` pixels (Pillow's `ImageStat` mean).
+pub fn contrast_mean(luma_sum: u64, n: u64) -> u8 {
+    (luma_sum as f64 / n.max(1) as f64 + 0.5) as u8
 }
 
 /// `ImageEnhance.Contrast`: blend with the uniform image at `int(mean(L) + 0.5)`.
@@ -141,7 +171,7 @@ pub fn contrast(img: &mut [u8], factor: f32) {
         .chunks_exact(3)
         .map(|px| luma(px[0], px[1], px[2]) as u64)
         .sum();
-    let mean = (sum as f64 / n.max(1) as f64 + 0.5) as u8;
+    let mean = contrast_mean(sum, n);
     let lut: [u8; 256] = std::array::from_fn(|v| blend(mean, v as u8, factor));
     apply_lut(img, &lut);
 }
@@ -366,10 +396,15 @@ pub fn hsv_to_rgb_fast(h: u8, s: u8, v: u8) -> (u8, u8, u8) {
     )
 }
 
+/// The uint8 added to H for a hue factor: numpy's float → uint8 cast truncates toward zero,
+/// then wraps.
+pub fn hue_shift(factor: f32) -> u8 {
+    ((factor as f64 * 255.0) as i32) as u8
+}
+
 /// torchvision `adjust_hue` on PIL: H += uint8(hue·255) with wrap-around.
 pub fn hue(img: &mut [u8], factor: f32) {
-    // numpy's float → uint8 cast truncates toward zero then wraps.
-    let shift = ((factor as f64 * 255.0) as i32) as u8;
+    let shift = hue_shift(factor);
     // Even with shift 0 PIL round-trips through HSV, which is not the identity: always do it.
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
@@ -475,14 +510,15 @@ impl BoxWeights {
     }
 }
 
-/// One vertical box pass (along columns) of an RGB image `w × h`, `src` → `dst`, edge rows
-/// repeated (Pillow `ImagingHorizontalBoxBlur` applied to columns: window `[y−r, y+r]` at weight
-/// `ww`, far taps `y−r−1` and `y+r+1` at `fw`). Every byte column is independent, so the inner
-/// loop runs over a whole row and vectorises. `acc` is scratch for one row of sums.
+/// One vertical box pass (along columns) of an image with rows of `stride` bytes and `h` rows,
+/// `src` → `dst`, edge rows repeated (Pillow `ImagingHorizontalBoxBlur` applied to columns:
+/// window `[y−r, y+r]` at weight `ww`, far taps `y−r−1` and `y+r+1` at `fw`). Every byte column
+/// is independent (whatever the channel count), so the inner loop runs over a whole row and
+/// vectorises. `acc` is scratch for one row of sums.
 fn vertical_box_pass(
     src: &[u8],
     dst: &mut [u8],
-    w: usize,
+    stride: usize,
     h: usize,
     bw: BoxWeights,
     acc: &mut Vec<u32>,
@@ -490,10 +526,10 @@ fn vertical_box_pass(
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2 (checked above).
-        unsafe { vertical_box_pass_avx2(src, dst, w, h, bw, acc) };
+        unsafe { vertical_box_pass_avx2(src, dst, stride, h, bw, acc) };
         return;
     }
-    vertical_box_pass_generic(src, dst, w, h, bw, acc);
+    vertical_box_pass_generic(src, dst, stride, h, bw, acc);
 }
 
 /// 8 u32 lanes with `vpmulld` (the x86-64 baseline has no 32-bit vector multiply).
@@ -502,19 +538,19 @@ fn vertical_box_pass(
 unsafe fn vertical_box_pass_avx2(
     src: &[u8],
     dst: &mut [u8],
-    w: usize,
+    stride: usize,
     h: usize,
     bw: BoxWeights,
     acc: &mut Vec<u32>,
 ) {
-    vertical_box_pass_generic(src, dst, w, h, bw, acc)
+    vertical_box_pass_generic(src, dst, stride, h, bw, acc)
 }
 
 #[inline(always)]
 fn vertical_box_pass_generic(
     src: &[u8],
     dst: &mut [u8],
-    w: usize,
+    stride: usize,
     h: usize,
     bw: BoxWeights,
     acc: &mut Vec<u32>,
@@ -522,7 +558,6 @@ fn vertical_box_pass_generic(
     let r = bw.radius as isize;
     let (ww, fw) = (bw.ww, bw.fw);
     let last = h as isize - 1;
-    let stride = w * 3;
     let rowf = |y: isize| y.clamp(0, last) as usize * stride;
     acc.clear();
     acc.resize(stride, 0);
@@ -546,17 +581,17 @@ fn vertical_box_pass_generic(
     }
 }
 
-/// Transposes an RGB image of `w × h` (pixels of 3 bytes) into `dst` of `h × w`, in tiles so
-/// both sides stay in cache.
-fn transpose_rgb(src: &[u8], dst: &mut [u8], w: usize, h: usize) {
+/// Transposes an image of `w × h` pixels of `C` bytes into `dst` of `h × w`, in tiles so both
+/// sides stay in cache.
+fn transpose<const C: usize>(src: &[u8], dst: &mut [u8], w: usize, h: usize) {
     const T: usize = 16;
     for y0 in (0..h).step_by(T) {
         for x0 in (0..w).step_by(T) {
             for y in y0..(y0 + T).min(h) {
                 for x in x0..(x0 + T).min(w) {
-                    let s = (y * w + x) * 3;
-                    let d = (x * h + y) * 3;
-                    dst[d..d + 3].copy_from_slice(&src[s..s + 3]);
+                    let s = (y * w + x) * C;
+                    let d = (x * h + y) * C;
+                    dst[d..d + C].copy_from_slice(&src[s..s + C]);
                 }
             }
         }
@@ -564,28 +599,42 @@ fn transpose_rgb(src: &[u8], dst: &mut [u8], w: usize, h: usize) {
 }
 
 /// Pillow `GaussianBlur(radius = sigma)` on an RGB image of `w × h`, in place.
+pub fn gaussian_blur(img: &mut [u8], w: usize, h: usize, sigma: f32, scratch: &mut Vec<u8>) {
+    box_blur_plane::<3>(img, w, h, sigma, scratch, &mut Vec::new());
+}
+
+/// Pillow `GaussianBlur(radius = sigma)` on a `w × h` image of `C` interleaved channels (each
+/// channel is blurred on its own, so `C = 1` on a gray plane gives each channel of the gray RGB
+/// image), in place.
 ///
 /// Pillow runs three horizontal box passes, then three vertical ones. The horizontal passes are
 /// done here as vertical passes on the transposed image (the same sums per channel, the same edge
 /// repetition, so the same bytes) because the vertical pass vectorises across a whole row.
-pub fn gaussian_blur(img: &mut [u8], w: usize, h: usize, sigma: f32, scratch: &mut Vec<u8>) {
+pub fn box_blur_plane<const C: usize>(
+    img: &mut [u8],
+    w: usize,
+    h: usize,
+    sigma: f32,
+    scratch: &mut Vec<u8>,
+    acc: &mut Vec<u32>,
+) {
     let fr = box_radius(sigma, 3);
     if fr == 0.0 || w == 0 || h == 0 {
         return;
     }
     let bw = BoxWeights::new(fr);
     let n = img.len();
+    debug_assert_eq!(n, w * h * C);
     scratch.resize(2 * n, 0);
     let (s1, s2) = scratch.split_at_mut(n);
-    let mut acc = Vec::new();
     // Horizontal passes on the transpose (width h, height w).
-    transpose_rgb(img, s1, w, h);
-    vertical_box_pass(s1, s2, h, w, bw, &mut acc);
-    vertical_box_pass(s2, s1, h, w, bw, &mut acc);
-    vertical_box_pass(s1, s2, h, w, bw, &mut acc);
-    transpose_rgb(s2, s1, h, w);
+    transpose::<C>(img, s1, w, h);
+    vertical_box_pass(s1, s2, h * C, w, bw, acc);
+    vertical_box_pass(s2, s1, h * C, w, bw, acc);
+    vertical_box_pass(s1, s2, h * C, w, bw, acc);
+    transpose::<C>(s2, s1, h, w);
     // Vertical passes, ending back in `img`.
-    vertical_box_pass(s1, s2, w, h, bw, &mut acc);
-    vertical_box_pass(s2, s1, w, h, bw, &mut acc);
-    vertical_box_pass(s1, img, w, h, bw, &mut acc);
+    vertical_box_pass(s1, s2, w * C, h, bw, acc);
+    vertical_box_pass(s2, s1, w * C, h, bw, acc);
+    vertical_box_pass(s1, img, w * C, h, bw, acc);
 }

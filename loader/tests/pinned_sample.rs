@@ -5,7 +5,7 @@
 
 use loader::decode::RgbImage;
 use loader::engine::CropEngine;
-use loader::photometric::{JitterOp, PhotoParams};
+use loader::photometric::{JitterOp, PhotoParams, PhotoScratch};
 use shared::config::AugmentConfig;
 use shared::geometry::Sample;
 use xxhash_rust::xxh3::xxh3_64;
@@ -127,7 +127,8 @@ const PINNED: [u64; N as usize] = [
 
 /// The photometric stage alone, on fixed crops (independent of the resizer's SIMD path, which
 /// may round differently on a CPU without AVX2): every crop's drawn params of the pinned
-/// samples applied to a 224² and a 96² cut of the picture.
+/// samples applied to a 224² and a 96² cut of the picture, by the fused pipeline (AVX2 where
+/// the CPU has it), the fused pipeline without AVX2 kernels, and the op-by-op reference.
 #[test]
 fn photometric_output_is_bit_identical_to_the_pinned_hash() {
     let aug = AugmentConfig::default();
@@ -141,8 +142,9 @@ fn photometric_output_is_bit_identical_to_the_pinned_hash() {
         v
     };
     let (big, small) = (cut(224), cut(96));
-    let mut all = Vec::new();
-    let mut scratch = Vec::new();
+    let (mut fused, mut scalar, mut reference) = (Vec::new(), Vec::new(), Vec::new());
+    let mut scratch = PhotoScratch::default();
+    let mut blur = Vec::new();
     for i in 0..N {
         let mut rng = shared::rng::sample_rng(SEED, 3, i);
         let crops = loader::crops::sample_crops(&aug, img.height, img.width, &mut rng);
@@ -150,18 +152,23 @@ fn photometric_output_is_bit_identical_to_the_pinned_hash() {
         loader::srs::sampling_mask(aug.local_grid(), aug.local_window, &mut rng);
         for k in 0..crops.len() {
             let p = PhotoParams::draw(&aug, &mut rng);
-            let (mut buf, size) = if k < 2 {
-                (big.clone(), 224)
-            } else {
-                (small.clone(), 96)
-            };
+            let (src, size) = if k < 2 { (&big, 224) } else { (&small, 96) };
+            let mut buf = src.clone();
             p.apply(&mut buf, size, size, &mut scratch);
-            all.push(xxh3_64(&buf));
+            fused.push(xxh3_64(&buf));
+            let mut buf = src.clone();
+            loader::fused::apply_fused_scalar(&p, &mut buf, size, size, false, &mut scratch);
+            scalar.push(xxh3_64(&buf));
+            let mut buf = src.clone();
+            p.apply_reference(&mut buf, size, size, &mut blur);
+            reference.push(xxh3_64(&buf));
         }
     }
-    let h = xxh3_64(&all.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<_>>());
-    println!("{h:#x}");
-    assert_eq!(h, PINNED_PHOTO);
+    let h = |all: &[u64]| xxh3_64(&all.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<_>>());
+    println!("{:#x}", h(&fused));
+    assert_eq!(h(&reference), PINNED_PHOTO, "op-by-op reference");
+    assert_eq!(h(&fused), PINNED_PHOTO, "fused pipeline");
+    assert_eq!(h(&scalar), PINNED_PHOTO, "fused pipeline, scalar kernels");
 }
 
 const PINNED_PHOTO: u64 = 3614037014115419959;

@@ -23,6 +23,24 @@ impl Default for DataConfig {
     }
 }
 
+/// How crops are resized to their output size.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResizeMode {
+    /// PIL's antialiased bicubic (the recipe).
+    #[default]
+    Exact,
+    /// 2-tap bilinear where a crop downsamples by at most 2× (else exact): a deviation from PIL
+    /// semantics, faster; crop boxes and SRS rows are unchanged, only pixel values differ.
+    Fast,
+}
+
+impl ResizeMode {
+    pub fn is_exact(&self) -> bool {
+        *self == ResizeMode::Exact
+    }
+}
+
 /// Multi-crop geometry, photometric augmentation and SRS sampling (udi-spec §1).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -70,6 +88,11 @@ pub struct AugmentConfig {
     pub blur_p_global2: f64,
     /// Solarise probability in the "global 2" recipe.
     pub solarize_p: f64,
+    /// `"exact"` (PIL bicubic, default) or `"fast"` (see [`ResizeMode`]). Left out of the
+    /// serialised config when exact, so fingerprints of configs without the key are unchanged;
+    /// `"fast"` is part of the fingerprint.
+    #[serde(skip_serializing_if = "ResizeMode::is_exact")]
+    pub resize: ResizeMode,
 }
 
 impl Default for AugmentConfig {
@@ -99,6 +122,7 @@ impl Default for AugmentConfig {
             blur_p_global1: 1.0,
             blur_p_global2: 0.1,
             solarize_p: 0.2,
+            resize: ResizeMode::Exact,
         }
     }
 }
@@ -210,6 +234,24 @@ mod tests {
         assert!(PipelineConfig::from_toml_str("[augment]\nglobal_sise = 64\n").is_err());
         let err = PipelineConfig::from_toml_str("[augment]\nglobal_size = 100\n").unwrap_err();
         assert!(err.to_string().contains("global_size"), "{err}");
+    }
+
+    #[test]
+    fn resize_mode_defaults_to_exact_and_fast_changes_the_fingerprint() {
+        let old = PipelineConfig::from_toml_str("[augment]\nhue = 0.1\n").unwrap();
+        assert_eq!(old.augment.resize, ResizeMode::Exact);
+        // The key is absent from the canonical form when exact: old fingerprints stay valid.
+        assert!(!serde_json::to_string(&old).unwrap().contains("resize"));
+        let exact = PipelineConfig::from_toml_str("[augment]\nresize = \"exact\"\n").unwrap();
+        assert_eq!(exact.fingerprint(), old.fingerprint());
+        let fast = PipelineConfig::from_toml_str("[augment]\nresize = \"fast\"\n").unwrap();
+        assert_eq!(fast.augment.resize, ResizeMode::Fast);
+        assert_ne!(fast.fingerprint(), old.fingerprint());
+        // Round trip through the canonical JSON (the ring's config page).
+        let back: PipelineConfig =
+            serde_json::from_str(&serde_json::to_string(&fast).unwrap()).unwrap();
+        assert_eq!(back, fast);
+        assert!(PipelineConfig::from_toml_str("[augment]\nresize = \"quick\"\n").is_err());
     }
 
     #[test]
