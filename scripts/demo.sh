@@ -2,8 +2,9 @@
 # The main job on a small embedded default (README line 1), on CPU, in a few minutes:
 #   1. generate a small labelled dataset (10 classes of shapes/textures, train + val) and pack it;
 #   2. k-NN of a randomly initialised network (the "before");
-#   3. pretrain with configs/tiny.toml: the trainer starts the loader processes, which fill a
-#      shared-memory ring; metrics go to RUN/metrics.jsonl, checkpoints to RUN/checkpoints/;
+#   3. pretrain with configs/tiny.toml (its short-run schedule: 4 epochs = 248 steps of batch 16):
+#      the trainer starts the loader processes, which fill a shared-memory ring; metrics go to
+#      RUN/metrics.jsonl, checkpoints to RUN/checkpoints/;
 #   4. k-NN of the pretrained teacher (the "after"), the training curves, a timm export.
 # Knobs (environment): DEMO_OUT (default target/demo), DEMO_STEPS (default: the whole schedule),
 # DEMO_LOADERS (loader processes, default 1).
@@ -46,7 +47,8 @@ knn --checkpoint "$OUT/run" | tee "$OUT/knn-after.json"
 top1() { sed -E 's/.*"top1":([0-9.]+).*/\1/' "$1" | awk '{printf "%.1f", $1}'; }
 echo
 echo "== summary"
-echo "k-NN top-1 (k=20, T=0.07): random init $(top1 "$OUT/knn-before.json")% -> pretrained $(top1 "$OUT/knn-after.json")%"
+b=$(top1 "$OUT/knn-before.json"); a=$(top1 "$OUT/knn-after.json")
+echo "k-NN top-1 (k=20, T=0.07): random init $b% -> pretrained $a% ($(awk -v a="$a" -v b="$b" 'BEGIN{printf "%+.1f", a-b}') points)"
 echo "metrics:     $OUT/run/metrics.jsonl"
 echo "curves:      $OUT/run/curves.png"
 echo "checkpoints: $OUT/run/checkpoints/"

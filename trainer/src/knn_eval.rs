@@ -153,13 +153,31 @@ fn load_chunk(
     Ok((imgs, labels))
 }
 
+/// What maps a normalised image batch `[N, 3, S, S]` to features `[N, D]`.
+#[derive(Clone, Copy)]
+pub enum Extractor<'a> {
+    /// A backbone's final-norm class token (the k-NN of udi-spec §5).
+    Backbone(&'a Vit, ClassToken),
+    /// The normalised pixels themselves, flattened: the baseline that checks the evaluation
+    /// path (transform, labels, k-NN) independently of any network.
+    RawPixels,
+}
+
+impl Extractor<'_> {
+    pub fn extract(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Extractor::Backbone(vit, token) => vit.features(x, *token)?,
+            Extractor::RawPixels => x.flatten_from(1)?,
+        })
+    }
+}
+
 /// Features (`[N, D]`, on the CPU) of a whole set, `chunk` images at a time.
 pub fn features(
-    backbone: &Vit,
+    extractor: Extractor,
     set: &dyn LabelledImages,
     crop: u32,
     chunk: usize,
-    token: ClassToken,
     device: &Device,
 ) -> Result<(Tensor, Vec<i32>)> {
     let threads = std::thread::available_parallelism()
@@ -173,8 +191,8 @@ pub fn features(
         let (imgs, l) = load_chunk(set, at..end, crop, threads)?;
         let x = to_normalised_tensor(&imgs, crop, device)?;
         feats.push(
-            backbone
-                .features(&x, token)?
+            extractor
+                .extract(&x)?
                 .to_dtype(DType::F32)?
                 .to_device(&Device::Cpu)?,
         );
@@ -238,6 +256,27 @@ pub fn evaluate(
     p: KnnParams,
     device: &Device,
 ) -> Result<KnnResult> {
+    evaluate_with(
+        Extractor::Backbone(backbone, token),
+        train,
+        val,
+        crop,
+        chunk,
+        p,
+        device,
+    )
+}
+
+/// k-NN of `val` against `train` with the features of `extractor`.
+pub fn evaluate_with(
+    extractor: Extractor,
+    train: &dyn LabelledImages,
+    val: &dyn LabelledImages,
+    crop: u32,
+    chunk: usize,
+    p: KnnParams,
+    device: &Device,
+) -> Result<KnnResult> {
     let n_classes = train.class_names().len().max(val.class_names().len());
     ensure!(
         n_classes > 0,
@@ -246,7 +285,7 @@ pub fn evaluate(
     if train.class_names() != val.class_names() {
         eprintln!("warning: train and val class lists differ; labels are compared by index");
     }
-    let (tf, tl) = features(backbone, train, crop, chunk, token, device)?;
+    let (tf, tl) = features(extractor, train, crop, chunk, device)?;
     let index = KnnIndex::new(&tf, tl, n_classes)?;
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -257,8 +296,7 @@ pub fn evaluate(
         let end = (at + chunk).min(val.len());
         let (imgs, labels) = load_chunk(val, at..end, crop, threads)?;
         let x = to_normalised_tensor(&imgs, crop, device)?;
-        let f = backbone.features(&x, token)?;
-        index.score_chunk(&f, &labels, p, &mut tally)?;
+        index.score_chunk(&extractor.extract(&x)?, &labels, p, &mut tally)?;
         at = end;
     }
     Ok(index.result(&tally, p))

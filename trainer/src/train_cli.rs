@@ -213,7 +213,7 @@ pub enum TokenArg {
 #[derive(Args, Debug)]
 pub struct KnnArgs {
     /// A checkpoint dir, or a run dir (its newest checkpoint).
-    #[arg(long, required_unless_present = "random_init")]
+    #[arg(long, required_unless_present_any = ["random_init", "raw_pixels"])]
     pub checkpoint: Option<PathBuf>,
     /// Train images: a packed shard dir or an ImageFolder (DIR/<class>/<image>).
     #[arg(long)]
@@ -233,6 +233,10 @@ pub struct KnnArgs {
     /// Evaluate the student's backbone instead of the teacher's (diagnostics).
     #[arg(long)]
     pub student: bool,
+    /// Baseline without any network: k-NN on the normalised eval-transformed pixels
+    /// (the crop size comes from --config or the checkpoint's config).
+    #[arg(long, conflicts_with_all = ["random_init", "student"])]
+    pub raw_pixels: bool,
     /// Config (default: the one saved in the checkpoint).
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -257,7 +261,7 @@ fn load_config(
             TrainConfig::from_toml_str(&s.config_toml)
                 .map_err(|e| anyhow::anyhow!("{}: config: {e:#}", c.state().display()))
         }
-        (None, None) => bail!("--random-init without --checkpoint needs --config"),
+        (None, None) => bail!("--random-init or --raw-pixels without --checkpoint needs --config"),
     }
 }
 
@@ -269,7 +273,7 @@ pub fn knn_main(a: &KnnArgs) -> Result<()> {
         .map(checkpoint::resolve)
         .transpose()?;
     let cfg = load_config(a.config.as_deref(), ckpt.as_ref())?;
-    let tensors = match (&ckpt, a.random_init) {
+    let tensors = match (&ckpt, a.random_init || a.raw_pixels) {
         (Some(c), false) => Some(checkpoint::load(c, &dev)?.0),
         _ => None,
     };
@@ -285,17 +289,22 @@ pub fn knn_main(a: &KnnArgs) -> Result<()> {
         k: a.k,
         temperature: a.temperature,
     };
-    let r = knn_eval::evaluate(
-        &vit,
+    let extractor = if a.raw_pixels {
+        knn_eval::Extractor::RawPixels
+    } else {
+        knn_eval::Extractor::Backbone(&vit, token)
+    };
+    let r = knn_eval::evaluate_with(
+        extractor,
         train.as_ref(),
         val.as_ref(),
         cfg.augment.global_size,
         a.chunk.max(1),
-        token,
         p,
         &dev,
     )?;
     let what = match &ckpt {
+        _ if a.raw_pixels => "raw pixels".to_string(),
         Some(c) if !a.random_init => c.dir.display().to_string(),
         _ => "random init".to_string(),
     };

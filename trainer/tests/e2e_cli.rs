@@ -5,40 +5,23 @@
 //! Needs the `loader` binary next to the test's target dir (built by `cargo test --workspace`
 //! or `cargo build -p loader`); without it the test says so and stops early.
 
+mod common;
+
+use common::{loss_bits as losses, synth_shards};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const TRAINER: &str = env!("CARGO_BIN_EXE_trainer");
 
-const CONFIG: &str = r#"
-[data]
-batch_size = 4
-seed = 2
-[augment]
-global_size = 32
-local_size = 16
-n_local = 2
-patch_size = 8
-global_window = 2
-local_window = 2
-[model]
-dim = 32
-depth = 2
-heads = 2
-head_hidden = 64
-head_bottleneck = 16
-out_dim = 128
-[optim]
-epochs = 2
-warmup_epochs = 1
-lr = 0.05
-[run]
-checkpoint_every = 1
-log_every = 1
-ring_slots = 2
-batch_timeout_s = 120
-"#;
+/// The micro config, checkpoints every step, a small ring.
+fn config() -> common::TestConfig {
+    common::TestConfig::micro(2)
+        .set("run.checkpoint_every", 1)
+        .set("run.log_every", 1)
+        .set("run.ring_slots", 2)
+        .set("run.batch_timeout_s", 120)
+}
 
 fn loader_bin() -> Option<PathBuf> {
     let p = Path::new(TRAINER).parent()?.join("loader");
@@ -57,14 +40,6 @@ fn children(pid: u32) -> Vec<u32> {
     out
 }
 
-fn losses(run: &Path) -> Vec<(u64, u32)> {
-    trainer::metrics::read_metrics(&run.join("metrics.jsonl"))
-        .unwrap()
-        .iter()
-        .map(|m| (m.step, m.loss.to_bits()))
-        .collect()
-}
-
 #[test]
 fn train_with_loader_processes_survives_a_killed_loader() {
     let Some(loader) = loader_bin() else {
@@ -72,20 +47,8 @@ fn train_with_loader_processes_survives_a_killed_loader() {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let img = tmp.path().join("img");
-    shard_tool::synth::write_imagefolder(&img, 2, 8, 40, 0).unwrap();
-    let shards = tmp.path().join("shards");
-    shard_tool::pack::pack(
-        &img,
-        &shards,
-        &shard_tool::pack::PackConfig {
-            progress: false,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let cfg = tmp.path().join("cfg.toml");
-    std::fs::write(&cfg, CONFIG).unwrap();
+    let shards = synth_shards(tmp.path(), 2, 8, 40, 0);
+    let cfg = config().write(&tmp.path().join("cfg.toml"));
 
     let run = tmp.path().join("run");
     let child = Command::new(TRAINER)
@@ -244,25 +207,11 @@ fn train_cli(
 #[test]
 fn ctrl_c_checkpoints_and_resume_continues_exactly() {
     let tmp = tempfile::tempdir().unwrap();
-    let img = tmp.path().join("img");
-    shard_tool::synth::write_imagefolder(&img, 2, 8, 40, 1).unwrap();
-    let shards = tmp.path().join("shards");
-    shard_tool::pack::pack(
-        &img,
-        &shards,
-        &shard_tool::pack::PackConfig {
-            progress: false,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let cfg = tmp.path().join("cfg.toml");
+    let shards = synth_shards(tmp.path(), 2, 8, 40, 1);
     // Checkpoints only at the end: the one after Ctrl-C comes from the interrupt.
-    std::fs::write(
-        &cfg,
-        CONFIG.replace("checkpoint_every = 1", "checkpoint_every = 100"),
-    )
-    .unwrap();
+    let cfg = config()
+        .set("run.checkpoint_every", 100)
+        .write(&tmp.path().join("cfg.toml"));
 
     let run = tmp.path().join("run");
     let (ok, err) = train_cli(

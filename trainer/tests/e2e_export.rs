@@ -1,78 +1,31 @@
 //! `trainer export --format timm`: the export holds exactly timm's keys and shapes, and loading
 //! it back into our backbone reproduces the checkpoint teacher's features bit for bit.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
-use shared::config::PipelineConfig;
-use shared::geometry::{Sample, SampleSource};
-use shared::rng::{rng_for, Domain};
-use std::sync::Arc;
+use common::{synth_feed, train_opts, TestConfig};
 use trainer::config::TrainConfig;
 use trainer::export::{from_timm, timm_keys};
 use trainer::knn_eval::teacher_backbone;
 use trainer::params::ParamStore;
-use trainer::train::{train, TrainOptions};
+use trainer::train::train;
 use trainer::train_cli::{export_checkpoint, vit_shape};
-use trainer::train_feed::InProcessFeed;
 use trainer::vit::{ClassToken, Vit};
-
-const CONFIG: &str = r#"
-[data]
-batch_size = 4
-seed = 1
-[augment]
-global_size = 32
-local_size = 16
-n_local = 2
-patch_size = 8
-global_window = 2
-local_window = 2
-[model]
-dim = 32
-depth = 2
-heads = 2
-head_hidden = 64
-head_bottleneck = 16
-out_dim = 128
-[optim]
-epochs = 1
-warmup_epochs = 0
-lr = 0.05
-"#;
-
-struct Synth(shared::config::AugmentConfig);
-
-impl SampleSource for Synth {
-    fn len(&self) -> u64 {
-        8
-    }
-    fn produce(&self, epoch: u64, index: u64) -> anyhow::Result<Sample> {
-        Ok(trainer::data::synthetic_sample(
-            &self.0,
-            &mut rng_for(3, Domain::Crops, epoch, index),
-            index,
-        ))
-    }
-}
 
 #[test]
 fn export_reloads_into_our_backbone_and_reproduces_the_features() {
     let dir = tempfile::tempdir().unwrap();
-    let pipe = PipelineConfig::from_toml_str(CONFIG).unwrap();
-    let mut feed = InProcessFeed::new(Arc::new(Synth(pipe.augment.clone())), &pipe, 1, 1);
-    let opts = TrainOptions {
-        config_toml: CONFIG.into(),
-        run_dir: dir.path().into(),
-        resume: false,
-        max_steps: Some(2),
-        device: Device::Cpu,
-        quiet: true,
-        stop: None,
-    };
-    train(&opts, &mut feed).unwrap();
+    let config = TestConfig::micro(1)
+        .set("optim.epochs", 1)
+        .set("optim.warmup_epochs", 0)
+        .toml();
+    let mut feed = synth_feed(&config, 8, 3, 1, 1);
+    train(&train_opts(&config, dir.path(), false, 2), &mut feed).unwrap();
 
     let out = dir.path().join("backbone.safetensors");
     let n = export_checkpoint(dir.path(), &out).unwrap();
-    let cfg = TrainConfig::from_toml_str(CONFIG).unwrap();
+    let cfg = TrainConfig::from_toml_str(&config).unwrap();
     let keys = timm_keys(vit_shape(&cfg));
     assert_eq!(n, keys.len());
     let exported = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();

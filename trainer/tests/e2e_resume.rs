@@ -1,77 +1,24 @@
 //! Exact resume and the non-finite guard rail, on CPU, with batches built in-process from a
 //! deterministic synthetic source (the ring and loader processes are exercised by e2e_cli).
 
+mod common;
+
 use candle_core::{Device, Tensor};
-use shared::config::{AugmentConfig, PipelineConfig};
-use shared::geometry::{Sample, SampleSource};
-use shared::rng::{rng_for, Domain};
+use common::{bits, final_tensors, synth_feed, train_opts, TestConfig};
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
 use trainer::checkpoint;
 use trainer::metrics::read_metrics;
-use trainer::train::{train, TrainOptions};
-use trainer::train_feed::InProcessFeed;
+use trainer::train::train;
 
-const CONFIG: &str = r#"
-[data]
-batch_size = 4
-seed = 5
-
-[augment]
-global_size = 32
-local_size = 16
-n_local = 2
-patch_size = 8
-global_window = 2
-local_window = 2
-
-[model]
-dim = 32
-depth = 2
-heads = 2
-head_hidden = 64
-head_bottleneck = 16
-out_dim = 128
-
-[loss]
-warmup_teacher_temp_epochs = 1
-
-[optim]
-epochs = 2
-warmup_epochs = 1
-lr = 0.05
-
-[run]
-checkpoint_every = 1
-keep_last = 20
-log_every = 1
-"#;
-
-/// Random but well-formed samples, a pure function of (epoch, index).
-struct Synth {
-    aug: AugmentConfig,
-    n: u64,
-}
-
-impl SampleSource for Synth {
-    fn len(&self) -> u64 {
-        self.n
-    }
-    fn produce(&self, epoch: u64, index: u64) -> anyhow::Result<Sample> {
-        let mut rng = rng_for(77, Domain::Crops, epoch, index);
-        Ok(trainer::data::synthetic_sample(&self.aug, &mut rng, index))
-    }
-}
-
-fn feed(config: &str) -> InProcessFeed {
-    let pipe = PipelineConfig::from_toml_str(config).unwrap();
-    // 24 samples, batch 4: 6 batches per epoch, 12 steps in the 2-epoch schedule.
-    let src = Synth {
-        aug: pipe.augment.clone(),
-        n: 24,
-    };
-    InProcessFeed::new(Arc::new(src), &pipe, 0xABCD, 2)
+/// The micro config with checkpoints every step; 24 samples at batch 4: 6 batches per epoch,
+/// 12 steps in the 2-epoch schedule.
+fn config() -> TestConfig {
+    TestConfig::micro(5)
+        .set("loss.warmup_teacher_temp_epochs", 1)
+        .set("run.checkpoint_every", 1)
+        .set("run.keep_last", 20)
+        .set("run.log_every", 1)
 }
 
 fn run(
@@ -80,58 +27,28 @@ fn run(
     resume: bool,
     max_steps: u64,
 ) -> anyhow::Result<trainer::train::TrainSummary> {
-    let opts = TrainOptions {
-        config_toml: config.to_string(),
-        run_dir: dir.to_path_buf(),
-        resume,
-        max_steps: Some(max_steps),
-        device: Device::Cpu,
-        quiet: true,
-        stop: None,
-    };
-    train(&opts, &mut feed(config))
-}
-
-fn bits(t: &Tensor) -> Vec<u64> {
-    let t = t.flatten_all().unwrap();
-    match t.dtype() {
-        candle_core::DType::F32 => t
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .map(|x| x.to_bits() as u64)
-            .collect(),
-        candle_core::DType::I64 => t
-            .to_vec1::<i64>()
-            .unwrap()
-            .iter()
-            .map(|x| *x as u64)
-            .collect(),
-        d => panic!("unexpected dtype {d:?}"),
-    }
-}
-
-fn final_tensors(dir: &Path) -> (u64, HashMap<String, Tensor>) {
-    let c = checkpoint::resolve(dir).unwrap();
-    (c.step, checkpoint::load(&c, &Device::Cpu).unwrap().0)
+    let mut feed = synth_feed(config, 24, 77, 0xABCD, 2);
+    train(&train_opts(config, dir, resume, max_steps), &mut feed)
 }
 
 #[test]
 fn killed_and_resumed_run_is_bitwise_identical_to_an_uninterrupted_one() {
     let a = tempfile::tempdir().unwrap();
     let b = tempfile::tempdir().unwrap();
+    let cfg = config().toml();
+    let cfg = cfg.as_str();
     // Uninterrupted: 8 steps, crossing the epoch boundary after step 6 (where the last layer
     // unfreezes and the teacher temperature reaches its final value).
-    run(a.path(), CONFIG, false, 8).unwrap();
+    run(a.path(), cfg, false, 8).unwrap();
     // Interrupted after step 5, then resumed to step 8.
-    let s = run(b.path(), CONFIG, false, 5).unwrap();
+    let s = run(b.path(), cfg, false, 5).unwrap();
     assert_eq!(s.last_step, 5);
     // A restart without --resume must refuse to overwrite the run.
-    assert!(run(b.path(), CONFIG, false, 8)
+    assert!(run(b.path(), cfg, false, 8)
         .unwrap_err()
         .to_string()
         .contains("--resume"));
-    let s = run(b.path(), CONFIG, true, 8).unwrap();
+    let s = run(b.path(), cfg, true, 8).unwrap();
     assert_eq!((s.first_step, s.last_step), (5, 8));
 
     let ma = read_metrics(&a.path().join("metrics.jsonl")).unwrap();
@@ -180,12 +97,12 @@ fn killed_and_resumed_run_is_bitwise_identical_to_an_uninterrupted_one() {
 #[test]
 fn resume_refuses_a_changed_config() {
     let a = tempfile::tempdir().unwrap();
-    run(a.path(), CONFIG, false, 1).unwrap();
-    let changed = CONFIG.replace("lr = 0.05", "lr = 0.01");
+    run(a.path(), &config().toml(), false, 1).unwrap();
+    let changed = config().set("optim.lr", 0.01).toml();
     let e = run(a.path(), &changed, true, 2).unwrap_err().to_string();
     assert!(e.contains("config differs"), "{e}");
     // [run] may change.
-    let run_changed = CONFIG.replace("log_every = 1", "log_every = 5");
+    let run_changed = config().set("run.log_every", 5).toml();
     run(a.path(), &run_changed, true, 2).unwrap();
 }
 
@@ -193,9 +110,10 @@ fn resume_refuses_a_changed_config() {
 fn non_finite_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint() {
     let a = tempfile::tempdir().unwrap();
     // An absurd learning rate overflows the weights within a few steps.
-    let bad = CONFIG
-        .replace("lr = 0.05", "lr = 1e36")
-        .replace("warmup_epochs = 1", "warmup_epochs = 0");
+    let bad = config()
+        .set("optim.lr", 1e36)
+        .set("optim.warmup_epochs", 0)
+        .toml();
     let e = run(a.path(), &bad, false, 12).unwrap_err().to_string();
     assert!(e.contains("non-finite"), "{e}");
     assert!(e.contains("checkpoint"), "{e}");
@@ -229,8 +147,9 @@ fn non_finite_weights_are_detected_by_name() {
 fn a_run_dir_is_used_by_one_trainer_at_a_time() {
     let a = tempfile::tempdir().unwrap();
     let held = trainer::train::lock_run_dir(a.path()).unwrap();
-    let e = run(a.path(), CONFIG, false, 1).unwrap_err().to_string();
+    let cfg = config().toml();
+    let e = run(a.path(), &cfg, false, 1).unwrap_err().to_string();
     assert!(e.contains("in use by another trainer"), "{e}");
     drop(held);
-    run(a.path(), CONFIG, false, 1).unwrap();
+    run(a.path(), &cfg, false, 1).unwrap();
 }

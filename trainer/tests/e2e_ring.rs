@@ -3,71 +3,28 @@
 //! through the ring (consumer seek), is bitwise identical to a run on batches built in-process
 //! by the same crop engine.
 
-use candle_core::{Device, Tensor};
+mod common;
+
+use common::{checkpoint_bits, synth_shards, train_opts, TestConfig};
 use loader::daemon::RunArgs;
 use shared::config::PipelineConfig;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use trainer::metrics::read_metrics;
-use trainer::train::{train, BatchFeed, TrainOptions, TrainSummary};
+use trainer::train::{train, BatchFeed, TrainSummary};
 use trainer::train_cli::ShardRecords;
 use trainer::train_feed::{InProcessFeed, RingFeed};
 
-const CONFIG: &str = r#"
-[data]
-batch_size = 4
-seed = 9
-[augment]
-global_size = 32
-local_size = 16
-n_local = 2
-patch_size = 8
-global_window = 2
-local_window = 2
-[model]
-dim = 32
-depth = 2
-heads = 2
-head_hidden = 64
-head_bottleneck = 16
-out_dim = 128
-[optim]
-epochs = 2
-warmup_epochs = 1
-lr = 0.05
-[run]
-checkpoint_every = 1
-ring_slots = 4
-batch_timeout_s = 120
-"#;
+fn config() -> String {
+    TestConfig::micro(9)
+        .set("run.checkpoint_every", 1)
+        .set("run.ring_slots", 4)
+        .set("run.batch_timeout_s", 120)
+        .toml()
+}
 
 const N: u64 = 16; // 2 classes × 8 images: 4 batches per epoch
-
-/// A generated labelled ImageFolder, packed.
-fn make_shards(dir: &Path) -> std::path::PathBuf {
-    let img = dir.join("img");
-    shard_tool::synth::write_imagefolder(&img, 2, 8, 40, 0).unwrap();
-    let out = dir.join("shards");
-    let cfg = shard_tool::pack::PackConfig {
-        progress: false,
-        ..Default::default()
-    };
-    shard_tool::pack::pack(&img, &out, &cfg).unwrap();
-    out
-}
-
-fn opts(dir: &Path, resume: bool, max_steps: u64) -> TrainOptions {
-    TrainOptions {
-        config_toml: CONFIG.into(),
-        run_dir: dir.into(),
-        resume,
-        max_steps: Some(max_steps),
-        device: Device::Cpu,
-        quiet: true,
-        stop: None,
-    }
-}
 
 /// Trains through ring `name`, fed by a loader daemon on a thread.
 fn train_via_ring(
@@ -78,7 +35,8 @@ fn train_via_ring(
     resume: bool,
     max_steps: u64,
 ) -> TrainSummary {
-    let pipe = PipelineConfig::from_toml_str(CONFIG).unwrap();
+    let config = config();
+    let pipe = PipelineConfig::from_toml_str(&config).unwrap();
     let ds = shared::shard::Dataset::open(shards).unwrap();
     assert_eq!(ds.len(), N);
     let mut feed = RingFeed::start(
@@ -103,7 +61,7 @@ fn train_via_ring(
     };
     let loader = std::thread::spawn(move || loader::daemon::run(&args));
     let s = train(
-        &opts(dir, resume, max_steps),
+        &train_opts(&config, dir, resume, max_steps),
         &mut feed as &mut dyn BatchFeed,
     )
     .unwrap();
@@ -116,36 +74,13 @@ fn train_via_ring(
     s
 }
 
-fn all_bits(dir: &Path) -> Vec<(String, Vec<u32>)> {
-    let c = trainer::checkpoint::resolve(dir).unwrap();
-    let (t, _) = trainer::checkpoint::load(&c, &Device::Cpu).unwrap();
-    let mut v: Vec<(String, Vec<u32>)> = t
-        .iter()
-        .filter(|(_, x)| x.dtype() == candle_core::DType::F32)
-        .map(|(k, x): (&String, &Tensor)| {
-            (
-                k.clone(),
-                x.flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-                    .iter()
-                    .map(|f| f.to_bits())
-                    .collect(),
-            )
-        })
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
 #[test]
 fn ring_fed_run_with_resume_equals_the_in_process_run() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg_path = tmp.path().join("cfg.toml");
-    std::fs::write(&cfg_path, CONFIG).unwrap();
+    std::fs::write(&cfg_path, config()).unwrap();
     let pid = std::process::id();
-    let shards = make_shards(tmp.path());
+    let shards = synth_shards(tmp.path(), 2, 8, 40, 0);
 
     let ring_dir = tmp.path().join("ring-run");
     train_via_ring(
@@ -168,13 +103,13 @@ fn ring_fed_run_with_resume_equals_the_in_process_run() {
     assert_eq!((s.first_step, s.last_step), (3, 6));
 
     let ref_dir = tmp.path().join("in-process");
-    let pipe = PipelineConfig::from_toml_str(CONFIG).unwrap();
+    let pipe = PipelineConfig::from_toml_str(&config()).unwrap();
     let ds = shared::shard::Dataset::open(&shards).unwrap();
     let id = ds.dataset_id();
     let engine = loader::engine::CropEngine::new(pipe.augment.clone());
     let src = loader::source::DatasetSource::new(ShardRecords(ds), engine, pipe.data.seed);
     let mut feed = InProcessFeed::new(Arc::new(src), &pipe, id, 2);
-    train(&opts(&ref_dir, false, 6), &mut feed).unwrap();
+    train(&train_opts(&config(), &ref_dir, false, 6), &mut feed).unwrap();
 
     let a = read_metrics(&ring_dir.join("metrics.jsonl")).unwrap();
     let b = read_metrics(&ref_dir.join("metrics.jsonl")).unwrap();
@@ -188,5 +123,5 @@ fn ring_fed_run_with_resume_equals_the_in_process_run() {
         );
     }
     assert_eq!(a[5].epoch, 1, "the run crossed into epoch 1");
-    assert_eq!(all_bits(&ring_dir), all_bits(&ref_dir));
+    assert_eq!(checkpoint_bits(&ring_dir), checkpoint_bits(&ref_dir));
 }

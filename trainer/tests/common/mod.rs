@@ -49,3 +49,197 @@ pub fn to_vec_f64(t: &candle_core::Tensor) -> Vec<f64> {
         .to_vec1::<f64>()
         .unwrap()
 }
+
+// ---- end-to-end set-up shared by the e2e_* tests ------------------------------------------
+
+/// A run config as a TOML document with per-test overrides: `micro` (the e2e tests' config:
+/// batch 4, 32-px globals, 2 locals, a 2-block dim-32 ViT, K = 128, lr 0.05) or `tiny`
+/// (configs/tiny.toml).
+#[derive(Clone, Debug)]
+pub struct TestConfig {
+    doc: toml::Table,
+}
+
+impl TestConfig {
+    pub fn micro(seed: u64) -> Self {
+        let text = format!(
+            r#"
+[data]
+batch_size = 4
+seed = {seed}
+[augment]
+global_size = 32
+local_size = 16
+n_local = 2
+patch_size = 8
+global_window = 2
+local_window = 2
+[model]
+dim = 32
+depth = 2
+heads = 2
+head_hidden = 64
+head_bottleneck = 16
+out_dim = 128
+[optim]
+epochs = 2
+warmup_epochs = 1
+lr = 0.05
+"#
+        );
+        Self {
+            doc: text.parse().unwrap(),
+        }
+    }
+
+    pub fn tiny() -> Self {
+        let text = std::fs::read_to_string(repo_path("configs/tiny.toml")).unwrap();
+        Self {
+            doc: text.parse().unwrap(),
+        }
+    }
+
+    /// Sets `TABLE.KEY` (the table is created if missing).
+    pub fn set(mut self, key: &str, value: impl Into<toml::Value>) -> Self {
+        let (table, k) = key.split_once('.').expect("TABLE.KEY");
+        self.doc
+            .entry(table)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .unwrap()
+            .insert(k.into(), value.into());
+        self
+    }
+
+    pub fn toml(&self) -> String {
+        toml::to_string(&self.doc).unwrap()
+    }
+
+    /// Writes the config to `path` and returns it.
+    pub fn write(&self, path: &std::path::Path) -> std::path::PathBuf {
+        std::fs::write(path, self.toml()).unwrap();
+        path.to_path_buf()
+    }
+}
+
+/// A generated labelled ImageFolder (`shard-tool synth`) at `dir/img`, packed into `dir/shards`.
+pub fn synth_shards(
+    dir: &std::path::Path,
+    classes: usize,
+    per_class: usize,
+    size: u32,
+    seed: u64,
+) -> std::path::PathBuf {
+    let img = dir.join("img");
+    shard_tool::synth::write_imagefolder(&img, classes, per_class, size, seed).unwrap();
+    let out = dir.join("shards");
+    let cfg = shard_tool::pack::PackConfig {
+        progress: false,
+        ..Default::default()
+    };
+    shard_tool::pack::pack(&img, &out, &cfg).unwrap();
+    out
+}
+
+/// `n` random but well-formed samples, a pure function of (key, epoch, index).
+pub struct SynthSamples {
+    pub aug: shared::config::AugmentConfig,
+    pub n: u64,
+    pub key: u64,
+}
+
+impl shared::geometry::SampleSource for SynthSamples {
+    fn len(&self) -> u64 {
+        self.n
+    }
+    fn produce(&self, epoch: u64, index: u64) -> anyhow::Result<shared::geometry::Sample> {
+        let mut rng = shared::rng::rng_for(self.key, shared::rng::Domain::Crops, epoch, index);
+        Ok(trainer::data::synthetic_sample(&self.aug, &mut rng, index))
+    }
+}
+
+/// An in-process feed of [`SynthSamples`] for `config`.
+pub fn synth_feed(
+    config: &str,
+    n: u64,
+    key: u64,
+    dataset_id: u64,
+    threads: usize,
+) -> trainer::train_feed::InProcessFeed {
+    let pipe = shared::config::PipelineConfig::from_toml_str(config).unwrap();
+    let src = SynthSamples {
+        aug: pipe.augment.clone(),
+        n,
+        key,
+    };
+    trainer::train_feed::InProcessFeed::new(std::sync::Arc::new(src), &pipe, dataset_id, threads)
+}
+
+/// Quiet CPU training options.
+pub fn train_opts(
+    config: &str,
+    dir: &std::path::Path,
+    resume: bool,
+    max_steps: u64,
+) -> trainer::train::TrainOptions {
+    trainer::train::TrainOptions {
+        config_toml: config.to_string(),
+        run_dir: dir.to_path_buf(),
+        resume,
+        max_steps: Some(max_steps),
+        device: Device::Cpu,
+        quiet: true,
+        stop: None,
+    }
+}
+
+/// The bits of a tensor's values (f32 or i64), for bitwise comparisons.
+pub fn bits(t: &candle_core::Tensor) -> Vec<u64> {
+    let t = t.flatten_all().unwrap();
+    match t.dtype() {
+        DType::F32 => t
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits() as u64)
+            .collect(),
+        DType::I64 => t
+            .to_vec1::<i64>()
+            .unwrap()
+            .iter()
+            .map(|x| *x as u64)
+            .collect(),
+        d => panic!("unexpected dtype {d:?}"),
+    }
+}
+
+/// Step and tensors of the newest checkpoint of a run.
+pub fn final_tensors(
+    dir: &std::path::Path,
+) -> (u64, std::collections::HashMap<String, candle_core::Tensor>) {
+    let c = trainer::checkpoint::resolve(dir).unwrap();
+    (
+        c.step,
+        trainer::checkpoint::load(&c, &Device::Cpu).unwrap().0,
+    )
+}
+
+/// Every tensor of the newest checkpoint as (name, bits), sorted by name.
+pub fn checkpoint_bits(dir: &std::path::Path) -> Vec<(String, Vec<u64>)> {
+    let mut v: Vec<(String, Vec<u64>)> = final_tensors(dir)
+        .1
+        .iter()
+        .map(|(k, t)| (k.clone(), bits(t)))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// (step, loss bits) of every line of a run's metrics.jsonl.
+pub fn loss_bits(run: &std::path::Path) -> Vec<(u64, u32)> {
+    trainer::metrics::read_metrics(&run.join("metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .map(|m| (m.step, m.loss.to_bits()))
+        .collect()
+}
