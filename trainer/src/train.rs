@@ -364,7 +364,7 @@ pub fn lock_run_dir(run_dir: &Path) -> Result<std::fs::File> {
     Ok(f)
 }
 
-/// The name of the first float tensor holding a NaN or an infinity (x − x is 0 iff x is finite).
+/// The name of the first float tensor holding a NaN or an infinity (0·x + 0 is 0 iff x is finite).
 pub fn first_non_finite(tensors: &HashMap<String, Tensor>) -> Result<Option<String>> {
     let mut names: Vec<&String> = tensors.keys().collect();
     names.sort();
@@ -373,7 +373,8 @@ pub fn first_non_finite(tensors: &HashMap<String, Tensor>) -> Result<Option<Stri
         if !t.dtype().is_float() {
             continue;
         }
-        let s = (t - t)?
+        let s = t
+            .affine(0.0, 0.0)?
             .sum_all()?
             .to_dtype(candle_core::DType::F64)?
             .to_scalar::<f64>()?;
