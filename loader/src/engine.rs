@@ -48,6 +48,7 @@ impl StageTimes {
 
 struct Scratch {
     rgbx: RgbxResizer,
+    resizer: fr::Resizer,
     fast: FastResizer,
     photo: PhotoScratch,
 }
@@ -55,6 +56,7 @@ struct Scratch {
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch {
         rgbx: RgbxResizer::default(),
+        resizer: fr::Resizer::new(),
         fast: FastResizer::default(),
         photo: PhotoScratch::default(),
     });
@@ -155,7 +157,9 @@ impl CropEngine {
         let fast = aug.resize == ResizeMode::Fast;
         SCRATCH.with(|cell| {
             let scratch = &mut *cell.borrow_mut();
-            // The exact resize reads the source as RGBX (converted once per sample).
+            // In exact mode the resize reads the source as RGBX, converted once per sample. In
+            // fast mode the few crops left to the exact resize do not pay for a conversion of
+            // the whole source: they take the (bit-identical) RGB path.
             let mut loaded = false;
             let globals = out.globals.chunks_exact_mut(sg * sg * 3).map(|b| (b, sg));
             let locals = out.locals.chunks_exact_mut(sl * sl * 3).map(|b| (b, sl));
@@ -163,6 +167,8 @@ impl CropEngine {
                 let t1 = Instant::now();
                 if fast && fast_eligible(meta, size) {
                     scratch.fast.resize(img, meta, buf, size);
+                } else if fast {
+                    resize_crop(&mut scratch.resizer, img, meta, buf, size);
                 } else {
                     if !loaded {
                         scratch.rgbx.load(img);

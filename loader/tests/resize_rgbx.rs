@@ -108,3 +108,46 @@ fn rgbx_resizer_reuse_across_images_of_other_sizes() {
         }
     }
 }
+
+/// Real photos (`../shared/data/bench-photos`, or the folder in `LOADER_BENCH_PHOTOS`) when
+/// present: every crop the engine draws for them, RGBX vs RGB bytes.
+#[test]
+fn rgbx_resize_on_engine_crops_of_real_photos_when_present() {
+    let dir = std::env::var_os("LOADER_BENCH_PHOTOS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../../shared/data/bench-photos/train/photos")
+        });
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        eprintln!("{} absent: skipped", dir.display());
+        return;
+    };
+    let mut paths: Vec<_> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    paths.sort();
+    let aug = shared::config::AugmentConfig::default();
+    let (mut rgb, mut rgbx) = (fr::Resizer::new(), RgbxResizer::default());
+    let mut crops = 0;
+    for (k, p) in paths.iter().take(8).enumerate() {
+        let img = loader::decode::decode_bytes(&std::fs::read(p).unwrap()).unwrap();
+        rgbx.load(&img);
+        let mut rng = shared::rng::sample_rng(5, 0, k as u64);
+        for (c, meta) in loader::crops::sample_crops(&aug, img.height, img.width, &mut rng)
+            .iter()
+            .enumerate()
+        {
+            let size = if c < 2 {
+                aug.global_size
+            } else {
+                aug.local_size
+            } as usize;
+            let mut want = vec![0u8; size * size * 3];
+            resize_crop(&mut rgb, &img, meta, &mut want, size);
+            let mut got = vec![0u8; size * size * 3];
+            rgbx.resize(meta, &mut got, size);
+            assert!(got == want, "{}: crop {meta:?}", p.display());
+            crops += 1;
+        }
+    }
+    println!("{crops} crops of real photos identical");
+}
