@@ -2,7 +2,8 @@
 //!
 //! Per crop: crop rectangle → antialiased bicubic resize straight from the source rectangle
 //! (fast_image_resize `CatmullRom` = PIL BICUBIC a = −0.5, kernel widened by the downscale
-//! factor, on a cropped view so no pixel outside the crop is read, as with PIL's crop + resize)
+//! factor, on a cropped view so no pixel outside the crop is read, as with PIL's crop + resize;
+//! run on RGBX pixels by [`crate::rgbx`], the same bytes as on RGB, faster)
 //! → horizontal flip (after the resize: cheaper, same pixels up to the mirror symmetry of the
 //! resampling weights; folded into the first photometric pass) → photometric pipeline
 //! ([`crate::fused`]). With `[augment] resize = "fast"` a crop that downsamples by at most 2×
@@ -21,6 +22,7 @@ use crate::crops::sample_crops;
 use crate::decode::RgbImage;
 use crate::fast_resize::{fast_eligible, FastResizer};
 use crate::photometric::{PhotoParams, PhotoScratch};
+use crate::rgbx::RgbxResizer;
 use crate::srs::{project_rows, sampling_mask};
 
 /// Seconds spent per stage, accumulated over calls (for `loader bench`).
@@ -45,6 +47,7 @@ impl StageTimes {
 }
 
 struct Scratch {
+    rgbx: RgbxResizer,
     resizer: fr::Resizer,
     fast: FastResizer,
     photo: PhotoScratch,
@@ -52,6 +55,7 @@ struct Scratch {
 
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch {
+        rgbx: RgbxResizer::default(),
         resizer: fr::Resizer::new(),
         fast: FastResizer::default(),
         photo: PhotoScratch::default(),
@@ -153,14 +157,24 @@ impl CropEngine {
         let fast = aug.resize == ResizeMode::Fast;
         SCRATCH.with(|cell| {
             let scratch = &mut *cell.borrow_mut();
+            // In exact mode the resize reads the source as RGBX, converted once per sample. In
+            // fast mode the few crops left to the exact resize do not pay for a conversion of
+            // the whole source: they take the (bit-identical) RGB path.
+            let mut loaded = false;
             let globals = out.globals.chunks_exact_mut(sg * sg * 3).map(|b| (b, sg));
             let locals = out.locals.chunks_exact_mut(sl * sl * 3).map(|b| (b, sl));
             for (((buf, size), meta), params) in globals.chain(locals).zip(&crops).zip(&photo) {
                 let t1 = Instant::now();
                 if fast && fast_eligible(meta, size) {
                     scratch.fast.resize(img, meta, buf, size);
-                } else {
+                } else if fast {
                     resize_crop(&mut scratch.resizer, img, meta, buf, size);
+                } else {
+                    if !loaded {
+                        scratch.rgbx.load(img);
+                        loaded = true;
+                    }
+                    scratch.rgbx.resize(meta, buf, size);
                 }
                 let flip = meta.hflip != 0;
                 if photometric {
@@ -181,7 +195,9 @@ impl CropEngine {
     }
 }
 
-/// Bicubic (PIL semantics) resize of the crop rectangle of `img` to `size × size` into `dst`.
+/// Bicubic (PIL semantics) resize of the crop rectangle of `img` to `size × size` into `dst`,
+/// on 3-byte pixels. The engine runs the same resize on RGBX ([`crate::rgbx`]): same bytes,
+/// faster; this one is the reference it is tested against.
 pub fn resize_crop(
     resizer: &mut fr::Resizer,
     img: &RgbImage,

@@ -7,7 +7,8 @@
 //!   [`fused`] runs them in few passes, [`hue_simd`] holds the AVX2 hue kernel.
 //! * [`srs`]: SRS masks and the cross-view projection rows.
 //! * [`engine`]: [`engine::CropEngine`] ties them together into a [`shared::geometry::Sample`];
-//!   [`fast_resize`] is the opt-in `resize = "fast"` path.
+//!   [`rgbx`] runs its exact resize on 4-byte pixels, [`fast_resize`] is the opt-in
+//!   `resize = "fast"` path.
 //! * [`source`]: [`source::DatasetSource`], the [`shared::geometry::SampleSource`] over records.
 //! * [`folder`]: an in-memory record set from a folder of image files (tests, bench, preview).
 //! * [`bench`], [`preview`]: the `loader bench` / `loader preview` subcommands.
@@ -35,6 +36,7 @@ pub mod hue_simd;
 pub mod photometric;
 pub mod preview;
 pub mod produce;
+pub mod rgbx;
 pub mod ring_tools;
 pub mod source;
 pub mod srs;
