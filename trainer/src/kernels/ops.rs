@@ -311,6 +311,35 @@ pub fn layer_norm(
 
 // ---- bias + GELU ------------------------------------------------------------------------------
 
+/// `y = f(x + b)` with `b` broadcast over rows: one thread per element, for kernel `{kernel}_{dtype}`.
+#[cfg(feature = "cuda")]
+fn bias_elementwise(
+    kernel: &str,
+    what: &str,
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = &s1.device;
+    let (x, b) = (
+        gpu::In::new(s1, l1, &format!("{what} x"))?,
+        gpu::In::new(s2, l2, &format!("{what} b"))?,
+    );
+    need_f32(&b, &format!("{what} b"))?;
+    let n = l1.shape().elem_count();
+    let d = l2.shape().elem_count() as i32;
+    let k = gpu::func(dev, &format!("{kernel}_{}", gpu::suffix(x.dtype())?))?;
+    let mut y = gpu::Out::alloc(dev, x.dtype(), n, false)?;
+    let mut a = k.builder();
+    x.push(&mut a);
+    b.push(&mut a);
+    y.push(&mut a);
+    a.arg(&n).arg(&d);
+    gpu::launch(a, gpu::elementwise(n))?;
+    Ok((y.into_storage(dev), l1.shape().clone()))
+}
+
 /// `gelu_erf(x + b)` with b broadcast over the last dim; output in x's dtype.
 pub struct BiasGelu;
 
@@ -353,23 +382,7 @@ impl CustomOp2 for BiasGelu {
         s2: &CudaStorage,
         l2: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let dev = &s1.device;
-        let (x, b) = (
-            gpu::In::new(s1, l1, "bias_gelu x")?,
-            gpu::In::new(s2, l2, "bias_gelu b")?,
-        );
-        need_f32(&b, "bias_gelu b")?;
-        let n = l1.shape().elem_count();
-        let d = l2.shape().elem_count() as i32;
-        let k = gpu::func(dev, &format!("bias_gelu_fwd_{}", gpu::suffix(x.dtype())?))?;
-        let mut y = gpu::Out::alloc(dev, x.dtype(), n, false)?;
-        let mut a = k.builder();
-        x.push(&mut a);
-        b.push(&mut a);
-        y.push(&mut a);
-        a.arg(&n).arg(&d);
-        gpu::launch(a, gpu::elementwise(n))?;
-        Ok((y.into_storage(dev), l1.shape().clone()))
+        bias_elementwise("bias_gelu_fwd", "bias_gelu", s1, l1, s2, l2)
     }
 
     fn bwd(
@@ -491,23 +504,7 @@ impl CustomOp2 for BiasAdd {
         s2: &CudaStorage,
         l2: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let dev = &s1.device;
-        let (x, b) = (
-            gpu::In::new(s1, l1, "bias_add x")?,
-            gpu::In::new(s2, l2, "bias_add b")?,
-        );
-        need_f32(&b, "bias_add b")?;
-        let n = l1.shape().elem_count();
-        let d = l2.shape().elem_count() as i32;
-        let k = gpu::func(dev, &format!("bias_add_{}", gpu::suffix(x.dtype())?))?;
-        let mut y = gpu::Out::alloc(dev, x.dtype(), n, false)?;
-        let mut a = k.builder();
-        x.push(&mut a);
-        b.push(&mut a);
-        y.push(&mut a);
-        a.arg(&n).arg(&d);
-        gpu::launch(a, gpu::elementwise(n))?;
-        Ok((y.into_storage(dev), l1.shape().clone()))
+        bias_elementwise("bias_add", "bias_add", s1, l1, s2, l2)
     }
 
     fn bwd(
