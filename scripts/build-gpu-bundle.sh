@@ -4,6 +4,7 @@
 #   .gpu/trainer      release binary, `--features cuda`, debug info stripped; it dlopens the CUDA
 #                     driver/cuBLAS/cuRAND at run time and links cudart statically
 #   .gpu/device-smoke trainer/examples/device_smoke.rs: candle itself on the GPU vs the CPU
+#   .gpu/loader, .gpu/shard-tool  release builds (symbols stripped) for the check's end-to-end run
 #   .gpu/configs/     the configs the check uses
 #   .gpu/BUILD-INFO   commit, toolchain, size, sha256
 # Then, with the device tool: run(command="bash scripts/gpu-check.sh", carry=[".gpu"], timeout_s=540)
@@ -19,12 +20,14 @@ unset CANDLE_KERNELS_CHECK_ONLY   # that mode cannot link (vendor/README.md)
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target/cuda}"
 t0=$(date +%s)
 cargo build --release --locked --features cuda -p trainer --bins --example device_smoke
+cargo build --release --locked -p loader -p shard-tool --bins
 echo "cuda release build: $(( $(date +%s) - t0 ))s" >&2
 
 rm -rf .gpu
 mkdir -p .gpu/configs
 cp configs/*.toml .gpu/configs/
 objcopy --strip-debug "$CARGO_TARGET_DIR/release/examples/device_smoke" .gpu/device-smoke
+for b in loader shard-tool; do objcopy --strip-all "$CARGO_TARGET_DIR/release/$b" ".gpu/$b"; done
 if [ -x "$CARGO_TARGET_DIR/release/trainer" ]; then
   objcopy --strip-debug "$CARGO_TARGET_DIR/release/trainer" .gpu/trainer
 else
@@ -55,7 +58,7 @@ size=$(du -cb .gpu | tail -n 1 | cut -f1)
   echo "rustc: $(rustc --version)"
   echo "nvcc: $("$NVCC" --version | tail -n 1)"
   echo "CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP CUDARC_CUDA_VERSION=$CUDARC_CUDA_VERSION"
-  for b in .gpu/trainer .gpu/device-smoke; do
+  for b in .gpu/trainer .gpu/device-smoke .gpu/loader .gpu/shard-tool; do
     [ -e "$b" ] || continue
     echo "$b: $(stat -c %s "$b") bytes, sha256 $(sha256sum "$b" | cut -d' ' -f1)"
     echo "  needs: $(objdump -p "$b" | awk '/NEEDED/{print $2}' | paste -sd' ')"

@@ -13,7 +13,13 @@
 #      at 128, f32+fused at 64);
 #   3. the PyTorch baseline (bench/pytorch_udi.py) at batch 128 and 64 (official-style), and the
 #      "fast" PyTorch variant at 128;
-#   4. one table (bench/gpu_table.py), also written to $OUT/summary.md and $OUT/summary.json.
+#   4. the whole system on the GPU: `shard-tool synth` + `pack` (448-px JPEGs), `trainer train --cuda`
+#      for E2E_STEPS steps fed by two `loader` processes over the shared-memory ring (images/s and
+#      data-wait fraction from metrics.jsonl), `trainer export`, and timm loading the export
+#      (strict) and running it;
+#   5. one table (bench/gpu_table.py), also written to $OUT/summary.md.
+#   Every log and JSON goes into $OUT/gpu-results.tgz, refreshed after each step (the device tool
+#   returns at most 8 files).
 #   The most informative steps run first (kernel-check, tiny debug-step, our bench and PyTorch at
 #   128), so a run cut by the deadline still answers the main questions.
 #
@@ -34,7 +40,8 @@ ROOT=$PWD
 START=$(date +%s)
 BIN=${BIN:-.gpu/trainer}
 CONFIGS=${CONFIGS:-.gpu/configs}
-RES=${OUT:-$ROOT/target/gpu-results}
+RES=$ROOT/target/gpu-results
+[ -n "${OUT:-}" ] && RES=$(mktemp -d)
 TRAINER_RUNS=${TRAINER_RUNS:-bf16:fused:128 bf16:fused:64 bf16:candle:128 f32:fused:64}
 TORCH_BATCHES=${TORCH_BATCHES:-${BATCHES:-128 64}}
 DEBUG_BATCH=${DEBUG_BATCH:-4}
@@ -47,6 +54,12 @@ STEPS="$RES/steps.tsv"
 printf 'step\trc\tseconds\n' > "$STEPS"
 
 log() { echo "[gpu-check $(( $(date +%s) - START ))s] $*"; }
+# The results so far as one tarball in $OUT, so a run cut short still returns everything.
+pack_results() {
+  [ -n "${OUT:-}" ] && tar czf "$OUT/gpu-results.tgz.part" -C "$RES" . 2>/dev/null \
+    && mv "$OUT/gpu-results.tgz.part" "$OUT/gpu-results.tgz"
+  return 0
+}
 
 # run NAME LIMIT CMD...: stdout+stderr to $RES/NAME.log, status to steps.tsv; never aborts.
 run() {
@@ -61,7 +74,7 @@ run() {
   log "$name (limit ${limit}s): $*"
   local t0=$(date +%s) rc smi=""
   case $name in  # device memory as nvidia-smi sees it (caching allocators included), every 200 ms
-    trainer-*|pytorch-*)
+    trainer-*|pytorch-*|e2e-train)
       if command -v nvidia-smi > /dev/null; then
         nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$RES/$name.smi" 2>/dev/null &
         smi=$!
@@ -72,6 +85,7 @@ run() {
   [ -n "$smi" ] && kill "$smi" 2>/dev/null
   printf '%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" >> "$STEPS"
   [ "$rc" -ne 0 ] && { log "$name failed (rc $rc), last lines:"; tail -n 5 "$RES/$name.log"; }
+  pack_results
   return $rc
 }
 
@@ -177,6 +191,44 @@ if [ "${SKIP_DEBUG:-0}" != 1 ]; then
   fi
 fi
 
+# --- 4. the whole system: shards -> 2 loader processes -> ring -> trainer on CUDA -> export -> timm
+e2e() {
+  local d="$WORK/e2e" ck
+  mkdir -p "$d"
+  run e2e-synth 60 .gpu/shard-tool synth "$d/img" --classes 10 --per-class "${E2E_PER_CLASS:-64}" --size 448 || return
+  run e2e-pack 60 .gpu/shard-tool pack "$d/img" "$d/shards" || return
+  run e2e-train "$STEP_TIMEOUT" "$BIN" train --config "$CONFIGS/udi_vit_s16_in1k.toml" \
+    --shards "$d/shards" --out "$d/run" --max-steps "${E2E_STEPS:-30}" --cuda \
+    --loader-bin .gpu/loader --loaders 2 --threads 7
+  cp "$d/run/metrics.jsonl" "$RES/e2e-metrics.jsonl" 2>/dev/null
+  "$PY" - "$RES/e2e-metrics.jsonl" > "$RES/e2e-summary.txt" 2>&1 <<'PYEOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
+steady = rows[len(rows) // 3:] or rows
+mean = lambda k: sum(r.get(k, 0.0) for r in steady) / len(steady)
+print(f"e2e: {len(rows)} steps on CUDA fed by 2 loaders; steady (last {len(steady)}): "
+      f"{mean('images_per_s'):.0f} img/s, data wait {100 * mean('data_wait_frac'):.1f} %, "
+      f"first loss {rows[0].get('loss', float('nan')):.4f}, last loss {rows[-1].get('loss', float('nan')):.4f}")
+PYEOF
+  cat "$RES/e2e-summary.txt"
+  ck=$(ls -d "$d"/run/checkpoints/step-* 2>/dev/null | tail -n 1)
+  [ -n "$ck" ] || return
+  run e2e-export 60 "$BIN" export --checkpoint "$ck" --format timm --out "$d/backbone.safetensors" || return
+  run e2e-timm 90 "$PY" - "$d/backbone.safetensors" <<'PYEOF'
+import sys, timm, torch
+from safetensors.torch import load_file
+sd = load_file(sys.argv[1])
+m = timm.create_model("vit_small_patch16_224", reg_tokens=1, num_classes=0, pretrained=False)
+print("load_state_dict(strict=True):", m.load_state_dict(sd, strict=True))
+m.eval()
+with torch.no_grad():
+    f = m(torch.randn(2, 3, 224, 224))
+print("timm features", tuple(f.shape), "finite", bool(torch.isfinite(f).all()), "std", float(f.std()))
+PYEOF
+  grep -E 'load_state_dict|timm features' "$RES/e2e-timm.log"
+}
+if [ "${SKIP_E2E:-0}" != 1 ] && [ -x .gpu/loader ] && [ -x .gpu/shard-tool ]; then e2e; fi
+
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   for r in "${runs[@]:1}"; do bench_trainer "$r"; done
 fi
@@ -185,7 +237,11 @@ if [ "${SKIP_TORCH:-0}" != 1 ]; then
   [ "${FAST:-1}" = 1 ] && torch_run fast "${tb[0]}"
 fi
 
-# --- 4. the table ----------------------------------------------------------------------------
+# --- 5. the table ----------------------------------------------------------------------------
 "$PY" bench/gpu_table.py "$RES" | tee "$RES/summary.md"
+cat "$RES/e2e-summary.txt" 2>/dev/null | tee -a "$RES/summary.md"
+[ -n "${OUT:-}" ] && cp "$RES/summary.md" "$OUT/summary.md"
+pack_results
 log "done in $(( $(date +%s) - START ))s; results in $RES"
 rm -rf "$WORK"
+[ -n "${OUT:-}" ] && rm -rf "$RES"
