@@ -13,7 +13,7 @@
 #      at 128, f32+fused at 64);
 #   3. the PyTorch baseline (bench/pytorch_udi.py) at batch 128 and 64 (official-style), and the
 #      "fast" PyTorch variant at 128;
-#   4. the whole system on the GPU: `shard-tool synth` + `pack` (448-px JPEGs), `trainer train --cuda`
+#   4. the whole system on the GPU: `shard-tool synth` + `pack` (448-px JPEGs), `trainer train --device cuda`
 #      for E2E_STEPS steps fed by two `loader` processes over the shared-memory ring (images/s and
 #      data-wait fraction from metrics.jsonl), `trainer export`, and timm loading the export
 #      (strict) and running it;
@@ -117,7 +117,7 @@ if [ ! -x "$BIN" ]; then
 fi
 
 # --- 0. candle itself on the GPU (independent of the model code), then our kernels ----------
-run device-smoke 90 .gpu/device-smoke cuda && tail -n 1 "$RES/device-smoke.log"
+[ "${SKIP_SMOKE:-0}" != 1 ] && run device-smoke 90 .gpu/device-smoke cuda && tail -n 1 "$RES/device-smoke.log"
 if [ "${SKIP_KCHECK:-0}" != 1 ]; then
   run kernel-check 150 "$BIN" kernel-check --device cuda --shapes vits \
     --batch-size "${KCHECK_BATCH:-32}" --reps 10 --json
@@ -157,18 +157,19 @@ debug_cuda() {
     echo "== $v vs CPU f32: $(grep -E '^(PASS|FAIL|MISMATCHED)' "$RES/$v-compare.txt")"
   fi
 }
-# bench_trainer PRECISION:KERNELS:BATCH
+# bench_trainer PRECISION:KERNELS:BATCH [NAME-SUFFIX [EXTRA ARGS...]]
 bench_trainer() {
-  local prec kern b
+  local prec kern b suffix=${2:-}
   IFS=: read -r prec kern b <<< "$1"
-  run "trainer-$prec-$kern-b$b" "$STEP_TIMEOUT" "$BIN" bench --config "$CONFIGS/udi_vit_s16_in1k.toml" \
-    "$BATCH_FLAG" "$b" "${BENCH_ARGS[@]}" --precision "$prec" --kernels "$kern"
+  shift; shift || true
+  run "trainer-$prec-$kern$suffix-b$b" "$STEP_TIMEOUT" "$BIN" bench --config "$CONFIGS/udi_vit_s16_in1k.toml" \
+    "$BATCH_FLAG" "$b" "${BENCH_ARGS[@]}" --precision "$prec" --kernels "$kern" "$@"
 }
 torch_run() {  # MODE BATCH
   run "pytorch-$1-b$2" 120 "$PY" bench/pytorch_udi.py --batch "$2" --mode "$1" --json
 }
 
-if [ "${SKIP_DEBUG:-0}" != 1 ]; then
+if [ "${SKIP_DEBUG:-0}" != 1 ] && [ "${SKIP_TINY:-0}" != 1 ]; then
   if debug_prepare debug-tiny "$CONFIGS/tiny.toml"; then
     debug_cuda debug-tiny "$CONFIGS/tiny.toml" f32 fused
     debug_cuda debug-tiny "$CONFIGS/tiny.toml" bf16 fused
@@ -181,6 +182,15 @@ runs=($TRAINER_RUNS)
 tb=($TORCH_BATCHES)
 [ "${SKIP_BENCH:-0}" != 1 ] && bench_trainer "${runs[0]}"
 [ "${SKIP_TORCH:-0}" != 1 ] && torch_run official "${tb[0]}"
+
+# --- 2b. where the time goes: the device settings of trainer::device::tune switched back one at
+# a time (A/B against the run above), then one profiled run (every forward stage synchronised).
+if [ "${SKIP_BENCH:-0}" != 1 ] && [ "${AB:-1}" = 1 ]; then
+  UDI_CUDA_POOL_RELEASE=1 bench_trainer "${runs[0]}" -poolrelease
+  UDI_CUDA_EVENTS=1 bench_trainer "${runs[0]}" -events
+  bench_trainer "${runs[0]}" -profile --profile
+  grep -h '^|' "$RES"/trainer-*-profile-b*.log 2>/dev/null | head -n 40
+fi
 
 # ViT-S/16 at the paper's crop sizes and K, at a batch small enough for the CPU side.
 if [ "${SKIP_DEBUG:-0}" != 1 ]; then
@@ -198,7 +208,7 @@ e2e() {
   run e2e-synth 60 .gpu/shard-tool synth "$d/img" --classes 10 --per-class "${E2E_PER_CLASS:-64}" --size 448 || return
   run e2e-pack 60 .gpu/shard-tool pack "$d/img" "$d/shards" || return
   run e2e-train "$STEP_TIMEOUT" "$BIN" train --config "$CONFIGS/udi_vit_s16_in1k.toml" \
-    --shards "$d/shards" --out "$d/run" --max-steps "${E2E_STEPS:-30}" --cuda \
+    --shards "$d/shards" --out "$d/run" --max-steps "${E2E_STEPS:-30}" --device cuda \
     --loader-bin .gpu/loader --loaders 2 --threads 7
   cp "$d/run/metrics.jsonl" "$RES/e2e-metrics.jsonl" 2>/dev/null
   "$PY" - "$RES/e2e-metrics.jsonl" > "$RES/e2e-summary.txt" 2>&1 <<'PYEOF'

@@ -187,6 +187,20 @@ pub struct BenchResult {
     pub student_fwd_loss_s: f64,
     pub backward_s: f64,
     pub optim_ema_s: f64,
+    /// Device memory in use at its highest during the timed steps (CUDA's pool high-water
+    /// mark: every tensor, no allocator slack); None on the CPU.
+    pub peak_mem_gib: Option<f64>,
+    /// With `--profile`: forward stages over 2 more steps, each synchronised ([`crate::prof`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub profile: Vec<ProfileRow>,
+}
+
+/// One [`crate::prof`] scope: milliseconds and calls per step.
+#[derive(Debug, Serialize)]
+pub struct ProfileRow {
+    pub scope: String,
+    pub ms_per_step: f64,
+    pub calls_per_step: f64,
 }
 
 /// Times `steps` training steps (after `warmup` untimed ones) on a synthetic batch.
@@ -197,6 +211,7 @@ pub fn bench(
     warmup: usize,
     steps: usize,
     compute: Compute,
+    profile: bool,
 ) -> Result<BenchResult> {
     let (layout, buf) = synthetic_batch(&cfg.augment, batch_size, 7);
     let view = BatchView::new(&layout, buf.bytes()).map_err(anyhow::Error::msg)?;
@@ -206,6 +221,9 @@ pub fn bench(
     let mut acc = [0.0; 4];
     let mut wall = 0.0;
     for i in 0..warmup + steps {
+        if i == warmup {
+            crate::device::reset_peak_memory(device);
+        }
         let t = Instant::now();
         let s = tr.step(&batch, 1, 1000 + i as u64)?;
         if i >= warmup {
@@ -216,6 +234,38 @@ pub fn bench(
         }
     }
     let n = steps.max(1) as f64;
+    let peak = crate::device::peak_memory(device);
+    let mut rows = Vec::new();
+    if profile {
+        const P: usize = 2;
+        crate::prof::enable(true);
+        let mut phases = [0.0; 4];
+        for i in 0..P {
+            let s = tr.step(&batch, 1, 2000 + i as u64)?;
+            for (a, x) in phases.iter_mut().zip(s.timings) {
+                *a += x;
+            }
+        }
+        let scopes = crate::prof::take();
+        crate::prof::enable(false);
+        let p = P as f64;
+        let row = |scope: &str, s: f64, calls: f64| ProfileRow {
+            scope: scope.to_string(),
+            ms_per_step: 1e3 * s / p,
+            calls_per_step: calls / p,
+        };
+        for (name, s) in [
+            ("phase: teacher forward", phases[0]),
+            ("phase: student forward + loss", phases[1]),
+            ("phase: backward", phases[2]),
+            ("phase: optimiser + EMA", phases[3]),
+        ] {
+            rows.push(row(name, s, p));
+        }
+        for (name, s, calls) in scopes {
+            rows.push(row(name, s, calls as f64));
+        }
+    }
     Ok(BenchResult {
         device: crate::device::name(device),
         precision: compute.precision.to_string(),
@@ -229,5 +279,7 @@ pub fn bench(
         student_fwd_loss_s: acc[1] / n,
         backward_s: acc[2] / n,
         optim_ema_s: acc[3] / n,
+        peak_mem_gib: peak.map(|b| b as f64 / (1u64 << 30) as f64),
+        profile: rows,
     })
 }

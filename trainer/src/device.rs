@@ -122,7 +122,96 @@ fn cuda0() -> Result<Device, DeviceError> {
             missing: missing.join(", "),
         });
     }
-    Device::new_cuda(0).map_err(|e| DeviceError::NoGpu(e.to_string()))
+    let dev = Device::new_cuda(0).map_err(|e| DeviceError::NoGpu(e.to_string()))?;
+    if let Device::Cuda(cd) = &dev {
+        tune(cd).map_err(|e| DeviceError::NoGpu(format!("configuring the memory pool: {e}")))?;
+    }
+    Ok(dev)
+}
+
+/// Two settings that cost nothing in correctness and much in speed on a fresh candle device:
+/// - the stream-ordered pool keeps freed memory (release threshold = ∞): with the default (0),
+///   every synchronisation hands free blocks back to the driver and the next step maps them
+///   again, a cost that grows with the batch (PyTorch's caching allocator does the same);
+/// - cudarc's per-buffer event tracking is off: it records CUDA events on every use of every
+///   buffer so that several streams can share them, and candle (and our kernels) use one stream.
+///
+/// `UDI_CUDA_POOL_RELEASE=1` and `UDI_CUDA_EVENTS=1` restore the defaults (for A/B timings).
+#[cfg(feature = "cuda")]
+fn tune(
+    dev: &candle_core::CudaDevice,
+) -> Result<(), candle_core::cuda::cudarc::driver::DriverError> {
+    use candle_core::cuda::cudarc::driver::{result, sys};
+    if !env_flag("UDI_CUDA_EVENTS") {
+        // SAFETY: one stream (candle's) does all the work; see the function's comment.
+        unsafe { dev.disable_event_tracking() };
+    }
+    if !env_flag("UDI_CUDA_POOL_RELEASE") {
+        let ctx = dev.cuda_stream().context().clone();
+        ctx.bind_to_thread()?;
+        // SAFETY: the device comes from the context candle created; the attribute is a u64.
+        unsafe {
+            let pool = result::device::get_default_mem_pool(ctx.cu_device())?;
+            let mut threshold = u64::MAX;
+            result::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut threshold as *mut u64).cast(),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn env_flag(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| v == "1")
+}
+
+/// The pool's high-water mark of memory in use since the last [`reset_peak_memory`], in bytes
+/// (None on the CPU). Counts every tensor candle and our kernels allocate on the device.
+pub fn peak_memory(device: &Device) -> Option<u64> {
+    pool_attr(device, PoolAttr::UsedHigh)
+}
+
+/// Starts a new high-water mark for [`peak_memory`].
+pub fn reset_peak_memory(device: &Device) {
+    let _ = pool_attr(device, PoolAttr::ResetUsedHigh);
+}
+
+enum PoolAttr {
+    UsedHigh,
+    ResetUsedHigh,
+}
+
+#[cfg(not(feature = "cuda"))]
+fn pool_attr(_device: &Device, _attr: PoolAttr) -> Option<u64> {
+    None
+}
+
+#[cfg(feature = "cuda")]
+fn pool_attr(device: &Device, attr: PoolAttr) -> Option<u64> {
+    use candle_core::cuda::cudarc::driver::{result, sys};
+    let Device::Cuda(cd) = device else {
+        return None;
+    };
+    let ctx = cd.cuda_stream().context().clone();
+    ctx.bind_to_thread().ok()?;
+    let a = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+    let mut v = 0u64;
+    // SAFETY: a valid pool of candle's device; both attributes are u64 (reset: write 0).
+    unsafe {
+        let pool = result::device::get_default_mem_pool(ctx.cu_device()).ok()?;
+        match attr {
+            PoolAttr::UsedHigh => {
+                result::mem_pool::get_attribute(pool, a, (&mut v as *mut u64).cast()).ok()?
+            }
+            PoolAttr::ResetUsedHigh => {
+                result::mem_pool::set_attribute(pool, a, (&mut v as *mut u64).cast()).ok()?
+            }
+        }
+    }
+    Some(v)
 }
 
 #[cfg(test)]

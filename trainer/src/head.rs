@@ -6,6 +6,7 @@ use crate::config::TrainConfig;
 use crate::kernels::Compute;
 use crate::nn::{l2_normalize, Linear};
 use crate::params::ParamStore;
+use crate::prof;
 use candle_core::{Result, Tensor, D};
 
 pub struct Head {
@@ -42,18 +43,23 @@ impl Head {
     /// loss reads them in f32). The L2 normalisation and the weight norm run in the parameter
     /// dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = self.fc[0].forward_gelu(x)?;
-        let x = self.fc[1].forward_gelu(&x)?;
-        let x = l2_normalize(&self.fc[2].forward(&x)?.to_dtype(self.v.dtype())?, 1e-12)?;
-        let w = self
-            .v
-            .broadcast_div(&self.v.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?)?
-            .broadcast_mul(&self.g)?;
-        Linear {
-            weight: w,
-            bias: None,
-            compute: self.compute,
-        }
-        .forward(&x)
+        let dev = x.device();
+        let x = prof::time(dev, "head: mlp + l2 norm", || {
+            let x = self.fc[0].forward_gelu(x)?;
+            let x = self.fc[1].forward_gelu(&x)?;
+            l2_normalize(&self.fc[2].forward(&x)?.to_dtype(self.v.dtype())?, 1e-12)
+        })?;
+        prof::time(dev, "head: last layer (K wide)", || {
+            let w = self
+                .v
+                .broadcast_div(&self.v.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?)?
+                .broadcast_mul(&self.g)?;
+            Linear {
+                weight: w,
+                bias: None,
+                compute: self.compute,
+            }
+            .forward(&x)
+        })
     }
 }

@@ -9,28 +9,29 @@
 //! * [`debug`]: `init-weights`, `make-batch`, `debug-step`, `bench` behind the CLI.
 //! * [`device`]: `--device auto|cpu|cuda` → a candle `Device`, with CPU fallback (README "GPU").
 
+pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod debug;
 pub mod device;
-pub mod head;
-pub mod loss;
-pub mod model;
-pub mod nn;
-pub mod optim;
-pub mod params;
-pub mod schedule;
-pub mod srs;
-pub mod step;
-pub mod vit;
-pub mod checkpoint;
 pub mod export;
+pub mod head;
 pub mod kernels;
 pub mod knn;
 pub mod knn_eval;
 pub mod loaders;
+pub mod loss;
 pub mod metrics;
+pub mod model;
+pub mod nn;
+pub mod optim;
+pub mod params;
 pub mod plot;
+pub mod prof;
+pub mod schedule;
+pub mod srs;
+pub mod step;
 pub mod train;
 pub mod train_cli;
 pub mod train_feed;
+pub mod vit;

@@ -84,6 +84,9 @@ enum Cmd {
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
+        /// Then 2 more steps with every forward stage synchronised and timed (a table).
+        #[arg(long)]
+        profile: bool,
         #[command(flatten)]
         compute: ComputeArgs,
     },
@@ -166,12 +169,24 @@ fn main() -> Result<()> {
             warmup,
             steps,
             json,
+            profile,
             compute,
         } => {
             let cfg = TrainConfig::from_toml_file(&config)?;
             let dev = trainer::device::pick(device)?;
             let b = batch_size.unwrap_or(cfg.data.batch_size);
-            let r = trainer::debug::bench(&cfg, &dev, b, warmup, steps, compute.resolve(&dev))?;
+            let c = compute.resolve(&dev);
+            let r = trainer::debug::bench(&cfg, &dev, b, warmup, steps, c, profile)?;
+            if !r.profile.is_empty() {
+                // The table on stderr, so that --json keeps one object on stdout.
+                eprintln!("| stage (synchronised) | ms/step | calls/step |\n|---|---:|---:|");
+                for p in &r.profile {
+                    eprintln!(
+                        "| {} | {:.2} | {:.0} |",
+                        p.scope, p.ms_per_step, p.calls_per_step
+                    );
+                }
+            }
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {

@@ -6,6 +6,7 @@ use crate::data::TrainBatch;
 use crate::head::Head;
 use crate::kernels::Compute;
 use crate::params::ParamStore;
+use crate::prof;
 use crate::srs::Srs;
 use crate::vit::{DropMasks, Vit};
 use candle_core::{Result, Tensor};
@@ -83,7 +84,9 @@ impl Network {
         let mut n_patch = 0;
         if !self.dino_only {
             inputs.push(cls_tok.narrow(1, 1, 1)?.squeeze(1)?);
-            let z = self.srs.forward(&xg, np, &batch.student_rows)?; // [2B, n_g, D]
+            let z = prof::time(xg.device(), "srs", || {
+                self.srs.forward(&xg, np, &batch.student_rows)
+            })?; // [2B, n_g, D]
             n_patch = z.dim(1)?;
             inputs.push(z.reshape((2 * b * n_patch, d))?);
         }
@@ -124,7 +127,9 @@ impl Network {
                 rows: None,
             });
         }
-        let z = self.srs.forward(&xg, np, &batch.teacher_rows)?; // [2B, R, D]
+        let z = prof::time(xg.device(), "srs", || {
+            self.srs.forward(&xg, np, &batch.teacher_rows)
+        })?; // [2B, R, D]
         let (_, r, d) = z.dims3()?;
         let logits = self
             .head

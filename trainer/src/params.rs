@@ -293,7 +293,11 @@ impl ParamStore {
     /// The tensor a layer is built from: tracked (student, gradients flow) or detached (teacher),
     /// with the error converted for candle's `Result`.
     pub fn layer_tensor(&self, name: &str, tracked: bool) -> candle_core::Result<Tensor> {
-        let r = if tracked { self.tensor(name) } else { self.detached(name) };
+        let r = if tracked {
+            self.tensor(name)
+        } else {
+            self.detached(name)
+        };
         r.map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
     }
 

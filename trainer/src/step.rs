@@ -216,15 +216,17 @@ impl Trainer {
         };
         let s_out = self.student_net.student(batch, masks.as_ref())?;
         let fused = self.compute.fused();
-        let loss = udi_loss_with(
-            &self.cfg.loss,
-            batch,
-            &s_out,
-            &t_out,
-            &self.centres,
-            tau,
-            fused,
-        )?;
+        let loss = crate::prof::time(&self.device, "loss (forward)", || {
+            udi_loss_with(
+                &self.cfg.loss,
+                batch,
+                &s_out,
+                &t_out,
+                &self.centres,
+                tau,
+                fused,
+            )
+        })?;
         let total = scalar_f64(&loss.total)?;
         let t2 = Instant::now();
         if !total.is_finite() {
@@ -348,20 +350,22 @@ impl Trainer {
     }
 
     /// Everything a checkpoint needs for a bitwise resume: `student.<name>`, `teacher.<name>`,
-    /// `center.{cls,udi,patch}`, `optim.<name>.{exp_avg,exp_avg_sq,step}` (copies).
+    /// `center.{cls,udi,patch}`, `optim.<name>.{exp_avg,exp_avg_sq,step}`, each copied into a
+    /// buffer of its own (after a fused AdamW step the moments are views of one flat buffer, and
+    /// candle's `copy` clones a view's whole buffer: 668 clones of 714 MB for ViT-S, an OOM).
     pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = Vec::new();
         for (n, t) in self.student.named_tensors() {
-            out.push((format!("student.{n}"), t.copy()?));
+            out.push((format!("student.{n}"), own(&t)?));
         }
         for (n, t) in self.teacher.named_tensors() {
-            out.push((format!("teacher.{n}"), t.copy()?));
+            out.push((format!("teacher.{n}"), own(&t)?));
         }
         for (n, t) in self.centres.named_tensors() {
-            out.push((n, t.copy()?));
+            out.push((n, own(&t)?));
         }
         for (n, t) in self.optim.named_tensors(&self.student)? {
-            out.push((n, t.copy()?));
+            out.push((n, own(&t)?));
         }
         Ok(out)
     }
@@ -393,4 +397,9 @@ impl Trainer {
         self.teacher.load_from(map, "teacher.", what)?;
         Ok(())
     }
+}
+
+/// `t`'s elements in a new, compact buffer (bit-exact).
+fn own(t: &Tensor) -> candle_core::Result<Tensor> {
+    Ok(t.force_contiguous()?.detach())
 }

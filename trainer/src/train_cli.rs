@@ -3,6 +3,7 @@
 
 use crate::checkpoint;
 use crate::config::TrainConfig;
+use crate::device::DeviceFlag;
 use crate::export::{self, VitShape};
 use crate::knn::KnnParams;
 use crate::knn_eval;
@@ -57,18 +58,20 @@ pub struct TrainArgs {
     /// Build batches inside the trainer process (no loaders, no ring): debugging and tests.
     #[arg(long, conflicts_with_all = ["external_loaders", "loaders"])]
     pub in_process: bool,
-    /// Train on CUDA device 0 (needs a build with `--features cuda`).
-    #[arg(long)]
+    /// auto (CUDA GPU 0 when this binary has CUDA support and a GPU is usable, else the CPU),
+    /// cpu or cuda.
+    #[arg(long, default_value_t = DeviceFlag::Auto)]
+    pub device: DeviceFlag,
+    /// Same as `--device cuda` (kept for older scripts).
+    #[arg(long, hide = true)]
     pub cuda: bool,
 }
 
-pub fn device(cuda: bool) -> Result<Device> {
-    if cuda {
-        Device::new_cuda(0)
-            .context("--cuda: opening CUDA device 0 (is the trainer built with --features cuda?)")
-    } else {
-        Ok(Device::Cpu)
-    }
+pub fn device(flag: DeviceFlag, cuda: bool) -> Result<Device> {
+    let flag = if cuda { DeviceFlag::Cuda } else { flag };
+    let dev = crate::device::pick(flag)?;
+    tracing::info!("device: {}", crate::device::name(&dev));
+    Ok(dev)
 }
 
 fn cores() -> usize {
@@ -184,7 +187,7 @@ pub fn train_main(a: &TrainArgs) -> Result<()> {
         run_dir: a.out.clone(),
         resume: a.resume,
         max_steps: a.max_steps,
-        device: device(a.cuda)?,
+        device: device(a.device, a.cuda)?,
         quiet: false,
         stop: Some(stop),
     };
@@ -246,7 +249,10 @@ pub struct KnnArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
-    #[arg(long)]
+    /// auto, cpu or cuda (as for `train`).
+    #[arg(long, default_value_t = DeviceFlag::Auto)]
+    pub device: DeviceFlag,
+    #[arg(long, hide = true)]
     pub cuda: bool,
 }
 
@@ -266,7 +272,7 @@ fn load_config(
 }
 
 pub fn knn_main(a: &KnnArgs) -> Result<()> {
-    let dev = device(a.cuda)?;
+    let dev = device(a.device, a.cuda)?;
     let ckpt = a
         .checkpoint
         .as_deref()

@@ -8,6 +8,7 @@ use crate::config::TrainConfig;
 use crate::kernels::Compute;
 use crate::nn::{attention, merge_heads, split_heads, LayerNorm, Linear};
 use crate::params::ParamStore;
+use crate::prof;
 use candle_core::{Device, Result, Tensor};
 use std::collections::HashMap;
 
@@ -75,10 +76,14 @@ struct Attention {
 
 impl Attention {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (q, k, v) = split_heads(&self.qkv.forward(x)?, self.heads)?;
-        let dh = q.dim(3)?;
-        let o = attention(&q, &k, &v, (dh as f64).powf(-0.5), self.fused)?;
-        self.proj.forward(&merge_heads(&o)?)
+        let dev = x.device();
+        let qkv = prof::time(dev, "block: qkv linear", || self.qkv.forward(x))?;
+        let o = prof::time(dev, "block: attention core", || {
+            let (q, k, v) = split_heads(&qkv, self.heads)?;
+            let dh = q.dim(3)?;
+            merge_heads(&attention(&q, &k, &v, (dh as f64).powf(-0.5), self.fused)?)
+        })?;
+        prof::time(dev, "block: proj linear", || self.proj.forward(&o))
     }
 }
 
@@ -94,22 +99,28 @@ impl Block {
     /// `x`: the residual stream in the parameter dtype; the branches run in the compute dtype
     /// and are cast back before the residual add (as under PyTorch autocast).
     fn forward(&self, x: &Tensor, drop: Option<&(Tensor, Tensor)>) -> Result<Tensor> {
-        let a = self.attn.forward(&self.norm1.forward_compute(x)?)?;
-        let a = a.to_dtype(x.dtype())?;
-        let a = match drop {
-            Some((m, _)) => a.broadcast_mul(m)?,
-            None => a,
-        };
-        let x = (x + a)?;
-        let h = self
-            .fc2
-            .forward(&self.fc1.forward_gelu(&self.norm2.forward_compute(&x)?)?)?;
-        let h = h.to_dtype(x.dtype())?;
-        let h = match drop {
-            Some((_, m)) => h.broadcast_mul(m)?,
-            None => h,
-        };
-        x + h
+        let dev = x.device();
+        let n1 = prof::time(dev, "block: layer norms", || self.norm1.forward_compute(x))?;
+        let a = self.attn.forward(&n1)?;
+        let x = prof::time(dev, "block: residual adds", || {
+            let a = a.to_dtype(x.dtype())?;
+            let a = match drop {
+                Some((m, _)) => a.broadcast_mul(m)?,
+                None => a,
+            };
+            x + a
+        })?;
+        let n2 = prof::time(dev, "block: layer norms", || self.norm2.forward_compute(&x))?;
+        let h = prof::time(dev, "block: fc1 linear+gelu", || self.fc1.forward_gelu(&n2))?;
+        let h = prof::time(dev, "block: fc2 linear", || self.fc2.forward(&h))?;
+        prof::time(dev, "block: residual adds", || {
+            let h = h.to_dtype(x.dtype())?;
+            let h = match drop {
+                Some((_, m)) => h.broadcast_mul(m)?,
+                None => h,
+            };
+            x + h
+        })
     }
 }
 
@@ -285,7 +296,7 @@ impl Vit {
             candle_core::bail!("images must be square multiples of the patch size, got {h}x{w}");
         }
         let grid = h / self.patch;
-        let patches = self.patch_embed(images)?;
+        let patches = prof::time(images.device(), "patch embed", || self.patch_embed(images))?;
         let mut toks = vec![self.cls_token.broadcast_as((b, 1, self.dim))?];
         if self.n_prefix == 2 {
             toks.push(self.reg_token.broadcast_as((b, 1, self.dim))?);

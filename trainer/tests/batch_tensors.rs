@@ -142,13 +142,17 @@ fn malformed_rows_are_refused_with_the_sample_and_pair() {
 #[test]
 fn loader_synthetic_batches_are_valid_training_input() {
     let cfg = common::tiny_cfg();
-    let pc = shared::config::PipelineConfig { data: cfg.data.clone(), augment: cfg.augment.clone() };
+    let pc = shared::config::PipelineConfig {
+        data: cfg.data.clone(),
+        augment: cfg.augment.clone(),
+    };
     let layout = BatchLayout::new(&pc.augment, pc.data.batch_size);
     let src = loader::produce::SyntheticSource::new(&pc, 64);
     let perm = shared::rng::epoch_permutation(pc.data.seed, 0, 64);
     for batch in 0..2 {
         let mut buf = OwnedBatch::zeroed(&layout);
-        loader::produce::fill_batch(&src, &pc, &layout, &perm, 0, batch, 2, buf.bytes_mut()).unwrap();
+        loader::produce::fill_batch(&src, &pc, &layout, &perm, 0, batch, 2, buf.bytes_mut())
+            .unwrap();
         let view = BatchView::new(&layout, buf.bytes()).unwrap();
         TrainBatch::from_view(&view, &pc.augment, &Device::Cpu)
             .unwrap_or_else(|e| panic!("batch {batch} refused: {e:#}"));
