@@ -43,23 +43,43 @@ impl Head {
     /// loss reads them in f32). The L2 normalisation and the weight norm run in the parameter
     /// dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dev = x.device();
-        let x = prof::time(dev, "head: mlp + l2 norm", || {
+        let z = self.bottleneck(x)?;
+        self.last_layer()?.forward(&z)
+    }
+
+    /// The L2-normalised bottleneck features `[.., 256]` (parameter dtype): everything before
+    /// the last layer.
+    pub fn bottleneck(&self, x: &Tensor) -> Result<Tensor> {
+        prof::time(x.device(), "head: mlp + l2 norm", || {
             let x = self.fc[0].forward_gelu(x)?;
             let x = self.fc[1].forward_gelu(&x)?;
             l2_normalize(&self.fc[2].forward(&x)?.to_dtype(self.v.dtype())?, 1e-12)
-        })?;
-        prof::time(dev, "head: last layer (K wide)", || {
-            let w = self
-                .v
-                .broadcast_div(&self.v.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?)?
-                .broadcast_mul(&self.g)?;
-            Linear {
-                weight: w,
-                bias: None,
-                compute: self.compute,
-            }
-            .forward(&x)
+        })
+    }
+
+    /// The weight-normalised last layer W = g ⊙ V/‖V_row‖ (linear, no bias).
+    pub fn last_layer(&self) -> Result<LastLayer> {
+        let w = self
+            .v
+            .broadcast_div(&self.v.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?)?
+            .broadcast_mul(&self.g)?;
+        Ok(LastLayer(Linear {
+            weight: w,
+            bias: None,
+            compute: self.compute,
+        }))
+    }
+}
+
+/// The head's last layer with its weight normalised once: logits `[.., K]` of bottleneck
+/// features, in the compute dtype. Linear, so a weighted mean of logits equals the logits of
+/// the same weighted mean of features (the teacher's local T-rows use this).
+pub struct LastLayer(Linear);
+
+impl LastLayer {
+    pub fn forward(&self, z: &Tensor) -> Result<Tensor> {
+        prof::time(z.device(), "head: last layer (K wide)", || {
+            self.0.forward(z)
         })
     }
 }

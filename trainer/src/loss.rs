@@ -103,10 +103,7 @@ pub fn udi_loss_with(
     fused: bool,
 ) -> Result<LossOut> {
     let dt = centres.cls.dtype();
-    let t = &TeacherOut {
-        cls: t.cls.to_dtype(dt)?,
-        rows: t.rows.as_ref().map(|r| r.to_dtype(dt)).transpose()?,
-    };
+    let t_cls_logits = t.cls.to_dtype(dt)?;
     let teacher_probs =
         |x: &Tensor, c: &Tensor, tau: f64| -> Result<Tensor> { centered_softmax(x, c, tau, fused) };
     let ts = cfg.student_temp;
@@ -115,11 +112,11 @@ pub fn udi_loss_with(
     let n_pairs = (2 + 2 * l) as f64;
     let bf = b as f64;
     let tau = teacher_temp;
-    let k = t.cls.dim(1)?;
+    let k = t_cls_logits.dim(1)?;
     let m = cfg.center_momentum;
 
     // ---- L_cls --------------------------------------------------------------------------
-    let t_cls = t.cls.reshape((2, b, k))?;
+    let t_cls = t_cls_logits.reshape((2, b, k))?;
     let p0 = teacher_probs(&t_cls, &centres.cls, tau)?;
     let p0_swapped = Tensor::cat(&[p0.get(1)?, p0.get(0)?], 0)?; // [2B, K]: target of student view v
     let mut l_cls = ce_sum(&s.cls.narrow(0, 0, 2 * b)?, &p0_swapped, ts, fused)?;
@@ -130,7 +127,7 @@ pub fn udi_loss_with(
         l_cls = (l_cls + ce_sum(&s_l, &p0_both, ts, fused)?)?;
     }
     let l_cls = (l_cls / (bf * n_pairs))?;
-    let batch_cls = t.cls.mean(0)?;
+    let batch_cls = t_cls_logits.mean(0)?;
     let new_cls = ((&centres.cls * m)? + (batch_cls * (1.0 - m))?)?;
     let h0 = mean_entropy(&t_cls, &centres.cls, tau, None)?;
 
@@ -154,11 +151,10 @@ pub fn udi_loss_with(
         }
     };
     let n_g = batch.student_rows.dim(1)?;
-    let n_l = (rows.dim(1)? - n_g).checked_div(l).unwrap_or(0);
 
     // ---- teacher patch logits regrouped per pair ------------------------------------------
     // Global: teacher view u holds pair ū's rows; swap views so index v = pair v = student view v.
-    let tg = rows.narrow(1, 0, n_g)?.reshape((2, b, n_g, k))?;
+    let tg = rows.global(n_g)?.to_dtype(dt)?.reshape((2, b, n_g, k))?;
     let t_pat = Tensor::cat(&[tg.get(1)?.unsqueeze(0)?, tg.get(0)?.unsqueeze(0)?], 0)?; // [2, B, n_g, K]
     let vg = &batch.valid_g; // [2, B, n_g]
     let vg4 = vg.unsqueeze(3)?;
@@ -185,13 +181,8 @@ pub fn udi_loss_with(
     let mut h1_sum = mean_entropy(&mm_g, &centres.udi, tau, None)? * (2 * b) as f64;
     let mut patch_sum = t_pat.broadcast_mul(&vg4)?.sum((0, 1, 2))?;
     if l > 0 {
-        let t_lp = rows.narrow(1, n_g, l * n_l)?.reshape((2, b, l, n_l, k))?; // [t, b, k, r, K]
-        let vl = &batch.valid_l; // [2, B, L, n_l]
-        let vl5 = vl.unsqueeze(4)?;
-        let masked = t_lp.broadcast_mul(&vl5)?;
-        let avg_l = masked
-            .sum(3)?
-            .broadcast_div(&(vl.sum_keepdim(3)? + 1e-5)?)?; // [2, B, L, K]
+        // Local T-rows [t, b, k, r] pooled over r (and, for c₂, over everything).
+        let (avg_l, local_sum) = rows.local_pool(n_g, &batch.valid_l, dt)?; // [2, B, L, K], [K]
         let cls_t = t_cls.unsqueeze(2)?; // [2, B, 1, K]
         let mm_l = ((avg_l * alpha)?.broadcast_add(&(cls_t * (1.0 - alpha))?))?; // [2, B, L, K]
         mm_sum = (mm_sum + mm_l.sum((0, 1, 2))?)?;
@@ -200,7 +191,7 @@ pub fn udi_loss_with(
         let s_pl = s_plus.narrow(0, 2 * b, l * b)?;
         l_udi = (l_udi + ce_sum(&s_pl, &p1_l.contiguous()?, ts, fused)?)?;
         h1_sum += mean_entropy(&mm_l, &centres.udi, tau, None)? * (2 * b * l) as f64;
-        patch_sum = (patch_sum + masked.sum((0, 1, 2, 3))?)?;
+        patch_sum = (patch_sum + local_sum)?;
     }
     let l_udi = (l_udi / (bf * n_pairs))?;
     let new_udi = ((&centres.udi * m)? + ((mm_sum / ((2 * b + 2 * b * l) as f64))? * (1.0 - m))?)?;

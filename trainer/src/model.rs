@@ -3,13 +3,13 @@
 
 use crate::config::TrainConfig;
 use crate::data::TrainBatch;
-use crate::head::Head;
+use crate::head::{Head, LastLayer};
 use crate::kernels::Compute;
 use crate::params::ParamStore;
 use crate::prof;
 use crate::srs::Srs;
 use crate::vit::{DropMasks, Vit};
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 /// Backbone, SRS and head of one network, reading the parameters of a [`ParamStore`].
 pub struct Network {
@@ -33,8 +33,92 @@ pub struct StudentOut {
 pub struct TeacherOut {
     /// [cls] logits of the two global views `[2B, K]`, view-major.
     pub cls: Tensor,
-    /// Patch logits at the T-rows read on view u (`teacher_rows` layout), `[2B, n_g + L·n_l, K]`.
-    pub rows: Option<Tensor>,
+    /// The T-rows read on view u (`teacher_rows` layout: n_g global rows, then L·n_l local ones).
+    pub rows: Option<TeacherRows>,
+}
+
+/// The teacher's T-row outputs. The loss needs the logits of each global T-row, but of the
+/// local T-rows only validity-weighted sums (per local crop, and over the batch for the centre
+/// c₂); the head's last layer is linear, so those sums are taken over the 256-wide bottleneck
+/// features and the last layer is applied to the 2·B·L sums instead of to 2·B·L·n_l rows of K
+/// logits (ViT-S at batch 128: 23 040 rows × 65 536 — 6 GB of f32 the loss used to write, mask
+/// and reduce). Same arithmetic, different rounding.
+pub enum TeacherRows {
+    /// Logits of every T-row, `[2B, n_g + L·n_l, K]`.
+    Logits(Tensor),
+    /// Global T-row logits `[2B, n_g, K]`, local T-row bottleneck features `[2B, L·n_l, E]`
+    /// (parameter dtype) and the last layer that maps them to logits.
+    Factored {
+        global: Tensor,
+        local_features: Tensor,
+        last: LastLayer,
+    },
+}
+
+impl TeacherRows {
+    /// Logits of the n_g global T-rows, `[2B, n_g, K]`.
+    pub fn global(&self, n_g: usize) -> Result<Tensor> {
+        match self {
+            Self::Logits(r) => r.narrow(1, 0, n_g),
+            Self::Factored { global, .. } => Ok(global.clone()),
+        }
+    }
+
+    /// Local T-rows pooled with validity weights `valid_l` `[2, B, L, n_l]`, in `dt`:
+    /// (Σ_r v·logits / (Σ_r v + 1e-5) `[2, B, L, K]`, Σ_{t,b,k,r} v·logits `[K]`).
+    pub fn local_pool(&self, n_g: usize, valid_l: &Tensor, dt: DType) -> Result<(Tensor, Tensor)> {
+        let (two, b, l, n_l) = valid_l.dims4()?;
+        let v5 = valid_l.unsqueeze(4)?;
+        let pool = |x: &Tensor| -> Result<(Tensor, Tensor)> {
+            let masked = x.broadcast_mul(&v5)?;
+            let mean = masked
+                .sum(3)?
+                .broadcast_div(&(valid_l.sum_keepdim(3)? + 1e-5)?)?;
+            Ok((mean, masked.sum((0, 1, 2, 3))?))
+        };
+        match self {
+            Self::Logits(r) => {
+                let k = r.dim(2)?;
+                let x = r.narrow(1, n_g, l * n_l)?.to_dtype(dt)?;
+                pool(&x.reshape((two, b, l, n_l, k))?)
+            }
+            Self::Factored {
+                local_features,
+                last,
+                ..
+            } => {
+                let e = local_features.dim(2)?;
+                let x = local_features.to_dtype(dt)?.reshape((two, b, l, n_l, e))?;
+                let (mean, total) = pool(&x)?;
+                let mean = last
+                    .forward(&mean.reshape((two * b * l, e))?)?
+                    .to_dtype(dt)?;
+                let k = mean.dim(1)?;
+                let total = last
+                    .forward(&total.unsqueeze(0)?)?
+                    .to_dtype(dt)?
+                    .squeeze(0)?;
+                Ok((mean.reshape((two, b, l, k))?, total))
+            }
+        }
+    }
+
+    /// Logits of every T-row, `[2B, n_g + L·n_l, K]` (materialised: tests and debugging).
+    pub fn logits(&self) -> Result<Tensor> {
+        match self {
+            Self::Logits(r) => Ok(r.clone()),
+            Self::Factored {
+                global,
+                local_features,
+                last,
+            } => {
+                let (b2, r, e) = local_features.dims3()?;
+                let local = last.forward(&local_features.reshape((b2 * r, e))?)?;
+                let k = local.dim(1)?;
+                Tensor::cat(&[global, &local.reshape((b2, r, k))?], 1)
+            }
+        }
+    }
 }
 
 impl Network {
@@ -131,13 +215,31 @@ impl Network {
             self.srs.forward(&xg, np, &batch.teacher_rows)
         })?; // [2B, R, D]
         let (_, r, d) = z.dims3()?;
-        let logits = self
+        let n_g = batch.student_rows.dim(1)?;
+        // Bottleneck features of every row; logits only for [cls] and the global T-rows.
+        let f = self
             .head
-            .forward(&Tensor::cat(&[cls_tok, z.reshape((2 * b * r, d))?], 0)?)?;
+            .bottleneck(&Tensor::cat(&[cls_tok, z.reshape((2 * b * r, d))?], 0)?)?;
+        let e = f.dim(1)?;
+        let f_rows = f.narrow(0, 2 * b, 2 * b * r)?.reshape((2 * b, r, e))?;
+        let last = self.head.last_layer()?;
+        let logits = last.forward(&Tensor::cat(
+            &[
+                f.narrow(0, 0, 2 * b)?,
+                f_rows.narrow(1, 0, n_g)?.reshape((2 * b * n_g, e))?,
+            ],
+            0,
+        )?)?;
         let k = logits.dim(1)?;
         Ok(TeacherOut {
             cls: logits.narrow(0, 0, 2 * b)?,
-            rows: Some(logits.narrow(0, 2 * b, 2 * b * r)?.reshape((2 * b, r, k))?),
+            rows: Some(TeacherRows::Factored {
+                global: logits
+                    .narrow(0, 2 * b, 2 * b * n_g)?
+                    .reshape((2 * b, n_g, k))?,
+                local_features: f_rows.narrow(1, n_g, r - n_g)?,
+                last,
+            }),
         })
     }
 }

@@ -5,7 +5,7 @@
 //! `[cls, cls+, patches row-major]`; with `dino_only` the [cls+] token is left out entirely.
 
 use crate::config::TrainConfig;
-use crate::kernels::Compute;
+use crate::kernels::{residual_add, Compute};
 use crate::nn::{attention, merge_heads, split_heads, LayerNorm, Linear};
 use crate::params::ParamStore;
 use crate::prof;
@@ -102,24 +102,15 @@ impl Block {
         let dev = x.device();
         let n1 = prof::time(dev, "block: layer norms", || self.norm1.forward_compute(x))?;
         let a = self.attn.forward(&n1)?;
+        let fused = self.attn.fused;
         let x = prof::time(dev, "block: residual adds", || {
-            let a = a.to_dtype(x.dtype())?;
-            let a = match drop {
-                Some((m, _)) => a.broadcast_mul(m)?,
-                None => a,
-            };
-            x + a
+            residual_add(x, &a, drop.map(|d| &d.0), fused)
         })?;
         let n2 = prof::time(dev, "block: layer norms", || self.norm2.forward_compute(&x))?;
         let h = prof::time(dev, "block: fc1 linear+gelu", || self.fc1.forward_gelu(&n2))?;
         let h = prof::time(dev, "block: fc2 linear", || self.fc2.forward(&h))?;
         prof::time(dev, "block: residual adds", || {
-            let h = h.to_dtype(x.dtype())?;
-            let h = match drop {
-                Some((_, m)) => h.broadcast_mul(m)?,
-                None => h,
-            };
-            x + h
+            residual_add(&x, &h, drop.map(|d| &d.1), fused)
         })
     }
 }

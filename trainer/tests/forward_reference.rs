@@ -388,7 +388,18 @@ fn check(srs_skip: bool) {
     let rt = batch.teacher_rows.dim(1).unwrap();
     for r in [0, n_g, rt - 1] {
         let trow = common::to_vec_f64(&batch.teacher_rows.get(3).unwrap().get(r).unwrap());
-        let got = common::to_vec_f64(&t_out.rows.as_ref().unwrap().get(3).unwrap().get(r).unwrap());
+        let got = common::to_vec_f64(
+            &t_out
+                .rows
+                .as_ref()
+                .unwrap()
+                .logits()
+                .unwrap()
+                .get(3)
+                .unwrap()
+                .get(r)
+                .unwrap(),
+        );
         assert_close(
             &got,
             &head(&p, &srs(&p, &cfg, &toks, &trow)),
@@ -409,4 +420,65 @@ fn check(srs_skip: bool) {
         "student [cls] logits local",
     );
     assert_eq!(s_out.cls.dims(), &[(2 + 2) * b, k]);
+}
+
+/// The teacher's local T-rows are pooled in the head's bottleneck space (`TeacherRows::Factored`,
+/// the training path); the loss must equal the one computed from every T-row's logits
+/// (`TeacherRows::Logits`, the spec's order of operations), here in f64 with random centres.
+#[test]
+fn factored_teacher_rows_give_the_same_loss_as_materialised_logits() {
+    use trainer::loss::{udi_loss, Centres};
+    use trainer::model::{TeacherOut, TeacherRows};
+    let cfg = common::micro_cfg();
+    let dev = Device::Cpu;
+    let batch = common::batch(&cfg, 2, 8, DType::F64);
+    let tr = Trainer::with_dtype(&cfg, 10, &dev, DType::F64).unwrap();
+    let s_out = tr.student_net().student(&batch, None).unwrap();
+    let t_out = tr.teacher_net().teacher(&batch).unwrap();
+    assert!(matches!(t_out.rows, Some(TeacherRows::Factored { .. })));
+    let t_logits = TeacherOut {
+        cls: t_out.cls.clone(),
+        rows: Some(TeacherRows::Logits(
+            t_out.rows.as_ref().unwrap().logits().unwrap(),
+        )),
+    };
+    let k = cfg.model.out_dim;
+    let c = |s: f64| candle_core::Tensor::rand(-s, s, k, &dev).unwrap();
+    let centres = Centres {
+        cls: c(0.5),
+        udi: c(0.5),
+        patch: c(0.5),
+    };
+    let a = udi_loss(&cfg.loss, &batch, &s_out, &t_out, &centres, 0.05).unwrap();
+    let b = udi_loss(&cfg.loss, &batch, &s_out, &t_logits, &centres, 0.05).unwrap();
+    let s = |t: &candle_core::Tensor| t.to_scalar::<f64>().unwrap();
+    for (x, y, what) in [
+        (&a.cls, &b.cls, "L_cls"),
+        (&a.udi, &b.udi, "L_udi"),
+        (&a.patch, &b.patch, "L_patch"),
+        (&a.total, &b.total, "total"),
+    ] {
+        assert!(
+            (s(x) - s(y)).abs() <= 1e-12 * s(y).abs().max(1.0),
+            "{what}: {} vs {}",
+            s(x),
+            s(y)
+        );
+    }
+    assert!(s(&a.udi) > 0.0 && s(&a.patch) > 0.0);
+    let v = |t: &candle_core::Tensor| common::to_vec_f64(t);
+    for (x, y, what) in [
+        (&a.new_centres.udi, &b.new_centres.udi, "c1"),
+        (&a.new_centres.patch, &b.new_centres.patch, "c2"),
+    ] {
+        for (p, q) in v(x).iter().zip(v(y)) {
+            assert!(
+                (p - q).abs() <= 1e-12 * q.abs().max(1.0),
+                "{what}: {p} vs {q}"
+            );
+        }
+    }
+    for i in 0..3 {
+        assert!((a.teacher_entropy[i] - b.teacher_entropy[i]).abs() <= 1e-12);
+    }
 }

@@ -8,8 +8,8 @@ mod common;
 use candle_core::{DType, Device, Tensor, Var};
 use common::{batch, micro_cfg, tiny_cfg, to_vec_f64};
 use trainer::kernels::{
-    attn_softmax, bias_add, bias_gelu, centered_softmax, layer_norm, soft_ce_rows, Compute,
-    Kernels, Precision,
+    attn_softmax, bias_add, bias_gelu, centered_softmax, layer_norm, residual_add, soft_ce_rows,
+    Compute, Kernels, Precision,
 };
 use trainer::optim::{ema_update, AdamW};
 use trainer::params::ParamStore;
@@ -147,6 +147,36 @@ fn bias_add_keeps_f32_bias_gradients() {
         let e = max_abs_diff(&exact, &g[1]) / max_abs(&exact);
         assert!(e < 1e-5, "fused={fused}: bias grad rel error {e:e}");
     }
+}
+
+#[test]
+fn residual_add_fused_matches_composed() {
+    let keep = 1.0 / 0.9;
+    let m = Tensor::from_vec(vec![0.0, keep, keep, 0.0, keep], (5, 1, 1), &Device::Cpu).unwrap();
+    let x = rand(&[5, 7, 8], 30, 1.0);
+    let a = rand(&[5, 7, 8], 31, 1.0);
+    let out = both_paths(&[x.clone(), a.clone()], |t, fused| {
+        residual_add(&t[0], &t[1], Some(&m), fused)
+    });
+    assert_paths_agree("residual_add masked f64", &out, 1e-15);
+    // Dropped samples: the output is x and the branch gets no gradient.
+    let (y, g) = &out[1];
+    let row = |t: &Tensor, i: usize| to_vec_f64(&t.get(i).unwrap());
+    assert_eq!(row(y, 0), row(&x, 0));
+    assert!(row(&g[1], 3).iter().all(|v| *v == 0.0));
+    let out = both_paths(&[x.clone(), a.clone()], |t, fused| {
+        residual_add(&t[0], &t[1], None, fused)
+    });
+    assert_paths_agree("residual_add f64", &out, 1e-15);
+    // f32 stream, bf16 branch: the branch gradient comes back in bf16.
+    let m32 = m.to_dtype(DType::F32).unwrap();
+    let xf = x.to_dtype(DType::F32).unwrap();
+    let ab = a.to_dtype(DType::BF16).unwrap();
+    let out = both_paths(&[xf, ab], |t, fused| {
+        residual_add(&t[0], &t[1], Some(&m32), fused)
+    });
+    assert_paths_agree("residual_add f32 + bf16", &out, 1e-6);
+    assert_eq!(out[1].1[1].dtype(), DType::BF16);
 }
 
 #[test]

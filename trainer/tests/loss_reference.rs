@@ -7,7 +7,7 @@ use rand::{Rng, SeedableRng};
 use trainer::config::LossConfig;
 use trainer::data::TrainBatch;
 use trainer::loss::{udi_loss, Centres};
-use trainer::model::{StudentOut, TeacherOut};
+use trainer::model::{StudentOut, TeacherOut, TeacherRows};
 
 const B: usize = 2;
 const L: usize = 2;
@@ -129,7 +129,7 @@ fn loss_matches_a_loop_reference() {
     };
     let t_out = TeacherOut {
         cls: t64(&t_cls, &[2 * B, K]),
-        rows: Some(t64(&t_rows, &[2 * B, rt, K])),
+        rows: Some(TeacherRows::Logits(t64(&t_rows, &[2 * B, rt, K]))),
     };
     let centres = Centres {
         cls: t64(&cents[0], &[K]),

@@ -400,6 +400,26 @@ pub fn run(dev: &Device, s: &Shapes, reps: usize) -> Result<CheckReport> {
             reps,
         )?;
 
+        // Residual stream f32, branch in dt, a stochastic-depth mask (0 or 1/0.9) per row.
+        let x = rand_t(&[s.rows, s.dim], 22, -4.0, 4.0)?;
+        let a = cast(rand_t(&[s.rows, s.dim], 23, -4.0, 4.0)?)?;
+        let m = rand_t(&[s.rows], 24, 0.0, 1.0)?
+            .ge(0.1)?
+            .to_dtype(DType::F32)?
+            / 0.9;
+        let f = |t: &[Tensor], fused: bool| super::residual_add(&t[0], &t[1], Some(&t[2]), fused);
+        check(
+            &mut out,
+            "residual_add",
+            format!("[{}, {}]", s.rows, s.dim),
+            dt,
+            &f,
+            vec![x, a, m?],
+            &[0, 1],
+            dev,
+            reps,
+        )?;
+
         let x = cast(rand_t(&[s.rows, 3 * s.dim], 20, -4.0, 4.0)?)?;
         let b = rand_t(&[3 * s.dim], 21, -0.5, 0.5)?;
         let f = |t: &[Tensor], fused: bool| bias_add(&t[0], &t[1], fused);

@@ -24,8 +24,8 @@ mod gpu;
 mod ops;
 
 pub use ops::{
-    attn_softmax, bias_add, bias_gelu, centered_softmax, layer_norm, soft_ce_rows, AttnSoftmax,
-    BiasAdd, BiasGelu, CenteredSoftmax, LayerNormOp, SoftCe,
+    attn_softmax, bias_add, bias_gelu, centered_softmax, layer_norm, residual_add, soft_ce_rows,
+    AttnSoftmax, BiasAdd, BiasGelu, CenteredSoftmax, LayerNormOp, ResidualAdd, RowScale, SoftCe,
 };
 
 use candle_core::{DType, Device};

@@ -545,6 +545,159 @@ pub fn bias_gelu(x: &Tensor, b: &Tensor, fused: bool) -> Result<Tensor> {
     bias_add(x, b, false)?.gelu_erf()
 }
 
+// ---- residual add ------------------------------------------------------------------------------
+
+/// `x + m[b]·a`: a block's residual update in one pass. `x` is the residual stream (parameter
+/// dtype), `a` the branch output (compute dtype, cast up), `m` one multiplier per sample of the
+/// leading dim (the stochastic-depth mask, 0 or 1/keep).
+pub struct ResidualAdd;
+
+impl CustomOp3 for ResidualAdd {
+    fn name(&self) -> &'static str {
+        "udi-residual-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = cpu::read(s1, l1, "residual x")?;
+        let a = cpu::read(s2, l2, "residual a")?;
+        let m = cpu::read(s3, l3, "residual m")?;
+        if a.len() != x.len() || m.is_empty() || x.len() % m.len() != 0 {
+            bail!(
+                "residual_add: x {} a {} m {} elements",
+                x.len(),
+                a.len(),
+                m.len()
+            );
+        }
+        let per = x.len() / m.len();
+        let y: Vec<f64> = (0..x.len()).map(|i| x[i] + m[i / per] * a[i]).collect();
+        Ok((cpu::write(&y, s1.dtype())?, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = &s1.device;
+        let (x, a, m) = (
+            gpu::In::new(s1, l1, "residual x")?,
+            gpu::In::new(s2, l2, "residual a")?,
+            gpu::In::new(s3, l3, "residual m")?,
+        );
+        need_f32(&x, "residual x")?;
+        need_f32(&m, "residual m")?;
+        let n = l1.shape().elem_count();
+        let per = n / l3.shape().elem_count().max(1);
+        let k = gpu::func(dev, &format!("residual_add_{}", gpu::suffix(a.dtype())?))?;
+        let mut y = gpu::Out::alloc(dev, DType::F32, n, false)?;
+        let mut b = k.builder();
+        x.push(&mut b);
+        a.push(&mut b);
+        m.push(&mut b);
+        y.push(&mut b);
+        b.arg(&n).arg(&per);
+        gpu::launch(b, gpu::elementwise(n))?;
+        Ok((y.into_storage(dev), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        a: &Tensor,
+        m: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let da = dy.apply_op2_no_bwd(m, &RowScale { out: a.dtype() })?;
+        Ok((Some(dy.clone()), Some(da), None))
+    }
+}
+
+/// `g·m[b]` cast to `out`: the branch gradient of [`ResidualAdd`].
+pub struct RowScale {
+    pub out: DType,
+}
+
+impl CustomOp2 for RowScale {
+    fn name(&self) -> &'static str {
+        "udi-row-scale"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = cpu::read(s1, l1, "row_scale g")?;
+        let m = cpu::read(s2, l2, "row_scale m")?;
+        let per = g.len() / m.len().max(1);
+        let y: Vec<f64> = (0..g.len()).map(|i| g[i] * m[i / per]).collect();
+        Ok((cpu::write(&y, self.out)?, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = &s1.device;
+        let (g, m) = (
+            gpu::In::new(s1, l1, "row_scale g")?,
+            gpu::In::new(s2, l2, "row_scale m")?,
+        );
+        need_f32(&g, "row_scale g")?;
+        need_f32(&m, "row_scale m")?;
+        let n = l1.shape().elem_count();
+        let per = n / l2.shape().elem_count().max(1);
+        let k = gpu::func(dev, &format!("row_scale_{}", gpu::suffix(self.out)?))?;
+        let mut y = gpu::Out::alloc(dev, self.out, n, false)?;
+        let mut b = k.builder();
+        g.push(&mut b);
+        m.push(&mut b);
+        y.push(&mut b);
+        b.arg(&n).arg(&per);
+        gpu::launch(b, gpu::elementwise(n))?;
+        Ok((y.into_storage(dev), l1.shape().clone()))
+    }
+}
+
+/// The residual update `x + m[b]·cast(a)` (`m`: per-sample multipliers `[B]`/`[B,1,1]`, or
+/// none), in x's dtype.
+pub fn residual_add(x: &Tensor, a: &Tensor, m: Option<&Tensor>, fused: bool) -> Result<Tensor> {
+    if fused {
+        let m = match m {
+            Some(m) => m.flatten_all()?.to_dtype(x.dtype())?,
+            None => Tensor::ones(x.dim(0)?, x.dtype(), x.device())?,
+        };
+        return x.contiguous()?.apply_op3(&a.contiguous()?, &m, ResidualAdd);
+    }
+    let a = a.to_dtype(x.dtype())?;
+    let a = match m {
+        Some(m) => a.broadcast_mul(m)?,
+        None => a,
+    };
+    x + a
+}
+
 // ---- attention softmax ------------------------------------------------------------------------
 
 /// `softmax(x·scale)` over the last dim, computed in f32 (f64 for f64), output in x's dtype.

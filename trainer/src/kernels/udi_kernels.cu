@@ -197,6 +197,30 @@ extern "C" __global__ void bias_add_bf16(const bf16 *x, const float *b, bf16 *y,
   bias_add<bf16>(x, b, y, n, d);
 }
 
+// ---- residual add: y = x + m[i / per]·a (x, m, y f32; a f32 or bf16); its branch gradient ------
+template <typename T>
+__device__ void residual_add(const float *x, const T *a, const float *m, float *y, size_t n, size_t per) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+    y[i] = x[i] + m[i / per] * to_f(a[i]);
+}
+extern "C" __global__ void residual_add_f32(const float *x, const float *a, const float *m, float *y, size_t n, size_t per) {
+  residual_add<float>(x, a, m, y, n, per);
+}
+extern "C" __global__ void residual_add_bf16(const float *x, const bf16 *a, const float *m, float *y, size_t n, size_t per) {
+  residual_add<bf16>(x, a, m, y, n, per);
+}
+template <typename T>
+__device__ void row_scale(const float *g, const float *m, T *y, size_t n, size_t per) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+    y[i] = from_f<T>(g[i] * m[i / per]);
+}
+extern "C" __global__ void row_scale_f32(const float *g, const float *m, float *y, size_t n, size_t per) {
+  row_scale<float>(g, m, y, n, per);
+}
+extern "C" __global__ void row_scale_bf16(const float *g, const float *m, bf16 *y, size_t n, size_t per) {
+  row_scale<bf16>(g, m, y, n, per);
+}
+
 // ---- the head's softmax / cross-entropy (K up to 65 536, one block per row) ------------------
 // Teacher targets: p[r, k] = softmax_k((t[r, k] − c[k]) / tau)  (f32 out, no backward).
 template <typename T>
