@@ -692,7 +692,11 @@ pub fn residual_add(x: &Tensor, a: &Tensor, m: Option<&Tensor>, fused: bool) -> 
     }
     let a = a.to_dtype(x.dtype())?;
     let a = match m {
-        Some(m) => a.broadcast_mul(m)?,
+        Some(m) => {
+            let mut per_sample = vec![1; x.rank()];
+            per_sample[0] = x.dim(0)?;
+            a.broadcast_mul(&m.reshape(per_sample)?)?
+        }
         None => a,
     };
     x + a
