@@ -31,7 +31,8 @@
 #
 # Knobs (environment): BIN (.gpu/trainer), TRAINER_RUNS ("bf16:fused:128 bf16:fused:64
 # bf16:candle:128 f32:fused:64" = precision:kernels:batch), TORCH_BATCHES ("128 64"), DEBUG_BATCH (4),
-# DEADLINE (450), STEP_TIMEOUT (150), COMPARE_RTOL (2e-2), COMPARE_ATOL (1e-3) for bf16,
+# DEADLINE (450), STEP_TIMEOUT (150), AB (1: pool/event A/B rows), PROFILE (1: a --profile row),
+# KCHECK_REPS (10), SKIP_SMOKE / SKIP_TINY / SKIP_E2E (0), COMPARE_RTOL (2e-2), COMPARE_ATOL (1e-3) for bf16,
 # F32_RTOL (1e-3), F32_ATOL (1e-4) for f32, PYTHON (python3), FAST (1), BENCH_STEPS (10),
 # BENCH_WARMUP (3), KCHECK_BATCH (32), SKIP_KCHECK / SKIP_DEBUG / SKIP_BENCH / SKIP_TORCH (0).
 set -uo pipefail
@@ -120,7 +121,7 @@ fi
 [ "${SKIP_SMOKE:-0}" != 1 ] && run device-smoke 90 .gpu/device-smoke cuda && tail -n 1 "$RES/device-smoke.log"
 if [ "${SKIP_KCHECK:-0}" != 1 ]; then
   run kernel-check 150 "$BIN" kernel-check --device cuda --shapes vits \
-    --batch-size "${KCHECK_BATCH:-32}" --reps 10 --json
+    --batch-size "${KCHECK_BATCH:-32}" --reps "${KCHECK_REPS:-10}" --json
   grep -E '^\||kernel-check|KERNELS' "$RES/kernel-check.log" | head -n 30
 fi
 
@@ -188,6 +189,8 @@ tb=($TORCH_BATCHES)
 if [ "${SKIP_BENCH:-0}" != 1 ] && [ "${AB:-1}" = 1 ]; then
   UDI_CUDA_POOL_RELEASE=1 bench_trainer "${runs[0]}" -poolrelease
   UDI_CUDA_EVENTS=1 bench_trainer "${runs[0]}" -events
+fi
+if [ "${SKIP_BENCH:-0}" != 1 ] && [ "${PROFILE:-1}" = 1 ]; then
   bench_trainer "${runs[0]}" -profile --profile
   grep -h '^|' "$RES"/trainer-*-profile-b*.log 2>/dev/null | head -n 40
 fi

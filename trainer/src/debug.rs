@@ -195,6 +195,44 @@ pub struct BenchResult {
     pub profile: Vec<ProfileRow>,
 }
 
+/// The loss alone: forward and backward with the student's logits as leaf variables (seconds,
+/// synchronised), i.e. the part of the backward phase that is the loss's.
+fn loss_backward_probe(tr: &Trainer, batch: &TrainBatch, fused: bool) -> Result<(f64, f64)> {
+    use crate::model::StudentOut;
+    let dev = &tr.device;
+    let t_out = tr.teacher_net().teacher(batch)?;
+    let s_out = tr.student_net().student(batch, None)?;
+    let leaf = |t: &Tensor| -> Result<Tensor> {
+        Ok(candle_core::Var::from_tensor(&t.detach())?
+            .as_tensor()
+            .clone())
+    };
+    let s_leaf = StudentOut {
+        cls: leaf(&s_out.cls)?,
+        cls_plus: s_out.cls_plus.as_ref().map(leaf).transpose()?,
+        patch: s_out.patch.as_ref().map(leaf).transpose()?,
+    };
+    drop(s_out);
+    dev.synchronize()?;
+    let t0 = Instant::now();
+    let loss = crate::loss::udi_loss_with(
+        &tr.cfg.loss,
+        batch,
+        &s_leaf,
+        &t_out,
+        &tr.centres,
+        tr.cfg.loss.teacher_temp,
+        fused,
+    )?;
+    dev.synchronize()?;
+    let t1 = Instant::now();
+    let grads = loss.total.backward()?;
+    dev.synchronize()?;
+    let t2 = Instant::now();
+    drop(grads);
+    Ok(((t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64()))
+}
+
 /// One [`crate::prof`] scope: milliseconds and calls per step.
 #[derive(Debug, Serialize)]
 pub struct ProfileRow {
@@ -265,6 +303,13 @@ pub fn bench(
         for (name, s, calls) in scopes {
             rows.push(row(name, s, calls as f64));
         }
+        let (loss_fwd, loss_bwd) = loss_backward_probe(&tr, &batch, compute.fused())?;
+        rows.push(row(
+            "probe: loss forward (student logits as leaves)",
+            loss_fwd * p,
+            p,
+        ));
+        rows.push(row("probe: loss backward to the logits", loss_bwd * p, p));
     }
     Ok(BenchResult {
         device: crate::device::name(device),
