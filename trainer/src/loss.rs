@@ -12,10 +12,10 @@
 
 use crate::config::LossConfig;
 use crate::data::TrainBatch;
-use crate::kernels::{centered_softmax, soft_ce_rows};
+use crate::kernels::{centered_entropy, centered_softmax, soft_ce_rows};
 use crate::model::{StudentOut, TeacherOut};
-use crate::nn::{log_softmax, scalar_f64, softmax};
-use candle_core::{DType, Device, Result, Tensor, D};
+use crate::nn::scalar_f64;
+use candle_core::{DType, Device, Result, Tensor};
 
 /// The three centres c₀ ([cls]), c₁ (multimodal), c₂ (patch), each `[K]`.
 #[derive(Clone, Debug)]
@@ -61,9 +61,14 @@ fn ce_sum(s: &Tensor, p: &Tensor, tau_s: f64, fused: bool) -> Result<Tensor> {
 }
 
 /// Mean over rows of −Σ P log P, with log P from the log-softmax (no 0·log 0 NaNs).
-fn mean_entropy(x: &Tensor, c: &Tensor, tau: f64, weights: Option<&Tensor>) -> Result<f64> {
-    let z = (x.broadcast_sub(c)? / tau)?;
-    let h = (softmax(&z)? * log_softmax(&z)?)?.sum(D::Minus1)?.neg()?;
+fn mean_entropy(
+    x: &Tensor,
+    c: &Tensor,
+    tau: f64,
+    weights: Option<&Tensor>,
+    fused: bool,
+) -> Result<f64> {
+    let h = centered_entropy(x, c, tau, fused)?;
     match weights {
         Some(w) => {
             let n = scalar_f64(&w.sum_all()?)?;
@@ -129,7 +134,7 @@ pub fn udi_loss_with(
     let l_cls = (l_cls / (bf * n_pairs))?;
     let batch_cls = t_cls_logits.mean(0)?;
     let new_cls = ((&centres.cls * m)? + (batch_cls * (1.0 - m))?)?;
-    let h0 = mean_entropy(&t_cls, &centres.cls, tau, None)?;
+    let h0 = mean_entropy(&t_cls, &centres.cls, tau, None, fused)?;
 
     let (rows, s_plus, s_pat) = match (&t.rows, &s.cls_plus, &s.patch) {
         (Some(r), Some(p), Some(q)) => (r, p, q),
@@ -157,14 +162,13 @@ pub fn udi_loss_with(
     let tg = rows.global(n_g)?.to_dtype(dt)?.reshape((2, b, n_g, k))?;
     let t_pat = Tensor::cat(&[tg.get(1)?.unsqueeze(0)?, tg.get(0)?.unsqueeze(0)?], 0)?; // [2, B, n_g, K]
     let vg = &batch.valid_g; // [2, B, n_g]
-    let vg4 = vg.unsqueeze(3)?;
 
     // ---- multimodal targets (raw logits) ---------------------------------------------------
     let alpha = cfg.alpha;
-    let avg_g = t_pat
-        .broadcast_mul(&vg4)?
-        .sum(2)?
-        .broadcast_div(&(vg.sum_keepdim(2)? + 1e-5)?)?; // [2, B, K]
+    // Validity-weighted sums over rows as matmuls (a masked copy and a strided reduction of
+    // [2, B, n_g, K] otherwise).
+    let sum_g = vg.unsqueeze(2)?.matmul(&t_pat)?.squeeze(2)?; // [2, B, K]
+    let avg_g = sum_g.broadcast_div(&(vg.sum_keepdim(2)? + 1e-5)?)?; // [2, B, K]
     let t_cls_swapped = Tensor::cat(
         &[t_cls.get(1)?.unsqueeze(0)?, t_cls.get(0)?.unsqueeze(0)?],
         0,
@@ -178,8 +182,8 @@ pub fn udi_loss_with(
         ts,
         fused,
     )?;
-    let mut h1_sum = mean_entropy(&mm_g, &centres.udi, tau, None)? * (2 * b) as f64;
-    let mut patch_sum = t_pat.broadcast_mul(&vg4)?.sum((0, 1, 2))?;
+    let mut h1_sum = mean_entropy(&mm_g, &centres.udi, tau, None, fused)? * (2 * b) as f64;
+    let mut patch_sum = sum_g.sum((0, 1))?;
     if l > 0 {
         // Local T-rows [t, b, k, r] pooled over r (and, for c₂, over everything).
         let (avg_l, local_sum) = rows.local_pool(n_g, &batch.valid_l, dt)?; // [2, B, L, K], [K]
@@ -190,7 +194,7 @@ pub fn udi_loss_with(
         let p1_l = (p1_l.get(0)? + p1_l.get(1)?)?.transpose(0, 1)?; // [L, B, K]
         let s_pl = s_plus.narrow(0, 2 * b, l * b)?;
         l_udi = (l_udi + ce_sum(&s_pl, &p1_l.contiguous()?, ts, fused)?)?;
-        h1_sum += mean_entropy(&mm_l, &centres.udi, tau, None)? * (2 * b * l) as f64;
+        h1_sum += mean_entropy(&mm_l, &centres.udi, tau, None, fused)? * (2 * b * l) as f64;
         patch_sum = (patch_sum + local_sum)?;
     }
     let l_udi = (l_udi / (bf * n_pairs))?;
@@ -209,7 +213,7 @@ pub fn udi_loss_with(
     let n_valid = vg.sum_all()?;
     // No valid row in the whole batch gives NaN, as in the official code (training then stops).
     let l_patch = (h_rows * vg)?.sum_all()?.div(&n_valid)?;
-    let h2 = mean_entropy(&t_pat, &centres.patch, tau, Some(vg))?;
+    let h2 = mean_entropy(&t_pat, &centres.patch, tau, Some(vg), fused)?;
     // c₂ count: the sum of the bilinear row sums of every T-row (global and local pairs).
     let count = batch.teacher_rows.sum_all()?;
     let new_patch = ((&centres.patch * m)? + (patch_sum.broadcast_div(&count)? * (1.0 - m))?)?;

@@ -116,7 +116,8 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
 /// Multi-head attention core: `softmax(q kᵀ · scale) v` for q [B,H,n,dh], k/v [B,H,N,dh]
 /// (matmuls in the inputs' dtype, softmax statistics in f32).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, fused: bool) -> Result<Tensor> {
-    let logits = q.contiguous()?.matmul(&k.t()?.contiguous()?)?;
+    // kᵀ as a strided view: cuBLAS reads it transposed (no copy).
+    let logits = q.contiguous()?.matmul(&k.contiguous()?.t()?)?;
     kernels::attn_softmax(&logits, scale, fused)?.matmul(&v.contiguous()?)
 }
 

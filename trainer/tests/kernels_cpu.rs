@@ -500,3 +500,57 @@ fn fused_bf16_path_resumes_bitwise() {
         assert_eq!(to_vec_f64(ta), to_vec_f64(tb), "{na}");
     }
 }
+
+#[test]
+fn centered_entropy_fused_matches_composed() {
+    use trainer::kernels::centered_entropy;
+    let t = rand(&[2, 3, 50], 40, 3.0);
+    let c = rand(&[50], 41, 0.5);
+    let [h0, h1] = [false, true].map(|f| centered_entropy(&t, &c, 0.07, f).unwrap());
+    assert_eq!(h1.dims(), &[2, 3]);
+    assert!(max_abs_diff(&h0, &h1) <= 1e-12 * max_abs(&h0));
+    // Against the definition on one row: −Σ p log p.
+    let row = to_vec_f64(&t.get(1).unwrap().get(2).unwrap());
+    let cv = to_vec_f64(&c);
+    let z: Vec<f64> = row.iter().zip(&cv).map(|(t, c)| (t - c) / 0.07).collect();
+    let s: f64 = z.iter().map(|v| v.exp()).sum();
+    let h: f64 = z
+        .iter()
+        .map(|v| {
+            let p = v.exp() / s;
+            -p * p.ln()
+        })
+        .sum();
+    let got = to_vec_f64(&h1.get(1).unwrap())[2];
+    assert!((got - h).abs() < 1e-9 * h.max(1.0), "{got} vs {h}");
+    // A uniform row has entropy ln K.
+    let u = Tensor::zeros((1, 50), DType::F64, &Device::Cpu).unwrap();
+    let hu = to_vec_f64(
+        &centered_entropy(
+            &u,
+            &Tensor::zeros(50, DType::F64, &Device::Cpu).unwrap(),
+            0.1,
+            true,
+        )
+        .unwrap(),
+    )[0];
+    assert!((hu - 50f64.ln()).abs() < 1e-12);
+}
+
+#[test]
+fn col_sum_fused_matches_composed() {
+    use trainer::kernels::col_sum;
+    let x = rand(&[7, 5, 12], 42, 2.0);
+    let [a, b] = [false, true].map(|f| col_sum(&x, DType::F64, f).unwrap());
+    assert_eq!(b.dims(), &[12]);
+    assert!(max_abs_diff(&a, &b) <= 1e-12 * max_abs(&a));
+    let v = to_vec_f64(&x);
+    let s3: f64 = (0..35).map(|r| v[r * 12 + 3]).sum();
+    assert!((to_vec_f64(&b)[3] - s3).abs() < 1e-12);
+    // bf16 input, f32 output (a bias gradient).
+    let xb = x.to_dtype(DType::BF16).unwrap();
+    let exact = xb.to_dtype(DType::F64).unwrap().sum((0, 1)).unwrap();
+    let got = col_sum(&xb, DType::F32, true).unwrap();
+    assert_eq!(got.dtype(), DType::F32);
+    assert!(max_abs_diff(&exact, &got) / max_abs(&exact) < 1e-6);
+}

@@ -479,6 +479,36 @@ pub fn run(dev: &Device, s: &Shapes, reps: usize) -> Result<CheckReport> {
             reps,
         )?;
 
+        let t = cast(rand_t(&[2 * s.ce_targets, s.k], 25, -1.0, 1.0)?)?;
+        let c = rand_t(&[s.k], 26, -0.1, 0.1)?;
+        let f = |t: &[Tensor], fused: bool| super::centered_entropy(&t[0], &t[1], 0.04, fused);
+        check(
+            &mut out,
+            "centered_entropy",
+            format!("[{}, {}]", 2 * s.ce_targets, s.k),
+            dt,
+            &f,
+            vec![t, c],
+            &[],
+            dev,
+            reps,
+        )?;
+
+        // The bias gradient of fc1: a column sum over every token row, f32 out.
+        let g = cast(rand_t(&[s.rows, s.mlp], 27, -1.0, 1.0)?)?;
+        let f = |t: &[Tensor], fused: bool| super::col_sum(&t[0], DType::F32, fused);
+        check(
+            &mut out,
+            "col_sum",
+            format!("[{}, {}]", s.rows, s.mlp),
+            dt,
+            &f,
+            vec![g],
+            &[],
+            dev,
+            reps,
+        )?;
+
         let st = cast(rand_t(&[s.ce_rows, s.k], 18, -1.0, 1.0)?)?;
         let p = centered_softmax(
             &rand_t(&[s.ce_targets, s.k], 19, -1.0, 1.0)?,

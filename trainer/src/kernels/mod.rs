@@ -24,8 +24,9 @@ mod gpu;
 mod ops;
 
 pub use ops::{
-    attn_softmax, bias_add, bias_gelu, centered_softmax, layer_norm, residual_add, soft_ce_rows,
-    AttnSoftmax, BiasAdd, BiasGelu, CenteredSoftmax, LayerNormOp, ResidualAdd, RowScale, SoftCe,
+    attn_softmax, bias_add, bias_gelu, centered_entropy, centered_softmax, col_sum, layer_norm,
+    residual_add, soft_ce_rows, AttnSoftmax, BiasAdd, BiasGelu, CenteredEntropy, CenteredSoftmax,
+    ColSum, LayerNormOp, ResidualAdd, RowScale, SoftCe,
 };
 
 use candle_core::{DType, Device};

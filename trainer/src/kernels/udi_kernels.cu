@@ -197,6 +197,26 @@ extern "C" __global__ void bias_add_bf16(const bf16 *x, const float *b, bf16 *y,
   bias_add<bf16>(x, b, y, n, d);
 }
 
+// ---- column sums: out[j] += Σ_{rows of this block} x[r, j] (out zeroed by the caller) ----------
+// grid (⌈d/256⌉, ⌈rows/rows_per_block⌉): coalesced reads along a row, one atomicAdd per column
+// and block.
+template <typename T>
+__device__ void col_sum(const T *x, float *out, int rows, int d, int rows_per_block) {
+  const int j = blockIdx.x * blockDim.x + threadIdx.x;
+  if (j >= d) return;
+  const int r0 = blockIdx.y * rows_per_block;
+  const int r1 = min(rows, r0 + rows_per_block);
+  float s = 0.f;
+  for (int r = r0; r < r1; r++) s += to_f(x[(size_t)r * d + j]);
+  atomicAdd(out + j, s);
+}
+extern "C" __global__ void col_sum_f32(const float *x, float *out, int rows, int d, int rpb) {
+  col_sum<float>(x, out, rows, d, rpb);
+}
+extern "C" __global__ void col_sum_bf16(const bf16 *x, float *out, int rows, int d, int rpb) {
+  col_sum<bf16>(x, out, rows, d, rpb);
+}
+
 // ---- residual add: y = x + m[i / per]·a (x, m, y f32; a f32 or bf16); its branch gradient ------
 template <typename T>
 __device__ void residual_add(const float *x, const T *a, const float *m, float *y, size_t n, size_t per) {
@@ -236,6 +256,33 @@ __device__ void centered_softmax(const T *t, const float *c, float *p, int k, fl
   for (int j = threadIdx.x; j < k; j += blockDim.x) s += expf((to_f(t[j]) - c[j]) * inv_tau - m);
   const float inv = 1.f / block_sum(s, sh);
   for (int j = threadIdx.x; j < k; j += blockDim.x) p[j] = expf((to_f(t[j]) - c[j]) * inv_tau - m) * inv;
+}
+
+// Teacher entropy (monitoring): h[r] = H(softmax((t[r] − c)/tau)) = log S − Σ e·(z − m)/S.
+template <typename T>
+__device__ void centered_entropy(const T *t, const float *c, float *h, int k, float inv_tau) {
+  __shared__ float sh[32];
+  const size_t row = blockIdx.x;
+  t += row * k;
+  float m = -INFINITY;
+  for (int j = threadIdx.x; j < k; j += blockDim.x) m = fmaxf(m, (to_f(t[j]) - c[j]) * inv_tau);
+  m = block_max(m, sh);
+  float s = 0.f, sz = 0.f;
+  for (int j = threadIdx.x; j < k; j += blockDim.x) {
+    const float z = (to_f(t[j]) - c[j]) * inv_tau - m;
+    const float e = expf(z);
+    s += e;
+    sz += e * z;
+  }
+  s = block_sum(s, sh);
+  sz = block_sum(sz, sh);
+  if (threadIdx.x == 0) h[row] = logf(s) - sz / s;
+}
+extern "C" __global__ void centered_entropy_f32(const float *t, const float *c, float *h, int k, float it) {
+  centered_entropy<float>(t, c, h, k, it);
+}
+extern "C" __global__ void centered_entropy_bf16(const bf16 *t, const float *c, float *h, int k, float it) {
+  centered_entropy<bf16>(t, c, h, k, it);
 }
 
 // Row statistics of the student row z = s/tau: max, log Σ exp(z − max); and of the target row:
