@@ -19,6 +19,7 @@ use crate::data::{batch_file_tensors, batch_from_file_tensors, synthetic_batch, 
 use crate::kernels::Compute;
 use crate::loss::Centres;
 use crate::step::{StepStats, Trainer};
+use crate::vit::ProbePart;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
@@ -233,6 +234,32 @@ fn loss_backward_probe(tr: &Trainer, batch: &TrainBatch, fused: bool) -> Result<
     Ok(((t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64()))
 }
 
+/// Block-0 part `part` of the student on random `[n, t, D]` input (a leaf variable): seconds of
+/// the forward and of the backward of `Σ y·r`, synchronised (after one untimed round).
+fn block_probe(tr: &Trainer, part: ProbePart, n: usize, t: usize) -> Result<(f64, f64)> {
+    let dev = &tr.device;
+    let d = tr.cfg.model.dim as usize;
+    let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, t, d), dev)?)?;
+    let vit = &tr.student_net().backbone;
+    let mut times = (0.0, 0.0);
+    for _ in 0..2 {
+        dev.synchronize()?;
+        let t0 = Instant::now();
+        let y = vit.probe(part, x.as_tensor())?;
+        dev.synchronize()?;
+        let t1 = Instant::now();
+        let r = Tensor::ones(y.dims(), DType::F32, dev)?;
+        let loss = (y.to_dtype(DType::F32)? * &r)?.sum_all()?;
+        dev.synchronize()?;
+        let t2 = Instant::now();
+        let grads = loss.backward()?;
+        dev.synchronize()?;
+        times = ((t1 - t0).as_secs_f64(), t2.elapsed().as_secs_f64());
+        drop(grads);
+    }
+    Ok(times)
+}
+
 /// One [`crate::prof`] scope: milliseconds and calls per step.
 #[derive(Debug, Serialize)]
 pub struct ProfileRow {
@@ -310,6 +337,40 @@ pub fn bench(
             p,
         ));
         rows.push(row("probe: loss backward to the logits", loss_bwd * p, p));
+        // One block (and its two halves) at the student's global and local token shapes,
+        // forward then backward, × depth for the whole backbone.
+        let depth = cfg.model.depth as f64;
+        let (sg, sl, pz) = (
+            cfg.augment.global_size,
+            cfg.augment.local_size,
+            cfg.augment.patch_size,
+        );
+        let prefix = if cfg.loss.dino_only { 1 } else { 2 };
+        let tokens = |side: u32| ((side / pz) * (side / pz)) as usize + prefix;
+        let groups = [
+            ("global", 2 * batch_size as usize, tokens(sg)),
+            (
+                "local",
+                cfg.augment.n_local as usize * batch_size as usize,
+                tokens(sl),
+            ),
+        ];
+        for (group, n, t) in groups {
+            if n == 0 {
+                continue;
+            }
+            for (part, what) in [
+                (ProbePart::Block, "block"),
+                (ProbePart::AttentionCore, "qkv + attention core"),
+                (ProbePart::Mlp, "mlp"),
+            ] {
+                let (f, b) = block_probe(&tr, part, n, t)?;
+                let name =
+                    |dir: &str| format!("probe ×{depth}: {what} {dir}, {group} [{n}, {t}, D]");
+                rows.push(row(&name("forward"), f * depth * p, p));
+                rows.push(row(&name("backward"), b * depth * p, p));
+            }
+        }
     }
     Ok(BenchResult {
         device: crate::device::name(device),

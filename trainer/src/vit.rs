@@ -115,6 +115,17 @@ impl Block {
     }
 }
 
+/// What [`Vit::probe`] runs.
+#[derive(Clone, Copy, Debug)]
+pub enum ProbePart {
+    /// A whole pre-norm block.
+    Block,
+    /// qkv projection + attention core (the LayerNorm in front is not differentiated).
+    AttentionCore,
+    /// LayerNorm + fc1 + GELU + fc2.
+    Mlp,
+}
+
 /// The backbone of one network.
 pub struct Vit {
     patch_w: Tensor,
@@ -231,6 +242,34 @@ impl Vit {
         self.blocks.len()
     }
     /// Number of class tokens in front of the patch tokens.
+    /// One part of block 0 on `x` (`[B, T, D]`, the residual stream dtype), without drop path:
+    /// `bench --profile` times its forward and backward in isolation.
+    pub fn probe(&self, part: ProbePart, x: &Tensor) -> Result<Tensor> {
+        let blk = &self.blocks[0];
+        match part {
+            ProbePart::Block => blk.forward(x, None),
+            ProbePart::AttentionCore => {
+                let qkv = blk
+                    .attn
+                    .qkv
+                    .forward(&blk.norm1.forward_compute(x)?.detach())?;
+                let (q, k, v) = split_heads(&qkv, blk.attn.heads)?;
+                let dh = q.dim(3)?;
+                merge_heads(&attention(
+                    &q,
+                    &k,
+                    &v,
+                    (dh as f64).powf(-0.5),
+                    blk.attn.fused,
+                )?)
+            }
+            ProbePart::Mlp => {
+                let h = blk.norm2.forward_compute(x)?;
+                blk.fc2.forward(&blk.fc1.forward_gelu(&h)?)
+            }
+        }
+    }
+
     pub fn n_prefix(&self) -> usize {
         self.n_prefix
     }
