@@ -238,7 +238,7 @@ fn loss_backward_probe(tr: &Trainer, batch: &TrainBatch, fused: bool) -> Result<
 /// the forward and of the backward of `Σ y·r`, synchronised (after one untimed round).
 fn block_probe(tr: &Trainer, part: ProbePart, n: usize, t: usize) -> Result<(f64, f64)> {
     let dev = &tr.device;
-    let d = tr.cfg.model.dim as usize;
+    let d = tr.cfg.model.dim;
     let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, t, d), dev)?)?;
     let vit = &tr.student_net().backbone;
     let mut times = (0.0, 0.0);
