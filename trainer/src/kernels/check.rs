@@ -464,35 +464,28 @@ pub fn run(dev: &Device, s: &Shapes, reps: usize) -> Result<CheckReport> {
             reps,
         )?;
 
+        // The teacher-side ops on the same logits and centre: probabilities, then entropies.
         let t = cast(rand_t(&[2 * s.ce_targets, s.k], 16, -1.0, 1.0)?)?;
         let c = rand_t(&[s.k], 17, -0.1, 0.1)?;
-        let f = |t: &[Tensor], fused: bool| centered_softmax(&t[0], &t[1], 0.04, fused);
-        check(
-            &mut out,
-            "centered_softmax",
-            format!("[{}, {}]", 2 * s.ce_targets, s.k),
-            dt,
-            &f,
-            vec![t, c],
-            &[],
-            dev,
-            reps,
-        )?;
-
-        let t = cast(rand_t(&[2 * s.ce_targets, s.k], 25, -1.0, 1.0)?)?;
-        let c = rand_t(&[s.k], 26, -0.1, 0.1)?;
-        let f = |t: &[Tensor], fused: bool| super::centered_entropy(&t[0], &t[1], 0.04, fused);
-        check(
-            &mut out,
-            "centered_entropy",
-            format!("[{}, {}]", 2 * s.ce_targets, s.k),
-            dt,
-            &f,
-            vec![t, c],
-            &[],
-            dev,
-            reps,
-        )?;
+        let probs = |t: &[Tensor], fused: bool| centered_softmax(&t[0], &t[1], 0.04, fused);
+        let entropy =
+            |t: &[Tensor], fused: bool| super::centered_entropy(&t[0], &t[1], 0.04, fused);
+        for (op, f) in [
+            ("centered_softmax", &probs as OpFn<'_>),
+            ("centered_entropy", &entropy),
+        ] {
+            check(
+                &mut out,
+                op,
+                format!("[{}, {}]", 2 * s.ce_targets, s.k),
+                dt,
+                f,
+                vec![t.clone(), c.clone()],
+                &[],
+                dev,
+                reps,
+            )?;
+        }
 
         // The bias gradient of fc1: a column sum over every token row, f32 out.
         let g = cast(rand_t(&[s.rows, s.mlp], 27, -1.0, 1.0)?)?;
