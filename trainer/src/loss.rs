@@ -60,7 +60,8 @@ fn ce_sum(s: &Tensor, p: &Tensor, tau_s: f64, fused: bool) -> Result<Tensor> {
     soft_ce_rows(s, p, tau_s, fused)?.sum_all()
 }
 
-/// Mean over rows of −Σ P log P, with log P from the log-softmax (no 0·log 0 NaNs).
+/// Mean over rows (weighted by `weights` if given) of the teacher entropy −Σ P log P, P =
+/// softmax((x − c)/tau) ([`centered_entropy`]: no 0·log 0 NaNs).
 fn mean_entropy(
     x: &Tensor,
     c: &Tensor,
