@@ -1,17 +1,19 @@
-//! The learning check (issue 6, item 7): a short CPU pretraining with `configs/tiny.toml` raises
-//! the weighted k-NN top-1 of the teacher clearly (≥ 10 points) above the same network at random
-//! init.
+//! The learning check (issue 6, item 7): a short CPU pretraining raises the weighted k-NN top-1
+//! of the teacher clearly (≥ 10 points) above the same network at random init.
 //!
-//! Data: the generated set (`shard-tool synth`: 10 classes of shapes/textures with position, scale
-//! and colour nuisance), 100 images per class for pretraining (also the k-NN train set) and 30 per
-//! class with another seed for val: exactly the README demo's data and run (tiny.toml's whole
-//! short-run schedule, 4 epochs of 62 steps). Batches are built in-process by the loader's crop
-//! engine (the ring path is covered by e2e_ring); every seed is fixed.
+//! `pretraining_raises_knn_clearly_above_random_init` (runs in CI): the generated set
+//! (`shard-tool synth`: 10 classes of shapes/textures with position, scale and colour nuisance),
+//! 100 images per class for pretraining (also the k-NN train set) and 30 per class with another
+//! seed for val: exactly the README demo's data and run (configs/tiny.toml's whole short-run
+//! schedule, 4 epochs of 62 steps). Batches are built in-process by the loader's crop engine (the
+//! ring path is covered by e2e_ring); every seed is fixed.
 //!
-//! Not Fashion-MNIST, even when `../shared/data/fashion-mnist` is present: measured with this
-//! config (first 100 train images per class, 1000 val), 248 steps leave the teacher's k-NN at its
-//! random-init level (44.3 % → 44.9 %), and the best short schedule tried (496 steps) gained 3
-//! points, so a +10 assertion there would fail; the gap is reported, not hidden by a lower bar.
+//! `fashion_mnist_pretraining_raises_knn_clearly_above_random_init` (ignored: it FAILS today,
+//! run it with `--ignored`; it needs `../shared/data/fashion-mnist`): the same check on the
+//! Fashion-MNIST subset (5000 train / 1000 val) with configs/fashion_tiny.toml (32-px crops,
+//! 6 epochs = 1872 steps). Measured: random init 57.8 % → 65.6 % (+7.8); no short schedule tried
+//! reached +10 (the experiment table is in the issue-6 note). It stays at +10 rather than at a
+//! bar it passes.
 //!
 //! Also checked: k-NN on raw pixels through the same evaluation path (a sanity check of the
 //! evaluation itself: ~85 % on the generated set, 77–81 % on Fashion-MNIST).
@@ -94,20 +96,23 @@ fn knn(vit: &Vit, cfg: &TrainConfig, train: &Path, val: &Path, token: ClassToken
     .unwrap()
 }
 
-#[test]
-fn pretraining_raises_knn_clearly_above_random_init() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (train_dir, val_dir) = data(tmp.path());
-    let config = TestConfig::tiny()
-        .set("run.log_every", 31)
-        .set("run.checkpoint_every", 1_000_000)
-        .toml();
-    let cfg = TrainConfig::from_toml_str(&config).unwrap();
+/// What one learning check measured.
+struct Outcome {
+    before: KnnResult,
+    after: KnnResult,
+    after_plus: KnnResult,
+    raw: KnnResult,
+    steps: u64,
+}
 
+/// Raw-pixel baseline, k-NN at random init, pretraining on `train_dir` with `config`, k-NN of the
+/// pretrained teacher ([cls] and [cls+]).
+fn learning_check(config: &str, train_dir: &Path, val_dir: &Path, run: &Path) -> Outcome {
+    let cfg = TrainConfig::from_toml_str(config).unwrap();
     let raw = evaluate_with(
         Extractor::RawPixels,
-        &FolderImages::open(&train_dir).unwrap(),
-        &FolderImages::open(&val_dir).unwrap(),
+        &FolderImages::open(train_dir).unwrap(),
+        &FolderImages::open(val_dir).unwrap(),
         cfg.augment.global_size,
         256,
         KnnParams::default(),
@@ -116,28 +121,82 @@ fn pretraining_raises_knn_clearly_above_random_init() {
     .unwrap();
     assert!(raw.top1 > 60.0, "raw-pixel k-NN baseline {raw:?}");
     let (_s0, random) = teacher_backbone(&cfg, None, &Device::Cpu).unwrap();
-    let before = knn(&random, &cfg, &train_dir, &val_dir, ClassToken::Cls);
+    let before = knn(&random, &cfg, train_dir, val_dir, ClassToken::Cls);
 
-    let run = tmp.path().join("run");
-    let s = pretrain(&config, &train_dir, &run);
+    let s = pretrain(config, train_dir, run);
     assert_eq!(s.last_step, s.total_steps);
     let (t, _) =
-        trainer::checkpoint::load(&trainer::checkpoint::resolve(&run).unwrap(), &Device::Cpu)
+        trainer::checkpoint::load(&trainer::checkpoint::resolve(run).unwrap(), &Device::Cpu)
             .unwrap();
     let (_s1, trained) = teacher_backbone(&cfg, Some(&t), &Device::Cpu).unwrap();
-    let after = knn(&trained, &cfg, &train_dir, &val_dir, ClassToken::Cls);
-    let after_plus = knn(&trained, &cfg, &train_dir, &val_dir, ClassToken::ClsPlus);
+    Outcome {
+        after: knn(&trained, &cfg, train_dir, val_dir, ClassToken::Cls),
+        after_plus: knn(&trained, &cfg, train_dir, val_dir, ClassToken::ClsPlus),
+        before,
+        raw,
+        steps: s.last_step,
+    }
+}
+
+/// Prints the numbers and asserts the gain.
+fn report_and_assert(what: &str, o: &Outcome) {
     println!(
-        "learning check on the generated shapes ({} train / {} val), {} steps of configs/tiny.toml: \
-         k-NN top-1 random init {:.2}% → pretrained {:.2}% ([cls+]: {:.2}%); top-5 {:.2}% → {:.2}%; \
-         raw pixels {:.2}%",
-        before.n_train, before.n_val, s.last_step, before.top1, after.top1, after_plus.top1,
-        before.top5, after.top5, raw.top1
+        "learning check on {what} ({} train / {} val), {} steps: k-NN top-1 random init \
+         {:.2}% → pretrained {:.2}% ([cls+]: {:.2}%); top-5 {:.2}% → {:.2}%; raw pixels {:.2}%",
+        o.before.n_train,
+        o.before.n_val,
+        o.steps,
+        o.before.top1,
+        o.after.top1,
+        o.after_plus.top1,
+        o.before.top5,
+        o.after.top5,
+        o.raw.top1
     );
     assert!(
-        after.top1 >= before.top1 + MIN_GAIN,
-        "pretraining did not raise k-NN top-1 by {MIN_GAIN} points: {:.2}% → {:.2}%",
-        before.top1,
-        after.top1
+        o.after.top1 >= o.before.top1 + MIN_GAIN,
+        "{what}: pretraining did not raise k-NN top-1 by {MIN_GAIN} points: {:.2}% → {:.2}%",
+        o.before.top1,
+        o.after.top1
     );
+}
+
+#[test]
+fn pretraining_raises_knn_clearly_above_random_init() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (train_dir, val_dir) = data(tmp.path());
+    let config = TestConfig::tiny()
+        .set("run.log_every", 31)
+        .set("run.checkpoint_every", 1_000_000)
+        .toml();
+    let o = learning_check(&config, &train_dir, &val_dir, &tmp.path().join("run"));
+    report_and_assert("the generated shapes with configs/tiny.toml", &o);
+}
+
+#[test]
+#[ignore = "fails today: Fashion-MNIST gains +7.8 of the required +10 k-NN points (issue 6, item 7); \
+            needs ../shared/data/fashion-mnist"]
+fn fashion_mnist_pretraining_raises_knn_clearly_above_random_init() {
+    // `UDI_FASHION_MNIST` points elsewhere (e.g. from a git worktree, whose `..` has no shared/).
+    let root = std::env::var_os("UDI_FASHION_MNIST")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| common::repo_path("../shared/data/fashion-mnist"));
+    if !root.join("train").is_dir() {
+        panic!(
+            "{} is absent: this check needs the Fashion-MNIST subset",
+            root.display()
+        );
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let config = TestConfig::from_file("configs/fashion_tiny.toml")
+        .set("run.log_every", 156)
+        .set("run.checkpoint_every", 1_000_000)
+        .toml();
+    let o = learning_check(
+        &config,
+        &root.join("train"),
+        &root.join("val"),
+        &tmp.path().join("run"),
+    );
+    report_and_assert("Fashion-MNIST with configs/fashion_tiny.toml", &o);
 }

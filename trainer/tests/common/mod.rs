@@ -93,7 +93,12 @@ lr = 0.05
     }
 
     pub fn tiny() -> Self {
-        let text = std::fs::read_to_string(repo_path("configs/tiny.toml")).unwrap();
+        Self::from_file("configs/tiny.toml")
+    }
+
+    /// A config file of the repo (path relative to the workspace root).
+    pub fn from_file(rel: &str) -> Self {
+        let text = std::fs::read_to_string(repo_path(rel)).unwrap();
         Self {
             doc: text.parse().unwrap(),
         }
