@@ -36,6 +36,27 @@ pub fn sampling_mask<R: Rng>(grid: u32, window: u32, rng: &mut R) -> Vec<u16> {
     cells
 }
 
+/// The bilinear corners `[⌊u⌋, ⌊v⌋, ⌈u⌉, ⌈v⌉]` (ceilings clamped to the last grid line `gt`)
+/// and weights `[(⌊u⌋,⌊v⌋), (⌊u⌋,⌈v⌉), (⌈u⌉,⌊v⌋), (⌈u⌉,⌈v⌉)]` of position (u, v), or None for a
+/// position on or past the last grid line, whose four weights are all 0: the official code's
+/// validity test is "row sum > 0", so such a row is invalid, not a valid row of zeros. Decided
+/// on the floor, not on the weights' sum: a position past the line by rounding (u = G−1 + 1e-15)
+/// has weights of ±1e-16 whose f64 sum can be positive while the trainer's f32 sum is not.
+fn bilinear(u: f64, v: f64, gt: f64) -> Option<([f64; 4], [f64; 4])> {
+    let (fu, fv) = (u.floor(), v.floor());
+    if fu >= gt || fv >= gt {
+        return None;
+    }
+    let (cu, cv) = ((fu + 1.0).min(gt), (fv + 1.0).min(gt));
+    let w = [
+        (cu - u) * (cv - v),
+        (cu - u) * (v - fv),
+        (u - fu) * (cv - v),
+        (u - fu) * (v - fv),
+    ];
+    Some(([fu, fv, cu, cv], w))
+}
+
 /// Fills `out` (length = mask length) with the rows of the pair (source crop → target global
 /// view) and returns the number of valid rows. Valid rows come first in mask order; the rest
 /// are zero. `src_grid` is the source crop's patch grid, `tgt_grid` the global grid.
@@ -67,26 +88,16 @@ pub fn project_rows(
         // Signed target box: a flipped target maps column 0 to its right edge.
         let u = (p_row - t[0]) * gt / (t[2] - t[0]);
         let v = (p_col - t[1]) * gt / (t[3] - t[1]);
-        let (fu, fv) = (u.floor(), v.floor());
-        let (cu, cv) = ((fu + 1.0).min(gt), (fv + 1.0).min(gt));
-        // A position that rounds onto the last grid line (u or v == G−1 although strictly
-        // inside the box) gets all-zero bilinear weights; the official code's validity test is
-        // "row sum > 0", so such a row is invalid, not a valid row of zeros.
-        if (cu - u) * (cv - v) + (cu - u) * (v - fv) + (u - fu) * (cv - v) + (u - fu) * (v - fv) <= 0.0 {
+        let Some(([fu, fv, cu, cv], w)) = bilinear(u, v, gt) else {
             continue;
-        }
+        };
         let idx =
             |a: f64, b: f64| (a as u32 * tgt_grid + b as u32).min(last * tgt_grid + last) as u16;
         out[n] = SrsRow {
             src: cell,
             _pad: 0,
             tgt: [idx(fu, fv), idx(fu, cv), idx(cu, fv), idx(cu, cv)],
-            w: [
-                ((cu - u) * (cv - v)) as f32,
-                ((cu - u) * (v - fv)) as f32,
-                ((u - fu) * (cv - v)) as f32,
-                ((u - fu) * (v - fv)) as f32,
-            ],
+            w: w.map(|x| x as f32),
         };
         n += 1;
     }
@@ -94,4 +105,43 @@ pub fn project_rows(
         *row = SrsRow::default();
     }
     n as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bilinear;
+
+    #[test]
+    fn positions_on_or_past_the_last_grid_line_are_invalid() {
+        let gt = 13.0;
+        // The case that stopped a Fashion-MNIST run: past the last line by rounding. Its weights
+        // are ±1e-16 and may sum to a positive f64 (the old test kept the row).
+        assert!(bilinear(gt + 1e-15, 4.5, gt).is_none());
+        // Here the four weights (±1.6e-14·{0.9995, 0.0005}) sum to +1.6e-30 in f64, in the
+        // order the row sum used to be taken: that row was kept, and the trainer's f32 check
+        // rejected the batch.
+        let (u, v): (f64, f64) = (13.000000000000016, 4.0005);
+        let (fu, fv) = (u.floor(), v.floor());
+        let (cu, cv) = ((fu + 1.0).min(gt), (fv + 1.0).min(gt));
+        let old_sum =
+            (cu - u) * (cv - v) + (cu - u) * (v - fv) + (u - fu) * (cv - v) + (u - fu) * (v - fv);
+        assert!(old_sum > 0.0);
+        assert!(bilinear(u, v, gt).is_none());
+        assert!(bilinear(4.5, gt + 1e-15, gt).is_none());
+        assert!(bilinear(gt, 4.5, gt).is_none());
+        assert!(bilinear(4.5, gt, gt).is_none());
+        // Just inside: a valid row whose f32 weights are non-negative and sum to 1.
+        for (u, v) in [(gt - 1e-9, 4.25), (0.0, 0.0), (12.5, 12.999), (3.0, 7.75)] {
+            let ([fu, fv, cu, cv], w) = bilinear(u, v, gt).expect("inside the grid");
+            assert!(fu <= u && u <= cu && fv <= v && v <= cv && cu <= gt && cv <= gt);
+            let w32 = w.map(|x| x as f32);
+            assert!(w32.iter().all(|&x| x >= 0.0), "{w32:?}");
+            let s: f32 = w32.iter().sum();
+            assert!((s - 1.0).abs() < 1e-6, "{u} {v}: {w32:?}");
+        }
+        // A hand case: (2.25, 5.5) → corners (2, 5)…(3, 6), weights 0.375, 0.375, 0.125, 0.125.
+        let (c, w) = bilinear(2.25, 5.5, gt).unwrap();
+        assert_eq!(c, [2.0, 5.0, 3.0, 6.0]);
+        assert_eq!(w, [0.375, 0.375, 0.125, 0.125]);
+    }
 }
