@@ -141,24 +141,12 @@ fn cuda0() -> Result<Device, DeviceError> {
 fn tune(
     dev: &candle_core::CudaDevice,
 ) -> Result<(), candle_core::cuda::cudarc::driver::DriverError> {
-    use candle_core::cuda::cudarc::driver::{result, sys};
     if !env_flag("UDI_CUDA_EVENTS") {
         // SAFETY: one stream (candle's) does all the work; see the function's comment.
         unsafe { dev.disable_event_tracking() };
     }
     if !env_flag("UDI_CUDA_POOL_RELEASE") {
-        let ctx = dev.cuda_stream().context().clone();
-        ctx.bind_to_thread()?;
-        // SAFETY: the device comes from the context candle created; the attribute is a u64.
-        unsafe {
-            let pool = result::device::get_default_mem_pool(ctx.cu_device())?;
-            let mut threshold = u64::MAX;
-            result::mem_pool::set_attribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                (&mut threshold as *mut u64).cast(),
-            )?;
-        }
+        pool::set(dev, pool::Attr::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, u64::MAX)?;
     }
     Ok(())
 }
@@ -171,47 +159,52 @@ fn env_flag(name: &str) -> bool {
 /// The pool's high-water mark of memory in use since the last [`reset_peak_memory`], in bytes
 /// (None on the CPU). Counts every tensor candle and our kernels allocate on the device.
 pub fn peak_memory(device: &Device) -> Option<u64> {
-    pool_attr(device, PoolAttr::UsedHigh)
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cd) => pool::get(cd, pool::Attr::CU_MEMPOOL_ATTR_USED_MEM_HIGH).ok(),
+        _ => None,
+    }
 }
 
-/// Starts a new high-water mark for [`peak_memory`].
+/// Starts a new high-water mark for [`peak_memory`] (writing 0 resets it to the current use).
 pub fn reset_peak_memory(device: &Device) {
-    let _ = pool_attr(device, PoolAttr::ResetUsedHigh);
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cd) = device {
+        let _ = pool::set(cd, pool::Attr::CU_MEMPOOL_ATTR_USED_MEM_HIGH, 0);
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = device;
 }
 
-enum PoolAttr {
-    UsedHigh,
-    ResetUsedHigh,
-}
-
-#[cfg(not(feature = "cuda"))]
-fn pool_attr(_device: &Device, _attr: PoolAttr) -> Option<u64> {
-    None
-}
-
+/// The u64 attributes of the default stream-ordered memory pool of candle's device.
 #[cfg(feature = "cuda")]
-fn pool_attr(device: &Device, attr: PoolAttr) -> Option<u64> {
-    use candle_core::cuda::cudarc::driver::{result, sys};
-    let Device::Cuda(cd) = device else {
-        return None;
-    };
-    let ctx = cd.cuda_stream().context().clone();
-    ctx.bind_to_thread().ok()?;
-    let a = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
-    let mut v = 0u64;
-    // SAFETY: a valid pool of candle's device; both attributes are u64 (reset: write 0).
-    unsafe {
-        let pool = result::device::get_default_mem_pool(ctx.cu_device()).ok()?;
-        match attr {
-            PoolAttr::UsedHigh => {
-                result::mem_pool::get_attribute(pool, a, (&mut v as *mut u64).cast()).ok()?
-            }
-            PoolAttr::ResetUsedHigh => {
-                result::mem_pool::set_attribute(pool, a, (&mut v as *mut u64).cast()).ok()?
-            }
+mod pool {
+    use candle_core::cuda::cudarc::driver::{result, sys, DriverError};
+    use candle_core::CudaDevice;
+    pub use sys::CUmemPool_attribute as Attr;
+
+    fn default_pool(dev: &CudaDevice) -> Result<sys::CUmemoryPool, DriverError> {
+        let ctx = dev.cuda_stream().context().clone();
+        ctx.bind_to_thread()?;
+        // SAFETY: the device comes from the context candle created.
+        unsafe { result::device::get_default_mem_pool(ctx.cu_device()) }
+    }
+
+    pub fn get(dev: &CudaDevice, attr: Attr) -> Result<u64, DriverError> {
+        let mut v = 0u64;
+        // SAFETY: a valid pool; the attributes used here are u64.
+        unsafe {
+            result::mem_pool::get_attribute(default_pool(dev)?, attr, (&mut v as *mut u64).cast())?
+        };
+        Ok(v)
+    }
+
+    pub fn set(dev: &CudaDevice, attr: Attr, mut v: u64) -> Result<(), DriverError> {
+        // SAFETY: a valid pool; the attributes used here are u64.
+        unsafe {
+            result::mem_pool::set_attribute(default_pool(dev)?, attr, (&mut v as *mut u64).cast())
         }
     }
-    Some(v)
 }
 
 #[cfg(test)]
