@@ -314,10 +314,11 @@ pub fn bench(
         let scopes = crate::prof::take();
         crate::prof::enable(false);
         let p = P as f64;
+        // (scope, seconds per step, calls per step)
         let row = |scope: &str, s: f64, calls: f64| ProfileRow {
             scope: scope.to_string(),
-            ms_per_step: 1e3 * s / p,
-            calls_per_step: calls / p,
+            ms_per_step: 1e3 * s,
+            calls_per_step: calls,
         };
         for (name, s) in [
             ("phase: teacher forward", phases[0]),
@@ -325,18 +326,18 @@ pub fn bench(
             ("phase: backward", phases[2]),
             ("phase: optimiser + EMA", phases[3]),
         ] {
-            rows.push(row(name, s, p));
+            rows.push(row(name, s / p, 1.0));
         }
         for (name, s, calls) in scopes {
-            rows.push(row(name, s, calls as f64));
+            rows.push(row(name, s / p, calls as f64 / p));
         }
         let (loss_fwd, loss_bwd) = loss_backward_probe(&tr, &batch, compute.fused())?;
         rows.push(row(
             "probe: loss forward (student logits as leaves)",
-            loss_fwd * p,
-            p,
+            loss_fwd,
+            1.0,
         ));
-        rows.push(row("probe: loss backward to the logits", loss_bwd * p, p));
+        rows.push(row("probe: loss backward to the logits", loss_bwd, 1.0));
         // One block (and its two halves) at the student's global and local token shapes,
         // forward then backward, × depth for the whole backbone.
         let depth = cfg.model.depth as f64;
@@ -367,8 +368,8 @@ pub fn bench(
                 let (f, b) = block_probe(&tr, part, n, t)?;
                 let name =
                     |dir: &str| format!("probe ×{depth}: {what} {dir}, {group} [{n}, {t}, D]");
-                rows.push(row(&name("forward"), f * depth * p, p));
-                rows.push(row(&name("backward"), b * depth * p, p));
+                rows.push(row(&name("forward"), f * depth, 1.0));
+                rows.push(row(&name("backward"), b * depth, 1.0));
             }
         }
     }
