@@ -93,7 +93,7 @@ impl CropEngine {
             epoch,
             index,
             label,
-            true,
+            self.aug.photometric.is_loader(),
             &mut s,
             &mut StageTimes::default(),
         );
@@ -101,7 +101,8 @@ impl CropEngine {
     }
 
     /// [`Self::make_sample`] into a reused `Sample`; `photometric = false` stops after the
-    /// resize (bench stage b); `times` accumulates per-stage seconds.
+    /// resize and flip (bench stage b, and `[augment] photometric = "device"`, where the trainer
+    /// applies `out.photo`); `times` accumulates per-stage seconds.
     #[allow(clippy::too_many_arguments)]
     pub fn make_sample_into(
         &self,
@@ -125,6 +126,8 @@ impl CropEngine {
             .iter()
             .map(|_| PhotoParams::draw(aug, &mut rng))
             .collect();
+        out.photo.clear();
+        out.photo.extend(photo.iter().map(PhotoParams::record));
 
         let (ng, nl) = (aug.global_samples() as usize, aug.local_samples() as usize);
         let n_local = aug.n_local as usize;

@@ -15,6 +15,8 @@ use rand::seq::SliceRandom;
 use rand::Rng;
 use shared::config::AugmentConfig;
 
+use shared::geometry::PhotoRecord;
+
 use crate::crops::uniform;
 use crate::fused::apply_fused;
 pub use crate::fused::PhotoScratch;
@@ -81,6 +83,69 @@ impl PhotoParams {
             p.solarize = rng.random::<f64>() < solarize_p;
         }
         p
+    }
+
+    /// The batch record of these decisions (applied on the trainer's device when
+    /// `[augment] photometric = "device"`).
+    pub fn record(&self) -> PhotoRecord {
+        let mut r = PhotoRecord::default();
+        if !self.jitter.is_empty() {
+            r.flags |= PhotoRecord::JITTER;
+        }
+        for (slot, op) in self.jitter.iter().enumerate() {
+            r.order[slot] = match *op {
+                JitterOp::Brightness(f) => {
+                    r.brightness = f;
+                    PhotoRecord::BRIGHTNESS
+                }
+                JitterOp::Contrast(f) => {
+                    r.contrast = f;
+                    PhotoRecord::CONTRAST
+                }
+                JitterOp::Saturation(f) => {
+                    r.saturation = f;
+                    PhotoRecord::SATURATION
+                }
+                JitterOp::Hue(f) => {
+                    r.hue = f;
+                    PhotoRecord::HUE
+                }
+            };
+        }
+        if self.grayscale {
+            r.flags |= PhotoRecord::GRAYSCALE;
+        }
+        if let Some(sigma) = self.blur {
+            r.flags |= PhotoRecord::BLUR;
+            r.blur_sigma = sigma;
+        }
+        if self.solarize {
+            r.flags |= PhotoRecord::SOLARIZE;
+        }
+        r
+    }
+
+    /// The decisions of a batch record (inverse of [`Self::record`]).
+    pub fn from_record(r: &PhotoRecord) -> Self {
+        let jitter = if r.has(PhotoRecord::JITTER) {
+            r.order
+                .iter()
+                .map(|&op| match op {
+                    PhotoRecord::BRIGHTNESS => JitterOp::Brightness(r.brightness),
+                    PhotoRecord::CONTRAST => JitterOp::Contrast(r.contrast),
+                    PhotoRecord::SATURATION => JitterOp::Saturation(r.saturation),
+                    _ => JitterOp::Hue(r.hue),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Self {
+            jitter,
+            grayscale: r.has(PhotoRecord::GRAYSCALE),
+            blur: r.has(PhotoRecord::BLUR).then_some(r.blur_sigma),
+            solarize: r.has(PhotoRecord::SOLARIZE),
+        }
     }
 
     /// Applies the pipeline in place to an RGB crop of `w × h` (fused passes, see

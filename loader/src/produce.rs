@@ -208,6 +208,7 @@ impl SampleSource for SyntheticSource {
             local_mask,
             n_valid,
             rows,
+            photo: vec![shared::geometry::PhotoRecord::default(); 2 + l],
         })
     }
 }

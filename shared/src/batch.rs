@@ -15,11 +15,14 @@
 //! | n_valid | u32 | [B][2+2L] |
 //! | global_rows | [`SrsRow`] | [B][2][n_g] (pairs 0, 1) |
 //! | local_rows | [`SrsRow`] | [B][2L][n_l] (pairs 2..2+2L) |
+//! | photo | [`PhotoRecord`] | [B][2+L] (crop order g0, g1, l0..) |
 //!
 //! Crops are uint8 RGB, HWC: the trainer normalises (mean/std of udi-spec §1.1) on its device.
+//! When the header's flags hold [`BatchHeader::PHOTOMETRIC_PENDING`] the crops are only
+//! geometric (cropped, resized, flipped) and the trainer applies the `photo` records first.
 
 use crate::config::AugmentConfig;
-use crate::geometry::{CropMeta, Sample, SrsRow};
+use crate::geometry::{CropMeta, PhotoRecord, Sample, SrsRow};
 use bytemuck::{Pod, Zeroable};
 use std::ops::Range;
 
@@ -39,7 +42,14 @@ pub struct BatchHeader {
     pub local_size: u32,
     pub n_global_samples: u32,
     pub n_local_samples: u32,
-    pub _pad: u32,
+    /// [`Self::PHOTOMETRIC_PENDING`] or 0.
+    pub flags: u32,
+}
+
+impl BatchHeader {
+    /// The crops still need the photometric pipeline of their `photo` records
+    /// (`[augment] photometric = "device"`).
+    pub const PHOTOMETRIC_PENDING: u32 = 1;
 }
 
 /// Section offsets of a batch for one (augment config, batch size).
@@ -61,6 +71,7 @@ pub struct BatchLayout {
     pub n_valid: Range<usize>,
     pub global_rows: Range<usize>,
     pub local_rows: Range<usize>,
+    pub photo: Range<usize>,
     /// Total bytes, a multiple of 64.
     pub total: usize,
 }
@@ -93,6 +104,7 @@ impl BatchLayout {
         let n_valid = section(4 * b * (2 + 2 * l));
         let global_rows = section(std::mem::size_of::<SrsRow>() * b * 2 * n_g);
         let local_rows = section(std::mem::size_of::<SrsRow>() * b * 2 * l * n_l);
+        let photo = section(std::mem::size_of::<PhotoRecord>() * b * (2 + l));
         Self {
             batch_size: b,
             n_local: l,
@@ -110,6 +122,7 @@ impl BatchLayout {
             n_valid,
             global_rows,
             local_rows,
+            photo,
             total: at,
         }
     }
@@ -177,6 +190,14 @@ impl<'a> BatchView<'a> {
     pub fn n_valid(&self) -> &'a [u32] {
         bytemuck::cast_slice(&self.bytes[self.layout.n_valid.clone()])
     }
+    /// Photometric records `[B][2+L]` (crop order g0, g1, l0..).
+    pub fn photo(&self) -> &'a [PhotoRecord] {
+        bytemuck::cast_slice(&self.bytes[self.layout.photo.clone()])
+    }
+    /// The crops still need their photometric pipeline (see [`BatchHeader::PHOTOMETRIC_PENDING`]).
+    pub fn photometric_pending(&self) -> bool {
+        self.header().flags & BatchHeader::PHOTOMETRIC_PENDING != 0
+    }
     /// The rows of pair `p` of sample `b` (16 for p < 2, else 9; valid rows first).
     pub fn pair_rows(&self, b: usize, p: usize) -> &'a [SrsRow] {
         let l = self.layout;
@@ -216,7 +237,7 @@ impl<'a> BatchWriter<'a> {
             local_size: aug.local_size,
             n_global_samples: layout.n_g as u32,
             n_local_samples: layout.n_l as u32,
-            _pad: 0,
+            flags: if aug.photometric.is_loader() { 0 } else { BatchHeader::PHOTOMETRIC_PENDING },
         };
         let hb = std::mem::size_of::<BatchHeader>();
         bytes[..hb].copy_from_slice(bytemuck::bytes_of(&header));
@@ -237,6 +258,7 @@ impl<'a> BatchWriter<'a> {
         assert_eq!(s.local_mask.len(), l.n_l);
         assert_eq!(s.n_valid.len(), l.n_pairs());
         assert_eq!(s.rows.len(), 2 * l.n_g + 2 * l.n_local * l.n_l);
+        assert_eq!(s.photo.len(), 2 + l.n_local, "sample {}: photo records", s.index);
         let bsz = l.batch_size;
         for v in 0..2 {
             let at = l.globals.start + (v * bsz + b) * gb;
@@ -257,6 +279,8 @@ impl<'a> BatchWriter<'a> {
         let (g_rows, l_rows) = s.rows.split_at(2 * l.n_g);
         self.put(l.global_rows.start + row * 2 * l.n_g * b, bytemuck::cast_slice(g_rows));
         self.put(l.local_rows.start + row * 2 * l.n_local * l.n_l * b, bytemuck::cast_slice(l_rows));
+        let pr = std::mem::size_of::<PhotoRecord>() * (2 + l.n_local);
+        self.put(l.photo.start + pr * b, bytemuck::cast_slice(&s.photo));
     }
 
     fn put(&mut self, at: usize, src: &[u8]) {
@@ -307,6 +331,9 @@ mod tests {
             local_mask: (0..n_l as u16).map(|x| x + index as u16).collect(),
             n_valid: (0..2 + 2 * l as u32).map(|p| p + index as u32).collect(),
             rows,
+            photo: (0..2 + l as u32)
+                .map(|c| PhotoRecord { order: [3, 1, 0, 2], flags: c % 16, brightness: 1.0 + c as f32, blur_sigma: index as f32, ..Default::default() })
+                .collect(),
         }
     }
 
@@ -339,10 +366,21 @@ mod tests {
             let off = 2 * layout.n_g + (p - 2) * layout.n_l;
             assert_eq!(v.pair_rows(b, p), &s.rows[off..off + layout.n_l]);
             assert_eq!(&v.local_mask()[b * layout.n_l..][..layout.n_l], &s.local_mask[..]);
+            assert_eq!(&v.photo()[b * 5..][..5], &s.photo[..]);
         }
+        assert!(!v.photometric_pending());
         let h = v.hash();
         buf.bytes_mut()[layout.locals.start + 5] ^= 1;
         assert_ne!(BatchView::new(&layout, buf.bytes()).unwrap().hash(), h);
+    }
+
+    #[test]
+    fn device_photometric_is_flagged_in_the_header() {
+        let aug = AugmentConfig { photometric: crate::config::PhotometricAt::Device, ..Default::default() };
+        let layout = BatchLayout::new(&aug, 2);
+        let mut buf = OwnedBatch::zeroed(&layout);
+        BatchWriter::new(&layout, buf.bytes_mut(), 0, 0, &aug);
+        assert!(BatchView::new(&layout, buf.bytes()).unwrap().photometric_pending());
     }
 
     #[test]

@@ -41,6 +41,27 @@ impl ResizeMode {
     }
 }
 
+/// Where the photometric pipeline (udi-spec §1.4) runs. The loader draws every crop's
+/// photometric decisions either way (same RNG stream, so the same crops) and writes them into the
+/// batch ([`crate::geometry::PhotoRecord`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PhotometricAt {
+    /// The loader applies it on uint8 crops (the recipe's PIL semantics, bit for bit).
+    #[default]
+    Loader,
+    /// The loader leaves crops unjittered (only flipped) and the trainer applies the records on
+    /// its device before normalising: the loader's per-image CPU cost drops by the photometric
+    /// share, which pays where the trainer's device is a GPU.
+    Device,
+}
+
+impl PhotometricAt {
+    pub fn is_loader(&self) -> bool {
+        *self == PhotometricAt::Loader
+    }
+}
+
 /// Multi-crop geometry, photometric augmentation and SRS sampling (udi-spec §1).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -93,6 +114,11 @@ pub struct AugmentConfig {
     /// `"fast"` is part of the fingerprint.
     #[serde(skip_serializing_if = "ResizeMode::is_exact")]
     pub resize: ResizeMode,
+    /// `"loader"` (default) or `"device"` (see [`PhotometricAt`]). Left out of the serialised
+    /// config when `"loader"`, like `resize`; `"device"` is part of the fingerprint (the batch
+    /// bytes differ).
+    #[serde(skip_serializing_if = "PhotometricAt::is_loader")]
+    pub photometric: PhotometricAt,
 }
 
 impl Default for AugmentConfig {
@@ -123,6 +149,7 @@ impl Default for AugmentConfig {
             blur_p_global2: 0.1,
             solarize_p: 0.2,
             resize: ResizeMode::Exact,
+            photometric: PhotometricAt::Loader,
         }
     }
 }
@@ -252,6 +279,15 @@ mod tests {
             serde_json::from_str(&serde_json::to_string(&fast).unwrap()).unwrap();
         assert_eq!(back, fast);
         assert!(PipelineConfig::from_toml_str("[augment]\nresize = \"quick\"\n").is_err());
+        // Same for where the photometric pipeline runs.
+        assert_eq!(old.augment.photometric, PhotometricAt::Loader);
+        assert!(!serde_json::to_string(&old).unwrap().contains("photometric"));
+        let dev = PipelineConfig::from_toml_str("[augment]\nphotometric = \"device\"\n").unwrap();
+        assert_eq!(dev.augment.photometric, PhotometricAt::Device);
+        assert_ne!(dev.fingerprint(), old.fingerprint());
+        let back: PipelineConfig =
+            serde_json::from_str(&serde_json::to_string(&dev).unwrap()).unwrap();
+        assert_eq!(back, dev);
     }
 
     #[test]

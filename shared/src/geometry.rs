@@ -82,6 +82,43 @@ impl SrsRow {
     }
 }
 
+/// One crop's photometric decisions (udi-spec §1.4), as the loader drew them: written for every
+/// crop into the batch, applied by the loader or by the trainer
+/// ([`crate::config::PhotometricAt`]). 32 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Pod, Zeroable)]
+pub struct PhotoRecord {
+    /// Colour-jitter ops in application order, torchvision's `fn_idx` numbering
+    /// ([`Self::BRIGHTNESS`] ..); meaningful only with [`Self::JITTER`].
+    pub order: [u8; 4],
+    /// [`Self::JITTER`] | [`Self::GRAYSCALE`] | [`Self::BLUR`] | [`Self::SOLARIZE`].
+    pub flags: u32,
+    /// Jitter factors (ImageEnhance factors; `hue` is torchvision's hue factor in [−0.5, 0.5]).
+    pub brightness: f32,
+    pub contrast: f32,
+    pub saturation: f32,
+    pub hue: f32,
+    /// Gaussian blur σ, with [`Self::BLUR`].
+    pub blur_sigma: f32,
+    /// Padding, always 0.
+    pub _pad: u32,
+}
+
+impl PhotoRecord {
+    pub const BRIGHTNESS: u8 = 0;
+    pub const CONTRAST: u8 = 1;
+    pub const SATURATION: u8 = 2;
+    pub const HUE: u8 = 3;
+    pub const JITTER: u32 = 1;
+    pub const GRAYSCALE: u32 = 2;
+    pub const BLUR: u32 = 4;
+    pub const SOLARIZE: u32 = 8;
+
+    pub fn has(&self, flag: u32) -> bool {
+        self.flags & flag != 0
+    }
+}
+
 /// Pair index of (global view `v` → global view `1 - v`).
 pub const fn global_pair(v: usize) -> usize {
     v
@@ -114,6 +151,8 @@ pub struct Sample {
     /// Rows of every pair, concatenated in pair order: 2 global pairs × `global_samples`, then
     /// 2L local pairs × `local_samples`.
     pub rows: Vec<SrsRow>,
+    /// Photometric decisions per crop, `2 + L` entries (g0, g1, l0..).
+    pub photo: Vec<PhotoRecord>,
 }
 
 /// Anything that turns (epoch, sample index) into a finished [`Sample`]: the crop engine over a

@@ -305,6 +305,7 @@ pub fn synthetic_sample(aug: &AugmentConfig, rng: &mut impl Rng, index: u64) -> 
         local_mask: vec![0; n_l],
         n_valid,
         rows,
+        photo: vec![shared::geometry::PhotoRecord::default(); 2 + l],
     }
 }
 
