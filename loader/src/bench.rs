@@ -61,6 +61,10 @@ pub struct BenchReport {
     pub full_over_decode: f64,
     /// The same ratio from the workers' CPU time (robust to other load on the machine).
     pub full_over_decode_cpu: f64,
+    /// (b) / decode-only, same run: the loader's whole work when `[augment] photometric =
+    /// "device"` (crops cropped, resized, flipped; the trainer applies the photometric records).
+    pub device_photometric_over_decode: f64,
+    pub device_photometric_over_decode_cpu: f64,
     /// Resize mode of the fields above (`exact` or `fast`).
     pub resize: String,
     pub decode_only: ModeResult,
@@ -79,6 +83,9 @@ pub struct FastSection {
     /// fast full / decode-only, same run.
     pub full_over_decode: f64,
     pub full_over_decode_cpu: f64,
+    /// fast (b) / decode-only (see [`BenchReport::device_photometric_over_decode`]).
+    pub device_photometric_over_decode: f64,
+    pub device_photometric_over_decode_cpu: f64,
     pub geometry_resize: ModeResult,
     pub full: ModeResult,
     pub error: PixelError,
@@ -316,6 +323,10 @@ pub fn run(records: &dyn Records, aug: &AugmentConfig, opts: &BenchOptions) -> R
             full_img_per_s_per_core: full.img_per_s_per_core,
             full_over_decode: full.img_per_s / decode_only.img_per_s.max(1e-9),
             full_over_decode_cpu: full.img_per_cpu_s / decode_only.img_per_cpu_s.max(1e-9),
+            device_photometric_over_decode: geometry_resize.img_per_s
+                / decode_only.img_per_s.max(1e-9),
+            device_photometric_over_decode_cpu: geometry_resize.img_per_cpu_s
+                / decode_only.img_per_cpu_s.max(1e-9),
             geometry_resize,
             full,
             error: fast_error(records, &exact_engine, &fast_engine, n, opts.seed),
@@ -334,6 +345,10 @@ pub fn run(records: &dyn Records, aug: &AugmentConfig, opts: &BenchOptions) -> R
         full_img_per_s_per_core: full.img_per_s_per_core,
         full_over_decode: full.img_per_s / decode_only.img_per_s.max(1e-9),
         full_over_decode_cpu: full.img_per_cpu_s / decode_only.img_per_cpu_s.max(1e-9),
+        device_photometric_over_decode: geometry_resize.img_per_s
+            / decode_only.img_per_s.max(1e-9),
+        device_photometric_over_decode_cpu: geometry_resize.img_per_cpu_s
+            / decode_only.img_per_cpu_s.max(1e-9),
         resize: if aug.resize.is_exact() {
             "exact"
         } else {
@@ -379,11 +394,19 @@ pub fn format_report(r: &BenchReport) -> String {
         "full / decode-only = {:.3} wall, {:.3} CPU time ({})\n",
         r.full_over_decode, r.full_over_decode_cpu, r.resize
     );
+    s += &format!(
+        "photometric = \"device\": loader work (b) / decode-only = {:.3} wall, {:.3} CPU time ({})\n",
+        r.device_photometric_over_decode, r.device_photometric_over_decode_cpu, r.resize
+    );
     if let Some(f) = &r.fast {
         let e = &f.error;
         s += &format!(
             "full / decode-only = {:.3} wall, {:.3} CPU time (fast)\n",
             f.full_over_decode, f.full_over_decode_cpu
+        );
+        s += &format!(
+            "photometric = \"device\": loader work (b) / decode-only = {:.3} wall, {:.3} CPU time (fast)\n",
+            f.device_photometric_over_decode, f.device_photometric_over_decode_cpu
         );
         s += &format!(
             "fast vs exact: after resize MAE {:.3}, PSNR {:.1} dB, max |d| {}, {:.1}% bytes differ; \
