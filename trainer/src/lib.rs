@@ -26,6 +26,7 @@ pub mod model;
 pub mod nn;
 pub mod optim;
 pub mod params;
+pub mod photometric;
 pub mod plot;
 pub mod prof;
 pub mod schedule;
