@@ -21,7 +21,7 @@ use candle_core::{DType, Device, Tensor};
 use rand::Rng;
 use shared::batch::{BatchLayout, BatchView, BatchWriter, OwnedBatch};
 use shared::config::AugmentConfig;
-use shared::geometry::{CropMeta, Sample, SrsRow};
+use shared::geometry::{CropMeta, PhotoRecord, Sample, SrsRow};
 use std::collections::HashMap;
 
 pub const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -136,15 +136,26 @@ fn dense_rows(aug: &AugmentConfig, h: &HostRows) -> Result<DenseRows> {
 }
 
 /// Normalises uint8 HWC crops `[N, S, S, 3]` to NCHW `[N, 3, S, S]` of `dtype` on `device`
-/// (`(x/255 − mean)/std` in f32, as torchvision's ToTensor + Normalize).
+/// (`(x/255 − mean)/std` in f32, as torchvision's ToTensor + Normalize). With `photo` (one
+/// record per crop, `[augment] photometric = "device"`), the photometric pipeline runs first,
+/// on `device`.
 pub fn normalise_u8(
     pixels: &[u8],
     n: usize,
     size: usize,
+    photo: Option<&[PhotoRecord]>,
     dtype: DType,
     device: &Device,
 ) -> Result<Tensor> {
-    let t = Tensor::from_slice(pixels, (n, size, size, 3), device)?.to_dtype(DType::F32)?;
+    let mut t = Tensor::from_slice(pixels, (n, size, size, 3), device)?.to_dtype(DType::F32)?;
+    if let Some(records) = photo {
+        ensure!(
+            records.len() == n,
+            "{} photometric records for {n} crops",
+            records.len()
+        );
+        t = crate::photometric::apply(&t, records)?;
+    }
     let mean = Tensor::new(&MEAN, device)?;
     let std = Tensor::new(&STD, device)?;
     // True f32 division (candle's `t / 255.0` multiplies by the reciprocal: 1 ulp off torch).
@@ -170,16 +181,42 @@ impl TrainBatch {
                 && lay.local_size == aug.local_size as usize,
             "batch crop sizes do not match [augment]"
         );
+        // Photometric records in the image tensors' order (view-major, crop-major), when the
+        // loader left the pipeline to this device.
+        let pending = view.photometric_pending();
+        let photo = view.photo();
+        let records = |crop: usize| -> Vec<PhotoRecord> {
+            (0..b).map(|bb| photo[bb * (2 + l) + crop]).collect()
+        };
+        let (mut g_photo, mut l_photo) = (Vec::new(), Vec::new());
+        if pending {
+            g_photo.extend((0..2).flat_map(&records));
+            l_photo.extend((2..2 + l).flat_map(&records));
+        }
         let mut g = Vec::with_capacity(2 * view.global_view(0).len());
         g.extend_from_slice(view.global_view(0));
         g.extend_from_slice(view.global_view(1));
-        let globals = normalise_u8(&g, 2 * b, lay.global_size, dtype, device)?;
+        let globals = normalise_u8(
+            &g,
+            2 * b,
+            lay.global_size,
+            pending.then_some(&g_photo[..]),
+            dtype,
+            device,
+        )?;
         let locals = if l > 0 {
             let mut lp = Vec::with_capacity(l * view.local_view(0).len());
             for k in 0..l {
                 lp.extend_from_slice(view.local_view(k));
             }
-            Some(normalise_u8(&lp, l * b, lay.local_size, dtype, device)?)
+            Some(normalise_u8(
+                &lp,
+                l * b,
+                lay.local_size,
+                pending.then_some(&l_photo[..]),
+                dtype,
+                device,
+            )?)
         } else {
             None
         };
