@@ -492,3 +492,66 @@ fn bad_input_is_an_error() {
     };
     assert!(apply(&x, &[off]).is_ok());
 }
+
+#[test]
+fn contrast_on_a_large_crop_matches_reference() {
+    // 260² pixels: Σ luma can pass 2^24, so the mean is summed in f64 (the other branch).
+    // The gray crop's mean luma is 250.5 − 1/n: int(mean + 0.5) = 250 only if Σ is exact.
+    let n = 260 * 260;
+    let px = (0..n)
+        .flat_map(|i| {
+            let v = if i % 2 == 1 || i == 0 { 250u8 } else { 251 };
+            [v, v, v]
+        })
+        .collect();
+    let near_half = Crop { h: 260, w: 260, px };
+    let crops = vec![
+        near_half,
+        constant_crop(260, 260, [250, 251, 255]),
+        structured_crop(260, 260, 3),
+    ];
+    let records = vec![
+        only(PhotoRecord::CONTRAST, 0.5),
+        only(PhotoRecord::CONTRAST, 0.7),
+        only(PhotoRecord::CONTRAST, 1.3),
+    ];
+    check(&crops, &records);
+}
+
+#[test]
+fn strided_input_gives_the_same_bytes() {
+    // A non-contiguous view (every other crop of a [2N, H, W, 3] tensor, transposed twice).
+    let aug = AugmentConfig::default();
+    let records = draw_records(&aug, 41, 6);
+    let crops = mixed_crops(12, 24, 24, 41);
+    let flat: Vec<u8> = crops.iter().flat_map(|c| c.px.iter().copied()).collect();
+    let all = Tensor::from_vec(flat, (6, 2, 24, 24, 3), &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let view = all
+        .narrow(1, 1, 1)
+        .unwrap()
+        .squeeze(1)
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap();
+    assert!(!view.is_contiguous());
+    let a: Vec<f32> = apply(&view, &records)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let b: Vec<f32> = apply(&view.contiguous().unwrap(), &records)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(a, b);
+    let odd: Vec<Crop> = crops.iter().skip(1).step_by(2).cloned().collect();
+    check(&odd, &records);
+}
