@@ -5,6 +5,8 @@
 //! * [`params`]: named parameter store, init, shapes/counts without allocating.
 //! * [`nn`], [`vit`], [`srs`], [`head`], [`model`]: the networks.
 //! * [`data`]: shared BATCH LAYOUT → [`data::TrainBatch`] device tensors.
+//! * [`photometric`]: the loader's photometric decisions (`[augment] photometric = "device"`)
+//!   applied to the crops on the device, bit-exact vs the loader's CPU reference.
 //! * [`loss`], [`schedule`], [`optim`], [`step`]: one training iteration ([`step::Trainer`]).
 //! * [`debug`]: `init-weights`, `make-batch`, `debug-step`, `bench` behind the CLI.
 //! * [`device`]: `--device auto|cpu|cuda` → a candle `Device`, with CPU fallback (README "GPU").

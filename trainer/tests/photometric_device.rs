@@ -1,7 +1,8 @@
 //! `trainer::photometric::apply` (candle ops, any device; run here on the CPU) against the
 //! loader's CPU reference `PhotoParams::apply_reference`, byte for byte: drawn records, every op
 //! alone, hue/contrast/saturation/blur edge cases, several sizes and non-square crops; plus the
-//! HSV round trip over all 2^24 inputs of each direction.
+//! HSV round trip over all 2^24 inputs of each direction. Built with `--features cuda` on a machine
+//! with a GPU, every check runs on CUDA too.
 
 use candle_core::{DType, Device, Tensor};
 use loader::photometric::{box_radius, hsv_to_rgb, rgb_to_hsv, BoxWeights, PhotoParams};
@@ -82,17 +83,31 @@ fn reference(crop: &Crop, r: &PhotoRecord) -> Vec<u8> {
     img
 }
 
-/// `apply` on a batch of same-size crops; the result as bytes (checked to be integers 0..=255).
-fn device(crops: &[Crop], records: &[PhotoRecord]) -> Vec<Vec<u8>> {
+/// The CPU, and a CUDA GPU too when built with `--features cuda` on a machine that has one (the
+/// same checks then cover candle's CUDA kernels).
+fn devices() -> Vec<Device> {
+    let mut d = vec![Device::Cpu];
+    if let Ok(cuda) = Device::cuda_if_available(0) {
+        if cuda.is_cuda() {
+            d.push(cuda);
+        }
+    }
+    d
+}
+
+/// `apply` on a batch of same-size crops on `dev`; the result as bytes (checked to be integers
+/// 0..=255).
+fn device(crops: &[Crop], records: &[PhotoRecord], dev: &Device) -> Vec<Vec<u8>> {
     let (h, w) = (crops[0].h, crops[0].w);
     let flat: Vec<u8> = crops.iter().flat_map(|c| c.px.iter().copied()).collect();
-    let x = Tensor::from_vec(flat, (crops.len(), h, w, 3), &Device::Cpu)
+    let x = Tensor::from_vec(flat, (crops.len(), h, w, 3), dev)
         .unwrap()
         .to_dtype(DType::F32)
         .unwrap();
     let y = apply(&x, records).unwrap();
     assert_eq!(y.dims(), x.dims());
     assert_eq!(y.dtype(), DType::F32);
+    assert!(y.device().same_device(dev));
     let v: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
     v.chunks(h * w * 3)
         .map(|c| {
@@ -109,10 +124,17 @@ fn device(crops: &[Crop], records: &[PhotoRecord]) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// Asserts `apply` == the reference on every crop, naming the first differing crop/pixel.
+/// Asserts `apply` == the reference on every crop and device, naming the first differing
+/// crop/pixel.
 fn check(crops: &[Crop], records: &[PhotoRecord]) {
+    for dev in devices() {
+        check_on(crops, records, &dev);
+    }
+}
+
+fn check_on(crops: &[Crop], records: &[PhotoRecord], dev: &Device) {
     assert_eq!(crops.len(), records.len());
-    let got = device(crops, records);
+    let got = device(crops, records, dev);
     let mut bad = Vec::new();
     for (i, (crop, r)) in crops.iter().zip(records).enumerate() {
         let want = reference(crop, r);
@@ -134,7 +156,7 @@ fn check(crops: &[Crop], records: &[PhotoRecord]) {
     }
     assert!(
         bad.is_empty(),
-        "{} crops differ:\n{}",
+        "{dev:?}: {} crops differ:\n{}",
         bad.len(),
         bad.join("\n")
     );
@@ -348,7 +370,7 @@ fn batch_without_hue_or_blur_matches_reference() {
     let crops = mixed_crops(records.len(), 24, 24, 31);
     check(&crops, &records);
     // Untouched crops come back exactly.
-    let out = device(&crops, &records);
+    let out = device(&crops, &records, &Device::Cpu);
     assert_eq!(out[4], crops[4].px);
 }
 
@@ -388,12 +410,12 @@ fn box_matrices_match_the_sliding_sum() {
 
 /// Pixels `[chunk·2^20, (chunk+1)·2^20)` of all 2^24 byte triples, as a `[1, 1024, 1024, 3]`
 /// tensor of channel values (c0, c1, c2) = (i >> 16, i >> 8, i) & 255.
-fn all_triples(chunk: u32) -> (Vec<[u8; 3]>, Tensor) {
+fn all_triples(chunk: u32, dev: &Device) -> (Vec<[u8; 3]>, Tensor) {
     let t: Vec<[u8; 3]> = (chunk << 20..(chunk + 1) << 20)
         .map(|i| [(i >> 16) as u8, (i >> 8) as u8, i as u8])
         .collect();
     let flat: Vec<f32> = t.iter().flat_map(|p| p.map(|v| v as f32)).collect();
-    let x = Tensor::from_vec(flat, (1, 1024, 1024, 3), &Device::Cpu).unwrap();
+    let x = Tensor::from_vec(flat, (1, 1024, 1024, 3), dev).unwrap();
     (t, x)
 }
 
@@ -409,15 +431,15 @@ fn plane(t: &Tensor) -> Vec<u8> {
 
 #[test]
 fn rgb_to_hsv_matches_reference_for_all_colours() {
-    for chunk in 0..16 {
-        let (rgb, x) = all_triples(chunk);
+    for (dev, chunk) in devices().iter().flat_map(|d| (0..16).map(move |c| (d, c))) {
+        let (rgb, x) = all_triples(chunk, dev);
         let (h, s, v) = photometric::rgb_to_hsv(&x).unwrap();
         let (h, s, v) = (plane(&h), plane(&s), plane(&v));
         for (i, p) in rgb.iter().enumerate() {
             assert_eq!(
                 (h[i], s[i], v[i]),
                 rgb_to_hsv(p[0], p[1], p[2]),
-                "rgb {p:?}"
+                "{dev:?}: rgb {p:?}"
             );
         }
     }
@@ -425,8 +447,8 @@ fn rgb_to_hsv_matches_reference_for_all_colours() {
 
 #[test]
 fn hsv_to_rgb_matches_reference_for_all_inputs() {
-    for chunk in 0..16 {
-        let (hsv, x) = all_triples(chunk);
+    for (dev, chunk) in devices().iter().flat_map(|d| (0..16).map(move |c| (d, c))) {
+        let (hsv, x) = all_triples(chunk, dev);
         let x = x.to_dtype(DType::F64).unwrap();
         let ch = |i| x.narrow(3, i, 1).unwrap();
         let out = photometric::hsv_to_rgb(&ch(0), &ch(1), &ch(2)).unwrap();
@@ -437,7 +459,7 @@ fn hsv_to_rgb_matches_reference_for_all_inputs() {
             assert_eq!(
                 (g[0], g[1], g[2]),
                 (want.0 as f32, want.1 as f32, want.2 as f32),
-                "hsv {p:?}"
+                "{dev:?}: hsv {p:?}"
             );
         }
     }
@@ -469,4 +491,67 @@ fn bad_input_is_an_error() {
         ..Default::default()
     };
     assert!(apply(&x, &[off]).is_ok());
+}
+
+#[test]
+fn contrast_on_a_large_crop_matches_reference() {
+    // 260² pixels: Σ luma can pass 2^24, so the mean is summed in f64 (the other branch).
+    // The gray crop's mean luma is 250.5 − 1/n: int(mean + 0.5) = 250 only if Σ is exact.
+    let n = 260 * 260;
+    let px = (0..n)
+        .flat_map(|i| {
+            let v = if i % 2 == 1 || i == 0 { 250u8 } else { 251 };
+            [v, v, v]
+        })
+        .collect();
+    let near_half = Crop { h: 260, w: 260, px };
+    let crops = vec![
+        near_half,
+        constant_crop(260, 260, [250, 251, 255]),
+        structured_crop(260, 260, 3),
+    ];
+    let records = vec![
+        only(PhotoRecord::CONTRAST, 0.5),
+        only(PhotoRecord::CONTRAST, 0.7),
+        only(PhotoRecord::CONTRAST, 1.3),
+    ];
+    check(&crops, &records);
+}
+
+#[test]
+fn strided_input_gives_the_same_bytes() {
+    // A non-contiguous view (every other crop of a [2N, H, W, 3] tensor, transposed twice).
+    let aug = AugmentConfig::default();
+    let records = draw_records(&aug, 41, 6);
+    let crops = mixed_crops(12, 24, 24, 41);
+    let flat: Vec<u8> = crops.iter().flat_map(|c| c.px.iter().copied()).collect();
+    let all = Tensor::from_vec(flat, (6, 2, 24, 24, 3), &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let view = all
+        .narrow(1, 1, 1)
+        .unwrap()
+        .squeeze(1)
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap();
+    assert!(!view.is_contiguous());
+    let a: Vec<f32> = apply(&view, &records)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let b: Vec<f32> = apply(&view.contiguous().unwrap(), &records)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(a, b);
+    let odd: Vec<Crop> = crops.iter().skip(1).step_by(2).cloned().collect();
+    check(&odd, &records);
 }
