@@ -24,6 +24,8 @@ use std::time::Instant;
 #[derive(Clone, Debug, Serialize)]
 pub struct Shapes {
     pub name: String,
+    /// Images per batch.
+    pub batch: usize,
     /// Token rows (batch × tokens) and width of the LayerNorm / bias+GELU inputs.
     pub rows: usize,
     pub dim: usize,
@@ -62,6 +64,7 @@ impl Shapes {
         let crops = 2 + cfg.augment.n_local as usize;
         Ok(Self {
             name: name.to_string(),
+            batch,
             rows: batch * tokens,
             dim: m.dim,
             mlp: m.mlp_ratio * m.dim,
@@ -377,6 +380,74 @@ fn check_adamw(out: &mut Vec<KernelResult>, s: &Shapes, dev: &Device, reps: usiz
     Ok(())
 }
 
+/// The photometric pipeline on the device (`[augment] photometric = "device"`) against the same
+/// function on the CPU, which is bit-identical to the loader's PIL reference
+/// (trainer/tests/photometric_device.rs): any difference fails (tolerance 0). `composed ms` is
+/// the loader's fused CPU path on one thread for the same crops (what the device replaces),
+/// `fused ms` the device. Records are drawn with the recipe's probabilities.
+fn check_photometric(
+    out: &mut Vec<KernelResult>,
+    aug: &shared::config::AugmentConfig,
+    crops: usize,
+    size: usize,
+    dev: &Device,
+    reps: usize,
+) -> Result<()> {
+    use loader::photometric::{PhotoParams, PhotoScratch};
+    let mut rng = shared::rng::sample_rng(7, 0, crops as u64);
+    let params: Vec<PhotoParams> = (0..crops)
+        .map(|_| PhotoParams::draw(aug, &mut rng))
+        .collect();
+    let records: Vec<_> = params.iter().map(PhotoParams::record).collect();
+    // Smooth content with an edge and colour (random noise would make every op trivial).
+    let px = size * size * 3;
+    let mut bytes = vec![0u8; crops * px];
+    for (c, img) in bytes.chunks_exact_mut(px).enumerate() {
+        for (i, v) in img.iter_mut().enumerate() {
+            let (y, x, ch) = (i / (3 * size), (i / 3) % size, i % 3);
+            let edge = if (x + c) % size < size / 2 { 60 } else { 0 };
+            *v = ((x * (ch + 1) * 255 / size + y * 97 / size + edge + 13 * c) % 256) as u8;
+        }
+    }
+    let x =
+        Tensor::from_slice(&bytes, (crops, size, size, 3), &Device::Cpu)?.to_dtype(DType::F32)?;
+    let reference = crate::photometric::apply(&x, &records)?;
+    let xd = x.to_device(dev)?;
+    let got = crate::photometric::apply(&xd, &records)?;
+    let (abs, rel) = errors(&reference, &got)?;
+    let mut device_ms = Vec::new();
+    for i in 0..reps + 1 {
+        dev.synchronize()?;
+        let t0 = Instant::now();
+        crate::photometric::apply(&xd, &records)?;
+        dev.synchronize()?;
+        if i >= 1 {
+            device_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let mut scratch = PhotoScratch::default();
+    let mut work = bytes.clone();
+    let t0 = Instant::now();
+    for (img, p) in work.chunks_exact_mut(px).zip(&params) {
+        p.apply(img, size, size, &mut scratch);
+    }
+    let loader_ms = t0.elapsed().as_secs_f64() * 1e3;
+    out.push(KernelResult {
+        op: "photometric (loader CPU 1 thread → device)".into(),
+        dtype: "f32".into(),
+        shape: format!("[{crops}, {size}, {size}, 3]"),
+        fwd_max_abs: abs,
+        fwd_max_rel: rel,
+        bwd_max_abs: None,
+        bwd_max_rel: None,
+        tolerance: 0.0,
+        pass: abs == 0.0,
+        composed_ms: loader_ms,
+        fused_ms: median(device_ms),
+    });
+    Ok(())
+}
+
 /// Runs every check on `dev` (the CPU reference always runs on the CPU).
 pub fn run(dev: &Device, s: &Shapes, reps: usize) -> Result<CheckReport> {
     let mut out = Vec::new();
@@ -523,6 +594,15 @@ pub fn run(dev: &Device, s: &Shapes, reps: usize) -> Result<CheckReport> {
         )?;
     }
     check_adamw(&mut out, s, dev, reps.min(10))?;
+    for (crops, size) in [
+        (2 * s.batch, s.cfg.augment.global_size as usize),
+        (
+            s.cfg.augment.n_local as usize * s.batch,
+            s.cfg.augment.local_size as usize,
+        ),
+    ] {
+        check_photometric(&mut out, &s.cfg.augment, crops, size, dev, reps.min(5))?;
+    }
     let ok = out.iter().all(|r| r.pass);
     Ok(CheckReport {
         device: crate::device::name(dev),
