@@ -170,6 +170,13 @@ pub fn train(opts: &TrainOptions, feed: &mut dyn BatchFeed) -> Result<TrainSumma
         .max_steps
         .map_or(schedule_steps, |m| m.min(schedule_steps));
 
+    if !cfg.augment.photometric.is_loader() && opts.device.is_cpu() && !opts.quiet {
+        eprintln!(
+            "warning: [augment] photometric = \"device\" on a CPU trainer: candle's CPU ops run the \
+             photometric pipeline ~65x slower than the loader does (trainer bench photometric_device); \
+             it pays only where the trainer's device is a GPU. Use \"loader\" here."
+        );
+    }
     let compute = crate::kernels::Compute::for_device(&opts.device, run.precision, run.kernels);
     let mut trainer =
         Trainer::with_options(&cfg, bpe, &opts.device, candle_core::DType::F32, compute)?;
