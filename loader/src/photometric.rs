@@ -403,7 +403,7 @@ fn rgb_to_hsv_tab(t: &HsvTables, r: u8, g: u8, b: u8) -> (u8, u8, u8) {
 }
 
 /// Indices into `[v, t, p, q]` per `hsv2rgb` sector, as in Pillow's switch.
-const HSV_PICK: [[u8; 3]; 6] = [
+pub const HSV_PICK: [[u8; 3]; 6] = [
     [0, 1, 2],
     [3, 0, 2],
     [2, 0, 1],

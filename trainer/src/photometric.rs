@@ -23,7 +23,7 @@
 //! op. No f32 matmul is used (TF32 on GPUs would not be exact).
 
 use candle_core::{bail, DType, Device, Result, Tensor};
-use loader::photometric::{box_radius, hue_shift, BoxWeights};
+use loader::photometric::{box_radius, hue_shift, BoxWeights, HSV_PICK};
 use shared::geometry::PhotoRecord;
 
 /// Applies the photometric pipeline of `records` to a batch of crops.
@@ -291,16 +291,6 @@ pub fn rgb_to_hsv(x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
     Ok((uh, us, maxc.to_dtype(f64_)?))
 }
 
-/// Indices into `[v, t, p, q]` per `hsv2rgb` sector, as in Pillow's switch.
-const HSV_PICK: [[u32; 3]; 6] = [
-    [0, 1, 2],
-    [3, 0, 2],
-    [2, 0, 1],
-    [2, 3, 0],
-    [1, 2, 0],
-    [0, 2, 3],
-];
-
 /// Pillow `hsv2rgb` of `[N, H, W, 1]` F64 planes of integers 0..=255: `[N, H, W, 3]` F32, with
 /// the reference's f32/f64 steps (see `loader::photometric::hsv_to_rgb`). With `s = 0`,
 /// `p = q = t = v`, so Pillow's gray shortcut needs no branch.
@@ -320,7 +310,8 @@ pub fn hsv_to_rgb(h: &Tensor, s: &Tensor, v: &Tensor) -> Result<Tensor> {
     // Sector = i mod 6 for i in 0..=6.
     let sector = (&i - mul_c(&i.ge(6.0)?.to_dtype(f64_)?, 6.0)?)?;
     let (n, hh, ww, _) = h.dims4()?;
-    let pick = Tensor::new(&HSV_PICK, h.device())?;
+    // Indices into `[v, t, p, q]` per sector, as in Pillow's switch (the loader's table).
+    let pick = Tensor::new(&HSV_PICK.map(|k| k.map(u32::from)), h.device())?;
     let ids = pick
         .index_select(&sector.flatten_all()?.to_dtype(DType::U32)?, 0)?
         .reshape((n, hh, ww, 3))?;
