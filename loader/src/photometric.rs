@@ -197,6 +197,7 @@ pub fn luma(r: u8, g: u8, b: u8) -> u8 {
 
 /// Pillow `ImagingBlend` for one value: `in1 + α(in2 − in1)` in f32, truncated and clipped.
 #[inline]
+#[allow(clippy::manual_clamp)] // `clamp` keeps NaN; `max`/`min` map it to 0 (see below)
 pub fn blend(in1: u8, in2: u8, alpha: f32) -> u8 {
     let t = in1 as i32 as f32 + alpha * ((in2 as i32 - in1 as i32) as f32);
     // Same as Pillow's `<= 0 → 0, >= 255 → 255, else truncate`, without branches. `max`/`min`

@@ -46,7 +46,7 @@ fn crops_in_bounds_with_scale_and_aspect_in_range() {
             );
             let aspect = c.w as f64 / c.h as f64;
             assert!(
-                aspect >= 0.75 * 0.97 && aspect <= 4.0 / 3.0 * 1.03,
+                (0.75 * 0.97..=4.0 / 3.0 * 1.03).contains(&aspect),
                 "crop {k} aspect {aspect}"
             );
             assert!(c.hflip <= 1);

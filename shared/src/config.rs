@@ -182,8 +182,8 @@ impl AugmentConfig {
     pub fn validate(&self) -> Result<(), String> {
         let checks: [(bool, &str); 8] = [
             (self.patch_size > 0, "patch_size must be > 0"),
-            (self.global_size % self.patch_size == 0, "global_size must be a multiple of patch_size"),
-            (self.local_size % self.patch_size == 0, "local_size must be a multiple of patch_size"),
+            (self.global_size.is_multiple_of(self.patch_size), "global_size must be a multiple of patch_size"),
+            (self.local_size.is_multiple_of(self.patch_size), "local_size must be a multiple of patch_size"),
             (self.global_grid() >= 2 && self.local_grid() >= 2, "crops must be at least 2 patches wide"),
             (self.global_window >= 1 && self.global_window <= self.global_grid(), "global_window out of range"),
             (self.local_window >= 1 && self.local_window <= self.local_grid(), "local_window out of range"),

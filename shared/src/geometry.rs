@@ -160,6 +160,9 @@ pub struct Sample {
 pub trait SampleSource: Send + Sync {
     /// Number of samples in the dataset.
     fn len(&self) -> u64;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// Builds sample `index` of `epoch`. A record that cannot be decoded is replaced by the next
     /// decodable index (deterministically), and `Sample::index` names the record actually used.
     fn produce(&self, epoch: u64, index: u64) -> anyhow::Result<Sample>;

@@ -182,7 +182,7 @@ fn residual_add_fused_matches_composed() {
 #[test]
 fn attn_softmax_fused_matches_composed() {
     let x = rand(&[2, 3, 7, 11], 6, 4.0);
-    let out = both_paths(&[x.clone()], |t, fused| attn_softmax(&t[0], 0.125, fused));
+    let out = both_paths(std::slice::from_ref(&x), |t, fused| attn_softmax(&t[0], 0.125, fused));
     assert_paths_agree("attn_softmax f64", &out, 1e-12);
     let out = both_paths(&[x.to_dtype(DType::BF16).unwrap()], |t, fused| {
         attn_softmax(&t[0], 0.125, fused)
@@ -223,7 +223,7 @@ fn soft_ce_fused_matches_composed() {
         .unwrap();
         // Σp = 2 as for the local crops' both-view targets.
         let p = (p * 2.0).unwrap();
-        let out = both_paths(&[s.clone()], |t, fused| soft_ce_rows(&t[0], &p, 0.1, fused));
+        let out = both_paths(std::slice::from_ref(&s), |t, fused| soft_ce_rows(&t[0], &p, 0.1, fused));
         assert_eq!(out[1].0.dims(), [12]);
         assert_paths_agree(&format!("soft_ce P={p_rows}"), &out, 1e-12);
         let pf = p.to_dtype(DType::F32).unwrap();

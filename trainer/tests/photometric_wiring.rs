@@ -17,7 +17,7 @@ fn picture(w: u32, h: u32, salt: u32) -> RgbImage {
         for x in 0..w {
             let speckle = (x.wrapping_mul(2654435761) ^ y.wrapping_mul(40503) ^ salt) >> 27;
             data.push(((x * 255 / w) as u8).wrapping_add(speckle as u8));
-            data.push(if (x / 9 + y / 7 + salt) % 2 == 0 {
+            data.push(if (x / 9 + y / 7 + salt).is_multiple_of(2) {
                 200
             } else {
                 30
