@@ -358,3 +358,24 @@ fn hue_matches_the_reference_formula_on_random_pixels() {
         assert_eq!(fast, slow, "factor {factor}");
     }
 }
+
+#[test]
+fn photo_records_round_trip_every_drawn_decision() {
+    // The batch carries PhotoRecords; the trainer rebuilds the decisions from them.
+    let aug = AugmentConfig::default();
+    let (mut jitter, mut blur, mut gray, mut sol) = (0, 0, 0, 0);
+    for i in 0..2000 {
+        let p = PhotoParams::draw(&aug, &mut sample_rng(3, 1, i));
+        let r = p.record();
+        assert_eq!(PhotoParams::from_record(&r), p, "sample {i}: {r:?}");
+        jitter += !p.jitter.is_empty() as u32;
+        blur += p.blur.is_some() as u32;
+        gray += p.grayscale as u32;
+        sol += p.solarize as u32;
+    }
+    // Every kind of decision was exercised (recipe probabilities 0.8, ~0.5, 0.2, ~0.1).
+    assert!(
+        jitter > 1400 && blur > 700 && gray > 300 && sol > 100,
+        "{jitter} {blur} {gray} {sol}"
+    );
+}
