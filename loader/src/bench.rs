@@ -38,6 +38,16 @@ pub struct ModeResult {
     pub stages: StageShares,
 }
 
+impl ModeResult {
+    /// This mode's rate over `base`'s (same run): (wall, workers' CPU time).
+    fn over(&self, base: &ModeResult) -> (f64, f64) {
+        (
+            self.img_per_s / base.img_per_s.max(1e-9),
+            self.img_per_cpu_s / base.img_per_cpu_s.max(1e-9),
+        )
+    }
+}
+
 /// Seconds per image of each stage (summed over threads).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct StageShares {
@@ -321,12 +331,10 @@ pub fn run(records: &dyn Records, aug: &AugmentConfig, opts: &BenchOptions) -> R
         Some(FastSection {
             full_img_per_s: full.img_per_s,
             full_img_per_s_per_core: full.img_per_s_per_core,
-            full_over_decode: full.img_per_s / decode_only.img_per_s.max(1e-9),
-            full_over_decode_cpu: full.img_per_cpu_s / decode_only.img_per_cpu_s.max(1e-9),
-            device_photometric_over_decode: geometry_resize.img_per_s
-                / decode_only.img_per_s.max(1e-9),
-            device_photometric_over_decode_cpu: geometry_resize.img_per_cpu_s
-                / decode_only.img_per_cpu_s.max(1e-9),
+            full_over_decode: full.over(&decode_only).0,
+            full_over_decode_cpu: full.over(&decode_only).1,
+            device_photometric_over_decode: geometry_resize.over(&decode_only).0,
+            device_photometric_over_decode_cpu: geometry_resize.over(&decode_only).1,
             geometry_resize,
             full,
             error: fast_error(records, &exact_engine, &fast_engine, n, opts.seed),
@@ -343,12 +351,10 @@ pub fn run(records: &dyn Records, aug: &AugmentConfig, opts: &BenchOptions) -> R
         full_img_per_s: full.img_per_s,
         decode_only_img_per_s_per_core: decode_only.img_per_s_per_core,
         full_img_per_s_per_core: full.img_per_s_per_core,
-        full_over_decode: full.img_per_s / decode_only.img_per_s.max(1e-9),
-        full_over_decode_cpu: full.img_per_cpu_s / decode_only.img_per_cpu_s.max(1e-9),
-        device_photometric_over_decode: geometry_resize.img_per_s
-            / decode_only.img_per_s.max(1e-9),
-        device_photometric_over_decode_cpu: geometry_resize.img_per_cpu_s
-            / decode_only.img_per_cpu_s.max(1e-9),
+        full_over_decode: full.over(&decode_only).0,
+        full_over_decode_cpu: full.over(&decode_only).1,
+        device_photometric_over_decode: geometry_resize.over(&decode_only).0,
+        device_photometric_over_decode_cpu: geometry_resize.over(&decode_only).1,
         resize: if aug.resize.is_exact() {
             "exact"
         } else {

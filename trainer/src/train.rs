@@ -173,7 +173,7 @@ pub fn train(opts: &TrainOptions, feed: &mut dyn BatchFeed) -> Result<TrainSumma
     if !cfg.augment.photometric.is_loader() && opts.device.is_cpu() && !opts.quiet {
         eprintln!(
             "warning: [augment] photometric = \"device\" on a CPU trainer: candle's CPU ops run the \
-             photometric pipeline ~65x slower than the loader does (trainer bench photometric_device); \
+             photometric pipeline ~65x slower than the loader does (cargo bench -p trainer --bench photometric_device); \
              it pays only where the trainer's device is a GPU. Use \"loader\" here."
         );
     }
