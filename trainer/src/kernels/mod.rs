@@ -24,7 +24,7 @@ mod gpu;
 mod ops;
 
 pub use ops::{
-    attn_softmax, bias_add, bias_gelu, centered_entropy, centered_softmax, col_sum, layer_norm,
+    attn_softmax, attn_softmax_backward, bias_gelu_backward, layer_norm_backward, soft_ce_backward, bias_add, bias_gelu, centered_entropy, centered_softmax, col_sum, layer_norm,
     residual_add, soft_ce_rows, AttnSoftmax, BiasAdd, BiasGelu, CenteredEntropy, CenteredSoftmax,
     ColSum, LayerNormOp, ResidualAdd, RowScale, SoftCe,
 };
