@@ -262,6 +262,7 @@ pub struct ProfileRow {
 }
 
 /// Times `steps` training steps (after `warmup` untimed ones) on a synthetic batch.
+#[allow(clippy::too_many_arguments)]
 pub fn bench(
     cfg: &TrainConfig,
     device: &Device,

@@ -168,7 +168,17 @@ fn main() -> Result<()> {
             let dev = trainer::device::pick(device)?;
             let c = compute.resolve(&dev);
             let e = compute.engine(&dev);
-            trainer::debug::debug_step(&cfg, &weights, &batch, &out, &ot, iters_per_epoch, &dev, c, e)
+            trainer::debug::debug_step(
+                &cfg,
+                &weights,
+                &batch,
+                &out,
+                &ot,
+                iters_per_epoch,
+                &dev,
+                c,
+                e,
+            )
         }
         Cmd::Bench {
             config,

@@ -58,7 +58,12 @@ pub struct StepReport {
 /// engine runs it ([`crate::engine::EngineKind`]).
 pub trait TrainStep {
     /// One iteration (udi-spec §4) with per-parameter gradient norms.
-    fn step_detailed(&mut self, batch: &TrainBatch, epoch: u64, global_step: u64) -> Result<StepReport>;
+    fn step_detailed(
+        &mut self,
+        batch: &TrainBatch,
+        epoch: u64,
+        global_step: u64,
+    ) -> Result<StepReport>;
 
     fn step(&mut self, batch: &TrainBatch, epoch: u64, global_step: u64) -> Result<StepStats> {
         Ok(self.step_detailed(batch, epoch, global_step)?.stats)
@@ -405,7 +410,8 @@ impl Trainer {
     /// Restores [`Self::state_tensors`] (optimiser entries may be absent: fresh state).
     pub fn load_state(&mut self, map: &HashMap<String, Tensor>, what: &str) -> Result<()> {
         self.load_weights(map, what)?;
-        self.centres = Centres::from_map(map, self.cfg.model.out_dim, self.dtype, &self.device, what)?;
+        self.centres =
+            Centres::from_map(map, self.cfg.model.out_dim, self.dtype, &self.device, what)?;
         self.optim.load_from(map, &self.student, what)?;
         Ok(())
     }
@@ -419,7 +425,12 @@ impl Trainer {
 }
 
 impl TrainStep for Trainer {
-    fn step_detailed(&mut self, batch: &TrainBatch, epoch: u64, global_step: u64) -> Result<StepReport> {
+    fn step_detailed(
+        &mut self,
+        batch: &TrainBatch,
+        epoch: u64,
+        global_step: u64,
+    ) -> Result<StepReport> {
         Trainer::step_detailed(self, batch, epoch, global_step)
     }
     fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {

@@ -246,7 +246,11 @@ pub fn train(opts: &TrainOptions, feed: &mut dyn BatchFeed) -> Result<TrainSumma
     let mut last = None;
     let (mut wait_sum, mut ips_sum, mut n) = (0.0, 0.0, 0u64);
     let dataset_id = feed.dataset_id();
-    let save = |trainer: &dyn TrainStep, step: u64, epoch: u64, cursor: DataCursor| -> Result<PathBuf> {
+    let save = |trainer: &dyn TrainStep,
+                step: u64,
+                epoch: u64,
+                cursor: DataCursor|
+     -> Result<PathBuf> {
         let tensors: HashMap<String, Tensor> = trainer.state_tensors()?.into_iter().collect();
         // A checkpoint must be resumable: refuse to replace good ones with non-finite weights.
         if let Some(bad) = first_non_finite(&tensors)? {

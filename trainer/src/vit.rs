@@ -71,7 +71,13 @@ pub type DropMasks = Vec<(Tensor, Tensor)>;
 pub fn drop_rates(cfg: &TrainConfig) -> Vec<f64> {
     let (depth, rate) = (cfg.model.depth, cfg.model.drop_path);
     (0..depth)
-        .map(|b| if depth > 1 { rate * b as f64 / (depth - 1) as f64 } else { 0.0 })
+        .map(|b| {
+            if depth > 1 {
+                rate * b as f64 / (depth - 1) as f64
+            } else {
+                0.0
+            }
+        })
         .collect()
 }
 
@@ -96,7 +102,11 @@ pub fn drop_masks(
         for &rate in rates {
             let keep = 1.0 - rate;
             for _ in 0..2 * n {
-                v.push(if rng.random::<f64>() < keep { 1.0 / keep } else { 0.0 });
+                v.push(if rng.random::<f64>() < keep {
+                    1.0 / keep
+                } else {
+                    0.0
+                });
             }
         }
         let all = Tensor::from_vec(v, (rates.len(), 2, n, 1, 1), &Device::Cpu)?

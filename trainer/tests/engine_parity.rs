@@ -27,7 +27,10 @@ fn rel(a: &Tensor, b: &Tensor) -> f64 {
     let (a, b) = (common::to_vec_f64(a), common::to_vec_f64(b));
     assert_eq!(a.len(), b.len());
     let scale = b.iter().fold(0f64, |m, x| m.max(x.abs()));
-    let diff = a.iter().zip(&b).fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+    let diff = a
+        .iter()
+        .zip(&b)
+        .fold(0f64, |m, (x, y)| m.max((x - y).abs()));
     if scale == 0.0 {
         diff
     } else {
@@ -39,10 +42,17 @@ fn rel_f(a: f64, b: f64) -> f64 {
     (a - b).abs() / b.abs().max(1e-300)
 }
 
-fn cfg() -> TrainConfig {
-    let mut c = common::micro_cfg();
+fn with_freeze(mut c: TrainConfig) -> TrainConfig {
     c.optim.freeze_last_layer = 1;
     c
+}
+
+fn micro() -> TrainConfig {
+    with_freeze(common::micro_cfg())
+}
+
+fn tiny() -> TrainConfig {
+    with_freeze(common::tiny_cfg())
 }
 
 /// A start state shared by both engines: the fresh init with the teacher moved away from the
@@ -60,9 +70,17 @@ fn start_state(cfg: &TrainConfig, dtype: DType) -> HashMap<String, Tensor> {
             *t = ((&*t * 40.0).unwrap() + 0.01).unwrap();
         }
     }
-    for (i, name) in ["center.cls", "center.udi", "center.patch"].iter().enumerate() {
-        let v: Vec<f64> = (0..k).map(|j| ((j as f64) * (0.7 + i as f64)).sin() * 0.3).collect();
-        let t = Tensor::from_vec(v, k, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+    for (i, name) in ["center.cls", "center.udi", "center.patch"]
+        .iter()
+        .enumerate()
+    {
+        let v: Vec<f64> = (0..k)
+            .map(|j| ((j as f64) * (0.7 + i as f64)).sin() * 0.3)
+            .collect();
+        let t = Tensor::from_vec(v, k, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
         map.insert(name.to_string(), t);
     }
     map
@@ -81,8 +99,13 @@ fn batch_with_invalid_rows(cfg: &TrainConfig, dtype: DType) -> TrainBatch {
             off = off * dims[i] + x;
         }
         let inner: usize = dims[idx.len()..].iter().product();
-        v[off * inner..(off + 1) * inner].iter_mut().for_each(|x| *x = 0.0);
-        Tensor::from_vec(v, dims, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+        v[off * inner..(off + 1) * inner]
+            .iter_mut()
+            .for_each(|x| *x = 0.0);
+        Tensor::from_vec(v, dims, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
     };
     // Student view 0's S-row 0; its T-row is read on teacher view 1 (slot 0).
     b.student_rows = zero_row(&b.student_rows, &[0, 0]);
@@ -104,8 +127,7 @@ fn engines(cfg: &TrainConfig, dtype: DType, compute: Compute) -> (Explicit, Trai
 }
 
 /// One step's loss and gradients of both engines (drop path on: the same masks).
-fn check_gradients(dtype: DType, compute: Compute, tol: f64) {
-    let cfg = cfg();
+fn check_gradients(cfg: TrainConfig, dtype: DType, compute: Compute, tol: f64) {
     let batch = batch_with_invalid_rows(&cfg, dtype);
     let (e, a) = engines(&cfg, dtype, compute);
     let (epoch, step) = (1, 3);
@@ -115,7 +137,16 @@ fn check_gradients(dtype: DType, compute: Compute, tol: f64) {
     let s_out = a.student_net().student(&batch, Some(&masks)).unwrap();
     let t_out = a.teacher_net().teacher(&batch).unwrap();
     let tau = a.schedules.teacher_temp(epoch);
-    let loss = udi_loss_with(&cfg.loss, &batch, &s_out, &t_out, &a.centres, tau, compute.kernels == Kernels::Fused).unwrap();
+    let loss = udi_loss_with(
+        &cfg.loss,
+        &batch,
+        &s_out,
+        &t_out,
+        &a.centres,
+        tau,
+        compute.kernels == Kernels::Fused,
+    )
+    .unwrap();
     let scalar = |t: &Tensor| t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
     for (what, x, y) in [
         ("L", vals.total, scalar(&loss.total)),
@@ -137,37 +168,59 @@ fn check_gradients(dtype: DType, compute: Compute, tol: f64) {
         if err > tol {
             bad.push(format!("{name}: {err:e}"));
         }
-        assert!(common::to_vec_f64(g).iter().any(|x| *x != 0.0), "{name}: zero gradient");
+        assert!(
+            common::to_vec_f64(g).iter().any(|x| *x != 0.0),
+            "{name}: zero gradient"
+        );
         if err > worst.0 {
             worst = (err, name.clone());
         }
     }
-    eprintln!("{dtype:?} {compute:?}: worst gradient relative error {:e} ({})", worst.0, worst.1);
-    assert!(bad.is_empty(), "gradient relative error above {tol:e}: {bad:#?}");
+    eprintln!(
+        "{dtype:?} {compute:?}: worst gradient relative error {:e} ({})",
+        worst.0, worst.1
+    );
+    assert!(
+        bad.is_empty(),
+        "gradient relative error above {tol:e}: {bad:#?}"
+    );
 }
 
 #[test]
 fn gradients_match_autograd_f64() {
-    check_gradients(DType::F64, COMPOSED, 1e-10);
-    check_gradients(DType::F64, FUSED, 1e-10);
+    check_gradients(micro(), DType::F64, COMPOSED, 1e-10);
+    check_gradients(micro(), DType::F64, FUSED, 1e-10);
+    check_gradients(tiny(), DType::F64, COMPOSED, 1e-10);
 }
 
 #[test]
 fn gradients_match_autograd_f32() {
-    check_gradients(DType::F32, COMPOSED, 1e-5);
+    check_gradients(micro(), DType::F32, COMPOSED, 1e-5);
+    check_gradients(tiny(), DType::F32, COMPOSED, 1e-5);
+}
+
+/// bf16 matmuls (f32 masters, statistics and loss), as on a GPU: the same casts in both engines,
+/// so they agree to bf16 rounding; this also runs every dtype combination the CUDA path sees.
+#[test]
+fn gradients_match_autograd_bf16() {
+    let bf16 = |kernels| Compute {
+        precision: Precision::Bf16,
+        kernels,
+    };
+    check_gradients(micro(), DType::F32, bf16(Kernels::Candle), 3e-2);
+    check_gradients(micro(), DType::F32, bf16(Kernels::Fused), 3e-2);
 }
 
 /// Several whole steps (epoch 0 with the last layer frozen, then epoch 1) of both engines:
 /// reported values, per-parameter norms before/after clipping, and the whole state after each
 /// step. The update runs the same fused AdamW + EMA in both (`--kernels fused`), so f64 agrees
 /// to rounding.
-fn check_steps(dtype: DType, compute: Compute, tol: f64) {
-    let mut cfg = cfg();
+fn check_steps(mut cfg: TrainConfig, dtype: DType, compute: Compute, tol: f64) {
     cfg.optim.clip_grad = 0.05; // small enough that some tensors are clipped
-    // The key bias of softmax attention has a gradient of exactly 0 in exact arithmetic; in f32
-    // both engines leave rounding noise of ~1e-9 there, which Adam's m/(√v + ε) with ε = 1e-8
-    // turns into updates of ~0.1·lr of either sign. A larger ε keeps the comparison about the
-    // step's arithmetic (f64 runs with the config's ε).
+                                // The key bias of softmax attention has a gradient of exactly 0 in exact arithmetic; in f32
+                                // both engines leave rounding noise of ~1e-9 there, which Adam's m/(√v + ε) with ε = 1e-8
+                                // turns into updates of ~0.1·lr of either sign. A larger ε keeps the comparison about the
+                                // step's arithmetic (f64 runs with the config's ε).
     if dtype == DType::F32 {
         cfg.optim.eps = 1e-4;
     }
@@ -189,17 +242,34 @@ fn check_steps(dtype: DType, compute: Compute, tol: f64) {
             ("entropy 2", se.teacher_entropy[2], sa.teacher_entropy[2]),
             ("‖c₂‖", se.centre_norms[2], sa.centre_norms[2]),
         ] {
-            assert!(rel_f(x, y) <= tol, "step {step} {what}: explicit {x} vs autograd {y}");
+            assert!(
+                rel_f(x, y) <= tol,
+                "step {step} {what}: explicit {x} vs autograd {y}"
+            );
         }
         for ((n, pe, qe), (m, pa, qa)) in re.grad_norms.iter().zip(&ra.grad_norms) {
             assert_eq!(n, m);
-            assert_eq!(pe.is_some(), pa.is_some(), "step {step} {n}: pre-clip norm presence");
-            assert_eq!(qe.is_some(), qa.is_some(), "step {step} {n}: post-clip norm presence");
+            assert_eq!(
+                pe.is_some(),
+                pa.is_some(),
+                "step {step} {n}: pre-clip norm presence"
+            );
+            assert_eq!(
+                qe.is_some(),
+                qa.is_some(),
+                "step {step} {n}: post-clip norm presence"
+            );
             if let (Some(x), Some(y)) = (pe, pa) {
-                assert!(rel_f(*x, *y) <= tol, "step {step} {n}: pre-clip norm {x} vs {y}");
+                assert!(
+                    rel_f(*x, *y) <= tol,
+                    "step {step} {n}: pre-clip norm {x} vs {y}"
+                );
             }
             if let (Some(x), Some(y)) = (qe, qa) {
-                assert!(rel_f(*x, *y) <= tol, "step {step} {n}: post-clip norm {x} vs {y}");
+                assert!(
+                    rel_f(*x, *y) <= tol,
+                    "step {step} {n}: post-clip norm {x} vs {y}"
+                );
                 clipped += usize::from(*x < pe.unwrap() * (1.0 - 1e-9));
             }
             if epoch == 0 && n.starts_with("head.last_layer") {
@@ -215,26 +285,33 @@ fn check_steps(dtype: DType, compute: Compute, tol: f64) {
         assert_eq!(ke, ka, "step {step}: checkpoint names differ");
         for (name, t) in &se {
             let err = rel(t, &sa[name]);
-            assert!(err <= tol, "step {step} {name}: relative error {err:e} > {tol:e}");
+            assert!(
+                err <= tol,
+                "step {step} {name}: relative error {err:e} > {tol:e}"
+            );
         }
     }
-    assert!(clipped > 0, "no gradient was clipped: the clipping path is untested");
+    assert!(
+        clipped > 0,
+        "no gradient was clipped: the clipping path is untested"
+    );
 }
 
 #[test]
 fn steps_match_autograd_f64() {
-    check_steps(DType::F64, FUSED, 1e-10);
+    check_steps(micro(), DType::F64, FUSED, 1e-10);
+    check_steps(tiny(), DType::F64, FUSED, 1e-10);
 }
 
 #[test]
 fn steps_match_autograd_f32() {
-    check_steps(DType::F32, FUSED, 1e-5);
+    check_steps(micro(), DType::F32, FUSED, 1e-5);
 }
 
 /// A checkpoint of the explicit engine resumes bit-identically (in either engine's names).
 #[test]
 fn explicit_resume_is_bitwise() {
-    let cfg = cfg();
+    let cfg = micro();
     let batch = batch_with_invalid_rows(&cfg, DType::F32);
     let (mut e, _) = engines(&cfg, DType::F32, COMPOSED);
     e.step(&batch, 1, 10).unwrap();
@@ -247,6 +324,10 @@ fn explicit_resume_is_bitwise() {
     let (se, sr) = (e.state_tensors().unwrap(), r.state_tensors().unwrap());
     for ((n, a), (m, b)) in se.iter().zip(&sr) {
         assert_eq!(n, m);
-        assert_eq!(common::to_vec_f64(a), common::to_vec_f64(b), "{n} differs after resume");
+        assert_eq!(
+            common::to_vec_f64(a),
+            common::to_vec_f64(b),
+            "{n} differs after resume"
+        );
     }
 }

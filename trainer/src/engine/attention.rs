@@ -18,7 +18,13 @@ pub struct AttnSaved {
 }
 
 /// `(O, P)`.
-pub fn forward(ops: &Ops, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
+pub fn forward(
+    ops: &Ops,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> Result<(Tensor, Tensor)> {
     let p = attn_softmax(&q.matmul(&k.t()?)?, scale, ops.fused)?;
     Ok((p.matmul(v)?, p))
 }
@@ -37,10 +43,21 @@ pub fn backward(
 }
 
 /// `[B, T, 3·H·dh]` rows of a qkv projection → q, k, v `[B, H, T, dh]` (contiguous).
-pub fn split_qkv(qkv: &Tensor, b: usize, t: usize, heads: usize) -> Result<(Tensor, Tensor, Tensor)> {
+pub fn split_qkv(
+    qkv: &Tensor,
+    b: usize,
+    t: usize,
+    heads: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let dh = qkv.dim(1)? / 3 / heads;
-    let x = qkv.reshape((b, t, 3, heads, dh))?.permute((2, 0, 3, 1, 4))?;
-    Ok((x.get(0)?.contiguous()?, x.get(1)?.contiguous()?, x.get(2)?.contiguous()?))
+    let x = qkv
+        .reshape((b, t, 3, heads, dh))?
+        .permute((2, 0, 3, 1, 4))?;
+    Ok((
+        x.get(0)?.contiguous()?,
+        x.get(1)?.contiguous()?,
+        x.get(2)?.contiguous()?,
+    ))
 }
 
 /// The inverse of [`split_qkv`] for the gradients: `[B·T, 3·H·dh]`.

@@ -44,7 +44,12 @@ impl Head {
 
     /// Input rows `[R, D]` (parameter dtype) → the L2-normalised bottleneck ẑ `[R, E]`
     /// (parameter dtype).
-    pub fn bottleneck(&self, ops: &Ops, x: &Tensor, save: bool) -> Result<(Tensor, Option<HeadSaved>)> {
+    pub fn bottleneck(
+        &self,
+        ops: &Ops,
+        x: &Tensor,
+        save: bool,
+    ) -> Result<(Tensor, Option<HeadSaved>)> {
         let x = x.to_dtype(ops.cdt)?;
         let (h1, pre0) = self.fc[0].forward_gelu(ops, &x)?;
         let (h2, pre1) = self.fc[1].forward_gelu(ops, &h1)?;
@@ -73,7 +78,10 @@ impl Head {
         grads: &mut Grads,
     ) -> Result<Tensor> {
         {
-            let dw = dlogits.t()?.matmul(&s.z_hat.to_dtype(ops.cdt)?)?.to_dtype(ops.pdt)?;
+            let dw = dlogits
+                .t()?
+                .matmul(&s.z_hat.to_dtype(ops.cdt)?)?
+                .to_dtype(ops.pdt)?;
             let dg = (&dw * &last.u)?.sum_keepdim(D::Minus1)?;
             let dv = dw
                 .sub(&last.u.broadcast_mul(&dg)?)?
@@ -84,12 +92,16 @@ impl Head {
         let dz_hat = dlogits.matmul(&last.w)?.to_dtype(ops.pdt)?;
         // Below eps the normalisation divides by the constant eps.
         let above = s.z_norm.gt(L2_EPS)?.to_dtype(ops.pdt)?;
-        let proj = (&dz_hat * &s.z_hat)?.sum_keepdim(D::Minus1)?.broadcast_mul(&above)?;
+        let proj = (&dz_hat * &s.z_hat)?
+            .sum_keepdim(D::Minus1)?
+            .broadcast_mul(&above)?;
         let dz = dz_hat
             .sub(&s.z_hat.broadcast_mul(&proj)?)?
             .broadcast_div(&s.z_norm.maximum(L2_EPS)?)?;
         let dz = dz.to_dtype(ops.cdt)?;
-        let dh2 = self.fc[2].backward(ops, &s.act[1], &dz, grads, true)?.expect("dx");
+        let dh2 = self.fc[2]
+            .backward(ops, &s.act[1], &dz, grads, true)?
+            .expect("dx");
         let dh1 = self.fc[1].backward_gelu(ops, &s.act[0], &s.pre[1], &dh2, grads)?;
         let dx = self.fc[0].backward_gelu(ops, &s.x, &s.pre[0], &dh1, grads)?;
         dx.to_dtype(ops.pdt)

@@ -49,7 +49,12 @@ pub fn forward_backward(
     if let Some(u) = &tg.udi {
         groups.push((n_crops, 2 * b, &u.plus_global, uniform(2 * b, w1 / norm)?));
         if let Some(p) = &u.plus_local {
-            groups.push((n_crops + 2 * b, n_local * b, p, uniform(n_local * b, w1 / norm)?));
+            groups.push((
+                n_crops + 2 * b,
+                n_local * b,
+                p,
+                uniform(n_local * b, w1 / norm)?,
+            ));
         }
         let valid = u.valid.flatten_all()?.to_dtype(pdt)?;
         let n_valid = valid.sum_all()?;
@@ -75,7 +80,9 @@ pub fn forward_backward(
     if let Some((_, n)) = &valid_rows {
         parts.push(n.clone());
     }
-    let vals = Tensor::stack(&parts, 0)?.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?;
+    let vals = Tensor::stack(&parts, 0)?
+        .to_dtype(candle_core::DType::F64)?
+        .to_vec1::<f64>()?;
     let n_l = if tg.cls_local.is_some() { 2 } else { 1 };
     let cls = vals[..n_l].iter().sum::<f64>() / norm;
     let (udi, patch) = match tg.udi {

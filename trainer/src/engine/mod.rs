@@ -33,6 +33,7 @@ use crate::loss::Centres;
 use crate::model::{TeacherOut, TeacherRows};
 use crate::optim::{clip_factor, squared_norms};
 use crate::params::ParamStore;
+use crate::prof;
 use crate::schedule::Schedules;
 use crate::step::{StepReport, StepStats, TrainStep};
 use crate::vit::bicubic_matrix_2d;
@@ -265,14 +266,21 @@ impl Explicit {
                 .collect::<candle_core::Result<Vec<_>>>()?,
             0,
         )?;
-        ensure!(p.elem_count() == layout.n, "parameter layout does not match the store");
+        ensure!(
+            p.elem_count() == layout.n,
+            "parameter layout does not match the store"
+        );
         let zeros = p.zeros_like()?;
         let state = Tensor::cat(&[&p, &zeros, &zeros, &p], 0)?;
         let pos_grid = cfg.pos_grid();
         let mut resample = Vec::new();
         for g in [cfg.global_grid(), cfg.local_grid()] {
             if g != pos_grid && !resample.iter().any(|(x, _)| *x == g) {
-                let m = Tensor::from_vec(bicubic_matrix_2d(pos_grid, g), (g * g, pos_grid * pos_grid), &Device::Cpu)?;
+                let m = Tensor::from_vec(
+                    bicubic_matrix_2d(pos_grid, g),
+                    (g * g, pos_grid * pos_grid),
+                    &Device::Cpu,
+                )?;
                 resample.push((g, m.to_dtype(dtype)?.to_device(device)?));
             }
         }
@@ -319,12 +327,22 @@ impl Explicit {
         let b = batch.batch_size;
         let (xg, _) = t.backbone.forward(ops, &batch.globals, None, false)?;
         let d = xg.dim(2)?;
-        let cls = t.backbone.class_outputs(ops, &xg)?.narrow(1, 0, 1)?.squeeze(1)?;
+        let cls = t
+            .backbone
+            .class_outputs(ops, &xg)?
+            .narrow(1, 0, 1)?
+            .squeeze(1)?;
         let n_tok = xg.dim(1)? - 2;
-        let (z, _) = t.srs.forward(ops, &xg.narrow(1, 2, n_tok)?, &batch.teacher_rows, false)?;
+        let (z, _) = t
+            .srs
+            .forward(ops, &xg.narrow(1, 2, n_tok)?, &batch.teacher_rows, false)?;
         let r = batch.teacher_rows.dim(1)?;
         let n_g = batch.student_rows.dim(1)?;
-        let (f, _) = t.head.bottleneck(ops, &Tensor::cat(&[&cls, &z.reshape((2 * b * r, d))?], 0)?, false)?;
+        let (f, _) = t.head.bottleneck(
+            ops,
+            &Tensor::cat(&[&cls, &z.reshape((2 * b * r, d))?], 0)?,
+            false,
+        )?;
         let e = f.dim(1)?;
         let f_rows = f.narrow(0, 2 * b, 2 * b * r)?.reshape((2 * b, r, e))?;
         let last = t.head.last_layer(ops)?;
@@ -342,7 +360,9 @@ impl Explicit {
         Ok(TeacherOut {
             cls: logits.narrow(0, 0, 2 * b)?,
             rows: Some(TeacherRows::Factored {
-                global: logits.narrow(0, 2 * b, 2 * b * n_g)?.reshape((2 * b, n_g, k))?,
+                global: logits
+                    .narrow(0, 2 * b, 2 * b * n_g)?
+                    .reshape((2 * b, n_g, k))?,
                 local_features: f_rows.narrow(1, n_g, r - n_g)?,
                 last: crate::head::LastLayer::from_weight(last.w.clone(), self.compute),
             }),
@@ -364,7 +384,9 @@ impl Explicit {
             .iter()
             .map(|e| grads.narrow(0, e.offset, e.len))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let trainable: Vec<usize> = (0..entries.len()).filter(|&i| entries[i].trainable).collect();
+        let trainable: Vec<usize> = (0..entries.len())
+            .filter(|&i| entries[i].trainable)
+            .collect();
         let sq_t = squared_norms(&trainable.iter().map(|&i| &views[i]).collect::<Vec<_>>())?;
         let mut sq = vec![None; entries.len()];
         for (&i, s) in trainable.iter().zip(sq_t) {
@@ -375,7 +397,10 @@ impl Explicit {
         let mut clip = vec![1.0; entries.len()];
         let mut total_sq = 0.0;
         for group in &self.layout.clip_groups {
-            let members: Vec<(usize, f64)> = group.iter().filter_map(|&i| sq[i].map(|s| (i, s))).collect();
+            let members: Vec<(usize, f64)> = group
+                .iter()
+                .filter_map(|&i| sq[i].map(|s| (i, s)))
+                .collect();
             if members.is_empty() {
                 continue;
             }
@@ -425,14 +450,20 @@ impl Explicit {
         for (k, prefix) in [(0, "student."), (3, "teacher.")] {
             for e in &self.layout.entries {
                 let key = format!("{prefix}{}", e.name);
-                let t = map.get(&key).with_context(|| format!("{what}: missing tensor {key}"))?;
+                let t = map
+                    .get(&key)
+                    .with_context(|| format!("{what}: missing tensor {key}"))?;
                 ensure!(
                     t.dims() == e.shape.as_slice(),
                     "{what}: tensor {key} has shape {:?}, expected {:?}",
                     t.dims(),
                     e.shape
                 );
-                parts[k].push(t.to_dtype(self.dtype)?.to_device(&self.device)?.flatten_all()?);
+                parts[k].push(
+                    t.to_dtype(self.dtype)?
+                        .to_device(&self.device)?
+                        .flatten_all()?,
+                );
             }
         }
         parts[1] = vec![self.part(1)?.copy()?];
@@ -457,18 +488,27 @@ impl Explicit {
                     v.push(z);
                 }
                 Some(step) => {
-                    let s: Vec<i64> = step.flatten_all()?.to_vec1().with_context(|| format!("{what}: {key}"))?;
+                    let s: Vec<i64> = step
+                        .flatten_all()?
+                        .to_vec1()
+                        .with_context(|| format!("{what}: {key}"))?;
                     self.steps[i] = s[0] as u64;
                     for (dst, k) in [(&mut m, "exp_avg"), (&mut v, "exp_avg_sq")] {
                         let key = format!("optim.{}.{k}", e.name);
-                        let t = map.get(&key).with_context(|| format!("{what}: missing {key}"))?;
+                        let t = map
+                            .get(&key)
+                            .with_context(|| format!("{what}: missing {key}"))?;
                         ensure!(
                             t.dims() == e.shape.as_slice(),
                             "{what}: {key} has shape {:?}, expected {:?}",
                             t.dims(),
                             e.shape
                         );
-                        dst.push(t.to_dtype(self.dtype)?.to_device(&self.device)?.flatten_all()?);
+                        dst.push(
+                            t.to_dtype(self.dtype)?
+                                .to_device(&self.device)?
+                                .flatten_all()?,
+                        );
                     }
                 }
             }
@@ -477,7 +517,10 @@ impl Explicit {
         let t = self.part(3)?.copy()?;
         let m = Tensor::cat(&m, 0)?;
         let v = Tensor::cat(&v, 0)?;
-        ensure!(m.elem_count() == n && v.elem_count() == n, "{what}: AdamW state size");
+        ensure!(
+            m.elem_count() == n && v.elem_count() == n,
+            "{what}: AdamW state size"
+        );
         self.state = Tensor::cat(&[&p, &m, &v, &t], 0)?;
         Ok(())
     }
@@ -555,16 +598,22 @@ impl Explicit {
             ],
             0,
         )?;
-        let (z_hat, saved_head) = student.head.bottleneck(&ops, &head_in, true)?;
+        let dev = &self.device;
+        let (z_hat, saved_head) = prof::time(dev, "engine: head forward", || {
+            student.head.bottleneck(&ops, &head_in, true)
+        })?;
         let last = student.head.last_layer(&ops)?;
-        let logits = last.forward(&ops, &z_hat)?;
+        let logits = prof::time(dev, "engine: head last layer forward", || {
+            last.forward(&ops, &z_hat)
+        })?;
 
         // Loss with the current centres.
         let targets =
             crate::loss::targets(&self.cfg.loss, batch, &t_out, &self.centres, tau, ops.fused)?;
         drop(t_out);
-        let (vals, dlogits) =
-            loss::forward_backward(&ops, &self.cfg.loss, &targets, &logits, b, n_local)?;
+        let (vals, dlogits) = prof::time(dev, "engine: loss forward + dlogits", || {
+            loss::forward_backward(&ops, &self.cfg.loss, &targets, &logits, b, n_local)
+        })?;
         drop(logits);
         let t2 = Instant::now();
         if !vals.total.is_finite() {
@@ -580,23 +629,29 @@ impl Explicit {
         // Backward: head → final LN of [cls]/[cls+] and SRS → blocks in reverse → embeddings.
         let mut grads = Grads::new(&self.layout, ops.pdt);
         let saved_head = saved_head.expect("saved");
-        let d_in = student
-            .head
-            .backward(&ops, &saved_head, &last, &dlogits, &mut grads)?;
+        let d_in = prof::time(dev, "engine: head backward", || {
+            student
+                .head
+                .backward(&ops, &saved_head, &last, &dlogits, &mut grads)
+        })?;
         drop((dlogits, saved_head, last));
         let d_cls = Tensor::stack(
-            &[d_in.narrow(0, 0, n_crops)?, d_in.narrow(0, n_crops, n_crops)?],
+            &[
+                d_in.narrow(0, 0, n_crops)?,
+                d_in.narrow(0, n_crops, n_crops)?,
+            ],
             1,
         )?;
         let d_cls_in = bb.class_backward(&ops, &cls_in, &d_cls, &mut grads)?;
         let dz = d_in.narrow(0, 2 * n_crops, d_in.dim(0)? - 2 * n_crops)?;
-        let d_patch_g = student
-            .srs
-            .backward(&ops, &saved_srs.expect("saved"), &dz, &mut grads)?;
+        let saved_srs = saved_srs.expect("saved");
+        let d_patch_g = prof::time(dev, "engine: srs backward", || {
+            student.srs.backward(&ops, &saved_srs, &dz, &mut grads)
+        })?;
         let dxg = Tensor::cat(&[&d_cls_in.narrow(0, 0, 2 * b)?, &d_patch_g], 1)?;
         bb.backward(
             &ops,
-            &saved_g.expect("saved"),
+            saved_g.expect("saved"),
             &dxg,
             masks.as_ref().map(|m| &m.0),
             &mut grads,
@@ -605,7 +660,7 @@ impl Explicit {
             // The local crops' patch tokens feed nothing (their SRS output is unused).
             let zeros = Tensor::zeros((n_local * b, x.dim(1)? - 2, d), ops.pdt, &self.device)?;
             let dxl = Tensor::cat(&[&d_cls_in.narrow(0, 2 * b, n_local * b)?, &zeros], 1)?;
-            bb.backward(&ops, &sl, &dxl, masks.as_ref().map(|m| &m.1), &mut grads)?;
+            bb.backward(&ops, sl, &dxl, masks.as_ref().map(|m| &m.1), &mut grads)?;
         }
         drop(student);
         let grads = grads.flat(&self.device)?;
@@ -633,7 +688,12 @@ impl Explicit {
     ) -> Result<(loss::LossValues, Vec<(String, Tensor)>)> {
         let pass = self.forward_backward(batch, epoch, global_step)?;
         let grads = (0..self.layout.entries.len())
-            .map(|i| Ok((self.layout.entries[i].name.clone(), self.layout.view(&pass.grads, i)?)))
+            .map(|i| {
+                Ok((
+                    self.layout.entries[i].name.clone(),
+                    self.layout.view(&pass.grads, i)?,
+                ))
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok((pass.loss, grads))
     }
@@ -713,7 +773,11 @@ impl TrainStep for Explicit {
     fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = Vec::new();
         let own = |k: usize, i: usize| -> Result<Tensor> {
-            Ok(self.layout.view(&self.part(k)?, i)?.force_contiguous()?.detach())
+            Ok(self
+                .layout
+                .view(&self.part(k)?, i)?
+                .force_contiguous()?
+                .detach())
         };
         for (prefix, k) in [("student.", 0), ("teacher.", 3)] {
             for (i, e) in self.layout.entries.iter().enumerate() {
@@ -727,7 +791,10 @@ impl TrainStep for Explicit {
             if self.steps[i] > 0 {
                 out.push((format!("optim.{}.exp_avg", e.name), own(1, i)?));
                 out.push((format!("optim.{}.exp_avg_sq", e.name), own(2, i)?));
-                out.push((format!("optim.{}.step", e.name), Tensor::new(&[self.steps[i] as i64], &self.device)?));
+                out.push((
+                    format!("optim.{}.step", e.name),
+                    Tensor::new(&[self.steps[i] as i64], &self.device)?,
+                ));
             }
         }
         Ok(out)
@@ -735,7 +802,8 @@ impl TrainStep for Explicit {
 
     fn load_state(&mut self, map: &HashMap<String, Tensor>, what: &str) -> Result<()> {
         self.load_params(map, what)?;
-        self.centres = Centres::from_map(map, self.cfg.model.out_dim, self.dtype, &self.device, what)?;
+        self.centres =
+            Centres::from_map(map, self.cfg.model.out_dim, self.dtype, &self.device, what)?;
         self.load_optim(map, what)
     }
 

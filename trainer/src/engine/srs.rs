@@ -46,7 +46,9 @@ impl Srs {
         let h = self.heads;
         let n = rows.dim(1)?;
         let x = x.contiguous()?;
-        let x_hat = self.norm1.forward(ops, &x.reshape((b * n_tok, d))?, ops.cdt)?;
+        let x_hat = self
+            .norm1
+            .forward(ops, &x.reshape((b * n_tok, d))?, ops.cdt)?;
         let (q_all, k, v) = attention::split_qkv(&self.qkv.forward(ops, &x_hat)?, b, n_tok, h)?;
         let rows = rows.to_dtype(ops.cdt)?;
         let q = rows
@@ -59,7 +61,9 @@ impl Srs {
         let heads_out = attention::merge_heads(&o_heads)?;
         let mut o = self.proj.forward(ops, &heads_out)?;
         if self.skip {
-            let sel = rows.matmul(&x_hat.reshape((b, n_tok, d))?)?.reshape((b * n, d))?;
+            let sel = rows
+                .matmul(&x_hat.reshape((b, n_tok, d))?)?
+                .reshape((b * n, d))?;
             o = (o + sel)?;
         }
         let z = self.norm.forward(ops, &o, ops.pdt)?;
@@ -75,17 +79,29 @@ impl Srs {
     }
 
     /// dZ `[B·n, D]` → dX `[B, N, D]` (parameter dtype).
-    pub fn backward(&self, ops: &Ops, s: &SrsSaved, dz: &Tensor, grads: &mut Grads) -> Result<Tensor> {
+    pub fn backward(
+        &self,
+        ops: &Ops,
+        s: &SrsSaved,
+        dz: &Tensor,
+        grads: &mut Grads,
+    ) -> Result<Tensor> {
         let (b, n_tok, d) = s.x.dims3()?;
         let h = self.heads;
         let n = s.rows.dim(1)?;
-        let d_o = self.norm.backward(ops, &s.o, dz, grads)?.to_dtype(ops.cdt)?;
+        let d_o = self
+            .norm
+            .backward(ops, &s.o, dz, grads)?
+            .to_dtype(ops.cdt)?;
         let rows_t = s.rows.t()?; // [B, N, n]
         let mut dx_hat = match self.skip {
             true => Some(rows_t.matmul(&d_o.reshape((b, n, d))?)?),
             false => None,
         };
-        let dheads = self.proj.backward(ops, &s.heads_out, &d_o, grads, true)?.expect("dx");
+        let dheads = self
+            .proj
+            .backward(ops, &s.heads_out, &d_o, grads, true)?
+            .expect("dx");
         let scale = ((d / h) as f64).powf(-0.5);
         let d_oh = attention::split_heads(&dheads, b, h)?;
         let (dq, dk, dv) = attention::backward(ops, &s.attn, &d_oh, scale)?;
@@ -95,7 +111,10 @@ impl Srs {
             .contiguous()?
             .matmul(&dq)?;
         let dqkv = attention::merge_qkv(&dq_all, &dk, &dv)?;
-        let mut dxh = self.qkv.backward(ops, &s.x_hat, &dqkv, grads, true)?.expect("dx");
+        let mut dxh = self
+            .qkv
+            .backward(ops, &s.x_hat, &dqkv, grads, true)?
+            .expect("dx");
         if let Some(skip) = dx_hat.take() {
             dxh = (dxh + skip.reshape((b * n_tok, d))?)?;
         }

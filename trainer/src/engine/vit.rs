@@ -15,6 +15,7 @@ use super::layernorm::LayerNorm;
 use super::linear::Linear;
 use super::{Grads, Ops};
 use crate::kernels::residual_add;
+use crate::prof;
 use candle_core::{Result, Tensor};
 
 pub struct Block {
@@ -95,20 +96,38 @@ impl Block {
         let (b, t, d) = dx2.dims3()?;
         // MLP branch.
         let dm = masked(dx2, drop.map(|m| &m.1), ops.cdt)?.reshape((b * t, d))?;
-        let dgelu = self.fc2.backward(ops, &s.gelu, &dm, grads, true)?.expect("dx");
-        let dln2 = self.fc1.backward_gelu(ops, &s.ln2, &s.fc1_pre, &dgelu, grads)?;
+        let dgelu = self
+            .fc2
+            .backward(ops, &s.gelu, &dm, grads, true)?
+            .expect("dx");
+        let dln2 = self
+            .fc1
+            .backward_gelu(ops, &s.ln2, &s.fc1_pre, &dgelu, grads)?;
         let rows1 = s.x1.reshape((b * t, d))?;
-        let dx1 = (dx2 + self.norm2.backward(ops, &rows1, &dln2, grads)?.reshape((b, t, d))?)?;
+        let dx1 = (dx2
+            + self
+                .norm2
+                .backward(ops, &rows1, &dln2, grads)?
+                .reshape((b, t, d))?)?;
         // Attention branch.
         let da = masked(&dx1, drop.map(|m| &m.0), ops.cdt)?.reshape((b * t, d))?;
-        let dheads = self.proj.backward(ops, &s.heads_out, &da, grads, true)?.expect("dx");
+        let dheads = self
+            .proj
+            .backward(ops, &s.heads_out, &da, grads, true)?
+            .expect("dx");
         let scale = ((d / heads) as f64).powf(-0.5);
         let d_o = attention::split_heads(&dheads, b, heads)?;
         let (dq, dk, dv) = attention::backward(ops, &s.attn, &d_o, scale)?;
         let dqkv = attention::merge_qkv(&dq, &dk, &dv)?;
-        let dln1 = self.qkv.backward(ops, &s.ln1, &dqkv, grads, true)?.expect("dx");
+        let dln1 = self
+            .qkv
+            .backward(ops, &s.ln1, &dqkv, grads, true)?
+            .expect("dx");
         let rows = s.x.reshape((b * t, d))?;
-        dx1 + self.norm1.backward(ops, &rows, &dln1, grads)?.reshape((b, t, d))?
+        dx1 + self
+            .norm1
+            .backward(ops, &rows, &dln1, grads)?
+            .reshape((b, t, d))?
     }
 }
 
@@ -149,7 +168,10 @@ fn unfold(x: &Tensor, p: usize) -> Result<Tensor> {
 
 impl Backbone {
     fn resample_for(&self, grid: usize) -> Option<&Tensor> {
-        self.resample.iter().find(|(g, _)| *g == grid).map(|(_, m)| m)
+        self.resample
+            .iter()
+            .find(|(g, _)| *g == grid)
+            .map(|(_, m)| m)
     }
 
     /// Position embedding for a grid: `[1, 2 + g², D]`.
@@ -186,12 +208,25 @@ impl Backbone {
         let reg = self.reg_token.broadcast_as((b, 1, d))?;
         let mut x = Tensor::cat(&[&cls, &reg, &patches], 1)?.broadcast_add(&self.pos_for(grid)?)?;
         let mut saved = Vec::new();
+        let scope = match save {
+            true => "engine: block forward (student, saving)",
+            false => "engine: block forward (teacher)",
+        };
         for (i, blk) in self.blocks.iter().enumerate() {
-            let (y, s) = blk.forward(ops, self.heads, &x, drop.map(|m| &m[i]), save)?;
+            let (y, s) = prof::time(images.device(), scope, || {
+                blk.forward(ops, self.heads, &x, drop.map(|m| &m[i]), save)
+            })?;
             x = y;
             saved.extend(s);
         }
-        Ok((x, save.then_some(BackboneSaved { cols, grid, blocks: saved })))
+        Ok((
+            x,
+            save.then_some(BackboneSaved {
+                cols,
+                grid,
+                blocks: saved,
+            }),
+        ))
     }
 
     /// Final-LN outputs of the class tokens `[B, 2, D]` (parameter dtype) of last-block tokens.
@@ -204,32 +239,50 @@ impl Backbone {
         self.norm.forward(ops, cls, ops.pdt)
     }
 
-    /// Gradient of the last-block tokens `[B, T, D]` → parameter gradients.
+    /// Gradient of the last-block tokens `[B, T, D]` → parameter gradients. Each block's saved
+    /// activations are freed as soon as its backward is done.
     pub fn backward(
         &self,
         ops: &Ops,
-        s: &BackboneSaved,
+        s: BackboneSaved,
         d_tokens: &Tensor,
         drop: Option<&Vec<(Tensor, Tensor)>>,
         grads: &mut Grads,
     ) -> Result<()> {
+        let BackboneSaved {
+            cols,
+            grid,
+            blocks: mut saved,
+        } = s;
         let mut dx = d_tokens.clone();
         for (i, blk) in self.blocks.iter().enumerate().rev() {
-            dx = blk.backward(ops, self.heads, &s.blocks[i], &dx, drop.map(|m| &m[i]), grads)?;
+            let bs = saved.pop().expect("one saved entry per block");
+            dx = prof::time(dx.device(), "engine: block backward", || {
+                blk.backward(ops, self.heads, &bs, &dx, drop.map(|m| &m[i]), grads)
+            })?;
         }
         let (b, t, d) = dx.dims3()?;
         // Tokens: [cls, cls+, patches] + pos.
         let dsum = dx.sum_keepdim(0)?; // [1, T, D]
         grads.add(self.cls_ids[0], &dsum.narrow(1, 0, 1)?)?;
         grads.add(self.cls_ids[1], &dsum.narrow(1, 1, 1)?)?;
-        let d_pos_patches = match self.resample_for(s.grid) {
-            Some(m) => m.t()?.matmul(&dsum.narrow(1, 2, t - 2)?.squeeze(0)?)?.unsqueeze(0)?,
+        let d_pos_patches = match self.resample_for(grid) {
+            Some(m) => m
+                .t()?
+                .matmul(&dsum.narrow(1, 2, t - 2)?.squeeze(0)?)?
+                .unsqueeze(0)?,
             None => dsum.narrow(1, 2, t - 2)?,
         };
-        grads.add(self.pos_id, &Tensor::cat(&[&dsum.narrow(1, 0, 2)?, &d_pos_patches], 1)?)?;
-        let dpatch = dx.narrow(1, 2, t - 2)?.contiguous()?.reshape((b * (t - 2), d))?;
+        grads.add(
+            self.pos_id,
+            &Tensor::cat(&[&dsum.narrow(1, 0, 2)?, &d_pos_patches], 1)?,
+        )?;
+        let dpatch = dx
+            .narrow(1, 2, t - 2)?
+            .contiguous()?
+            .reshape((b * (t - 2), d))?;
         self.patch
-            .backward(ops, &s.cols, &dpatch.to_dtype(ops.cdt)?, grads, false)?;
+            .backward(ops, &cols, &dpatch.to_dtype(ops.cdt)?, grads, false)?;
         Ok(())
     }
 

@@ -1270,7 +1270,9 @@ pub fn layer_norm_backward(
     let dy2 = dy.to_dtype(st)?.reshape(((), d))?;
     let mean = x2.mean_keepdim(D::Minus1)?;
     let xc = x2.broadcast_sub(&mean)?;
-    let rstd = (xc.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    let rstd = (xc.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
     let xhat = xc.broadcast_mul(&rstd)?;
     let g = dy2.broadcast_mul(w)?;
     let g_mean = g.mean_keepdim(D::Minus1)?;
@@ -1321,7 +1323,13 @@ pub fn attn_softmax_backward(y: &Tensor, dy: &Tensor, scale: f64, fused: bool) -
 
 /// [`soft_ce_rows`] backward: `ds[r] = g[r]·(Σp·softmax(s[r]/tau) − p[r mod P])/tau`, in s's
 /// dtype (g `[R]` in p's dtype).
-pub fn soft_ce_backward(s: &Tensor, p: &Tensor, g: &Tensor, tau: f64, fused: bool) -> Result<Tensor> {
+pub fn soft_ce_backward(
+    s: &Tensor,
+    p: &Tensor,
+    g: &Tensor,
+    tau: f64,
+    fused: bool,
+) -> Result<Tensor> {
     let k = s.dim(D::Minus1)?;
     let s2 = s.reshape(((), k))?;
     let p2 = p.reshape(((), k))?;
