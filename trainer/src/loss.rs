@@ -48,7 +48,7 @@ impl Centres {
                 .get(name)
                 .ok_or_else(|| anyhow::anyhow!("{what}: missing {name}"))?;
             anyhow::ensure!(t.dims() == [k], "{what}: {name} has shape {:?}", t.dims());
-            Ok(t.to_dtype(dtype)?.to_device(device)?.copy()?)
+            Ok(t.to_dtype(dtype)?.to_device(device)?.copy()?.detach())
         };
         Ok(Self {
             cls: c("center.cls")?,

@@ -235,13 +235,7 @@ impl Trainer {
         epoch: u64,
         global_step: u64,
     ) -> Result<StepReport> {
-        let s = &self.schedules;
-        let (lr, wd, mom, tau) = (
-            s.lr(global_step),
-            s.weight_decay(global_step),
-            s.momentum(global_step),
-            s.teacher_temp(epoch),
-        );
+        let (lr, wd, mom, tau) = self.schedules.at(epoch, global_step);
         let t0 = Instant::now();
         let t_out = self.teacher_net.teacher(batch)?;
         self.sync()?;

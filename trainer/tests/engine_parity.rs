@@ -226,6 +226,10 @@ fn check_steps(mut cfg: TrainConfig, dtype: DType, compute: Compute, tol: f64) {
     }
     let batch = batch_with_invalid_rows(&cfg, dtype);
     let (mut e, mut a) = engines(&cfg, dtype, compute);
+    assert!(
+        !e.holds_graph(),
+        "the explicit state records a backprop graph"
+    );
     let mut clipped = 0;
     for (epoch, step) in [(0, 0), (0, 1), (1, 10), (1, 11)] {
         let re = e.step_detailed(&batch, epoch, step).unwrap();
@@ -276,6 +280,10 @@ fn check_steps(mut cfg: TrainConfig, dtype: DType, compute: Compute, tol: f64) {
                 assert!(qe.is_none(), "step {step}: {n} updated while frozen");
             }
         }
+        assert!(
+            !e.holds_graph(),
+            "step {step}: the explicit state records a backprop graph"
+        );
         let se: HashMap<String, Tensor> = e.state_tensors().unwrap().into_iter().collect();
         let sa: HashMap<String, Tensor> = a.state_tensors().unwrap().into_iter().collect();
         let mut ke: Vec<&String> = se.keys().collect();
@@ -330,4 +338,16 @@ fn explicit_resume_is_bitwise() {
             "{n} differs after resume"
         );
     }
+}
+
+/// The state carries no backprop graph from a fresh start, and a step adds none: otherwise every
+/// step's tensors stay reachable and memory grows without bound.
+#[test]
+fn fresh_state_records_no_graph() {
+    let cfg = micro();
+    let batch = batch_with_invalid_rows(&cfg, DType::F32);
+    let mut e = Explicit::new(&cfg, 10, &Device::Cpu, DType::F32, COMPOSED).unwrap();
+    assert!(!e.holds_graph());
+    e.step(&batch, 1, 10).unwrap();
+    assert!(!e.holds_graph());
 }

@@ -11,7 +11,6 @@ use super::Ops;
 use crate::config::LossConfig;
 use crate::kernels::{soft_ce_backward, soft_ce_rows};
 use crate::loss::Targets;
-use crate::nn::scalar_f64;
 use candle_core::{Result, Tensor};
 
 /// The loss values of one step.
@@ -38,7 +37,7 @@ pub fn forward_backward(
     let [w0, w1, w2] = cfg.weights;
     let dev = logits.device();
     let pdt = ops.pdt;
-    // (first row, rows, target, per-row weight of the gradient, value accumulator).
+    // Row groups: (first row, rows, target, per-row weight of the value and the gradient).
     let mut groups: Vec<(usize, usize, &Tensor, Tensor)> = Vec::new();
     let uniform = |n: usize, w: f64| Tensor::full(w, n, dev)?.to_dtype(pdt);
     groups.push((0, 2 * b, &tg.cls_global, uniform(2 * b, w0 / norm)?));
@@ -93,7 +92,6 @@ pub fn forward_backward(
         None => (0.0, 0.0),
     };
     let total = w0 * cls + w1 * udi + w2 * patch;
-    let _ = scalar_f64;
     Ok((
         LossValues {
             total,

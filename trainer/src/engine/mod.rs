@@ -30,7 +30,7 @@ use crate::data::TrainBatch;
 use crate::kernels::adamw::{meta_tensor, AdamwEma, Segment};
 use crate::kernels::{Compute, Kernels};
 use crate::loss::Centres;
-use crate::model::{TeacherOut, TeacherRows};
+use crate::model::{teacher_out, TeacherOut};
 use crate::optim::{clip_factor, squared_norms};
 use crate::params::ParamStore;
 use crate::prof;
@@ -271,7 +271,9 @@ impl Explicit {
             "parameter layout does not match the store"
         );
         let zeros = p.zeros_like()?;
-        let state = Tensor::cat(&[&p, &zeros, &zeros, &p], 0)?;
+        // Detached: nothing here may record a backprop graph, or every step's tensors would stay
+        // reachable from the state and the centres.
+        let state = Tensor::cat(&[&p, &zeros, &zeros, &p], 0)?.detach();
         let pos_grid = cfg.pos_grid();
         let mut resample = Vec::new();
         for g in [cfg.global_grid(), cfg.local_grid()] {
@@ -322,7 +324,7 @@ impl Explicit {
 
     /// The teacher pass over the two global views, keeping nothing for a backward: [cls] logits,
     /// logits of the global T-rows, bottleneck features of the local T-rows (the loss pools them
-    /// before the last layer, see [`TeacherRows`]).
+    /// before the last layer, see [`crate::model::TeacherRows`]).
     fn teacher(&self, ops: &Ops, t: &Net, batch: &TrainBatch) -> Result<TeacherOut> {
         let b = batch.batch_size;
         let (xg, _) = t.backbone.forward(ops, &batch.globals, None, false)?;
@@ -343,30 +345,13 @@ impl Explicit {
             &Tensor::cat(&[&cls, &z.reshape((2 * b * r, d))?], 0)?,
             false,
         )?;
-        let e = f.dim(1)?;
-        let f_rows = f.narrow(0, 2 * b, 2 * b * r)?.reshape((2 * b, r, e))?;
         let last = t.head.last_layer(ops)?;
-        let logits = last.forward(
-            ops,
-            &Tensor::cat(
-                &[
-                    f.narrow(0, 0, 2 * b)?,
-                    f_rows.narrow(1, 0, n_g)?.reshape((2 * b * n_g, e))?,
-                ],
-                0,
-            )?,
-        )?;
-        let k = logits.dim(1)?;
-        Ok(TeacherOut {
-            cls: logits.narrow(0, 0, 2 * b)?,
-            rows: Some(TeacherRows::Factored {
-                global: logits
-                    .narrow(0, 2 * b, 2 * b * n_g)?
-                    .reshape((2 * b, n_g, k))?,
-                local_features: f_rows.narrow(1, n_g, r - n_g)?,
-                last: crate::head::LastLayer::from_weight(last.w.clone(), self.compute),
-            }),
-        })
+        Ok(teacher_out(
+            &f,
+            b,
+            n_g,
+            crate::head::LastLayer::from_weight(last.w, self.compute),
+        )?)
     }
 
     /// Per-parameter clipping (the class tokens jointly) and the update segments: returns
@@ -469,7 +454,7 @@ impl Explicit {
         parts[1] = vec![self.part(1)?.copy()?];
         parts[2] = vec![self.part(2)?.copy()?];
         let all: Vec<Tensor> = parts.into_iter().flatten().collect();
-        self.state = Tensor::cat(&all, 0)?;
+        self.state = Tensor::cat(&all, 0)?.detach();
         Ok(())
     }
 
@@ -521,7 +506,7 @@ impl Explicit {
             m.elem_count() == n && v.elem_count() == n,
             "{what}: AdamW state size"
         );
-        self.state = Tensor::cat(&[&p, &m, &v, &t], 0)?;
+        self.state = Tensor::cat(&[&p, &m, &v, &t], 0)?.detach();
         Ok(())
     }
 }
@@ -678,6 +663,19 @@ impl Explicit {
         })
     }
 
+    /// Whether the state or the centres record a backprop graph: each step's tensors would then
+    /// stay reachable from them and memory would grow step by step (the tests assert false).
+    pub fn holds_graph(&self) -> bool {
+        [
+            &self.state,
+            &self.centres.cls,
+            &self.centres.udi,
+            &self.centres.patch,
+        ]
+        .iter()
+        .any(|t| t.track_op())
+    }
+
     /// The loss and every parameter's raw gradient of one step, by name, without updating
     /// anything (the parity tests' view of the backward).
     pub fn gradients(
@@ -706,13 +704,7 @@ impl TrainStep for Explicit {
         epoch: u64,
         global_step: u64,
     ) -> Result<StepReport> {
-        let s = &self.schedules;
-        let (lr, wd, mom, tau) = (
-            s.lr(global_step),
-            s.weight_decay(global_step),
-            s.momentum(global_step),
-            s.teacher_temp(epoch),
-        );
+        let (lr, wd, mom, tau) = self.schedules.at(epoch, global_step);
         let pass = self.forward_backward(batch, epoch, global_step)?;
         self.centres = pass.targets.new_centres;
         let g = pass.grads;
