@@ -2,9 +2,28 @@
 //! example that parses, and every command line that the docs' code blocks show for a binary
 //! names a real subcommand with real flags and valid values.
 //!
-//! Used by each binary's unit tests: `udi_tests::cli_doc::assert_agree(Cli::command(), &[...])`.
+//! Used by each binary's unit test: `assert_agree_with_readmes(Cli::command(), env!("CARGO_MANIFEST_DIR"))`.
 
 use clap::Command;
+use std::path::Path;
+
+/// [`assert_agree`] with the workspace README and the crate's own README (when it has one).
+pub fn assert_agree_with_readmes(cmd: Command, crate_dir: &str) {
+    let dir = Path::new(crate_dir);
+    let docs: Vec<(String, String)> = [dir.join("../README.md"), dir.join("README.md")]
+        .into_iter()
+        .filter(|p| p.is_file())
+        .map(|p| {
+            (
+                p.display().to_string(),
+                std::fs::read_to_string(&p).unwrap(),
+            )
+        })
+        .collect();
+    assert!(!docs.is_empty(), "no README.md above {crate_dir}");
+    let docs: Vec<Doc> = docs.iter().map(|(n, t)| (n.as_str(), t.as_str())).collect();
+    assert_agree(cmd, &docs);
+}
 
 /// A doc file's name (for messages) and its text.
 pub type Doc<'a> = (&'a str, &'a str);
@@ -54,16 +73,26 @@ pub fn check_help(cmd: &Command) -> Vec<String> {
         let name = format!("{bin} {}", path.join(" "));
         match leaf.get_about().map(|a| a.to_string()) {
             Some(a) if !a.trim().is_empty() && !a.contains('\n') => {}
-            other => errors.push(format!("{name}: needs a one-line description, has {other:?}")),
+            other => errors.push(format!(
+                "{name}: needs a one-line description, has {other:?}"
+            )),
         }
-        let help = leaf.get_after_help().map(|h| h.to_string()).unwrap_or_default();
+        let help = leaf
+            .get_after_help()
+            .map(|h| h.to_string())
+            .unwrap_or_default();
         let examples = doc_commands(&help, bin);
         if !help.contains("Example") || examples.is_empty() {
-            errors.push(format!("{name}: --help shows no `Example:` line starting with `{bin}`"));
+            errors.push(format!(
+                "{name}: --help shows no `Example:` line starting with `{bin}`"
+            ));
         }
         for (_, argv) in examples {
             if argv.get(1..=path.len()) != Some(&path[..]) {
-                errors.push(format!("{name}: its example runs another subcommand: `{}`", argv.join(" ")));
+                errors.push(format!(
+                    "{name}: its example runs another subcommand: `{}`",
+                    argv.join(" ")
+                ));
             } else if let Err(e) = parse(cmd, &argv) {
                 errors.push(format!("{name}: example `{}`: {e}", argv.join(" ")));
             }
@@ -76,7 +105,14 @@ fn parse(cmd: &Command, argv: &[String]) -> Result<(), String> {
     cmd.clone()
         .try_get_matches_from(argv)
         .map(|_| ())
-        .map_err(|e| e.render().to_string().lines().next().unwrap_or("").to_string())
+        .map_err(|e| {
+            e.render()
+                .to_string()
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
 }
 
 /// The command lines for `bin` in `text`, with their 1-based line numbers: every line of a
@@ -156,12 +192,19 @@ mod tests {
                 Command::new("run")
                     .about("Runs it.")
                     .after_help("Example: demo run --size 3")
-                    .arg(Arg::new("size").long("size").required(true).value_parser(clap::value_parser!(u32)))
+                    .arg(
+                        Arg::new("size")
+                            .long("size")
+                            .required(true)
+                            .value_parser(clap::value_parser!(u32)),
+                    )
                     .arg(Arg::new("mode").long("mode").value_parser(["a", "b"])),
             )
             .subcommand(
                 Command::new("ring").subcommand(
-                    Command::new("show").about("Shows it.").after_help("Example:\n  demo ring show"),
+                    Command::new("show")
+                        .about("Shows it.")
+                        .after_help("Example:\n  demo ring show"),
                 ),
             )
     }
@@ -174,8 +217,10 @@ mod tests {
             (3, vec!["demo", "run", "--size", "2", "--mode", "a"]),
             (6, vec!["demo", "run", "--size", "3"]),
         ];
-        let want: Vec<(usize, Vec<String>)> =
-            want.into_iter().map(|(n, v)| (n, v.into_iter().map(String::from).collect())).collect();
+        let want: Vec<(usize, Vec<String>)> = want
+            .into_iter()
+            .map(|(n, v)| (n, v.into_iter().map(String::from).collect()))
+            .collect();
         assert_eq!(got, want);
     }
 
@@ -185,7 +230,13 @@ mod tests {
         let names: Vec<String> = leaves(&cmd).iter().map(|(p, _)| p.join(" ")).collect();
         assert_eq!(names, ["run", "ring show"]);
         assert_eq!(check_help(&cmd), Vec::<String>::new());
-        assert_agree(cmd, &[("README", "```\ndemo run --size 4 --mode b\ndemo ring show\n```")]);
+        assert_agree(
+            cmd,
+            &[(
+                "README",
+                "```\ndemo run --size 4 --mode b\ndemo ring show\n```",
+            )],
+        );
     }
 
     #[test]
@@ -196,7 +247,9 @@ mod tests {
         assert!(errors[0].contains("demo bare: needs a one-line description"));
         assert!(errors[1].contains("demo bare: --help shows no `Example:`"));
         let wrong_example = Command::new("demo").subcommand(
-            Command::new("run").about("Runs.").after_help("Example: demo run --size x"),
+            Command::new("run")
+                .about("Runs.")
+                .after_help("Example: demo run --size x"),
         );
         assert_eq!(check_help(&wrong_example).len(), 1);
         for bad in [

@@ -78,7 +78,9 @@ enum Cmd {
         json: bool,
     },
     /// Pack and read throughput next to same-run baselines.
-    #[command(after_help = "Example: shard-tool bench photos/ --repeats 3   # a few hundred images: they are copied and packed several times")]
+    #[command(
+        after_help = "Example: shard-tool bench photos/ --repeats 3   # a few hundred images: they are copied and packed several times"
+    )]
     Bench {
         /// ImageFolder root: a few hundred photos are enough (they are copied and packed several times).
         input: PathBuf,
@@ -88,7 +90,9 @@ enum Cmd {
         json: bool,
     },
     /// Write a synthetic labelled ImageFolder: <out-dir>/<class>/<i>.jpg.
-    #[command(after_help = "Example: shard-tool synth data/synth --classes 10 --per-class 100 --size 64")]
+    #[command(
+        after_help = "Example: shard-tool synth data/synth --classes 10 --per-class 100 --size 64"
+    )]
     Synth {
         out_dir: PathBuf,
         #[arg(long, default_value_t = 10)]
@@ -226,14 +230,8 @@ fn main() -> ExitCode {
 }
 
 #[cfg(test)]
-mod tests {
+#[test]
+fn help_examples_and_readme_commands_parse() {
     use clap::CommandFactory;
-
-    #[test]
-    fn help_examples_and_readme_commands_parse() {
-        udi_tests::cli_doc::assert_agree(
-            super::Cli::command(),
-            &[("README.md", include_str!("../../README.md"))],
-        );
-    }
+    udi_tests::cli_doc::assert_agree_with_readmes(Cli::command(), env!("CARGO_MANIFEST_DIR"));
 }

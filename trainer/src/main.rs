@@ -16,19 +16,27 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Pretrain: create the ring, start and supervise loaders, train, checkpoint, log metrics.
-    #[command(after_help = "Example: trainer train --config configs/udi_vit_s16_in1k.toml --shards shards/train --out runs/s16")]
+    #[command(
+        after_help = "Example: trainer train --config configs/udi_vit_s16_in1k.toml --shards shards/train --out runs/s16"
+    )]
     Train(TrainArgs),
     /// Weighted k-NN (DINO's) on teacher features: top-1 / top-5.
-    #[command(after_help = "Example: trainer knn --checkpoint runs/s16 --train shards/train --val shards/val")]
+    #[command(
+        after_help = "Example: trainer knn --checkpoint runs/s16 --train shards/train --val shards/val"
+    )]
     Knn(KnnArgs),
     /// Export the teacher backbone (timm key names, safetensors).
-    #[command(after_help = "Example: trainer export --checkpoint runs/s16 --format timm --out backbone.safetensors")]
+    #[command(
+        after_help = "Example: trainer export --checkpoint runs/s16 --format timm --out backbone.safetensors"
+    )]
     Export(ExportArgs),
     /// Plot a run's metrics.jsonl as a PNG.
     #[command(after_help = "Example: trainer plot runs/s16")]
     Plot(PlotArgs),
     /// Write freshly initialised student and teacher weights (safetensors).
-    #[command(after_help = "Example: trainer init-weights --config configs/tiny.toml --out weights.safetensors")]
+    #[command(
+        after_help = "Example: trainer init-weights --config configs/tiny.toml --out weights.safetensors"
+    )]
     InitWeights {
         #[arg(long)]
         config: PathBuf,
@@ -36,7 +44,9 @@ enum Cmd {
         out: PathBuf,
     },
     /// Write a batch file for `debug-step` (synthetic images and SRS rows, zero centres).
-    #[command(after_help = "Example: trainer make-batch --config configs/tiny.toml --synthetic --out batch.safetensors")]
+    #[command(
+        after_help = "Example: trainer make-batch --config configs/tiny.toml --synthetic --out batch.safetensors"
+    )]
     MakeBatch {
         #[arg(long)]
         config: PathBuf,
@@ -52,7 +62,9 @@ enum Cmd {
         out: PathBuf,
     },
     /// One training step (drop path off) from weights + batch; JSON report + updated tensors.
-    #[command(after_help = "Example: trainer debug-step --config configs/tiny.toml --weights weights.safetensors --batch batch.safetensors --out step.json")]
+    #[command(
+        after_help = "Example: trainer debug-step --config configs/tiny.toml --weights weights.safetensors --batch batch.safetensors --out step.json"
+    )]
     DebugStep {
         #[arg(long)]
         config: PathBuf,
@@ -76,7 +88,9 @@ enum Cmd {
         compute: ComputeArgs,
     },
     /// Time training steps on a synthetic batch.
-    #[command(after_help = "Example: trainer bench --config configs/udi_vit_s16_in1k.toml --device cuda --batch-size 128 --steps 10")]
+    #[command(
+        after_help = "Example: trainer bench --config configs/udi_vit_s16_in1k.toml --device cuda --batch-size 128 --steps 10"
+    )]
     Bench {
         #[arg(long)]
         config: PathBuf,
@@ -233,17 +247,8 @@ fn main() -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+#[test]
+fn help_examples_and_readme_commands_parse() {
     use clap::CommandFactory;
-
-    #[test]
-    fn help_examples_and_readme_commands_parse() {
-        udi_tests::cli_doc::assert_agree(
-            super::Cli::command(),
-            &[
-                ("README.md", include_str!("../../README.md")),
-                ("trainer/README.md", include_str!("../README.md")),
-            ],
-        );
-    }
+    udi_tests::cli_doc::assert_agree_with_readmes(Cli::command(), env!("CARGO_MANIFEST_DIR"));
 }
