@@ -141,11 +141,18 @@ struct ComputeArgs {
     /// fused (our kernels) or candle (composed ops). Default: fused on CUDA, candle on CPU.
     #[arg(long, value_enum)]
     kernels: Option<trainer::kernels::Kernels>,
+    /// explicit (hand-written backward over flat buffers) or autograd (candle's). Default:
+    /// explicit on CPU, autograd on CUDA.
+    #[arg(long, value_enum)]
+    engine: Option<trainer::engine::EngineKind>,
 }
 
 impl ComputeArgs {
     fn resolve(&self, dev: &candle_core::Device) -> trainer::kernels::Compute {
         trainer::kernels::Compute::for_device(dev, self.precision, self.kernels)
+    }
+    fn engine(&self, dev: &candle_core::Device) -> trainer::engine::EngineKind {
+        trainer::engine::EngineKind::for_device(dev, self.engine)
     }
 }
 
@@ -183,7 +190,18 @@ fn main() -> Result<()> {
             let ot = out_tensors.unwrap_or_else(|| out.with_extension("safetensors"));
             let dev = trainer::device::pick(device)?;
             let c = compute.resolve(&dev);
-            trainer::debug::debug_step(&cfg, &weights, &batch, &out, &ot, iters_per_epoch, &dev, c)
+            let e = compute.engine(&dev);
+            trainer::debug::debug_step(
+                &cfg,
+                &weights,
+                &batch,
+                &out,
+                &ot,
+                iters_per_epoch,
+                &dev,
+                c,
+                e,
+            )
         }
         Cmd::Bench {
             config,
@@ -199,7 +217,8 @@ fn main() -> Result<()> {
             let dev = trainer::device::pick(device)?;
             let b = batch_size.unwrap_or(cfg.data.batch_size);
             let c = compute.resolve(&dev);
-            let r = trainer::debug::bench(&cfg, &dev, b, warmup, steps, c, profile)?;
+            let e = compute.engine(&dev);
+            let r = trainer::debug::bench(&cfg, &dev, b, warmup, steps, c, e, profile)?;
             if !r.profile.is_empty() {
                 // The table on stderr, so that --json keeps one object on stdout.
                 eprintln!("| stage (synchronised) | ms/step | calls/step |\n|---|---:|---:|");
@@ -214,8 +233,8 @@ fn main() -> Result<()> {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!(
-                    "{} {} {} batch {}: {:.3} s/step, {:.1} images/s (teacher fwd {:.3} s, student fwd+loss {:.3} s, backward {:.3} s, optimiser+EMA {:.3} s)",
-                    r.device, r.precision, r.kernels, r.batch_size, r.step_s, r.images_per_s, r.teacher_fwd_s, r.student_fwd_loss_s, r.backward_s, r.optim_ema_s
+                    "{} {} {} {} batch {}: {:.3} s/step, {:.1} images/s (teacher fwd {:.3} s, student fwd+loss {:.3} s, backward {:.3} s, optimiser+EMA {:.3} s)",
+                    r.device, r.precision, r.kernels, r.engine, r.batch_size, r.step_s, r.images_per_s, r.teacher_fwd_s, r.student_fwd_loss_s, r.backward_s, r.optim_ema_s
                 );
             }
             Ok(())

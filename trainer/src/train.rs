@@ -11,7 +11,7 @@ use crate::checkpoint::{self, CheckpointManager, CheckpointState, DataCursor, FO
 use crate::config::TrainConfig;
 use crate::data::TrainBatch;
 use crate::metrics::{self, EntropyGuard, MetricsLog, StepMetrics};
-use crate::step::Trainer;
+use crate::step::TrainStep;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -44,6 +44,8 @@ pub struct RunConfig {
     pub precision: Option<crate::kernels::Precision>,
     /// `fused` or `candle` kernels (default: fused on CUDA, candle on the CPU).
     pub kernels: Option<crate::kernels::Kernels>,
+    /// `explicit` or `autograd` training step (default: [`crate::engine::EngineKind::for_device`]).
+    pub engine: Option<crate::engine::EngineKind>,
 }
 
 impl Default for RunConfig {
@@ -57,6 +59,7 @@ impl Default for RunConfig {
             entropy_grace_steps: 100,
             precision: None,
             kernels: None,
+            engine: None,
         }
     }
 }
@@ -178,8 +181,15 @@ pub fn train(opts: &TrainOptions, feed: &mut dyn BatchFeed) -> Result<TrainSumma
         );
     }
     let compute = crate::kernels::Compute::for_device(&opts.device, run.precision, run.kernels);
-    let mut trainer =
-        Trainer::with_options(&cfg, bpe, &opts.device, candle_core::DType::F32, compute)?;
+    let engine = crate::engine::EngineKind::for_device(&opts.device, run.engine);
+    let mut trainer = crate::step::build(
+        engine,
+        &cfg,
+        bpe,
+        &opts.device,
+        candle_core::DType::F32,
+        compute,
+    )?;
     let ckpts = CheckpointManager::new(&opts.run_dir, run.keep_last)?;
     let mut step = 0u64;
     let mut cursor = DataCursor::default();
@@ -236,7 +246,11 @@ pub fn train(opts: &TrainOptions, feed: &mut dyn BatchFeed) -> Result<TrainSumma
     let mut last = None;
     let (mut wait_sum, mut ips_sum, mut n) = (0.0, 0.0, 0u64);
     let dataset_id = feed.dataset_id();
-    let save = |trainer: &Trainer, step: u64, epoch: u64, cursor: DataCursor| -> Result<PathBuf> {
+    let save = |trainer: &dyn TrainStep,
+                step: u64,
+                epoch: u64,
+                cursor: DataCursor|
+     -> Result<PathBuf> {
         let tensors: HashMap<String, Tensor> = trainer.state_tensors()?.into_iter().collect();
         // A checkpoint must be resumable: refuse to replace good ones with non-finite weights.
         if let Some(bad) = first_non_finite(&tensors)? {
@@ -321,7 +335,7 @@ pub fn train(opts: &TrainOptions, feed: &mut dyn BatchFeed) -> Result<TrainSumma
             .as_ref()
             .is_some_and(|s| s.load(Ordering::Relaxed));
         if step.is_multiple_of(run.checkpoint_every) || step == end_step || stopping {
-            let p = save(&trainer, step, fed.epoch, cursor)?;
+            let p = save(trainer.as_ref(), step, fed.epoch, cursor)?;
             if stopping && !opts.quiet {
                 eprintln!(
                     "stopped at step {step}; checkpoint {} (continue with --resume)",

@@ -24,9 +24,10 @@ mod gpu;
 mod ops;
 
 pub use ops::{
-    attn_softmax, bias_add, bias_gelu, centered_entropy, centered_softmax, col_sum, layer_norm,
-    residual_add, soft_ce_rows, AttnSoftmax, BiasAdd, BiasGelu, CenteredEntropy, CenteredSoftmax,
-    ColSum, LayerNormOp, ResidualAdd, RowScale, SoftCe,
+    attn_softmax, attn_softmax_backward, bias_add, bias_gelu, bias_gelu_backward, centered_entropy,
+    centered_softmax, col_sum, layer_norm, layer_norm_backward, residual_add, soft_ce_backward,
+    soft_ce_rows, AttnSoftmax, BiasAdd, BiasGelu, CenteredEntropy, CenteredSoftmax, ColSum,
+    LayerNormOp, ResidualAdd, RowScale, SoftCe,
 };
 
 use candle_core::{DType, Device};
