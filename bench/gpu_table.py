@@ -9,7 +9,7 @@ keys as bench/pytorch_udi.py (images_per_s, ms_per_step, peak_mem_gib); a few al
 
 MFU uses 131 GFLOP per image (ViT-S/16, 2×224 + 10×96 crops, K = 65 536: forward + backward of the
 student, forward of the teacher) and 989 TFLOP/s (H100/H200 SXM dense bf16). "× PyTorch" divides by
-the official-style PyTorch run at the same batch in the same call, "× fast+compile" by the strongest
+the official-style PyTorch run at the same batch in the same run, "× fast+compile" by the strongest
 PyTorch variant (bench/pytorch_udi.py --mode fast --compile). The learning rows are the k-NN top-1
 of the demo's labelled set at random init and after training on the GPU with each engine.
 """

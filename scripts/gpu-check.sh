@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check: ONE call on the lent GPU machine (CUDA 13 libraries, PyTorch, no Rust, no network).
+# The GPU check: on a machine with one NVIDIA GPU (the CUDA 13 cuBLAS/cuRAND libraries; PyTorch and
+# timm for the baseline and export rows; no Rust and no network needed).
 #
 #   0. .gpu/device-smoke: candle's CUDA backend against the CPU (values, gradients, matmul TFLOP/s);
 #      `trainer kernel-check --device cuda`: every fused kernel (LayerNorm, bias add, bias+GELU,
@@ -20,17 +21,18 @@
 #      for E2E_STEPS steps fed by two `loader` processes over the shared-memory ring (images/s and
 #      data-wait fraction from metrics.jsonl), `trainer export`, and timm loading the export
 #      (strict) and running it;
-#   5. one table (bench/gpu_table.py), also written to $OUT/summary.md.
-#   Every log and JSON goes into $OUT/gpu-results.tgz, refreshed after each step (the device tool
-#   returns at most 8 files).
+#   5. one table (bench/gpu_table.py): summary.md in the results (and $OUT/summary.md).
+#   Logs and JSON go to target/gpu-results/; with OUT=DIR set, they are packed into
+#   $OUT/gpu-results.tgz instead, refreshed after each step, so a run cut short keeps them.
 #   The most informative steps run first (kernel-check, tiny debug-step, our bench and PyTorch at
 #   128), so a run cut by the deadline still answers the main questions.
 #
-# Expects the binary and configs in .gpu/ (made here by scripts/build-gpu-bundle.sh). From the
-# development machine, with the device tool:  run(command="bash scripts/gpu-check.sh",
-# carry=[".gpu"], timeout_s=540). Every step has its own time limit and the whole script stops
+# Expects the binaries and configs in .gpu/ (made by scripts/build-gpu-bundle.sh, on this machine
+# or on another Linux machine and copied here with the checkout). Run from the repository root:
+#   bash scripts/gpu-check.sh            (or OUT=DIR bash scripts/gpu-check.sh)
+# Every step has its own time limit and the whole script stops
 # starting new steps after $DEADLINE seconds, so the table always comes back; a failed step is a
-# row marked failed with its log in $OUT, never an abort.
+# row marked failed with its log in the results, never an abort.
 #
 # Knobs (environment): BIN (.gpu/trainer), TRAINER_RUNS ("bf16:fused:128:explicit
 # bf16:fused:128:autograd …" = precision:kernels:batch[:engine]), TORCH_BATCHES ("128 64"), DEBUG_BATCH (4),
@@ -93,7 +95,7 @@ run() {
   return $rc
 }
 
-# --- environment: where the CUDA 13 libraries are (cuda.md §5) -------------------------------
+# --- environment: where the CUDA 13 libraries are (system CUDA, or PyTorch's wheels) -------------------------------
 libdirs=()
 for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
   [ -e "$d/libcublas.so.13" ] && libdirs+=("$d")
@@ -117,7 +119,7 @@ export RUST_BACKTRACE=1
 } > "$RES/env.txt"
 cat "$RES/env.txt"
 if [ ! -x "$BIN" ]; then
-  log "no binary at $BIN: run scripts/build-gpu-bundle.sh on the development machine and carry .gpu"
+  log "no binary at $BIN: run scripts/build-gpu-bundle.sh (here, or on another Linux machine and copy .gpu/ here)"
 fi
 
 # --- 0. candle itself on the GPU (independent of the model code), then our kernels ----------

@@ -16,14 +16,27 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Pretrain: create the ring, start and supervise loaders, train, checkpoint, log metrics.
+    #[command(
+        after_help = "Example: trainer train --config configs/udi_vit_s16_in1k.toml --shards shards/train --out runs/s16"
+    )]
     Train(TrainArgs),
     /// Weighted k-NN (DINO's) on teacher features: top-1 / top-5.
+    #[command(
+        after_help = "Example: trainer knn --checkpoint runs/s16 --train shards/train --val shards/val"
+    )]
     Knn(KnnArgs),
     /// Export the teacher backbone (timm key names, safetensors).
+    #[command(
+        after_help = "Example: trainer export --checkpoint runs/s16 --format timm --out backbone.safetensors"
+    )]
     Export(ExportArgs),
     /// Plot a run's metrics.jsonl as a PNG.
+    #[command(after_help = "Example: trainer plot runs/s16")]
     Plot(PlotArgs),
     /// Write freshly initialised student and teacher weights (safetensors).
+    #[command(
+        after_help = "Example: trainer init-weights --config configs/tiny.toml --out weights.safetensors"
+    )]
     InitWeights {
         #[arg(long)]
         config: PathBuf,
@@ -31,6 +44,9 @@ enum Cmd {
         out: PathBuf,
     },
     /// Write a batch file for `debug-step` (synthetic images and SRS rows, zero centres).
+    #[command(
+        after_help = "Example: trainer make-batch --config configs/tiny.toml --synthetic --out batch.safetensors"
+    )]
     MakeBatch {
         #[arg(long)]
         config: PathBuf,
@@ -46,6 +62,9 @@ enum Cmd {
         out: PathBuf,
     },
     /// One training step (drop path off) from weights + batch; JSON report + updated tensors.
+    #[command(
+        after_help = "Example: trainer debug-step --config configs/tiny.toml --weights weights.safetensors --batch batch.safetensors --out step.json"
+    )]
     DebugStep {
         #[arg(long)]
         config: PathBuf,
@@ -69,6 +88,9 @@ enum Cmd {
         compute: ComputeArgs,
     },
     /// Time training steps on a synthetic batch.
+    #[command(
+        after_help = "Example: trainer bench --config configs/udi_vit_s16_in1k.toml --device cuda --batch-size 128 --steps 10"
+    )]
     Bench {
         #[arg(long)]
         config: PathBuf,
@@ -92,6 +114,7 @@ enum Cmd {
     },
     /// Every fused kernel on the device against its CPU reference (forward and backward), and
     /// composed-vs-fused timings.
+    #[command(after_help = "Example: trainer kernel-check --device cuda --shapes vits")]
     KernelCheck {
         /// cuda (the point), or cpu (reference against itself: a smoke test).
         #[arg(long, value_enum, default_value = "cuda")]
@@ -240,4 +263,11 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+#[cfg(test)]
+#[test]
+fn help_examples_and_readme_commands_parse() {
+    use clap::CommandFactory;
+    udi_tests::cli_doc::assert_agree_with_readmes(Cli::command(), env!("CARGO_MANIFEST_DIR"));
 }

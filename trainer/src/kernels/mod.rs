@@ -1,4 +1,4 @@
-//! Precision and kernel selection, and the trainer's own fused ops (issue 7 items 2–3).
+//! Precision and kernel selection, and the trainer's own fused ops.
 //!
 //! * [`Precision`] (`--precision bf16|f32`): bf16 runs the matmuls, GELU and attention in bf16
 //!   with f32 master weights (cast per forward; autograd flows back to the f32 masters through
