@@ -68,9 +68,9 @@ impl fmt::Display for EngineKind {
 }
 
 impl EngineKind {
-    /// The default: autograd everywhere until the explicit step is measured faster on a GPU
-    /// (`scripts/gpu-check.sh`); on the CPU the explicit step is the faster one
-    /// (`trainer bench --engine`).
+    /// The default: explicit on the CPU, where it is the faster one (0.81× the step time, 0.39×
+    /// the peak memory: `bench/results/cpu-engines-2026-12-06.md`); autograd on CUDA until the
+    /// explicit step is measured faster there (`scripts/gpu-check.sh`).
     pub fn for_device(device: &Device, chosen: Option<Self>) -> Self {
         chosen.unwrap_or(if device.is_cuda() {
             Self::Autograd
