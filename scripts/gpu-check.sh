@@ -15,17 +15,17 @@
 #      both engines is compared with the CPU reference in step 1);
 #   3. the PyTorch baseline (bench/pytorch_udi.py) at batch 128 and 64 (official-style), and the
 #      "fast" PyTorch variant (SDPA, bf16, fused AdamW, torch.compile) at 128;
-#   4b. speed without learning means nothing: the demo's labelled set trained on the GPU with each
-#      engine, k-NN top-1 at random init and after training;
-#   4. the whole system on the GPU: `shard-tool synth` + `pack` (448-px JPEGs), `trainer train --device cuda`
+#   4. speed without learning means nothing: the demo's labelled set trained on the GPU with each
+#      engine, k-NN top-1 at random init and after training; then the whole system on the GPU: `shard-tool synth` + `pack` (448-px JPEGs), `trainer train --device cuda`
 #      for E2E_STEPS steps fed by two `loader` processes over the shared-memory ring (images/s and
 #      data-wait fraction from metrics.jsonl), `trainer export`, and timm loading the export
 #      (strict) and running it;
 #   5. one table (bench/gpu_table.py): summary.md in the results (and $OUT/summary.md).
 #   Logs and JSON go to target/gpu-results/; with OUT=DIR set, they are packed into
 #   $OUT/gpu-results.tgz instead, refreshed after each step, so a run cut short keeps them.
-#   The most informative steps run first (kernel-check, tiny debug-step, our bench and PyTorch at
-#   128), so a run cut by the deadline still answers the main questions.
+#   The most informative steps run first (kernel-check, tiny debug-step, both engines and both
+#   PyTorch modes at batch 128, the learning run), so a run cut by the deadline still answers the
+#   main questions.
 #
 # Expects the binaries and configs in .gpu/ (made by scripts/build-gpu-bundle.sh, on this machine
 # or on another Linux machine and copied here with the checkout). Run from the repository root:
@@ -36,7 +36,7 @@
 #
 # Knobs (environment): BIN (.gpu/trainer), TRAINER_RUNS ("bf16:fused:128:explicit
 # bf16:fused:128:autograd …" = precision:kernels:batch[:engine]), TORCH_BATCHES ("128 64"), DEBUG_BATCH (4),
-# DEADLINE (450), STEP_TIMEOUT (150), AB (1: pool/event A/B rows), PROFILE (1: a --profile row),
+# DEADLINE (540), STEP_TIMEOUT (150), AB (0; 1: pool/event A/B rows), PROFILE (1: a --profile row),
 # KCHECK_REPS (10), SKIP_SMOKE / SKIP_TINY / SKIP_E2E (0), COMPARE_RTOL (2e-2), COMPARE_ATOL (1e-3) for bf16,
 # F32_RTOL (1e-3), F32_ATOL (1e-4) for f32, PYTHON (python3), FAST (1), BENCH_STEPS (10),
 # BENCH_WARMUP (3), KCHECK_BATCH (32), SKIP_KCHECK / SKIP_DEBUG / SKIP_BENCH / SKIP_TORCH (0).
@@ -51,7 +51,7 @@ RES=$ROOT/target/gpu-results
 TRAINER_RUNS=${TRAINER_RUNS:-bf16:fused:128:explicit bf16:fused:128:autograd bf16:fused:64:explicit bf16:fused:256:explicit bf16:fused:64:autograd bf16:fused:256:autograd}
 TORCH_BATCHES=${TORCH_BATCHES:-${BATCHES:-128 64}}
 DEBUG_BATCH=${DEBUG_BATCH:-4}
-DEADLINE=${DEADLINE:-450}
+DEADLINE=${DEADLINE:-540}
 STEP_TIMEOUT=${STEP_TIMEOUT:-150}
 PY=${PYTHON:-python3}
 mkdir -p "$RES"
@@ -195,6 +195,24 @@ tb=($TORCH_BATCHES)
 [ "${SKIP_BENCH:-0}" != 1 ] && bench_trainer "${runs[1]}"
 [ "${SKIP_TORCH:-0}" != 1 ] && [ "${FAST:-1}" = 1 ] && torch_run fast "${tb[0]}" -compile --compile
 
+# --- 4a. learning: the demo's labelled set, tiny config, each engine on the GPU, k-NN before/after
+learn() {
+  local d="$WORK/learn" e
+  mkdir -p "$d"
+  run learn-synth 60 sh -c ".gpu/shard-tool synth $d/img/train --classes 10 --per-class 100 --size 64 --seed 0 &&
+    .gpu/shard-tool synth $d/img/val --classes 10 --per-class 30 --size 64 --seed 1 &&
+    .gpu/shard-tool pack $d/img/train $d/train && .gpu/shard-tool pack $d/img/val $d/val" || return
+  run learn-knn-init 60 "$BIN" knn --random-init --config "$CONFIGS/tiny.toml" --train "$d/train" \
+    --val "$d/val" --device cuda --json
+  for e in explicit autograd; do
+    run "learn-train-$e" "$STEP_TIMEOUT" "$BIN" train --config "$CONFIGS/tiny.toml" --shards "$d/train" \
+      --out "$d/run-$e" --device cuda --engine "$e" --loader-bin .gpu/loader --loaders 2 --threads 7 || continue
+    run "learn-knn-$e" 60 "$BIN" knn --checkpoint "$d/run-$e" --train "$d/train" --val "$d/val" \
+      --device cuda --json
+  done
+}
+if [ "${SKIP_LEARN:-0}" != 1 ] && [ -x .gpu/loader ] && [ -x .gpu/shard-tool ]; then learn; fi
+
 # --- 2b. where the time goes: the device settings of trainer::device::tune switched back one at
 # a time (A/B against the run above), then one profiled run (every forward stage synchronised).
 if [ "${SKIP_BENCH:-0}" != 1 ] && [ "${AB:-0}" = 1 ]; then
@@ -254,23 +272,6 @@ PYEOF
 }
 if [ "${SKIP_E2E:-0}" != 1 ] && [ -x .gpu/loader ] && [ -x .gpu/shard-tool ]; then e2e; fi
 
-# --- 4b. learning: the demo's labelled set, tiny config, each engine on the GPU, k-NN before/after
-learn() {
-  local d="$WORK/learn" e
-  mkdir -p "$d"
-  run learn-synth 60 sh -c ".gpu/shard-tool synth $d/img/train --classes 10 --per-class 100 --size 64 --seed 0 &&
-    .gpu/shard-tool synth $d/img/val --classes 10 --per-class 30 --size 64 --seed 1 &&
-    .gpu/shard-tool pack $d/img/train $d/train && .gpu/shard-tool pack $d/img/val $d/val" || return
-  run learn-knn-init 60 "$BIN" knn --random-init --config "$CONFIGS/tiny.toml" --train "$d/train" \
-    --val "$d/val" --device cuda --json
-  for e in explicit autograd; do
-    run "learn-train-$e" "$STEP_TIMEOUT" "$BIN" train --config "$CONFIGS/tiny.toml" --shards "$d/train" \
-      --out "$d/run-$e" --device cuda --engine "$e" --loader-bin .gpu/loader --loaders 2 --threads 7 || continue
-    run "learn-knn-$e" 60 "$BIN" knn --checkpoint "$d/run-$e" --train "$d/train" --val "$d/val" \
-      --device cuda --json
-  done
-}
-if [ "${SKIP_LEARN:-0}" != 1 ] && [ -x .gpu/loader ] && [ -x .gpu/shard-tool ]; then learn; fi
 
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   for r in "${runs[@]:2}"; do bench_trainer "$r"; done
