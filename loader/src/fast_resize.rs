@@ -1,6 +1,6 @@
 //! The opt-in fast resize (`[augment] resize = "fast"`): a deviation from PIL semantics.
 //!
-//! The exact path resizes every crop with PIL's antialiased bicubic (fast_image_resize,
+//! The exact path resizes every crop with Pillow's antialiased bicubic ([`crate::resample`],
 //! kernel widened by the downscale factor: 4–9 taps per axis on this recipe). The fast path uses
 //! 2-tap bilinear interpolation with PIL's pixel-centre alignment and 7-bit fixed-point weights,
 //! vertical pass first (a vectorised blend of two source rows), then a horizontal pass. On
