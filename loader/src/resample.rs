@@ -90,6 +90,8 @@ pub struct Taps {
     simd: Vec<[[i16; 16]; 2]>,
     /// Groups per output in `simd`.
     groups: usize,
+    /// Source pixels the AVX2 horizontal kernel's groups of 4 reach: max of `start + 4·groups`.
+    simd_reach: usize,
 }
 
 impl Taps {
@@ -143,12 +145,18 @@ impl Taps {
                 }
             }
         }
+        let simd_reach = bounds
+            .iter()
+            .map(|&(s, n)| s as usize + 4 * (n as usize).div_ceil(4))
+            .max()
+            .unwrap_or(0);
         Taps {
             ksize,
             bounds,
             k,
             simd,
             groups,
+            simd_reach,
         }
     }
 
@@ -400,51 +408,100 @@ mod simd {
 
     /// One row of the horizontal pass. Per output pixel, 4 taps at a time: 12 source bytes are
     /// spread into `(c of pixel 2t, c of pixel 2t+1)` i16 pairs, lane t of the register, and
-    /// `madd`-ed with the `(k, k)` pairs of the split weights.
+    /// `madd`-ed with the `(k, k)` pairs of the split weights. Two output pixels share the
+    /// reduction, rounding and packing.
     ///
     /// # Safety
     /// AVX2. The taps of `taps` lie inside the row starting at `src[base]`.
     #[target_feature(enable = "avx2")]
     pub unsafe fn horizontal_row(src: &[u8], base: usize, taps: &Taps, line: &mut [u8]) {
+        // Every 16-byte load of this row stays inside `src` (all rows but the image's last
+        // one or two): no per-load check. The last load starts 4 pixels before the reach.
+        if base + 3 * taps.simd_reach + 4 <= src.len() {
+            row_kernel::<false>(src, base, taps, line);
+        } else {
+            row_kernel::<true>(src, base, taps, line);
+        }
+    }
+
+    /// `[r, g, b, x]` i32 sums of output pixel `xx`, split over the two 128-bit lanes.
+    #[inline(always)]
+    unsafe fn pixel<const CHECKED: bool>(
+        src: &[u8],
+        base: usize,
+        taps: &Taps,
+        xx: usize,
+        spread: __m256i,
+    ) -> __m256i {
+        let (start, n) = taps.bounds[xx];
+        let coeffs = &taps.simd[xx * taps.groups..][..(n as usize).div_ceil(4)];
+        let mut lo = _mm256_setzero_si256();
+        let mut hi = _mm256_setzero_si256();
+        let mut at = base + 3 * start as usize;
+        for g in coeffs {
+            // 16 bytes from `at` (12 used; bytes beyond the taps meet zero weights). Near the
+            // end of the buffer the load goes through a zero-padded copy.
+            let p = if !CHECKED || at + 16 <= src.len() {
+                _mm_loadu_si128(src.as_ptr().add(at) as *const __m128i)
+            } else {
+                let mut spare = [0u8; 16];
+                let m = src.len().min(at + 16) - at;
+                spare[..m].copy_from_slice(&src[at..at + m]);
+                _mm_loadu_si128(spare.as_ptr() as *const __m128i)
+            };
+            let px = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(p), spread);
+            let kl = _mm256_loadu_si256(g[0].as_ptr() as *const __m256i);
+            let kh = _mm256_loadu_si256(g[1].as_ptr() as *const __m256i);
+            lo = _mm256_add_epi32(lo, _mm256_madd_epi16(px, kl));
+            hi = _mm256_add_epi32(hi, _mm256_madd_epi16(px, kh));
+            at += 12;
+        }
+        _mm256_add_epi32(_mm256_slli_epi32::<15>(hi), lo)
+    }
+
+    #[inline(always)]
+    unsafe fn row_kernel<const CHECKED: bool>(
+        src: &[u8],
+        base: usize,
+        taps: &Taps,
+        line: &mut [u8],
+    ) {
         let spread = _mm256_setr_epi8(
             0, -1, 3, -1, 1, -1, 4, -1, 2, -1, 5, -1, -1, -1, -1, -1, 6, -1, 9, -1, 7, -1, 10, -1,
             8, -1, 11, -1, -1, -1, -1, -1,
         );
+        let half = _mm256_set1_epi32(HALF);
         let n_out = taps.bounds.len();
-        let mut spare = [0u8; 16];
-        for xx in 0..n_out {
-            let (start, n) = taps.bounds[xx];
-            let coeffs = &taps.simd[xx * taps.groups..][..(n as usize).div_ceil(4)];
-            let mut lo = _mm256_setzero_si256();
-            let mut hi = _mm256_setzero_si256();
-            let mut at = base + 3 * start as usize;
-            for g in coeffs {
-                // 16 bytes from `at` (12 used): the last group may end past the buffer, so it
-                // reads through a copy; bytes beyond the taps meet zero weights.
-                let p = if at + 16 <= src.len() {
-                    _mm_loadu_si128(src.as_ptr().add(at) as *const __m128i)
-                } else {
-                    let m = src.len().min(at + 16) - at;
-                    spare[..m].copy_from_slice(&src[at..at + m]);
-                    spare[m..].fill(0);
-                    _mm_loadu_si128(spare.as_ptr() as *const __m128i)
-                };
-                let px = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(p), spread);
-                let kl = _mm256_loadu_si256(g[0].as_ptr() as *const __m256i);
-                let kh = _mm256_loadu_si256(g[1].as_ptr() as *const __m256i);
-                lo = _mm256_add_epi32(lo, _mm256_madd_epi16(px, kl));
-                hi = _mm256_add_epi32(hi, _mm256_madd_epi16(px, kh));
-                at += 12;
-            }
-            let sum = _mm256_add_epi32(_mm256_slli_epi32::<15>(hi), lo);
-            let sum = _mm_add_epi32(
-                _mm256_castsi256_si128(sum),
-                _mm256_extracti128_si256::<1>(sum),
+        let mut xx = 0;
+        while xx < n_out {
+            let a = pixel::<CHECKED>(src, base, taps, xx, spread);
+            let b = if xx + 1 < n_out {
+                pixel::<CHECKED>(src, base, taps, xx + 1, spread)
+            } else {
+                _mm256_setzero_si256()
+            };
+            // [a.lo + a.hi, b.lo + b.hi]: the two lanes of each pixel summed.
+            let sum = _mm256_add_epi32(
+                _mm256_permute2x128_si256::<0x20>(a, b),
+                _mm256_permute2x128_si256::<0x31>(a, b),
             );
-            let v = _mm_srai_epi32::<{ BITS as i32 }>(_mm_add_epi32(sum, _mm_set1_epi32(HALF)));
-            let v = _mm_packus_epi16(_mm_packs_epi32(v, v), v);
-            let rgbx = (_mm_cvtsi128_si32(v) as u32).to_le_bytes();
-            line[3 * xx..3 * xx + 3].copy_from_slice(&rgbx[..3]);
+            let v = _mm256_srai_epi32::<{ BITS as i32 }>(_mm256_add_epi32(sum, half));
+            // i32 → u8 with clamping, within each lane: pixel a in lane 0, b in lane 1.
+            let v = _mm256_packus_epi16(_mm256_packs_epi32(v, v), v);
+            let pa = _mm256_cvtsi256_si32(v) as u32;
+            let pb = _mm256_extract_epi32::<4>(v) as u32;
+            let o = 3 * xx;
+            if o + 8 <= line.len() {
+                // 4-byte stores; each X byte is overwritten by the next pixel.
+                line.as_mut_ptr().add(o).cast::<u32>().write_unaligned(pa.to_le());
+                line.as_mut_ptr().add(o + 3).cast::<u32>().write_unaligned(pb.to_le());
+            } else {
+                line[o..o + 3].copy_from_slice(&pa.to_le_bytes()[..3]);
+                if xx + 1 < n_out {
+                    line[o + 3..o + 6].copy_from_slice(&pb.to_le_bytes()[..3]);
+                }
+            }
+            xx += 2;
         }
     }
 
