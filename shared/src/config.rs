@@ -35,8 +35,10 @@ pub enum ResizeMode {
     /// width, which changes some bytes of such crops).
     Pillow12,
     /// 2-tap bilinear where a crop downsamples by at most 2× (else exact): a deviation from
-    /// Pillow's pixels, faster; crop boxes and SRS rows are unchanged, only pixel values differ
-    /// (`loader bench --resize both` measures by how much).
+    /// Pillow's pixels, faster; crop boxes and SRS rows are unchanged, only pixel values differ.
+    /// Against Pillow 13 (= the exact mode, byte for byte) on 200 bench-photos: after the resize
+    /// MAE 0.84, PSNR 41.4 dB, max |d| 85, 35 % of bytes differ; finished crops MAE 0.65, PSNR
+    /// 42.8 dB (`loader bench --resize both` measures it).
     Fast,
 }
 
