@@ -26,7 +26,7 @@ fn picture(w: u32, h: u32, seed: u64) -> image::RgbImage {
     let cells = rng.random_range(3..12u32);
     image::RgbImage::from_fn(w, h, |x, y| {
         let n = (x.wrapping_mul(2654435761) ^ y.wrapping_mul(40503) ^ seed as u32).rotate_left(13);
-        let cell = ((x * cells / w) + (y * cells / h)) % 2 == 0;
+        let cell = ((x * cells / w) + (y * cells / h)).is_multiple_of(2);
         let edge = if cell { 255u8 } else { 0 };
         image::Rgb([
             ((x * 255 / w.max(1)) as u8).wrapping_add((n >> 28) as u8),
