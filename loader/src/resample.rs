@@ -213,7 +213,8 @@ impl Resampler {
     }
 
     /// Pillow's `img.crop(meta box).resize((size, size), BICUBIC)` as RGB into `dst`
-    /// (`size·size·3` bytes). `meta.hflip` is not applied here.
+    /// (`size·size·3` bytes), with the AVX2 kernels where the CPU has them. `meta.hflip` is not
+    /// applied here.
     pub fn resize(
         &mut self,
         img: &RgbImage,
@@ -223,48 +224,25 @@ impl Resampler {
         size: usize,
     ) {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked above).
-            unsafe { self.resize_avx2(img, meta, order, dst, size) };
-            return;
-        }
-        self.resize_impl::<false>(img, meta, order, dst, size);
+        let avx2 = std::arch::is_x86_feature_detected!("avx2");
+        #[cfg(not(target_arch = "x86_64"))]
+        let avx2 = false;
+        self.resize_using(avx2, img, meta, order, dst, size);
     }
 
-    /// [`Self::resize`] without the AVX2 kernels (the path of CPUs without AVX2): same bytes.
-    pub fn resize_scalar(
+    /// [`Self::resize`] with (`avx2`, only where the CPU has it) or without the AVX2 kernels;
+    /// the bytes are the same.
+    pub fn resize_using(
         &mut self,
+        avx2: bool,
         img: &RgbImage,
         meta: &CropMeta,
         order: PassOrder,
         dst: &mut [u8],
         size: usize,
     ) {
-        self.resize_impl::<false>(img, meta, order, dst, size);
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn resize_avx2(
-        &mut self,
-        img: &RgbImage,
-        meta: &CropMeta,
-        order: PassOrder,
-        dst: &mut [u8],
-        size: usize,
-    ) {
-        self.resize_impl::<true>(img, meta, order, dst, size);
-    }
-
-    #[inline(always)]
-    fn resize_impl<const AVX2: bool>(
-        &mut self,
-        img: &RgbImage,
-        meta: &CropMeta,
-        order: PassOrder,
-        dst: &mut [u8],
-        size: usize,
-    ) {
+        #[cfg(target_arch = "x86_64")]
+        assert!(!avx2 || std::arch::is_x86_feature_detected!("avx2"));
         let out = size as u32;
         assert_eq!(dst.len(), size * size * 3, "destination matches the size");
         assert!(
@@ -293,11 +271,11 @@ impl Resampler {
             }
             (true, false) => {
                 let th = self.taps(cw, out);
-                horizontal::<AVX2>(src, 0..size, &th, dst, row_out);
+                horizontal(avx2, src, 0..size, &th, dst, row_out);
             }
             (false, true) => {
                 let tv = self.taps(ch, out);
-                vertical::<AVX2>(src, 0, row_out, &tv, dst, row_out);
+                vertical(avx2, src, 0, row_out, &tv, dst, row_out);
             }
             (true, true) => {
                 let (th, tv) = (self.taps(cw, out), self.taps(ch, out));
@@ -308,24 +286,24 @@ impl Resampler {
                     let last = (ls + ln) as usize;
                     tmp.clear();
                     tmp.resize((last - first) * row_out, 0);
-                    horizontal::<AVX2>(src, first..last, &th, &mut tmp, row_out);
+                    horizontal(avx2, src, first..last, &th, &mut tmp, row_out);
                     let mid = View {
                         data: &tmp,
                         offset: 0,
                         stride: row_out,
                     };
-                    vertical::<AVX2>(mid, first, row_out, &tv, dst, row_out);
+                    vertical(avx2, mid, first, row_out, &tv, dst, row_out);
                 } else {
                     let row_mid = cw as usize * 3;
                     tmp.clear();
                     tmp.resize(size * row_mid, 0);
-                    vertical::<AVX2>(src, 0, row_mid, &tv, &mut tmp, row_mid);
+                    vertical(avx2, src, 0, row_mid, &tv, &mut tmp, row_mid);
                     let mid = View {
                         data: &tmp,
                         offset: 0,
                         stride: row_mid,
                     };
-                    horizontal::<AVX2>(mid, 0..size, &th, dst, row_out);
+                    horizontal(avx2, mid, 0..size, &th, dst, row_out);
                 }
             }
         }
@@ -335,8 +313,9 @@ impl Resampler {
 
 /// Horizontal pass: source rows `rows` (of `src`) → consecutive rows of `dst`, `dst_stride`
 /// apart, each `taps.bounds.len()` RGB pixels.
-#[inline(always)]
-fn horizontal<const AVX2: bool>(
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+fn horizontal(
+    avx2: bool,
     src: View,
     rows: std::ops::Range<usize>,
     taps: &Taps,
@@ -348,8 +327,8 @@ fn horizontal<const AVX2: bool>(
         let line = &mut dst[r * dst_stride..][..n_out * 3];
         let base = src.at(y, 0);
         #[cfg(target_arch = "x86_64")]
-        if AVX2 {
-            // SAFETY: AVX2 is enabled on this path (runtime check in `Resampler::resize`).
+        if avx2 {
+            // SAFETY: `avx2` is true only where the CPU has AVX2 (`Resampler::resize_using`).
             unsafe { simd::horizontal_row(src.data, base, taps, line) };
             continue;
         }
@@ -371,8 +350,9 @@ fn horizontal<const AVX2: bool>(
 
 /// Vertical pass: output row `yy` of `dst` (`dst_stride` apart) is the weighted sum of source
 /// rows `bounds[yy].0 − row0 ..` of `src`, over `row_bytes` bytes (byte-wise: any pixel layout).
-#[inline(always)]
-fn vertical<const AVX2: bool>(
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+fn vertical(
+    avx2: bool,
     src: View,
     row0: usize,
     row_bytes: usize,
@@ -385,8 +365,8 @@ fn vertical<const AVX2: bool>(
         let line = &mut dst[yy * dst_stride..][..row_bytes];
         let first = src.at(start - row0, 0);
         #[cfg(target_arch = "x86_64")]
-        if AVX2 && row_bytes >= 32 {
-            // SAFETY: AVX2 is enabled on this path; rows `first + i·stride .. + row_bytes` are
+        if avx2 && row_bytes >= 32 {
+            // SAFETY: the CPU has AVX2 (as above); rows `first + i·stride .. + row_bytes` are
             // inside `src.data` for every tap i (the taps lie inside the source).
             unsafe { simd::vertical_row(src.data, first, src.stride, k, line) };
             continue;
@@ -653,7 +633,7 @@ mod tests {
                     let mut a = vec![0u8; size * size * 3];
                     let mut b = vec![1u8; size * size * 3];
                     r.resize(&img, &meta, order, &mut a, size);
-                    r.resize_scalar(&img, &meta, order, &mut b, size);
+                    r.resize_using(false, &img, &meta, order, &mut b, size);
                     assert!(a == b, "{meta:?} -> {size} ({order:?})");
                 }
             }
