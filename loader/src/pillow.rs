@@ -37,6 +37,11 @@ pub fn python(venv: &Path) -> Result<PathBuf> {
             "install",
             "--quiet",
             "--disable-pip-version-check",
+            // Without PyPI, fail in seconds rather than retry for minutes.
+            "--timeout",
+            "20",
+            "--retries",
+            "1",
             &format!("pillow=={PILLOW_VERSION}"),
         ]),
         "pip install pillow (PyPI unreachable?)",
