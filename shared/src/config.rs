@@ -209,6 +209,11 @@ impl AugmentConfig {
     }
 }
 
+/// The version of the crop engine's output bytes for a given config, part of the config
+/// fingerprint: raised whenever the same config makes different pixels, so that loaders of two
+/// builds never feed one ring. 2: Pillow 13.0.0's resample (bit-exact) replaced an approximation.
+pub const PIXELS_VERSION: u64 = 2;
+
 /// The `[data]` and `[augment]` tables of a config file.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -232,11 +237,12 @@ impl PipelineConfig {
         Self::from_toml_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))
     }
 
-    /// A stable 64-bit fingerprint of everything that shapes a batch's bytes. Two processes
-    /// attach to the same ring only if their fingerprints (and dataset ids) agree.
+    /// A stable 64-bit fingerprint of everything that shapes a batch's bytes: the config and the
+    /// crop engine's [`PIXELS_VERSION`]. Two processes attach to the same ring only if their
+    /// fingerprints (and dataset ids) agree.
     pub fn fingerprint(&self) -> u64 {
         let canon = serde_json::to_string(self).expect("config serialises");
-        xxhash_rust::xxh3::xxh3_64(canon.as_bytes())
+        xxhash_rust::xxh3::xxh3_64_with_seed(canon.as_bytes(), PIXELS_VERSION)
     }
 }
 
