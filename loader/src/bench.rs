@@ -77,6 +77,11 @@ pub struct BenchReport {
     pub device_photometric_over_decode_cpu: f64,
     /// Resize mode of the fields above (`exact` or `fast`).
     pub resize: String,
+    /// The payload CRC32C check every read does (`Records` over shards), ms per image, one
+    /// thread, over the same records; and its share of the decode-only mode's decode stage
+    /// (read, check and decode).
+    pub crc_ms: f64,
+    pub crc_over_decode: f64,
     pub decode_only: ModeResult,
     pub geometry_resize: ModeResult,
     pub full: ModeResult,
@@ -192,6 +197,21 @@ fn fast_error(
         full_psnr_db: full.psnr(),
         fast_crop_fraction: eligible as f64 / crops.max(1) as f64,
     }
+}
+
+/// ms per image of the payload CRC32C over the first `n` records (`passes` times), one thread.
+fn crc_ms(records: &dyn Records, n: u64, passes: u32) -> f64 {
+    let (mut secs, mut done) = (0.0, 0u64);
+    for _ in 0..passes.max(1) {
+        for i in 0..n {
+            let Ok(r) = records.record(i) else { continue };
+            let t0 = Instant::now();
+            std::hint::black_box(crc32c::crc32c(std::hint::black_box(r.payload)));
+            secs += t0.elapsed().as_secs_f64();
+            done += 1;
+        }
+    }
+    1e3 * secs / done.max(1) as f64
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -317,6 +337,7 @@ pub fn run(records: &dyn Records, aug: &AugmentConfig, opts: &BenchOptions) -> R
     let (decode_only, skipped) = run_mode(records, &engine, opts, n, Mode::Decode);
     let (geometry_resize, _) = run_mode(records, &engine, opts, n, Mode::Resize);
     let (full, _) = run_mode(records, &engine, opts, n, Mode::Full);
+    let crc_ms = crc_ms(records, n, opts.passes);
     let fast = if opts.both {
         let fast_engine = CropEngine::new(AugmentConfig {
             resize: ResizeMode::Fast,
@@ -361,6 +382,8 @@ pub fn run(records: &dyn Records, aug: &AugmentConfig, opts: &BenchOptions) -> R
             "fast"
         }
         .into(),
+        crc_ms,
+        crc_over_decode: crc_ms / decode_only.stages.decode_ms.max(1e-12),
         decode_only,
         geometry_resize,
         full,
@@ -396,6 +419,11 @@ pub fn format_report(r: &BenchReport) -> String {
             m.stages.photometric_ms
         );
     }
+    s += &format!(
+        "payload CRC32C check (on every read): {:.4} ms/img = {:.2}% of the decode\n",
+        r.crc_ms,
+        100.0 * r.crc_over_decode
+    );
     s += &format!(
         "full / decode-only = {:.3} wall, {:.3} CPU time ({})\n",
         r.full_over_decode, r.full_over_decode_cpu, r.resize
