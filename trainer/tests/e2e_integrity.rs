@@ -246,3 +246,91 @@ fn failed_write_child(dir: &Path) {
     assert_eq!(names, ["step-00000001", "step-00000002"]);
     assert_eq!(checkpoint::verify(&last_good).unwrap().step, 2);
 }
+
+/// Flips one byte in the middle of record `index`'s payload in its shard file; returns the
+/// shard file name and the record's path.
+fn flip_payload_byte(shards: &Path, index: u64) -> (String, String) {
+    let ds = shared::shard::Dataset::open(shards).unwrap();
+    let r = ds.record(index).unwrap();
+    let (file, path, payload) = (
+        ds.shard_file(r.shard).to_string(),
+        r.path.to_string(),
+        r.payload.to_vec(),
+    );
+    drop(ds);
+    let p = shards.join(&file);
+    let mut bytes = std::fs::read(&p).unwrap();
+    let at = bytes
+        .windows(payload.len())
+        .position(|w| w == payload.as_slice())
+        .unwrap()
+        + payload.len() / 2;
+    bytes[at] ^= 0x01;
+    std::fs::write(&p, bytes).unwrap();
+    (file, path)
+}
+
+#[test]
+fn a_damaged_record_is_replaced_counted_named_and_limited() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = synth_shards(tmp.path(), 2, 8, 40, 4);
+    let (file, path) = flip_payload_byte(&shards, 5);
+    let cfg = config()
+        .set("run.checkpoint_every", 100)
+        .write(&tmp.path().join("cfg.toml"));
+    let train = |out: &Path, extra: &[&str]| {
+        let mut args = vec!["train", "--max-steps", "8"];
+        args.extend(extra);
+        trainer(
+            &args,
+            &[("--config", &cfg), ("--shards", &shards), ("--out", out)],
+        )
+    };
+    // Default limit: 0.1 % of 16 records, so one bad record stops the run, naming it.
+    let (ok, _, err) = train(&tmp.path().join("strict"), &["--in-process"]);
+    assert!(!ok, "{err}");
+    assert!(err.contains("max_bad_records = 0"), "{err}");
+    assert!(
+        err.contains(&format!("{file}: record 5 ({path})")),
+        "{err}"
+    );
+    // Allowed: replaced by the next record, counted in metrics.jsonl and the console line.
+    let run = tmp.path().join("run");
+    let (ok, _, err) = train(&run, &["--in-process", "--set", "run.max_bad_records=1"]);
+    assert!(ok, "{err}");
+    // Met in both epochs, named once by the source that replaced it and once by the trainer.
+    let named = format!("record 5 ({file}, {path}): CRC32C mismatch");
+    assert_eq!(err.matches(&named).count(), 1, "{err}");
+    assert_eq!(err.matches("bad record replaced").count(), 1, "{err}");
+    assert!(err.contains("| bad records 1 |"), "{err}");
+    let m = trainer::metrics::read_metrics(&run.join("metrics.jsonl")).unwrap();
+    assert_eq!(m.len(), 8);
+    assert_eq!(m.last().unwrap().bad_records, 1);
+    // Loader processes replace it the same way, whatever their number.
+    if let Some(loader) = loader_bin() {
+        let ring_run = tmp.path().join("ring");
+        let (ok, _, err) = trainer(
+            &[
+                "train",
+                "--max-steps",
+                "8",
+                "--loaders",
+                "2",
+                "--threads",
+                "1",
+                "--set",
+                "run.max_bad_records=1",
+            ],
+            &[
+                ("--config", &cfg),
+                ("--shards", &shards),
+                ("--out", &ring_run),
+                ("--loader-bin", &loader),
+            ],
+        );
+        assert!(ok, "{err}");
+        // Once per loader process that met it.
+        assert!((1..=2).contains(&err.matches(&named).count()), "{err}");
+        assert_eq!(losses(&ring_run), losses(&run));
+    }
+}
