@@ -6,23 +6,14 @@
 
 mod common;
 
-use common::{loss_bits as losses, synth_shards, train_opts};
-use std::path::{Path, PathBuf};
+use common::{loader_bin, loss_bits as losses, synth_shards, train_opts};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 const TRAINER: &str = env!("CARGO_BIN_EXE_trainer");
 
 fn config() -> common::TestConfig {
-    common::TestConfig::micro(5)
-        .set("run.checkpoint_every", 1)
-        .set("run.log_every", 1)
-        .set("run.ring_slots", 2)
-        .set("run.batch_timeout_s", 120)
-}
-
-fn loader_bin() -> Option<PathBuf> {
-    let p = Path::new(TRAINER).parent()?.join("loader");
-    p.is_file().then_some(p)
+    common::cli_config(5)
 }
 
 /// `trainer ARGS`: (success, stdout, stderr).
