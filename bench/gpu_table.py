@@ -9,7 +9,9 @@ keys as bench/pytorch_udi.py (images_per_s, ms_per_step, peak_mem_gib); a few al
 
 MFU uses 131 GFLOP per image (ViT-S/16, 2×224 + 10×96 crops, K = 65 536: forward + backward of the
 student, forward of the teacher) and 989 TFLOP/s (H100/H200 SXM dense bf16). "× PyTorch" divides by
-the official-style PyTorch run at the same batch in the same call.
+the official-style PyTorch run at the same batch in the same run, "× fast+compile" by the strongest
+PyTorch variant (bench/pytorch_udi.py --mode fast --compile). The learning rows are the k-NN top-1
+of the demo's labelled set at random init and after training on the GPU with each engine.
 """
 
 import json
@@ -84,18 +86,18 @@ def main():
         pass
 
     out, summary = [], {"bench": [], "debug_step": []}
-    out.append("| run | batch | images/s | ms/step | MFU | × PyTorch | peak GiB (own) | peak GiB (nvidia-smi) | status |")
-    out.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    out.append("| run | batch | images/s | ms/step | MFU | × PyTorch | × fast+compile | peak GiB (own) | peak GiB (nvidia-smi) | status |")
+    out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     names = sorted(
         (n for n in steps if n.startswith(("trainer-", "pytorch-"))),
         key=lambda n: (not n.startswith("trainer"), int(re.sub(r".*-b", "", n) or 0), n),
     )
-    torch_ips = {}
+    torch_ips, fast_ips = {}, {}
     for name in names:
-        if name.startswith("pytorch-official-b"):
-            o = last_json(os.path.join(res, name + ".log")) or {}
-            if steps[name][0] == "0":
-                torch_ips[int(name.rsplit("-b", 1)[1])] = pick(o, "images_per_s")
+        for prefix, table in (("pytorch-official-b", torch_ips), ("pytorch-fast-compile-b", fast_ips)):
+            if name.startswith(prefix) and steps[name][0] == "0":
+                o = last_json(os.path.join(res, name + ".log")) or {}
+                table[int(name.rsplit("-b", 1)[1])] = pick(o, "images_per_s")
     for name in names:
         rc, secs = steps[name]
         obj = last_json(os.path.join(res, name + ".log")) or {}
@@ -110,11 +112,14 @@ def main():
         row["mfu"] = ips * GFLOP_PER_IMAGE / (PEAK_TFLOPS * 1e3) if ips else None
         base = torch_ips.get(row["batch"])
         row["vs_pytorch"] = ips / base if ips and base else None
+        fast = fast_ips.get(row["batch"])
+        row["vs_fast_compile"] = ips / fast if ips and fast else None
         summary["bench"].append({**row, "raw": obj})
         out.append(
             f"| {row['run']} | {row['batch']} | {fmt(row['images_per_s'], '.1f')} | "
             f"{fmt(row['ms_per_step'], '.1f')} | {fmt(row['mfu'], '.1%')} | "
-            f"{fmt(row['vs_pytorch'], '.2f')} | {fmt(row['peak_mem_gib'], '.2f')} | "
+            f"{fmt(row['vs_pytorch'], '.2f')} | {fmt(row['vs_fast_compile'], '.2f')} | "
+            f"{fmt(row['peak_mem_gib'], '.2f')} | "
             f"{fmt(row['smi_peak_gib'], '.2f')} | {row['status']} |"
         )
 
@@ -138,6 +143,20 @@ def main():
             verdict = "not compared" + (f": {', '.join(failed)} failed" if failed else "")
         summary["debug_step"].append({"config": cmp_name, "verdict": verdict})
         out.append(f"| {cmp_name} | {verdict} |")
+
+    learn = {}
+    for name in ("learn-knn-init", "learn-knn-explicit", "learn-knn-autograd"):
+        o = last_json(os.path.join(res, name + ".log")) or {}
+        top1 = o.get("top1", o.get("top1_pct"))
+        learn[name] = top1
+    summary["learning"] = learn
+    if any(v is not None for v in learn.values()):
+        out.append("")
+        out.append("| learning (demo set, tiny config, on the GPU) | k-NN top-1 |")
+        out.append("|---|---:|")
+        for name, label in (("learn-knn-init", "random init"), ("learn-knn-explicit", "after training, explicit engine"),
+                            ("learn-knn-autograd", "after training, autograd engine")):
+            out.append(f"| {label} | {fmt(learn[name], '.1f')} |")
 
     kc = last_json(os.path.join(res, "kernel-check.log"))
     summary["kernel_check"] = kc

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """PyTorch baseline: one UDI pre-training step of ViT-S/16, timed on synthetic inputs.
 
-Written from /work/shared/udi-spec.md (the official ISL-CV/udi code at 133c2cb), self-contained
+Written from the UDI paper and the official ISL-CV/udi code (at 133c2cb), self-contained
 (torch only, no timm): a timm-style ViT-S/16 with two class tokens ([cls], [cls+]), the SRS
 layer, ONE shared DINO head (K = 65 536, weight-normalised last layer), the three losses with
 their three centres, AdamW with the official parameter groups, per-parameter gradient clipping,

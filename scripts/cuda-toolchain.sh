@@ -5,7 +5,8 @@
 #   bash scripts/cuda-toolchain.sh            # install (idempotent, ~270 MiB, ~10 s)
 #   source <(bash scripts/cuda-toolchain.sh --env)   # export CUDA_ROOT, NVCC, CUDA_COMPUTE_CAP, ...
 #
-# Exactly 13.0.x: the GPU machines run driver 580 (CUDA 13.0), whose PTX JIT accepts ISA <= 9.0.
+# Exactly 13.0.x: its PTX (ISA 9.0) is JIT-compiled by every driver from 580 (CUDA 13.0) on; a newer
+# nvcc would emit PTX that a 580 driver rejects.
 # Five wheels make a working toolkit: nvcc alone lacks cicc (nvvm) and the crt/cccl headers that
 # candle's kernels include.
 set -euo pipefail

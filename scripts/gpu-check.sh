@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check: ONE call on the lent GPU machine (CUDA 13 libraries, PyTorch, no Rust, no network).
+# The GPU check: on a machine with one NVIDIA GPU (the CUDA 13 cuBLAS/cuRAND libraries; PyTorch and
+# timm for the baseline and export rows; no Rust and no network needed).
 #
 #   0. .gpu/device-smoke: candle's CUDA backend against the CPU (values, gradients, matmul TFLOP/s);
 #      `trainer kernel-check --device cuda`: every fused kernel (LayerNorm, bias add, bias+GELU,
@@ -9,29 +10,33 @@
 #      small batch): the CPU runs f32 with composed ops (the reference), CUDA runs f32+fused (tight
 #      tolerance: checks the kernels end to end) and bf16 (bf16 tolerance); compared by
 #      bench/compare_debug_step.py;
-#   2. `trainer bench --device cuda` (bf16+fused at batch 128 and 64, bf16 with candle's composed ops
-#      at 128, f32+fused at 64);
+#   2. `trainer bench --device cuda` with the explicit engine (hand-written backward over flat
+#      buffers) and the autograd engine, bf16+fused, at batch 128, 64 and 256 (the CUDA debug-step of
+#      both engines is compared with the CPU reference in step 1);
 #   3. the PyTorch baseline (bench/pytorch_udi.py) at batch 128 and 64 (official-style), and the
-#      "fast" PyTorch variant at 128;
-#   4. the whole system on the GPU: `shard-tool synth` + `pack` (448-px JPEGs), `trainer train --device cuda`
+#      "fast" PyTorch variant (SDPA, bf16, fused AdamW, torch.compile) at 128;
+#   4. speed without learning means nothing: the demo's labelled set trained on the GPU with each
+#      engine, k-NN top-1 at random init and after training; then the whole system on the GPU: `shard-tool synth` + `pack` (448-px JPEGs), `trainer train --device cuda`
 #      for E2E_STEPS steps fed by two `loader` processes over the shared-memory ring (images/s and
 #      data-wait fraction from metrics.jsonl), `trainer export`, and timm loading the export
 #      (strict) and running it;
-#   5. one table (bench/gpu_table.py), also written to $OUT/summary.md.
-#   Every log and JSON goes into $OUT/gpu-results.tgz, refreshed after each step (the device tool
-#   returns at most 8 files).
-#   The most informative steps run first (kernel-check, tiny debug-step, our bench and PyTorch at
-#   128), so a run cut by the deadline still answers the main questions.
+#   5. one table (bench/gpu_table.py): summary.md in the results (and $OUT/summary.md).
+#   Logs and JSON go to target/gpu-results/; with OUT=DIR set, they are packed into
+#   $OUT/gpu-results.tgz instead, refreshed after each step, so a run cut short keeps them.
+#   The most informative steps run first (kernel-check, tiny debug-step, both engines and both
+#   PyTorch modes at batch 128, the learning run), so a run cut by the deadline still answers the
+#   main questions.
 #
-# Expects the binary and configs in .gpu/ (made here by scripts/build-gpu-bundle.sh). From the
-# development machine, with the device tool:  run(command="bash scripts/gpu-check.sh",
-# carry=[".gpu"], timeout_s=540). Every step has its own time limit and the whole script stops
+# Expects the binaries and configs in .gpu/ (made by scripts/build-gpu-bundle.sh, on this machine
+# or on another Linux machine and copied here with the checkout). Run from the repository root:
+#   bash scripts/gpu-check.sh            (or OUT=DIR bash scripts/gpu-check.sh)
+# Every step has its own time limit and the whole script stops
 # starting new steps after $DEADLINE seconds, so the table always comes back; a failed step is a
-# row marked failed with its log in $OUT, never an abort.
+# row marked failed with its log in the results, never an abort.
 #
-# Knobs (environment): BIN (.gpu/trainer), TRAINER_RUNS ("bf16:fused:128 bf16:fused:64
-# bf16:candle:128 f32:fused:64" = precision:kernels:batch), TORCH_BATCHES ("128 64"), DEBUG_BATCH (4),
-# DEADLINE (450), STEP_TIMEOUT (150), AB (1: pool/event A/B rows), PROFILE (1: a --profile row),
+# Knobs (environment): BIN (.gpu/trainer), TRAINER_RUNS ("bf16:fused:128:explicit
+# bf16:fused:128:autograd …" = precision:kernels:batch[:engine]), TORCH_BATCHES ("128 64"), DEBUG_BATCH (4),
+# DEADLINE (540), STEP_TIMEOUT (150), AB (0; 1: pool/event A/B rows), PROFILE (1: a --profile row),
 # KCHECK_REPS (10), SKIP_SMOKE / SKIP_TINY / SKIP_E2E (0), COMPARE_RTOL (2e-2), COMPARE_ATOL (1e-3) for bf16,
 # F32_RTOL (1e-3), F32_ATOL (1e-4) for f32, PYTHON (python3), FAST (1), BENCH_STEPS (10),
 # BENCH_WARMUP (3), KCHECK_BATCH (32), SKIP_KCHECK / SKIP_DEBUG / SKIP_BENCH / SKIP_TORCH (0).
@@ -43,10 +48,10 @@ BIN=${BIN:-.gpu/trainer}
 CONFIGS=${CONFIGS:-.gpu/configs}
 RES=$ROOT/target/gpu-results
 [ -n "${OUT:-}" ] && RES=$(mktemp -d)
-TRAINER_RUNS=${TRAINER_RUNS:-bf16:fused:128 bf16:fused:64 bf16:candle:128 f32:fused:64}
+TRAINER_RUNS=${TRAINER_RUNS:-bf16:fused:128:explicit bf16:fused:128:autograd bf16:fused:64:explicit bf16:fused:256:explicit bf16:fused:64:autograd bf16:fused:256:autograd}
 TORCH_BATCHES=${TORCH_BATCHES:-${BATCHES:-128 64}}
 DEBUG_BATCH=${DEBUG_BATCH:-4}
-DEADLINE=${DEADLINE:-450}
+DEADLINE=${DEADLINE:-540}
 STEP_TIMEOUT=${STEP_TIMEOUT:-150}
 PY=${PYTHON:-python3}
 mkdir -p "$RES"
@@ -90,7 +95,7 @@ run() {
   return $rc
 }
 
-# --- environment: where the CUDA 13 libraries are (cuda.md §5) -------------------------------
+# --- environment: where the CUDA 13 libraries are (system CUDA, or PyTorch's wheels) -------------------------------
 libdirs=()
 for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
   [ -e "$d/libcublas.so.13" ] && libdirs+=("$d")
@@ -114,7 +119,7 @@ export RUST_BACKTRACE=1
 } > "$RES/env.txt"
 cat "$RES/env.txt"
 if [ ! -x "$BIN" ]; then
-  log "no binary at $BIN: run scripts/build-gpu-bundle.sh on the development machine and carry .gpu"
+  log "no binary at $BIN: run scripts/build-gpu-bundle.sh (here, or on another Linux machine and copy .gpu/ here)"
 fi
 
 # --- 0. candle itself on the GPU (independent of the model code), then our kernels ----------
@@ -141,16 +146,16 @@ debug_prepare() {
   run "$name-batch" 60 "$BIN" make-batch --config "$cfg" --synthetic --out "$d/b.safetensors" || return 1
   run "$name-cpu" "$STEP_TIMEOUT" "$BIN" debug-step --config "$cfg" --weights "$d/w.safetensors" \
     --batch "$d/b.safetensors" --out "$RES/$name-cpu.json" --out-tensors "$d/cpu.safetensors" \
-    --device cpu --precision f32 --kernels candle
+    --device cpu --precision f32 --kernels candle --engine autograd
 }
-# debug_cuda NAME CONFIG PRECISION KERNELS: one CUDA variant compared with the CPU reference.
+# debug_cuda NAME CONFIG PRECISION KERNELS ENGINE: one CUDA variant compared with the CPU reference.
 debug_cuda() {
-  local name=$1 cfg=$2 prec=$3 kern=$4 d="$WORK/$1" v="$1-cuda-$3-$4" rtol atol
+  local name=$1 cfg=$2 prec=$3 kern=$4 eng=$5 d="$WORK/$1" v="$1-cuda-$3-$4-$5" rtol atol
   if [ "$prec" = f32 ]; then rtol=${F32_RTOL:-1e-3}; atol=${F32_ATOL:-1e-4}
   else rtol=${COMPARE_RTOL:-2e-2}; atol=${COMPARE_ATOL:-1e-3}; fi
   run "$v" "$STEP_TIMEOUT" "$BIN" debug-step --config "$cfg" --weights "$d/w.safetensors" \
     --batch "$d/b.safetensors" --out "$RES/$v.json" --out-tensors "$d/$v.safetensors" \
-    --device cuda --precision "$prec" --kernels "$kern" || return
+    --device cuda --precision "$prec" --kernels "$kern" --engine "$eng" || return
   if [ -s "$RES/$name-cpu.json" ] && [ -s "$RES/$v.json" ]; then
     "$PY" bench/compare_debug_step.py "$RES/$name-cpu.json" "$RES/$v.json" \
       --rtol "$rtol" --atol "$atol" > "$RES/$v-compare.txt" 2>&1
@@ -158,23 +163,27 @@ debug_cuda() {
     echo "== $v vs CPU f32: $(grep -E '^(PASS|FAIL|MISMATCHED)' "$RES/$v-compare.txt")"
   fi
 }
-# bench_trainer PRECISION:KERNELS:BATCH [NAME-SUFFIX [EXTRA ARGS...]]
+# bench_trainer PRECISION:KERNELS:BATCH[:ENGINE] [NAME-SUFFIX [EXTRA ARGS...]]
 bench_trainer() {
-  local prec kern b suffix=${2:-}
-  IFS=: read -r prec kern b <<< "$1"
+  local prec kern b eng suffix=${2:-} eng_args=()
+  IFS=: read -r prec kern b eng <<< "$1"
   shift; shift || true
-  run "trainer-$prec-$kern$suffix-b$b" "$STEP_TIMEOUT" "$BIN" bench --config "$CONFIGS/udi_vit_s16_in1k.toml" \
-    "$BATCH_FLAG" "$b" "${BENCH_ARGS[@]}" --precision "$prec" --kernels "$kern" "$@"
+  [ -n "$eng" ] && eng_args=(--engine "$eng")
+  run "trainer-$prec-$kern${eng:+-$eng}$suffix-b$b" "$STEP_TIMEOUT" "$BIN" bench --config "$CONFIGS/udi_vit_s16_in1k.toml" \
+    "$BATCH_FLAG" "$b" "${BENCH_ARGS[@]}" --precision "$prec" --kernels "$kern" "${eng_args[@]}" "$@"
 }
-torch_run() {  # MODE BATCH
-  run "pytorch-$1-b$2" 120 "$PY" bench/pytorch_udi.py --batch "$2" --mode "$1" --json
+torch_run() {  # MODE BATCH [NAME-SUFFIX [EXTRA ARGS...]]
+  local mode=$1 b=$2 suffix=${3:-}
+  shift 2; shift || true
+  run "pytorch-$mode$suffix-b$b" 180 "$PY" bench/pytorch_udi.py --batch "$b" --mode "$mode" --json "$@"
 }
 
 if [ "${SKIP_DEBUG:-0}" != 1 ] && [ "${SKIP_TINY:-0}" != 1 ]; then
   if debug_prepare debug-tiny "$CONFIGS/tiny.toml"; then
-    debug_cuda debug-tiny "$CONFIGS/tiny.toml" f32 fused
-    debug_cuda debug-tiny "$CONFIGS/tiny.toml" bf16 fused
-    debug_cuda debug-tiny "$CONFIGS/tiny.toml" bf16 candle
+    debug_cuda debug-tiny "$CONFIGS/tiny.toml" f32 fused explicit
+    debug_cuda debug-tiny "$CONFIGS/tiny.toml" bf16 fused explicit
+    debug_cuda debug-tiny "$CONFIGS/tiny.toml" f32 fused autograd
+    debug_cuda debug-tiny "$CONFIGS/tiny.toml" bf16 fused autograd
   fi
 fi
 
@@ -183,10 +192,30 @@ runs=($TRAINER_RUNS)
 tb=($TORCH_BATCHES)
 [ "${SKIP_BENCH:-0}" != 1 ] && bench_trainer "${runs[0]}"
 [ "${SKIP_TORCH:-0}" != 1 ] && torch_run official "${tb[0]}"
+[ "${SKIP_BENCH:-0}" != 1 ] && bench_trainer "${runs[1]}"
+[ "${SKIP_TORCH:-0}" != 1 ] && [ "${FAST:-1}" = 1 ] && torch_run fast "${tb[0]}" -compile --compile
+
+# --- 4a. learning: the demo's labelled set, tiny config, each engine on the GPU, k-NN before/after
+learn() {
+  local d="$WORK/learn" e
+  mkdir -p "$d"
+  run learn-synth 60 sh -c ".gpu/shard-tool synth $d/img/train --classes 10 --per-class 100 --size 64 --seed 0 &&
+    .gpu/shard-tool synth $d/img/val --classes 10 --per-class 30 --size 64 --seed 1 &&
+    .gpu/shard-tool pack $d/img/train $d/train && .gpu/shard-tool pack $d/img/val $d/val" || return
+  run learn-knn-init 60 "$BIN" knn --random-init --config "$CONFIGS/tiny.toml" --train "$d/train" \
+    --val "$d/val" --device cuda --json
+  for e in explicit autograd; do
+    run "learn-train-$e" "$STEP_TIMEOUT" "$BIN" train --config "$CONFIGS/tiny.toml" --shards "$d/train" \
+      --out "$d/run-$e" --device cuda --engine "$e" --loader-bin .gpu/loader --loaders 2 --threads 7 || continue
+    run "learn-knn-$e" 60 "$BIN" knn --checkpoint "$d/run-$e" --train "$d/train" --val "$d/val" \
+      --device cuda --json
+  done
+}
+if [ "${SKIP_LEARN:-0}" != 1 ] && [ -x .gpu/loader ] && [ -x .gpu/shard-tool ]; then learn; fi
 
 # --- 2b. where the time goes: the device settings of trainer::device::tune switched back one at
 # a time (A/B against the run above), then one profiled run (every forward stage synchronised).
-if [ "${SKIP_BENCH:-0}" != 1 ] && [ "${AB:-1}" = 1 ]; then
+if [ "${SKIP_BENCH:-0}" != 1 ] && [ "${AB:-0}" = 1 ]; then
   UDI_CUDA_POOL_RELEASE=1 bench_trainer "${runs[0]}" -poolrelease
   UDI_CUDA_EVENTS=1 bench_trainer "${runs[0]}" -events
 fi
@@ -199,8 +228,8 @@ fi
 if [ "${SKIP_DEBUG:-0}" != 1 ]; then
   sed "s/^batch_size *=.*/batch_size = $DEBUG_BATCH/" "$CONFIGS/udi_vit_s16_in1k.toml" > "$WORK/vits-debug.toml"
   if debug_prepare debug-vits "$WORK/vits-debug.toml"; then
-    debug_cuda debug-vits "$WORK/vits-debug.toml" bf16 fused
-    debug_cuda debug-vits "$WORK/vits-debug.toml" f32 fused
+    debug_cuda debug-vits "$WORK/vits-debug.toml" bf16 fused explicit
+    debug_cuda debug-vits "$WORK/vits-debug.toml" f32 fused explicit
   fi
 fi
 
@@ -212,14 +241,15 @@ e2e() {
   run e2e-pack 60 .gpu/shard-tool pack "$d/img" "$d/shards" || return
   run e2e-train "$STEP_TIMEOUT" "$BIN" train --config "$CONFIGS/udi_vit_s16_in1k.toml" \
     --shards "$d/shards" --out "$d/run" --max-steps "${E2E_STEPS:-30}" --device cuda \
-    --loader-bin .gpu/loader --loaders 2 --threads 7
+    --engine "${E2E_ENGINE:-explicit}" --loader-bin .gpu/loader --loaders "${E2E_LOADERS:-2}" \
+    --threads "${E2E_THREADS:-7}"
   cp "$d/run/metrics.jsonl" "$RES/e2e-metrics.jsonl" 2>/dev/null
   "$PY" - "$RES/e2e-metrics.jsonl" > "$RES/e2e-summary.txt" 2>&1 <<'PYEOF'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
 steady = rows[len(rows) // 3:] or rows
 mean = lambda k: sum(r.get(k, 0.0) for r in steady) / len(steady)
-print(f"e2e: {len(rows)} steps on CUDA fed by 2 loaders; steady (last {len(steady)}): "
+print(f"e2e: {len(rows)} steps on CUDA fed by loader processes; steady (last {len(steady)}): "
       f"{mean('images_per_s'):.0f} img/s, data wait {100 * mean('data_wait_frac'):.1f} %, "
       f"first loss {rows[0].get('loss', float('nan')):.4f}, last loss {rows[-1].get('loss', float('nan')):.4f}")
 PYEOF
@@ -242,12 +272,12 @@ PYEOF
 }
 if [ "${SKIP_E2E:-0}" != 1 ] && [ -x .gpu/loader ] && [ -x .gpu/shard-tool ]; then e2e; fi
 
+
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
-  for r in "${runs[@]:1}"; do bench_trainer "$r"; done
+  for r in "${runs[@]:2}"; do bench_trainer "$r"; done
 fi
 if [ "${SKIP_TORCH:-0}" != 1 ]; then
   for b in "${tb[@]:1}"; do torch_run official "$b"; done
-  [ "${FAST:-1}" = 1 ] && torch_run fast "${tb[0]}"
 fi
 
 # --- 5. the table ----------------------------------------------------------------------------

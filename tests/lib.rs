@@ -1,1 +1,4 @@
-//! Cross-crate integration tests (processes end to end).
+//! Cross-crate integration tests (processes end to end), and [`cli_doc`]: the check that each
+//! binary's `--help` and the README agree.
+
+pub mod cli_doc;

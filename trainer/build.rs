@@ -1,4 +1,4 @@
-//! With the `cuda` feature: link cudart statically (see /work/shared/cuda.md §3, README "GPU").
+//! With the `cuda` feature: link cudart statically (README, "GPU machines").
 //!
 //! candle-kernels asks for `-l dylib=cudart` without a search path, and the CUDA wheels ship only
 //! `libcudart.so.13`. Pointing ld at a folder whose `libcudart.a` is the toolkit's
@@ -7,15 +7,15 @@
 //! Also compiles our own kernels (src/kernels/udi_kernels.cu) to PTX with the same nvcc
 //! (`$OUT_DIR/udi_kernels.ptx`, read by `trainer::kernels` through `include_str!`), and checks
 //! the PTX with `ptxas -arch=sm_90` when the toolkit has ptxas, so a kernel that does not compile
-//! fails the build here and not on the GPU machine.
+//! fails the build and not the first run on a GPU.
 //! Without the feature this is a no-op.
 use std::env;
 use std::path::PathBuf;
 
 const KERNELS_CU: &str = "src/kernels/udi_kernels.cu";
 
-/// nvcc → PTX for compute capability 9.0 (H100/H200; the GPU machines' driver JIT-compiles PTX
-/// ISA ≤ 9.0, which CUDA 13.0's nvcc emits), then `ptxas -arch=sm_90` as a syntax/resource check.
+/// nvcc → PTX for compute capability 9.0 (H100/H200; a CUDA 13.0 driver, 580 or later, JIT-compiles
+/// PTX ISA ≤ 9.0, which CUDA 13.0's nvcc emits), then `ptxas -arch=sm_90` as a syntax/resource check.
 fn compile_ptx(root: &std::path::Path, ptx: &std::path::Path) {
     let nvcc = env::var_os("NVCC")
         .map(PathBuf::from)
@@ -70,7 +70,7 @@ fn main() {
         .unwrap_or_else(|| {
             panic!(
                 "the `cuda` feature needs CUDA_ROOT: run `bash scripts/cuda-toolchain.sh` and \
-                 `source <(bash scripts/cuda-toolchain.sh --env)` (README, section GPU)"
+                 `source <(bash scripts/cuda-toolchain.sh --env)` (README, section \"GPU machines\")"
             )
         });
     let archive = ["lib/libcudart_static.a", "lib64/libcudart_static.a"]

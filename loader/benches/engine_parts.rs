@@ -5,10 +5,9 @@
 
 use std::time::Instant;
 
-use fast_image_resize as fr;
 use loader::decode::{decode_bytes, RgbImage};
-use loader::engine::resize_crop;
 use loader::photometric::{self as ph, JitterOp, PhotoParams};
+use loader::resample::{PassOrder, Resampler};
 use shared::config::AugmentConfig;
 use shared::geometry::CropMeta;
 
@@ -89,17 +88,18 @@ fn main() {
     );
     let per_img = |t: f64| 1e3 * t / imgs.len() as f64;
 
-    // Resize: U8x3 (the engine's path).
-    let mut resizer = fr::Resizer::new();
+    // Resize: Pillow's bicubic (the engine's exact path), then the same without AVX2.
+    let mut resample = Resampler::default();
+    let order = PassOrder::Pillow13;
     let mut bufs: Vec<Vec<u8>> = crops.iter().map(|c| vec![0u8; c.2 * c.2 * 3]).collect();
     for _ in 0..2 {
         let t = Instant::now();
         for ((k, meta, size, _), buf) in crops.iter().zip(bufs.iter_mut()) {
-            resize_crop(&mut resizer, &imgs[*k], meta, buf, *size);
+            resample.resize(&imgs[*k], meta, order, buf, *size);
         }
         let t = t.elapsed().as_secs_f64();
         println!(
-            "resize u8x3 catmullrom   {:7.3} ms/img {:6.2} ns/px",
+            "resize pillow bicubic    {:7.3} ms/img {:6.2} ns/px",
             per_img(t),
             1e9 * t / px as f64
         );
@@ -107,7 +107,7 @@ fn main() {
     let (mut g, mut l) = (0.0, 0.0);
     for ((k, meta, size, _), buf) in crops.iter().zip(bufs.iter_mut()) {
         let t = Instant::now();
-        resize_crop(&mut resizer, &imgs[*k], meta, buf, *size);
+        resample.resize(&imgs[*k], meta, order, buf, *size);
         if *size == aug.global_size as usize {
             g += t.elapsed().as_secs_f64()
         } else {
@@ -119,139 +119,29 @@ fn main() {
         per_img(g),
         per_img(l)
     );
-    for (name, alg) in [
-        (
-            "interp catmullrom",
-            fr::ResizeAlg::Interpolation(fr::FilterType::CatmullRom),
-        ),
-        (
-            "conv bilinear",
-            fr::ResizeAlg::Convolution(fr::FilterType::Bilinear),
-        ),
-        (
-            "interp bilinear",
-            fr::ResizeAlg::Interpolation(fr::FilterType::Bilinear),
-        ),
-        ("nearest", fr::ResizeAlg::Nearest),
-    ] {
-        let opts = fr::ResizeOptions::new().resize_alg(alg);
-        let mut out = bufs.clone();
-        let t = Instant::now();
-        for ((k, meta, size, _), buf) in crops.iter().zip(out.iter_mut()) {
-            let img = &imgs[*k];
-            let src =
-                fr::images::ImageRef::new(img.width, img.height, &img.data, fr::PixelType::U8x3)
-                    .unwrap();
-            let view =
-                fr::images::CroppedImage::new(&src, meta.left, meta.top, meta.w, meta.h).unwrap();
-            let mut dst = fr::images::Image::from_slice_u8(
-                *size as u32,
-                *size as u32,
-                buf,
-                fr::PixelType::U8x3,
-            )
-            .unwrap();
-            resizer.resize(&view, &mut dst, &opts).unwrap();
-        }
-        let t = t.elapsed().as_secs_f64();
-        let (mut sad, mut sq, mut cnt) = (0u64, 0u64, 0u64);
-        for (a, b) in out.iter().zip(&bufs) {
-            for (x, y) in a.iter().zip(b) {
-                let d = (*x as i64 - *y as i64).unsigned_abs();
-                sad += d;
-                sq += d * d;
-                cnt += 1;
-            }
-        }
-        let mse = sq as f64 / cnt as f64;
-        println!(
-            "resize {name:<18}{:7.3} ms/img  MAE {:.3} PSNR {:.1} dB vs exact",
-            per_img(t),
-            sad as f64 / cnt as f64,
-            10.0 * (255.0f64 * 255.0 / mse).log10()
-        );
+    let mut out = bufs.clone();
+    let t = Instant::now();
+    for ((k, meta, size, _), buf) in crops.iter().zip(out.iter_mut()) {
+        resample.resize_using(false, &imgs[*k], meta, order, buf, *size);
     }
+    println!(
+        "resize pillow, scalar    {:7.3} ms/img  identical: {}",
+        per_img(t.elapsed().as_secs_f64()),
+        out == bufs
+    );
     // The `resize = "fast"` path (2-tap where eligible, exact otherwise), as the engine runs it.
     let mut fast = loader::fast_resize::FastResizer::default();
-    let mut out = bufs.clone();
     let t = Instant::now();
     for ((k, meta, size, _), buf) in crops.iter().zip(out.iter_mut()) {
         if loader::fast_resize::fast_eligible(meta, *size) {
             fast.resize(&imgs[*k], meta, buf, *size);
         } else {
-            resize_crop(&mut resizer, &imgs[*k], meta, buf, *size);
+            resample.resize(&imgs[*k], meta, order, buf, *size);
         }
     }
     println!(
         "resize fast (engine)     {:7.3} ms/img",
         per_img(t.elapsed().as_secs_f64())
-    );
-    // The engine's exact path (RGBX, conversions timed) against U8x3, alternated.
-    let mut rgbx = loader::rgbx::RgbxResizer::default();
-    let mut out = bufs.clone();
-    for round in 0..3 {
-        let t = Instant::now();
-        for ((k, meta, size, _), buf) in crops.iter().zip(bufs.iter_mut()) {
-            resize_crop(&mut resizer, &imgs[*k], meta, buf, *size);
-        }
-        let t3 = t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        let mut loaded = usize::MAX;
-        for ((k, meta, size, _), buf) in crops.iter().zip(out.iter_mut()) {
-            if loaded != *k {
-                rgbx.load(&imgs[*k]);
-                loaded = *k;
-            }
-            rgbx.resize(meta, buf, *size);
-        }
-        let t4 = t.elapsed().as_secs_f64();
-        println!(
-            "[{round}] resize u8x3 {:7.3} ms/img, rgbx engine path {:7.3} ms/img ({:.3}x), identical: {}",
-            per_img(t3),
-            per_img(t4),
-            t4 / t3,
-            out == bufs
-        );
-    }
-    // U8x4 path: same convolution on RGBX (conversion not timed).
-    let imgs4: Vec<Vec<u8>> = imgs
-        .iter()
-        .map(|im| {
-            im.data
-                .chunks_exact(3)
-                .flat_map(|p| [p[0], p[1], p[2], 255])
-                .collect()
-        })
-        .collect();
-    let opts = fr::ResizeOptions::new()
-        .resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::CatmullRom))
-        .use_alpha(false);
-    let mut same = true;
-    let t0 = Instant::now();
-    let mut out4 = Vec::new();
-    for ((k, meta, size, _), buf) in crops.iter().zip(&bufs) {
-        let img = &imgs[*k];
-        let src = fr::images::ImageRef::new(img.width, img.height, &imgs4[*k], fr::PixelType::U8x4)
-            .unwrap();
-        let view =
-            fr::images::CroppedImage::new(&src, meta.left, meta.top, meta.w, meta.h).unwrap();
-        out4.resize(size * size * 4, 0);
-        let mut dst = fr::images::Image::from_slice_u8(
-            *size as u32,
-            *size as u32,
-            &mut out4,
-            fr::PixelType::U8x4,
-        )
-        .unwrap();
-        resizer.resize(&view, &mut dst, &opts).unwrap();
-        same &= out4
-            .chunks_exact(4)
-            .zip(buf.chunks_exact(3))
-            .all(|(a, b)| a[..3] == *b);
-    }
-    println!(
-        "resize u8x4 catmullrom   {:7.3} ms/img  identical to u8x3: {same}",
-        per_img(t0.elapsed().as_secs_f64())
     );
 
     // Photometric, op by op, over the exact resized crops.

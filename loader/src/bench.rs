@@ -1,5 +1,7 @@
 //! `loader bench`: images/s for (a) decode only, (b) decode + geometry + resize, (c) the full
-//! recipe, measured in the same run over the same records, plus a per-stage breakdown of (c).
+//! recipe, measured in the same run over the same records, plus a per-stage breakdown of (c);
+//! then the same recipe on PIL images (`bench/pil_recipe.py` under the pinned Pillow, one
+//! process, one core) over the same records, and our rate over it per core.
 
 use std::time::Instant;
 
@@ -22,6 +24,8 @@ pub struct BenchOptions {
     pub seed: u64,
     /// Also measure the other resize mode (`--resize both`).
     pub both: bool,
+    /// Python with Pillow for the PIL baseline (`None`: no baseline).
+    pub pil_python: Option<std::path::PathBuf>,
 }
 
 /// One mode's result.
@@ -88,6 +92,68 @@ pub struct BenchReport {
     /// With `--resize both`: the fast mode in the same run, and its pixel error vs exact.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fast: Option<FastSection>,
+    /// The PIL path of the recipe over the same records...
+    pub pil: Option<PilBaseline>,
+    /// ...or why it was not run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pil_skipped: Option<String>,
+}
+
+/// The recipe on PIL images (`bench/pil_recipe.py`), single-threaded, same records and passes.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PilBaseline {
+    pub pillow: String,
+    pub images: u64,
+    pub wall_s: f64,
+    pub img_per_s: f64,
+    /// Images per second of the process's CPU time.
+    pub img_per_cpu_s: f64,
+    /// Our full recipe (`photometric = "loader"`) over PIL, per core: (wall per core, CPU time).
+    pub loader_mode_over_pil: (f64, f64),
+    /// Our (b), the loader's work with `photometric = "device"`, over PIL, per core.
+    pub device_mode_over_pil: (f64, f64),
+}
+
+#[derive(serde::Deserialize)]
+struct PilRun {
+    images: u64,
+    wall_s: f64,
+    cpu_s: f64,
+    pillow: String,
+}
+
+/// Runs the PIL recipe on the first `n` records (JPEG/PNG payloads; raw records are skipped).
+fn pil_baseline(
+    records: &dyn Records,
+    aug: &AugmentConfig,
+    opts: &BenchOptions,
+    py: &std::path::Path,
+    n: u64,
+) -> Result<PilRun> {
+    let payloads: Vec<&[u8]> = (0..n)
+        .filter_map(|i| records.record(i).ok())
+        .filter(|r| r.encoding != shared::shard::Encoding::RawZstd)
+        .map(|r| r.payload)
+        .collect();
+    anyhow::ensure!(!payloads.is_empty(), "no JPEG/PNG records for PIL");
+    let dir = std::env::temp_dir().join(format!("loader-bench-pil-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (blob, cfg) = (dir.join("images.bin"), dir.join("augment.json"));
+    std::fs::write(&blob, crate::pillow::blob(payloads))?;
+    std::fs::write(&cfg, serde_json::to_vec(aug)?)?;
+    let out = crate::pillow::run_script(
+        py,
+        &dir,
+        [
+            "bench".into(),
+            blob.into_os_string(),
+            cfg.into_os_string(),
+            opts.passes.to_string().into(),
+            opts.seed.to_string().into(),
+        ] as [std::ffi::OsString; 5],
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(serde_json::from_str(out?.trim())?)
 }
 
 /// The fast resize mode measured beside the exact one.
@@ -364,6 +430,32 @@ pub fn run(records: &dyn Records, aug: &AugmentConfig, opts: &BenchOptions) -> R
     } else {
         None
     };
+    let (pil, pil_skipped) = match match &opts.pil_python {
+        None => Err("not run".to_string()),
+        Some(py) => pil_baseline(records, aug, opts, py, n)
+            .map(|r| {
+                let (rate, cpu_rate) = (r.images as f64 / r.wall_s, r.images as f64 / r.cpu_s);
+                let over = |m: &ModeResult| {
+                    (
+                        m.img_per_s_per_core / rate.max(1e-9),
+                        m.img_per_cpu_s / cpu_rate.max(1e-9),
+                    )
+                };
+                PilBaseline {
+                    pillow: r.pillow,
+                    images: r.images,
+                    wall_s: r.wall_s,
+                    img_per_s: rate,
+                    img_per_cpu_s: cpu_rate,
+                    loader_mode_over_pil: over(&full),
+                    device_mode_over_pil: over(&geometry_resize),
+                }
+            })
+            .map_err(|e| format!("{e:#}")),
+    } {
+        Ok(p) => (Some(p), None),
+        Err(why) => (None, Some(why)),
+    };
     Ok(BenchReport {
         threads: opts.threads.max(1),
         images: n,
@@ -377,10 +469,10 @@ pub fn run(records: &dyn Records, aug: &AugmentConfig, opts: &BenchOptions) -> R
         full_over_decode_cpu: full.over(&decode_only).1,
         device_photometric_over_decode: geometry_resize.over(&decode_only).0,
         device_photometric_over_decode_cpu: geometry_resize.over(&decode_only).1,
-        resize: if aug.resize.is_exact() {
-            "exact"
-        } else {
-            "fast"
+        resize: match aug.resize {
+            ResizeMode::Exact => "exact",
+            ResizeMode::Pillow12 => "pillow12",
+            ResizeMode::Fast => "fast",
         }
         .into(),
         crc_ms,
@@ -389,6 +481,8 @@ pub fn run(records: &dyn Records, aug: &AugmentConfig, opts: &BenchOptions) -> R
         geometry_resize,
         full,
         fast,
+        pil,
+        pil_skipped,
     })
 }
 
@@ -433,6 +527,26 @@ pub fn format_report(r: &BenchReport) -> String {
         "photometric = \"device\": loader work (b) / decode-only = {:.3} wall, {:.3} CPU time ({})\n",
         r.device_photometric_over_decode, r.device_photometric_over_decode_cpu, r.resize
     );
+    match &r.pil {
+        Some(p) => {
+            s += &format!(
+                "PIL recipe (Pillow {}, 1 process): {:.1} img/s, {:.1} img/cpu-s over {} images\n",
+                p.pillow, p.img_per_s, p.img_per_cpu_s, p.images
+            );
+            s += &format!(
+                "ours over PIL per core: loader mode {:.2}x wall, {:.2}x CPU time; device mode {:.2}x wall, {:.2}x CPU time ({})\n",
+                p.loader_mode_over_pil.0,
+                p.loader_mode_over_pil.1,
+                p.device_mode_over_pil.0,
+                p.device_mode_over_pil.1,
+                r.resize
+            );
+        }
+        None => {
+            let why = r.pil_skipped.as_deref().unwrap_or("not run");
+            s += &format!("PIL recipe: skipped ({why})\n");
+        }
+    }
     if let Some(f) = &r.fast {
         let e = &f.error;
         s += &format!(
@@ -475,10 +589,14 @@ pub struct BenchArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
-    /// Resize mode: the config's (default), `exact`, `fast`, or `both` (exact, then fast in the
-    /// same run, with the fast mode's pixel error vs exact).
-    #[arg(long, value_parser = ["exact", "fast", "both"])]
+    /// Resize mode: the config's (default), `exact`, `pillow12`, `fast`, or `both` (exact, then
+    /// fast in the same run, with the fast mode's pixel error vs exact, i.e. vs Pillow).
+    #[arg(long, value_parser = ["exact", "pillow12", "fast", "both"])]
     pub resize: Option<String>,
+    /// The PIL baseline: `auto` (a venv with the pinned Pillow in `target/pillow-venv`, made on
+    /// first use), `off`, or the path of a Python that has Pillow.
+    #[arg(long, default_value = "auto")]
+    pub pil: String,
 }
 
 /// The `loader bench` subcommand.
@@ -487,15 +605,28 @@ pub fn cli(args: &BenchArgs) -> Result<()> {
     let records = args.input.open()?;
     match args.resize.as_deref() {
         Some("fast") => cfg.augment.resize = ResizeMode::Fast,
+        Some("pillow12") => cfg.augment.resize = ResizeMode::Pillow12,
         Some("exact" | "both") => cfg.augment.resize = ResizeMode::Exact,
         _ => {}
     }
+    let pil_python = match args.pil.as_str() {
+        "off" => None,
+        "auto" => match crate::pillow::python(&crate::pillow::default_venv()) {
+            Ok(py) => Some(py),
+            Err(e) => {
+                eprintln!("PIL baseline unavailable: {e:#}");
+                None
+            }
+        },
+        path => Some(path.into()),
+    };
     let opts = BenchOptions {
         threads: args.threads,
         limit: args.limit,
         passes: args.passes.max(1),
         seed: cfg.data.seed,
         both: args.resize.as_deref() == Some("both"),
+        pil_python,
     };
     let report = run(records.as_ref(), &cfg.augment, &opts)?;
     if args.json {

@@ -1,28 +1,26 @@
 //! The multi-crop engine: one decoded image + (seed, epoch, index) → one [`Sample`].
 //!
-//! Per crop: crop rectangle → antialiased bicubic resize straight from the source rectangle
-//! (fast_image_resize `CatmullRom` = PIL BICUBIC a = −0.5, kernel widened by the downscale
-//! factor, on a cropped view so no pixel outside the crop is read, as with PIL's crop + resize;
-//! run on RGBX pixels by [`crate::rgbx`], the same bytes as on RGB, faster)
-//! → horizontal flip (after the resize: cheaper, same pixels up to the mirror symmetry of the
-//! resampling weights; folded into the first photometric pass) → photometric pipeline
-//! ([`crate::fused`]). With `[augment] resize = "fast"` a crop that downsamples by at most 2×
-//! is resized by [`crate::fast_resize`] instead (a documented deviation: other pixel values, same
-//! geometry). Every random draw comes from `shared::rng::sample_rng(seed, epoch, index)` in a
-//! fixed order: geometry, SRS masks, then the photometric parameters of each crop in crop order.
+//! Per crop, as torchvision's `RandomResizedCrop` + `RandomHorizontalFlip` run on a PIL image:
+//! crop rectangle → Pillow's antialiased bicubic resize of the crop ([`crate::resample`], bit
+//! for bit Pillow 13's, or Pillow ≤ 12's pass order with `resize = "pillow12"`) → horizontal
+//! flip (a permutation of the resized pixels, folded into the first photometric pass) →
+//! photometric pipeline ([`crate::fused`]). With `[augment] resize = "fast"` a crop that
+//! downsamples by at most 2× is resized by [`crate::fast_resize`] instead (a documented
+//! deviation: other pixel values, same geometry). Every random draw comes from
+//! `shared::rng::sample_rng(seed, epoch, index)` in a fixed order: geometry, SRS masks, then the
+//! photometric parameters of each crop in crop order.
 
 use std::cell::RefCell;
 use std::time::Instant;
 
-use fast_image_resize as fr;
 use shared::config::{AugmentConfig, ResizeMode};
-use shared::geometry::{global_pair, local_pair, CropMeta, Sample, SrsRow};
+use shared::geometry::{global_pair, local_pair, Sample, SrsRow};
 
 use crate::crops::sample_crops;
 use crate::decode::RgbImage;
 use crate::fast_resize::{fast_eligible, FastResizer};
 use crate::photometric::{PhotoParams, PhotoScratch};
-use crate::rgbx::RgbxResizer;
+use crate::resample::{PassOrder, Resampler};
 use crate::srs::{project_rows, sampling_mask};
 
 /// Seconds spent per stage, accumulated over calls (for `loader bench`).
@@ -47,16 +45,14 @@ impl StageTimes {
 }
 
 struct Scratch {
-    rgbx: RgbxResizer,
-    resizer: fr::Resizer,
+    resample: Resampler,
     fast: FastResizer,
     photo: PhotoScratch,
 }
 
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch {
-        rgbx: RgbxResizer::default(),
-        resizer: fr::Resizer::new(),
+        resample: Resampler::default(),
         fast: FastResizer::default(),
         photo: PhotoScratch::default(),
     });
@@ -158,26 +154,17 @@ impl CropEngine {
         out.globals.resize(2 * sg * sg * 3, 0);
         out.locals.resize(n_local * sl * sl * 3, 0);
         let fast = aug.resize == ResizeMode::Fast;
+        let order = pass_order(aug.resize);
         SCRATCH.with(|cell| {
             let scratch = &mut *cell.borrow_mut();
-            // In exact mode the resize reads the source as RGBX, converted once per sample. In
-            // fast mode the few crops left to the exact resize do not pay for a conversion of
-            // the whole source: they take the (bit-identical) RGB path.
-            let mut loaded = false;
             let globals = out.globals.chunks_exact_mut(sg * sg * 3).map(|b| (b, sg));
             let locals = out.locals.chunks_exact_mut(sl * sl * 3).map(|b| (b, sl));
             for (((buf, size), meta), params) in globals.chain(locals).zip(&crops).zip(&photo) {
                 let t1 = Instant::now();
                 if fast && fast_eligible(meta, size) {
                     scratch.fast.resize(img, meta, buf, size);
-                } else if fast {
-                    resize_crop(&mut scratch.resizer, img, meta, buf, size);
                 } else {
-                    if !loaded {
-                        scratch.rgbx.load(img);
-                        loaded = true;
-                    }
-                    scratch.rgbx.resize(meta, buf, size);
+                    scratch.resample.resize(img, meta, order, buf, size);
                 }
                 let flip = meta.hflip != 0;
                 if photometric {
@@ -198,28 +185,12 @@ impl CropEngine {
     }
 }
 
-/// Bicubic (PIL semantics) resize of the crop rectangle of `img` to `size × size` into `dst`,
-/// on 3-byte pixels. The engine runs the same resize on RGBX ([`crate::rgbx`]): same bytes,
-/// faster; this one is the reference it is tested against.
-pub fn resize_crop(
-    resizer: &mut fr::Resizer,
-    img: &RgbImage,
-    meta: &CropMeta,
-    dst: &mut [u8],
-    size: usize,
-) {
-    let src = fr::images::ImageRef::new(img.width, img.height, &img.data, fr::PixelType::U8x3)
-        .expect("RgbImage buffer matches its size");
-    let view = fr::images::CroppedImage::new(&src, meta.left, meta.top, meta.w, meta.h)
-        .expect("crop rectangle inside the image");
-    let mut out =
-        fr::images::Image::from_slice_u8(size as u32, size as u32, dst, fr::PixelType::U8x3)
-            .expect("destination buffer matches the crop size");
-    let opts =
-        fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::CatmullRom));
-    resizer
-        .resize(&view, &mut out, &opts)
-        .expect("u8x3 → u8x3 resize");
+/// The pass order of the Pillow version a resize mode reproduces.
+pub fn pass_order(mode: ResizeMode) -> PassOrder {
+    match mode {
+        ResizeMode::Pillow12 => PassOrder::HorizontalFirst,
+        ResizeMode::Exact | ResizeMode::Fast => PassOrder::Pillow13,
+    }
 }
 
 /// Mirrors every row of an RGB image in place.

@@ -6,9 +6,10 @@
 //! * [`photometric`]: colour jitter, grayscale, blur, solarise with PIL semantics, in uint8;
 //!   [`fused`] runs them in few passes, [`hue_simd`] holds the AVX2 hue kernel.
 //! * [`srs`]: SRS masks and the cross-view projection rows.
+//! * [`resample`]: Pillow's antialiased bicubic resize, bit for bit (AVX2 and scalar);
+//!   [`pillow`] runs real Pillow (pinned, in a venv) for the bench baseline and the tests.
 //! * [`engine`]: [`engine::CropEngine`] ties them together into a [`shared::geometry::Sample`];
-//!   [`rgbx`] runs its exact resize on 4-byte pixels, [`fast_resize`] is the opt-in
-//!   `resize = "fast"` path.
+//!   [`fast_resize`] is the opt-in `resize = "fast"` path.
 //! * [`source`]: [`source::DatasetSource`], the [`shared::geometry::SampleSource`] over records.
 //! * [`folder`]: an in-memory record set from a folder of image files (tests, bench, preview).
 //! * [`bench`], [`preview`]: the `loader bench` / `loader preview` subcommands.
@@ -34,9 +35,10 @@ pub mod fused;
 #[cfg(target_arch = "x86_64")]
 pub mod hue_simd;
 pub mod photometric;
+pub mod pillow;
 pub mod preview;
 pub mod produce;
-pub mod rgbx;
+pub mod resample;
 pub mod ring_tools;
 pub mod source;
 pub mod srs;

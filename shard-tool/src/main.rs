@@ -22,6 +22,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Pack <input> (ImageFolder root, flat folder, or a text file listing images) into <out-dir>.
+    #[command(after_help = "Example: shard-tool pack imagenet/train shards/train")]
     Pack {
         input: PathBuf,
         out_dir: PathBuf,
@@ -59,6 +60,7 @@ enum Cmd {
         json: bool,
     },
     /// Summarise a packed directory, or show one record.
+    #[command(after_help = "Example: shard-tool inspect shards/train --index 0")]
     Inspect {
         dir: PathBuf,
         #[arg(long)]
@@ -67,6 +69,7 @@ enum Cmd {
         json: bool,
     },
     /// Re-check every checksum (and with --decode, decode every image); non-zero exit if any is bad.
+    #[command(after_help = "Example: shard-tool verify shards/train --decode")]
     Verify {
         dir: PathBuf,
         #[arg(long)]
@@ -75,8 +78,11 @@ enum Cmd {
         json: bool,
     },
     /// Pack and read throughput next to same-run baselines.
+    #[command(
+        after_help = "Example: shard-tool bench photos/ --repeats 3   # a few hundred images: they are copied and packed several times"
+    )]
     Bench {
-        /// ImageFolder root (e.g. ../shared/data/bench-photos/train).
+        /// ImageFolder root: a few hundred photos are enough (they are copied and packed several times).
         input: PathBuf,
         #[arg(long, default_value_t = 3)]
         repeats: usize,
@@ -84,6 +90,9 @@ enum Cmd {
         json: bool,
     },
     /// Write a synthetic labelled ImageFolder: <out-dir>/<class>/<i>.jpg.
+    #[command(
+        after_help = "Example: shard-tool synth data/synth --classes 10 --per-class 100 --size 64"
+    )]
     Synth {
         out_dir: PathBuf,
         #[arg(long, default_value_t = 10)]
@@ -218,4 +227,11 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+#[cfg(test)]
+#[test]
+fn help_examples_and_readme_commands_parse() {
+    use clap::CommandFactory;
+    udi_tests::cli_doc::assert_agree_with_readmes(Cli::command(), env!("CARGO_MANIFEST_DIR"));
 }

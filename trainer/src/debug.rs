@@ -16,6 +16,7 @@
 
 use crate::config::TrainConfig;
 use crate::data::{batch_file_tensors, batch_from_file_tensors, synthetic_batch, TrainBatch};
+use crate::engine::EngineKind;
 use crate::kernels::Compute;
 use crate::loss::Centres;
 use crate::step::{StepStats, Trainer};
@@ -84,6 +85,7 @@ struct DebugReport {
     device: String,
     precision: String,
     kernels: String,
+    engine: String,
     #[serde(flatten)]
     stats: StepStats,
     iters_per_epoch: u64,
@@ -112,36 +114,25 @@ pub fn debug_step(
     iters_per_epoch: u64,
     dev: &Device,
     compute: Compute,
+    engine: EngineKind,
 ) -> Result<()> {
     let dev = dev.clone();
-    let mut tr = Trainer::with_options(cfg, iters_per_epoch, &dev, DType::F32, compute)?;
-    tr.drop_path = false;
-    let w = load(weights, &dev)?;
+    let mut tr = crate::step::build(engine, cfg, iters_per_epoch, &dev, DType::F32, compute)?;
+    tr.set_drop_path(false);
+    let mut w = load(weights, &dev)?;
     let wname = weights.display().to_string();
-    tr.load_weights(&w, &wname)?;
-    tr.optim.load_from(&w, &tr.student, &wname)?;
     let b = load(batch, &dev)?;
     let bname = batch.display().to_string();
     let tb: TrainBatch = batch_from_file_tensors(&b, &cfg.augment, DType::F32, &dev, &bname)?;
-    let c = |k: &str| -> Result<Tensor> {
-        let t = b.get(k).with_context(|| format!("{bname}: missing {k}"))?;
-        anyhow::ensure!(
-            t.dims() == [cfg.model.out_dim],
-            "{bname}: {k} has shape {:?}",
-            t.dims()
-        );
-        Ok(t.to_dtype(DType::F32)?)
-    };
-    tr.centres = Centres {
-        cls: c("center.cls")?,
-        udi: c("center.udi")?,
-        patch: c("center.patch")?,
-    };
+    // The weights file's parameters and optimiser state, the batch file's centres.
+    let centres = Centres::from_map(&b, cfg.model.out_dim, DType::F32, &dev, &bname)?;
+    w.extend(centres.named_tensors());
+    tr.load_state(&w, &wname)?;
     let epoch = scalar_i64(&b, "epoch", &bname)?;
     let step = scalar_i64(&b, "step", &bname)?;
     let rep = tr.step_detailed(&tb, epoch, step)?;
     let mut centres = BTreeMap::new();
-    for (n, t) in tr.centres.named_tensors() {
+    for (n, t) in tr.centres().named_tensors() {
         let t = t.to_dtype(DType::F64)?;
         centres.insert(
             n,
@@ -155,6 +146,7 @@ pub fn debug_step(
         device: crate::device::name(&dev),
         precision: compute.precision.to_string(),
         kernels: compute.kernels.to_string(),
+        engine: engine.to_string(),
         stats: rep.stats,
         iters_per_epoch,
         centres,
@@ -179,6 +171,7 @@ pub struct BenchResult {
     pub device: String,
     pub precision: String,
     pub kernels: String,
+    pub engine: String,
     pub batch_size: usize,
     pub steps: usize,
     pub step_s: f64,
@@ -269,6 +262,7 @@ pub struct ProfileRow {
 }
 
 /// Times `steps` training steps (after `warmup` untimed ones) on a synthetic batch.
+#[allow(clippy::too_many_arguments)]
 pub fn bench(
     cfg: &TrainConfig,
     device: &Device,
@@ -276,13 +270,14 @@ pub fn bench(
     warmup: usize,
     steps: usize,
     compute: Compute,
+    engine: EngineKind,
     profile: bool,
 ) -> Result<BenchResult> {
     let (layout, buf) = synthetic_batch(&cfg.augment, batch_size, 7);
     let view = BatchView::new(&layout, buf.bytes()).map_err(anyhow::Error::msg)?;
     let batch = TrainBatch::from_view(&view, &cfg.augment, device)?;
     // Epoch 1 so that the last layer is trained too (the expensive case).
-    let mut tr = Trainer::with_options(cfg, 1000, device, DType::F32, compute)?;
+    let mut tr = crate::step::build(engine, cfg, 1000, device, DType::F32, compute)?;
     let mut acc = [0.0; 4];
     let mut wall = 0.0;
     for i in 0..warmup + steps {
@@ -331,6 +326,9 @@ pub fn bench(
         for (name, s, calls) in scopes {
             rows.push(row(name, s / p, calls as f64 / p));
         }
+        // The probes isolate parts of the autograd step (any weights time the same).
+        drop(tr);
+        let tr = Trainer::with_options(cfg, 1000, device, DType::F32, compute)?;
         let (loss_fwd, loss_bwd) = loss_backward_probe(&tr, &batch, compute.fused())?;
         rows.push(row(
             "probe: loss forward (student logits as leaves)",
@@ -377,6 +375,7 @@ pub fn bench(
         device: crate::device::name(device),
         precision: compute.precision.to_string(),
         kernels: compute.kernels.to_string(),
+        engine: engine.to_string(),
         batch_size: batch_size as usize,
         steps,
         step_s: wall / n,

@@ -50,7 +50,7 @@ pub enum DeviceError {
     UnknownFlag(String),
     #[error(
         "--device cuda: this trainer binary was built without CUDA support; rebuild it with \
-         `cargo build --release --features cuda -p trainer` (README, section GPU)"
+         `cargo build --release --features cuda -p trainer` (README, section \"GPU machines\")"
     )]
     NotCompiled,
     #[error(

@@ -77,6 +77,15 @@ impl Head {
 pub struct LastLayer(Linear);
 
 impl LastLayer {
+    /// A last layer of an already normalised weight `[K, E]`.
+    pub fn from_weight(weight: Tensor, compute: Compute) -> Self {
+        Self(Linear {
+            weight,
+            bias: None,
+            compute,
+        })
+    }
+
     pub fn forward(&self, z: &Tensor) -> Result<Tensor> {
         prof::time(z.device(), "head: last layer (K wide)", || {
             self.0.forward(z)

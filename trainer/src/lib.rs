@@ -8,6 +8,8 @@
 //! * [`photometric`]: the loader's photometric decisions (`[augment] photometric = "device"`)
 //!   applied to the crops on the device, bit-exact vs the loader's CPU reference.
 //! * [`loss`], [`schedule`], [`optim`], [`step`]: one training iteration ([`step::Trainer`]).
+//! * [`engine`]: the explicit training step (hand-written forward and backward over flat
+//!   buffers), `--engine explicit`; [`step::Trainer`] is the autograd reference.
 //! * [`debug`]: `init-weights`, `make-batch`, `debug-step`, `bench` behind the CLI.
 //! * [`device`]: `--device auto|cpu|cuda` → a candle `Device`, with CPU fallback (README "GPU").
 
@@ -17,6 +19,7 @@ pub mod config;
 pub mod data;
 pub mod debug;
 pub mod device;
+pub mod engine;
 pub mod export;
 pub mod head;
 pub mod kernels;

@@ -34,6 +34,29 @@ impl Centres {
             patch: z,
         })
     }
+    /// The centres of a checkpoint map (`center.{cls,udi,patch}`, shape `[k]`), in `dtype` on
+    /// `device`, each in a buffer of its own.
+    pub fn from_map(
+        map: &std::collections::HashMap<String, Tensor>,
+        k: usize,
+        dtype: DType,
+        device: &Device,
+        what: &str,
+    ) -> anyhow::Result<Self> {
+        let c = |name: &str| -> anyhow::Result<Tensor> {
+            let t = map
+                .get(name)
+                .ok_or_else(|| anyhow::anyhow!("{what}: missing {name}"))?;
+            anyhow::ensure!(t.dims() == [k], "{what}: {name} has shape {:?}", t.dims());
+            Ok(t.to_dtype(dtype)?.to_device(device)?.copy()?.detach())
+        };
+        Ok(Self {
+            cls: c("center.cls")?,
+            udi: c("center.udi")?,
+            patch: c("center.patch")?,
+        })
+    }
+
     /// `[("center.cls", c₀), ("center.udi", c₁), ("center.patch", c₂)]`.
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
         vec![
@@ -83,78 +106,81 @@ fn mean_entropy(
     }
 }
 
-/// Computes the loss and the updated centres with composed ops. `teacher` outputs must carry no
-/// gradient.
-pub fn udi_loss(
-    cfg: &LossConfig,
-    batch: &TrainBatch,
-    s: &StudentOut,
-    t: &TeacherOut,
-    centres: &Centres,
-    teacher_temp: f64,
-) -> Result<LossOut> {
-    udi_loss_with(cfg, batch, s, t, centres, teacher_temp, false)
+/// The teacher's side of one step (no gradient): the target distribution of every student
+/// row and the updated centres. Row groups follow [`crate::model::StudentOut`].
+pub struct Targets {
+    /// P0 target of the student [cls] rows of the global views `[2B, K]` (view v reads teacher
+    /// view v̄).
+    pub cls_global: Tensor,
+    /// P0(view 0) + P0(view 1) per image `[B, K]`: the (two-term) target of every local crop's
+    /// [cls] row (row k·B + b reads row b).
+    pub cls_local: Option<Tensor>,
+    /// The [cls+] and patch targets (`None` with `dino_only`).
+    pub udi: Option<UdiTargets>,
+    pub new_centres: Centres,
+    /// Mean entropy (nats) of the teacher distributions P0, P1, P2 (P2 over valid rows).
+    pub teacher_entropy: [f64; 3],
 }
 
-/// [`udi_loss`] with the teacher softmax and the student cross-entropy as fused ops when
-/// `fused`. Logits may be bf16: the teacher's are read in the centres' dtype (f32), the
-/// student's log-softmax is computed in f32 either way.
-pub fn udi_loss_with(
+/// Targets of the [cls+] and patch rows.
+pub struct UdiTargets {
+    /// P1 of the multimodal targets of the global views `[2B, K]`.
+    pub plus_global: Tensor,
+    /// Σ_t P1(mm_l[k, t]) per local crop row `[L·B, K]` (crop-major).
+    pub plus_local: Option<Tensor>,
+    /// P2 of the teacher patch logits, row r of student view v's S-rows `[2B·n_g, K]`.
+    pub patch: Tensor,
+    /// Validity of those rows `[2, B, n_g]`.
+    pub valid: Tensor,
+}
+
+/// Computes the targets and the updated centres (udi-spec §3.2–§3.4) from the teacher's
+/// outputs. Logits may be bf16: they are read in the centres' dtype (f32).
+pub fn targets(
     cfg: &LossConfig,
     batch: &TrainBatch,
-    s: &StudentOut,
     t: &TeacherOut,
     centres: &Centres,
     teacher_temp: f64,
     fused: bool,
-) -> Result<LossOut> {
+) -> Result<Targets> {
     let dt = centres.cls.dtype();
     let t_cls_logits = t.cls.to_dtype(dt)?;
     let teacher_probs =
         |x: &Tensor, c: &Tensor, tau: f64| -> Result<Tensor> { centered_softmax(x, c, tau, fused) };
-    let ts = cfg.student_temp;
     let b = batch.batch_size;
     let l = batch.n_local;
-    let n_pairs = (2 + 2 * l) as f64;
-    let bf = b as f64;
     let tau = teacher_temp;
     let k = t_cls_logits.dim(1)?;
     let m = cfg.center_momentum;
 
-    // ---- L_cls --------------------------------------------------------------------------
+    // ---- [cls] targets ---------------------------------------------------------------------
     let t_cls = t_cls_logits.reshape((2, b, k))?;
     let p0 = teacher_probs(&t_cls, &centres.cls, tau)?;
-    let p0_swapped = Tensor::cat(&[p0.get(1)?, p0.get(0)?], 0)?; // [2B, K]: target of student view v
-    let mut l_cls = ce_sum(&s.cls.narrow(0, 0, 2 * b)?, &p0_swapped, ts, fused)?;
-    if l > 0 {
-        // Every local crop k (rows k·B + b) against both views' targets of image b.
-        let p0_both = (p0.get(0)? + p0.get(1)?)?; // [B, K]
-        let s_l = s.cls.narrow(0, 2 * b, l * b)?;
-        l_cls = (l_cls + ce_sum(&s_l, &p0_both, ts, fused)?)?;
-    }
-    let l_cls = (l_cls / (bf * n_pairs))?;
+    let cls_global = Tensor::cat(&[p0.get(1)?, p0.get(0)?], 0)?;
+    // Every local crop k (rows k·B + b) against both views' targets of image b.
+    let cls_local = if l > 0 {
+        Some((p0.get(0)? + p0.get(1)?)?)
+    } else {
+        None
+    };
     let batch_cls = t_cls_logits.mean(0)?;
     let new_cls = ((&centres.cls * m)? + (batch_cls * (1.0 - m))?)?;
     let h0 = mean_entropy(&t_cls, &centres.cls, tau, None, fused)?;
 
-    let (rows, s_plus, s_pat) = match (&t.rows, &s.cls_plus, &s.patch) {
-        (Some(r), Some(p), Some(q)) => (r, p, q),
-        _ => {
-            // dino_only: L_cls alone; the other centres stay as they are.
-            let zero = l_cls.zeros_like()?;
-            return Ok(LossOut {
-                total: l_cls.clone(),
-                cls: l_cls,
-                udi: zero.clone(),
-                patch: zero,
-                new_centres: Centres {
-                    cls: new_cls,
-                    udi: centres.udi.clone(),
-                    patch: centres.patch.clone(),
-                },
-                teacher_entropy: [h0, 0.0, 0.0],
-            });
-        }
+    let Some(rows) = &t.rows else {
+        // dino_only: L_cls alone; the other centres stay as they are.
+        return Ok(Targets {
+            cls_global,
+            cls_local,
+            udi: None,
+            new_centres: Centres {
+                cls: new_cls,
+                udi: centres.udi.clone(),
+                patch: centres.patch.clone(),
+            },
+            teacher_entropy: [h0, 0.0, 0.0],
+        });
     };
     let n_g = batch.student_rows.dim(1)?;
 
@@ -176,15 +202,10 @@ pub fn udi_loss_with(
     )?;
     let mm_g = ((avg_g * alpha)? + (t_cls_swapped * (1.0 - alpha))?)?; // [2, B, K] by student view
     let mut mm_sum = mm_g.sum((0, 1))?;
-    let p1_g = teacher_probs(&mm_g, &centres.udi, tau)?;
-    let mut l_udi = ce_sum(
-        &s_plus.narrow(0, 0, 2 * b)?,
-        &p1_g.reshape((2 * b, k))?,
-        ts,
-        fused,
-    )?;
+    let plus_global = teacher_probs(&mm_g, &centres.udi, tau)?.reshape((2 * b, k))?;
     let mut h1_sum = mean_entropy(&mm_g, &centres.udi, tau, None, fused)? * (2 * b) as f64;
     let mut patch_sum = sum_g.sum((0, 1))?;
+    let mut plus_local = None;
     if l > 0 {
         // Local T-rows [t, b, k, r] pooled over r (and, for c₂, over everything).
         let (avg_l, local_sum) = rows.local_pool(n_g, &batch.valid_l, dt)?; // [2, B, L, K], [K]
@@ -193,31 +214,98 @@ pub fn udi_loss_with(
         mm_sum = (mm_sum + mm_l.sum((0, 1, 2))?)?;
         let p1_l = teacher_probs(&mm_l, &centres.udi, tau)?;
         let p1_l = (p1_l.get(0)? + p1_l.get(1)?)?.transpose(0, 1)?; // [L, B, K]
-        let s_pl = s_plus.narrow(0, 2 * b, l * b)?;
-        l_udi = (l_udi + ce_sum(&s_pl, &p1_l.contiguous()?, ts, fused)?)?;
+        plus_local = Some(p1_l.contiguous()?.reshape((l * b, k))?);
         h1_sum += mean_entropy(&mm_l, &centres.udi, tau, None, fused)? * (2 * b * l) as f64;
         patch_sum = (patch_sum + local_sum)?;
     }
-    let l_udi = (l_udi / (bf * n_pairs))?;
     let new_udi = ((&centres.udi * m)? + ((mm_sum / ((2 * b + 2 * b * l) as f64))? * (1.0 - m))?)?;
     let h1 = h1_sum / (2 * b + 2 * b * l) as f64;
 
-    // ---- L_patch (global views only, pooled over valid rows) ------------------------------
+    // ---- patch targets (global views only) --------------------------------------------------
     let p2 = teacher_probs(&t_pat, &centres.patch, tau)?;
-    let h_rows = soft_ce_rows(
-        &s_pat.reshape((2 * b * n_g, k))?,
-        &p2.reshape((2 * b * n_g, k))?,
-        ts,
-        fused,
-    )?
-    .reshape((2, b, n_g))?;
-    let n_valid = vg.sum_all()?;
-    // No valid row in the whole batch gives NaN, as in the official code (training then stops).
-    let l_patch = (h_rows * vg)?.sum_all()?.div(&n_valid)?;
     let h2 = mean_entropy(&t_pat, &centres.patch, tau, Some(vg), fused)?;
     // c₂ count: the sum of the bilinear row sums of every T-row (global and local pairs).
     let count = batch.teacher_rows.sum_all()?;
     let new_patch = ((&centres.patch * m)? + (patch_sum.broadcast_div(&count)? * (1.0 - m))?)?;
+    Ok(Targets {
+        cls_global,
+        cls_local,
+        udi: Some(UdiTargets {
+            plus_global,
+            plus_local,
+            patch: p2.reshape((2 * b * n_g, k))?,
+            valid: vg.clone(),
+        }),
+        new_centres: Centres {
+            cls: new_cls,
+            udi: new_udi,
+            patch: new_patch,
+        },
+        teacher_entropy: [h0, h1, h2],
+    })
+}
+
+/// Computes the loss and the updated centres with composed ops. `teacher` outputs must carry no
+/// gradient.
+pub fn udi_loss(
+    cfg: &LossConfig,
+    batch: &TrainBatch,
+    s: &StudentOut,
+    t: &TeacherOut,
+    centres: &Centres,
+    teacher_temp: f64,
+) -> Result<LossOut> {
+    udi_loss_with(cfg, batch, s, t, centres, teacher_temp, false)
+}
+
+/// [`udi_loss`] with the teacher softmax and the student cross-entropy as fused ops when
+/// `fused`. The student's log-softmax is computed in f32 either way.
+pub fn udi_loss_with(
+    cfg: &LossConfig,
+    batch: &TrainBatch,
+    s: &StudentOut,
+    t: &TeacherOut,
+    centres: &Centres,
+    teacher_temp: f64,
+    fused: bool,
+) -> Result<LossOut> {
+    let tg = targets(cfg, batch, t, centres, teacher_temp, fused)?;
+    let ts = cfg.student_temp;
+    let b = batch.batch_size;
+    let l = batch.n_local;
+    let norm = (b * (2 + 2 * l)) as f64;
+
+    let mut l_cls = ce_sum(&s.cls.narrow(0, 0, 2 * b)?, &tg.cls_global, ts, fused)?;
+    if let Some(p) = &tg.cls_local {
+        l_cls = (l_cls + ce_sum(&s.cls.narrow(0, 2 * b, l * b)?, p, ts, fused)?)?;
+    }
+    let l_cls = (l_cls / norm)?;
+    let (u, s_plus, s_pat) = match (&tg.udi, &s.cls_plus, &s.patch) {
+        (Some(u), Some(p), Some(q)) => (u, p, q),
+        _ => {
+            let zero = l_cls.zeros_like()?;
+            return Ok(LossOut {
+                total: l_cls.clone(),
+                cls: l_cls,
+                udi: zero.clone(),
+                patch: zero,
+                new_centres: tg.new_centres,
+                teacher_entropy: tg.teacher_entropy,
+            });
+        }
+    };
+    let mut l_udi = ce_sum(&s_plus.narrow(0, 0, 2 * b)?, &u.plus_global, ts, fused)?;
+    if let Some(p) = &u.plus_local {
+        l_udi = (l_udi + ce_sum(&s_plus.narrow(0, 2 * b, l * b)?, p, ts, fused)?)?;
+    }
+    let l_udi = (l_udi / norm)?;
+    // L_patch: global views only, pooled over valid rows. No valid row in the whole batch gives
+    // NaN, as in the official code (training then stops).
+    let k = s_pat.dim(2)?;
+    let n_g = s_pat.dim(1)?;
+    let h_rows = soft_ce_rows(&s_pat.reshape((2 * b * n_g, k))?, &u.patch, ts, fused)?
+        .reshape((2, b, n_g))?;
+    let l_patch = (h_rows * &u.valid)?.sum_all()?.div(&u.valid.sum_all()?)?;
 
     let [w0, w1, w2] = cfg.weights;
     let total = (((&l_cls * w0)? + (&l_udi * w1)?)? + (&l_patch * w2)?)?;
@@ -226,11 +314,7 @@ pub fn udi_loss_with(
         cls: l_cls,
         udi: l_udi,
         patch: l_patch,
-        new_centres: Centres {
-            cls: new_cls,
-            udi: new_udi,
-            patch: new_patch,
-        },
-        teacher_entropy: [h0, h1, h2],
+        new_centres: tg.new_centres,
+        teacher_entropy: tg.teacher_entropy,
     })
 }

@@ -16,12 +16,22 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Pretrain: create the ring, start and supervise loaders, train, checkpoint, log metrics.
+    #[command(
+        after_help = "Example: trainer train --config configs/udi_vit_s16_in1k.toml --shards shards/train --out runs/s16"
+    )]
     Train(TrainArgs),
     /// Weighted k-NN (DINO's) on teacher features: top-1 / top-5.
+    #[command(
+        after_help = "Example: trainer knn --checkpoint runs/s16 --train shards/train --val shards/val"
+    )]
     Knn(KnnArgs),
     /// Export the teacher backbone (timm key names, safetensors).
+    #[command(
+        after_help = "Example: trainer export --checkpoint runs/s16 --format timm --out backbone.safetensors"
+    )]
     Export(ExportArgs),
     /// Plot a run's metrics.jsonl as a PNG.
+    #[command(after_help = "Example: trainer plot runs/s16")]
     Plot(PlotArgs),
     /// Checkpoint tools.
     Checkpoint {
@@ -29,6 +39,9 @@ enum Cmd {
         cmd: CheckpointCmd,
     },
     /// Write freshly initialised student and teacher weights (safetensors).
+    #[command(
+        after_help = "Example: trainer init-weights --config configs/tiny.toml --out weights.safetensors"
+    )]
     InitWeights {
         #[arg(long)]
         config: PathBuf,
@@ -36,6 +49,9 @@ enum Cmd {
         out: PathBuf,
     },
     /// Write a batch file for `debug-step` (synthetic images and SRS rows, zero centres).
+    #[command(
+        after_help = "Example: trainer make-batch --config configs/tiny.toml --synthetic --out batch.safetensors"
+    )]
     MakeBatch {
         #[arg(long)]
         config: PathBuf,
@@ -51,6 +67,9 @@ enum Cmd {
         out: PathBuf,
     },
     /// One training step (drop path off) from weights + batch; JSON report + updated tensors.
+    #[command(
+        after_help = "Example: trainer debug-step --config configs/tiny.toml --weights weights.safetensors --batch batch.safetensors --out step.json"
+    )]
     DebugStep {
         #[arg(long)]
         config: PathBuf,
@@ -74,6 +93,9 @@ enum Cmd {
         compute: ComputeArgs,
     },
     /// Time training steps on a synthetic batch.
+    #[command(
+        after_help = "Example: trainer bench --config configs/udi_vit_s16_in1k.toml --device cuda --batch-size 128 --steps 10"
+    )]
     Bench {
         #[arg(long)]
         config: PathBuf,
@@ -97,6 +119,7 @@ enum Cmd {
     },
     /// Every fused kernel on the device against its CPU reference (forward and backward), and
     /// composed-vs-fused timings.
+    #[command(after_help = "Example: trainer kernel-check --device cuda --shapes vits")]
     KernelCheck {
         /// cuda (the point), or cpu (reference against itself: a smoke test).
         #[arg(long, value_enum, default_value = "cuda")]
@@ -132,11 +155,18 @@ struct ComputeArgs {
     /// fused (our kernels) or candle (composed ops). Default: fused on CUDA, candle on CPU.
     #[arg(long, value_enum)]
     kernels: Option<trainer::kernels::Kernels>,
+    /// explicit (hand-written backward over flat buffers) or autograd (candle's). Default:
+    /// explicit on CPU, autograd on CUDA.
+    #[arg(long, value_enum)]
+    engine: Option<trainer::engine::EngineKind>,
 }
 
 impl ComputeArgs {
     fn resolve(&self, dev: &candle_core::Device) -> trainer::kernels::Compute {
         trainer::kernels::Compute::for_device(dev, self.precision, self.kernels)
+    }
+    fn engine(&self, dev: &candle_core::Device) -> trainer::engine::EngineKind {
+        trainer::engine::EngineKind::for_device(dev, self.engine)
     }
 }
 
@@ -177,7 +207,18 @@ fn main() -> Result<()> {
             let ot = out_tensors.unwrap_or_else(|| out.with_extension("safetensors"));
             let dev = trainer::device::pick(device)?;
             let c = compute.resolve(&dev);
-            trainer::debug::debug_step(&cfg, &weights, &batch, &out, &ot, iters_per_epoch, &dev, c)
+            let e = compute.engine(&dev);
+            trainer::debug::debug_step(
+                &cfg,
+                &weights,
+                &batch,
+                &out,
+                &ot,
+                iters_per_epoch,
+                &dev,
+                c,
+                e,
+            )
         }
         Cmd::Bench {
             config,
@@ -193,7 +234,8 @@ fn main() -> Result<()> {
             let dev = trainer::device::pick(device)?;
             let b = batch_size.unwrap_or(cfg.data.batch_size);
             let c = compute.resolve(&dev);
-            let r = trainer::debug::bench(&cfg, &dev, b, warmup, steps, c, profile)?;
+            let e = compute.engine(&dev);
+            let r = trainer::debug::bench(&cfg, &dev, b, warmup, steps, c, e, profile)?;
             if !r.profile.is_empty() {
                 // The table on stderr, so that --json keeps one object on stdout.
                 eprintln!("| stage (synchronised) | ms/step | calls/step |\n|---|---:|---:|");
@@ -208,8 +250,8 @@ fn main() -> Result<()> {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!(
-                    "{} {} {} batch {}: {:.3} s/step, {:.1} images/s (teacher fwd {:.3} s, student fwd+loss {:.3} s, backward {:.3} s, optimiser+EMA {:.3} s)",
-                    r.device, r.precision, r.kernels, r.batch_size, r.step_s, r.images_per_s, r.teacher_fwd_s, r.student_fwd_loss_s, r.backward_s, r.optim_ema_s
+                    "{} {} {} {} batch {}: {:.3} s/step, {:.1} images/s (teacher fwd {:.3} s, student fwd+loss {:.3} s, backward {:.3} s, optimiser+EMA {:.3} s)",
+                    r.device, r.precision, r.kernels, r.engine, r.batch_size, r.step_s, r.images_per_s, r.teacher_fwd_s, r.student_fwd_loss_s, r.backward_s, r.optim_ema_s
                 );
             }
             Ok(())
@@ -238,4 +280,11 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+#[cfg(test)]
+#[test]
+fn help_examples_and_readme_commands_parse() {
+    use clap::CommandFactory;
+    udi_tests::cli_doc::assert_agree_with_readmes(Cli::command(), env!("CARGO_MANIFEST_DIR"));
 }

@@ -220,26 +220,33 @@ impl Network {
         let f = self
             .head
             .bottleneck(&Tensor::cat(&[cls_tok, z.reshape((2 * b * r, d))?], 0)?)?;
-        let e = f.dim(1)?;
-        let f_rows = f.narrow(0, 2 * b, 2 * b * r)?.reshape((2 * b, r, e))?;
-        let last = self.head.last_layer()?;
-        let logits = last.forward(&Tensor::cat(
-            &[
-                f.narrow(0, 0, 2 * b)?,
-                f_rows.narrow(1, 0, n_g)?.reshape((2 * b * n_g, e))?,
-            ],
-            0,
-        )?)?;
-        let k = logits.dim(1)?;
-        Ok(TeacherOut {
-            cls: logits.narrow(0, 0, 2 * b)?,
-            rows: Some(TeacherRows::Factored {
-                global: logits
-                    .narrow(0, 2 * b, 2 * b * n_g)?
-                    .reshape((2 * b, n_g, k))?,
-                local_features: f_rows.narrow(1, n_g, r - n_g)?,
-                last,
-            }),
-        })
+        teacher_out(&f, b, n_g, self.head.last_layer()?)
     }
+}
+
+/// The teacher's outputs from the bottleneck features `f` `[2B + 2B·R, E]` (the [cls] rows of
+/// both global views, then every T-row): the last layer applied to the [cls] rows and the n_g
+/// global T-rows; the local T-rows stay features, pooled by the loss ([`TeacherRows::Factored`]).
+pub fn teacher_out(f: &Tensor, b: usize, n_g: usize, last: LastLayer) -> Result<TeacherOut> {
+    let e = f.dim(1)?;
+    let r = (f.dim(0)? - 2 * b) / (2 * b);
+    let f_rows = f.narrow(0, 2 * b, 2 * b * r)?.reshape((2 * b, r, e))?;
+    let logits = last.forward(&Tensor::cat(
+        &[
+            f.narrow(0, 0, 2 * b)?,
+            f_rows.narrow(1, 0, n_g)?.reshape((2 * b * n_g, e))?,
+        ],
+        0,
+    )?)?;
+    let k = logits.dim(1)?;
+    Ok(TeacherOut {
+        cls: logits.narrow(0, 0, 2 * b)?,
+        rows: Some(TeacherRows::Factored {
+            global: logits
+                .narrow(0, 2 * b, 2 * b * n_g)?
+                .reshape((2 * b, n_g, k))?,
+            local_features: f_rows.narrow(1, n_g, r - n_g)?,
+            last,
+        }),
+    })
 }

@@ -49,6 +49,17 @@ impl Schedules {
             cfg: cfg.clone(),
         }
     }
+    /// The four scheduled values of one iteration: (lr, weight decay, teacher EMA momentum,
+    /// teacher temperature), the first three by global step, τ_t by epoch.
+    pub fn at(&self, epoch: u64, global_step: u64) -> (f64, f64, f64, f64) {
+        (
+            self.lr(global_step),
+            self.weight_decay(global_step),
+            self.momentum(global_step),
+            self.teacher_temp(epoch),
+        )
+    }
+
     pub fn lr(&self, it: u64) -> f64 {
         let o = &self.cfg.optim;
         cosine(

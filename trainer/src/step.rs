@@ -17,12 +17,10 @@ use crate::nn::scalar_f64;
 use crate::optim::{clip_factor, ema_update, squared_norms, AdamW};
 use crate::params::{is_last_layer, ParamStore};
 use crate::schedule::Schedules;
-use crate::vit::DropMasks;
+use crate::vit::{drop_masks, DropMasks};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use rand::Rng;
 use serde::Serialize;
-use shared::rng::{rng_for, Domain};
 use std::collections::HashMap;
 use std::time::Instant;
 
@@ -54,6 +52,62 @@ pub struct StepStats {
 pub struct StepReport {
     pub stats: StepStats,
     pub grad_norms: Vec<(String, Option<f64>, Option<f64>)>,
+}
+
+/// What the training loop, checkpoints and `debug-step` need of a training step, whichever
+/// engine runs it ([`crate::engine::EngineKind`]).
+pub trait TrainStep {
+    /// One iteration (udi-spec §4) with per-parameter gradient norms.
+    fn step_detailed(
+        &mut self,
+        batch: &TrainBatch,
+        epoch: u64,
+        global_step: u64,
+    ) -> Result<StepReport>;
+
+    fn step(&mut self, batch: &TrainBatch, epoch: u64, global_step: u64) -> Result<StepStats> {
+        Ok(self.step_detailed(batch, epoch, global_step)?.stats)
+    }
+
+    /// Everything a checkpoint needs for a bitwise resume: `student.<name>`, `teacher.<name>`,
+    /// `center.{cls,udi,patch}`, `optim.<name>.{exp_avg,exp_avg_sq,step}` (each tensor in a
+    /// buffer of its own). Both engines write and read the same names.
+    fn state_tensors(&self) -> Result<Vec<(String, Tensor)>>;
+
+    /// Restores [`Self::state_tensors`] (optimiser entries may be absent: fresh state).
+    fn load_state(&mut self, map: &HashMap<String, Tensor>, what: &str) -> Result<()>;
+
+    /// Stochastic depth on (training) or off (`debug-step`).
+    fn set_drop_path(&mut self, on: bool);
+
+    fn centres(&self) -> &Centres;
+}
+
+/// A training step of the chosen engine.
+pub fn build(
+    engine: crate::engine::EngineKind,
+    cfg: &TrainConfig,
+    iters_per_epoch: u64,
+    device: &Device,
+    dtype: DType,
+    compute: Compute,
+) -> Result<Box<dyn TrainStep>> {
+    Ok(match engine {
+        crate::engine::EngineKind::Explicit => Box::new(crate::engine::Explicit::new(
+            cfg,
+            iters_per_epoch,
+            device,
+            dtype,
+            compute,
+        )?),
+        crate::engine::EngineKind::Autograd => Box::new(Trainer::with_options(
+            cfg,
+            iters_per_epoch,
+            device,
+            dtype,
+            compute,
+        )?),
+    })
 }
 
 /// Student, teacher, centres, optimiser and schedules of one run.
@@ -155,32 +209,15 @@ impl Trainer {
         batch: &TrainBatch,
         global_step: u64,
     ) -> Result<(DropMasks, DropMasks)> {
-        let mut rng = rng_for(self.cfg.data.seed, Domain::Step, 0, global_step);
-        let rates = self.student_net.backbone.drop_rates.clone();
-        let b = batch.batch_size;
-        // One upload per crop group: values [depth][2][n], sliced per block and branch.
-        let mut make = |n: usize| -> Result<DropMasks> {
-            let mut v = Vec::with_capacity(rates.len() * 2 * n);
-            for &rate in &rates {
-                let keep = 1.0 - rate;
-                for _ in 0..2 * n {
-                    v.push(if rng.random::<f64>() < keep {
-                        1.0 / keep
-                    } else {
-                        0.0
-                    });
-                }
-            }
-            let all = Tensor::from_vec(v, (rates.len(), 2, n, 1, 1), &Device::Cpu)?
-                .to_dtype(self.dtype)?
-                .to_device(&self.device)?;
-            (0..rates.len())
-                .map(|i| Ok((all.get(i)?.get(0)?, all.get(i)?.get(1)?)))
-                .collect()
-        };
-        let g = make(2 * b)?;
-        let l = make(batch.n_local * b)?;
-        Ok((g, l))
+        Ok(drop_masks(
+            &self.student_net.backbone.drop_rates,
+            self.cfg.data.seed,
+            batch.batch_size,
+            batch.n_local,
+            global_step,
+            self.dtype,
+            &self.device,
+        )?)
     }
 
     /// One iteration; see the module docs for the order of operations.
@@ -198,13 +235,7 @@ impl Trainer {
         epoch: u64,
         global_step: u64,
     ) -> Result<StepReport> {
-        let s = &self.schedules;
-        let (lr, wd, mom, tau) = (
-            s.lr(global_step),
-            s.weight_decay(global_step),
-            s.momentum(global_step),
-            s.teacher_temp(epoch),
-        );
+        let (lr, wd, mom, tau) = self.schedules.at(epoch, global_step);
         let t0 = Instant::now();
         let t_out = self.teacher_net.teacher(batch)?;
         self.sync()?;
@@ -373,20 +404,8 @@ impl Trainer {
     /// Restores [`Self::state_tensors`] (optimiser entries may be absent: fresh state).
     pub fn load_state(&mut self, map: &HashMap<String, Tensor>, what: &str) -> Result<()> {
         self.load_weights(map, what)?;
-        let c = |k: &str| -> Result<Tensor> {
-            let t = map.get(k).with_context(|| format!("{what}: missing {k}"))?;
-            anyhow::ensure!(
-                t.dims() == [self.cfg.model.out_dim],
-                "{what}: {k} has shape {:?}",
-                t.dims()
-            );
-            Ok(t.to_dtype(self.dtype)?.to_device(&self.device)?.copy()?)
-        };
-        self.centres = Centres {
-            cls: c("center.cls")?,
-            udi: c("center.udi")?,
-            patch: c("center.patch")?,
-        };
+        self.centres =
+            Centres::from_map(map, self.cfg.model.out_dim, self.dtype, &self.device, what)?;
         self.optim.load_from(map, &self.student, what)?;
         Ok(())
     }
@@ -396,6 +415,29 @@ impl Trainer {
         self.student.load_from(map, "student.", what)?;
         self.teacher.load_from(map, "teacher.", what)?;
         Ok(())
+    }
+}
+
+impl TrainStep for Trainer {
+    fn step_detailed(
+        &mut self,
+        batch: &TrainBatch,
+        epoch: u64,
+        global_step: u64,
+    ) -> Result<StepReport> {
+        Trainer::step_detailed(self, batch, epoch, global_step)
+    }
+    fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        Trainer::state_tensors(self)
+    }
+    fn load_state(&mut self, map: &HashMap<String, Tensor>, what: &str) -> Result<()> {
+        Trainer::load_state(self, map, what)
+    }
+    fn set_drop_path(&mut self, on: bool) {
+        self.drop_path = on;
+    }
+    fn centres(&self) -> &Centres {
+        &self.centres
     }
 }
 

@@ -13,7 +13,7 @@ use crate::run_dir::RunDir;
 use crate::config::TrainConfig;
 use crate::data::TrainBatch;
 use crate::metrics::{self, EntropyGuard, MetricsLog, StepMetrics};
-use crate::step::Trainer;
+use crate::step::TrainStep;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -48,6 +48,8 @@ pub struct RunConfig {
     /// Bad records (failed CRC32C or undecodable, replaced by the loaders) tolerated before the
     /// run stops (default: 0.1 % of the records of an epoch).
     pub max_bad_records: Option<u64>,
+    /// `explicit` or `autograd` training step (default: [`crate::engine::EngineKind::for_device`]).
+    pub engine: Option<crate::engine::EngineKind>,
 }
 
 impl Default for RunConfig {
@@ -62,6 +64,7 @@ impl Default for RunConfig {
             precision: None,
             kernels: None,
             max_bad_records: None,
+            engine: None,
         }
     }
 }
@@ -197,8 +200,15 @@ pub fn train_in(
         );
     }
     let compute = crate::kernels::Compute::for_device(&opts.device, run.precision, run.kernels);
-    let mut trainer =
-        Trainer::with_options(&cfg, bpe, &opts.device, candle_core::DType::F32, compute)?;
+    let engine = crate::engine::EngineKind::for_device(&opts.device, run.engine);
+    let mut trainer = crate::step::build(
+        engine,
+        &cfg,
+        bpe,
+        &opts.device,
+        candle_core::DType::F32,
+        compute,
+    )?;
     let ckpts = CheckpointManager::new(run_dir.path(), run.keep_last)?;
     let mut step = 0u64;
     let mut cursor = DataCursor::default();
@@ -250,7 +260,7 @@ pub fn train_in(
     let mut last = None;
     let (mut wait_sum, mut ips_sum, mut n) = (0.0, 0.0, 0u64);
     let dataset_id = feed.dataset_id();
-    let save = |trainer: &Trainer,
+    let save = |trainer: &dyn TrainStep,
                 step: u64,
                 epoch: u64,
                 cursor: DataCursor,
@@ -367,7 +377,7 @@ pub fn train_in(
             .as_ref()
             .is_some_and(|s| s.load(Ordering::Relaxed));
         if step.is_multiple_of(run.checkpoint_every) || step == end_step || stopping {
-            let p = save(&trainer, step, fed.epoch, cursor, &bad)?;
+            let p = save(trainer.as_ref(), step, fed.epoch, cursor, &bad)?;
             if stopping && !opts.quiet {
                 eprintln!(
                     "stopped at step {step}; checkpoint {} (continue with --resume)",

@@ -39,6 +39,11 @@ pub struct TrainArgs {
     /// run's config.toml records the result; pass the same overrides with --resume.
     #[arg(long = "set", value_name = "TABLE.KEY=VALUE")]
     pub overrides: Vec<String>,
+    /// Training step implementation: explicit (hand-written backward over flat buffers) or
+    /// autograd (candle's). Same as `--set run.engine=...`; default: explicit on the CPU,
+    /// autograd on CUDA.
+    #[arg(long, value_enum)]
+    pub engine: Option<crate::engine::EngineKind>,
     /// Stop after N optimiser steps in total (with a final checkpoint).
     #[arg(long)]
     pub max_steps: Option<u64>,
@@ -126,7 +131,11 @@ pub fn apply_overrides(text: &str, overrides: &[String]) -> Result<String> {
 pub fn train_main(a: &TrainArgs) -> Result<()> {
     let text = std::fs::read_to_string(&a.config)
         .with_context(|| format!("reading config {}", a.config.display()))?;
-    let text = apply_overrides(&text, &a.overrides)?;
+    let mut overrides = a.overrides.clone();
+    if let Some(e) = a.engine {
+        overrides.push(format!("run.engine=\"{e}\""));
+    }
+    let text = apply_overrides(&text, &overrides)?;
     let (cfg, run) = train::parse_config(&text, &a.config.display().to_string())?;
     // Before anything is started: the lock, the resume point, and RUN/config.toml, the effective
     // config every loader of this run reads.

@@ -67,6 +67,60 @@ pub fn bicubic_matrix_2d(src: usize, dst: usize) -> Vec<f64> {
 /// each `[B, 1, 1]` holding 0 or 1/keep.
 pub type DropMasks = Vec<(Tensor, Tensor)>;
 
+/// Stochastic-depth rate of each block: linspace(0, drop_path, depth) (udi-spec §2.1).
+pub fn drop_rates(cfg: &TrainConfig) -> Vec<f64> {
+    let (depth, rate) = (cfg.model.depth, cfg.model.drop_path);
+    (0..depth)
+        .map(|b| {
+            if depth > 1 {
+                rate * b as f64 / (depth - 1) as f64
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
+/// The drop-path masks of one step, `(globals, locals)`, drawn from
+/// `rng_for(seed, Domain::Step, 0, global_step)`: global crops first, then local crops; per crop
+/// batch, block by block, the attention branch then the MLP branch, one uniform per sample (keep
+/// iff u < 1 − rate). A resumed run, and either engine, draws the same masks.
+pub fn drop_masks(
+    rates: &[f64],
+    seed: u64,
+    batch_size: usize,
+    n_local: usize,
+    global_step: u64,
+    dtype: candle_core::DType,
+    device: &Device,
+) -> Result<(DropMasks, DropMasks)> {
+    use rand::Rng;
+    let mut rng = shared::rng::rng_for(seed, shared::rng::Domain::Step, 0, global_step);
+    // One upload per crop group: values [depth][2][n], sliced per block and branch.
+    let mut make = |n: usize| -> Result<DropMasks> {
+        let mut v = Vec::with_capacity(rates.len() * 2 * n);
+        for &rate in rates {
+            let keep = 1.0 - rate;
+            for _ in 0..2 * n {
+                v.push(if rng.random::<f64>() < keep {
+                    1.0 / keep
+                } else {
+                    0.0
+                });
+            }
+        }
+        let all = Tensor::from_vec(v, (rates.len(), 2, n, 1, 1), &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(device)?;
+        (0..rates.len())
+            .map(|i| Ok((all.get(i)?.get(0)?, all.get(i)?.get(1)?)))
+            .collect()
+    };
+    let g = make(2 * batch_size)?;
+    let l = make(n_local * batch_size)?;
+    Ok((g, l))
+}
+
 struct Attention {
     qkv: Linear,
     proj: Linear,
@@ -210,16 +264,7 @@ impl Vit {
                 resample.insert(g, mat.to_dtype(dtype)?.to_device(&device)?);
             }
         }
-        let depth = m.depth;
-        let drop_rates = (0..depth)
-            .map(|b| {
-                if depth > 1 {
-                    m.drop_path * b as f64 / (depth - 1) as f64
-                } else {
-                    0.0
-                }
-            })
-            .collect();
+        let drop_rates = drop_rates(cfg);
         Ok(Self {
             patch_w: get("backbone.patch_embed.proj.weight")?,
             patch_b: get("backbone.patch_embed.proj.bias")?,

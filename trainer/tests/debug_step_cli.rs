@@ -56,8 +56,38 @@ fn debug_step_round_trip() {
             "10",
         ]);
     }
+    // The other engine on the same inputs: the same step to f32 rounding.
+    let other = match trainer::engine::EngineKind::for_device(&Device::Cpu, None) {
+        trainer::engine::EngineKind::Explicit => "autograd",
+        trainer::engine::EngineKind::Autograd => "explicit",
+    };
+    run(&[
+        "debug-step",
+        "--config",
+        cfg_s,
+        "--weights",
+        &p("w.safetensors"),
+        "--batch",
+        &p("b.safetensors"),
+        "--out",
+        &p("other.json"),
+        "--iters-per-epoch",
+        "10",
+        "--engine",
+        other,
+    ]);
     let j1 = std::fs::read_to_string(p("r1.json")).unwrap();
+    let jo: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(p("other.json")).unwrap()).unwrap();
+    assert_eq!(jo["engine"], other);
     let json: serde_json::Value = serde_json::from_str(&j1).unwrap();
+    for k in ["loss", "loss_cls", "loss_udi", "loss_patch", "grad_norm"] {
+        let (a, b) = (json[k].as_f64().unwrap(), jo[k].as_f64().unwrap());
+        assert!(
+            (a - b).abs() <= 1e-5 * b.abs(),
+            "{k}: {a} vs {b} ({other} engine)"
+        );
+    }
     for k in [
         "loss",
         "loss_cls",
@@ -111,9 +141,17 @@ fn debug_step_round_trip() {
     let tb =
         trainer::data::batch_from_file_tensors(&b, &cfg.augment, DType::F32, &Device::Cpu, "b")
             .unwrap();
-    let mut tr = trainer::step::Trainer::new(&cfg, 10, &Device::Cpu).unwrap();
-    tr.drop_path = false;
-    tr.load_weights(&w, "w").unwrap();
+    // (The CLI's default engine and precision for the CPU, as debug-step picks them.)
+    let dev = Device::Cpu;
+    let engine = trainer::engine::EngineKind::for_device(&dev, None);
+    let compute = trainer::kernels::Compute::for_device(&dev, None, None);
+    let mut tr = trainer::step::build(engine, &cfg, 10, &dev, DType::F32, compute).unwrap();
+    tr.set_drop_path(false);
+    let mut state = w.clone();
+    for k in ["center.cls", "center.udi", "center.patch"] {
+        state.insert(k.to_string(), b[k].clone());
+    }
+    tr.load_state(&state, "w").unwrap();
     let s = tr.step(&tb, 0, 0).unwrap();
     assert_eq!(s.loss, json["loss"].as_f64().unwrap());
 }

@@ -1,4 +1,4 @@
-//! The learning check (issue 6, item 7): a short CPU pretraining raises the weighted k-NN top-1
+//! The learning check: a short CPU pretraining raises the weighted k-NN top-1
 //! of the teacher clearly (≥ 10 points) above the same network at random init.
 //!
 //! `pretraining_raises_knn_clearly_above_random_init` (runs in CI): the generated set

@@ -1,4 +1,4 @@
-//! Precision and kernel selection, and the trainer's own fused ops (issue 7 items 2–3).
+//! Precision and kernel selection, and the trainer's own fused ops.
 //!
 //! * [`Precision`] (`--precision bf16|f32`): bf16 runs the matmuls, GELU and attention in bf16
 //!   with f32 master weights (cast per forward; autograd flows back to the f32 masters through
@@ -24,9 +24,10 @@ mod gpu;
 mod ops;
 
 pub use ops::{
-    attn_softmax, bias_add, bias_gelu, centered_entropy, centered_softmax, col_sum, layer_norm,
-    residual_add, soft_ce_rows, AttnSoftmax, BiasAdd, BiasGelu, CenteredEntropy, CenteredSoftmax,
-    ColSum, LayerNormOp, ResidualAdd, RowScale, SoftCe,
+    attn_softmax, attn_softmax_backward, bias_add, bias_gelu, bias_gelu_backward, centered_entropy,
+    centered_softmax, col_sum, layer_norm, layer_norm_backward, residual_add, soft_ce_backward,
+    soft_ce_rows, AttnSoftmax, BiasAdd, BiasGelu, CenteredEntropy, CenteredSoftmax, ColSum,
+    LayerNormOp, ResidualAdd, RowScale, SoftCe,
 };
 
 use candle_core::{DType, Device};

@@ -1237,3 +1237,118 @@ pub fn soft_ce_rows(s: &Tensor, p: &Tensor, tau: f64, fused: bool) -> Result<Ten
         .neg()?;
     h.reshape(r)
 }
+
+// ---- backward halves, called directly by the explicit engine ------------------------------------
+
+/// LayerNorm backward from the input `x` (statistics recomputed in f32 from x) and the output
+/// gradient `dy`: `(dx in x's dtype, dw, db in w's dtype)`. Composed:
+/// x̂ = (x − μ)·rstd, g = dy·w, dx = rstd·(g − mean(g) − x̂·mean(g·x̂)), dw = Σ dy·x̂, db = Σ dy.
+pub fn layer_norm_backward(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    eps: f64,
+    fused: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let d = w.elem_count();
+    if fused {
+        let (x, dy) = (x.contiguous()?, dy.contiguous()?);
+        let dx = x.apply_op3_no_bwd(w, &dy, &LnBwdDx { eps })?;
+        let dwdb = x.apply_op2_no_bwd(
+            &dy,
+            &LnBwdWb {
+                eps,
+                out: w.dtype(),
+            },
+        )?;
+        let dw = dwdb.narrow(0, 0, 1)?.reshape(w.shape())?;
+        let db = dwdb.narrow(0, 1, 1)?.reshape(w.shape())?;
+        return Ok((dx, dw, db));
+    }
+    let st = upcast(w.dtype());
+    let x2 = x.to_dtype(st)?.reshape(((), d))?;
+    let dy2 = dy.to_dtype(st)?.reshape(((), d))?;
+    let mean = x2.mean_keepdim(D::Minus1)?;
+    let xc = x2.broadcast_sub(&mean)?;
+    let rstd = (xc.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
+    let xhat = xc.broadcast_mul(&rstd)?;
+    let g = dy2.broadcast_mul(w)?;
+    let g_mean = g.mean_keepdim(D::Minus1)?;
+    let gx_mean = (&g * &xhat)?.mean_keepdim(D::Minus1)?;
+    let dx = g
+        .broadcast_sub(&g_mean)?
+        .sub(&xhat.broadcast_mul(&gx_mean)?)?
+        .broadcast_mul(&rstd)?;
+    let dw = (&dy2 * &xhat)?.sum(0)?.to_dtype(w.dtype())?;
+    let db = dy2.sum(0)?.to_dtype(w.dtype())?;
+    Ok((dx.to_dtype(x.dtype())?.reshape(x.shape())?, dw, db))
+}
+
+/// `gelu_erf(u)` backward for u = y + b: `(du = dy·gelu'(u) in y's dtype, db = Σ du in b's
+/// dtype)`, gelu'(u) = Φ(u) + u·φ(u).
+pub fn bias_gelu_backward(
+    y: &Tensor,
+    b: &Tensor,
+    dy: &Tensor,
+    fused: bool,
+) -> Result<(Tensor, Tensor)> {
+    let du = if fused {
+        y.contiguous()?
+            .apply_op3_no_bwd(b, &dy.contiguous()?, &BiasGeluBwd)?
+    } else {
+        let u = bias_add(y, b, false)?.to_dtype(upcast(y.dtype()))?;
+        let cdf = ((u.affine(std::f64::consts::FRAC_1_SQRT_2, 0.0)?.erf()? + 1.0)? * 0.5)?;
+        let pdf = (u.sqr()? * -0.5)?.exp()? * (2.0 * std::f64::consts::PI).sqrt().recip();
+        let grad = (cdf + (&u * pdf?)?)?;
+        (dy.to_dtype(grad.dtype())? * grad)?.to_dtype(y.dtype())?
+    };
+    let db = col_sum(&du, b.dtype(), fused)?.reshape(b.shape())?;
+    Ok((du, db))
+}
+
+/// `softmax(x·scale)` backward from its output `y`: `scale·y·(dy − Σ y·dy)` in y's dtype.
+pub fn attn_softmax_backward(y: &Tensor, dy: &Tensor, scale: f64, fused: bool) -> Result<Tensor> {
+    if fused {
+        return y
+            .contiguous()?
+            .apply_op2_no_bwd(&dy.contiguous()?, &AttnSoftmaxBwd { scale });
+    }
+    let st = upcast(y.dtype());
+    let (y32, dy32) = (y.to_dtype(st)?, dy.to_dtype(st)?);
+    let s = (&y32 * &dy32)?.sum_keepdim(D::Minus1)?;
+    ((dy32.broadcast_sub(&s)? * y32)? * scale)?.to_dtype(y.dtype())
+}
+
+/// [`soft_ce_rows`] backward: `ds[r] = g[r]·(Σp·softmax(s[r]/tau) − p[r mod P])/tau`, in s's
+/// dtype (g `[R]` in p's dtype).
+pub fn soft_ce_backward(
+    s: &Tensor,
+    p: &Tensor,
+    g: &Tensor,
+    tau: f64,
+    fused: bool,
+) -> Result<Tensor> {
+    let k = s.dim(D::Minus1)?;
+    let s2 = s.reshape(((), k))?;
+    let p2 = p.reshape(((), k))?;
+    let (r, pr) = (s2.dim(0)?, p2.dim(0)?);
+    if pr == 0 || r % pr != 0 {
+        bail!("soft_ce backward: {pr} target rows do not divide {r} student rows");
+    }
+    let ds = if fused {
+        s2.contiguous()?.apply_op3_no_bwd(
+            &p2.contiguous()?,
+            &g.contiguous()?,
+            &SoftCeBwd { tau },
+        )?
+    } else {
+        let q = nn::softmax(&(s2.to_dtype(p.dtype())? / tau)?)?.reshape((r / pr, pr, k))?;
+        let p3 = p2.unsqueeze(0)?;
+        let sp = p3.sum_keepdim(D::Minus1)?;
+        let d = q.broadcast_mul(&sp)?.broadcast_sub(&p3)?.reshape((r, k))?;
+        (d.broadcast_mul(&g.reshape((r, 1))?)? / tau)?.to_dtype(s.dtype())?
+    };
+    ds.reshape(s.shape())
+}

@@ -1,4 +1,4 @@
-// The trainer's own CUDA kernels (issue 7 item 3). Compiled to PTX by trainer/build.rs with the
+// The trainer's own CUDA kernels. Compiled to PTX by trainer/build.rs with the
 // same nvcc as candle's kernels; loaded at run time by trainer::kernels (one module, "udi_kernels").
 // Every kernel has a CPU reference in the Rust op that launches it (`cpu_fwd`); `trainer
 // kernel-check --device cuda` compares the two.

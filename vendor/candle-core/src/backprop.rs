@@ -595,9 +595,10 @@ impl Tensor {
                     }
                     Op::Unary(arg, UnaryOp::GeluErf) => {
                         let sum_grad = grads.or_insert(arg)?;
-                        // d/dx gelu_erf(x) = 0.5 + 0.398942 e^(-x^2/2) x + 0.5 erf(x/sqrt(2))
+                        // d/dx gelu_erf(x) = 0.5 + e^(-x^2/2) x / sqrt(2 pi) + 0.5 erf(x/sqrt(2))
                         let neg_half_square = (arg.sqr()?.neg()? / 2.)?;
-                        let scaled_exp_arg = (0.398942 * neg_half_square.exp()? * arg)?;
+                        let inv_sqrt_2pi = 1.0 / (2.0 * std::f64::consts::PI).sqrt();
+                        let scaled_exp_arg = (inv_sqrt_2pi * neg_half_square.exp()? * arg)?;
                         let arg_scaled_sqrt = (arg / 2f64.sqrt())?;
                         let erf_scaled_sqrt = (0.5 * arg_scaled_sqrt.erf()?)?;
                         let gelu_erf_grad = (0.5 + scaled_exp_arg + erf_scaled_sqrt)?;

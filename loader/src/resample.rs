@@ -1,0 +1,652 @@
+//! Pillow's antialiased bicubic resize of 8-bit RGB, bit for bit (`libImaging/Resample.c` of
+//! Pillow 13.0.0; older Pillow differs only in the pass order, see [`PassOrder`]).
+//!
+//! What makes a byte Pillow's:
+//! * coefficients (`precompute_coeffs`): the bicubic (a = −0.5) support 2 is widened by the
+//!   shrink factor `in/out` (never narrowed), output `x` is centred at `(x + 0.5)·in/out`, its
+//!   taps run from `trunc(centre − support + 0.5)` to `trunc(centre + support + 0.5)` clamped to
+//!   the source, each tap weighs `filter((i − centre + 0.5) / filterscale)`, and the weights are
+//!   divided by their sum — all in f64, in that order;
+//! * weights as 22-bit fixed point (`PRECISION_BITS = 32 − 8 − 2`), rounded half away from zero;
+//! * per output value `clip8((2²¹ + Σ pᵢ·kᵢ) >> 22)` in i32: each pass rounds and clips, so the
+//!   image between the two passes is 8-bit too;
+//! * pass order: [`PassOrder`].
+//!
+//! The source is the crop rectangle itself, as torchvision's `resized_crop` does it on PIL
+//! images (`img.crop(box).resize(size, BICUBIC)`): the taps of edge pixels are clamped at the
+//! crop's edges and never read outside it. (`Image.resize(size, box=...)` on the whole image
+//! would differ: its coefficients start at the box's float origin and clamp at the image edges.)
+//! So a coefficient table depends only on (crop extent, output size), and [`Resampler`] caches
+//! the tables.
+//!
+//! The AVX2 kernels are exact integer arithmetic too: each 23-bit weight is split as
+//! `hi·2¹⁵ + lo` (both fit i16) so that `madd_epi16` can multiply pixel pairs by it; the two
+//! partial sums recombine with wrapping i32 adds, which equal the true sum because that sum fits
+//! i32 (as Pillow's own accumulator does).
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use shared::geometry::CropMeta;
+
+use crate::decode::RgbImage;
+
+/// `PRECISION_BITS` of Pillow's 8-bit resample.
+const BITS: u32 = 22;
+const HALF: i32 = 1 << (BITS - 1);
+/// Bicubic support before widening.
+const SUPPORT: f64 = 2.0;
+/// Tables kept per thread; beyond this the cache starts over (bounded memory on odd datasets).
+const CACHE_LIMIT: usize = 4096;
+
+/// Which pass runs first when both are needed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PassOrder {
+    /// Pillow ≥ 13: vertical first when the height shrinks by more than twice as many pixels as
+    /// the width (`in_h − out_h > 0 && in_h − out_h > 2·(in_w − out_w)`), else horizontal first.
+    #[default]
+    Pillow13,
+    /// Pillow ≤ 12: always horizontal first.
+    HorizontalFirst,
+}
+
+impl PassOrder {
+    fn horizontal_first(self, in_w: u32, in_h: u32, out_w: u32, out_h: u32) -> bool {
+        match self {
+            PassOrder::HorizontalFirst => true,
+            PassOrder::Pillow13 => {
+                let dy = in_h as i64 - out_h as i64;
+                let dx = in_w as i64 - out_w as i64;
+                !(dy > 0 && dy > 2 * dx)
+            }
+        }
+    }
+}
+
+/// Pillow's `bicubic_filter` (a = −0.5), with its operation order.
+fn bicubic(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
+    } else {
+        0.0
+    }
+}
+
+/// The coefficient table of one axis: `in_size` source pixels → `out_size` outputs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Taps {
+    /// Taps per output in `k` (Pillow's `ksize`; unused ones are 0).
+    pub ksize: usize,
+    /// Per output: first source index and number of taps.
+    pub bounds: Vec<(u32, u32)>,
+    /// `out_size × ksize` fixed-point weights.
+    pub k: Vec<i32>,
+    /// Per output, groups of 4 taps as the AVX2 horizontal kernel reads them: `[lo, hi]`, each
+    /// 16 i16 = lanes `(k0, k1) × 4 | (k2, k3) × 4` of the low/high 15-bit parts.
+    simd: Vec<[[i16; 16]; 2]>,
+    /// Groups per output in `simd`.
+    groups: usize,
+    /// Source pixels the AVX2 horizontal kernel's groups of 4 reach: max of `start + 4·groups`.
+    simd_reach: usize,
+}
+
+impl Taps {
+    /// `precompute_coeffs(in_size, 0.0, in_size, out_size)` + `normalize_coeffs_8bpc`.
+    pub fn new(in_size: u32, out_size: u32) -> Self {
+        assert!(in_size > 0 && out_size > 0, "resize of an empty axis");
+        let (in0, in1) = (0.0f32, in_size as f32);
+        let scale = (in1 - in0) as f64 / out_size as f64;
+        let filterscale = scale.max(1.0);
+        let support = SUPPORT * filterscale;
+        let ksize = support.ceil() as usize * 2 + 1;
+        let inv = 1.0 / filterscale;
+        let mut bounds = Vec::with_capacity(out_size as usize);
+        let mut k = vec![0i32; out_size as usize * ksize];
+        let mut w = vec![0f64; ksize];
+        for xx in 0..out_size as usize {
+            let center = in0 as f64 + (xx as f64 + 0.5) * scale;
+            let xmin = ((center - support + 0.5) as i32).max(0);
+            let xmax = ((center + support + 0.5) as i32).min(in_size as i32) - xmin;
+            let n = xmax.max(0) as usize;
+            let mut ww = 0.0;
+            for (x, wx) in w[..n].iter_mut().enumerate() {
+                *wx = bicubic(((x as i32 + xmin) as f64 - center + 0.5) * inv);
+                ww += *wx;
+            }
+            let row = &mut k[xx * ksize..][..n];
+            for (kx, &wx) in row.iter_mut().zip(&w[..n]) {
+                let wx = if ww != 0.0 { wx / ww } else { wx };
+                *kx = if wx < 0.0 {
+                    (-0.5 + wx * (1 << BITS) as f64) as i32
+                } else {
+                    (0.5 + wx * (1 << BITS) as f64) as i32
+                };
+            }
+            bounds.push((xmin as u32, n as u32));
+        }
+        let groups = ksize.div_ceil(4);
+        let mut simd = vec![[[0i16; 16]; 2]; out_size as usize * groups];
+        for xx in 0..out_size as usize {
+            for g in 0..groups {
+                let e = &mut simd[xx * groups + g];
+                for t in 0..4 {
+                    let i = 4 * g + t;
+                    let kv = if i < ksize { k[xx * ksize + i] } else { 0 };
+                    let (lo, hi) = split(kv);
+                    // Tap t sits in lane t / 2, position t % 2 of each (r, g, b, x) pair.
+                    for c in 0..4 {
+                        e[0][8 * (t / 2) + 2 * c + t % 2] = lo;
+                        e[1][8 * (t / 2) + 2 * c + t % 2] = hi;
+                    }
+                }
+            }
+        }
+        let simd_reach = bounds
+            .iter()
+            .map(|&(s, n)| s as usize + 4 * (n as usize).div_ceil(4))
+            .max()
+            .unwrap_or(0);
+        Taps {
+            ksize,
+            bounds,
+            k,
+            simd,
+            groups,
+            simd_reach,
+        }
+    }
+
+    fn weights(&self, out: usize) -> (usize, &[i32]) {
+        let (start, n) = self.bounds[out];
+        (start as usize, &self.k[out * self.ksize..][..n as usize])
+    }
+}
+
+/// `k = hi·2¹⁵ + lo` with `0 ≤ lo < 2¹⁵`.
+fn split(k: i32) -> (i16, i16) {
+    ((k & 0x7fff) as i16, (k >> 15) as i16)
+}
+
+/// Pillow's `clip8`: the sum (rounding term included) shifted down and clamped to a byte.
+#[inline(always)]
+fn clip8(ss: i32) -> u8 {
+    (ss >> BITS).clamp(0, 255) as u8
+}
+
+/// An 8-bit image plane as the passes read it: `rows` rows of `row_bytes` bytes, `stride` apart,
+/// starting at `data[offset]`.
+#[derive(Clone, Copy)]
+struct View<'a> {
+    data: &'a [u8],
+    offset: usize,
+    stride: usize,
+}
+
+impl View<'_> {
+    #[inline(always)]
+    fn at(&self, row: usize, byte: usize) -> usize {
+        self.offset + row * self.stride + byte
+    }
+}
+
+/// Per-thread tables and the image between the passes.
+#[derive(Debug, Default)]
+pub struct Resampler {
+    cache: HashMap<(u32, u32), Rc<Taps>>,
+    tmp: Vec<u8>,
+}
+
+impl Resampler {
+    /// The (cached) table for `in_size → out_size`.
+    pub fn taps(&mut self, in_size: u32, out_size: u32) -> Rc<Taps> {
+        if self.cache.len() >= CACHE_LIMIT {
+            self.cache.clear();
+        }
+        self.cache
+            .entry((in_size, out_size))
+            .or_insert_with(|| Rc::new(Taps::new(in_size, out_size)))
+            .clone()
+    }
+
+    /// Pillow's `img.crop(meta box).resize((size, size), BICUBIC)` as RGB into `dst`
+    /// (`size·size·3` bytes), with the AVX2 kernels where the CPU has them. `meta.hflip` is not
+    /// applied here.
+    pub fn resize(
+        &mut self,
+        img: &RgbImage,
+        meta: &CropMeta,
+        order: PassOrder,
+        dst: &mut [u8],
+        size: usize,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        let avx2 = std::arch::is_x86_feature_detected!("avx2");
+        #[cfg(not(target_arch = "x86_64"))]
+        let avx2 = false;
+        self.resize_using(avx2, img, meta, order, dst, size);
+    }
+
+    /// [`Self::resize`] with (`avx2`, only where the CPU has it) or without the AVX2 kernels;
+    /// the bytes are the same.
+    pub fn resize_using(
+        &mut self,
+        avx2: bool,
+        img: &RgbImage,
+        meta: &CropMeta,
+        order: PassOrder,
+        dst: &mut [u8],
+        size: usize,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        assert!(!avx2 || std::arch::is_x86_feature_detected!("avx2"));
+        let out = size as u32;
+        assert_eq!(dst.len(), size * size * 3, "destination matches the size");
+        assert!(
+            meta.w > 0
+                && meta.h > 0
+                && meta.left + meta.w <= img.width
+                && meta.top + meta.h <= img.height,
+            "crop rectangle inside the image"
+        );
+        let (cw, ch) = (meta.w, meta.h);
+        let stride = img.width as usize * 3;
+        let src = View {
+            data: &img.data,
+            offset: meta.top as usize * stride + meta.left as usize * 3,
+            stride,
+        };
+        let need_h = cw != out;
+        let need_v = ch != out;
+        let row_out = size * 3;
+        let mut tmp = std::mem::take(&mut self.tmp);
+        match (need_h, need_v) {
+            (false, false) => {
+                for (y, d) in dst.chunks_exact_mut(row_out).enumerate() {
+                    d.copy_from_slice(&src.data[src.at(y, 0)..][..row_out]);
+                }
+            }
+            (true, false) => {
+                let th = self.taps(cw, out);
+                horizontal(avx2, src, 0..size, &th, dst, row_out);
+            }
+            (false, true) => {
+                let tv = self.taps(ch, out);
+                vertical(avx2, src, 0, row_out, &tv, dst, row_out);
+            }
+            (true, true) => {
+                let (th, tv) = (self.taps(cw, out), self.taps(ch, out));
+                if order.horizontal_first(cw, ch, out, out) {
+                    // Only the source rows some output row reads.
+                    let first = tv.bounds[0].0 as usize;
+                    let (ls, ln) = tv.bounds[size - 1];
+                    let last = (ls + ln) as usize;
+                    tmp.clear();
+                    tmp.resize((last - first) * row_out, 0);
+                    horizontal(avx2, src, first..last, &th, &mut tmp, row_out);
+                    let mid = View {
+                        data: &tmp,
+                        offset: 0,
+                        stride: row_out,
+                    };
+                    vertical(avx2, mid, first, row_out, &tv, dst, row_out);
+                } else {
+                    let row_mid = cw as usize * 3;
+                    tmp.clear();
+                    tmp.resize(size * row_mid, 0);
+                    vertical(avx2, src, 0, row_mid, &tv, &mut tmp, row_mid);
+                    let mid = View {
+                        data: &tmp,
+                        offset: 0,
+                        stride: row_mid,
+                    };
+                    horizontal(avx2, mid, 0..size, &th, dst, row_out);
+                }
+            }
+        }
+        self.tmp = tmp;
+    }
+}
+
+/// Horizontal pass: source rows `rows` (of `src`) → consecutive rows of `dst`, `dst_stride`
+/// apart, each `taps.bounds.len()` RGB pixels.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+fn horizontal(
+    avx2: bool,
+    src: View,
+    rows: std::ops::Range<usize>,
+    taps: &Taps,
+    dst: &mut [u8],
+    dst_stride: usize,
+) {
+    let n_out = taps.bounds.len();
+    for (r, y) in rows.enumerate() {
+        let line = &mut dst[r * dst_stride..][..n_out * 3];
+        let base = src.at(y, 0);
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
+            // SAFETY: `avx2` is true only where the CPU has AVX2 (`Resampler::resize_using`).
+            unsafe { simd::horizontal_row(src.data, base, taps, line) };
+            continue;
+        }
+        for (xx, px) in line.chunks_exact_mut(3).enumerate() {
+            let (start, k) = taps.weights(xx);
+            let mut ss = [HALF; 3];
+            for (x, &kx) in k.iter().enumerate() {
+                let p = &src.data[base + 3 * (start + x)..][..3];
+                for c in 0..3 {
+                    ss[c] += p[c] as i32 * kx;
+                }
+            }
+            for c in 0..3 {
+                px[c] = clip8(ss[c]);
+            }
+        }
+    }
+}
+
+/// Vertical pass: output row `yy` of `dst` (`dst_stride` apart) is the weighted sum of source
+/// rows `bounds[yy].0 − row0 ..` of `src`, over `row_bytes` bytes (byte-wise: any pixel layout).
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+fn vertical(
+    avx2: bool,
+    src: View,
+    row0: usize,
+    row_bytes: usize,
+    taps: &Taps,
+    dst: &mut [u8],
+    dst_stride: usize,
+) {
+    for yy in 0..taps.bounds.len() {
+        let (start, k) = taps.weights(yy);
+        let line = &mut dst[yy * dst_stride..][..row_bytes];
+        let first = src.at(start - row0, 0);
+        #[cfg(target_arch = "x86_64")]
+        if avx2 && row_bytes >= 32 {
+            // SAFETY: the CPU has AVX2 (as above); rows `first + i·stride .. + row_bytes` are
+            // inside `src.data` for every tap i (the taps lie inside the source).
+            unsafe { simd::vertical_row(src.data, first, src.stride, k, line) };
+            continue;
+        }
+        for (b, o) in line.iter_mut().enumerate() {
+            let mut ss = HALF;
+            for (y, &ky) in k.iter().enumerate() {
+                ss += src.data[first + y * src.stride + b] as i32 * ky;
+            }
+            *o = clip8(ss);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use super::{split, Taps, BITS, HALF};
+    use std::arch::x86_64::*;
+
+    /// One row of the horizontal pass. Per output pixel, 4 taps at a time: 12 source bytes are
+    /// spread into `(c of pixel 2t, c of pixel 2t+1)` i16 pairs, lane t of the register, and
+    /// `madd`-ed with the `(k, k)` pairs of the split weights. Two output pixels share the
+    /// reduction, rounding and packing.
+    ///
+    /// # Safety
+    /// AVX2. The taps of `taps` lie inside the row starting at `src[base]`.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn horizontal_row(src: &[u8], base: usize, taps: &Taps, line: &mut [u8]) {
+        // Every 16-byte load of this row stays inside `src` (all rows but the image's last
+        // one or two): no per-load check. The last load starts 4 pixels before the reach.
+        if base + 3 * taps.simd_reach + 4 <= src.len() {
+            row_kernel::<false>(src, base, taps, line);
+        } else {
+            row_kernel::<true>(src, base, taps, line);
+        }
+    }
+
+    /// `[r, g, b, x]` i32 sums of output pixel `xx`, split over the two 128-bit lanes.
+    #[inline(always)]
+    unsafe fn pixel<const CHECKED: bool>(
+        src: &[u8],
+        base: usize,
+        taps: &Taps,
+        xx: usize,
+        spread: __m256i,
+    ) -> __m256i {
+        let (start, n) = taps.bounds[xx];
+        let coeffs = &taps.simd[xx * taps.groups..][..(n as usize).div_ceil(4)];
+        let mut lo = _mm256_setzero_si256();
+        let mut hi = _mm256_setzero_si256();
+        let mut at = base + 3 * start as usize;
+        for g in coeffs {
+            // 16 bytes from `at` (12 used; bytes beyond the taps meet zero weights). Near the
+            // end of the buffer the load goes through a zero-padded copy.
+            let p = if !CHECKED || at + 16 <= src.len() {
+                _mm_loadu_si128(src.as_ptr().add(at) as *const __m128i)
+            } else {
+                let mut spare = [0u8; 16];
+                let m = src.len().min(at + 16) - at;
+                spare[..m].copy_from_slice(&src[at..at + m]);
+                _mm_loadu_si128(spare.as_ptr() as *const __m128i)
+            };
+            let px = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(p), spread);
+            let kl = _mm256_loadu_si256(g[0].as_ptr() as *const __m256i);
+            let kh = _mm256_loadu_si256(g[1].as_ptr() as *const __m256i);
+            lo = _mm256_add_epi32(lo, _mm256_madd_epi16(px, kl));
+            hi = _mm256_add_epi32(hi, _mm256_madd_epi16(px, kh));
+            at += 12;
+        }
+        _mm256_add_epi32(_mm256_slli_epi32::<15>(hi), lo)
+    }
+
+    #[inline(always)]
+    unsafe fn row_kernel<const CHECKED: bool>(
+        src: &[u8],
+        base: usize,
+        taps: &Taps,
+        line: &mut [u8],
+    ) {
+        let spread = _mm256_setr_epi8(
+            0, -1, 3, -1, 1, -1, 4, -1, 2, -1, 5, -1, -1, -1, -1, -1, 6, -1, 9, -1, 7, -1, 10, -1,
+            8, -1, 11, -1, -1, -1, -1, -1,
+        );
+        let half = _mm256_set1_epi32(HALF);
+        let n_out = taps.bounds.len();
+        let mut xx = 0;
+        while xx < n_out {
+            let a = pixel::<CHECKED>(src, base, taps, xx, spread);
+            let b = if xx + 1 < n_out {
+                pixel::<CHECKED>(src, base, taps, xx + 1, spread)
+            } else {
+                _mm256_setzero_si256()
+            };
+            // [a.lo + a.hi, b.lo + b.hi]: the two lanes of each pixel summed.
+            let sum = _mm256_add_epi32(
+                _mm256_permute2x128_si256::<0x20>(a, b),
+                _mm256_permute2x128_si256::<0x31>(a, b),
+            );
+            let v = _mm256_srai_epi32::<{ BITS as i32 }>(_mm256_add_epi32(sum, half));
+            // i32 → u8 with clamping, within each lane: pixel a in lane 0, b in lane 1.
+            let v = _mm256_packus_epi16(_mm256_packs_epi32(v, v), v);
+            let pa = _mm256_cvtsi256_si32(v) as u32;
+            let pb = _mm256_extract_epi32::<4>(v) as u32;
+            let o = 3 * xx;
+            if o + 8 <= line.len() {
+                // 4-byte stores; each X byte is overwritten by the next pixel.
+                line.as_mut_ptr().add(o).cast::<u32>().write_unaligned(pa.to_le());
+                line.as_mut_ptr().add(o + 3).cast::<u32>().write_unaligned(pb.to_le());
+            } else {
+                line[o..o + 3].copy_from_slice(&pa.to_le_bytes()[..3]);
+                if xx + 1 < n_out {
+                    line[o + 3..o + 6].copy_from_slice(&pb.to_le_bytes()[..3]);
+                }
+            }
+            xx += 2;
+        }
+    }
+
+    /// One output row of the vertical pass, 32 bytes at a time (the last block overlaps the one
+    /// before it when the row is not a multiple of 32: it recomputes the same bytes).
+    ///
+    /// # Safety
+    /// AVX2; `line.len() ≥ 32`; for every tap i, `src[first + i·stride ..][..line.len()]` is in
+    /// bounds.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn vertical_row(
+        src: &[u8],
+        first: usize,
+        stride: usize,
+        k: &[i32],
+        line: &mut [u8],
+    ) {
+        let len = line.len();
+        debug_assert!(len >= 32);
+        if let Some(t) = k.len().checked_sub(1) {
+            assert!(first + t * stride + len <= src.len(), "vertical taps in bounds");
+        }
+        // (k_y, k_y+1) pairs of the split weights, broadcast.
+        let mut pairs: Vec<(__m256i, __m256i, usize)> = Vec::with_capacity(k.len().div_ceil(2));
+        for (i, kk) in k.chunks(2).enumerate() {
+            let (l0, h0) = split(kk[0]);
+            let (l1, h1) = if kk.len() == 2 { split(kk[1]) } else { (0, 0) };
+            let pack = |a: i16, b: i16| (a as u16 as u32 | (b as u16 as u32) << 16) as i32;
+            pairs.push((
+                _mm256_set1_epi32(pack(l0, l1)),
+                _mm256_set1_epi32(pack(h0, h1)),
+                2 * i,
+            ));
+        }
+        let odd = k.len() % 2 == 1;
+        let zero = _mm256_setzero_si256();
+        let half = _mm256_set1_epi32(HALF);
+        let mut b = 0;
+        loop {
+            let b0 = b.min(len - 32);
+            let mut acc_lo = [zero; 4];
+            let mut acc_hi = [zero; 4];
+            for (j, &(kl, kh, y)) in pairs.iter().enumerate() {
+                let r0 = _mm256_loadu_si256(src.as_ptr().add(first + y * stride + b0) as _);
+                // The unpaired last tap pairs with itself under a zero weight.
+                let y1 = if odd && j + 1 == pairs.len() { y } else { y + 1 };
+                let r1 = _mm256_loadu_si256(src.as_ptr().add(first + y1 * stride + b0) as _);
+                let ab = [_mm256_unpacklo_epi8(r0, r1), _mm256_unpackhi_epi8(r0, r1)];
+                for h in 0..2 {
+                    let w = [
+                        _mm256_unpacklo_epi8(ab[h], zero),
+                        _mm256_unpackhi_epi8(ab[h], zero),
+                    ];
+                    for q in 0..2 {
+                        acc_lo[2 * h + q] =
+                            _mm256_add_epi32(acc_lo[2 * h + q], _mm256_madd_epi16(w[q], kl));
+                        acc_hi[2 * h + q] =
+                            _mm256_add_epi32(acc_hi[2 * h + q], _mm256_madd_epi16(w[q], kh));
+                    }
+                }
+            }
+            let v: [__m256i; 4] = std::array::from_fn(|i| {
+                let s = _mm256_add_epi32(_mm256_slli_epi32::<15>(acc_hi[i]), acc_lo[i]);
+                _mm256_srai_epi32::<{ BITS as i32 }>(_mm256_add_epi32(s, half))
+            });
+            // In-lane unpacks and packs cancel: bytes come back in order.
+            let out = _mm256_packus_epi16(
+                _mm256_packs_epi32(v[0], v[1]),
+                _mm256_packs_epi32(v[2], v[3]),
+            );
+            _mm256_storeu_si256(line.as_mut_ptr().add(b0) as _, out);
+            b += 32;
+            if b0 + 32 >= len {
+                break;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn taps_sum_to_one_and_stay_inside() {
+        for (i, o) in [(517, 224), (224, 224), (37, 96), (1, 5), (1000, 3)] {
+            let t = Taps::new(i, o);
+            for xx in 0..o as usize {
+                let (s, k) = t.weights(xx);
+                assert!(s + k.len() <= i as usize);
+                let sum: i64 = k.iter().map(|&v| v as i64).sum();
+                // Each weight is rounded on its own: the sum is 2^22 up to one unit per tap.
+                assert!((sum - (1 << BITS)).abs() <= k.len() as i64, "{i}->{o} @{xx}");
+            }
+        }
+        // Upscaling keeps support 2 (4 or 5 taps), a 4x shrink widens it to 8 (17 slots).
+        assert_eq!(Taps::new(10, 40).ksize, 5);
+        assert_eq!(Taps::new(400, 100).ksize, 17);
+    }
+
+    #[test]
+    fn split_recombines() {
+        for k in [-300_000, -1, 0, 1, 32767, 32768, 4_194_304, 5_000_000] {
+            let (lo, hi) = split(k);
+            assert!(lo >= 0);
+            assert_eq!(hi as i32 * 32768 + lo as i32, k);
+        }
+    }
+
+    /// The dispatched path (AVX2 where the CPU has it) gives the scalar path's bytes: random
+    /// images with saturated speckle, random rectangles (one-pixel edges, equal sizes, up- and
+    /// large downscales), both pass orders.
+    #[test]
+    fn dispatched_path_equals_the_scalar_path() {
+        let mut k = 12345u64;
+        let mut next = |m: u64| {
+            k = k.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (k >> 33) % m
+        };
+        let mut r = Resampler::default();
+        for _ in 0..40 {
+            let (w, h) = (1 + next(700) as u32, 1 + next(500) as u32);
+            let data = (0..w * h * 3)
+                .map(|i| match next(4) {
+                    0 => 0,
+                    1 => 255,
+                    _ => (i.wrapping_mul(2654435761) >> 13) as u8,
+                })
+                .collect();
+            let img = RgbImage::from_raw(w, h, data).unwrap();
+            for _ in 0..6 {
+                let (cw, ch) = (1 + next(w as u64) as u32, 1 + next(h as u64) as u32);
+                let meta = CropMeta {
+                    img_h: h,
+                    img_w: w,
+                    top: next((h - ch + 1) as u64) as u32,
+                    left: next((w - cw + 1) as u64) as u32,
+                    h: ch,
+                    w: cw,
+                    hflip: 0,
+                };
+                let size = match next(4) {
+                    0 => 224,
+                    1 => 96,
+                    2 => cw as usize,
+                    _ => 1 + next(260) as usize,
+                };
+                for order in [PassOrder::Pillow13, PassOrder::HorizontalFirst] {
+                    let mut a = vec![0u8; size * size * 3];
+                    let mut b = vec![1u8; size * size * 3];
+                    r.resize(&img, &meta, order, &mut a, size);
+                    r.resize_using(false, &img, &meta, order, &mut b, size);
+                    assert!(a == b, "{meta:?} -> {size} ({order:?})");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn pass_order_rule() {
+        // 400x1000 → 224x224: height shrinks by 776 > 2·176 → vertical first.
+        assert!(!PassOrder::Pillow13.horizontal_first(400, 1000, 224, 224));
+        assert!(PassOrder::Pillow13.horizontal_first(400, 500, 224, 224));
+        // Upscaling the height never goes vertical first.
+        assert!(PassOrder::Pillow13.horizontal_first(10, 100, 224, 224));
+        assert!(PassOrder::HorizontalFirst.horizontal_first(400, 1000, 224, 224));
+    }
+}

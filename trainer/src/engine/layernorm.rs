@@ -1,0 +1,40 @@
+//! LayerNorm over the last dimension (eps from the config), statistics in f32 (the parameter
+//! dtype), output in the dtype its consumer asks for.
+//!
+//! forward: y = (x − μ)·rstd·w + b. Saved for the backward: the input x itself (the residual
+//! stream or an activation the forward keeps anyway); μ and rstd are recomputed from it by the
+//! backward (one read of x, fused into the backward kernel).
+//! backward: x̂ = (x − μ)·rstd, g = dy·w: dx = rstd·(g − mean g − x̂·mean(g·x̂)) (`=`),
+//! dw += Σ dy·x̂, db += Σ dy.
+
+use super::{Grads, Ops};
+use crate::kernels::{layer_norm, layer_norm_backward};
+use candle_core::{DType, Result, Tensor};
+
+pub struct LayerNorm {
+    pub w: Tensor,
+    pub b: Tensor,
+    pub w_id: usize,
+    pub b_id: usize,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn forward(&self, ops: &Ops, x: &Tensor, out: DType) -> Result<Tensor> {
+        layer_norm(x, &self.w, &self.b, self.eps, out, ops.fused)
+    }
+
+    /// Returns dx (x's dtype); dw, db into `grads`.
+    pub fn backward(
+        &self,
+        ops: &Ops,
+        x: &Tensor,
+        dy: &Tensor,
+        grads: &mut Grads,
+    ) -> Result<Tensor> {
+        let (dx, dw, db) = layer_norm_backward(x, &self.w, dy, self.eps, ops.fused)?;
+        grads.add(self.w_id, &dw)?;
+        grads.add(self.b_id, &db)?;
+        Ok(dx)
+    }
+}

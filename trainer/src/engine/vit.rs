@@ -1,0 +1,300 @@
+//! The backbone (udi-spec §2.1–§2.2): patch embedding, class tokens + position embedding, the
+//! pre-norm blocks, the final LayerNorm of the class tokens.
+//!
+//! Block: x₁ = x + m_a·proj(attn(LN₁(x))), x₂ = x₁ + m_m·fc2(gelu(fc1(LN₂(x₁)))), with m the
+//! per-sample stochastic-depth multipliers (0 or 1/keep; none on the teacher). The residual
+//! stream is in the parameter dtype, the branches in the compute dtype.
+//!
+//! Saved per block (student only; the teacher's forward keeps nothing): the block input x, the
+//! LN₁ output, Q/K/V and P, the merged heads (proj input), x₁, the LN₂ output, fc1's pre-bias
+//! product and the GELU output (fc2 input). The backward runs the calls in reverse; the residual
+//! gradient passes through and each branch adds its input gradient to it.
+
+use super::attention::{self, AttnSaved};
+use super::layernorm::LayerNorm;
+use super::linear::Linear;
+use super::{Grads, Ops};
+use crate::kernels::residual_add;
+use crate::prof;
+use candle_core::{Result, Tensor};
+
+pub struct Block {
+    pub norm1: LayerNorm,
+    pub qkv: Linear,
+    pub proj: Linear,
+    pub norm2: LayerNorm,
+    pub fc1: Linear,
+    pub fc2: Linear,
+}
+
+pub struct BlockSaved {
+    x: Tensor,
+    ln1: Tensor,
+    attn: AttnSaved,
+    heads_out: Tensor,
+    x1: Tensor,
+    ln2: Tensor,
+    fc1_pre: Tensor,
+    gelu: Tensor,
+}
+
+/// `dy·m` per sample (the stochastic-depth multiplier's backward), in `dt`.
+fn masked(dy: &Tensor, m: Option<&Tensor>, dt: candle_core::DType) -> Result<Tensor> {
+    match m {
+        Some(m) => dy.broadcast_mul(m)?.to_dtype(dt),
+        None => dy.to_dtype(dt),
+    }
+}
+
+impl Block {
+    /// `x` `[B, T, D]` (parameter dtype) → x₂, and what the backward needs when `save`.
+    pub fn forward(
+        &self,
+        ops: &Ops,
+        heads: usize,
+        x: &Tensor,
+        drop: Option<&(Tensor, Tensor)>,
+        save: bool,
+    ) -> Result<(Tensor, Option<BlockSaved>)> {
+        let (b, t, d) = x.dims3()?;
+        let rows = x.reshape((b * t, d))?;
+        let ln1 = self.norm1.forward(ops, &rows, ops.cdt)?;
+        let (q, k, v) = attention::split_qkv(&self.qkv.forward(ops, &ln1)?, b, t, heads)?;
+        let scale = ((d / heads) as f64).powf(-0.5);
+        let (o, p) = attention::forward(ops, &q, &k, &v, scale)?;
+        let heads_out = attention::merge_heads(&o)?;
+        let a = self.proj.forward(ops, &heads_out)?.reshape((b, t, d))?;
+        let x1 = residual_add(x, &a, drop.map(|m| &m.0), ops.fused)?;
+        let rows1 = x1.reshape((b * t, d))?;
+        let ln2 = self.norm2.forward(ops, &rows1, ops.cdt)?;
+        let (gelu, fc1_pre) = self.fc1.forward_gelu(ops, &ln2)?;
+        let m = self.fc2.forward(ops, &gelu)?.reshape((b, t, d))?;
+        let x2 = residual_add(&x1, &m, drop.map(|m| &m.1), ops.fused)?;
+        let saved = save.then(|| BlockSaved {
+            x: x.clone(),
+            ln1,
+            attn: AttnSaved { q, k, v, p },
+            heads_out,
+            x1,
+            ln2,
+            fc1_pre,
+            gelu,
+        });
+        Ok((x2, saved))
+    }
+
+    /// dx₂ `[B, T, D]` → dx (parameter dtype).
+    pub fn backward(
+        &self,
+        ops: &Ops,
+        heads: usize,
+        s: &BlockSaved,
+        dx2: &Tensor,
+        drop: Option<&(Tensor, Tensor)>,
+        grads: &mut Grads,
+    ) -> Result<Tensor> {
+        let (b, t, d) = dx2.dims3()?;
+        // MLP branch.
+        let dm = masked(dx2, drop.map(|m| &m.1), ops.cdt)?.reshape((b * t, d))?;
+        let dgelu = self
+            .fc2
+            .backward(ops, &s.gelu, &dm, grads, true)?
+            .expect("dx");
+        let dln2 = self
+            .fc1
+            .backward_gelu(ops, &s.ln2, &s.fc1_pre, &dgelu, grads)?;
+        let rows1 = s.x1.reshape((b * t, d))?;
+        let dx1 = (dx2
+            + self
+                .norm2
+                .backward(ops, &rows1, &dln2, grads)?
+                .reshape((b, t, d))?)?;
+        // Attention branch.
+        let da = masked(&dx1, drop.map(|m| &m.0), ops.cdt)?.reshape((b * t, d))?;
+        let dheads = self
+            .proj
+            .backward(ops, &s.heads_out, &da, grads, true)?
+            .expect("dx");
+        let scale = ((d / heads) as f64).powf(-0.5);
+        let d_o = attention::split_heads(&dheads, b, heads)?;
+        let (dq, dk, dv) = attention::backward(ops, &s.attn, &d_o, scale)?;
+        let dqkv = attention::merge_qkv(&dq, &dk, &dv)?;
+        let dln1 = self
+            .qkv
+            .backward(ops, &s.ln1, &dqkv, grads, true)?
+            .expect("dx");
+        let rows = s.x.reshape((b * t, d))?;
+        dx1 + self
+            .norm1
+            .backward(ops, &rows, &dln1, grads)?
+            .reshape((b, t, d))?
+    }
+}
+
+pub struct Backbone {
+    /// The patch embedding as a linear map of unfolded patches: W `[D, 3·p²]`.
+    pub patch: Linear,
+    pub cls_token: Tensor,
+    pub reg_token: Tensor,
+    pub pos_embed: Tensor,
+    pub cls_ids: [usize; 2],
+    pub pos_id: usize,
+    pub blocks: Vec<Block>,
+    pub norm: LayerNorm,
+    pub heads: usize,
+    pub patch_size: usize,
+    pub pos_grid: usize,
+    /// Bicubic resampling matrices `[g², G₀²]` by grid side (constants; udi-spec §2.2).
+    pub resample: Vec<(usize, Tensor)>,
+}
+
+/// What the backbone's backward needs of one crop group.
+pub struct BackboneSaved {
+    cols: Tensor,
+    grid: usize,
+    blocks: Vec<BlockSaved>,
+}
+
+/// Images `[B, 3, S, S]` → unfolded patches `[B·G², 3·p²]` (row-major grid, (c, i, j) inside a
+/// patch: the conv weight's layout).
+fn unfold(x: &Tensor, p: usize) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let (gh, gw) = (h / p, w / p);
+    x.reshape((b, c, gh, p, gw, p))?
+        .permute((0, 2, 4, 1, 3, 5))?
+        .contiguous()?
+        .reshape((b * gh * gw, c * p * p))
+}
+
+impl Backbone {
+    fn resample_for(&self, grid: usize) -> Option<&Tensor> {
+        self.resample
+            .iter()
+            .find(|(g, _)| *g == grid)
+            .map(|(_, m)| m)
+    }
+
+    /// Position embedding for a grid: `[1, 2 + g², D]`.
+    fn pos_for(&self, grid: usize) -> Result<Tensor> {
+        let g0 = self.pos_grid;
+        let prefix = self.pos_embed.narrow(1, 0, 2)?;
+        let patches = self.pos_embed.narrow(1, 2, g0 * g0)?;
+        let patches = match self.resample_for(grid) {
+            Some(m) => m.matmul(&patches.squeeze(0)?)?.unsqueeze(0)?,
+            None if grid == g0 => patches,
+            None => candle_core::bail!("no position-embedding resampling for a {grid}² grid"),
+        };
+        Tensor::cat(&[prefix, patches], 1)
+    }
+
+    /// Last-block tokens `[B, 2 + G², D]` (before the final LN).
+    pub fn forward(
+        &self,
+        ops: &Ops,
+        images: &Tensor,
+        drop: Option<&Vec<(Tensor, Tensor)>>,
+        save: bool,
+    ) -> Result<(Tensor, Option<BackboneSaved>)> {
+        let (b, _, h, _) = images.dims4()?;
+        let grid = h / self.patch_size;
+        let d = self.pos_embed.dim(2)?;
+        let cols = unfold(&images.to_dtype(ops.cdt)?, self.patch_size)?;
+        let patches = self
+            .patch
+            .forward(ops, &cols)?
+            .to_dtype(ops.pdt)?
+            .reshape((b, grid * grid, d))?;
+        let cls = self.cls_token.broadcast_as((b, 1, d))?;
+        let reg = self.reg_token.broadcast_as((b, 1, d))?;
+        let mut x = Tensor::cat(&[&cls, &reg, &patches], 1)?.broadcast_add(&self.pos_for(grid)?)?;
+        let mut saved = Vec::new();
+        let scope = match save {
+            true => "engine: block forward (student, saving)",
+            false => "engine: block forward (teacher)",
+        };
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let (y, s) = prof::time(images.device(), scope, || {
+                blk.forward(ops, self.heads, &x, drop.map(|m| &m[i]), save)
+            })?;
+            x = y;
+            saved.extend(s);
+        }
+        Ok((
+            x,
+            save.then_some(BackboneSaved {
+                cols,
+                grid,
+                blocks: saved,
+            }),
+        ))
+    }
+
+    /// Final-LN outputs of the class tokens `[B, 2, D]` (parameter dtype) of last-block tokens.
+    pub fn class_outputs(&self, ops: &Ops, tokens: &Tensor) -> Result<Tensor> {
+        self.class_outputs_of(ops, &tokens.narrow(1, 0, 2)?.contiguous()?)
+    }
+
+    /// The final LN of class tokens `[R, 2, D]` already taken out of their sequences.
+    pub fn class_outputs_of(&self, ops: &Ops, cls: &Tensor) -> Result<Tensor> {
+        self.norm.forward(ops, cls, ops.pdt)
+    }
+
+    /// Gradient of the last-block tokens `[B, T, D]` → parameter gradients. Each block's saved
+    /// activations are freed as soon as its backward is done.
+    pub fn backward(
+        &self,
+        ops: &Ops,
+        s: BackboneSaved,
+        d_tokens: &Tensor,
+        drop: Option<&Vec<(Tensor, Tensor)>>,
+        grads: &mut Grads,
+    ) -> Result<()> {
+        let BackboneSaved {
+            cols,
+            grid,
+            blocks: mut saved,
+        } = s;
+        let mut dx = d_tokens.clone();
+        for (i, blk) in self.blocks.iter().enumerate().rev() {
+            let bs = saved.pop().expect("one saved entry per block");
+            dx = prof::time(dx.device(), "engine: block backward", || {
+                blk.backward(ops, self.heads, &bs, &dx, drop.map(|m| &m[i]), grads)
+            })?;
+        }
+        let (b, t, d) = dx.dims3()?;
+        // Tokens: [cls, cls+, patches] + pos.
+        let dsum = dx.sum_keepdim(0)?; // [1, T, D]
+        grads.add(self.cls_ids[0], &dsum.narrow(1, 0, 1)?)?;
+        grads.add(self.cls_ids[1], &dsum.narrow(1, 1, 1)?)?;
+        let d_pos_patches = match self.resample_for(grid) {
+            Some(m) => m
+                .t()?
+                .matmul(&dsum.narrow(1, 2, t - 2)?.squeeze(0)?)?
+                .unsqueeze(0)?,
+            None => dsum.narrow(1, 2, t - 2)?,
+        };
+        grads.add(
+            self.pos_id,
+            &Tensor::cat(&[&dsum.narrow(1, 0, 2)?, &d_pos_patches], 1)?,
+        )?;
+        let dpatch = dx
+            .narrow(1, 2, t - 2)?
+            .contiguous()?
+            .reshape((b * (t - 2), d))?;
+        self.patch
+            .backward(ops, &cols, &dpatch.to_dtype(ops.cdt)?, grads, false)?;
+        Ok(())
+    }
+
+    /// Backward of [`Self::class_outputs`] for the concatenated class tokens of several crop
+    /// groups: `tokens` `[R, 2, D]` (the LN inputs), `dy` `[R, 2, D]` → dx `[R, 2, D]`.
+    pub fn class_backward(
+        &self,
+        ops: &Ops,
+        tokens: &Tensor,
+        dy: &Tensor,
+        grads: &mut Grads,
+    ) -> Result<Tensor> {
+        self.norm.backward(ops, tokens, dy, grads)
+    }
+}
