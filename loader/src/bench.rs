@@ -81,6 +81,11 @@ pub struct BenchReport {
     pub device_photometric_over_decode_cpu: f64,
     /// Resize mode of the fields above (`exact` or `fast`).
     pub resize: String,
+    /// The payload CRC32C check every read does (`Records` over shards): CPU ms per image, one
+    /// thread, over the same records; and its share of the decode-only mode's CPU time per
+    /// image (read, check and decode).
+    pub crc_ms: f64,
+    pub crc_over_decode: f64,
     pub decode_only: ModeResult,
     pub geometry_resize: ModeResult,
     pub full: ModeResult,
@@ -260,6 +265,22 @@ fn fast_error(
     }
 }
 
+/// CPU ms per image of the payload CRC32C over the first `n` records (`passes` times), one
+/// thread: the check every read does, timed alone over payloads already in memory.
+fn crc_ms(records: &dyn Records, n: u64, passes: u32) -> f64 {
+    let payloads: Vec<&[u8]> = (0..n)
+        .filter_map(|i| records.record(i).ok().map(|r| r.payload))
+        .collect();
+    let cpu0 = thread_cpu_s();
+    for _ in 0..passes.max(1) {
+        for p in &payloads {
+            std::hint::black_box(crc32c::crc32c(std::hint::black_box(p)));
+        }
+    }
+    let count = payloads.len() as f64 * passes.max(1) as f64;
+    1e3 * (thread_cpu_s() - cpu0) / count.max(1.0)
+}
+
 #[derive(Clone, Copy, PartialEq)]
 enum Mode {
     Decode,
@@ -383,6 +404,7 @@ pub fn run(records: &dyn Records, aug: &AugmentConfig, opts: &BenchOptions) -> R
     let (decode_only, skipped) = run_mode(records, &engine, opts, n, Mode::Decode);
     let (geometry_resize, _) = run_mode(records, &engine, opts, n, Mode::Resize);
     let (full, _) = run_mode(records, &engine, opts, n, Mode::Full);
+    let crc_ms = crc_ms(records, n, opts.passes);
     let fast = if opts.both {
         let fast_engine = CropEngine::new(AugmentConfig {
             resize: ResizeMode::Fast,
@@ -453,6 +475,8 @@ pub fn run(records: &dyn Records, aug: &AugmentConfig, opts: &BenchOptions) -> R
             ResizeMode::Fast => "fast",
         }
         .into(),
+        crc_ms,
+        crc_over_decode: crc_ms * decode_only.img_per_cpu_s / 1e3,
         decode_only,
         geometry_resize,
         full,
@@ -490,6 +514,11 @@ pub fn format_report(r: &BenchReport) -> String {
             m.stages.photometric_ms
         );
     }
+    s += &format!(
+        "payload CRC32C check (on every read): {:.4} CPU ms/img = {:.2}% of decode-only CPU time\n",
+        r.crc_ms,
+        100.0 * r.crc_over_decode
+    );
     s += &format!(
         "full / decode-only = {:.3} wall, {:.3} CPU time ({})\n",
         r.full_over_decode, r.full_over_decode_cpu, r.resize

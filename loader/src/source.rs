@@ -20,8 +20,11 @@ pub trait Records: Send + Sync {
 }
 
 /// Turns (epoch, index) into a finished sample: decode the record, run the crop engine with the
-/// run's seed. Undecodable records are logged once, counted, and replaced by the next decodable
-/// index (index+1, +2, … mod len), so the replacement is deterministic.
+/// run's seed. Records that fail their CRC or do not decode are logged once, counted, and
+/// replaced by the next good index (index+1, +2, … mod len): the replacement depends on nothing
+/// but the data, so it is the same whatever the number of loader processes, and the sample's
+/// `index` (the batch's indices section) is the one used, from which the trainer counts the
+/// replaced ones.
 pub struct DatasetSource<R: Records> {
     records: R,
     engine: CropEngine,
@@ -99,12 +102,14 @@ pub fn open_shards(dir: &std::path::Path) -> Result<Box<dyn Records>> {
     Ok(Box::new(ds))
 }
 
+/// Every payload's CRC32C is checked as it is read (`loader bench` reports the cost next to the
+/// decode's): a damaged record is replaced like an undecodable one, never served.
 impl Records for shared::shard::Dataset {
     fn len(&self) -> u64 {
         shared::shard::Dataset::len(self)
     }
     fn record(&self, index: u64) -> Result<RecordRef<'_>> {
-        shared::shard::Dataset::record(self, index).map_err(|e| anyhow::anyhow!("{e}"))
+        shared::shard::Dataset::record_checked(self, index).map_err(|e| anyhow::anyhow!("{e}"))
     }
 }
 

@@ -584,7 +584,9 @@ impl Ring {
         }
         if h.version != RING_VERSION {
             bail!(
-                "ring '{name}' has protocol version {}, this program speaks {RING_VERSION}",
+                "ring '{name}' ({}) has protocol version {}, this program speaks {RING_VERSION}; \
+                 remove it or use the matching programs",
+                path.display(),
                 h.version
             );
         }
@@ -1447,5 +1449,68 @@ mod tests {
             "{err}"
         );
         std::mem::forget(a);
+    }
+
+    /// Writes `bytes` as the segment of ring `name` (as a damaged or foreign file would be).
+    fn plant(name: &str, bytes: &[u8]) {
+        use std::os::unix::fs::PermissionsExt;
+        let p = segment_path(name);
+        std::fs::write(&p, bytes).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
+    fn segment_bytes(t: &str) -> (Vec<u8>, RingSpec) {
+        let spec = RingSpec::new(&tiny_cfg(), 7, 40, 2);
+        let n = name(t);
+        let ring = Ring::create(&n, &spec).unwrap();
+        let bytes = std::fs::read(segment_path(&n)).unwrap();
+        drop(ring);
+        Ring::unlink(&n).unwrap();
+        (bytes, spec)
+    }
+
+    #[test]
+    fn another_version_or_a_truncated_segment_is_refused_by_name() {
+        let (bytes, spec) = segment_bytes("refuse-src");
+        let n = name("refuse");
+        let mut v = bytes.clone();
+        let at = std::mem::offset_of!(RingHeader, version);
+        v[at..at + 4].copy_from_slice(&(RING_VERSION + 1).to_ne_bytes());
+        plant(&n, &v);
+        let e = format!("{:#}", Ring::attach_checked(&n, &spec).err().unwrap());
+        assert!(e.contains(&segment_path(&n).display().to_string()) && e.contains("protocol version"), "{e}");
+        for len in [0, 100, SLOTS_OFFSET, bytes.len() - 1] {
+            plant(&n, &bytes[..len]);
+            let e = format!("{:#}", Ring::attach(&n).err().unwrap());
+            assert!(e.contains(&n), "{len}: {e}");
+        }
+        Ring::unlink(&n).unwrap();
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Any damage to the header, config or producer pages, or any length: an error or a
+        /// consistent ring, never a panic or a read past the mapping.
+        #[test]
+        fn damaged_segments_never_panic(
+            edits in proptest::collection::vec((0usize..SLOTS_OFFSET, proptest::prelude::any::<u8>()), 1..8),
+            cut in proptest::option::of(0usize..(64 * 1024)),
+        ) {
+            let (mut bytes, _) = segment_bytes("fuzz-src");
+            for (at, b) in edits {
+                bytes[at] = b;
+            }
+            if let Some(c) = cut {
+                bytes.truncate(c.min(bytes.len()));
+            }
+            let n = name("fuzz");
+            plant(&n, &bytes);
+            if let Ok(r) = Ring::attach(&n) {
+                // Whatever was accepted is consistent with the file.
+                proptest::prop_assert_eq!(r.header().total_bytes, bytes.len() as u64);
+                let _ = r.status();
+            }
+            let _ = Ring::unlink(&n);
+        }
     }
 }

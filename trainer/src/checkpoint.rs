@@ -6,13 +6,18 @@
 //!   loss centres are tensors (`center.{cls,udi,patch}`, K values each), stored with the weights
 //!   so they round-trip bit for bit like them.
 //! * A checkpoint is written into a hidden temporary directory, fsynced and renamed into place,
-//!   so a crash mid-write leaves the previous checkpoints and no half-written one.
-//! * After each save only the newest `keep_last` checkpoints remain.
+//!   so a crash mid-write leaves the previous checkpoints and no half-written one. A write that
+//!   fails (no space, I/O error) removes its temporary directory and touches nothing else.
+//! * `state.json` records the size and CRC32C of every other file of its checkpoint
+//!   ([`CheckpointState::files`]); [`verify`] checks them, so storage that loses or damages a
+//!   file after the write (a full disk, a node lost mid-copy) is caught before a resume.
+//! * After each save only the newest `keep_last` checkpoints remain, never counting out the
+//!   one just written.
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -48,6 +53,37 @@ pub struct CheckpointState {
     /// Anything else the trainer wants back (e.g. its own step counters).
     #[serde(default)]
     pub extra: serde_json::Value,
+    /// Size and checksum of every other file of the checkpoint, by file name (filled by
+    /// [`CheckpointManager::save`]; empty in checkpoints written before it was recorded).
+    #[serde(default)]
+    pub files: BTreeMap<String, FileDigest>,
+}
+
+/// What `state.json` records of a file so that [`verify`] can tell it is the one written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileDigest {
+    pub size: u64,
+    pub crc32c: u32,
+}
+
+impl FileDigest {
+    /// Reads `path` and digests it.
+    pub fn of_file(path: &Path) -> Result<Self> {
+        use std::io::Read;
+        let mut f = fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+        let (mut size, mut crc) = (0u64, 0u32);
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f
+                .read(&mut buf)
+                .with_context(|| format!("reading {}", path.display()))?;
+            if n == 0 {
+                return Ok(Self { size, crc32c: crc });
+            }
+            crc = crc32c::crc32c_append(crc, &buf[..n]);
+            size += n as u64;
+        }
+    }
 }
 
 /// One checkpoint on disk.
@@ -95,7 +131,9 @@ impl CheckpointManager {
         &self.dir
     }
 
-    /// Writes checkpoint `state.step` atomically, then prunes old ones. Returns its path.
+    /// Writes checkpoint `state.step` atomically (recording its files' digests in
+    /// `state.json`), then prunes old ones. Returns its path. On failure nothing but the
+    /// temporary directory was touched, and that is removed.
     pub fn save(
         &self,
         tensors: &HashMap<String, Tensor>,
@@ -103,30 +141,32 @@ impl CheckpointManager {
     ) -> Result<CheckpointPath> {
         let name = step_dir_name(state.step);
         let tmp = self.dir.join(format!(".tmp-{name}-{}", std::process::id()));
-        if tmp.exists() {
-            fs::remove_dir_all(&tmp)?;
-        }
-        fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let tpath = tmp.join(TENSORS_FILE);
-        candle_core::safetensors::save(tensors, &tpath)
-            .with_context(|| format!("writing {}", tpath.display()))?;
-        fsync_file(&tpath)?;
-        let spath = tmp.join(STATE_FILE);
-        {
-            let mut f =
-                fs::File::create(&spath).with_context(|| format!("writing {}", spath.display()))?;
-            f.write_all(serde_json::to_string_pretty(state)?.as_bytes())?;
-            f.sync_all()?;
+        let written = write_checkpoint_dir(&tmp, tensors, state);
+        if let Err(e) = written {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e.context(format!("writing checkpoint {}", self.dir.join(&name).display())));
         }
         let dst = self.dir.join(&name);
-        if dst.exists() {
-            // Re-saving the same step (e.g. the final save right after a periodic one).
-            fs::remove_dir_all(&dst).with_context(|| format!("replacing {}", dst.display()))?;
+        // Re-saving a step (the final save right after a periodic one): the old copy is moved
+        // aside, not deleted, until the new one is in place.
+        let aside = self.dir.join(format!(".old-{name}-{}", std::process::id()));
+        let had_old = dst.exists();
+        if had_old {
+            fs::rename(&dst, &aside).with_context(|| format!("moving {} aside", dst.display()))?;
         }
-        fs::rename(&tmp, &dst)
-            .with_context(|| format!("renaming {} → {}", tmp.display(), dst.display()))?;
+        if let Err(e) = fs::rename(&tmp, &dst) {
+            if had_old {
+                let _ = fs::rename(&aside, &dst);
+            }
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(anyhow::Error::new(e)
+                .context(format!("renaming {} → {}", tmp.display(), dst.display())));
+        }
+        if had_old {
+            let _ = fs::remove_dir_all(&aside);
+        }
         fsync_dir(&self.dir);
-        self.prune()?;
+        self.prune(state.step)?;
         Ok(CheckpointPath {
             step: state.step,
             dir: dst,
@@ -142,19 +182,113 @@ impl CheckpointManager {
         Ok(self.list()?.pop())
     }
 
-    fn prune(&self) -> Result<()> {
+    /// Keeps the newest `keep_last` checkpoints, and always `just_saved` (a newer, damaged one
+    /// left on disk must not count it out).
+    fn prune(&self, just_saved: u64) -> Result<()> {
         let all = self.list()?;
         if all.len() > self.keep_last {
             for c in &all[..all.len() - self.keep_last] {
+                if c.step == just_saved {
+                    continue;
+                }
                 fs::remove_dir_all(&c.dir)
                     .with_context(|| format!("removing old checkpoint {}", c.dir.display()))?;
             }
         }
         Ok(())
     }
+
+    /// The newest checkpoint that passes [`verify`], with its state. Each newer one that fails
+    /// is renamed `step-N.damaged` (kept for inspection, out of every listing) and reported to
+    /// `skipped` with the reason.
+    pub fn newest_intact(
+        &self,
+        mut skipped: impl FnMut(&CheckpointPath, &anyhow::Error),
+    ) -> Result<Option<(CheckpointPath, CheckpointState)>> {
+        let mut all = list_step_dirs(&self.dir)?;
+        while let Some(c) = all.pop() {
+            match verify(&c) {
+                Ok(state) => return Ok(Some((c, state))),
+                Err(e) => {
+                    skipped(&c, &e);
+                    let to = c.dir.with_file_name(format!("{}.damaged", step_dir_name(c.step)));
+                    let _ = fs::remove_dir_all(&to);
+                    fs::rename(&c.dir, &to)
+                        .with_context(|| format!("moving {} aside", c.dir.display()))?;
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Writes the files of one checkpoint into `dir` (created afresh), fsynced.
+fn write_checkpoint_dir(
+    dir: &Path,
+    tensors: &HashMap<String, Tensor>,
+    state: &CheckpointState,
+) -> Result<()> {
+    if dir.exists() {
+        fs::remove_dir_all(dir)?;
+    }
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tpath = dir.join(TENSORS_FILE);
+    candle_core::safetensors::save(tensors, &tpath)
+        .with_context(|| format!("writing {}", tpath.display()))?;
+    fsync_file(&tpath)?;
+    let mut state = state.clone();
+    state.files = BTreeMap::from([(TENSORS_FILE.to_string(), FileDigest::of_file(&tpath)?)]);
+    let spath = dir.join(STATE_FILE);
+    let mut f = fs::File::create(&spath).with_context(|| format!("writing {}", spath.display()))?;
+    f.write_all(serde_json::to_string_pretty(&state)?.as_bytes())
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("writing {}", spath.display()))?;
+    Ok(())
+}
+
+/// Checks one checkpoint: `state.json` parses and has this trainer's format, and every file it
+/// records has its recorded size and CRC32C (a checkpoint from before digests were recorded:
+/// its tensors file's header and offsets are consistent). Returns the state; errors name the file and what is wrong with it.
+pub fn verify(c: &CheckpointPath) -> Result<CheckpointState> {
+    let state = load_state(c)?;
+    for (name, want) in &state.files {
+        let p = c.dir.join(name);
+        let got = FileDigest::of_file(&p)?;
+        if got.size != want.size {
+            bail!(
+                "{}: {} bytes, but {STATE_FILE} records {} (truncated or replaced)",
+                p.display(),
+                got.size,
+                want.size
+            );
+        }
+        if got.crc32c != want.crc32c {
+            bail!(
+                "{}: CRC32C {:08x}, but {STATE_FILE} records {:08x} (damaged)",
+                p.display(),
+                got.crc32c,
+                want.crc32c
+            );
+        }
+    }
+    if !state.files.contains_key(TENSORS_FILE) {
+        // Written before digests were recorded: at least the header and offsets must hold.
+        let t = c.tensors();
+        let bytes = fs::read(&t).with_context(|| format!("reading {}", t.display()))?;
+        safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", t.display()))?;
+    }
+    Ok(state)
 }
 
 fn list_checkpoints(dir: &Path) -> Result<Vec<CheckpointPath>> {
+    let mut all = list_step_dirs(dir)?;
+    all.retain(|c| c.tensors().is_file() && c.state().is_file());
+    Ok(all)
+}
+
+/// Every `step-N` directory, complete or not, oldest first.
+fn list_step_dirs(dir: &Path) -> Result<Vec<CheckpointPath>> {
     let mut out = Vec::new();
     for e in fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
         let e = e?;
@@ -162,16 +296,31 @@ fn list_checkpoints(dir: &Path) -> Result<Vec<CheckpointPath>> {
         let Some(step) = name.to_str().and_then(parse_step_dir) else {
             continue;
         };
-        let c = CheckpointPath {
+        out.push(CheckpointPath {
             step,
             dir: e.path(),
-        };
-        if c.tensors().is_file() && c.state().is_file() {
-            out.push(c);
-        }
+        });
     }
     out.sort_by_key(|c| c.step);
     Ok(out)
+}
+
+/// [`verify`] on every `step-N` directory of a run (`run_dir/checkpoints`, or `run_dir` itself
+/// when it is a `checkpoints/` directory), oldest first.
+pub fn verify_run(run_dir: &Path) -> Result<Vec<(CheckpointPath, Result<CheckpointState>)>> {
+    let dir = if run_dir.join("checkpoints").is_dir() {
+        run_dir.join("checkpoints")
+    } else {
+        run_dir.to_path_buf()
+    };
+    let all = list_step_dirs(&dir)?;
+    if all.is_empty() {
+        bail!("{}: no checkpoints", dir.display());
+    }
+    Ok(all.into_iter().map(|c| {
+        let r = verify(&c);
+        (c, r)
+    }).collect())
 }
 
 /// Resolves what a user passes as `--checkpoint`: a checkpoint directory, its `state.json` or
@@ -258,6 +407,7 @@ mod tests {
             seed: 3,
             config_toml: "[data]\nbatch_size = 4\n".into(),
             extra: serde_json::json!({"k": 1}),
+            files: BTreeMap::new(),
         }
     }
 
@@ -292,7 +442,11 @@ mod tests {
         let m = CheckpointManager::new(dir.path(), 3).unwrap();
         let t = tensors(0.5);
         let c = m.save(&t, &state(10)).unwrap();
-        let (t2, s2) = load(&c, &Device::Cpu).unwrap();
+        let (t2, mut s2) = load(&c, &Device::Cpu).unwrap();
+        let digest = FileDigest::of_file(&c.tensors()).unwrap();
+        assert_eq!(s2.files, BTreeMap::from([(TENSORS_FILE.into(), digest)]));
+        assert_eq!(digest.size, fs::metadata(c.tensors()).unwrap().len());
+        s2.files.clear();
         assert_eq!(s2, state(10));
         for (k, v) in &t {
             assert_eq!(bits(v), bits(&t2[k]), "{k}");
@@ -346,5 +500,101 @@ mod tests {
         let c = m.save(&tensors(1.0), &s).unwrap();
         let err = load(&c, &Device::Cpu).unwrap_err().to_string();
         assert!(err.contains("state.json") && err.contains("99"), "{err}");
+    }
+
+    #[test]
+    fn file_digest_is_size_and_standard_crc32c() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        // The CRC-32C check value of "123456789" (RFC 3720 / the Castagnoli catalogue entry).
+        fs::write(&p, b"123456789").unwrap();
+        let d = FileDigest::of_file(&p).unwrap();
+        assert_eq!((d.size, d.crc32c), (9, 0xe306_9283));
+    }
+
+    /// Damages the tensors file of `c`: cut to half, or one byte flipped in place.
+    fn damage(c: &CheckpointPath, truncate: bool) {
+        let t = c.tensors();
+        let mut b = fs::read(&t).unwrap();
+        if truncate {
+            b.truncate(b.len() / 2);
+        } else {
+            let i = b.len() - 3;
+            b[i] ^= 0x10;
+        }
+        fs::write(&t, b).unwrap();
+    }
+
+    #[test]
+    fn verify_names_a_truncated_or_flipped_tensors_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = CheckpointManager::new(dir.path(), 5).unwrap();
+        let a = m.save(&tensors(1.0), &state(1)).unwrap();
+        let b = m.save(&tensors(2.0), &state(2)).unwrap();
+        assert_eq!(verify(&a).unwrap().step, 1);
+        damage(&a, true);
+        let e = format!("{:#}", verify(&a).unwrap_err());
+        assert!(e.contains("tensors.safetensors") && e.contains("truncated"), "{e}");
+        // A flipped byte inside a tensor keeps the safetensors header valid: only the checksum
+        // catches it.
+        damage(&b, false);
+        candle_core::safetensors::load(b.tensors(), &Device::Cpu).unwrap();
+        let e = format!("{:#}", verify(&b).unwrap_err());
+        assert!(e.contains("tensors.safetensors") && e.contains("CRC32C"), "{e}");
+        fs::write(b.state(), "{\"format_version\": 1, \"st").unwrap();
+        let e = format!("{:#}", verify(&b).unwrap_err());
+        assert!(e.contains("state.json"), "{e}");
+    }
+
+    #[test]
+    fn newest_intact_skips_damaged_ones_and_sets_them_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = CheckpointManager::new(dir.path(), 5).unwrap();
+        for s in [1, 2, 3] {
+            m.save(&tensors(s as f32), &state(s)).unwrap();
+        }
+        let all = m.list().unwrap();
+        damage(&all[2], true);
+        fs::remove_file(all[1].state()).unwrap();
+        let mut skipped = Vec::new();
+        let (c, st) = m
+            .newest_intact(|c, e| skipped.push((c.step, format!("{e:#}"))))
+            .unwrap()
+            .unwrap();
+        assert_eq!((c.step, st.step), (1, 1));
+        assert_eq!(skipped.len(), 2);
+        assert_eq!(skipped[0].0, 3);
+        assert!(skipped[0].1.contains("truncated"), "{:?}", skipped);
+        assert_eq!(skipped[1].0, 2);
+        assert!(skipped[1].1.contains("state.json"), "{:?}", skipped);
+        assert_eq!(m.list().unwrap(), vec![c.clone()]);
+        assert!(m.dir().join("step-00000003.damaged").is_dir());
+        // Nothing intact at all: None.
+        damage(&c, false);
+        assert!(m.newest_intact(|_, _| ()).unwrap().is_none());
+    }
+
+    #[test]
+    fn keep_last_never_prunes_the_checkpoint_just_written() {
+        // A newer checkpoint on disk (e.g. damaged, not yet set aside) must not push the one
+        // just saved out of `keep_last`.
+        let dir = tempfile::tempdir().unwrap();
+        let m = CheckpointManager::new(dir.path(), 1).unwrap();
+        m.save(&tensors(9.0), &state(9)).unwrap();
+        let c = m.save(&tensors(5.0), &state(5)).unwrap();
+        assert!(c.dir.is_dir());
+        assert_eq!(verify(&c).unwrap().step, 5);
+    }
+
+    #[test]
+    fn re_saving_a_step_replaces_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = CheckpointManager::new(dir.path(), 2).unwrap();
+        m.save(&tensors(1.0), &state(4)).unwrap();
+        let c = m.save(&tensors(2.0), &state(4)).unwrap();
+        let (t, _) = load(&c, &Device::Cpu).unwrap();
+        assert_eq!(bits(&t["student.w"]), bits(&tensors(2.0)["student.w"]));
+        let names: Vec<_> = fs::read_dir(m.dir()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("step-00000004")]);
     }
 }

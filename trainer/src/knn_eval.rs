@@ -46,7 +46,7 @@ impl LabelledImages for ShardImages {
     fn get(&self, i: usize) -> Result<(i32, RgbImage)> {
         let rec = self
             .ds
-            .record(i as u64)
+            .record_checked(i as u64)
             .with_context(|| format!("{}: record {i}", self.ds.dir().display()))?;
         let img =
             loader::decode::decode(&rec).with_context(|| format!("{}", self.ds.dir().display()))?;

@@ -13,6 +13,7 @@
 //! * [`debug`]: `init-weights`, `make-batch`, `debug-step`, `bench` behind the CLI.
 //! * [`device`]: `--device auto|cpu|cuda` → a candle `Device`, with CPU fallback (README "GPU").
 
+pub mod bad_records;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
@@ -34,6 +35,7 @@ pub mod params;
 pub mod photometric;
 pub mod plot;
 pub mod prof;
+pub mod run_dir;
 pub mod schedule;
 pub mod srs;
 pub mod step;

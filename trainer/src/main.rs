@@ -33,6 +33,11 @@ enum Cmd {
     /// Plot a run's metrics.jsonl as a PNG.
     #[command(after_help = "Example: trainer plot runs/s16")]
     Plot(PlotArgs),
+    /// Checkpoint tools.
+    Checkpoint {
+        #[command(subcommand)]
+        cmd: CheckpointCmd,
+    },
     /// Write freshly initialised student and teacher weights (safetensors).
     #[command(
         after_help = "Example: trainer init-weights --config configs/tiny.toml --out weights.safetensors"
@@ -132,6 +137,15 @@ enum Cmd {
     },
 }
 
+#[derive(Subcommand)]
+enum CheckpointCmd {
+    /// Check every checkpoint of a run against the sizes and CRC32Cs its state.json records.
+    Verify {
+        /// Run directory (or its checkpoints/).
+        run: PathBuf,
+    },
+}
+
 /// `--precision` / `--kernels` (defaults depend on the device: bf16 + fused on CUDA).
 #[derive(clap::Args, Clone, Copy, Debug)]
 struct ComputeArgs {
@@ -163,6 +177,9 @@ fn main() -> Result<()> {
         Cmd::Knn(a) => train_cli::knn_main(&a),
         Cmd::Export(a) => train_cli::export_main(&a),
         Cmd::Plot(a) => train_cli::plot_main(&a),
+        Cmd::Checkpoint {
+            cmd: CheckpointCmd::Verify { run },
+        } => train_cli::checkpoint_verify_main(&run),
         Cmd::InitWeights { config, out } => {
             trainer::debug::init_weights(&TrainConfig::from_toml_file(&config)?, &out)
         }

@@ -38,6 +38,9 @@ pub struct StepMetrics {
     pub data_wait_frac: f64,
     /// Seconds since the run (or this resumed part of it) started.
     pub elapsed_s: f64,
+    /// Distinct bad records (failed CRC32C or undecodable) the loaders replaced so far.
+    #[serde(default)]
+    pub bad_records: u64,
 }
 
 /// Appends metrics lines; flushed after each line so `tail -f` and `trainer plot` see them.
@@ -140,8 +143,13 @@ pub fn console_line(m: &StepMetrics, total_steps: u64, first_step: u64) -> Strin
         "?".into()
     };
     let pct = 100.0 * m.step as f64 / total_steps.max(1) as f64;
+    let bad = if m.bad_records > 0 {
+        format!(" | bad records {}", m.bad_records)
+    } else {
+        String::new()
+    };
     format!(
-        "step {}/{} ({pct:.0}%) ep {} | loss {:.4} (cls {:.3} udi {:.3} patch {:.3}) | lr {:.2e} wd {:.3} m {:.4} τt {:.3} | H {:.2}/{:.2}/{:.2} of {:.2} | {:.1} img/s wait {:.0}% | ETA {eta}",
+        "step {}/{} ({pct:.0}%) ep {} | loss {:.4} (cls {:.3} udi {:.3} patch {:.3}) | lr {:.2e} wd {:.3} m {:.4} τt {:.3} | H {:.2}/{:.2}/{:.2} of {:.2} | {:.1} img/s wait {:.0}%{bad} | ETA {eta}",
         m.step,
         total_steps,
         m.epoch,
@@ -269,6 +277,7 @@ mod tests {
             teacher_entropy: h,
             ln_k: 10.0,
             elapsed_s: step as f64,
+            bad_records: 0,
             ..Default::default()
         }
     }
@@ -351,5 +360,8 @@ mod tests {
             line.contains("step 50/100 (50%)") && line.contains("ETA 1m40s"),
             "{line}"
         );
+        assert!(!line.contains("bad records"), "{line}");
+        x.bad_records = 3;
+        assert!(console_line(&x, 100, 0).contains("| bad records 3 |"));
     }
 }

@@ -7,7 +7,9 @@
 //! is keyed by (seed, step) or (seed, epoch, index) rather than carried state; and the data
 //! cursor (epoch, batch) is saved, so the ring is sought to the very next batch.
 
+use crate::bad_records::BadRecords;
 use crate::checkpoint::{self, CheckpointManager, CheckpointState, DataCursor, FORMAT_VERSION};
+use crate::run_dir::RunDir;
 use crate::config::TrainConfig;
 use crate::data::TrainBatch;
 use crate::metrics::{self, EntropyGuard, MetricsLog, StepMetrics};
@@ -17,7 +19,6 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use shared::config::AugmentConfig;
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -44,6 +45,9 @@ pub struct RunConfig {
     pub precision: Option<crate::kernels::Precision>,
     /// `fused` or `candle` kernels (default: fused on CUDA, candle on the CPU).
     pub kernels: Option<crate::kernels::Kernels>,
+    /// Bad records (failed CRC32C or undecodable, replaced by the loaders) tolerated before the
+    /// run stops (default: 0.1 % of the records of an epoch).
+    pub max_bad_records: Option<u64>,
     /// `explicit` or `autograd` training step (default: [`crate::engine::EngineKind::for_device`]).
     pub engine: Option<crate::engine::EngineKind>,
 }
@@ -59,6 +63,7 @@ impl Default for RunConfig {
             entropy_grace_steps: 100,
             precision: None,
             kernels: None,
+            max_bad_records: None,
             engine: None,
         }
     }
@@ -91,6 +96,8 @@ pub struct FedBatch {
     pub index: u64,
     /// Time spent waiting for the batch to be ready (not converting it).
     pub wait: Duration,
+    /// The dataset index of each sample (the batch's `indices` section).
+    pub indices: Vec<u64>,
 }
 
 /// Where batches come from. Batch `b` of epoch `e` is a pure function of (seed, e, b) for every
@@ -102,6 +109,10 @@ pub trait BatchFeed {
     /// The next batch returned is batch `batch` of epoch `epoch`.
     fn seek(&mut self, epoch: u64, batch: u64) -> Result<()>;
     fn next(&mut self, aug: &AugmentConfig, device: &Device) -> Result<FedBatch>;
+    /// A record's name for messages (shard file, record, path where the feed knows them).
+    fn record_name(&self, index: u64) -> String {
+        format!("sample {index}")
+    }
 }
 
 /// What `trainer train` was asked to do.
@@ -157,10 +168,18 @@ pub fn advance(epoch: u64, index: u64, batches_per_epoch: u64) -> DataCursor {
 
 /// Runs (or resumes) training until `max_steps` or the end of the schedule.
 pub fn train(opts: &TrainOptions, feed: &mut dyn BatchFeed) -> Result<TrainSummary> {
+    let run = RunDir::open(&opts.run_dir, &opts.config_toml, opts.resume)?;
+    train_in(&run, opts, feed)
+}
+
+/// [`train`] in a run directory already opened (locked, config written, resume point chosen)
+/// before `feed` was started.
+pub fn train_in(
+    run_dir: &RunDir,
+    opts: &TrainOptions,
+    feed: &mut dyn BatchFeed,
+) -> Result<TrainSummary> {
     let (cfg, run) = parse_config(&opts.config_toml, "config")?;
-    std::fs::create_dir_all(&opts.run_dir)
-        .with_context(|| format!("creating {}", opts.run_dir.display()))?;
-    let _lock = lock_run_dir(&opts.run_dir)?;
     let bpe = shared::rng::batches_per_epoch(feed.n_samples(), cfg.data.batch_size);
     ensure!(
         bpe > 0,
@@ -190,22 +209,23 @@ pub fn train(opts: &TrainOptions, feed: &mut dyn BatchFeed) -> Result<TrainSumma
         candle_core::DType::F32,
         compute,
     )?;
-    let ckpts = CheckpointManager::new(&opts.run_dir, run.keep_last)?;
+    let ckpts = CheckpointManager::new(run_dir.path(), run.keep_last)?;
     let mut step = 0u64;
     let mut cursor = DataCursor::default();
-    if opts.resume {
-        let c = ckpts
-            .latest()?
-            .with_context(|| format!("--resume: no checkpoint in {}", ckpts.dir().display()))?;
-        let (tensors, state) = checkpoint::load(&c, &opts.device)?;
-        let (saved_cfg, _) = parse_config(&state.config_toml, &format!("{}", c.state().display()))?;
-        if saved_cfg != cfg {
-            bail!(
-                "--resume: the config differs from the one {} was trained with (only [run] may change); \
-                 the original is in {}",
-                c.dir.display(),
-                opts.run_dir.join("config.toml").display()
-            );
+    if !opts.quiet {
+        for s in &run_dir.skipped {
+            eprintln!("{s}");
+        }
+    }
+    let mut bad = BadRecords::new(
+        cfg.data.seed,
+        feed.n_samples(),
+        cfg.data.batch_size,
+        run.max_bad_records,
+    );
+    if let Some((c, state)) = &run_dir.resume_from {
+        if let Some(known) = state.extra.get("bad_records").and_then(|v| v.as_array()) {
+            bad.extend(known.iter().filter_map(|v| v.as_u64()));
         }
         let saved_id = state.extra.get("dataset_id").and_then(|v| v.as_u64());
         if saved_id.is_some_and(|id| id != feed.dataset_id()) {
@@ -216,6 +236,8 @@ pub fn train(opts: &TrainOptions, feed: &mut dyn BatchFeed) -> Result<TrainSumma
                 feed.dataset_id()
             );
         }
+        let tensors = candle_core::safetensors::load(c.tensors(), &opts.device)
+            .with_context(|| format!("reading {}", c.tensors().display()))?;
         trainer.load_state(&tensors, &format!("{}", c.tensors().display()))?;
         step = state.step;
         cursor = state.cursor;
@@ -227,17 +249,9 @@ pub fn train(opts: &TrainOptions, feed: &mut dyn BatchFeed) -> Result<TrainSumma
                 cursor.batch
             );
         }
-    } else {
-        if ckpts.latest()?.is_some() {
-            bail!(
-                "{} already has checkpoints: pass --resume to continue it, or choose a new --out",
-                opts.run_dir.display()
-            );
-        }
-        std::fs::write(opts.run_dir.join("config.toml"), &opts.config_toml)?;
     }
     feed.seek(cursor.epoch, cursor.batch)?;
-    let mut log = MetricsLog::open(&opts.run_dir, Some(step))?;
+    let mut log = MetricsLog::open(run_dir.path(), Some(step))?;
     let mut guard = EntropyGuard::new(run.entropy_grace_steps);
     let first_step = step;
     let started = Instant::now();
@@ -249,7 +263,8 @@ pub fn train(opts: &TrainOptions, feed: &mut dyn BatchFeed) -> Result<TrainSumma
     let save = |trainer: &dyn TrainStep,
                 step: u64,
                 epoch: u64,
-                cursor: DataCursor|
+                cursor: DataCursor,
+                bad: &BadRecords|
      -> Result<PathBuf> {
         let tensors: HashMap<String, Tensor> = trainer.state_tensors()?.into_iter().collect();
         // A checkpoint must be resumable: refuse to replace good ones with non-finite weights.
@@ -266,13 +281,22 @@ pub fn train(opts: &TrainOptions, feed: &mut dyn BatchFeed) -> Result<TrainSumma
             cursor,
             seed: cfg.data.seed,
             config_toml: opts.config_toml.clone(),
+            files: Default::default(),
             extra: serde_json::json!({
                 "dataset_id": dataset_id,
                 "batches_per_epoch": bpe,
+                "bad_records": bad.all().collect::<Vec<u64>>(),
                 "note": "centres are the tensors center.{cls,udi,patch}; RNG streams are keyed by (seed, step)",
             }),
         };
-        Ok(ckpts.save(&tensors, &state)?.dir)
+        // A failed write leaves the previous checkpoints as they were: say which to resume from.
+        let saved = ckpts.save(&tensors, &state).map_err(|e| {
+            anyhow::anyhow!(
+                "{e:#}\nTraining stopped at step {step}; the last good checkpoint is {}",
+                last_ckpt_display(&ckpts)
+            )
+        })?;
+        Ok(saved.dir)
     };
     while step < end_step {
         let t0 = Instant::now();
@@ -285,6 +309,23 @@ pub fn train(opts: &TrainOptions, feed: &mut dyn BatchFeed) -> Result<TrainSumma
             cursor.epoch,
             cursor.batch
         );
+        for i in bad.observe(fed.epoch, fed.index, &fed.indices) {
+            if !opts.quiet {
+                eprintln!(
+                    "trainer: bad record replaced by the loader (epoch {} batch {}): {}",
+                    fed.epoch,
+                    fed.index,
+                    feed.record_name(i)
+                );
+            }
+        }
+        bad.check(&|i| feed.record_name(i)).map_err(|e| {
+            anyhow::anyhow!(
+                "{e:#}\nTraining stopped before step {}; the last good checkpoint is {}",
+                step + 1,
+                last_ckpt_display(&ckpts)
+            )
+        })?;
         let global_step = fed.epoch * bpe + fed.index;
         let stats = trainer.step(&fed.batch, fed.epoch, global_step).map_err(|e| {
             anyhow::anyhow!(
@@ -314,6 +355,7 @@ pub fn train(opts: &TrainOptions, feed: &mut dyn BatchFeed) -> Result<TrainSumma
             images_per_s: cfg.data.batch_size as f64 / dt.max(1e-9),
             data_wait_frac: (fed.wait.as_secs_f64() / dt.max(1e-9)).min(1.0),
             elapsed_s: started.elapsed().as_secs_f64(),
+            bad_records: bad.count(),
         };
         metrics::check_finite(&m).map_err(|e| {
             anyhow::anyhow!("{e:#}\nLast good checkpoint: {}", last_ckpt_display(&ckpts))
@@ -335,7 +377,7 @@ pub fn train(opts: &TrainOptions, feed: &mut dyn BatchFeed) -> Result<TrainSumma
             .as_ref()
             .is_some_and(|s| s.load(Ordering::Relaxed));
         if step.is_multiple_of(run.checkpoint_every) || step == end_step || stopping {
-            let p = save(trainer.as_ref(), step, fed.epoch, cursor)?;
+            let p = save(trainer.as_ref(), step, fed.epoch, cursor, &bad)?;
             if stopping && !opts.quiet {
                 eprintln!(
                     "stopped at step {step}; checkpoint {} (continue with --resume)",
@@ -358,31 +400,6 @@ pub fn train(opts: &TrainOptions, feed: &mut dyn BatchFeed) -> Result<TrainSumma
         mean_data_wait: if n > 0 { wait_sum / n as f64 } else { 0.0 },
         mean_images_per_s: if n > 0 { ips_sum / n as f64 } else { 0.0 },
     })
-}
-
-/// An exclusive lock on `RUN_DIR/.lock`, held while training: two trainers in one run directory
-/// would interleave their checkpoints and metrics.
-pub fn lock_run_dir(run_dir: &Path) -> Result<std::fs::File> {
-    use std::os::unix::io::AsRawFd;
-    let p = run_dir.join(".lock");
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(&p)
-        .with_context(|| format!("opening {}", p.display()))?;
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let holder = std::fs::read_to_string(&p).unwrap_or_default();
-        bail!(
-            "{} is in use by another trainer (pid {}); stop it first",
-            run_dir.display(),
-            holder.trim()
-        );
-    }
-    let _ = f.set_len(0);
-    let _ = (&f).write_all(std::process::id().to_string().as_bytes());
-    Ok(f)
 }
 
 /// The name of the first float tensor holding a NaN or an infinity (0·x + 0 is 0 iff x is finite).

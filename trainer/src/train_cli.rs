@@ -1,6 +1,7 @@
 //! The `train`, `knn`, `export` and `plot` subcommands: argument structs and the single call
 //! each makes into the library.
 
+use crate::bad_records::RecordNames;
 use crate::checkpoint;
 use crate::config::TrainConfig;
 use crate::device::DeviceFlag;
@@ -8,6 +9,7 @@ use crate::export::{self, VitShape};
 use crate::knn::KnnParams;
 use crate::knn_eval;
 use crate::loaders::find_loader_bin;
+use crate::run_dir::RunDir;
 use crate::train::{self, BatchFeed, TrainOptions};
 use crate::train_feed::{InProcessFeed, LoaderLaunch, RingFeed};
 use crate::vit::ClassToken;
@@ -54,7 +56,8 @@ pub struct TrainArgs {
     /// Ring name (default: udi-train-<pid>).
     #[arg(long)]
     pub ring: Option<String>,
-    /// Do not start loaders: attach to --ring, fed by `loader run` processes started by hand.
+    /// Do not start loaders: attach to --ring, fed by `loader run` processes started by hand
+    /// with `--config RUN/config.toml` (the effective config, written before the trainer waits).
     #[arg(long, requires = "ring")]
     pub external_loaders: bool,
     /// The `loader` executable (default: next to this one).
@@ -85,16 +88,12 @@ fn cores() -> usize {
         .unwrap_or(1)
 }
 
-/// `loader::source::Records` over the shard reader.
-pub struct ShardRecords(pub shared::shard::Dataset);
-
-impl loader::source::Records for ShardRecords {
-    fn len(&self) -> u64 {
-        self.0.len()
-    }
-    fn record(&self, index: u64) -> Result<shared::shard::RecordRef<'_>> {
-        Ok(self.0.record(index)?)
-    }
+/// Names a record by shard file, dataset index and source path (for bad-record messages).
+pub fn shard_record_names(ds: shared::shard::Dataset) -> RecordNames {
+    Box::new(move |i| match ds.record(i) {
+        Ok(r) => format!("{}: record {i} ({})", ds.shard_file(r.shard), r.path),
+        Err(e) => format!("record {i}: {e}"),
+    })
 }
 
 /// Applies `TABLE.KEY=VALUE` overrides to a TOML document (values parsed as TOML, else taken
@@ -138,25 +137,37 @@ pub fn train_main(a: &TrainArgs) -> Result<()> {
     }
     let text = apply_overrides(&text, &overrides)?;
     let (cfg, run) = train::parse_config(&text, &a.config.display().to_string())?;
+    // Before anything is started: the lock, the resume point, and RUN/config.toml, the effective
+    // config every loader of this run reads.
+    let run_dir = RunDir::open(&a.out, &text, a.resume)?;
     let pipe = PipelineConfig {
         data: cfg.data.clone(),
         augment: cfg.augment.clone(),
     };
-    let ds = shared::shard::Dataset::open(&a.shards)
-        .with_context(|| format!("opening shards {}", a.shards.display()))?;
+    let open = || {
+        shared::shard::Dataset::open(&a.shards)
+            .with_context(|| format!("opening shards {}", a.shards.display()))
+    };
+    let ds = open()?;
     let (n, id) = (ds.len(), ds.dataset_id());
+    let names = shard_record_names(open()?);
     let mut feed: Box<dyn BatchFeed> = if a.in_process {
         let engine = loader::engine::CropEngine::new(cfg.augment.clone());
-        let src = loader::source::DatasetSource::new(ShardRecords(ds), engine, cfg.data.seed);
-        Box::new(InProcessFeed::new(Arc::new(src), &pipe, id, cores()))
+        let src = loader::source::DatasetSource::new(ds, engine, cfg.data.seed);
+        Box::new(InProcessFeed::new(Arc::new(src), &pipe, id, cores()).with_record_names(names))
     } else {
         drop(ds);
         let name = a
             .ring
             .clone()
             .unwrap_or_else(|| format!("udi-train-{}", std::process::id()));
+        let config = run_dir.config_path();
         let launch = if a.external_loaders {
-            eprintln!("waiting for loaders on ring '{name}': loader run --shards {} --ring {name} --config {}", a.shards.display(), a.config.display());
+            eprintln!(
+                "waiting for loaders on ring '{name}': loader run --shards {} --ring {name} --config {}",
+                a.shards.display(),
+                config.display()
+            );
             None
         } else {
             let processes = a.loaders.unwrap_or((cores() / 8).max(1));
@@ -164,7 +175,7 @@ pub fn train_main(a: &TrainArgs) -> Result<()> {
             let l = LoaderLaunch {
                 loader_bin: find_loader_bin(a.loader_bin.as_deref())?,
                 shards: a.shards.clone(),
-                config: a.config.clone(),
+                config,
                 processes,
                 threads,
                 slots: run.ring_slots,
@@ -183,7 +194,8 @@ pub fn train_main(a: &TrainArgs) -> Result<()> {
             run.ring_slots,
             Duration::from_secs_f64(run.batch_timeout_s),
             launch.as_ref(),
-        )?)
+        )?
+        .with_record_names(names))
     };
     // Ctrl-C / SIGTERM: finish the step, checkpoint, stop; a second one exits at once.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -200,7 +212,7 @@ pub fn train_main(a: &TrainArgs) -> Result<()> {
         quiet: false,
         stop: Some(stop),
     };
-    let s = train::train(&opts, feed.as_mut())?;
+    let s = train::train_in(&run_dir, &opts, feed.as_mut())?;
     eprintln!(
         "done: steps {}..{} of {}; mean {:.1} img/s, data wait {:.1}% of step time; checkpoint {}",
         s.first_step,
@@ -213,6 +225,30 @@ pub fn train_main(a: &TrainArgs) -> Result<()> {
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "none".into())
     );
+    Ok(())
+}
+
+/// `trainer checkpoint verify RUN`: one line per checkpoint; an error if any is damaged.
+pub fn checkpoint_verify_main(run: &Path) -> Result<()> {
+    let all = checkpoint::verify_run(run)?;
+    let mut damaged = 0;
+    for (c, r) in &all {
+        match r {
+            Ok(s) => println!("ok       {} (step {}, {} file(s) checked)", c.dir.display(), s.step, s.files.len() + 1),
+            Err(e) => {
+                damaged += 1;
+                println!("DAMAGED  {}: {e:#}", c.dir.display());
+            }
+        }
+    }
+    let newest = all.iter().rev().find(|(_, r)| r.is_ok());
+    if damaged > 0 {
+        bail!(
+            "{damaged} of {} checkpoint(s) damaged; --resume would continue from {}",
+            all.len(),
+            newest.map_or("none".into(), |(c, _)| c.dir.display().to_string())
+        );
+    }
     Ok(())
 }
 

@@ -2,6 +2,7 @@
 //! (started and supervised here, or started by hand); [`InProcessFeed`] builds the same batches
 //! in this process from any [`SampleSource`] (tests, and a fallback without loaders).
 
+use crate::bad_records::RecordNames;
 use crate::data::TrainBatch;
 use crate::loaders::{LoaderEvent, Supervisor};
 use crate::train::{BatchFeed, FedBatch};
@@ -30,6 +31,7 @@ pub struct InProcessFeed {
     epoch: u64,
     batch: u64,
     perm: Option<(u64, Vec<u64>)>,
+    names: Option<RecordNames>,
 }
 
 impl InProcessFeed {
@@ -51,7 +53,14 @@ impl InProcessFeed {
             epoch: 0,
             batch: 0,
             perm: None,
+            names: None,
         }
+    }
+
+    /// Names records in messages (e.g. shard file and path) instead of by index.
+    pub fn with_record_names(mut self, names: RecordNames) -> Self {
+        self.names = Some(names);
+        self
     }
 
     /// Builds batch `batch` of `epoch` into the internal buffer.
@@ -117,6 +126,7 @@ impl BatchFeed for InProcessFeed {
         let t0 = Instant::now();
         let view = self.build(e, b)?;
         let wait = t0.elapsed();
+        let indices = view.indices().to_vec();
         let batch = TrainBatch::from_view(&view, aug, device)?;
         let bpe = batches_per_epoch(self.source.len(), self.pipe.data.batch_size);
         let c = crate::train::advance(e, b, bpe);
@@ -126,8 +136,16 @@ impl BatchFeed for InProcessFeed {
             epoch: e,
             index: b,
             wait,
+            indices,
         })
     }
+    fn record_name(&self, index: u64) -> String {
+        record_name(self.names.as_ref(), index)
+    }
+}
+
+fn record_name(names: Option<&RecordNames>, index: u64) -> String {
+    names.map_or_else(|| format!("sample {index}"), |f| f(index))
 }
 
 /// How the loader processes of a [`RingFeed`] are started.
@@ -135,6 +153,7 @@ impl BatchFeed for InProcessFeed {
 pub struct LoaderLaunch {
     pub loader_bin: PathBuf,
     pub shards: PathBuf,
+    /// The run's effective config (`RUN/config.toml`: the file plus `--set` overrides).
     pub config: PathBuf,
     /// Loader processes.
     pub processes: usize,
@@ -151,6 +170,7 @@ pub struct RingFeed {
     dataset_id: u64,
     timeout: Duration,
     supervisor: Option<SupervisorThread>,
+    names: Option<RecordNames>,
 }
 
 /// Polls the loader [`Supervisor`] in the background so a dead loader is restarted even while
@@ -262,7 +282,14 @@ impl RingFeed {
             dataset_id,
             timeout,
             supervisor,
+            names: None,
         })
+    }
+
+    /// Names records in messages (e.g. shard file and path) instead of by index.
+    pub fn with_record_names(mut self, names: RecordNames) -> Self {
+        self.names = Some(names);
+        self
     }
 }
 
@@ -290,12 +317,14 @@ impl BatchFeed for RingFeed {
                 Ok(guard) => {
                     let wait = t0.elapsed();
                     let (epoch, index) = (guard.epoch(), guard.batch());
-                    let batch = TrainBatch::from_view(&guard.view(), aug, device)?;
+                    let view = guard.view();
+                    let batch = TrainBatch::from_view(&view, aug, device)?;
                     return Ok(FedBatch {
                         batch,
                         epoch,
                         index,
                         wait,
+                        indices: view.indices().to_vec(),
                     });
                 }
                 Err(e) if t0.elapsed() < self.timeout && format!("{e}").contains("waited") => {
@@ -304,5 +333,8 @@ impl BatchFeed for RingFeed {
                 Err(e) => return Err(e),
             }
         }
+    }
+    fn record_name(&self, index: u64) -> String {
+        record_name(self.names.as_ref(), index)
     }
 }

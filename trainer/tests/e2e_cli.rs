@@ -7,8 +7,8 @@
 
 mod common;
 
-use common::{loss_bits as losses, synth_shards};
-use std::path::{Path, PathBuf};
+use common::{loader_bin, loss_bits as losses, synth_shards};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -16,16 +16,7 @@ const TRAINER: &str = env!("CARGO_BIN_EXE_trainer");
 
 /// The micro config, checkpoints every step, a small ring.
 fn config() -> common::TestConfig {
-    common::TestConfig::micro(2)
-        .set("run.checkpoint_every", 1)
-        .set("run.log_every", 1)
-        .set("run.ring_slots", 2)
-        .set("run.batch_timeout_s", 120)
-}
-
-fn loader_bin() -> Option<PathBuf> {
-    let p = Path::new(TRAINER).parent()?.join("loader");
-    p.is_file().then_some(p)
+    common::cli_config(2)
 }
 
 fn children(pid: u32) -> Vec<u32> {

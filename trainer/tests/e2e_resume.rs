@@ -146,7 +146,7 @@ fn non_finite_weights_are_detected_by_name() {
 #[test]
 fn a_run_dir_is_used_by_one_trainer_at_a_time() {
     let a = tempfile::tempdir().unwrap();
-    let held = trainer::train::lock_run_dir(a.path()).unwrap();
+    let held = trainer::run_dir::lock_run_dir(a.path()).unwrap();
     let cfg = config().toml();
     let e = run(a.path(), &cfg, false, 1).unwrap_err().to_string();
     assert!(e.contains("in use by another trainer"), "{e}");

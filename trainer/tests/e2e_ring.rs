@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use trainer::metrics::read_metrics;
 use trainer::train::{train, BatchFeed, TrainSummary};
-use trainer::train_cli::ShardRecords;
 use trainer::train_feed::{InProcessFeed, RingFeed};
 
 fn config() -> String {
@@ -107,7 +106,7 @@ fn ring_fed_run_with_resume_equals_the_in_process_run() {
     let ds = shared::shard::Dataset::open(&shards).unwrap();
     let id = ds.dataset_id();
     let engine = loader::engine::CropEngine::new(pipe.augment.clone());
-    let src = loader::source::DatasetSource::new(ShardRecords(ds), engine, pipe.data.seed);
+    let src = loader::source::DatasetSource::new(ds, engine, pipe.data.seed);
     let mut feed = InProcessFeed::new(Arc::new(src), &pipe, id, 2);
     train(&train_opts(&config(), &ref_dir, false, 6), &mut feed).unwrap();
 

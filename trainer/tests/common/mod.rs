@@ -127,6 +127,24 @@ lr = 0.05
     }
 }
 
+/// The micro config for runs through the `trainer` binary: checkpoints and console lines every
+/// step, a small ring.
+pub fn cli_config(seed: u64) -> TestConfig {
+    TestConfig::micro(seed)
+        .set("run.checkpoint_every", 1)
+        .set("run.log_every", 1)
+        .set("run.ring_slots", 2)
+        .set("run.batch_timeout_s", 120)
+}
+
+/// The `loader` binary beside the `trainer` one, if built.
+pub fn loader_bin() -> Option<std::path::PathBuf> {
+    let p = std::path::Path::new(env!("CARGO_BIN_EXE_trainer"))
+        .parent()?
+        .join("loader");
+    p.is_file().then_some(p)
+}
+
 /// A generated labelled ImageFolder (`shard-tool synth`) at `dir/img`, packed into `dir/shards`.
 pub fn synth_shards(
     dir: &std::path::Path,
