@@ -9,6 +9,7 @@
 //!   applied to the crops on the device, bit-exact vs the loader's CPU reference.
 //! * [`loss`], [`schedule`], [`optim`], [`step`]: one training iteration ([`step::Trainer`]).
 //! * [`debug`]: `init-weights`, `make-batch`, `debug-step`, `bench` behind the CLI.
+//! * [`knn_eval`], [`eval`]: k-NN, linear probe, features and attention maps (udi-spec §5).
 //! * [`device`]: `--device auto|cpu|cuda` → a candle `Device`, with CPU fallback (README "GPU").
 
 pub mod checkpoint;
@@ -16,6 +17,7 @@ pub mod config;
 pub mod data;
 pub mod debug;
 pub mod device;
+pub mod eval;
 pub mod export;
 pub mod head;
 pub mod kernels;

@@ -19,6 +19,12 @@ enum Cmd {
     Train(TrainArgs),
     /// Weighted k-NN (DINO's) on teacher features: top-1 / top-5.
     Knn(KnnArgs),
+    /// The linear probe (udi-spec §5) on frozen teacher features: best and last top-1 / top-5.
+    Linear(trainer::eval::cli::LinearArgs),
+    /// Probe features, labels and sources of a labelled set, to safetensors.
+    Features(trainer::eval::cli::FeaturesArgs),
+    /// The last block's class-token attention per head and its 60 % mass masks, as a PNG grid.
+    Attention(trainer::eval::cli::AttentionArgs),
     /// Export the teacher backbone (timm key names, safetensors).
     Export(ExportArgs),
     /// Plot a run's metrics.jsonl as a PNG.
@@ -131,6 +137,9 @@ fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Train(a) => train_cli::train_main(&a),
         Cmd::Knn(a) => train_cli::knn_main(&a),
+        Cmd::Linear(a) => trainer::eval::cli::linear_main(&a),
+        Cmd::Features(a) => trainer::eval::cli::features_main(&a),
+        Cmd::Attention(a) => trainer::eval::cli::attention_main(&a),
         Cmd::Export(a) => train_cli::export_main(&a),
         Cmd::Plot(a) => train_cli::plot_main(&a),
         Cmd::InitWeights { config, out } => {
