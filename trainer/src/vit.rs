@@ -373,7 +373,10 @@ impl Vit {
         let qkv = last.attn.qkv.forward(&last.norm1.forward_compute(&x)?)?;
         let (q, k, _v) = split_heads(&qkv, last.attn.heads)?;
         let scale = (q.dim(3)? as f64).powf(-0.5);
-        let logits = (q.to_dtype(DType::F32)?.matmul(&k.to_dtype(DType::F32)?.t()?)? * scale)?;
+        let logits = (q
+            .to_dtype(DType::F32)?
+            .matmul(&k.to_dtype(DType::F32)?.t()?)?
+            * scale)?;
         crate::nn::softmax(&logits)
     }
 

@@ -50,7 +50,10 @@ fn features_file_holds_features_labels_indices_and_sources() {
     for (i, s) in sources.iter().enumerate() {
         // The path names the class folder of the item's label.
         let (label, _) = set.get(i).unwrap();
-        assert!(Path::new(s).starts_with(tmp.path().join(&classes[label as usize])), "{s}");
+        assert!(
+            Path::new(s).starts_with(tmp.path().join(&classes[label as usize])),
+            "{s}"
+        );
     }
     let t = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
     assert_eq!(t["features"].dims(), &[12, 4 * 16]);
@@ -59,7 +62,10 @@ fn features_file_holds_features_labels_indices_and_sources() {
     assert!(got.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-5));
     let labels: Vec<i64> = t["labels"].to_vec1().unwrap();
     assert_eq!(labels, (0..12).map(|i| i / 4).collect::<Vec<i64>>());
-    assert_eq!(t["indices"].to_vec1::<i64>().unwrap(), (0..12).collect::<Vec<i64>>());
+    assert_eq!(
+        t["indices"].to_vec1::<i64>().unwrap(),
+        (0..12).collect::<Vec<i64>>()
+    );
     assert_eq!(t["features"].dtype(), DType::F32);
 }
 
@@ -77,7 +83,19 @@ fn probe(vit: &Vit, dir: &Path, cached: bool, epochs: usize) -> ProbeResult {
         momentum: 0.9,
         seed: 3,
     };
-    evaluate(vit, spec, &tr, &va, 32, 16, cached, &opts, &Device::Cpu, &mut |_| {}).unwrap()
+    evaluate(
+        vit,
+        spec,
+        &tr,
+        &va,
+        32,
+        16,
+        cached,
+        &opts,
+        &Device::Cpu,
+        &mut |_| {},
+    )
+    .unwrap()
 }
 
 #[test]
@@ -139,7 +157,19 @@ fn fashion_mnist_linear_probe_beats_random_init() {
             ..ProbeOptions::default()
         };
         let crop = cfg.augment.global_size;
-        evaluate(vit, spec, &tr, &va, crop, 256, cached, &opts, &Device::Cpu, &mut |_| {}).unwrap()
+        evaluate(
+            vit,
+            spec,
+            &tr,
+            &va,
+            crop,
+            256,
+            cached,
+            &opts,
+            &Device::Cpu,
+            &mut |_| {},
+        )
+        .unwrap()
     };
     let before = run_probe(&random, true, 100);
     let after = run_probe(&trained, true, 100);

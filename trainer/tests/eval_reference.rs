@@ -14,8 +14,12 @@ use trainer::params::ParamStore;
 use trainer::vit::{ClassToken, Vit};
 
 fn tensor(v: &[f64], shape: (usize, usize)) -> Tensor {
-    Tensor::from_vec(v.iter().map(|&x| x as f32).collect::<Vec<_>>(), shape, &Device::Cpu)
-        .unwrap()
+    Tensor::from_vec(
+        v.iter().map(|&x| x as f32).collect::<Vec<_>>(),
+        shape,
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 /// Mean cross-entropy and its gradient (∂W [C][F], ∂b [C]) of a linear classifier, in f64.
@@ -69,19 +73,15 @@ fn linear_probe_follows_a_step_by_step_sgd_momentum_cosine_reference() {
     };
     // The reference starts from the same N(0, 0.01) draw (checked for its scale here).
     let init = LinearClassifier::new(3, 3, opts.seed, &Device::Cpu).unwrap();
-    let mut w: Vec<Vec<f64>> = init
-        .weight
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_vec2()
-        .unwrap();
+    let mut w: Vec<Vec<f64>> = init.weight.to_dtype(DType::F64).unwrap().to_vec2().unwrap();
     assert!(w.concat().iter().all(|v| v.abs() < 0.05) && w.concat().iter().any(|&v| v != 0.0));
     let mut b = vec![0.0; 3];
     let (mut mw, mut mb) = (vec![vec![0.0; 3]; 3], vec![0.0; 3]);
     let mut ref_losses = Vec::new();
     for epoch in 0..3 {
         // CosineAnnealingLR(T_max = 3) stepped per epoch, from lr × batch / 256.
-        let lr = 2.0 * 4.0 / 256.0 * 0.5 * (1.0 + (std::f64::consts::PI * epoch as f64 / 3.0).cos());
+        let lr =
+            2.0 * 4.0 / 256.0 * 0.5 * (1.0 + (std::f64::consts::PI * epoch as f64 / 3.0).cos());
         assert!((cosine_lr(opts.scaled_lr(), epoch, 3) - lr).abs() < 1e-15);
         let perm = shared::rng::epoch_permutation(opts.seed, epoch as u64, 11);
         let mut sum = 0.0;
@@ -106,18 +106,29 @@ fn linear_probe_follows_a_step_by_step_sgd_momentum_cosine_reference() {
     let mut batch = |_e: usize, items: &[usize]| trainer::eval::linear::gather(&xt, &yi, items);
     let r = train_probe(&opts, 11, 3, &mut batch, (&xt, &yi), "cached", &mut |_| {}).unwrap();
     for (s, rl) in r.history.iter().zip(&ref_losses) {
-        assert!((s.train_loss - rl).abs() < 1e-5 * rl.max(1.0), "epoch {}: {} vs {rl}", s.epoch, s.train_loss);
+        assert!(
+            (s.train_loss - rl).abs() < 1e-5 * rl.max(1.0),
+            "epoch {}: {} vs {rl}",
+            s.epoch,
+            s.train_loss
+        );
     }
     // The final classifier's val accuracy, from the reference weights.
     let correct = x
         .iter()
         .zip(&y)
         .filter(|(xi, &yi)| {
-            let z: Vec<f64> = (0..3).map(|k| b[k] + (0..3).map(|j| w[k][j] * xi[j]).sum::<f64>()).collect();
+            let z: Vec<f64> = (0..3)
+                .map(|k| b[k] + (0..3).map(|j| w[k][j] * xi[j]).sum::<f64>())
+                .collect();
             (0..3).all(|k| k == yi || z[k] < z[yi])
         })
         .count();
-    assert!((r.last_top1 - 100.0 * correct as f64 / 11.0).abs() < 1e-9, "{} vs {correct}/11", r.last_top1);
+    assert!(
+        (r.last_top1 - 100.0 * correct as f64 / 11.0).abs() < 1e-9,
+        "{} vs {correct}/11",
+        r.last_top1
+    );
     assert_eq!(r.last_top5, 100.0, "3 classes: top-5 holds every class");
     assert!(r.best_top1 >= r.last_top1);
 }
@@ -127,8 +138,14 @@ fn truncated(cfg: &TrainConfig, big: &ParamStore, depth: usize) -> (ParamStore, 
     let mut c = cfg.clone();
     c.model.depth = depth;
     let store = ParamStore::init(&c, 99, DType::F32, &Device::Cpu).unwrap();
-    for p in store.params().iter().filter(|p| p.name.starts_with("backbone.")) {
-        p.var.set(&big.get(&p.name).unwrap().var.as_tensor().clone()).unwrap();
+    for p in store
+        .params()
+        .iter()
+        .filter(|p| p.name.starts_with("backbone."))
+    {
+        p.var
+            .set(&big.get(&p.name).unwrap().var.as_tensor().clone())
+            .unwrap();
     }
     let vit = Vit::new(&c, &store, false).unwrap();
     (store, vit)
@@ -159,14 +176,38 @@ fn probe_features_are_the_final_norm_class_tokens_of_the_last_blocks_in_order() 
         }
     }
     let want = Tensor::cat(&parts, 1).unwrap();
-    let diff = (f - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff = (f - want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(diff < 1e-5, "max diff {diff}");
     // The k-NN feature is the 1-block [cls] spec.
-    let one = FeatureSpec { blocks: 1, token: TokenSel::Cls }.extract(&vit, &x).unwrap();
+    let one = FeatureSpec {
+        blocks: 1,
+        token: TokenSel::Cls,
+    }
+    .extract(&vit, &x)
+    .unwrap();
     let knn = vit.features(&x, ClassToken::Cls).unwrap();
-    let diff = (one - knn).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff = (one - knn)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(diff < 1e-6);
-    assert!(FeatureSpec { blocks: 5, token: TokenSel::Cls }.check(&vit).is_err());
+    assert!(FeatureSpec {
+        blocks: 5,
+        token: TokenSel::Cls
+    }
+    .check(&vit)
+    .is_err());
 }
 
 /// LayerNorm (eps 1e-6, weight 1, bias 0) in f64.
@@ -188,7 +229,11 @@ fn attention_map_of_a_hand_built_network() {
     let (dim, t) = (8usize, 18usize);
     let target = 2 + 9; // patch 9 (row 2, col 1)
     let mut pos: Vec<Vec<f64>> = (0..t)
-        .map(|i| (0..dim).map(|j| ((i * 7 + j * 3) as f64 * 0.37).sin()).collect())
+        .map(|i| {
+            (0..dim)
+                .map(|j| ((i * 7 + j * 3) as f64 * 0.37).sin())
+                .collect()
+        })
         .collect();
     // The target's variance sits in head 0's four dimensions, so LN(p_target)[0..4] is
     // longer than any other token's and u points at it: the target has the largest logit.
@@ -198,13 +243,20 @@ fn attention_map_of_a_hand_built_network() {
         let p = store.get(name).unwrap();
         let shape = p.var.dims().to_vec();
         let v: Vec<f32> = v.into_iter().map(|x| x as f32).collect();
-        p.var.set(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap();
+        p.var
+            .set(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap())
+            .unwrap();
     };
     let zeros = |name: &str| {
         let n = store.get(name).unwrap().var.elem_count();
         set(name, vec![0.0; n]);
     };
-    for n in ["backbone.patch_embed.proj.weight", "backbone.patch_embed.proj.bias", "backbone.cls_token", "backbone.reg_token"] {
+    for n in [
+        "backbone.patch_embed.proj.weight",
+        "backbone.patch_embed.proj.bias",
+        "backbone.cls_token",
+        "backbone.reg_token",
+    ] {
         zeros(n);
     }
     set("backbone.pos_embed", pos.concat());
@@ -230,19 +282,36 @@ fn attention_map_of_a_hand_built_network() {
         }
         // Head 0: softmax_t(0.5 · u · LN(p_t)[0..4]), the same for every query token.
         let logits: Vec<f64> = (0..t)
-            .map(|i| 0.5 * ln(&pos[i])[..4].iter().zip(&u).map(|(a, b)| a * b).sum::<f64>())
+            .map(|i| {
+                0.5 * ln(&pos[i])[..4]
+                    .iter()
+                    .zip(&u)
+                    .map(|(a, b)| a * b)
+                    .sum::<f64>()
+            })
             .collect();
         let m = logits.iter().cloned().fold(f64::MIN, f64::max);
         let z: f64 = logits.iter().map(|l| (l - m).exp()).sum();
         for (p, &v) in maps.heads[0].iter().enumerate() {
             let want = (logits[2 + p] - m).exp() / z;
-            assert!((v as f64 - want).abs() < 1e-5, "{name} head 0 patch {p}: {v} vs {want}");
+            assert!(
+                (v as f64 - want).abs() < 1e-5,
+                "{name} head 0 patch {p}: {v} vs {want}"
+            );
         }
-        let argmax = (0..16).max_by(|&a, &b| maps.heads[0][a].total_cmp(&maps.heads[0][b])).unwrap();
+        let argmax = (0..16)
+            .max_by(|&a, &b| maps.heads[0][a].total_cmp(&maps.heads[0][b]))
+            .unwrap();
         assert_eq!(argmax, target - 2);
         let mask = mass_mask(&maps.heads[0], 0.6);
         assert!(mask[target - 2]);
         // Uniform attention: 60 % of 16 equal patches needs 10 of them (9 hold 56 %).
-        assert_eq!(mass_mask(&maps.heads[1], 0.6).iter().filter(|&&b| b).count(), 10);
+        assert_eq!(
+            mass_mask(&maps.heads[1], 0.6)
+                .iter()
+                .filter(|&&b| b)
+                .count(),
+            10
+        );
     }
 }

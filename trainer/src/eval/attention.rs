@@ -21,7 +21,11 @@ pub struct AttentionMaps {
 
 /// Attention from class token `token` (0 = [cls], 1 = [cls+]) to the patches of one
 /// normalised image `[1, 3, S, S]`.
-pub fn attention_maps(vit: &Vit, image: &candle_core::Tensor, token: usize) -> Result<AttentionMaps> {
+pub fn attention_maps(
+    vit: &Vit,
+    image: &candle_core::Tensor,
+    token: usize,
+) -> Result<AttentionMaps> {
     ensure!(
         token < vit.n_prefix(),
         "this backbone has no class token {token} (dino_only models have only [cls])"
@@ -67,8 +71,8 @@ fn heat(t: f32) -> [f32; 3] {
     ]
 }
 
-/// The grid: first row the image, then each head's attention over it (normalised to its own
-/// maximum); second row the mean over heads, then each head's 60 % mask (patches outside it
+/// The grid: first row the image, then each head's attention over it (its own min → blue,
+/// max → red); second row the mean over heads, then each head's 60 % mask (patches outside it
 /// darkened). Every tile is the image scaled up (nearest) to at least `min_tile` pixels.
 pub fn render(img: &RgbImage, maps: &AttentionMaps, keep: f64, min_tile: u32) -> RgbImage {
     let s = img.width();
@@ -79,27 +83,37 @@ pub fn render(img: &RgbImage, maps: &AttentionMaps, keep: f64, min_tile: u32) ->
     let g = maps.grid;
     let pad = 4;
     let cols = h as u32 + 1;
-    let mut out = RgbImage::from_pixel(cols * (tile + pad) + pad, 2 * (tile + pad) + pad, Rgb([255; 3]));
+    let mut out = RgbImage::from_pixel(
+        cols * (tile + pad) + pad,
+        2 * (tile + pad) + pad,
+        Rgb([255; 3]),
+    );
     let at = |map: &[f32], x: u32, y: u32| {
-        let (px, py) = ((x as usize * g) / tile as usize, (y as usize * g) / tile as usize);
+        let (px, py) = (
+            (x as usize * g) / tile as usize,
+            (y as usize * g) / tile as usize,
+        );
         map[py * g + px]
     };
     let mean: Vec<f32> = (0..g * g)
         .map(|i| maps.heads.iter().map(|m| m[i]).sum::<f32>() / h as f32)
         .collect();
-    let place = |out: &mut RgbImage, col: u32, row: u32, f: &dyn Fn(u32, u32, Rgb<u8>) -> Rgb<u8>| {
-        let (ox, oy) = (pad + col * (tile + pad), pad + row * (tile + pad));
-        for y in 0..tile {
-            for x in 0..tile {
-                out.put_pixel(ox + x, oy + y, f(x, y, *big.get_pixel(x, y)));
+    let place =
+        |out: &mut RgbImage, col: u32, row: u32, f: &dyn Fn(u32, u32, Rgb<u8>) -> Rgb<u8>| {
+            let (ox, oy) = (pad + col * (tile + pad), pad + row * (tile + pad));
+            for y in 0..tile {
+                for x in 0..tile {
+                    out.put_pixel(ox + x, oy + y, f(x, y, *big.get_pixel(x, y)));
+                }
             }
-        }
-    };
+        };
     place(&mut out, 0, 0, &|_, _, p| p);
     let overlay = |out: &mut RgbImage, col: u32, row: u32, map: &[f32]| {
-        let max = map.iter().cloned().fold(f32::MIN_POSITIVE, f32::max);
+        let lo = map.iter().cloned().fold(f32::INFINITY, f32::min);
+        let hi = map.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let span = (hi - lo).max(f32::MIN_POSITIVE);
         place(out, col, row, &|x, y, p| {
-            let c = heat(at(map, x, y) / max);
+            let c = heat((at(map, x, y) - lo) / span);
             Rgb([0, 1, 2].map(|k| (0.4 * p[k] as f32 + 0.6 * 255.0 * c[k]) as u8))
         });
     };
@@ -129,7 +143,8 @@ pub fn write_png(
     out: &Path,
     device: &Device,
 ) -> Result<AttentionMaps> {
-    let bytes = std::fs::read(image_path).with_context(|| format!("reading {}", image_path.display()))?;
+    let bytes =
+        std::fs::read(image_path).with_context(|| format!("reading {}", image_path.display()))?;
     let img = loader::decode::decode_bytes(&bytes)
         .with_context(|| format!("decoding {}", image_path.display()))?;
     let img = RgbImage::from_raw(img.width, img.height, img.data).context("decoded image size")?;

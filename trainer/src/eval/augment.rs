@@ -102,7 +102,9 @@ mod tests {
 
     #[test]
     fn same_seed_epoch_item_gives_the_same_view_and_others_differ() {
-        let img = RgbImage::from_fn(48, 40, |x, y| image::Rgb([(x * 5) as u8, (y * 6) as u8, 90]));
+        let img = RgbImage::from_fn(48, 40, |x, y| {
+            image::Rgb([(x * 5) as u8, (y * 6) as u8, 90])
+        });
         let t = TrainTransform::new(16);
         let a = t.apply(&img, 1, 2, 3);
         assert_eq!(a.len(), 3 * 16 * 16);

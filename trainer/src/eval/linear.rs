@@ -9,12 +9,12 @@
 //! * cached (a quick look, labelled as such): train features are computed once with the val
 //!   transform, so there is no train augmentation, and an epoch costs one pass of a matmul.
 
-use crate::params::{init_values, Init, ParamSpec};
-use anyhow::{ensure, Result};
 use super::augment::TrainTransform;
 use super::features::FeatureSpec;
 use crate::knn_eval::{features, load_items, threads, Extractor, LabelledImages};
+use crate::params::{init_values, Init, ParamSpec};
 use crate::vit::Vit;
+use anyhow::{ensure, Result};
 use candle_core::{DType, Device, Tensor};
 
 /// Linear(F, C) with SGD momentum buffers.
@@ -63,7 +63,11 @@ impl LinearClassifier {
     /// loss before the step. The gradient is written out: ∂L/∂logits = (softmax − onehot)/B.
     pub fn sgd_step(&mut self, x: &Tensor, labels: &[i32], lr: f64, momentum: f64) -> Result<f64> {
         let (b, _) = x.dims2()?;
-        ensure!(b == labels.len(), "{b} features but {} labels", labels.len());
+        ensure!(
+            b == labels.len(),
+            "{b} features but {} labels",
+            labels.len()
+        );
         let logits = self.logits(x)?;
         let p = crate::nn::softmax(&logits)?;
         let onehot = one_hot(labels, self.n_classes(), x.device())?;
@@ -173,6 +177,9 @@ pub struct ProbeResult {
     pub history: Vec<EpochStats>,
 }
 
+/// Features `[B, F]` and their labels.
+pub type LabelledBatch = (Tensor, Vec<i32>);
+
 /// Trains a classifier on `n_train` items whose batches `train_batch(epoch, items)` returns as
 /// (features `[B, F]`, labels), and scores `val` after every epoch. Items are visited in
 /// `shared::rng::epoch_permutation(seed, epoch)` order; the last batch may be short (as
@@ -181,12 +188,15 @@ pub fn train_probe(
     opts: &ProbeOptions,
     n_train: usize,
     n_classes: usize,
-    train_batch: &mut dyn FnMut(usize, &[usize]) -> Result<(Tensor, Vec<i32>)>,
+    train_batch: &mut dyn FnMut(usize, &[usize]) -> Result<LabelledBatch>,
     val: (&Tensor, &[i32]),
     mode: &str,
     on_epoch: &mut dyn FnMut(&EpochStats),
 ) -> Result<ProbeResult> {
-    ensure!(opts.epochs > 0 && opts.batch_size > 0, "epochs and batch size must be positive");
+    ensure!(
+        opts.epochs > 0 && opts.batch_size > 0,
+        "epochs and batch size must be positive"
+    );
     ensure!(n_train > 0, "the linear probe needs train images");
     let (vx, vy) = val;
     check_labels(vy, n_classes, "val")?;
@@ -195,10 +205,11 @@ pub fn train_probe(
     let mut history = Vec::with_capacity(opts.epochs);
     for epoch in 0..opts.epochs {
         let lr = cosine_lr(opts.scaled_lr(), epoch, opts.epochs);
-        let perm: Vec<usize> = shared::rng::epoch_permutation(opts.seed, epoch as u64, n_train as u64)
-            .into_iter()
-            .map(|i| i as usize)
-            .collect();
+        let perm: Vec<usize> =
+            shared::rng::epoch_permutation(opts.seed, epoch as u64, n_train as u64)
+                .into_iter()
+                .map(|i| i as usize)
+                .collect();
         let (mut loss_sum, mut batches) = (0.0, 0);
         for items in perm.chunks(opts.batch_size) {
             let (x, y) = train_batch(epoch, items)?;
@@ -241,7 +252,10 @@ pub fn train_probe(
 }
 
 fn check_labels(labels: &[i32], n_classes: usize, what: &str) -> Result<()> {
-    if let Some(i) = labels.iter().position(|&l| l < 0 || l as usize >= n_classes) {
+    if let Some(i) = labels
+        .iter()
+        .position(|&l| l < 0 || l as usize >= n_classes)
+    {
         anyhow::bail!(
             "linear probe: {what} item {i} has label {} (labels must lie in 0..{n_classes}; \
              unlabelled records cannot be used)",
@@ -252,7 +266,7 @@ fn check_labels(labels: &[i32], n_classes: usize, what: &str) -> Result<()> {
 }
 
 /// Gathers rows `items` of cached features `[N, F]`.
-pub fn gather(feats: &Tensor, labels: &[i32], items: &[usize]) -> Result<(Tensor, Vec<i32>)> {
+pub fn gather(feats: &Tensor, labels: &[i32], items: &[usize]) -> Result<LabelledBatch> {
     let idx: Vec<u32> = items.iter().map(|&i| i as u32).collect();
     let idx = Tensor::from_vec(idx, items.len(), feats.device())?;
     Ok((
@@ -281,7 +295,10 @@ pub fn evaluate(
 ) -> Result<ProbeResult> {
     spec.check(vit)?;
     let n_classes = train.class_names().len().max(val.class_names().len());
-    ensure!(n_classes > 0, "the linear probe needs labelled images (no classes found)");
+    ensure!(
+        n_classes > 0,
+        "the linear probe needs labelled images (no classes found)"
+    );
     if train.class_names() != val.class_names() {
         eprintln!("warning: train and val class lists differ; labels are compared by index");
     }
@@ -292,12 +309,20 @@ pub fn evaluate(
         let (tx, ty) = features(extractor, train, crop, chunk, device)?;
         let tx = tx.to_device(device)?;
         let mut batch = |_epoch: usize, items: &[usize]| gather(&tx, &ty, items);
-        train_probe(opts, train.len(), n_classes, &mut batch, (&vx, &vy), CACHED, on_epoch)
+        train_probe(
+            opts,
+            train.len(),
+            n_classes,
+            &mut batch,
+            (&vx, &vy),
+            CACHED,
+            on_epoch,
+        )
     } else {
         let t = TrainTransform::new(crop);
         let n = threads();
         let seed = opts.seed;
-        let mut batch = |epoch: usize, items: &[usize]| -> Result<(Tensor, Vec<i32>)> {
+        let mut batch = |epoch: usize, items: &[usize]| -> Result<LabelledBatch> {
             let aug = |i: usize, im: &image::RgbImage| t.apply(im, seed, epoch as u64, i as u64);
             let (pixels, labels) = load_items(train, items, n, &aug)?;
             let c = crop as usize;
@@ -305,6 +330,14 @@ pub fn evaluate(
             let f = extractor.extract(&x)?.to_dtype(DType::F32)?;
             Ok((f, labels))
         };
-        train_probe(opts, train.len(), n_classes, &mut batch, (&vx, &vy), AUGMENTED, on_epoch)
+        train_probe(
+            opts,
+            train.len(),
+            n_classes,
+            &mut batch,
+            (&vx, &vy),
+            AUGMENTED,
+            on_epoch,
+        )
     }
 }

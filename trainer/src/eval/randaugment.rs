@@ -123,7 +123,13 @@ impl RandAugment {
             }
             Op::SolarizeAdd => {
                 let add = (l * 110.0) as i32;
-                lut(img, |p| if p < 128 { (p as i32 + add).min(255) as u8 } else { p })
+                lut(img, |p| {
+                    if p < 128 {
+                        (p as i32 + add).min(255) as u8
+                    } else {
+                        p
+                    }
+                })
             }
             Op::Color | Op::Contrast | Op::Brightness | Op::Sharpness => {
                 let factor = 1.0 + negate(rng, l * 0.9);
@@ -133,7 +139,11 @@ impl RandAugment {
                         let g = grey(img);
                         let n = (img.width() * img.height()) as f64;
                         let mean = g.pixels().map(|p| p[0] as f64).sum::<f64>() / n;
-                        RgbImage::from_pixel(img.width(), img.height(), Rgb([(mean + 0.5) as u8; 3]))
+                        RgbImage::from_pixel(
+                            img.width(),
+                            img.height(),
+                            Rgb([(mean + 0.5) as u8; 3]),
+                        )
                     }
                     Op::Brightness => RgbImage::new(img.width(), img.height()),
                     _ => smooth(img),
@@ -186,7 +196,12 @@ fn bilinear(img: &RgbImage, x: f64, y: f64) -> Rgb<u8> {
     let (fx, fy) = (x - x0, y - y0);
     let at = |xi: i64, yi: i64| img.get_pixel(xi.clamp(0, w - 1) as u32, yi.clamp(0, h - 1) as u32);
     let (x0, y0) = (x0 as i64, y0 as i64);
-    let (p00, p10, p01, p11) = (at(x0, y0), at(x0 + 1, y0), at(x0, y0 + 1), at(x0 + 1, y0 + 1));
+    let (p00, p10, p01, p11) = (
+        at(x0, y0),
+        at(x0 + 1, y0),
+        at(x0, y0 + 1),
+        at(x0 + 1, y0 + 1),
+    );
     Rgb([0, 1, 2].map(|c| {
         let top = p00[c] as f64 * (1.0 - fx) + p10[c] as f64 * fx;
         let bot = p01[c] as f64 * (1.0 - fx) + p11[c] as f64 * fx;
@@ -262,8 +277,8 @@ pub fn equalize_lut(h: &[u64; 256]) -> [u8; 256] {
 fn grey(img: &RgbImage) -> RgbImage {
     let mut out = img.clone();
     for p in out.pixels_mut() {
-        let l = ((p[0] as u32 * 19595 + p[1] as u32 * 38470 + p[2] as u32 * 7471 + 0x8000) >> 16)
-            as u8;
+        let l =
+            ((p[0] as u32 * 19595 + p[1] as u32 * 38470 + p[2] as u32 * 7471 + 0x8000) >> 16) as u8;
         *p = Rgb([l; 3]);
     }
     out
