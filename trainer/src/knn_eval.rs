@@ -298,6 +298,19 @@ pub fn evaluate(
     )
 }
 
+/// The number of classes of a train/val pair (a warning when their class lists differ).
+pub fn class_count(train: &dyn LabelledImages, val: &dyn LabelledImages) -> Result<usize> {
+    let n_classes = train.class_names().len().max(val.class_names().len());
+    ensure!(
+        n_classes > 0,
+        "evaluation needs labelled images (no classes found in the train or val set)"
+    );
+    if train.class_names() != val.class_names() {
+        eprintln!("warning: train and val class lists differ; labels are compared by index");
+    }
+    Ok(n_classes)
+}
+
 /// k-NN of `val` against `train` with the features of `extractor`.
 pub fn evaluate_with(
     extractor: Extractor,
@@ -308,14 +321,7 @@ pub fn evaluate_with(
     p: KnnParams,
     device: &Device,
 ) -> Result<KnnResult> {
-    let n_classes = train.class_names().len().max(val.class_names().len());
-    ensure!(
-        n_classes > 0,
-        "k-NN needs labelled images (the train set has no classes)"
-    );
-    if train.class_names() != val.class_names() {
-        eprintln!("warning: train and val class lists differ; labels are compared by index");
-    }
+    let n_classes = class_count(train, val)?;
     let (tf, tl) = features(extractor, train, crop, chunk, device)?;
     let index = KnnIndex::new(&tf, tl, n_classes)?;
     let threads = threads();

@@ -133,6 +133,17 @@ fn linear_probe_follows_a_step_by_step_sgd_momentum_cosine_reference() {
     assert!(r.best_top1 >= r.last_top1);
 }
 
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 /// A backbone with the first `depth` blocks of `big`'s parameters.
 fn truncated(cfg: &TrainConfig, big: &ParamStore, depth: usize) -> (ParamStore, Vit) {
     let mut c = cfg.clone();
@@ -176,14 +187,7 @@ fn probe_features_are_the_final_norm_class_tokens_of_the_last_blocks_in_order() 
         }
     }
     let want = Tensor::cat(&parts, 1).unwrap();
-    let diff = (f - want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&f, &want);
     assert!(diff < 1e-5, "max diff {diff}");
     // The k-NN feature is the 1-block [cls] spec.
     let one = FeatureSpec {
@@ -193,14 +197,7 @@ fn probe_features_are_the_final_norm_class_tokens_of_the_last_blocks_in_order() 
     .extract(&vit, &x)
     .unwrap();
     let knn = vit.features(&x, ClassToken::Cls).unwrap();
-    let diff = (one - knn)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&one, &knn);
     assert!(diff < 1e-6);
     assert!(FeatureSpec {
         blocks: 5,

@@ -11,7 +11,7 @@
 
 use super::augment::TrainTransform;
 use super::features::FeatureSpec;
-use crate::knn_eval::{features, load_items, threads, Extractor, LabelledImages};
+use crate::knn_eval::{class_count, features, load_items, threads, Extractor, LabelledImages};
 use crate::params::{init_values, Init, ParamSpec};
 use crate::vit::Vit;
 use anyhow::{ensure, Result};
@@ -294,50 +294,39 @@ pub fn evaluate(
     on_epoch: &mut dyn FnMut(&EpochStats),
 ) -> Result<ProbeResult> {
     spec.check(vit)?;
-    let n_classes = train.class_names().len().max(val.class_names().len());
-    ensure!(
-        n_classes > 0,
-        "the linear probe needs labelled images (no classes found)"
-    );
-    if train.class_names() != val.class_names() {
-        eprintln!("warning: train and val class lists differ; labels are compared by index");
-    }
+    let n_classes = class_count(train, val)?;
     let extractor = Extractor::Probe(vit, spec);
     let (vx, vy) = features(extractor, val, crop, chunk, device)?;
     let vx = vx.to_device(device)?;
-    if cached {
-        let (tx, ty) = features(extractor, train, crop, chunk, device)?;
-        let tx = tx.to_device(device)?;
-        let mut batch = |_epoch: usize, items: &[usize]| gather(&tx, &ty, items);
-        train_probe(
-            opts,
-            train.len(),
-            n_classes,
-            &mut batch,
-            (&vx, &vy),
-            CACHED,
-            on_epoch,
-        )
-    } else {
-        let t = TrainTransform::new(crop);
-        let n = threads();
-        let seed = opts.seed;
-        let mut batch = |epoch: usize, items: &[usize]| -> Result<LabelledBatch> {
-            let aug = |i: usize, im: &image::RgbImage| t.apply(im, seed, epoch as u64, i as u64);
-            let (pixels, labels) = load_items(train, items, n, &aug)?;
-            let c = crop as usize;
-            let x = Tensor::from_vec(pixels.concat(), (items.len(), 3, c, c), device)?;
-            let f = extractor.extract(&x)?.to_dtype(DType::F32)?;
-            Ok((f, labels))
-        };
-        train_probe(
-            opts,
-            train.len(),
-            n_classes,
-            &mut batch,
-            (&vx, &vy),
-            AUGMENTED,
-            on_epoch,
-        )
-    }
+    let cache = match cached {
+        true => {
+            let (tx, ty) = features(extractor, train, crop, chunk, device)?;
+            Some((tx.to_device(device)?, ty))
+        }
+        false => None,
+    };
+    let t = TrainTransform::new(crop);
+    let n = threads();
+    let seed = opts.seed;
+    let mut batch = |epoch: usize, items: &[usize]| -> Result<LabelledBatch> {
+        if let Some((tx, ty)) = &cache {
+            return gather(tx, ty, items);
+        }
+        let aug = |i: usize, im: &image::RgbImage| t.apply(im, seed, epoch as u64, i as u64);
+        let (pixels, labels) = load_items(train, items, n, &aug)?;
+        let c = crop as usize;
+        let x = Tensor::from_vec(pixels.concat(), (items.len(), 3, c, c), device)?;
+        Ok((extractor.extract(&x)?.to_dtype(DType::F32)?, labels))
+    };
+    let mode = if cached { CACHED } else { AUGMENTED };
+    let val = (&vx, vy.as_slice());
+    train_probe(
+        opts,
+        train.len(),
+        n_classes,
+        &mut batch,
+        val,
+        mode,
+        on_epoch,
+    )
 }
