@@ -50,8 +50,9 @@ STEPS_ARG=()
 echo "== k-NN and linear probe after pretraining (teacher)"
 knn --checkpoint "$OUT/run" | tee "$OUT/knn-after.json"
 linear --checkpoint "$OUT/run" > "$OUT/linear-after.json"
-IMG=$(find "$OUT/images/val" -type f | sort | head -n 1)
-"$BIN/trainer" attention --checkpoint "$OUT/run" --image "$IMG" --out "$OUT/attention.png"
+# (a glob, not find | head: under pipefail the early close of the pipe would end the script)
+VAL_IMAGES=("$OUT"/images/val/*/*)
+"$BIN/trainer" attention --checkpoint "$OUT/run" --image "${VAL_IMAGES[0]}" --out "$OUT/attention.png"
 
 "$BIN/trainer" plot "$OUT/run"
 "$BIN/trainer" export --checkpoint "$OUT/run" --format timm --out "$OUT/backbone.safetensors"
