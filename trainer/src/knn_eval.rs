@@ -7,6 +7,7 @@
 //! train features plus one chunk.
 
 use crate::config::TrainConfig;
+use crate::eval::features::FeatureSpec;
 use crate::knn::{eval_transform, to_normalised_tensor, KnnIndex, KnnParams, KnnResult, KnnTally};
 use crate::params::ParamStore;
 use crate::vit::{ClassToken, Vit};
@@ -25,6 +26,8 @@ pub trait LabelledImages: Send + Sync {
     fn class_names(&self) -> Vec<String>;
     /// Label and decoded RGB8 image of item `i` (errors name the file or record).
     fn get(&self, i: usize) -> Result<(i32, RgbImage)>;
+    /// Where item `i` comes from: the file, or the record's original path in the shards.
+    fn source(&self, i: usize) -> String;
 }
 
 fn to_image(img: loader::decode::RgbImage) -> Result<RgbImage> {
@@ -51,6 +54,12 @@ impl LabelledImages for ShardImages {
         let img =
             loader::decode::decode(&rec).with_context(|| format!("{}", self.ds.dir().display()))?;
         Ok((rec.label, to_image(img)?))
+    }
+    fn source(&self, i: usize) -> String {
+        match self.ds.record(i as u64) {
+            Ok(r) => r.path.to_string(),
+            Err(_) => format!("{}: record {i}", self.ds.dir().display()),
+        }
     }
 }
 
@@ -102,6 +111,9 @@ impl LabelledImages for FolderImages {
             .with_context(|| format!("decoding {}", p.display()))?;
         Ok((*l, to_image(img)?))
     }
+    fn source(&self, i: usize) -> String {
+        self.items[i].0.display().to_string()
+    }
 }
 
 /// A shard dir if it has a `manifest.json`, else an ImageFolder.
@@ -118,22 +130,22 @@ pub fn open_images(dir: &Path) -> Result<Box<dyn LabelledImages>> {
     }
 }
 
-/// Decodes and transforms items `range` on `threads` threads (order kept).
-fn load_chunk(
+/// Decodes items `idx` and maps each through `transform(item, image)` on `threads` threads
+/// (order kept): the eval transform here, the linear probe's train augmentation elsewhere.
+pub fn load_items<T: Send>(
     set: &dyn LabelledImages,
-    range: std::ops::Range<usize>,
-    crop: u32,
+    idx: &[usize],
     threads: usize,
-) -> Result<(Vec<RgbImage>, Vec<i32>)> {
-    let idx: Vec<usize> = range.collect();
+    transform: &(dyn Fn(usize, &RgbImage) -> T + Sync),
+) -> Result<(Vec<T>, Vec<i32>)> {
     let per = idx.len().div_ceil(threads.max(1)).max(1);
-    let parts: Vec<Result<Vec<(i32, RgbImage)>>> = std::thread::scope(|s| {
+    let parts: Vec<Result<Vec<(i32, T)>>> = std::thread::scope(|s| {
         let hs: Vec<_> = idx
             .chunks(per)
             .map(|c| {
                 s.spawn(move || {
                     c.iter()
-                        .map(|&i| set.get(i).map(|(l, im)| (l, eval_transform(&im, crop))))
+                        .map(|&i| set.get(i).map(|(l, im)| (l, transform(i, &im))))
                         .collect::<Result<Vec<_>>>()
                 })
             })
@@ -142,15 +154,33 @@ fn load_chunk(
             .map(|h| h.join().expect("decode thread panicked"))
             .collect()
     });
-    let mut imgs = Vec::with_capacity(idx.len());
+    let mut out = Vec::with_capacity(idx.len());
     let mut labels = Vec::with_capacity(idx.len());
     for p in parts {
-        for (l, im) in p? {
+        for (l, x) in p? {
             labels.push(l);
-            imgs.push(im);
+            out.push(x);
         }
     }
-    Ok((imgs, labels))
+    Ok((out, labels))
+}
+
+/// Items `range` through the evaluation transform (resize, centre crop).
+fn load_chunk(
+    set: &dyn LabelledImages,
+    range: std::ops::Range<usize>,
+    crop: u32,
+    threads: usize,
+) -> Result<(Vec<RgbImage>, Vec<i32>)> {
+    let idx: Vec<usize> = range.collect();
+    load_items(set, &idx, threads, &|_, im| eval_transform(im, crop))
+}
+
+/// Decode threads: one per core.
+pub fn threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 /// What maps a normalised image batch `[N, 3, S, S]` to features `[N, D]`.
@@ -158,6 +188,8 @@ fn load_chunk(
 pub enum Extractor<'a> {
     /// A backbone's final-norm class token (the k-NN of udi-spec §5).
     Backbone(&'a Vit, ClassToken),
+    /// The linear probe's feature: final-norm class tokens of the last blocks, concatenated.
+    Probe(&'a Vit, FeatureSpec),
     /// The normalised pixels themselves, flattened: the baseline that checks the evaluation
     /// path (transform, labels, k-NN) independently of any network.
     RawPixels,
@@ -167,6 +199,7 @@ impl Extractor<'_> {
     pub fn extract(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Extractor::Backbone(vit, token) => vit.features(x, *token)?,
+            Extractor::Probe(vit, spec) => spec.extract(vit, x)?,
             Extractor::RawPixels => x.flatten_from(1)?,
         })
     }
@@ -180,9 +213,7 @@ pub fn features(
     chunk: usize,
     device: &Device,
 ) -> Result<(Tensor, Vec<i32>)> {
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let threads = threads();
     let mut feats = Vec::new();
     let mut labels = Vec::new();
     let mut at = 0;
@@ -267,6 +298,19 @@ pub fn evaluate(
     )
 }
 
+/// The number of classes of a train/val pair (a warning when their class lists differ).
+pub fn class_count(train: &dyn LabelledImages, val: &dyn LabelledImages) -> Result<usize> {
+    let n_classes = train.class_names().len().max(val.class_names().len());
+    ensure!(
+        n_classes > 0,
+        "evaluation needs labelled images (no classes found in the train or val set)"
+    );
+    if train.class_names() != val.class_names() {
+        eprintln!("warning: train and val class lists differ; labels are compared by index");
+    }
+    Ok(n_classes)
+}
+
 /// k-NN of `val` against `train` with the features of `extractor`.
 pub fn evaluate_with(
     extractor: Extractor,
@@ -277,19 +321,10 @@ pub fn evaluate_with(
     p: KnnParams,
     device: &Device,
 ) -> Result<KnnResult> {
-    let n_classes = train.class_names().len().max(val.class_names().len());
-    ensure!(
-        n_classes > 0,
-        "k-NN needs labelled images (the train set has no classes)"
-    );
-    if train.class_names() != val.class_names() {
-        eprintln!("warning: train and val class lists differ; labels are compared by index");
-    }
+    let n_classes = class_count(train, val)?;
     let (tf, tl) = features(extractor, train, crop, chunk, device)?;
     let index = KnnIndex::new(&tf, tl, n_classes)?;
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let threads = threads();
     let mut tally = KnnTally::default();
     let mut at = 0;
     while at < val.len() {

@@ -11,6 +11,7 @@
 //! * [`engine`]: the explicit training step (hand-written forward and backward over flat
 //!   buffers), `--engine explicit`; [`step::Trainer`] is the autograd reference.
 //! * [`debug`]: `init-weights`, `make-batch`, `debug-step`, `bench` behind the CLI.
+//! * [`knn_eval`], [`eval`]: k-NN, linear probe, features and attention maps (udi-spec §5).
 //! * [`device`]: `--device auto|cpu|cuda` → a candle `Device`, with CPU fallback (README "GPU").
 
 pub mod bad_records;
@@ -20,6 +21,7 @@ pub mod data;
 pub mod debug;
 pub mod device;
 pub mod engine;
+pub mod eval;
 pub mod export;
 pub mod head;
 pub mod kernels;

@@ -25,6 +25,12 @@ enum Cmd {
         after_help = "Example: trainer knn --checkpoint runs/s16 --train shards/train --val shards/val"
     )]
     Knn(KnnArgs),
+    /// The linear probe (udi-spec §5) on frozen teacher features: best and last top-1 / top-5.
+    Linear(trainer::eval::cli::LinearArgs),
+    /// Probe features, labels and sources of a labelled set, to safetensors.
+    Features(trainer::eval::cli::FeaturesArgs),
+    /// The last block's class-token attention per head and its 60 % mass masks, as a PNG grid.
+    Attention(trainer::eval::cli::AttentionArgs),
     /// Export the teacher backbone (timm key names, safetensors).
     #[command(
         after_help = "Example: trainer export --checkpoint runs/s16 --format timm --out backbone.safetensors"
@@ -175,6 +181,9 @@ fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Train(a) => train_cli::train_main(&a),
         Cmd::Knn(a) => train_cli::knn_main(&a),
+        Cmd::Linear(a) => trainer::eval::cli::linear_main(&a),
+        Cmd::Features(a) => trainer::eval::cli::features_main(&a),
+        Cmd::Attention(a) => trainer::eval::cli::attention_main(&a),
         Cmd::Export(a) => train_cli::export_main(&a),
         Cmd::Plot(a) => train_cli::plot_main(&a),
         Cmd::Checkpoint {

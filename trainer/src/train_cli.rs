@@ -301,7 +301,7 @@ pub struct KnnArgs {
     pub cuda: bool,
 }
 
-fn load_config(
+pub(crate) fn load_config(
     config: Option<&Path>,
     ckpt: Option<&checkpoint::CheckpointPath>,
 ) -> Result<TrainConfig> {

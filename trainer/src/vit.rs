@@ -9,7 +9,7 @@ use crate::kernels::{residual_add, Compute};
 use crate::nn::{attention, merge_heads, split_heads, LayerNorm, Linear};
 use crate::params::ParamStore;
 use crate::prof;
-use candle_core::{Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use std::collections::HashMap;
 
 /// Which class token `features` returns.
@@ -364,8 +364,8 @@ impl Vit {
         .to_dtype(self.pos_embed.dtype())
     }
 
-    /// Last-block output `[B, n_prefix + G², D]` (before the final LayerNorm).
-    pub fn forward_tokens(&self, images: &Tensor, drop: Option<&DropMasks>) -> Result<Tensor> {
+    /// Class, [cls+] and patch tokens plus position embeddings: the input of block 0.
+    fn embed(&self, images: &Tensor) -> Result<Tensor> {
         let (b, _, h, w) = images.dims4()?;
         if h != w || h % self.patch != 0 {
             candle_core::bail!("images must be square multiples of the patch size, got {h}x{w}");
@@ -377,11 +377,52 @@ impl Vit {
             toks.push(self.reg_token.broadcast_as((b, 1, self.dim))?);
         }
         toks.push(patches);
-        let mut x = Tensor::cat(&toks, 1)?.broadcast_add(&self.pos_for(grid)?)?;
+        Tensor::cat(&toks, 1)?.broadcast_add(&self.pos_for(grid)?)
+    }
+
+    /// Last-block output `[B, n_prefix + G², D]` (before the final LayerNorm).
+    pub fn forward_tokens(&self, images: &Tensor, drop: Option<&DropMasks>) -> Result<Tensor> {
+        let mut x = self.embed(images)?;
         for (i, blk) in self.blocks.iter().enumerate() {
             x = blk.forward(&x, drop.map(|d| &d[i]))?;
         }
         Ok(x)
+    }
+
+    /// The class tokens `[B, n_prefix, D]` of every block's output (before the final
+    /// LayerNorm), first block first: DINO's `get_intermediate_layers` without the norm, keeping
+    /// only what the linear probe reads (the patch tokens of 12 blocks would not fit a chunk).
+    pub fn block_class_tokens(&self, images: &Tensor) -> Result<Vec<Tensor>> {
+        let mut x = self.embed(images)?;
+        let mut out = Vec::with_capacity(self.blocks.len());
+        for blk in &self.blocks {
+            x = blk.forward(&x, None)?;
+            out.push(x.narrow(1, 0, self.n_prefix)?.contiguous()?);
+        }
+        Ok(out)
+    }
+
+    /// The final LayerNorm (on any `[.., D]` tokens).
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        self.norm.forward(x)
+    }
+
+    /// The last block's attention probabilities `[B, heads, T, T]` (f32, softmax over keys;
+    /// tokens `[cls, cls+, patches]` as in [`Self::forward_tokens`]).
+    pub fn last_attention(&self, images: &Tensor) -> Result<Tensor> {
+        let (last, rest) = self.blocks.split_last().expect("a ViT has blocks");
+        let mut x = self.embed(images)?;
+        for blk in rest {
+            x = blk.forward(&x, None)?;
+        }
+        let qkv = last.attn.qkv.forward(&last.norm1.forward_compute(&x)?)?;
+        let (q, k, _v) = split_heads(&qkv, last.attn.heads)?;
+        let scale = (q.dim(3)? as f64).powf(-0.5);
+        let logits = (q
+            .to_dtype(DType::F32)?
+            .matmul(&k.to_dtype(DType::F32)?.t()?)?
+            * scale)?;
+        crate::nn::softmax(&logits)
     }
 
     /// Final-LN outputs of the class tokens `[B, n_prefix, D]` from last-block tokens.

@@ -24,14 +24,10 @@ mod common;
 
 use candle_core::Device;
 use common::TestConfig;
-use shared::config::PipelineConfig;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use trainer::config::TrainConfig;
 use trainer::knn::{KnnParams, KnnResult};
 use trainer::knn_eval::{evaluate, evaluate_with, teacher_backbone, Extractor, FolderImages};
-use trainer::train::train;
-use trainer::train_feed::InProcessFeed;
 use trainer::vit::{ClassToken, Vit};
 
 /// Pretraining (and k-NN train) images per class.
@@ -45,40 +41,6 @@ fn data(dir: &Path) -> (PathBuf, PathBuf) {
     shard_tool::synth::write_imagefolder(&train, 10, PER_CLASS, 64, 0).unwrap();
     shard_tool::synth::write_imagefolder(&val, 10, 30, 64, 1).unwrap();
     (train, val)
-}
-
-fn sorted_dirs(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.is_dir())
-        .collect();
-    v.sort();
-    v
-}
-
-/// Pretrains on every image of `train_dir` (labels unused) and returns the run dir.
-fn pretrain(config: &str, train_dir: &Path, run: &Path) -> trainer::train::TrainSummary {
-    let pipe = PipelineConfig::from_toml_str(config).unwrap();
-    let mut records = loader::folder::MemRecords::default();
-    for class in sorted_dirs(train_dir) {
-        for r in loader::folder::MemRecords::from_dir(&class)
-            .unwrap()
-            .records
-        {
-            records.push(r);
-        }
-    }
-    let engine = loader::engine::CropEngine::new(pipe.augment.clone());
-    let src = loader::source::DatasetSource::new(records, engine, pipe.data.seed);
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    let mut feed = InProcessFeed::new(Arc::new(src), &pipe, 1, threads);
-    let mut opts = common::train_opts(config, run, false, u64::MAX);
-    opts.max_steps = None;
-    opts.quiet = false;
-    train(&opts, &mut feed).unwrap()
 }
 
 fn knn(vit: &Vit, cfg: &TrainConfig, train: &Path, val: &Path, token: ClassToken) -> KnnResult {
@@ -125,7 +87,7 @@ fn learning_check(config: &str, train_dir: &Path, val_dir: &Path, run: &Path) ->
     let (_s0, random) = teacher_backbone(&cfg, None, &Device::Cpu).unwrap();
     let before = knn(&random, &cfg, train_dir, val_dir, ClassToken::Cls);
 
-    let s = pretrain(config, train_dir, run);
+    let s = common::pretrain(config, train_dir, run);
     assert_eq!(s.last_step, s.total_steps);
     let (t, _) =
         trainer::checkpoint::load(&trainer::checkpoint::resolve(run).unwrap(), &Device::Cpu)
@@ -179,30 +141,8 @@ fn pretraining_raises_knn_clearly_above_random_init() {
 #[ignore = "heavy: 5.5 min on 2 idle cores, ~10 on a busy machine (3120 steps on 5000 images); \
             needs ../shared/data/fashion-mnist or UDI_FASHION_MNIST"]
 fn fashion_mnist_pretraining_raises_knn_clearly_above_random_init() {
-    // `UDI_FASHION_MNIST` points elsewhere (e.g. from a git worktree, whose `..` has no shared/).
-    // Set, it must hold the data; unset, a clone without `../shared` skips with a message.
-    let root = match std::env::var_os("UDI_FASHION_MNIST") {
-        Some(p) => {
-            let root = PathBuf::from(p);
-            assert!(
-                root.join("train").is_dir() && root.join("val").is_dir(),
-                "UDI_FASHION_MNIST={} has no train/ and val/ ImageFolders",
-                root.display()
-            );
-            root
-        }
-        None => {
-            let root = common::repo_path("../shared/data/fashion-mnist");
-            if !(root.join("train").is_dir() && root.join("val").is_dir()) {
-                println!(
-                    "skipped: {} is absent and UDI_FASHION_MNIST is unset \
-                     (this check needs the Fashion-MNIST subset)",
-                    root.display()
-                );
-                return;
-            }
-            root
-        }
+    let Some(root) = common::fashion_mnist_root() else {
+        return;
     };
     let tmp = tempfile::tempdir().unwrap();
     let config = TestConfig::from_file("configs/fashion_tiny.toml")

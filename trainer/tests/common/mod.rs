@@ -266,3 +266,71 @@ pub fn loss_bits(run: &std::path::Path) -> Vec<(u64, u32)> {
         .map(|m| (m.step, m.loss.to_bits()))
         .collect()
 }
+
+// ---- pretraining on an ImageFolder and the Fashion-MNIST subset (learning checks) ---------
+
+fn sorted_dirs(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Pretrains on every image of `train_dir` (labels unused) into `run`, batches built
+/// in-process by the loader's crop engine.
+pub fn pretrain(
+    config: &str,
+    train_dir: &std::path::Path,
+    run: &std::path::Path,
+) -> trainer::train::TrainSummary {
+    let pipe = shared::config::PipelineConfig::from_toml_str(config).unwrap();
+    let mut records = loader::folder::MemRecords::default();
+    for class in sorted_dirs(train_dir) {
+        for r in loader::folder::MemRecords::from_dir(&class)
+            .unwrap()
+            .records
+        {
+            records.push(r);
+        }
+    }
+    let engine = loader::engine::CropEngine::new(pipe.augment.clone());
+    let src = loader::source::DatasetSource::new(records, engine, pipe.data.seed);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let mut feed =
+        trainer::train_feed::InProcessFeed::new(std::sync::Arc::new(src), &pipe, 1, threads);
+    let mut opts = train_opts(config, run, false, u64::MAX);
+    opts.max_steps = None;
+    opts.quiet = false;
+    trainer::train::train(&opts, &mut feed).unwrap()
+}
+
+/// The Fashion-MNIST subset (`train/` and `val/` ImageFolders): `$UDI_FASHION_MNIST` when set
+/// (it must hold the data: e.g. from a git worktree, whose `..` has no shared/), else
+/// `../shared/data/fashion-mnist`; `None` (with a message) when that is absent too.
+pub fn fashion_mnist_root() -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("UDI_FASHION_MNIST") {
+        let root = std::path::PathBuf::from(p);
+        assert!(
+            root.join("train").is_dir() && root.join("val").is_dir(),
+            "UDI_FASHION_MNIST={} has no train/ and val/ ImageFolders",
+            root.display()
+        );
+        return Some(root);
+    }
+    let root = repo_path("../shared/data/fashion-mnist");
+    if root.join("train").is_dir() && root.join("val").is_dir() {
+        Some(root)
+    } else {
+        println!(
+            "skipped: {} is absent and UDI_FASHION_MNIST is unset \
+             (this check needs the Fashion-MNIST subset)",
+            root.display()
+        );
+        None
+    }
+}
