@@ -26,10 +26,19 @@ enum Cmd {
     )]
     Knn(KnnArgs),
     /// The linear probe (udi-spec §5) on frozen teacher features: best and last top-1 / top-5.
+    #[command(
+        after_help = "Example: trainer linear --checkpoint runs/s16 --train shards/train --val shards/val --json"
+    )]
     Linear(trainer::eval::cli::LinearArgs),
     /// Probe features, labels and sources of a labelled set, to safetensors.
+    #[command(
+        after_help = "Example: trainer features --checkpoint runs/s16 --data shards/val --out val-feats.safetensors"
+    )]
     Features(trainer::eval::cli::FeaturesArgs),
     /// The last block's class-token attention per head and its 60 % mass masks, as a PNG grid.
+    #[command(
+        after_help = "Example: trainer attention --checkpoint runs/s16 --image photo.jpg --out attn.png"
+    )]
     Attention(trainer::eval::cli::AttentionArgs),
     /// Export the teacher backbone (timm key names, safetensors).
     #[command(
@@ -146,6 +155,7 @@ enum Cmd {
 #[derive(Subcommand)]
 enum CheckpointCmd {
     /// Check every checkpoint of a run against the sizes and CRC32Cs its state.json records.
+    #[command(after_help = "Example: trainer checkpoint verify runs/s16")]
     Verify {
         /// Run directory (or its checkpoints/).
         run: PathBuf,

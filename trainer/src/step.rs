@@ -162,21 +162,9 @@ impl Trainer {
         let teacher = student.deep_copy()?;
         let student_net = Network::with_compute(cfg, &student, true, compute)?;
         let teacher_net = Network::with_compute(cfg, &teacher, false, compute)?;
-        let names: Vec<&str> = student.params().iter().map(|p| p.name.as_str()).collect();
-        // The official code stores [cls] and [cls+] as ONE [1,2,D] parameter: clip them jointly.
-        let mut clip_groups = Vec::new();
-        let cls_pair: Vec<usize> = names
-            .iter()
-            .enumerate()
-            .filter(|(_, n)| **n == "backbone.cls_token" || **n == "backbone.reg_token")
-            .map(|(i, _)| i)
-            .collect();
-        clip_groups.push(cls_pair.clone());
-        for i in 0..names.len() {
-            if !cls_pair.contains(&i) {
-                clip_groups.push(vec![i]);
-            }
-        }
+        // The official code stores [cls] and [cls+] as ONE [1,2,D] parameter: clip them jointly
+        // (the layout's clip groups, in the store's order).
+        let clip_groups = crate::engine::layout::ParamLayout::new(cfg).clip_groups;
         let o = &cfg.optim;
         Ok(Self {
             cfg: cfg.clone(),
