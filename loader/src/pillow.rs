@@ -65,7 +65,9 @@ fn has_pillow(py: &Path) -> bool {
 }
 
 fn run(cmd: &mut Command, what: &str) -> Result<()> {
-    let out = cmd.output().with_context(|| format!("{what}: cannot start"))?;
+    let out = cmd
+        .output()
+        .with_context(|| format!("{what}: cannot start"))?;
     if !out.status.success() {
         bail!(
             "{what} failed: {}",

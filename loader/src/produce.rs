@@ -184,7 +184,11 @@ impl SampleSource for SyntheticSource {
         // crop's grid), then all-zero invalid rows, so the trainer accepts these batches too.
         let mut rows = Vec::with_capacity(2 * n_g + 2 * l * n_l);
         for (p, &valid) in n_valid.iter().enumerate() {
-            let (n, src_cells) = if p < 2 { (n_g, g_cells) } else { (n_l, l_cells) };
+            let (n, src_cells) = if p < 2 {
+                (n_g, g_cells)
+            } else {
+                (n_l, l_cells)
+            };
             for r in 0..n as u32 {
                 rows.push(if r < valid {
                     SrsRow {

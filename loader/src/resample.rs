@@ -473,8 +473,14 @@ mod simd {
             let o = 3 * xx;
             if o + 8 <= line.len() {
                 // 4-byte stores; each X byte is overwritten by the next pixel.
-                line.as_mut_ptr().add(o).cast::<u32>().write_unaligned(pa.to_le());
-                line.as_mut_ptr().add(o + 3).cast::<u32>().write_unaligned(pb.to_le());
+                line.as_mut_ptr()
+                    .add(o)
+                    .cast::<u32>()
+                    .write_unaligned(pa.to_le());
+                line.as_mut_ptr()
+                    .add(o + 3)
+                    .cast::<u32>()
+                    .write_unaligned(pb.to_le());
             } else {
                 line[o..o + 3].copy_from_slice(&pa.to_le_bytes()[..3]);
                 if xx + 1 < n_out {
@@ -502,7 +508,10 @@ mod simd {
         let len = line.len();
         debug_assert!(len >= 32);
         if let Some(t) = k.len().checked_sub(1) {
-            assert!(first + t * stride + len <= src.len(), "vertical taps in bounds");
+            assert!(
+                first + t * stride + len <= src.len(),
+                "vertical taps in bounds"
+            );
         }
         // (k_y, k_y+1) pairs of the split weights, broadcast.
         let mut pairs: Vec<(__m256i, __m256i, usize)> = Vec::with_capacity(k.len().div_ceil(2));
@@ -527,7 +536,11 @@ mod simd {
             for (j, &(kl, kh, y)) in pairs.iter().enumerate() {
                 let r0 = _mm256_loadu_si256(src.as_ptr().add(first + y * stride + b0) as _);
                 // The unpaired last tap pairs with itself under a zero weight.
-                let y1 = if odd && j + 1 == pairs.len() { y } else { y + 1 };
+                let y1 = if odd && j + 1 == pairs.len() {
+                    y
+                } else {
+                    y + 1
+                };
                 let r1 = _mm256_loadu_si256(src.as_ptr().add(first + y1 * stride + b0) as _);
                 let ab = [_mm256_unpacklo_epi8(r0, r1), _mm256_unpackhi_epi8(r0, r1)];
                 for h in 0..2 {
@@ -574,7 +587,10 @@ mod tests {
                 assert!(s + k.len() <= i as usize);
                 let sum: i64 = k.iter().map(|&v| v as i64).sum();
                 // Each weight is rounded on its own: the sum is 2^22 up to one unit per tap.
-                assert!((sum - (1 << BITS)).abs() <= k.len() as i64, "{i}->{o} @{xx}");
+                assert!(
+                    (sum - (1 << BITS)).abs() <= k.len() as i64,
+                    "{i}->{o} @{xx}"
+                );
             }
         }
         // Upscaling keeps support 2 (4 or 5 taps), a 4x shrink widens it to 8 (17 slots).
@@ -598,7 +614,9 @@ mod tests {
     fn dispatched_path_equals_the_scalar_path() {
         let mut k = 12345u64;
         let mut next = |m: u64| {
-            k = k.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            k = k
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (k >> 33) % m
         };
         let mut r = Resampler::default();

@@ -30,7 +30,11 @@ fn picture(w: u32, h: u32, seed: u64) -> image::RgbImage {
         let edge = if cell { 255u8 } else { 0 };
         image::Rgb([
             ((x * 255 / w.max(1)) as u8).wrapping_add((n >> 28) as u8),
-            if n >> 30 == 0 { edge } else { (y * 255 / h.max(1)) as u8 },
+            if n >> 30 == 0 {
+                edge
+            } else {
+                (y * 255 / h.max(1)) as u8
+            },
             edge ^ ((n >> 24) as u8 & 0x3f),
         ])
     })
@@ -200,7 +204,11 @@ fn engine_bytes_equal_pillows() {
                 });
             }
             n_sweep += sweep.len();
-            expect.extend(sweep.into_iter().map(|(what, bytes)| Expect { what, bytes }));
+            expect.extend(
+                sweep
+                    .into_iter()
+                    .map(|(what, bytes)| Expect { what, bytes }),
+            );
             for (k, b) in split(&full).into_iter().enumerate() {
                 let p = geo.photo[k];
                 expect.push(Expect {

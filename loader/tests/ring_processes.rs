@@ -67,6 +67,23 @@ impl Fixture {
         self.children.push(child);
         pid
     }
+    /// Waits until `n` live producers are registered on the ring: a loader process that starts
+    /// after a short run has closed and removed the ring would create it anew and wait there for
+    /// a consumer that never comes.
+    fn wait_producers(&self, n: usize) {
+        for _ in 0..6000 {
+            if let Ok(r) = Ring::attach(&self.name) {
+                if r.status().producers.iter().filter(|p| p.alive).count() >= n {
+                    return;
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!(
+            "{n} loader processes never registered on ring {}",
+            self.name
+        );
+    }
     /// Runs `loader tap --json --batches N` to completion and parses its lines.
     fn tap(&self, batches: u64) -> Vec<Value> {
         self.tap_with(&["--batches", &batches.to_string()])
@@ -176,6 +193,7 @@ fn one_and_three_loaders_deliver_identical_batches() {
     for threads in [1, 2, 3] {
         three.spawn_loader(threads, &[]);
     }
+    three.wait_producers(3);
     let b = three.tap(batches);
     three.wait_all();
     assert!(!segment_path(&three.name).exists(), "segment left behind");
@@ -275,6 +293,7 @@ fn loaders_exit_when_the_consumer_is_killed_and_nothing_leaks() {
     let mut fx = Fixture::new("consumer");
     fx.spawn_loader(1, &[]);
     fx.spawn_loader(2, &[]);
+    fx.wait_producers(2);
     let mut tap = Command::new(BIN)
         .args(["tap", "--ring", &fx.name, "--batches", "1000000000"])
         .stdout(Stdio::null())
@@ -434,6 +453,7 @@ fn tap_detaches_and_a_second_tap_seeks() {
     let mut fx = Fixture::new("seek");
     fx.spawn_loader(2, &[]);
     fx.spawn_loader(1, &[]);
+    fx.wait_producers(2);
     let cfg = fx.cfg();
     let first = fx.tap_with(&["--batches", "3", "--detach"]);
     let second = fx.tap_with(&["--batches", "2"]); // continues at the stored cursor

@@ -148,11 +148,21 @@ impl<'a> BatchView<'a> {
     /// Wraps `bytes` (at least `layout.total` long, 8-byte aligned) after checking the header.
     pub fn new(layout: &'a BatchLayout, bytes: &'a [u8]) -> Result<Self, String> {
         if bytes.len() < layout.total {
-            return Err(format!("batch buffer has {} bytes, layout needs {}", bytes.len(), layout.total));
+            return Err(format!(
+                "batch buffer has {} bytes, layout needs {}",
+                bytes.len(),
+                layout.total
+            ));
         }
-        let v = Self { layout, bytes: &bytes[..layout.total] };
+        let v = Self {
+            layout,
+            bytes: &bytes[..layout.total],
+        };
         let h = v.header();
-        if h.magic != BATCH_MAGIC || h.batch_size as usize != layout.batch_size || h.n_local as usize != layout.n_local {
+        if h.magic != BATCH_MAGIC
+            || h.batch_size as usize != layout.batch_size
+            || h.n_local as usize != layout.n_local
+        {
             return Err(format!("batch header does not match the layout: {h:?}"));
         }
         Ok(v)
@@ -224,9 +234,19 @@ pub struct BatchWriter<'a> {
 impl<'a> BatchWriter<'a> {
     /// `bytes` must be at least `layout.total` long and 8-byte aligned (a ring slot or a
     /// `Vec<u64>`-backed buffer); the header is written immediately.
-    pub fn new(layout: &'a BatchLayout, bytes: &'a mut [u8], epoch: u64, batch: u64, aug: &AugmentConfig) -> Self {
+    pub fn new(
+        layout: &'a BatchLayout,
+        bytes: &'a mut [u8],
+        epoch: u64,
+        batch: u64,
+        aug: &AugmentConfig,
+    ) -> Self {
         assert!(bytes.len() >= layout.total, "batch buffer too small");
-        assert_eq!(bytes.as_ptr() as usize % 8, 0, "batch buffer must be 8-byte aligned");
+        assert_eq!(
+            bytes.as_ptr() as usize % 8,
+            0,
+            "batch buffer must be 8-byte aligned"
+        );
         let header = BatchHeader {
             magic: BATCH_MAGIC,
             batch_size: layout.batch_size as u32,
@@ -237,7 +257,11 @@ impl<'a> BatchWriter<'a> {
             local_size: aug.local_size,
             n_global_samples: layout.n_g as u32,
             n_local_samples: layout.n_l as u32,
-            flags: if aug.photometric.is_loader() { 0 } else { BatchHeader::PHOTOMETRIC_PENDING },
+            flags: if aug.photometric.is_loader() {
+                0
+            } else {
+                BatchHeader::PHOTOMETRIC_PENDING
+            },
         };
         let hb = std::mem::size_of::<BatchHeader>();
         bytes[..hb].copy_from_slice(bytemuck::bytes_of(&header));
@@ -251,14 +275,29 @@ impl<'a> BatchWriter<'a> {
         let l = self.layout;
         let gb = l.global_crop_bytes();
         let lb = l.local_crop_bytes();
-        assert_eq!(s.globals.len(), 2 * gb, "sample {}: global crop bytes", s.index);
-        assert_eq!(s.locals.len(), l.n_local * lb, "sample {}: local crop bytes", s.index);
+        assert_eq!(
+            s.globals.len(),
+            2 * gb,
+            "sample {}: global crop bytes",
+            s.index
+        );
+        assert_eq!(
+            s.locals.len(),
+            l.n_local * lb,
+            "sample {}: local crop bytes",
+            s.index
+        );
         assert_eq!(s.crops.len(), 2 + l.n_local);
         assert_eq!(s.global_mask.len(), l.n_g);
         assert_eq!(s.local_mask.len(), l.n_l);
         assert_eq!(s.n_valid.len(), l.n_pairs());
         assert_eq!(s.rows.len(), 2 * l.n_g + 2 * l.n_local * l.n_l);
-        assert_eq!(s.photo.len(), 2 + l.n_local, "sample {}: photo records", s.index);
+        assert_eq!(
+            s.photo.len(),
+            2 + l.n_local,
+            "sample {}: photo records",
+            s.index
+        );
         let bsz = l.batch_size;
         for v in 0..2 {
             let at = l.globals.start + (v * bsz + b) * gb;
@@ -272,13 +311,28 @@ impl<'a> BatchWriter<'a> {
         self.put(l.indices.start + 8 * b, bytemuck::bytes_of(&s.index));
         let cm = std::mem::size_of::<CropMeta>() * (2 + l.n_local);
         self.put(l.crops.start + cm * b, bytemuck::cast_slice(&s.crops));
-        self.put(l.global_mask.start + 2 * l.n_g * b, bytemuck::cast_slice(&s.global_mask));
-        self.put(l.local_mask.start + 2 * l.n_l * b, bytemuck::cast_slice(&s.local_mask));
-        self.put(l.n_valid.start + 4 * l.n_pairs() * b, bytemuck::cast_slice(&s.n_valid));
+        self.put(
+            l.global_mask.start + 2 * l.n_g * b,
+            bytemuck::cast_slice(&s.global_mask),
+        );
+        self.put(
+            l.local_mask.start + 2 * l.n_l * b,
+            bytemuck::cast_slice(&s.local_mask),
+        );
+        self.put(
+            l.n_valid.start + 4 * l.n_pairs() * b,
+            bytemuck::cast_slice(&s.n_valid),
+        );
         let row = std::mem::size_of::<SrsRow>();
         let (g_rows, l_rows) = s.rows.split_at(2 * l.n_g);
-        self.put(l.global_rows.start + row * 2 * l.n_g * b, bytemuck::cast_slice(g_rows));
-        self.put(l.local_rows.start + row * 2 * l.n_local * l.n_l * b, bytemuck::cast_slice(l_rows));
+        self.put(
+            l.global_rows.start + row * 2 * l.n_g * b,
+            bytemuck::cast_slice(g_rows),
+        );
+        self.put(
+            l.local_rows.start + row * 2 * l.n_local * l.n_l * b,
+            bytemuck::cast_slice(l_rows),
+        );
         let pr = std::mem::size_of::<PhotoRecord>() * (2 + l.n_local);
         self.put(l.photo.start + pr * b, bytemuck::cast_slice(&s.photo));
     }
@@ -296,7 +350,10 @@ pub struct OwnedBatch {
 
 impl OwnedBatch {
     pub fn zeroed(layout: &BatchLayout) -> Self {
-        Self { words: vec![0u64; layout.total.div_ceil(8)], len: layout.total }
+        Self {
+            words: vec![0u64; layout.total.div_ceil(8)],
+            len: layout.total,
+        }
     }
     pub fn bytes(&self) -> &[u8] {
         &bytemuck::cast_slice(&self.words)[..self.len]
@@ -326,20 +383,42 @@ mod tests {
             label: index as i32 % 3,
             globals: (0..2 * gb).map(|i| (i as u64 + index) as u8).collect(),
             locals: (0..l * lb).map(|i| (i as u64 * 7 + index) as u8).collect(),
-            crops: (0..2 + l as u32).map(|c| CropMeta { img_h: 10, img_w: 20, top: c, left: index as u32, h: 5, w: 5, hflip: c % 2 }).collect(),
+            crops: (0..2 + l as u32)
+                .map(|c| CropMeta {
+                    img_h: 10,
+                    img_w: 20,
+                    top: c,
+                    left: index as u32,
+                    h: 5,
+                    w: 5,
+                    hflip: c % 2,
+                })
+                .collect(),
             global_mask: (0..n_g as u16).collect(),
             local_mask: (0..n_l as u16).map(|x| x + index as u16).collect(),
             n_valid: (0..2 + 2 * l as u32).map(|p| p + index as u32).collect(),
             rows,
             photo: (0..2 + l as u32)
-                .map(|c| PhotoRecord { order: [3, 1, 0, 2], flags: c % 16, brightness: 1.0 + c as f32, blur_sigma: index as f32, ..Default::default() })
+                .map(|c| PhotoRecord {
+                    order: [3, 1, 0, 2],
+                    flags: c % 16,
+                    brightness: 1.0 + c as f32,
+                    blur_sigma: index as f32,
+                    ..Default::default()
+                })
                 .collect(),
         }
     }
 
     #[test]
     fn write_then_read_round_trips_every_field() {
-        let aug = AugmentConfig { global_size: 32, local_size: 16, n_local: 3, global_window: 1, ..Default::default() };
+        let aug = AugmentConfig {
+            global_size: 32,
+            local_size: 16,
+            n_local: 3,
+            global_window: 1,
+            ..Default::default()
+        };
         let layout = BatchLayout::new(&aug, 4);
         assert_eq!(layout.total % 64, 0);
         let samples: Vec<Sample> = (0..4).map(|i| fake_sample(&aug, 100 + i)).collect();
@@ -365,7 +444,10 @@ mod tests {
             let p = local_pair(1, 0);
             let off = 2 * layout.n_g + (p - 2) * layout.n_l;
             assert_eq!(v.pair_rows(b, p), &s.rows[off..off + layout.n_l]);
-            assert_eq!(&v.local_mask()[b * layout.n_l..][..layout.n_l], &s.local_mask[..]);
+            assert_eq!(
+                &v.local_mask()[b * layout.n_l..][..layout.n_l],
+                &s.local_mask[..]
+            );
             assert_eq!(&v.photo()[b * 5..][..5], &s.photo[..]);
         }
         assert!(!v.photometric_pending());
@@ -376,11 +458,16 @@ mod tests {
 
     #[test]
     fn device_photometric_is_flagged_in_the_header() {
-        let aug = AugmentConfig { photometric: crate::config::PhotometricAt::Device, ..Default::default() };
+        let aug = AugmentConfig {
+            photometric: crate::config::PhotometricAt::Device,
+            ..Default::default()
+        };
         let layout = BatchLayout::new(&aug, 2);
         let mut buf = OwnedBatch::zeroed(&layout);
         BatchWriter::new(&layout, buf.bytes_mut(), 0, 0, &aug);
-        assert!(BatchView::new(&layout, buf.bytes()).unwrap().photometric_pending());
+        assert!(BatchView::new(&layout, buf.bytes())
+            .unwrap()
+            .photometric_pending());
     }
 
     #[test]

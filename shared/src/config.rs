@@ -19,7 +19,10 @@ pub struct DataConfig {
 
 impl Default for DataConfig {
     fn default() -> Self {
-        Self { batch_size: 128, seed: 0 }
+        Self {
+            batch_size: 128,
+            seed: 0,
+        }
     }
 }
 
@@ -189,13 +192,34 @@ impl AugmentConfig {
     pub fn validate(&self) -> Result<(), String> {
         let checks: [(bool, &str); 8] = [
             (self.patch_size > 0, "patch_size must be > 0"),
-            (self.global_size.is_multiple_of(self.patch_size), "global_size must be a multiple of patch_size"),
-            (self.local_size.is_multiple_of(self.patch_size), "local_size must be a multiple of patch_size"),
-            (self.global_grid() >= 2 && self.local_grid() >= 2, "crops must be at least 2 patches wide"),
-            (self.global_window >= 1 && self.global_window <= self.global_grid(), "global_window out of range"),
-            (self.local_window >= 1 && self.local_window <= self.local_grid(), "local_window out of range"),
-            (self.global_scale[0] > 0.0 && self.global_scale[0] <= self.global_scale[1], "global_scale must be 0 < lo <= hi"),
-            (self.local_scale[0] > 0.0 && self.local_scale[0] <= self.local_scale[1], "local_scale must be 0 < lo <= hi"),
+            (
+                self.global_size.is_multiple_of(self.patch_size),
+                "global_size must be a multiple of patch_size",
+            ),
+            (
+                self.local_size.is_multiple_of(self.patch_size),
+                "local_size must be a multiple of patch_size",
+            ),
+            (
+                self.global_grid() >= 2 && self.local_grid() >= 2,
+                "crops must be at least 2 patches wide",
+            ),
+            (
+                self.global_window >= 1 && self.global_window <= self.global_grid(),
+                "global_window out of range",
+            ),
+            (
+                self.local_window >= 1 && self.local_window <= self.local_grid(),
+                "local_window out of range",
+            ),
+            (
+                self.global_scale[0] > 0.0 && self.global_scale[0] <= self.global_scale[1],
+                "global_scale must be 0 < lo <= hi",
+            ),
+            (
+                self.local_scale[0] > 0.0 && self.local_scale[0] <= self.local_scale[1],
+                "local_scale must be 0 < lo <= hi",
+            ),
         ];
         for (ok, msg) in checks {
             if !ok {
@@ -226,7 +250,9 @@ impl PipelineConfig {
     /// Parses the `[data]`/`[augment]` tables of a TOML document (other tables are ignored).
     pub fn from_toml_str(text: &str) -> anyhow::Result<Self> {
         let cfg: Self = toml::from_str(text)?;
-        cfg.augment.validate().map_err(|e| anyhow::anyhow!("[augment]: {e}"))?;
+        cfg.augment
+            .validate()
+            .map_err(|e| anyhow::anyhow!("[augment]: {e}"))?;
         anyhow::ensure!(cfg.data.batch_size > 0, "[data]: batch_size must be > 0");
         Ok(cfg)
     }

@@ -12,6 +12,6 @@
 pub mod batch;
 pub mod config;
 pub mod geometry;
+pub mod ring;
 pub mod rng;
 pub mod shard;
-pub mod ring;

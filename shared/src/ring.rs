@@ -1478,7 +1478,10 @@ mod tests {
         v[at..at + 4].copy_from_slice(&(RING_VERSION + 1).to_ne_bytes());
         plant(&n, &v);
         let e = format!("{:#}", Ring::attach_checked(&n, &spec).err().unwrap());
-        assert!(e.contains(&segment_path(&n).display().to_string()) && e.contains("protocol version"), "{e}");
+        assert!(
+            e.contains(&segment_path(&n).display().to_string()) && e.contains("protocol version"),
+            "{e}"
+        );
         for len in [0, 100, SLOTS_OFFSET, bytes.len() - 1] {
             plant(&n, &bytes[..len]);
             let e = format!("{:#}", Ring::attach(&n).err().unwrap());

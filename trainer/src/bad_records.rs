@@ -132,7 +132,10 @@ mod tests {
         t.check(&|i| format!("#{i}")).unwrap();
         t.limit = 3;
         let e = t.check(&|i| format!("rec-{i}")).unwrap_err().to_string();
-        assert!(e.contains("4 bad records") && e.contains("rec-3") && e.contains("rec-39"), "{e}");
+        assert!(
+            e.contains("4 bad records") && e.contains("rec-3") && e.contains("rec-39"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -144,7 +144,10 @@ impl CheckpointManager {
         let written = write_checkpoint_dir(&tmp, tensors, state);
         if let Err(e) = written {
             let _ = fs::remove_dir_all(&tmp);
-            return Err(e.context(format!("writing checkpoint {}", self.dir.join(&name).display())));
+            return Err(e.context(format!(
+                "writing checkpoint {}",
+                self.dir.join(&name).display()
+            )));
         }
         let dst = self.dir.join(&name);
         // Re-saving a step (the final save right after a periodic one): the old copy is moved
@@ -159,8 +162,11 @@ impl CheckpointManager {
                 let _ = fs::rename(&aside, &dst);
             }
             let _ = fs::remove_dir_all(&tmp);
-            return Err(anyhow::Error::new(e)
-                .context(format!("renaming {} → {}", tmp.display(), dst.display())));
+            return Err(anyhow::Error::new(e).context(format!(
+                "renaming {} → {}",
+                tmp.display(),
+                dst.display()
+            )));
         }
         if had_old {
             let _ = fs::remove_dir_all(&aside);
@@ -211,7 +217,9 @@ impl CheckpointManager {
                 Ok(state) => return Ok(Some((c, state))),
                 Err(e) => {
                     skipped(&c, &e);
-                    let to = c.dir.with_file_name(format!("{}.damaged", step_dir_name(c.step)));
+                    let to = c
+                        .dir
+                        .with_file_name(format!("{}.damaged", step_dir_name(c.step)));
                     let _ = fs::remove_dir_all(&to);
                     fs::rename(&c.dir, &to)
                         .with_context(|| format!("moving {} aside", c.dir.display()))?;
@@ -317,10 +325,13 @@ pub fn verify_run(run_dir: &Path) -> Result<Vec<(CheckpointPath, Result<Checkpoi
     if all.is_empty() {
         bail!("{}: no checkpoints", dir.display());
     }
-    Ok(all.into_iter().map(|c| {
-        let r = verify(&c);
-        (c, r)
-    }).collect())
+    Ok(all
+        .into_iter()
+        .map(|c| {
+            let r = verify(&c);
+            (c, r)
+        })
+        .collect())
 }
 
 /// Resolves what a user passes as `--checkpoint`: a checkpoint directory, its `state.json` or
@@ -534,13 +545,19 @@ mod tests {
         assert_eq!(verify(&a).unwrap().step, 1);
         damage(&a, true);
         let e = format!("{:#}", verify(&a).unwrap_err());
-        assert!(e.contains("tensors.safetensors") && e.contains("truncated"), "{e}");
+        assert!(
+            e.contains("tensors.safetensors") && e.contains("truncated"),
+            "{e}"
+        );
         // A flipped byte inside a tensor keeps the safetensors header valid: only the checksum
         // catches it.
         damage(&b, false);
         candle_core::safetensors::load(b.tensors(), &Device::Cpu).unwrap();
         let e = format!("{:#}", verify(&b).unwrap_err());
-        assert!(e.contains("tensors.safetensors") && e.contains("CRC32C"), "{e}");
+        assert!(
+            e.contains("tensors.safetensors") && e.contains("CRC32C"),
+            "{e}"
+        );
         fs::write(b.state(), "{\"format_version\": 1, \"st").unwrap();
         let e = format!("{:#}", verify(&b).unwrap_err());
         assert!(e.contains("state.json"), "{e}");
@@ -594,7 +611,10 @@ mod tests {
         let c = m.save(&tensors(2.0), &state(4)).unwrap();
         let (t, _) = load(&c, &Device::Cpu).unwrap();
         assert_eq!(bits(&t["student.w"]), bits(&tensors(2.0)["student.w"]));
-        let names: Vec<_> = fs::read_dir(m.dir()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = fs::read_dir(m.dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("step-00000004")]);
     }
 }

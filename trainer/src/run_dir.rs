@@ -37,7 +37,10 @@ impl RunDir {
         let mut skipped = Vec::new();
         let resume_from = if resume {
             let found = ckpts.newest_intact(|c, e| {
-                skipped.push(format!("skipping damaged checkpoint {}: {e:#}", c.dir.display()))
+                skipped.push(format!(
+                    "skipping damaged checkpoint {}: {e:#}",
+                    c.dir.display()
+                ))
             })?;
             let Some((c, state)) = found else {
                 bail!(

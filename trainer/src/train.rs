@@ -9,10 +9,10 @@
 
 use crate::bad_records::BadRecords;
 use crate::checkpoint::{self, CheckpointManager, CheckpointState, DataCursor, FORMAT_VERSION};
-use crate::run_dir::RunDir;
 use crate::config::TrainConfig;
 use crate::data::TrainBatch;
 use crate::metrics::{self, EntropyGuard, MetricsLog, StepMetrics};
+use crate::run_dir::RunDir;
 use crate::step::TrainStep;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Device, Tensor};

@@ -186,16 +186,18 @@ pub fn train_main(a: &TrainArgs) -> Result<()> {
             );
             Some(l)
         };
-        Box::new(RingFeed::start(
-            &name,
-            &pipe,
-            id,
-            n,
-            run.ring_slots,
-            Duration::from_secs_f64(run.batch_timeout_s),
-            launch.as_ref(),
-        )?
-        .with_record_names(names))
+        Box::new(
+            RingFeed::start(
+                &name,
+                &pipe,
+                id,
+                n,
+                run.ring_slots,
+                Duration::from_secs_f64(run.batch_timeout_s),
+                launch.as_ref(),
+            )?
+            .with_record_names(names),
+        )
     };
     // Ctrl-C / SIGTERM: finish the step, checkpoint, stop; a second one exits at once.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -234,7 +236,12 @@ pub fn checkpoint_verify_main(run: &Path) -> Result<()> {
     let mut damaged = 0;
     for (c, r) in &all {
         match r {
-            Ok(s) => println!("ok       {} (step {}, {} file(s) checked)", c.dir.display(), s.step, s.files.len() + 1),
+            Ok(s) => println!(
+                "ok       {} (step {}, {} file(s) checked)",
+                c.dir.display(),
+                s.step,
+                s.files.len() + 1
+            ),
             Err(e) => {
                 damaged += 1;
                 println!("DAMAGED  {}: {e:#}", c.dir.display());

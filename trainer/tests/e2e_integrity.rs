@@ -63,7 +63,10 @@ fn data_and_augment_overrides_reach_the_loader_processes() {
     let run = tmp.path().join("run");
     let (ok, _, err) = train(&run, &["--loaders", "1", "--threads", "1"]);
     assert!(ok, "trainer with loader processes failed:\n{err}");
-    assert!(!err.contains("restarted loader"), "a loader was restarted:\n{err}");
+    assert!(
+        !err.contains("restarted loader"),
+        "a loader was restarted:\n{err}"
+    );
     let written: toml::Table = std::fs::read_to_string(run.join("config.toml"))
         .unwrap()
         .parse()
@@ -161,7 +164,10 @@ fn resume_skips_a_damaged_newest_checkpoint_and_continues_exactly() {
         err.contains("skipping damaged checkpoint") && err.contains("step-00000004"),
         "{err}"
     );
-    assert!(err.contains("resuming from") && err.contains("step-00000003"), "{err}");
+    assert!(
+        err.contains("resuming from") && err.contains("step-00000003"),
+        "{err}"
+    );
     let (ok, out, _) = trainer(&["checkpoint", "verify", r], &[]);
     assert!(ok, "{out}");
 
@@ -196,7 +202,8 @@ fn a_failed_checkpoint_write_stops_the_run_and_keeps_the_last_good_one() {
         .env(FSIZE_CHILD, tmp.path())
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    let text =
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{text}");
     assert!(text.contains("1 passed"), "{text}");
 }
@@ -281,10 +288,7 @@ fn a_damaged_record_is_replaced_counted_named_and_limited() {
     let (ok, _, err) = train(&tmp.path().join("strict"), &["--in-process"]);
     assert!(!ok, "{err}");
     assert!(err.contains("max_bad_records = 0"), "{err}");
-    assert!(
-        err.contains(&format!("{file}: record 5 ({path})")),
-        "{err}"
-    );
+    assert!(err.contains(&format!("{file}: record 5 ({path})")), "{err}");
     // Allowed: replaced by the next record, counted in metrics.jsonl and the console line.
     let run = tmp.path().join("run");
     let (ok, _, err) = train(&run, &["--in-process", "--set", "run.max_bad_records=1"]);
