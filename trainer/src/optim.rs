@@ -266,6 +266,63 @@ pub fn squared_norms(grads: &[&Tensor]) -> Result<Vec<f64>> {
     Ok(Tensor::stack(&sums, 0)?.to_vec1::<f64>()?)
 }
 
+/// Per-parameter clipping of one step (udi-spec §4), decided from the gradients' squared norms.
+pub struct ClipPlan {
+    /// ‖g‖ before clipping of every parameter with a gradient (a group's members alone, a
+    /// single parameter its group's norm).
+    pub pre: Vec<Option<f64>>,
+    /// ‖g‖ after clipping (pre·factor) of every parameter the optimiser updates this step.
+    pub post: Vec<Option<f64>>,
+    /// The clipping factor of each parameter's group (1 where nothing is clipped).
+    pub factor: Vec<f64>,
+    /// The global norm before clipping, √Σ over groups.
+    pub norm: f64,
+}
+
+/// Clips each group (parameter ids clipped on one joint norm) of the parameters whose squared
+/// gradient norm `sq[i]` is known (accumulated in f64); `updated(i)` says whether parameter i is
+/// updated this step (false: the frozen last layer, reported before clipping only).
+pub fn clip_plan(
+    groups: &[Vec<usize>],
+    sq: &[Option<f64>],
+    updated: impl Fn(usize) -> bool,
+    clip: f64,
+) -> ClipPlan {
+    let n = sq.len();
+    let mut plan = ClipPlan {
+        pre: vec![None; n],
+        post: vec![None; n],
+        factor: vec![1.0; n],
+        norm: 0.0,
+    };
+    let mut total_sq = 0.0;
+    for group in groups {
+        let members: Vec<(usize, f64)> = group
+            .iter()
+            .filter_map(|&i| sq[i].map(|s| (i, s)))
+            .collect();
+        if members.is_empty() {
+            continue;
+        }
+        // Same arithmetic as `joint_norm`: Σ of the f64 squared norms, then √.
+        let norm = members.iter().fold(0.0, |acc, (_, s)| acc + s).sqrt();
+        total_sq += norm * norm;
+        let f = clip_factor(norm, clip);
+        let single = members.len() == 1;
+        for (i, s) in members {
+            // Post-clip norms are reported as pre·factor (saves two passes over each tensor).
+            let own = if single { norm } else { s.sqrt() };
+            plan.pre[i] = Some(own);
+            plan.factor[i] = f;
+            if updated(i) {
+                plan.post[i] = Some(own * f);
+            }
+        }
+    }
+    plan.norm = total_sq.sqrt();
+    plan
+}
+
 /// torch's `clip_gradients` factor: `clip/(norm + 1e-6)` when that is < 1, else 1.
 pub fn clip_factor(norm: f64, clip: f64) -> f64 {
     if clip <= 0.0 {

@@ -14,7 +14,7 @@ use crate::kernels::Compute;
 use crate::loss::{udi_loss_with, Centres};
 use crate::model::Network;
 use crate::nn::scalar_f64;
-use crate::optim::{clip_factor, ema_update, squared_norms, AdamW};
+use crate::optim::{clip_plan, ema_update, squared_norms, AdamW};
 use crate::params::{is_last_layer, ParamStore};
 use crate::schedule::Schedules;
 use crate::vit::{drop_masks, DropMasks};
@@ -259,10 +259,6 @@ impl Trainer {
 
         let params = self.student.params();
         let frozen = epoch < self.cfg.optim.freeze_last_layer;
-        let mut pre: Vec<Option<f64>> = vec![None; params.len()];
-        let mut post: Vec<Option<f64>> = vec![None; params.len()];
-        // (raw gradient, clip factor) of every parameter updated this step.
-        let mut clipped: Vec<Option<(Tensor, f64)>> = vec![None; params.len()];
         // ‖g‖² of every gradient in one device→host transfer (one sync, not one per tensor).
         let with_grad: Vec<(usize, Tensor)> = params
             .iter()
@@ -274,35 +270,27 @@ impl Trainer {
             let refs: Vec<&Tensor> = with_grad.iter().map(|(_, g)| g).collect();
             squared_norms(&refs)?
         };
-        let mut grad_of: Vec<Option<(Tensor, f64)>> = vec![None; params.len()];
+        let mut grad_of: Vec<Option<Tensor>> = vec![None; params.len()];
+        let mut sq_of: Vec<Option<f64>> = vec![None; params.len()];
         for ((i, g), s) in with_grad.into_iter().zip(sq) {
-            grad_of[i] = Some((g, s));
+            grad_of[i] = Some(g);
+            sq_of[i] = Some(s);
         }
-        let mut total_sq = 0.0;
-        for group in &self.clip_groups {
-            let gs: Vec<(usize, Tensor, f64)> = group
-                .iter()
-                .filter_map(|&i| grad_of[i].take().map(|(g, s)| (i, g, s)))
-                .collect();
-            if gs.is_empty() {
-                continue;
-            }
-            // Same arithmetic as `joint_norm`: Σ of the f64 squared norms, then √.
-            let norm = gs.iter().fold(0.0, |acc, (_, _, s)| acc + s).sqrt();
-            total_sq += norm * norm;
-            let f = clip_factor(norm, self.cfg.optim.clip_grad);
-            let single = gs.len() == 1;
-            for (i, g, s) in gs {
-                // Post-clip norms are reported as pre·factor (saves two passes over each tensor).
-                let own = if single { norm } else { s.sqrt() };
-                pre[i] = Some(own);
-                if frozen && is_last_layer(&params[i].name) {
-                    continue; // grad = None: no update, no decay, no Adam state
-                }
-                post[i] = Some(own * f);
-                clipped[i] = Some((g, f));
-            }
-        }
+        // The frozen last layer gets no update, no decay and no Adam state (grad = None).
+        let plan = clip_plan(
+            &self.clip_groups,
+            &sq_of,
+            |i| !(frozen && is_last_layer(&params[i].name)),
+            self.cfg.optim.clip_grad,
+        );
+        let clipped: Vec<Option<(Tensor, f64)>> = grad_of
+            .into_iter()
+            .enumerate()
+            .map(|(i, g)| {
+                g.filter(|_| plan.post[i].is_some())
+                    .map(|g| (g, plan.factor[i]))
+            })
+            .collect();
         if fused {
             let gs: Vec<Option<(Tensor, f64, f64)>> = clipped
                 .into_iter()
@@ -352,7 +340,7 @@ impl Trainer {
                 cn(&self.centres.udi)?,
                 cn(&self.centres.patch)?,
             ],
-            grad_norm: total_sq.sqrt(),
+            grad_norm: plan.norm,
             timings: [
                 (t1 - t0).as_secs_f64(),
                 (t2 - t1).as_secs_f64(),
@@ -363,7 +351,7 @@ impl Trainer {
         let grad_norms = params
             .iter()
             .enumerate()
-            .map(|(i, p)| (p.name.clone(), pre[i], post[i]))
+            .map(|(i, p)| (p.name.clone(), plan.pre[i], plan.post[i]))
             .collect();
         Ok(StepReport { stats, grad_norms })
     }

@@ -63,6 +63,24 @@ pub fn bicubic_matrix_2d(src: usize, dst: usize) -> Vec<f64> {
     m
 }
 
+/// The position-embedding resampling matrices `[g², G₀²]` (udi-spec §2.2) of the crop grids
+/// that differ from the embedding's own, by grid side, in `dtype` on `device`.
+pub fn resample_matrices(
+    cfg: &TrainConfig,
+    dtype: candle_core::DType,
+    device: &Device,
+) -> Result<Vec<(usize, Tensor)>> {
+    let g0 = cfg.pos_grid();
+    let mut out: Vec<(usize, Tensor)> = Vec::new();
+    for g in [cfg.global_grid(), cfg.local_grid()] {
+        if g != g0 && !out.iter().any(|(x, _)| *x == g) {
+            let m = Tensor::from_vec(bicubic_matrix_2d(g0, g), (g * g, g0 * g0), &Device::Cpu)?;
+            out.push((g, m.to_dtype(dtype)?.to_device(device)?));
+        }
+    }
+    Ok(out)
+}
+
 /// Per-sample stochastic-depth multipliers of one forward pass: `masks[block] = (attn, mlp)`,
 /// each `[B, 1, 1]` holding 0 or 1/keep.
 pub type DropMasks = Vec<(Tensor, Tensor)>;
@@ -253,17 +271,9 @@ impl Vit {
         let device = pos_embed.device().clone();
         let dtype = pos_embed.dtype();
         let pos_grid = cfg.pos_grid();
-        let mut resample = HashMap::new();
-        for g in [cfg.global_grid(), cfg.local_grid()] {
-            if g != pos_grid {
-                let mat = Tensor::from_vec(
-                    bicubic_matrix_2d(pos_grid, g),
-                    (g * g, pos_grid * pos_grid),
-                    &Device::Cpu,
-                )?;
-                resample.insert(g, mat.to_dtype(dtype)?.to_device(&device)?);
-            }
-        }
+        let resample = resample_matrices(cfg, dtype, &device)?
+            .into_iter()
+            .collect();
         let drop_rates = drop_rates(cfg);
         Ok(Self {
             patch_w: get("backbone.patch_embed.proj.weight")?,

@@ -31,12 +31,11 @@ use crate::kernels::adamw::{meta_tensor, AdamwEma, Segment};
 use crate::kernels::{Compute, Kernels};
 use crate::loss::Centres;
 use crate::model::{teacher_out, TeacherOut};
-use crate::optim::{clip_factor, squared_norms};
+use crate::optim::{clip_plan, squared_norms, ClipPlan};
 use crate::params::ParamStore;
 use crate::prof;
 use crate::schedule::Schedules;
 use crate::step::{StepReport, StepStats, TrainStep};
-use crate::vit::bicubic_matrix_2d;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use layernorm::LayerNorm;
@@ -274,18 +273,7 @@ impl Explicit {
         // Detached: nothing here may record a backprop graph, or every step's tensors would stay
         // reachable from the state and the centres.
         let state = Tensor::cat(&[&p, &zeros, &zeros, &p], 0)?.detach();
-        let pos_grid = cfg.pos_grid();
-        let mut resample = Vec::new();
-        for g in [cfg.global_grid(), cfg.local_grid()] {
-            if g != pos_grid && !resample.iter().any(|(x, _)| *x == g) {
-                let m = Tensor::from_vec(
-                    bicubic_matrix_2d(pos_grid, g),
-                    (g * g, pos_grid * pos_grid),
-                    &Device::Cpu,
-                )?;
-                resample.push((g, m.to_dtype(dtype)?.to_device(device)?));
-            }
-        }
+        let resample = crate::vit::resample_matrices(cfg, dtype, device)?;
         Ok(Self {
             cfg: cfg.clone(),
             device: device.clone(),
@@ -354,16 +342,15 @@ impl Explicit {
         )?)
     }
 
-    /// Per-parameter clipping (the class tokens jointly) and the update segments: returns
-    /// (segments, pre-clip norms, post-clip norms, global pre-clip norm).
-    #[allow(clippy::type_complexity)]
+    /// Per-parameter clipping (the class tokens jointly) and the update segments of the fused
+    /// AdamW + EMA launch.
     fn clip_and_plan(
         &mut self,
         grads: &Tensor,
         epoch: u64,
         lr: f64,
         wd: f64,
-    ) -> Result<(Vec<Segment>, Vec<Option<f64>>, Vec<Option<f64>>, f64)> {
+    ) -> Result<(Vec<Segment>, ClipPlan)> {
         let entries = &self.layout.entries;
         let views = entries
             .iter()
@@ -378,30 +365,12 @@ impl Explicit {
             sq[i] = Some(s);
         }
         let frozen = epoch < self.cfg.optim.freeze_last_layer;
-        let (mut pre, mut post) = (vec![None; entries.len()], vec![None; entries.len()]);
-        let mut clip = vec![1.0; entries.len()];
-        let mut total_sq = 0.0;
-        for group in &self.layout.clip_groups {
-            let members: Vec<(usize, f64)> = group
-                .iter()
-                .filter_map(|&i| sq[i].map(|s| (i, s)))
-                .collect();
-            if members.is_empty() {
-                continue;
-            }
-            let norm = members.iter().fold(0.0, |acc, (_, s)| acc + s).sqrt();
-            total_sq += norm * norm;
-            let f = clip_factor(norm, self.cfg.optim.clip_grad);
-            let single = members.len() == 1;
-            for (i, s) in members {
-                let own = if single { norm } else { s.sqrt() };
-                pre[i] = Some(own);
-                clip[i] = f;
-                if !(frozen && entries[i].last_layer) {
-                    post[i] = Some(own * f);
-                }
-            }
-        }
+        let plan = clip_plan(
+            &self.layout.clip_groups,
+            &sq,
+            |i| !(frozen && entries[i].last_layer),
+            self.cfg.optim.clip_grad,
+        );
         let (b1, b2) = (self.cfg.optim.beta1, self.cfg.optim.beta2);
         let mut segs = Vec::with_capacity(entries.len());
         for (i, e) in entries.iter().enumerate() {
@@ -414,7 +383,7 @@ impl Explicit {
                 bc2_sqrt: 1.0,
                 clip: 1.0,
             };
-            if post[i].is_some() {
+            if plan.post[i].is_some() {
                 self.steps[i] += 1;
                 let t = self.steps[i] as i32;
                 let wd_i = if e.decay { wd } else { 0.0 };
@@ -422,11 +391,11 @@ impl Explicit {
                 seg.decay = (1.0 - lr * wd_i) as f32;
                 seg.step_size = (lr / (1.0 - b1.powi(t))) as f32;
                 seg.bc2_sqrt = (1.0 - b2.powi(t)).sqrt() as f32;
-                seg.clip = clip[i] as f32;
+                seg.clip = plan.factor[i] as f32;
             }
             segs.push(seg);
         }
-        Ok((segs, pre, post, total_sq.sqrt()))
+        Ok((segs, plan))
     }
 
     /// Loads `student.*`, `teacher.*` into the flat buffers.
@@ -711,7 +680,7 @@ impl TrainStep for Explicit {
         let t3 = Instant::now();
 
         // Clipping, last-layer freeze, AdamW and the teacher EMA in one update of the state.
-        let (segs, pre, post, grad_norm) = self.clip_and_plan(&g, epoch, lr, wd)?;
+        let (segs, plan) = self.clip_and_plan(&g, epoch, lr, wd)?;
         let o = &self.cfg.optim;
         self.state.inplace_op3(
             &g,
@@ -749,7 +718,7 @@ impl TrainStep for Explicit {
             teacher_temp: tau,
             teacher_entropy: pass.targets.teacher_entropy,
             centre_norms: [norms[0], norms[1], norms[2]],
-            grad_norm,
+            grad_norm: plan.norm,
             timings: [t_teacher, t_student, t_backward, (t4 - t3).as_secs_f64()],
         };
         let grad_norms = self
@@ -757,7 +726,7 @@ impl TrainStep for Explicit {
             .entries
             .iter()
             .enumerate()
-            .map(|(i, e)| (e.name.clone(), pre[i], post[i]))
+            .map(|(i, e)| (e.name.clone(), plan.pre[i], plan.post[i]))
             .collect();
         Ok(StepReport { stats, grad_norms })
     }
