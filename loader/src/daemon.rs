@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use shared::config::PipelineConfig;
 use shared::geometry::SampleSource;
 use shared::ring::{Idle, Producer, Ring, RingSpec};
-use shared::rng::epoch_permutation;
+use shared::rng::{epoch_permutation, Slice};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering::*};
 use std::sync::Arc;
@@ -39,6 +39,15 @@ pub struct RunArgs {
     /// Slots, if this process creates the ring.
     #[arg(long, default_value_t = 4)]
     pub slots: u32,
+    /// Data-parallel training: the trainer rank this ring feeds (its share of each global batch).
+    #[arg(long, default_value_t = 0)]
+    pub rank: u32,
+    /// Data-parallel training: the number of trainer ranks.
+    #[arg(long, default_value_t = 1)]
+    pub world: u32,
+    /// Gradient accumulation: per-rank batches in one optimiser step.
+    #[arg(long, default_value_t = 1)]
+    pub accumulate: u32,
     /// Testing: a synthetic dataset of N samples instead of --shards.
     #[arg(long, hide = true, conflicts_with = "shards")]
     pub synthetic: Option<u64>,
@@ -85,7 +94,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
         args.synthetic_work,
         &cfg,
     )?;
-    let spec = RingSpec::new(&cfg, dataset_id, source.len(), args.slots);
+    let slice = Slice::new(args.world, args.rank, args.accumulate).map_err(anyhow::Error::msg)?;
+    let spec = RingSpec::new(&cfg, dataset_id, source.len(), args.slots).with_slice(slice);
     let ring = Arc::new(Ring::open_or_create(&args.ring, &spec)?);
     let threads = args.threads.max(1);
     let producer = Producer::register(ring.clone(), threads as u32)?;
@@ -120,6 +130,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
                 &cfg,
                 &layout,
                 p,
+                slice,
                 epoch,
                 batch,
                 threads,

@@ -6,7 +6,7 @@ use rand::{Rng, RngCore};
 use shared::batch::{BatchLayout, BatchWriter};
 use shared::config::PipelineConfig;
 use shared::geometry::{CropMeta, Sample, SampleSource, SrsRow};
-use shared::rng::{batch_samples, sample_rng};
+use shared::rng::{sample_rng, Slice};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::*};
 
 /// Fills `out` with batch `batch` of `epoch` (permutation `perm`) using `threads` workers.
@@ -23,26 +23,37 @@ pub fn fill_batch(
 ) -> Result<()> {
     let never = AtomicBool::new(false);
     fill_batch_until(
-        source, cfg, layout, perm, epoch, batch, threads, out, &never,
+        source,
+        cfg,
+        layout,
+        perm,
+        Slice::WHOLE,
+        epoch,
+        batch,
+        threads,
+        out,
+        &never,
     )?;
     Ok(())
 }
 
-/// [`fill_batch`] that gives up between samples once `stop` is raised: returns `Ok(false)` when
-/// the batch was abandoned (its bytes are then incomplete).
+/// [`fill_batch`] of a data-parallel rank's batch `batch` ([`Slice`]) that gives up between
+/// samples once `stop` is raised: returns `Ok(false)` when the batch was abandoned (its bytes
+/// are then incomplete).
 #[allow(clippy::too_many_arguments)]
 pub fn fill_batch_until(
     source: &dyn SampleSource,
     cfg: &PipelineConfig,
     layout: &BatchLayout,
     perm: &[u64],
+    slice: Slice,
     epoch: u64,
     batch: u64,
     threads: usize,
     out: &mut [u8],
     stop: &AtomicBool,
 ) -> Result<bool> {
-    let indices = batch_samples(perm, batch, cfg.data.batch_size);
+    let indices = slice.samples(perm, batch, cfg.data.batch_size);
     let mut writer = BatchWriter::new(layout, out, epoch, batch, &cfg.augment);
     let produce = |b: usize| {
         source.produce(epoch, indices[b]).with_context(|| {
@@ -274,8 +285,18 @@ mod tests {
             "{err:#}"
         );
         let stop = AtomicBool::new(true);
-        assert!(
-            !fill_batch_until(&src, &c, &layout, &perm, 0, 0, 2, buf.bytes_mut(), &stop).unwrap()
-        );
+        assert!(!fill_batch_until(
+            &src,
+            &c,
+            &layout,
+            &perm,
+            Slice::WHOLE,
+            0,
+            0,
+            2,
+            buf.bytes_mut(),
+            &stop
+        )
+        .unwrap());
     }
 }

@@ -57,11 +57,12 @@
 //! Header fields (written once by the creator before the segment is linked, except where noted):
 //! * `magic` = `b"UDIring1"`, `version` = [`RING_VERSION`], `data_offset`, `total_bytes`.
 //! * `spec_hash`: xxh3 of the [`RingSpec`] (config fingerprint, dataset id, batch bytes, sample
-//!   count, batch size, seed; not the slot count). A process whose spec differs refuses to attach
+//!   count, batch size, seed, data-parallel slice; not the slot count). A process whose spec differs refuses to attach
 //!   ([`Ring::check_spec`] names every field that differs).
 //! * `config_fingerprint` ([`PipelineConfig::fingerprint`]), `dataset_id`, `batch_bytes`
 //!   ([`BatchLayout::total`]), `n_samples`, `batch_size`, `seed`, `slots`, `slot_bytes`,
-//!   `batches_per_epoch` (drop_last).
+//!   `batches_per_epoch` (drop_last; this rank's share), `world`, `rank`, `accumulate` (the
+//!   data-parallel [`Slice`] the ring serves; 1, 0, 1 for one process).
 //! * `creator_pid`, `created_ns` (CLOCK_MONOTONIC).
 //! * mutable: `consumer_pid` (0 = none attached), `closed` (1 once the consumer closed the
 //!   ring), `cursor` (the global batch number the consumer reads next), `next_claim` (highest
@@ -71,8 +72,8 @@
 //!
 //! ## Batch order
 //! Global batch number `g = epoch · batches_per_epoch + batch`. Batch `b` of epoch `e` holds the
-//! permutation entries `[bB, (b+1)B)` of `epoch_permutation(seed, e, n_samples)`
-//! ([`crate::rng::batch_samples`]). The consumer reads `g = cursor, cursor+1, …` and batch `g`
+//! permutation entries `[jB, (j+1)B)` of `epoch_permutation(seed, e, n_samples)` with
+//! `j = slice.batch_of(b)` ([`Slice`]; `j = b` for one process, [`crate::rng::batch_samples`]). The consumer reads `g = cursor, cursor+1, …` and batch `g`
 //! always lives in slot `g mod slots`.
 //!
 //! ## Slot state word
@@ -111,6 +112,7 @@
 
 use crate::batch::{BatchLayout, BatchView};
 use crate::config::PipelineConfig;
+use crate::rng::Slice;
 use anyhow::{anyhow, bail, Context, Result};
 use memmap2::MmapRaw;
 use std::fs::{File, OpenOptions};
@@ -120,7 +122,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
 use std::time::{Duration, Instant};
 
 pub const RING_MAGIC: u64 = u64::from_le_bytes(*b"UDIring1");
-pub const RING_VERSION: u32 = 1;
+pub const RING_VERSION: u32 = 2;
 /// Producer processes that can be registered at once.
 pub const MAX_PRODUCERS: usize = 64;
 const PAGE: usize = 4096;
@@ -270,6 +272,8 @@ pub struct RingSpec {
     pub batch_size: u32,
     pub seed: u64,
     pub slots: u32,
+    /// The data-parallel rank's share of the sample order this ring serves.
+    pub slice: Slice,
     /// The config itself (stored in the segment; not part of the hash beyond the fingerprint).
     pub config: PipelineConfig,
 }
@@ -285,8 +289,15 @@ impl RingSpec {
             batch_size: config.data.batch_size,
             seed: config.data.seed,
             slots,
+            slice: Slice::WHOLE,
             config: config.clone(),
         }
+    }
+
+    /// The ring of one data-parallel rank (`Slice::WHOLE` by default).
+    pub fn with_slice(mut self, slice: Slice) -> Self {
+        self.slice = slice;
+        self
     }
 
     /// The header's `spec_hash`. The slot count is left out: it does not shape a batch, and
@@ -303,6 +314,9 @@ impl RingSpec {
             b.extend_from_slice(&x.to_le_bytes());
         }
         b.extend_from_slice(&self.batch_size.to_le_bytes());
+        for x in [self.slice.world, self.slice.rank, self.slice.accumulate] {
+            b.extend_from_slice(&x.to_le_bytes());
+        }
         xxhash_rust::xxh3::xxh3_64(&b)
     }
 
@@ -311,7 +325,8 @@ impl RingSpec {
     }
 
     pub fn batches_per_epoch(&self) -> u64 {
-        crate::rng::batches_per_epoch(self.n_samples, self.batch_size)
+        self.slice
+            .batches_per_epoch(self.n_samples, self.batch_size)
     }
 
     fn slot_bytes(&self) -> u64 {
@@ -354,6 +369,9 @@ pub struct RingHeader {
     pub next_claim: AtomicU64,
     pub published: AtomicU64,
     pub rebuilt: AtomicU64,
+    pub world: u32,
+    pub rank: u32,
+    pub accumulate: u32,
 }
 
 /// One producer process's record (one cache line).
@@ -532,6 +550,9 @@ impl Ring {
             h.created_ns = monotonic_ns();
             h.batch_size = spec.batch_size;
             h.slots = spec.slots;
+            h.world = spec.slice.world;
+            h.rank = spec.slice.rank;
+            h.accumulate = spec.slice.accumulate;
             h.creator_pid = std::process::id();
             // SAFETY: inside the mapping, disjoint from the header.
             unsafe {
@@ -614,6 +635,9 @@ impl Ring {
             batch_size: h.batch_size,
             seed: h.seed,
             slots: h.slots,
+            slice: Slice::new(h.world, h.rank, h.accumulate).map_err(|e| {
+                anyhow::anyhow!("ring '{name}' ({}): {e}; remove it", path.display())
+            })?,
             config,
         };
         if spec.total_bytes() != h.total_bytes || spec.layout().total as u64 != h.batch_bytes {
@@ -676,6 +700,17 @@ impl Ring {
             want.batch_size.to_string(),
         );
         cmp("seed", have.seed.to_string(), want.seed.to_string());
+        let slice = |s: &Slice| {
+            format!(
+                "rank {} of {} (accumulate {})",
+                s.rank, s.world, s.accumulate
+            )
+        };
+        cmp(
+            "data-parallel slice",
+            slice(&have.slice),
+            slice(&want.slice),
+        );
         bail!(
             "ring '{}' ({}) was created for another geometry/config; refusing to attach: {}",
             self.name,

@@ -56,6 +56,75 @@ pub fn batch_samples(perm: &[u64], batch: u64, batch_size: u32) -> &[u64] {
     &perm[start..start + b]
 }
 
+/// One data-parallel rank's share of the sample order.
+///
+/// The global batch of a step is `world · accumulate` consecutive batches of the one-process
+/// order ([`batch_samples`] with the per-rank batch size), so the samples of step `s` depend on
+/// (seed, epoch, s) and the global batch alone, never on how it is split. Rank `r` takes the
+/// `accumulate` consecutive batches `r·accumulate ..` of each step, one per accumulation
+/// micro-step: its `i`-th batch of an epoch is the one-process batch
+/// `(i / accumulate) · world · accumulate + r · accumulate + i % accumulate`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Slice {
+    pub world: u32,
+    pub rank: u32,
+    pub accumulate: u32,
+}
+
+impl Default for Slice {
+    fn default() -> Self {
+        Self::WHOLE
+    }
+}
+
+impl Slice {
+    /// One process, no accumulation: the one-process order itself.
+    pub const WHOLE: Slice = Slice {
+        world: 1,
+        rank: 0,
+        accumulate: 1,
+    };
+
+    pub fn new(world: u32, rank: u32, accumulate: u32) -> Result<Self, String> {
+        if world == 0 || accumulate == 0 || rank >= world {
+            return Err(format!(
+                "invalid data split: rank {rank} of world size {world}, accumulation {accumulate}"
+            ));
+        }
+        Ok(Self {
+            world,
+            rank,
+            accumulate,
+        })
+    }
+
+    /// Per-rank batches in one global batch (all ranks: `world · accumulate`).
+    pub fn group(&self) -> u64 {
+        self.world as u64 * self.accumulate as u64
+    }
+
+    /// The one-process batch number of this rank's batch `i` of an epoch.
+    pub fn batch_of(&self, i: u64) -> u64 {
+        let k = self.accumulate as u64;
+        (i / k) * self.group() + self.rank as u64 * k + i % k
+    }
+
+    /// Optimiser steps per epoch (drop_last on the global batch).
+    pub fn steps_per_epoch(&self, n_samples: u64, batch_size: u32) -> u64 {
+        batches_per_epoch(n_samples, batch_size) / self.group()
+    }
+
+    /// This rank's batches per epoch.
+    pub fn batches_per_epoch(&self, n_samples: u64, batch_size: u32) -> u64 {
+        self.steps_per_epoch(n_samples, batch_size) * self.accumulate as u64
+    }
+
+    /// The sample indices of this rank's batch `i` of the epoch whose permutation is `perm`.
+    pub fn samples<'a>(&self, perm: &'a [u64], i: u64, batch_size: u32) -> &'a [u64] {
+        batch_samples(perm, self.batch_of(i), batch_size)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,5 +150,35 @@ mod tests {
         assert_eq!(p0, epoch_permutation(3, 0, 1000));
         assert_eq!(batches_per_epoch(1000, 64), 15);
         assert_eq!(batch_samples(&p0, 2, 64), &p0[128..192]);
+    }
+
+    #[test]
+    fn slices_partition_each_global_batch_in_order() {
+        let perm = epoch_permutation(5, 0, 1000);
+        let b = 8;
+        // Global batch 32 = 4 ranks x 8, 2 ranks x 8 x accumulate 2, 1 x 8 x accumulate 4.
+        for (w, k) in [(4, 1), (2, 2), (1, 4)] {
+            assert_eq!(
+                Slice::new(w, 0, k).unwrap().steps_per_epoch(1000, b),
+                1000 / 32
+            );
+            for step in 0..1000 / 32 {
+                let mut got = Vec::new();
+                for r in 0..w {
+                    let s = Slice::new(w, r, k).unwrap();
+                    assert_eq!(s.batches_per_epoch(1000, b), (1000 / 32) * k as u64);
+                    for m in 0..k as u64 {
+                        got.extend_from_slice(s.samples(&perm, step * k as u64 + m, b));
+                    }
+                }
+                assert_eq!(got, &perm[step as usize * 32..(step as usize + 1) * 32]);
+            }
+        }
+        assert_eq!(
+            Slice::WHOLE.samples(&perm, 3, b),
+            batch_samples(&perm, 3, b)
+        );
+        assert!(Slice::new(2, 2, 1).is_err() && Slice::new(0, 0, 1).is_err());
+        assert!(Slice::new(1, 0, 0).is_err());
     }
 }

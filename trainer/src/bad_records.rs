@@ -7,7 +7,7 @@
 //! loader processes, and needs nothing beyond the batch layout.
 
 use anyhow::{bail, Result};
-use shared::rng::{batch_samples, epoch_permutation};
+use shared::rng::{epoch_permutation, Slice};
 use std::collections::BTreeSet;
 
 /// Names a record for messages (shard file, record, path), by dataset index.
@@ -18,6 +18,8 @@ pub struct BadRecords {
     seed: u64,
     n: u64,
     batch_size: u32,
+    /// The data-parallel rank's share of the sample order (its batches are counted here).
+    slice: Slice,
     /// Bad records tolerated; one more stops the run.
     pub limit: u64,
     perm: Option<(u64, Vec<u64>)>,
@@ -31,10 +33,17 @@ impl BadRecords {
             seed,
             n,
             batch_size,
+            slice: Slice::WHOLE,
             limit: limit.unwrap_or(n / 1000),
             perm: None,
             seen: BTreeSet::new(),
         }
+    }
+
+    /// Batches are this rank's batches ([`Slice::samples`]).
+    pub fn with_slice(mut self, slice: Slice) -> Self {
+        self.slice = slice;
+        self
     }
 
     /// Counts bad records found before (e.g. those saved in the checkpoint a run resumes from).
@@ -57,7 +66,9 @@ impl BadRecords {
         if self.perm.as_ref().map(|p| p.0) != Some(epoch) {
             self.perm = Some((epoch, epoch_permutation(self.seed, epoch, self.n)));
         }
-        let asked = batch_samples(&self.perm.as_ref().unwrap().1, batch, self.batch_size);
+        let asked = self
+            .slice
+            .samples(&self.perm.as_ref().unwrap().1, batch, self.batch_size);
         let mut new = Vec::new();
         for (&want, &got) in asked.iter().zip(indices) {
             // At most n steps: a served index outside 0..n cannot loop forever.
@@ -99,6 +110,7 @@ impl BadRecords {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use shared::rng::batch_samples;
 
     /// What a loader serves for `asked` when the records in `bad` are bad (the next good one).
     fn served(asked: u64, n: u64, bad: &[u64]) -> u64 {

@@ -28,6 +28,7 @@ pub const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const STD: [f32; 3] = [0.229, 0.224, 0.225];
 
 /// One batch on the device (see module docs for shapes).
+#[derive(Clone)]
 pub struct TrainBatch {
     pub batch_size: usize,
     pub n_local: usize,

@@ -14,11 +14,11 @@ use candle_core::Device;
 /// The `--device` flag.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum DeviceFlag {
-    /// CUDA GPU 0 when this binary has CUDA support and a GPU is usable, else the CPU.
+    /// the CUDA GPU LOCAL_RANK (default 0) when this binary has CUDA support and a GPU is usable, else the CPU.
     #[default]
     Auto,
     Cpu,
-    /// CUDA GPU 0; an error if there is none.
+    /// the CUDA GPU LOCAL_RANK (default 0); an error if there is none.
     Cuda,
 }
 
@@ -59,7 +59,7 @@ pub enum DeviceError {
          (e.g. /usr/local/cuda/lib64 or PyTorch's site-packages/nvidia/cu13/lib)"
     )]
     LibrariesMissing { missing: String },
-    #[error("--device cuda: no usable CUDA GPU 0: {0}")]
+    #[error("--device cuda: no usable CUDA GPU (LOCAL_RANK, default 0): {0}")]
     NoGpu(String),
 }
 
@@ -71,8 +71,8 @@ pub const CUDA_COMPILED: bool = cfg!(feature = "cuda");
 pub fn pick(flag: DeviceFlag) -> Result<Device, DeviceError> {
     match flag {
         DeviceFlag::Cpu => Ok(Device::Cpu),
-        DeviceFlag::Cuda => cuda0(),
-        DeviceFlag::Auto => match cuda0() {
+        DeviceFlag::Cuda => cuda_local(),
+        DeviceFlag::Auto => match cuda_local() {
             Ok(dev) => Ok(dev),
             Err(why) => {
                 if CUDA_COMPILED {
@@ -94,12 +94,22 @@ pub fn name(device: &Device) -> String {
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda0() -> Result<Device, DeviceError> {
+fn cuda_local() -> Result<Device, DeviceError> {
     Err(DeviceError::NotCompiled)
 }
 
+/// The GPU of this rank: LOCAL_RANK (set by `torchrun` and `trainer launch`; SLURM_LOCALID
+/// under SLURM), else 0.
 #[cfg(feature = "cuda")]
-fn cuda0() -> Result<Device, DeviceError> {
+fn local_gpu() -> usize {
+    ["LOCAL_RANK", "SLURM_LOCALID"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok()?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_local() -> Result<Device, DeviceError> {
     use candle_core::cuda::cudarc;
     // The libraries candle's CUDA backend opens when the device is created or on the first
     // matmul/random op. nvrtc is only needed for user-compiled kernels, so it is not required.
@@ -122,7 +132,7 @@ fn cuda0() -> Result<Device, DeviceError> {
             missing: missing.join(", "),
         });
     }
-    let dev = Device::new_cuda(0).map_err(|e| DeviceError::NoGpu(e.to_string()))?;
+    let dev = Device::new_cuda(local_gpu()).map_err(|e| DeviceError::NoGpu(e.to_string()))?;
     if let Device::Cuda(cd) = &dev {
         tune(cd).map_err(|e| DeviceError::NoGpu(format!("configuring the memory pool: {e}")))?;
     }

@@ -20,6 +20,7 @@ pub mod config;
 pub mod data;
 pub mod debug;
 pub mod device;
+pub mod dist;
 pub mod engine;
 pub mod eval;
 pub mod export;

@@ -57,6 +57,16 @@ impl Centres {
         })
     }
 
+    /// `c ← m·c + (1 − m)·batch` for each centre (udi-spec §3.4).
+    pub fn ema(&self, batch: &Centres, m: f64) -> Result<Centres> {
+        let e = |c: &Tensor, b: &Tensor| (c * m)? + (b * (1.0 - m))?;
+        Ok(Centres {
+            cls: e(&self.cls, &batch.cls)?,
+            udi: e(&self.udi, &batch.udi)?,
+            patch: e(&self.patch, &batch.patch)?,
+        })
+    }
+
     /// `[("center.cls", c₀), ("center.udi", c₁), ("center.patch", c₂)]`.
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
         vec![
@@ -117,6 +127,10 @@ pub struct Targets {
     pub cls_local: Option<Tensor>,
     /// The [cls+] and patch targets (`None` with `dino_only`).
     pub udi: Option<UdiTargets>,
+    /// This batch's means of the teacher logits that update the centres (udi-spec §3.4; data-
+    /// parallel training averages them over the ranks before the update).
+    pub batch_centres: Centres,
+    /// The centres updated with this batch alone.
     pub new_centres: Centres,
     /// Mean entropy (nats) of the teacher distributions P0, P1, P2 (P2 over valid rows).
     pub teacher_entropy: [f64; 3],
@@ -165,20 +179,26 @@ pub fn targets(
         None
     };
     let batch_cls = t_cls_logits.mean(0)?;
-    let new_cls = ((&centres.cls * m)? + (batch_cls * (1.0 - m))?)?;
     let h0 = mean_entropy(&t_cls, &centres.cls, tau, None, fused)?;
 
     let Some(rows) = &t.rows else {
-        // dino_only: L_cls alone; the other centres stay as they are.
+        // dino_only: L_cls alone; the other centres stay as they are (their EMA with themselves
+        // is not exact in floating point).
+        let batch = Centres {
+            cls: batch_cls,
+            udi: centres.udi.clone(),
+            patch: centres.patch.clone(),
+        };
         return Ok(Targets {
             cls_global,
             cls_local,
             udi: None,
             new_centres: Centres {
-                cls: new_cls,
+                cls: centres.ema(&batch, m)?.cls,
                 udi: centres.udi.clone(),
                 patch: centres.patch.clone(),
             },
+            batch_centres: batch,
             teacher_entropy: [h0, 0.0, 0.0],
         });
     };
@@ -218,7 +238,7 @@ pub fn targets(
         h1_sum += mean_entropy(&mm_l, &centres.udi, tau, None, fused)? * (2 * b * l) as f64;
         patch_sum = (patch_sum + local_sum)?;
     }
-    let new_udi = ((&centres.udi * m)? + ((mm_sum / ((2 * b + 2 * b * l) as f64))? * (1.0 - m))?)?;
+    let batch_udi = (mm_sum / ((2 * b + 2 * b * l) as f64))?;
     let h1 = h1_sum / (2 * b + 2 * b * l) as f64;
 
     // ---- patch targets (global views only) --------------------------------------------------
@@ -226,7 +246,11 @@ pub fn targets(
     let h2 = mean_entropy(&t_pat, &centres.patch, tau, Some(vg), fused)?;
     // c₂ count: the sum of the bilinear row sums of every T-row (global and local pairs).
     let count = batch.teacher_rows.sum_all()?;
-    let new_patch = ((&centres.patch * m)? + (patch_sum.broadcast_div(&count)? * (1.0 - m))?)?;
+    let batch = Centres {
+        cls: batch_cls,
+        udi: batch_udi,
+        patch: patch_sum.broadcast_div(&count)?,
+    };
     Ok(Targets {
         cls_global,
         cls_local,
@@ -236,11 +260,8 @@ pub fn targets(
             patch: p2.reshape((2 * b * n_g, k))?,
             valid: vg.clone(),
         }),
-        new_centres: Centres {
-            cls: new_cls,
-            udi: new_udi,
-            patch: new_patch,
-        },
+        new_centres: centres.ema(&batch, m)?,
+        batch_centres: batch,
         teacher_entropy: [h0, h1, h2],
     })
 }

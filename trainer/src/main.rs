@@ -20,6 +20,12 @@ enum Cmd {
         after_help = "Example: trainer train --config configs/udi_vit_s16_in1k.toml --shards shards/train --out runs/s16"
     )]
     Train(TrainArgs),
+    /// Data-parallel training on one host: start N ranks of the command after `--` with the
+    /// variables torchrun sets (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
+    #[command(
+        after_help = "Example: trainer launch --gpus 8 -- train --config configs/udi_vit_s16_in1k.toml --shards shards/train --out runs/s16"
+    )]
+    Launch(trainer::dist::launch::LaunchArgs),
     /// Weighted k-NN (DINO's) on teacher features: top-1 / top-5.
     #[command(
         after_help = "Example: trainer knn --checkpoint runs/s16 --train shards/train --val shards/val"
@@ -190,6 +196,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Train(a) => train_cli::train_main(&a),
+        Cmd::Launch(a) => trainer::dist::launch::launch_main(&a),
         Cmd::Knn(a) => train_cli::knn_main(&a),
         Cmd::Linear(a) => trainer::eval::cli::linear_main(&a),
         Cmd::Features(a) => trainer::eval::cli::features_main(&a),

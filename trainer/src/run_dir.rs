@@ -16,7 +16,8 @@ const LOCK_FILE: &str = ".lock";
 /// A locked, prepared run directory (unlocked when dropped).
 pub struct RunDir {
     dir: PathBuf,
-    _lock: fs::File,
+    /// `None` on the ranks other than rank 0 of a data-parallel job (they write nothing here).
+    _lock: Option<fs::File>,
     /// The checkpoint to resume from (with `resume`).
     pub resume_from: Option<(CheckpointPath, CheckpointState)>,
     /// Newer checkpoints that failed verification, with the reason; set aside as
@@ -72,9 +73,28 @@ impl RunDir {
         write_atomically(&dir.join(CONFIG_FILE), config_toml.as_bytes())?;
         Ok(Self {
             dir: dir.to_path_buf(),
-            _lock: lock,
+            _lock: Some(lock),
             resume_from,
             skipped,
+        })
+    }
+
+    /// The run directory as another rank of a data-parallel job sees it: rank 0 holds the lock
+    /// and chose `resume_from` (a checkpoint directory, on a filesystem every rank shares).
+    pub fn follow(dir: &Path, resume_from: Option<&Path>) -> Result<Self> {
+        let resume_from = match resume_from {
+            None => None,
+            Some(p) => {
+                let c = crate::checkpoint::resolve(p)?;
+                let state = crate::checkpoint::load_state(&c)?;
+                Some((c, state))
+            }
+        };
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            _lock: None,
+            resume_from,
+            skipped: Vec::new(),
         })
     }
 

@@ -49,6 +49,13 @@ impl Schedules {
             cfg: cfg.clone(),
         }
     }
+    /// The peak lr for a global batch other than `data.batch_size` (data-parallel training,
+    /// gradient accumulation): `lr × global_batch / 256`.
+    pub fn with_global_batch(mut self, global_batch: u64) -> Self {
+        self.peak_lr = self.cfg.optim.lr * global_batch as f64 / 256.0;
+        self
+    }
+
     /// The four scheduled values of one iteration: (lr, weight decay, teacher EMA momentum,
     /// teacher temperature), the first three by global step, τ_t by epoch.
     pub fn at(&self, epoch: u64, global_step: u64) -> (f64, f64, f64, f64) {

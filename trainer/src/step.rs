@@ -77,10 +77,62 @@ pub trait TrainStep {
     /// Restores [`Self::state_tensors`] (optimiser entries may be absent: fresh state).
     fn load_state(&mut self, map: &HashMap<String, Tensor>, what: &str) -> Result<()>;
 
+    /// One optimiser step of data-parallel training and/or gradient accumulation: this rank's
+    /// `split.accumulate` batches come from `fetch(m)`, and `comm` averages over the ranks.
+    /// Engines without it train one process, one batch per step.
+    fn step_group(
+        &mut self,
+        fetch: &mut dyn FnMut(usize) -> Result<TrainBatch>,
+        split: Split,
+        epoch: u64,
+        global_step: u64,
+        comm: &mut dyn crate::dist::Collective,
+    ) -> Result<StepReport> {
+        if split != Split::WHOLE || comm.world().size > 1 {
+            bail!("data-parallel training and --accumulate need the explicit engine (--engine explicit)");
+        }
+        let batch = fetch(0)?;
+        self.step_detailed(&batch, epoch, global_step)
+    }
+
     /// Stochastic depth on (training) or off (`debug-step`).
     fn set_drop_path(&mut self, on: bool);
 
+    /// The lr, weight-decay, momentum and temperature schedules.
+    fn schedules_mut(&mut self) -> &mut Schedules;
+
     fn centres(&self) -> &Centres;
+}
+
+/// Where this rank's batches sit in the global batch of a step: groups
+/// `first_group .. first_group + accumulate` of `world · accumulate` (one group = one per-rank
+/// batch, the official code's "GPU").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Split {
+    pub first_group: usize,
+    pub accumulate: usize,
+    pub world: usize,
+}
+
+impl Split {
+    pub const WHOLE: Split = Split {
+        first_group: 0,
+        accumulate: 1,
+        world: 1,
+    };
+
+    pub fn of(slice: shared::rng::Slice) -> Self {
+        Self {
+            first_group: (slice.rank * slice.accumulate) as usize,
+            accumulate: slice.accumulate as usize,
+            world: slice.world as usize,
+        }
+    }
+
+    /// Groups in the global batch.
+    pub fn groups(&self) -> usize {
+        self.world * self.accumulate
+    }
 }
 
 /// A training step of the chosen engine.
@@ -203,6 +255,7 @@ impl Trainer {
             batch.batch_size,
             batch.n_local,
             global_step,
+            (0, 1),
             self.dtype,
             &self.device,
         )?)
@@ -411,6 +464,9 @@ impl TrainStep for Trainer {
     }
     fn set_drop_path(&mut self, on: bool) {
         self.drop_path = on;
+    }
+    fn schedules_mut(&mut self) -> &mut Schedules {
+        &mut self.schedules
     }
     fn centres(&self) -> &Centres {
         &self.centres

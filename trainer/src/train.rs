@@ -11,13 +11,16 @@ use crate::bad_records::BadRecords;
 use crate::checkpoint::{self, CheckpointManager, CheckpointState, DataCursor, FORMAT_VERSION};
 use crate::config::TrainConfig;
 use crate::data::TrainBatch;
+use crate::dist::Collective;
 use crate::metrics::{self, EntropyGuard, MetricsLog, StepMetrics};
 use crate::run_dir::RunDir;
-use crate::step::TrainStep;
+use crate::schedule::Schedules;
+use crate::step::{Split, TrainStep};
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use shared::config::AugmentConfig;
+use shared::rng::Slice;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -50,6 +53,12 @@ pub struct RunConfig {
     pub max_bad_records: Option<u64>,
     /// `explicit` or `autograd` training step (default: [`crate::engine::EngineKind::for_device`]).
     pub engine: Option<crate::engine::EngineKind>,
+    /// Gradient accumulation: per-rank batches per optimiser step (`--accumulate`). The global
+    /// batch is `data.batch_size` × ranks × `accumulate`.
+    pub accumulate: u32,
+    /// Data-parallel training: seconds a rank waits for the others in a collective before the
+    /// job stops with an error naming the missing rank (rank 0's checkpoint writes included).
+    pub collective_timeout_s: f64,
 }
 
 impl Default for RunConfig {
@@ -65,6 +74,8 @@ impl Default for RunConfig {
             kernels: None,
             max_bad_records: None,
             engine: None,
+            accumulate: 1,
+            collective_timeout_s: 600.0,
         }
     }
 }
@@ -84,6 +95,11 @@ impl RunConfig {
         );
         ensure!(d.run.log_every > 0, "[run]: log_every must be > 0");
         ensure!(d.run.ring_slots >= 2, "[run]: ring_slots must be >= 2");
+        ensure!(d.run.accumulate >= 1, "[run]: accumulate must be >= 1");
+        ensure!(
+            d.run.collective_timeout_s > 0.0,
+            "[run]: collective_timeout_s must be > 0"
+        );
         Ok(d.run)
     }
 }
@@ -166,33 +182,62 @@ pub fn advance(epoch: u64, index: u64, batches_per_epoch: u64) -> DataCursor {
     }
 }
 
-/// Runs (or resumes) training until `max_steps` or the end of the schedule.
+/// Runs (or resumes) training in one process until `max_steps` or the end of the schedule.
 pub fn train(opts: &TrainOptions, feed: &mut dyn BatchFeed) -> Result<TrainSummary> {
     let run = RunDir::open(&opts.run_dir, &opts.config_toml, opts.resume)?;
-    train_in(&run, opts, feed)
+    train_in(&run, opts, feed, &mut crate::dist::Single::new())
 }
 
-/// [`train`] in a run directory already opened (locked, config written, resume point chosen)
-/// before `feed` was started.
+/// This rank's share of the sample order under `comm`'s world and `[run] accumulate`.
+pub fn data_slice(comm: &dyn Collective, run: &RunConfig) -> Result<Slice> {
+    let w = comm.world();
+    Slice::new(w.size, w.rank, run.accumulate).map_err(anyhow::Error::msg)
+}
+
+/// [`train`] in a run directory already opened (rank 0: locked, config written, resume point
+/// chosen; see [`crate::dist::open_run`]) before `feed` was started, as one rank of `comm`'s
+/// world. A rank that fails tells the others, which then stop too.
 pub fn train_in(
     run_dir: &RunDir,
     opts: &TrainOptions,
     feed: &mut dyn BatchFeed,
+    comm: &mut dyn Collective,
+) -> Result<TrainSummary> {
+    let r = train_rank(run_dir, opts, feed, comm);
+    if let Err(e) = &r {
+        comm.abort(&format!("{e:#}"));
+    }
+    r
+}
+
+fn train_rank(
+    run_dir: &RunDir,
+    opts: &TrainOptions,
+    feed: &mut dyn BatchFeed,
+    comm: &mut dyn Collective,
 ) -> Result<TrainSummary> {
     let (cfg, run) = parse_config(&opts.config_toml, "config")?;
-    let bpe = shared::rng::batches_per_epoch(feed.n_samples(), cfg.data.batch_size);
+    let slice = data_slice(comm, &run)?;
+    let split = Split::of(slice);
+    let lead = slice.rank == 0;
+    let quiet = opts.quiet || !lead;
+    let k = slice.accumulate as u64;
+    let global_batch = cfg.data.batch_size as u64 * slice.group();
+    // Optimiser steps per epoch: drop_last on the global batch.
+    let bpe = slice.steps_per_epoch(feed.n_samples(), cfg.data.batch_size);
     ensure!(
         bpe > 0,
-        "the dataset has {} samples, fewer than one batch of {}",
+        "the dataset has {} samples, fewer than one global batch of {global_batch} ({} per rank × {} rank(s) × accumulate {k})",
         feed.n_samples(),
-        cfg.data.batch_size
+        cfg.data.batch_size,
+        slice.world
     );
     let schedule_steps = cfg.optim.epochs * bpe;
     let end_step = opts
         .max_steps
         .map_or(schedule_steps, |m| m.min(schedule_steps));
 
-    if !cfg.augment.photometric.is_loader() && opts.device.is_cpu() && !opts.quiet {
+    if !cfg.augment.photometric.is_loader() && opts.device.is_cpu() && !quiet {
         eprintln!(
             "warning: [augment] photometric = \"device\" on a CPU trainer: candle's CPU ops run the \
              photometric pipeline ~65x slower than the loader does (cargo bench -p trainer --bench photometric_device); \
@@ -209,10 +254,12 @@ pub fn train_in(
         candle_core::DType::F32,
         compute,
     )?;
+    // The peak lr follows the global batch (udi-spec §4: lr × global batch / 256).
+    *trainer.schedules_mut() = Schedules::new(&cfg, bpe).with_global_batch(global_batch);
     let ckpts = CheckpointManager::new(run_dir.path(), run.keep_last)?;
     let mut step = 0u64;
     let mut cursor = DataCursor::default();
-    if !opts.quiet {
+    if !quiet {
         for s in &run_dir.skipped {
             eprintln!("{s}");
         }
@@ -222,10 +269,25 @@ pub fn train_in(
         feed.n_samples(),
         cfg.data.batch_size,
         run.max_bad_records,
-    );
+    )
+    .with_slice(slice);
     if let Some((c, state)) = &run_dir.resume_from {
         if let Some(known) = state.extra.get("bad_records").and_then(|v| v.as_array()) {
             bad.extend(known.iter().filter_map(|v| v.as_u64()));
+        }
+        // Checkpoints from before data-parallel training: one rank, no accumulation.
+        let saved_global = state
+            .extra
+            .get("global_batch")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(cfg.data.batch_size as u64);
+        if saved_global != global_batch {
+            bail!(
+                "--resume: {} was trained with a global batch of {saved_global}, this run has {global_batch}                  ({} per rank × {} rank(s) × accumulate {k}): keep ranks × accumulate the same                  (e.g. half the GPUs with --accumulate twice as large)",
+                c.dir.display(),
+                cfg.data.batch_size,
+                slice.world
+            );
         }
         let saved_id = state.extra.get("dataset_id").and_then(|v| v.as_u64());
         if saved_id.is_some_and(|id| id != feed.dataset_id()) {
@@ -241,7 +303,7 @@ pub fn train_in(
         trainer.load_state(&tensors, &format!("{}", c.tensors().display()))?;
         step = state.step;
         cursor = state.cursor;
-        if !opts.quiet {
+        if !quiet {
             eprintln!(
                 "resuming from {} (step {step}, next batch: epoch {} batch {})",
                 c.dir.display(),
@@ -250,8 +312,12 @@ pub fn train_in(
             );
         }
     }
-    feed.seek(cursor.epoch, cursor.batch)?;
-    let mut log = MetricsLog::open(run_dir.path(), Some(step))?;
+    // The cursor counts optimiser steps; this rank reads `accumulate` batches per step.
+    feed.seek(cursor.epoch, cursor.batch * k)?;
+    let mut log = match lead {
+        true => Some(MetricsLog::open(run_dir.path(), Some(step))?),
+        false => None,
+    };
     let mut guard = EntropyGuard::new(run.entropy_grace_steps);
     let first_step = step;
     let started = Instant::now();
@@ -285,6 +351,9 @@ pub fn train_in(
             extra: serde_json::json!({
                 "dataset_id": dataset_id,
                 "batches_per_epoch": bpe,
+                "global_batch": global_batch,
+                "world_size": slice.world,
+                "accumulate": slice.accumulate,
                 "bad_records": bad.all().collect::<Vec<u64>>(),
                 "note": "centres are the tensors center.{cls,udi,patch}; RNG streams are keyed by (seed, step)",
             }),
@@ -300,47 +369,67 @@ pub fn train_in(
     };
     while step < end_step {
         let t0 = Instant::now();
-        let fed = feed.next(&cfg.augment, &opts.device)?;
-        ensure!(
-            (fed.epoch, fed.index) == (cursor.epoch, cursor.batch),
-            "data feed returned epoch {} batch {}, expected epoch {} batch {}",
-            fed.epoch,
-            fed.index,
-            cursor.epoch,
-            cursor.batch
-        );
-        for i in bad.observe(fed.epoch, fed.index, &fed.indices) {
-            if !opts.quiet {
-                eprintln!(
-                    "trainer: bad record replaced by the loader (epoch {} batch {}): {}",
-                    fed.epoch,
-                    fed.index,
-                    feed.record_name(i)
-                );
-            }
-        }
-        bad.check(&|i| feed.record_name(i)).map_err(|e| {
-            anyhow::anyhow!(
-                "{e:#}\nTraining stopped before step {}; the last good checkpoint is {}",
-                step + 1,
-                last_ckpt_display(&ckpts)
-            )
-        })?;
-        let global_step = fed.epoch * bpe + fed.index;
-        let stats = trainer.step(&fed.batch, fed.epoch, global_step).map_err(|e| {
-            anyhow::anyhow!(
-                "training stopped at step {} (epoch {}): {e:#}\nThe last good checkpoint is intact: {}",
-                step + 1,
+        let (epoch, in_epoch) = (cursor.epoch, cursor.batch);
+        let global_step = epoch * bpe + in_epoch;
+        let mut wait = Duration::ZERO;
+        let mut fetch = |m: usize| -> Result<TrainBatch> {
+            let fed = feed.next(&cfg.augment, &opts.device)?;
+            let want = in_epoch * k + m as u64;
+            ensure!(
+                (fed.epoch, fed.index) == (epoch, want),
+                "data feed returned epoch {} batch {}, expected epoch {epoch} batch {want}",
                 fed.epoch,
+                fed.index,
+            );
+            for i in bad.observe(fed.epoch, fed.index, &fed.indices) {
+                if !opts.quiet {
+                    eprintln!(
+                        "trainer: bad record replaced by the loader (epoch {} batch {}): {}",
+                        fed.epoch,
+                        fed.index,
+                        feed.record_name(i)
+                    );
+                }
+            }
+            bad.check(&|i| feed.record_name(i)).map_err(|e| {
+                anyhow::anyhow!(
+                    "{e:#}\nTraining stopped before step {}; the last good checkpoint is {}",
+                    step + 1,
+                    last_ckpt_display(&ckpts)
+                )
+            })?;
+            wait += fed.wait;
+            Ok(fed.batch)
+        };
+        let stats = trainer
+            .step_group(&mut fetch, split, epoch, global_step, comm)
+            .map(|r| r.stats)
+            .map_err(|e| {
+                anyhow::anyhow!(
+                "training stopped at step {} (epoch {epoch}): {e:#}\nThe last good checkpoint is intact: {}",
+                step + 1,
                 last_ckpt_display(&ckpts)
             )
-        })?;
+            })?;
         step += 1;
-        cursor = advance(fed.epoch, fed.index, bpe);
+        cursor = advance(epoch, in_epoch, bpe);
         let dt = t0.elapsed().as_secs_f64();
+        // One decision for all ranks: stop when any was asked to; the bad records and the data
+        // wait are summed and averaged over the ranks.
+        let asked = opts
+            .stop
+            .as_ref()
+            .is_some_and(|s| s.load(Ordering::Relaxed));
+        let mut shared = [
+            asked as u8 as f64,
+            bad.count() as f64,
+            wait.as_secs_f64() / dt.max(1e-9),
+        ];
+        comm.all_reduce_f64(&mut shared)?;
+        let stopping = shared[0] > 0.0;
         let m = StepMetrics {
             step,
-            epoch: fed.epoch,
+            epoch,
             loss: stats.loss as f32,
             loss_cls: stats.loss_cls as f32,
             loss_udi: stats.loss_udi as f32,
@@ -352,19 +441,21 @@ pub fn train_in(
             teacher_entropy: stats.teacher_entropy.map(|x| x as f32),
             ln_k,
             centre_norm: stats.centre_norms.map(|x| x as f32),
-            images_per_s: cfg.data.batch_size as f64 / dt.max(1e-9),
-            data_wait_frac: (fed.wait.as_secs_f64() / dt.max(1e-9)).min(1.0),
+            images_per_s: global_batch as f64 / dt.max(1e-9),
+            data_wait_frac: (shared[2] / slice.world as f64).min(1.0),
             elapsed_s: started.elapsed().as_secs_f64(),
-            bad_records: bad.count(),
+            bad_records: shared[1] as u64,
         };
         metrics::check_finite(&m).map_err(|e| {
             anyhow::anyhow!("{e:#}\nLast good checkpoint: {}", last_ckpt_display(&ckpts))
         })?;
-        log.write(&m)?;
+        if let Some(log) = &mut log {
+            log.write(&m)?;
+        }
         wait_sum += m.data_wait_frac;
         ips_sum += m.images_per_s;
         n += 1;
-        if !opts.quiet {
+        if !quiet {
             for w in guard.check(&m) {
                 eprintln!("{w}");
             }
@@ -372,13 +463,9 @@ pub fn train_in(
                 eprintln!("{}", metrics::console_line(&m, end_step, first_step));
             }
         }
-        let stopping = opts
-            .stop
-            .as_ref()
-            .is_some_and(|s| s.load(Ordering::Relaxed));
-        if step.is_multiple_of(run.checkpoint_every) || step == end_step || stopping {
-            let p = save(trainer.as_ref(), step, fed.epoch, cursor, &bad)?;
-            if stopping && !opts.quiet {
+        if lead && (step.is_multiple_of(run.checkpoint_every) || step == end_step || stopping) {
+            let p = save(trainer.as_ref(), step, epoch, cursor, &bad)?;
+            if stopping && !quiet {
                 eprintln!(
                     "stopped at step {step}; checkpoint {} (continue with --resume)",
                     p.display()

@@ -9,7 +9,6 @@ use crate::export::{self, VitShape};
 use crate::knn::KnnParams;
 use crate::knn_eval;
 use crate::loaders::find_loader_bin;
-use crate::run_dir::RunDir;
 use crate::train::{self, BatchFeed, TrainOptions};
 use crate::train_feed::{InProcessFeed, LoaderLaunch, RingFeed};
 use crate::vit::ClassToken;
@@ -47,6 +46,10 @@ pub struct TrainArgs {
     /// Stop after N optimiser steps in total (with a final checkpoint).
     #[arg(long)]
     pub max_steps: Option<u64>,
+    /// Gradient accumulation: per-rank batches per optimiser step (same as
+    /// `--set run.accumulate=K`); the global batch is `data.batch_size` × ranks × K.
+    #[arg(long)]
+    pub accumulate: Option<u32>,
     /// Loader processes to start (default: one per 8 cores, at least 1).
     #[arg(long)]
     pub loaders: Option<usize>,
@@ -66,7 +69,8 @@ pub struct TrainArgs {
     /// Build batches inside the trainer process (no loaders, no ring): debugging and tests.
     #[arg(long, conflicts_with_all = ["external_loaders", "loaders"])]
     pub in_process: bool,
-    /// auto (CUDA GPU 0 when this binary has CUDA support and a GPU is usable, else the CPU),
+    /// auto (the CUDA GPU LOCAL_RANK, default 0, when this binary has CUDA support and a GPU is
+    /// usable, else the CPU),
     /// cpu or cuda.
     #[arg(long, default_value_t = DeviceFlag::Auto)]
     pub device: DeviceFlag,
@@ -135,11 +139,30 @@ pub fn train_main(a: &TrainArgs) -> Result<()> {
     if let Some(e) = a.engine {
         overrides.push(format!("run.engine=\"{e}\""));
     }
+    if let Some(k) = a.accumulate {
+        overrides.push(format!("run.accumulate={k}"));
+    }
     let text = apply_overrides(&text, &overrides)?;
     let (cfg, run) = train::parse_config(&text, &a.config.display().to_string())?;
+    // Data-parallel: this process's rank (torchrun / SLURM / `trainer launch` variables) and the
+    // rendezvous with the other ranks.
+    let world = crate::dist::World::from_env()?;
+    let mut comm = crate::dist::connect(&world, Duration::from_secs_f64(run.collective_timeout_s))?;
+    let slice = train::data_slice(comm.as_ref(), &run)?;
+    if world.size > 1 {
+        eprintln!(
+            "rank {} of {} (local rank {}): per-rank batch {}, accumulate {}, global batch {}",
+            world.rank,
+            world.size,
+            world.local_rank,
+            cfg.data.batch_size,
+            slice.accumulate,
+            cfg.data.batch_size as u64 * slice.group()
+        );
+    }
     // Before anything is started: the lock, the resume point, and RUN/config.toml, the effective
-    // config every loader of this run reads.
-    let run_dir = RunDir::open(&a.out, &text, a.resume)?;
+    // config every loader of this run reads (rank 0 prepares it, the other ranks follow).
+    let run_dir = crate::dist::open_run(comm.as_mut(), &a.out, &text, a.resume)?;
     let pipe = PipelineConfig {
         data: cfg.data.clone(),
         augment: cfg.augment.clone(),
@@ -154,7 +177,11 @@ pub fn train_main(a: &TrainArgs) -> Result<()> {
     let mut feed: Box<dyn BatchFeed> = if a.in_process {
         let engine = loader::engine::CropEngine::new(cfg.augment.clone());
         let src = loader::source::DatasetSource::new(ds, engine, cfg.data.seed);
-        Box::new(InProcessFeed::new(Arc::new(src), &pipe, id, cores()).with_record_names(names))
+        Box::new(
+            InProcessFeed::new(Arc::new(src), &pipe, id, cores())
+                .with_slice(slice)
+                .with_record_names(names),
+        )
     } else {
         drop(ds);
         let name = a
@@ -164,9 +191,17 @@ pub fn train_main(a: &TrainArgs) -> Result<()> {
         let config = run_dir.config_path();
         let launch = if a.external_loaders {
             eprintln!(
-                "waiting for loaders on ring '{name}': loader run --shards {} --ring {name} --config {}",
+                "waiting for loaders on ring '{name}': loader run --shards {} --ring {name} --config {}{}",
                 a.shards.display(),
-                config.display()
+                config.display(),
+                if slice == shared::rng::Slice::WHOLE {
+                    String::new()
+                } else {
+                    format!(
+                        " --rank {} --world {} --accumulate {}",
+                        slice.rank, slice.world, slice.accumulate
+                    )
+                }
             );
             None
         } else {
@@ -179,6 +214,7 @@ pub fn train_main(a: &TrainArgs) -> Result<()> {
                 processes,
                 threads,
                 slots: run.ring_slots,
+                slice,
             };
             eprintln!(
                 "starting {processes} loader process(es) × {threads} thread(s): {}",
@@ -193,6 +229,7 @@ pub fn train_main(a: &TrainArgs) -> Result<()> {
                 id,
                 n,
                 run.ring_slots,
+                slice,
                 Duration::from_secs_f64(run.batch_timeout_s),
                 launch.as_ref(),
             )?
@@ -214,7 +251,10 @@ pub fn train_main(a: &TrainArgs) -> Result<()> {
         quiet: false,
         stop: Some(stop),
     };
-    let s = train::train_in(&run_dir, &opts, feed.as_mut())?;
+    let s = train::train_in(&run_dir, &opts, feed.as_mut(), comm.as_mut())?;
+    if world.rank > 0 {
+        return Ok(());
+    }
     eprintln!(
         "done: steps {}..{} of {}; mean {:.1} img/s, data wait {:.1}% of step time; checkpoint {}",
         s.first_step,

@@ -12,7 +12,7 @@ use shared::batch::{BatchLayout, BatchView, BatchWriter, OwnedBatch};
 use shared::config::{AugmentConfig, PipelineConfig};
 use shared::geometry::{Sample, SampleSource};
 use shared::ring::{Consumer, Ring, RingSpec};
-use shared::rng::{batch_samples, batches_per_epoch, epoch_permutation};
+use shared::rng::{epoch_permutation, Slice};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,6 +32,7 @@ pub struct InProcessFeed {
     batch: u64,
     perm: Option<(u64, Vec<u64>)>,
     names: Option<RecordNames>,
+    slice: Slice,
 }
 
 impl InProcessFeed {
@@ -54,7 +55,15 @@ impl InProcessFeed {
             batch: 0,
             perm: None,
             names: None,
+            slice: Slice::WHOLE,
         }
+    }
+
+    /// Serves a data-parallel rank's batches ([`Slice`]): its batch `b` of an epoch is the
+    /// one-process batch `slice.batch_of(b)`.
+    pub fn with_slice(mut self, slice: Slice) -> Self {
+        self.slice = slice;
+        self
     }
 
     /// Names records in messages (e.g. shard file and path) instead of by index.
@@ -69,12 +78,14 @@ impl InProcessFeed {
         if self.perm.as_ref().map(|p| p.0) != Some(epoch) {
             self.perm = Some((epoch, epoch_permutation(self.pipe.data.seed, epoch, n)));
         }
-        let idx: Vec<u64> = batch_samples(
-            &self.perm.as_ref().unwrap().1,
-            batch,
-            self.pipe.data.batch_size,
-        )
-        .to_vec();
+        let idx: Vec<u64> = self
+            .slice
+            .samples(
+                &self.perm.as_ref().unwrap().1,
+                batch,
+                self.pipe.data.batch_size,
+            )
+            .to_vec();
         let chunk = idx.len().div_ceil(self.threads);
         let source = &self.source;
         let samples: Vec<Result<Sample>> = std::thread::scope(|s| {
@@ -128,7 +139,9 @@ impl BatchFeed for InProcessFeed {
         let wait = t0.elapsed();
         let indices = view.indices().to_vec();
         let batch = TrainBatch::from_view(&view, aug, device)?;
-        let bpe = batches_per_epoch(self.source.len(), self.pipe.data.batch_size);
+        let bpe = self
+            .slice
+            .batches_per_epoch(self.source.len(), self.pipe.data.batch_size);
         let c = crate::train::advance(e, b, bpe);
         (self.epoch, self.batch) = (c.epoch, c.batch);
         Ok(FedBatch {
@@ -161,6 +174,8 @@ pub struct LoaderLaunch {
     pub threads: usize,
     /// Ring slots (a loader that creates or checks the ring must agree with the trainer).
     pub slots: u32,
+    /// The data-parallel rank's share the loaders produce.
+    pub slice: Slice,
 }
 
 /// The ring's consumer side, plus the supervisor of the loaders this trainer started.
@@ -241,10 +256,11 @@ impl RingFeed {
         dataset_id: u64,
         n_samples: u64,
         slots: u32,
+        slice: Slice,
         timeout: Duration,
         launch: Option<&LoaderLaunch>,
     ) -> Result<Self> {
-        let spec = RingSpec::new(pipe, dataset_id, n_samples, slots);
+        let spec = RingSpec::new(pipe, dataset_id, n_samples, slots).with_slice(slice);
         let ring = match launch {
             Some(_) => Ring::create(name, &spec)?,
             None => Ring::open_or_create(name, &spec)?,
@@ -270,7 +286,13 @@ impl RingFeed {
                         .arg("--threads")
                         .arg(l.threads.to_string())
                         .arg("--slots")
-                        .arg(l.slots.to_string());
+                        .arg(l.slots.to_string())
+                        .arg("--rank")
+                        .arg(l.slice.rank.to_string())
+                        .arg("--world")
+                        .arg(l.slice.world.to_string())
+                        .arg("--accumulate")
+                        .arg(l.slice.accumulate.to_string());
                     c
                 })?;
                 Some(SupervisorThread::start(sup))

@@ -102,29 +102,39 @@ pub fn drop_rates(cfg: &TrainConfig) -> Vec<f64> {
 /// The drop-path masks of one step, `(globals, locals)`, drawn from
 /// `rng_for(seed, Domain::Step, 0, global_step)`: global crops first, then local crops; per crop
 /// batch, block by block, the attention branch then the MLP branch, one uniform per sample (keep
-/// iff u < 1 − rate). A resumed run, and either engine, draws the same masks.
+/// iff u < 1 − rate). A resumed run, and either engine, draws the same masks; `group` = (this
+/// group, groups per step) in data-parallel training ([`crate::dist`]), `(0, 1)` otherwise.
 pub fn drop_masks(
     rates: &[f64],
     seed: u64,
     batch_size: usize,
     n_local: usize,
     global_step: u64,
+    group: (usize, usize),
     dtype: candle_core::DType,
     device: &Device,
 ) -> Result<(DropMasks, DropMasks)> {
     use rand::Rng;
     let mut rng = shared::rng::rng_for(seed, shared::rng::Domain::Step, 0, global_step);
+    // Drawn for the whole global batch of `n_groups` groups, then this group's rows kept: a
+    // sample's masks depend on its place in the global batch, not on how the batch is split.
+    let (g, n_groups) = group;
+    let global = batch_size * n_groups;
     // One upload per crop group: values [depth][2][n], sliced per block and branch.
-    let mut make = |n: usize| -> Result<DropMasks> {
+    let mut make = |views: usize| -> Result<DropMasks> {
+        let n = views * batch_size;
         let mut v = Vec::with_capacity(rates.len() * 2 * n);
         for &rate in rates {
             let keep = 1.0 - rate;
-            for _ in 0..2 * n {
-                v.push(if rng.random::<f64>() < keep {
-                    1.0 / keep
-                } else {
-                    0.0
-                });
+            for _ in 0..2 {
+                for _view in 0..views {
+                    for i in 0..global {
+                        let u = rng.random::<f64>();
+                        if i / batch_size == g {
+                            v.push(if u < keep { 1.0 / keep } else { 0.0 });
+                        }
+                    }
+                }
             }
         }
         let all = Tensor::from_vec(v, (rates.len(), 2, n, 1, 1), &Device::Cpu)?
@@ -134,8 +144,8 @@ pub fn drop_masks(
             .map(|i| Ok((all.get(i)?.get(0)?, all.get(i)?.get(1)?)))
             .collect()
     };
-    let g = make(2 * batch_size)?;
-    let l = make(n_local * batch_size)?;
+    let g = make(2)?;
+    let l = make(n_local)?;
     Ok((g, l))
 }
 

@@ -44,6 +44,7 @@ fn train_via_ring(
         ds.dataset_id(),
         N,
         4,
+        shared::rng::Slice::WHOLE,
         Duration::from_secs(120),
         None,
     )
@@ -57,6 +58,9 @@ fn train_via_ring(
         synthetic: None,
         synthetic_work: 0,
         hold_ms: 0,
+        rank: 0,
+        world: 1,
+        accumulate: 1,
     };
     let loader = std::thread::spawn(move || loader::daemon::run(&args));
     let s = train(

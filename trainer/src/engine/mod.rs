@@ -27,6 +27,7 @@ pub mod vit;
 
 use crate::config::TrainConfig;
 use crate::data::TrainBatch;
+use crate::dist::{Collective, Single};
 use crate::kernels::adamw::{meta_tensor, AdamwEma, Segment};
 use crate::kernels::{Compute, Kernels};
 use crate::loss::Centres;
@@ -491,8 +492,15 @@ struct Pass {
 }
 
 impl Explicit {
-    /// Teacher forward, student forward, loss and backward of one step (nothing updated).
-    fn forward_backward(&self, batch: &TrainBatch, epoch: u64, global_step: u64) -> Result<Pass> {
+    /// Teacher forward, student forward, loss and backward of one step (nothing updated) for
+    /// group `group.0` of the `group.1` groups of the global batch ([`crate::dist`]).
+    fn forward_backward(
+        &self,
+        batch: &TrainBatch,
+        epoch: u64,
+        global_step: u64,
+        group: (usize, usize),
+    ) -> Result<Pass> {
         let ops = self.ops();
         let tau = self.schedules.teacher_temp(epoch);
         let b = batch.batch_size;
@@ -516,6 +524,7 @@ impl Explicit {
                 b,
                 n_local,
                 global_step,
+                group,
                 self.dtype,
                 &self.device,
             )?),
@@ -653,7 +662,7 @@ impl Explicit {
         epoch: u64,
         global_step: u64,
     ) -> Result<(loss::LossValues, Vec<(String, Tensor)>)> {
-        let pass = self.forward_backward(batch, epoch, global_step)?;
+        let pass = self.forward_backward(batch, epoch, global_step, (0, 1))?;
         let grads = (0..self.layout.entries.len())
             .map(|i| {
                 Ok((
@@ -673,11 +682,71 @@ impl TrainStep for Explicit {
         epoch: u64,
         global_step: u64,
     ) -> Result<StepReport> {
+        let mut one = Some(batch.clone());
+        let mut fetch = |_| one.take().context("one batch");
+        let split = crate::step::Split::WHOLE;
+        self.step_group(&mut fetch, split, epoch, global_step, &mut Single::new())
+    }
+
+    /// Forward and backward over each of this rank's `split.accumulate` batches (gradients
+    /// and batch centres summed), then one all-reduce over the ranks and the average over all
+    /// groups, the centre update, clipping, AdamW and the teacher EMA — the same on every rank.
+    fn step_group(
+        &mut self,
+        fetch: &mut dyn FnMut(usize) -> Result<TrainBatch>,
+        split: crate::step::Split,
+        epoch: u64,
+        global_step: u64,
+        comm: &mut dyn Collective,
+    ) -> Result<StepReport> {
         let (lr, wd, mom, tau) = self.schedules.at(epoch, global_step);
-        let pass = self.forward_backward(batch, epoch, global_step)?;
-        self.centres = pass.targets.new_centres;
-        let g = pass.grads;
+        let groups = split.groups();
+        // Per group: total, L_cls, L_udi, L_patch, H(P0), H(P1), H(P2).
+        let mut scalars = [0f64; 7];
+        let mut timings = [0f64; 3];
+        let mut sum: Option<Tensor> = None;
+        for m in 0..split.accumulate {
+            let batch = fetch(m)?;
+            let pass =
+                self.forward_backward(&batch, epoch, global_step, (split.first_group + m, groups))?;
+            let v = &pass.loss;
+            let h = pass.targets.teacher_entropy;
+            for (a, x) in scalars
+                .iter_mut()
+                .zip([v.total, v.cls, v.udi, v.patch, h[0], h[1], h[2]])
+            {
+                *a += x;
+            }
+            for (a, x) in timings.iter_mut().zip(pass.timings) {
+                *a += x;
+            }
+            // Gradients and batch centres in one buffer: one all-reduce per step.
+            let c = &pass.targets.batch_centres;
+            let packed = Tensor::cat(&[&pass.grads, &c.cls, &c.udi, &c.patch], 0)?;
+            sum = Some(match sum {
+                Some(s) => (s + packed)?,
+                None => packed,
+            });
+        }
         let t3 = Instant::now();
+        let mut mean = comm.all_reduce_tensor(&sum.context("no batch in the step")?)?;
+        comm.all_reduce_f64(&mut scalars)?;
+        if groups > 1 {
+            mean = (mean / groups as f64)?;
+            for x in &mut scalars {
+                *x /= groups as f64;
+            }
+        }
+        let (n, k) = (self.layout.n, self.cfg.model.out_dim);
+        let g = mean.narrow(0, 0, n)?;
+        let batch_centres = Centres {
+            cls: mean.narrow(0, n, k)?,
+            udi: mean.narrow(0, n + k, k)?,
+            patch: mean.narrow(0, n + 2 * k, k)?,
+        };
+        self.centres = self
+            .centres
+            .ema(&batch_centres, self.cfg.loss.center_momentum)?;
 
         // Clipping, last-layer freeze, AdamW and the teacher EMA in one update of the state.
         let (segs, plan) = self.clip_and_plan(&g, epoch, lr, wd)?;
@@ -703,20 +772,20 @@ impl TrainStep for Explicit {
             0,
         )?
         .to_vec1::<f64>()?;
-        let vals = pass.loss;
-        let [t_teacher, t_student, t_backward] = pass.timings;
+        let [loss, loss_cls, loss_udi, loss_patch, h0, h1, h2] = scalars;
+        let [t_teacher, t_student, t_backward] = timings;
         let stats = StepStats {
             epoch,
             global_step,
-            loss: vals.total,
-            loss_cls: vals.cls,
-            loss_udi: vals.udi,
-            loss_patch: vals.patch,
+            loss,
+            loss_cls,
+            loss_udi,
+            loss_patch,
             lr,
             weight_decay: wd,
             momentum: mom,
             teacher_temp: tau,
-            teacher_entropy: pass.targets.teacher_entropy,
+            teacher_entropy: [h0, h1, h2],
             centre_norms: [norms[0], norms[1], norms[2]],
             grad_norm: plan.norm,
             timings: [t_teacher, t_student, t_backward, (t4 - t3).as_secs_f64()],
@@ -770,6 +839,10 @@ impl TrainStep for Explicit {
 
     fn set_drop_path(&mut self, on: bool) {
         self.drop_path = on;
+    }
+
+    fn schedules_mut(&mut self) -> &mut Schedules {
+        &mut self.schedules
     }
 
     fn centres(&self) -> &Centres {
