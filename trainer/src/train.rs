@@ -425,7 +425,12 @@ fn train_rank(
             bad.count() as f64,
             wait.as_secs_f64() / dt.max(1e-9),
         ];
-        comm.all_reduce_f64(&mut shared)?;
+        comm.all_reduce_f64(&mut shared).map_err(|e| {
+            anyhow::anyhow!(
+                "training stopped after step {step}: {e:#}\nThe last good checkpoint is intact: {}",
+                last_ckpt_display(&ckpts)
+            )
+        })?;
         let stopping = shared[0] > 0.0;
         let m = StepMetrics {
             step,

@@ -19,6 +19,8 @@ const DATA: u8 = 2;
 const ABORT: u8 = 3;
 /// Identifies the protocol in the hello frame (a stray client on the port is refused).
 const MAGIC: &[u8; 8] = b"UDIdist1";
+/// The longest the ranks wait for each other at start-up (torchrun's default is 900 s).
+pub const RENDEZVOUS: Duration = Duration::from_secs(900);
 
 /// One rank's end of the star.
 pub struct TcpGroup {
@@ -31,7 +33,8 @@ pub struct TcpGroup {
 
 impl TcpGroup {
     /// Rendezvous: rank 0 waits for the others to connect (each says its rank and the world
-    /// size), the others retry connecting until `timeout`.
+    /// size), the others retry connecting, for up to [`RENDEZVOUS`] or `timeout` if longer
+    /// (ranks of a cluster job start minutes apart); then `timeout` bounds every collective.
     pub fn connect(world: &World, timeout: Duration) -> Result<Self> {
         let (addr, port) = world.master.clone().with_context(|| {
             format!(
@@ -39,11 +42,12 @@ impl TcpGroup {
                 world.size
             )
         })?;
-        let deadline = Instant::now() + timeout;
+        let wait = timeout.max(RENDEZVOUS);
+        let deadline = Instant::now() + wait;
         let peers = if world.rank == 0 {
-            accept_all(world, &addr, port, timeout, deadline)?
+            accept_all(world, &addr, port, timeout, wait, deadline)?
         } else {
-            vec![connect_hub(world, &addr, port, timeout, deadline)?]
+            vec![connect_hub(world, &addr, port, timeout, wait, deadline)?]
         };
         Ok(Self {
             world: world.clone(),
@@ -174,6 +178,7 @@ fn accept_all(
     addr: &str,
     port: u16,
     timeout: Duration,
+    wait: Duration,
     deadline: Instant,
 ) -> Result<Vec<TcpStream>> {
     let listener = TcpListener::bind(("0.0.0.0", port))
@@ -213,7 +218,7 @@ fn accept_all(
                     bail!(
                         "rank 0: rank(s) {} did not connect to port {port} within {:.0} s",
                         missing.join(", "),
-                        timeout.as_secs_f64()
+                        wait.as_secs_f64()
                     );
                 }
                 std::thread::sleep(Duration::from_millis(20));
@@ -229,6 +234,7 @@ fn connect_hub(
     addr: &str,
     port: u16,
     timeout: Duration,
+    wait: Duration,
     deadline: Instant,
 ) -> Result<TcpStream> {
     let target = (addr, port)
@@ -255,7 +261,7 @@ fn connect_hub(
                     format!(
                         "rank {}: could not reach rank 0 at {addr}:{port} within {:.0} s",
                         world.rank,
-                        timeout.as_secs_f64()
+                        wait.as_secs_f64()
                     )
                 })
             }
