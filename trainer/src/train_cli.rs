@@ -147,7 +147,12 @@ pub fn train_main(a: &TrainArgs) -> Result<()> {
     // Data-parallel: this process's rank (torchrun / SLURM / `trainer launch` variables) and the
     // rendezvous with the other ranks.
     let world = crate::dist::World::from_env()?;
-    let mut comm = crate::dist::connect(&world, Duration::from_secs_f64(run.collective_timeout_s))?;
+    let dev = device(a.device, a.cuda)?;
+    let mut comm = crate::dist::connect(
+        &world,
+        Duration::from_secs_f64(run.collective_timeout_s),
+        &dev,
+    )?;
     let slice = train::data_slice(comm.as_ref(), &run)?;
     if world.size > 1 {
         eprintln!(
@@ -247,13 +252,21 @@ pub fn train_main(a: &TrainArgs) -> Result<()> {
         run_dir: a.out.clone(),
         resume: a.resume,
         max_steps: a.max_steps,
-        device: device(a.device, a.cuda)?,
+        device: dev,
         quiet: false,
         stop: Some(stop),
     };
     let s = train::train_in(&run_dir, &opts, feed.as_mut(), comm.as_mut())?;
     if world.rank > 0 {
         return Ok(());
+    }
+    if world.master.is_some() && s.last_step > s.first_step {
+        eprintln!(
+            "all-reduce: {:.2} ms per step over {} steps (world size {})",
+            1e3 * comm.reduce_seconds() / (s.last_step - s.first_step) as f64,
+            s.last_step - s.first_step,
+            world.size
+        );
     }
     eprintln!(
         "done: steps {}..{} of {}; mean {:.1} img/s, data wait {:.1}% of step time; checkpoint {}",

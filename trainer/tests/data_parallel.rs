@@ -316,3 +316,25 @@ fn a_killed_rank_stops_the_other_with_its_number() {
 fn a_hung_rank_stops_the_other_after_the_collective_timeout() {
     lose_rank_1(libc::SIGSTOP, 3, "rank 1 did not reach");
 }
+
+/// `trainer launch --gpus 1` goes through the collectives (rendezvous, all-reduces) at world
+/// size 1, changes nothing, and reports their cost.
+#[test]
+fn one_launched_rank_equals_a_plain_run_and_reports_the_all_reduce_time() {
+    let (tmp, shards, cfg) = setup();
+    let t = tmp.path();
+    let args = |out: &Path| {
+        with(
+            train_args(&cfg, &shards, out),
+            &["--in-process", "--max-steps", "2"],
+        )
+    };
+    let o = launch(1, args(&t.join("one")));
+    run(&args(&t.join("plain")));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("all-reduce:") && err.contains("per step over 2 steps"),
+        "{err}"
+    );
+    assert!(common::checkpoint_bits(&t.join("one")) == common::checkpoint_bits(&t.join("plain")));
+}

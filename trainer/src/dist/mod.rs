@@ -9,6 +9,8 @@
 //! [`shared::rng::Slice`].
 
 pub mod launch;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod tcp;
 
 use crate::run_dir::RunDir;
@@ -82,7 +84,10 @@ impl World {
             rank < size,
             "rank {rank} is not below the world size {size}"
         );
-        let master = if size == 1 {
+        // One rank needs no rendezvous unless one is given (`trainer launch --gpus 1` measures the
+        // collectives' cost at world size 1).
+        let given = var("MASTER_ADDR").is_some() && var("MASTER_PORT").is_some();
+        let master = if size == 1 && !given {
             None
         } else {
             let addr = var("MASTER_ADDR").or(host).context(
@@ -143,6 +148,11 @@ pub trait Collective: Send {
 
     /// Tells the other ranks this one is stopping (best effort) with the reason.
     fn abort(&mut self, why: &str);
+
+    /// Seconds spent in all-reduces so far.
+    fn reduce_seconds(&self) -> f64 {
+        0.0
+    }
 
     /// Σ over ranks of an f64 vector (losses, monitors, counters).
     fn all_reduce_f64(&mut self, v: &mut [f64]) -> Result<()> {
@@ -225,11 +235,24 @@ impl Collective for Single {
     fn abort(&mut self, _: &str) {}
 }
 
-/// The collectives of `world`: none for one process, else the TCP star.
-pub fn connect(world: &World, timeout: Duration) -> Result<Box<dyn Collective>> {
-    if world.size == 1 {
+/// The collectives of `world` for tensors on `device`: none for one process, NCCL for CUDA
+/// tensors (when the binary has CUDA support and libnccl loads), else the TCP star.
+pub fn connect(
+    world: &World,
+    timeout: Duration,
+    device: &candle_core::Device,
+) -> Result<Box<dyn Collective>> {
+    if world.master.is_none() {
         return Ok(Box::new(Single(world.clone())));
     }
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        if !nccl::available() {
+            bail!("rank {}: training on several GPUs needs libnccl.so.2 (NCCL 2.x) on the library path", world.rank);
+        }
+        return Ok(Box::new(nccl::NcclGroup::connect(world, timeout, device)?));
+    }
+    let _ = device;
     Ok(Box::new(tcp::TcpGroup::connect(world, timeout)?))
 }
 
@@ -360,7 +383,7 @@ mod tests {
                     local_rank: rank,
                     master: Some(("127.0.0.1".into(), port)),
                 };
-                let mut g = connect(&w, Duration::from_secs(20))?;
+                let mut g = connect(&w, Duration::from_secs(20), &candle_core::Device::Cpu)?;
                 let mut v = vec![
                     rank as f64 + 0.5,
                     [1e16, 1.0, -1e16][rank as usize],

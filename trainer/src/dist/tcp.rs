@@ -29,6 +29,7 @@ pub struct TcpGroup {
     peers: Vec<TcpStream>,
     timeout: Duration,
     failed: Option<String>,
+    seconds: f64,
 }
 
 impl TcpGroup {
@@ -54,6 +55,7 @@ impl TcpGroup {
             peers,
             timeout,
             failed: None,
+            seconds: 0.0,
         })
     }
 
@@ -114,6 +116,7 @@ impl Collective for TcpGroup {
             bail!("{f}");
         }
         let what = "an all-reduce";
+        let start = Instant::now();
         if self.world.rank == 0 {
             for r in 1..self.world.size {
                 let p = self.read_data(r as usize - 1, r, buf.len(), what)?;
@@ -133,7 +136,12 @@ impl Collective for TcpGroup {
             let p = self.read_data(0, 0, buf.len(), what)?;
             buf.copy_from_slice(&p);
         }
+        self.seconds += start.elapsed().as_secs_f64();
         Ok(())
+    }
+
+    fn reduce_seconds(&self) -> f64 {
+        self.seconds
     }
 
     fn broadcast(&mut self, bytes: &mut Vec<u8>) -> Result<()> {

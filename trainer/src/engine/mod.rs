@@ -729,8 +729,9 @@ impl TrainStep for Explicit {
             });
         }
         let t3 = Instant::now();
-        let mut mean = comm.all_reduce_tensor(&sum.context("no batch in the step")?)?;
+        // The host values first: over TCP, it also finds a rank that died before NCCL waits.
         comm.all_reduce_f64(&mut scalars)?;
+        let mut mean = comm.all_reduce_tensor(&sum.context("no batch in the step")?)?;
         if groups > 1 {
             mean = (mean / groups as f64)?;
             for x in &mut scalars {
