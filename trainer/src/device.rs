@@ -99,9 +99,14 @@ fn cuda_local() -> Result<Device, DeviceError> {
 }
 
 /// The GPU of this rank: LOCAL_RANK (set by `torchrun` and `trainer launch`; SLURM_LOCALID
-/// under SLURM), else 0.
+/// under SLURM), else 0; always 0 when CUDA_VISIBLE_DEVICES shows this process one GPU (SLURM's
+/// per-task GPU binding).
 #[cfg(feature = "cuda")]
 fn local_gpu() -> usize {
+    let visible = std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_default();
+    if !visible.trim().is_empty() && !visible.contains(',') {
+        return 0;
+    }
     ["LOCAL_RANK", "SLURM_LOCALID"]
         .iter()
         .find_map(|k| std::env::var(k).ok()?.trim().parse().ok())
