@@ -20,6 +20,8 @@
 #      for E2E_STEPS steps fed by two `loader` processes over the shared-memory ring (images/s and
 #      data-wait fraction from metrics.jsonl), `trainer export`, and timm loading the export
 #      (strict) and running it;
+#   4b. the same training through `trainer launch --gpus 1` (NCCL at world size 1): the all-reduce
+#      time per step;
 #   5. one table (bench/gpu_table.py): summary.md in the results (and $OUT/summary.md).
 #   Logs and JSON go to target/gpu-results/; with OUT=DIR set, they are packed into
 #   $OUT/gpu-results.tgz instead, refreshed after each step, so a run cut short keeps them.
@@ -37,7 +39,7 @@
 # Knobs (environment): BIN (.gpu/trainer), TRAINER_RUNS ("bf16:fused:128:explicit
 # bf16:fused:128:autograd …" = precision:kernels:batch[:engine]), TORCH_BATCHES ("128 64"), DEBUG_BATCH (4),
 # DEADLINE (540), STEP_TIMEOUT (150), AB (0; 1: pool/event A/B rows), PROFILE (1: a --profile row),
-# KCHECK_REPS (10), SKIP_SMOKE / SKIP_TINY / SKIP_E2E (0), COMPARE_RTOL (2e-2), COMPARE_ATOL (1e-3) for bf16,
+# KCHECK_REPS (10), SKIP_SMOKE / SKIP_TINY / SKIP_E2E / SKIP_NCCL (0), COMPARE_RTOL (2e-2), COMPARE_ATOL (1e-3) for bf16,
 # F32_RTOL (1e-3), F32_ATOL (1e-4) for f32, PYTHON (python3), FAST (1), BENCH_STEPS (10),
 # BENCH_WARMUP (3), KCHECK_BATCH (32), SKIP_KCHECK / SKIP_DEBUG / SKIP_BENCH / SKIP_TORCH (0).
 set -uo pipefail
@@ -103,7 +105,7 @@ done
 torch_nv=$("$PY" -c 'import os, torch; print(os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia"))' 2>/dev/null || true)
 if [ -n "$torch_nv" ] && [ -d "$torch_nv" ]; then
   while IFS= read -r f; do libdirs+=("$(dirname "$f")"); done \
-    < <(find "$torch_nv" -maxdepth 4 \( -name 'libcublas.so.13' -o -name 'libcurand.so.10' -o -name 'libcublasLt.so.13' \) 2>/dev/null | sort -u)
+    < <(find "$torch_nv" -maxdepth 4 \( -name 'libcublas.so.13' -o -name 'libcurand.so.10' -o -name 'libcublasLt.so.13' -o -name 'libnccl.so.2' \) 2>/dev/null | sort -u)
 fi
 LIBPATH=$(printf '%s\n' "${libdirs[@]}" | awk 'NF && !seen[$0]++' | paste -sd:)
 export LD_LIBRARY_PATH="${LIBPATH}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
@@ -272,6 +274,20 @@ PYEOF
 }
 if [ "${SKIP_E2E:-0}" != 1 ] && [ -x .gpu/loader ] && [ -x .gpu/shard-tool ]; then e2e; fi
 
+# --- 4b. data-parallel training at world size 1: the same run through `trainer launch`, so the
+# gradient and centre all-reduce go through NCCL; its time per step against the step time.
+nccl() {
+  local d="$WORK/e2e"
+  [ -d "$d/shards" ] || return
+  run nccl-world1 "$STEP_TIMEOUT" "$BIN" launch --gpus 1 -- train \
+    --config "$CONFIGS/udi_vit_s16_in1k.toml" --shards "$d/shards" --out "$d/run-nccl" \
+    --max-steps "${NCCL_STEPS:-20}" --device cuda --engine explicit --loader-bin .gpu/loader \
+    --loaders "${E2E_LOADERS:-2}" --threads "${E2E_THREADS:-7}"
+  { grep -E '^all-reduce:' "$RES/nccl-world1.log" || echo "all-reduce: no result (see nccl-world1.log)"; } \
+    | sed 's/^/NCCL world size 1 (launch --gpus 1): /' | tee "$RES/nccl-summary.txt"
+}
+if [ "${SKIP_NCCL:-0}" != 1 ] && [ "${SKIP_E2E:-0}" != 1 ] && [ -x .gpu/loader ]; then nccl; fi
+
 
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   for r in "${runs[@]:2}"; do bench_trainer "$r"; done
@@ -282,7 +298,7 @@ fi
 
 # --- 5. the table ----------------------------------------------------------------------------
 "$PY" bench/gpu_table.py "$RES" | tee "$RES/summary.md"
-cat "$RES/e2e-summary.txt" 2>/dev/null | tee -a "$RES/summary.md"
+cat "$RES/e2e-summary.txt" "$RES/nccl-summary.txt" 2>/dev/null | tee -a "$RES/summary.md"
 [ -n "${OUT:-}" ] && cp "$RES/summary.md" "$OUT/summary.md"
 pack_results
 log "done in $(( $(date +%s) - START ))s; results in $RES"
