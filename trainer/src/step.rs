@@ -89,7 +89,7 @@ pub trait TrainStep {
         comm: &mut dyn crate::dist::Collective,
     ) -> Result<StepReport> {
         if split != Split::WHOLE || comm.world().size > 1 {
-            bail!("data-parallel training and --accumulate need the explicit engine (--engine explicit)");
+            bail!("data-parallel training and --accumulate need the explicit engine (leave --engine unset or pass --engine explicit)");
         }
         let batch = fetch(0)?;
         self.step_detailed(&batch, epoch, global_step)

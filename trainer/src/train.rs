@@ -245,7 +245,11 @@ fn train_rank(
         );
     }
     let compute = crate::kernels::Compute::for_device(&opts.device, run.precision, run.kernels);
-    let engine = crate::engine::EngineKind::for_device(&opts.device, run.engine);
+    // Data-parallel training and accumulation are built on the explicit step's flat buffers.
+    let engine = match (run.engine, slice == Slice::WHOLE) {
+        (None, false) => crate::engine::EngineKind::Explicit,
+        (chosen, _) => crate::engine::EngineKind::for_device(&opts.device, chosen),
+    };
     let mut trainer = crate::step::build(
         engine,
         &cfg,
