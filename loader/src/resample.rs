@@ -92,7 +92,7 @@ pub struct Taps {
     /// multiplies them: `[taps 0–1 lo, taps 0–1 hi, taps 2–3 lo, taps 2–3 hi]`, each 16 i16 =
     /// lane 0 (the even output) `(k_t, k_t+1)` per channel `r, g, b, x`, lane 1 (the odd one).
     hk: Vec<[[i16; 16]; 4]>,
-    /// Groups of 4 taps per output in `hk` (`ceil(ksize / 4)`, the same for every output).
+    /// Groups of 4 taps per output in `hk` (`ceil(taps / 4)` of the widest output).
     groups: usize,
     /// Source pixels the AVX2 horizontal kernel's groups reach: max of `start + 4·groups`.
     simd_reach: usize,
@@ -135,7 +135,13 @@ impl Taps {
             }
             bounds.push((xmin as u32, n as u32));
         }
-        let groups = ksize.div_ceil(4);
+        // The widest output decides: upscales have ksize 5 but 4 taps inside the image.
+        let groups = bounds
+            .iter()
+            .map(|&(_, n)| (n as usize).div_ceil(4))
+            .max()
+            .unwrap_or(1)
+            .max(1);
         let n_out = out_size as usize;
         let padded = n_out.div_ceil(4) * 4;
         let hstart = (0..padded).map(|xx| bounds[xx.min(n_out - 1)].0).collect();
@@ -640,6 +646,8 @@ mod tests {
         }
         // Upscaling keeps support 2 (4 or 5 taps), a 4x shrink widens it to 8 (17 slots).
         assert_eq!(Taps::new(10, 40).ksize, 5);
+        // ... but 4 taps inside the image: one AVX2 group.
+        assert_eq!(Taps::new(10, 40).groups, 1);
         assert_eq!(Taps::new(400, 100).ksize, 17);
     }
 
