@@ -804,21 +804,16 @@ mod tests {
         if !std::arch::is_x86_feature_detected!("avx2") {
             return;
         }
-        let mut k = 7u64;
-        let mut next = |m: u64| {
-            k = k
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (k >> 33) % m
-        };
+        use rand::SeedableRng;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
         let mut acc = Vec::new();
         for sigma in [0.1f32, 0.7, 1.3, 2.0, 5.0, 40.0] {
             let bw = BoxWeights::new(box_radius(sigma, 3));
             for (stride, h) in [(3, 5), (16, 1), (17, 2), (48, 9), (100, 31), (288, 40)] {
                 let src: Vec<u8> = (0..stride * h)
-                    .map(|_| match next(3) {
+                    .map(|_| match rng.random_range(0..3) {
                         0 => 255,
-                        1 => next(256) as u8,
+                        1 => rng.random(),
                         _ => 0,
                     })
                     .collect();
