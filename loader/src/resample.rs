@@ -85,13 +85,20 @@ pub struct Taps {
     pub bounds: Vec<(u32, u32)>,
     /// `out_size × ksize` fixed-point weights.
     pub k: Vec<i32>,
-    /// Per output, groups of 4 taps as the AVX2 horizontal kernel reads them: `[lo, hi]`, each
-    /// 16 i16 = lanes `(k0, k1) × 4 | (k2, k3) × 4` of the low/high 15-bit parts.
-    simd: Vec<[[i16; 16]; 2]>,
-    /// Groups per output in `simd`.
+    /// First tap per output as the AVX2 horizontal kernel reads it, padded to a multiple of 4
+    /// outputs (the padding repeats the last start, under zero weights).
+    hstart: Vec<u32>,
+    /// Per pair of outputs and group of 4 taps, the weights as the AVX2 horizontal kernel
+    /// multiplies them: `[taps 0–1 lo, taps 0–1 hi, taps 2–3 lo, taps 2–3 hi]`, each 16 i16 =
+    /// lane 0 (the even output) `(k_t, k_t+1)` per channel `r, g, b, x`, lane 1 (the odd one).
+    hk: Vec<[[i16; 16]; 4]>,
+    /// Groups of 4 taps per output in `hk` (`ceil(taps / 4)` of the widest output).
     groups: usize,
-    /// Source pixels the AVX2 horizontal kernel's groups of 4 reach: max of `start + 4·groups`.
+    /// Source pixels the AVX2 horizontal kernel's groups reach: max of `start + 4·groups`.
     simd_reach: usize,
+    /// Per output, the weights as the AVX2 vertical kernel multiplies them: pairs of taps
+    /// `(k_2i, k_2i+1)` as `[lo pair, hi pair]` packed i16 pairs, `ksize.div_ceil(2)` slots.
+    vk: Vec<[i32; 2]>,
 }
 
 impl Taps {
@@ -128,41 +135,71 @@ impl Taps {
             }
             bounds.push((xmin as u32, n as u32));
         }
-        let groups = ksize.div_ceil(4);
-        let mut simd = vec![[[0i16; 16]; 2]; out_size as usize * groups];
-        for xx in 0..out_size as usize {
-            for g in 0..groups {
-                let e = &mut simd[xx * groups + g];
-                for t in 0..4 {
-                    let i = 4 * g + t;
-                    let kv = if i < ksize { k[xx * ksize + i] } else { 0 };
-                    let (lo, hi) = split(kv);
-                    // Tap t sits in lane t / 2, position t % 2 of each (r, g, b, x) pair.
-                    for c in 0..4 {
-                        e[0][8 * (t / 2) + 2 * c + t % 2] = lo;
-                        e[1][8 * (t / 2) + 2 * c + t % 2] = hi;
-                    }
+        // The widest output decides: upscales have ksize 5 but 4 taps inside the image.
+        let groups = bounds
+            .iter()
+            .map(|&(_, n)| (n as usize).div_ceil(4))
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let n_out = out_size as usize;
+        let padded = n_out.div_ceil(4) * 4;
+        let hstart = (0..padded).map(|xx| bounds[xx.min(n_out - 1)].0).collect();
+        let mut hk = vec![[[0i16; 16]; 4]; padded / 2 * groups];
+        for xx in 0..n_out {
+            let (_, n) = bounds[xx];
+            for i in 0..n as usize {
+                let (lo, hi) = split(k[xx * ksize + i]);
+                let e = &mut hk[xx / 2 * groups + i / 4];
+                // Taps 0–1 of a group in entries 0/1, taps 2–3 in 2/3; lane xx % 2; the tap's
+                // position in each (r, g, b, x) pair.
+                let (slot, t) = (2 * (i % 4 / 2), i % 2);
+                for c in 0..4 {
+                    e[slot][8 * (xx % 2) + 2 * c + t] = lo;
+                    e[slot + 1][8 * (xx % 2) + 2 * c + t] = hi;
                 }
             }
         }
         let simd_reach = bounds
             .iter()
-            .map(|&(s, n)| s as usize + 4 * (n as usize).div_ceil(4))
+            .map(|&(s, _)| s as usize + 4 * groups)
             .max()
             .unwrap_or(0);
+        let half_k = ksize.div_ceil(2);
+        let mut vk = vec![[0i32; 2]; n_out * half_k];
+        let pack = |a: i16, b: i16| (a as u16 as u32 | (b as u16 as u32) << 16) as i32;
+        for xx in 0..n_out {
+            let (_, n) = bounds[xx];
+            let row = &k[xx * ksize..][..n as usize];
+            for (slot, kk) in vk[xx * half_k..].iter_mut().zip(row.chunks(2)) {
+                let (l0, h0) = split(kk[0]);
+                let (l1, h1) = if kk.len() == 2 { split(kk[1]) } else { (0, 0) };
+                *slot = [pack(l0, l1), pack(h0, h1)];
+            }
+        }
         Taps {
             ksize,
             bounds,
             k,
-            simd,
+            hstart,
+            hk,
             groups,
             simd_reach,
+            vk,
         }
     }
 
     fn weights(&self, out: usize) -> (usize, &[i32]) {
         let (start, n) = self.bounds[out];
         (start as usize, &self.k[out * self.ksize..][..n as usize])
+    }
+
+    /// The packed pairs of [`Taps::vk`] that output `out` uses.
+    #[cfg(target_arch = "x86_64")]
+    fn vertical_pairs(&self, out: usize) -> &[[i32; 2]] {
+        let half_k = self.ksize.div_ceil(2);
+        let n = self.bounds[out].1 as usize;
+        &self.vk[out * half_k..][..n.div_ceil(2)]
     }
 }
 
@@ -368,7 +405,16 @@ fn vertical(
         if avx2 && row_bytes >= 32 {
             // SAFETY: the CPU has AVX2 (as above); rows `first + i·stride .. + row_bytes` are
             // inside `src.data` for every tap i (the taps lie inside the source).
-            unsafe { simd::vertical_row(src.data, first, src.stride, k, line) };
+            unsafe {
+                simd::vertical_row(
+                    src.data,
+                    first,
+                    src.stride,
+                    taps.vertical_pairs(yy),
+                    k.len(),
+                    line,
+                )
+            };
             continue;
         }
         for (b, o) in line.iter_mut().enumerate() {
@@ -383,13 +429,14 @@ fn vertical(
 
 #[cfg(target_arch = "x86_64")]
 mod simd {
-    use super::{split, Taps, BITS, HALF};
+    use super::{Taps, BITS, HALF};
     use std::arch::x86_64::*;
 
-    /// One row of the horizontal pass. Per output pixel, 4 taps at a time: 12 source bytes are
-    /// spread into `(c of pixel 2t, c of pixel 2t+1)` i16 pairs, lane t of the register, and
-    /// `madd`-ed with the `(k, k)` pairs of the split weights. Two output pixels share the
-    /// reduction, rounding and packing.
+    /// One row of the horizontal pass, four output pixels per step. An output pixel pair
+    /// shares a register, one pixel per 128-bit lane: per group of 4 taps, each lane loads the
+    /// 12 source bytes of its pixel, two in-lane shuffles spread them into `(c of tap t, c of
+    /// tap t+1)` i16 pairs, and `madd` multiplies them by the split weights. The lanes need no
+    /// reduction: each ends as its pixel's `[r, g, b, x]` sums.
     ///
     /// # Safety
     /// AVX2. The taps of `taps` lie inside the row starting at `src[base]`.
@@ -398,101 +445,113 @@ mod simd {
         // Every 16-byte load of this row stays inside `src` (all rows but the image's last
         // one or two): no per-load check. The last load starts 4 pixels before the reach.
         if base + 3 * taps.simd_reach + 4 <= src.len() {
-            row_kernel::<false>(src, base, taps, line);
+            match taps.groups {
+                1 => row_kernel::<false, 1>(src, base, taps, line),
+                2 => row_kernel::<false, 2>(src, base, taps, line),
+                3 => row_kernel::<false, 3>(src, base, taps, line),
+                _ => row_kernel::<false, 0>(src, base, taps, line),
+            }
         } else {
-            row_kernel::<true>(src, base, taps, line);
+            row_kernel::<true, 0>(src, base, taps, line);
         }
     }
 
-    /// `[r, g, b, x]` i32 sums of output pixel `xx`, split over the two 128-bit lanes.
+    /// 16 bytes from `src[at]`; with `CHECKED`, through a zero-padded copy near the end of
+    /// `src` (bytes beyond the taps meet zero weights).
     #[inline(always)]
-    unsafe fn pixel<const CHECKED: bool>(
+    unsafe fn load16<const CHECKED: bool>(src: &[u8], at: usize) -> __m128i {
+        if !CHECKED || at + 16 <= src.len() {
+            _mm_loadu_si128(src.as_ptr().add(at) as *const __m128i)
+        } else {
+            let mut spare = [0u8; 16];
+            // A group past the row's last tap may start past the end of `src`.
+            let m = src.len().saturating_sub(at).min(16);
+            if m > 0 {
+                spare[..m].copy_from_slice(&src[at..at + m]);
+            }
+            _mm_loadu_si128(spare.as_ptr() as *const __m128i)
+        }
+    }
+
+    /// The rounded, shifted `[r, g, b, x]` i32 sums of outputs `2·pair` (lane 0) and
+    /// `2·pair + 1` (lane 1). `G` groups of taps (0: `taps.groups`, not known at compile time).
+    #[inline(always)]
+    unsafe fn pair<const CHECKED: bool, const G: usize>(
         src: &[u8],
         base: usize,
         taps: &Taps,
-        xx: usize,
-        spread: __m256i,
+        pair: usize,
     ) -> __m256i {
-        let (start, n) = taps.bounds[xx];
-        let coeffs = &taps.simd[xx * taps.groups..][..(n as usize).div_ceil(4)];
+        // Taps 0–1 and 2–3 of a group (the 12 bytes from the group's first pixel), per lane.
+        let spread_a = _mm256_setr_epi8(
+            0, -1, 3, -1, 1, -1, 4, -1, 2, -1, 5, -1, -1, -1, -1, -1, 0, -1, 3, -1, 1, -1, 4, -1,
+            2, -1, 5, -1, -1, -1, -1, -1,
+        );
+        let spread_b = _mm256_setr_epi8(
+            6, -1, 9, -1, 7, -1, 10, -1, 8, -1, 11, -1, -1, -1, -1, -1, 6, -1, 9, -1, 7, -1, 10,
+            -1, 8, -1, 11, -1, -1, -1, -1, -1,
+        );
+        let groups = if G > 0 { G } else { taps.groups };
+        let k = &taps.hk[pair * groups..][..groups];
+        let mut at0 = base + 3 * taps.hstart[2 * pair] as usize;
+        let mut at1 = base + 3 * taps.hstart[2 * pair + 1] as usize;
         let mut lo = _mm256_setzero_si256();
         let mut hi = _mm256_setzero_si256();
-        let mut at = base + 3 * start as usize;
-        for g in coeffs {
-            // 16 bytes from `at` (12 used; bytes beyond the taps meet zero weights). Near the
-            // end of the buffer the load goes through a zero-padded copy.
-            let p = if !CHECKED || at + 16 <= src.len() {
-                _mm_loadu_si128(src.as_ptr().add(at) as *const __m128i)
-            } else {
-                let mut spare = [0u8; 16];
-                let m = src.len().min(at + 16) - at;
-                spare[..m].copy_from_slice(&src[at..at + m]);
-                _mm_loadu_si128(spare.as_ptr() as *const __m128i)
-            };
-            let px = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(p), spread);
-            let kl = _mm256_loadu_si256(g[0].as_ptr() as *const __m256i);
-            let kh = _mm256_loadu_si256(g[1].as_ptr() as *const __m256i);
-            lo = _mm256_add_epi32(lo, _mm256_madd_epi16(px, kl));
-            hi = _mm256_add_epi32(hi, _mm256_madd_epi16(px, kh));
-            at += 12;
+        for kg in k {
+            let p = _mm256_inserti128_si256::<1>(
+                _mm256_castsi128_si256(load16::<CHECKED>(src, at0)),
+                load16::<CHECKED>(src, at1),
+            );
+            let a = _mm256_shuffle_epi8(p, spread_a);
+            let b = _mm256_shuffle_epi8(p, spread_b);
+            let w = |i: usize| _mm256_loadu_si256(kg[i].as_ptr() as *const __m256i);
+            lo = _mm256_add_epi32(lo, _mm256_madd_epi16(a, w(0)));
+            hi = _mm256_add_epi32(hi, _mm256_madd_epi16(a, w(1)));
+            lo = _mm256_add_epi32(lo, _mm256_madd_epi16(b, w(2)));
+            hi = _mm256_add_epi32(hi, _mm256_madd_epi16(b, w(3)));
+            at0 += 12;
+            at1 += 12;
         }
-        _mm256_add_epi32(_mm256_slli_epi32::<15>(hi), lo)
+        let sum = _mm256_add_epi32(_mm256_slli_epi32::<15>(hi), lo);
+        _mm256_srai_epi32::<{ BITS as i32 }>(_mm256_add_epi32(sum, _mm256_set1_epi32(HALF)))
     }
 
     #[inline(always)]
-    unsafe fn row_kernel<const CHECKED: bool>(
+    unsafe fn row_kernel<const CHECKED: bool, const G: usize>(
         src: &[u8],
         base: usize,
         taps: &Taps,
         line: &mut [u8],
     ) {
-        let spread = _mm256_setr_epi8(
-            0, -1, 3, -1, 1, -1, 4, -1, 2, -1, 5, -1, -1, -1, -1, -1, 6, -1, 9, -1, 7, -1, 10, -1,
-            8, -1, 11, -1, -1, -1, -1, -1,
-        );
-        let half = _mm256_set1_epi32(HALF);
+        // Pixels 0, 1, 2, 3 from the dwords of the packed pairs (lane 0: 0, 2; lane 1: 1, 3),
+        // then their r, g, b bytes side by side.
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 0, 0, 0, 0);
+        let compact = _mm_setr_epi8(0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1);
         let n_out = taps.bounds.len();
-        let mut xx = 0;
-        while xx < n_out {
-            let a = pixel::<CHECKED>(src, base, taps, xx, spread);
-            let b = if xx + 1 < n_out {
-                pixel::<CHECKED>(src, base, taps, xx + 1, spread)
+        for quad in 0..n_out.div_ceil(4) {
+            let v01 = pair::<CHECKED, G>(src, base, taps, 2 * quad);
+            let v23 = pair::<CHECKED, G>(src, base, taps, 2 * quad + 1);
+            // i32 → u8 with clamping (Pillow's clip8), in lane order.
+            let v = _mm256_packs_epi32(v01, v23);
+            let v = _mm256_packus_epi16(v, v);
+            let v = _mm256_permutevar8x32_epi32(v, order);
+            let px = _mm_shuffle_epi8(_mm256_castsi256_si128(v), compact);
+            let o = 12 * quad;
+            if o + 16 <= line.len() {
+                // The 4 bytes past this quad are overwritten by the next one.
+                _mm_storeu_si128(line.as_mut_ptr().add(o) as *mut __m128i, px);
             } else {
-                _mm256_setzero_si256()
-            };
-            // [a.lo + a.hi, b.lo + b.hi]: the two lanes of each pixel summed.
-            let sum = _mm256_add_epi32(
-                _mm256_permute2x128_si256::<0x20>(a, b),
-                _mm256_permute2x128_si256::<0x31>(a, b),
-            );
-            let v = _mm256_srai_epi32::<{ BITS as i32 }>(_mm256_add_epi32(sum, half));
-            // i32 → u8 with clamping, within each lane: pixel a in lane 0, b in lane 1.
-            let v = _mm256_packus_epi16(_mm256_packs_epi32(v, v), v);
-            let pa = _mm256_cvtsi256_si32(v) as u32;
-            let pb = _mm256_extract_epi32::<4>(v) as u32;
-            let o = 3 * xx;
-            if o + 8 <= line.len() {
-                // 4-byte stores; each X byte is overwritten by the next pixel.
-                line.as_mut_ptr()
-                    .add(o)
-                    .cast::<u32>()
-                    .write_unaligned(pa.to_le());
-                line.as_mut_ptr()
-                    .add(o + 3)
-                    .cast::<u32>()
-                    .write_unaligned(pb.to_le());
-            } else {
-                line[o..o + 3].copy_from_slice(&pa.to_le_bytes()[..3]);
-                if xx + 1 < n_out {
-                    line[o + 3..o + 6].copy_from_slice(&pb.to_le_bytes()[..3]);
-                }
+                let mut spare = [0u8; 16];
+                _mm_storeu_si128(spare.as_mut_ptr() as *mut __m128i, px);
+                let m = line.len() - o;
+                line[o..].copy_from_slice(&spare[..m]);
             }
-            xx += 2;
         }
     }
 
     /// One output row of the vertical pass, 32 bytes at a time (the last block overlaps the one
     /// before it when the row is not a multiple of 32: it recomputes the same bytes).
+    /// `pairs` are the output's packed weight pairs ([`Taps::vk`]).
     ///
     /// # Safety
     /// AVX2; `line.len() ≥ 32`; for every tap i, `src[first + i·stride ..][..line.len()]` is in
@@ -502,30 +561,20 @@ mod simd {
         src: &[u8],
         first: usize,
         stride: usize,
-        k: &[i32],
+        pairs: &[[i32; 2]],
+        n_taps: usize,
         line: &mut [u8],
     ) {
         let len = line.len();
         debug_assert!(len >= 32);
-        if let Some(t) = k.len().checked_sub(1) {
+        debug_assert_eq!(pairs.len(), n_taps.div_ceil(2));
+        if let Some(t) = n_taps.checked_sub(1) {
             assert!(
                 first + t * stride + len <= src.len(),
                 "vertical taps in bounds"
             );
         }
-        // (k_y, k_y+1) pairs of the split weights, broadcast.
-        let mut pairs: Vec<(__m256i, __m256i, usize)> = Vec::with_capacity(k.len().div_ceil(2));
-        for (i, kk) in k.chunks(2).enumerate() {
-            let (l0, h0) = split(kk[0]);
-            let (l1, h1) = if kk.len() == 2 { split(kk[1]) } else { (0, 0) };
-            let pack = |a: i16, b: i16| (a as u16 as u32 | (b as u16 as u32) << 16) as i32;
-            pairs.push((
-                _mm256_set1_epi32(pack(l0, l1)),
-                _mm256_set1_epi32(pack(h0, h1)),
-                2 * i,
-            ));
-        }
-        let odd = k.len() % 2 == 1;
+        let odd = n_taps % 2 == 1;
         let zero = _mm256_setzero_si256();
         let half = _mm256_set1_epi32(HALF);
         let mut b = 0;
@@ -533,7 +582,9 @@ mod simd {
             let b0 = b.min(len - 32);
             let mut acc_lo = [zero; 4];
             let mut acc_hi = [zero; 4];
-            for (j, &(kl, kh, y)) in pairs.iter().enumerate() {
+            for (j, &[pl, ph]) in pairs.iter().enumerate() {
+                let (kl, kh) = (_mm256_set1_epi32(pl), _mm256_set1_epi32(ph));
+                let y = 2 * j;
                 let r0 = _mm256_loadu_si256(src.as_ptr().add(first + y * stride + b0) as _);
                 // The unpaired last tap pairs with itself under a zero weight.
                 let y1 = if odd && j + 1 == pairs.len() {
@@ -595,6 +646,8 @@ mod tests {
         }
         // Upscaling keeps support 2 (4 or 5 taps), a 4x shrink widens it to 8 (17 slots).
         assert_eq!(Taps::new(10, 40).ksize, 5);
+        // ... but 4 taps inside the image: one AVX2 group.
+        assert_eq!(Taps::new(10, 40).groups, 1);
         assert_eq!(Taps::new(400, 100).ksize, 17);
     }
 
