@@ -2,8 +2,7 @@
 //! ẑ = z / max(‖z‖, 1e-12), logits = ẑ·Wᵀ with the weight-normalised W = g ⊙ V/‖V_row‖.
 //!
 //! Saved: the input rows, fc0/fc2 pre-bias products and GELU outputs, ‖z‖, ẑ, W, V/‖V‖ and
-//! ‖V_row‖. backward: dẑ = dlogits·W; dW = dlogitsᵀ·ẑ (per chunk of rows, with the loss:
-//! [`super::loss::forward_backward`]); dg = Σ_e dW ⊙ V/‖V‖, dV = g/‖V‖ ⊙ (dW − V/‖V‖ ⊙ dg);
+//! ‖V_row‖. backward: dẑ = dlogits·W; dW = dlogitsᵀ·ẑ; dg = Σ_e dW ⊙ V/‖V‖, dV = g/‖V‖ ⊙ (dW − V/‖V‖ ⊙ dg);
 //! dz = (dẑ − ẑ·(dẑ·ẑ))/‖z‖ (dẑ/eps below eps); then the three linears in reverse.
 
 use super::linear::Linear;
@@ -67,28 +66,33 @@ impl Head {
         Ok((z_hat, saved))
     }
 
-    /// dẑ `[R, E]` and the last layer's dW `[K, E]` (parameter dtype) → d input rows `[R, D]`
-    /// (parameter dtype). The last layer's gradient is computed while it is frozen too (the
-    /// update then skips it): its norm is reported and counts in the logged global norm, as in
-    /// the official code.
+    /// dlogits `[R, K]` (compute dtype) → d input rows `[R, D]` (parameter dtype). The last
+    /// layer's gradient is computed while it is frozen too (the update then skips it): its norm
+    /// is reported and counts in the logged global norm, as in the official code.
     pub fn backward(
         &self,
         ops: &Ops,
         s: &HeadSaved,
         last: &LastLayer,
-        dz_hat: &Tensor,
-        dw: &Tensor,
+        dlogits: &Tensor,
         grads: &mut Grads,
     ) -> Result<Tensor> {
-        let dg = (dw * &last.u)?.sum_keepdim(D::Minus1)?;
-        let dv = dw
-            .sub(&last.u.broadcast_mul(&dg)?)?
-            .broadcast_mul(&self.g.broadcast_div(&last.v_norm)?)?;
-        grads.add(self.g_id, &dg)?;
-        grads.add(self.v_id, &dv)?;
+        {
+            let dw = dlogits
+                .t()?
+                .matmul(&s.z_hat.to_dtype(ops.cdt)?)?
+                .to_dtype(ops.pdt)?;
+            let dg = (&dw * &last.u)?.sum_keepdim(D::Minus1)?;
+            let dv = dw
+                .sub(&last.u.broadcast_mul(&dg)?)?
+                .broadcast_mul(&self.g.broadcast_div(&last.v_norm)?)?;
+            grads.add(self.g_id, &dg)?;
+            grads.add(self.v_id, &dv)?;
+        }
+        let dz_hat = dlogits.matmul(&last.w)?.to_dtype(ops.pdt)?;
         // Below eps the normalisation divides by the constant eps.
         let above = s.z_norm.gt(L2_EPS)?.to_dtype(ops.pdt)?;
-        let proj = (dz_hat * &s.z_hat)?
+        let proj = (&dz_hat * &s.z_hat)?
             .sum_keepdim(D::Minus1)?
             .broadcast_mul(&above)?;
         let dz = dz_hat
@@ -108,21 +112,5 @@ impl LastLayer {
     /// ẑ `[R, E]` → logits `[R, K]` in the compute dtype.
     pub fn forward(&self, ops: &Ops, z_hat: &Tensor) -> Result<Tensor> {
         z_hat.to_dtype(ops.cdt)?.matmul(&self.w.t()?)
-    }
-
-    /// ẑ `[R, E]` and dlogits `[R, K]` (compute dtype) → (dẑ = dlogits·W, dW = dlogitsᵀ·ẑ), both
-    /// in the parameter dtype.
-    pub fn backward(
-        &self,
-        ops: &Ops,
-        z_hat: &Tensor,
-        dlogits: &Tensor,
-    ) -> Result<(Tensor, Tensor)> {
-        let dw = dlogits
-            .t()?
-            .matmul(&z_hat.to_dtype(ops.cdt)?)?
-            .to_dtype(ops.pdt)?;
-        let dz_hat = dlogits.matmul(&self.w)?.to_dtype(ops.pdt)?;
-        Ok((dz_hat, dw))
     }
 }

@@ -5,10 +5,8 @@
 //! whose gradient is ∂H/∂s = (softmax(s/τ_s)·ΣP − P)/τ_s. With n_pairs = 2 + 2L:
 //! L_cls and L_udi weigh each row 1/(B·n_pairs) (a local crop's target is the sum of both
 //! views' distributions, ΣP = 2), L_patch weighs each valid row 1/#valid. The total is
-//! w₀·L_cls + w₁·L_udi + w₂·L_patch. The last layer runs here too, a chunk of rows at a time
-//! ([`forward_backward`]).
+//! w₀·L_cls + w₁·L_udi + w₂·L_patch.
 
-use super::head::LastLayer;
 use super::Ops;
 use crate::config::LossConfig;
 use crate::kernels::{soft_ce_backward, soft_ce_rows};
@@ -23,113 +21,62 @@ pub struct LossValues {
     pub patch: f64,
 }
 
-/// The loss values, dẑ `[R, E]` (parameter dtype) and the last layer's weight gradient dW
-/// `[K, E]` (parameter dtype) for the student head rows ẑ `[R, E]` in the order [cls of every
-/// crop; cls+ of every crop; patch rows].
-///
-/// The last layer, the cross-entropy and its gradient run `chunk_rows` rows at a time (a fused
-/// linear cross-entropy, as Liger's): the `[rows, K]` logits and their gradient exist for one
-/// chunk only, never for all R rows (R·K·4 bytes each: 1.9 GB at batch 128, K = 65 536). Each
-/// chunk's dẑ and dW are complete, so nothing is recomputed.
-#[allow(clippy::too_many_arguments)]
+/// Loss values and dlogits `[R, K]` (compute dtype) for the student head rows in the order
+/// [cls of every crop; cls+ of every crop; patch rows] (`logits` `[R, K]`).
 pub fn forward_backward(
     ops: &Ops,
     cfg: &LossConfig,
     tg: &Targets,
-    z_hat: &Tensor,
-    last: &LastLayer,
+    logits: &Tensor,
     b: usize,
     n_local: usize,
-    chunk_rows: usize,
-) -> Result<(LossValues, Tensor, Tensor)> {
+) -> Result<(LossValues, Tensor)> {
     let ts = cfg.student_temp;
     let n_crops = (2 + n_local) * b;
     let norm = (b * (2 + 2 * n_local)) as f64;
     let [w0, w1, w2] = cfg.weights;
-    let dev = z_hat.device();
+    let dev = logits.device();
     let pdt = ops.pdt;
-    // Row groups: (first row, rows, target, per-row weight of the gradient, rows counted in the
-    // value: all, or the valid patch rows).
-    let mut groups: Vec<(usize, usize, &Tensor, Tensor, Option<Tensor>)> = Vec::new();
+    // Row groups: (first row, rows, target, per-row weight of the value and the gradient).
+    let mut groups: Vec<(usize, usize, &Tensor, Tensor)> = Vec::new();
     let uniform = |n: usize, w: f64| Tensor::full(w, n, dev)?.to_dtype(pdt);
-    groups.push((0, 2 * b, &tg.cls_global, uniform(2 * b, w0 / norm)?, None));
+    groups.push((0, 2 * b, &tg.cls_global, uniform(2 * b, w0 / norm)?));
     if let Some(p) = &tg.cls_local {
-        groups.push((
-            2 * b,
-            n_local * b,
-            p,
-            uniform(n_local * b, w0 / norm)?,
-            None,
-        ));
+        groups.push((2 * b, n_local * b, p, uniform(n_local * b, w0 / norm)?));
     }
-    let mut n_valid = None;
+    let mut valid_rows = None;
     if let Some(u) = &tg.udi {
-        groups.push((
-            n_crops,
-            2 * b,
-            &u.plus_global,
-            uniform(2 * b, w1 / norm)?,
-            None,
-        ));
+        groups.push((n_crops, 2 * b, &u.plus_global, uniform(2 * b, w1 / norm)?));
         if let Some(p) = &u.plus_local {
             groups.push((
                 n_crops + 2 * b,
                 n_local * b,
                 p,
                 uniform(n_local * b, w1 / norm)?,
-                None,
             ));
         }
         let valid = u.valid.flatten_all()?.to_dtype(pdt)?;
-        let n = valid.sum_all()?;
-        let w = (valid.broadcast_div(&n)? * w2)?;
-        groups.push((2 * n_crops, valid.dim(0)?, &u.patch, w, Some(valid)));
-        n_valid = Some(n);
+        let n_valid = valid.sum_all()?;
+        let w = (valid.broadcast_div(&n_valid)? * w2)?;
+        groups.push((2 * n_crops, valid.dim(0)?, &u.patch, w));
+        valid_rows = Some((valid, n_valid));
     }
-    let chunk_rows = chunk_rows.max(1);
     let mut sums = Vec::new();
-    let mut dz = Vec::new();
-    let mut dw: Option<Tensor> = None;
-    for (first, rows, p, w, counted) in &groups {
-        let mut sum: Option<Tensor> = None;
-        // A target of P < rows rows serves row r from row r mod P (the local crops' [cls]
-        // rows): chunks are then whole multiples of P and read all of it.
-        let pr = p.dim(0)?;
-        let step = match pr == *rows {
-            true => chunk_rows,
-            false => pr.max(chunk_rows / pr * pr),
-        };
-        for c in (0..*rows).step_by(step) {
-            let n = step.min(rows - c);
-            let z = z_hat.narrow(0, first + c, n)?;
-            let s = last.forward(ops, &z)?;
-            let p = match pr == *rows {
-                true => p.narrow(0, c, n)?,
-                false => (*p).clone(),
-            };
-            let h = soft_ce_rows(&s, &p, ts, ops.fused)?;
-            let h = match counted {
-                Some(v) => (h * v.narrow(0, c, n)?)?.sum_all()?,
-                None => h.sum_all()?,
-            };
-            sum = Some(match sum {
-                Some(a) => (a + h)?,
-                None => h,
-            });
-            let g = soft_ce_backward(&s, &p, &w.narrow(0, c, n)?, ts, ops.fused)?;
-            drop(s);
-            let (dz_c, dw_c) = last.backward(ops, &z, &g)?;
-            dz.push(dz_c);
-            dw = Some(match dw {
-                Some(a) => (a + dw_c)?,
-                None => dw_c,
-            });
-        }
-        sums.push(sum.expect("a row group has rows"));
+    let mut grads = Vec::new();
+    for (i, (first, rows, p, w)) in groups.iter().enumerate() {
+        let s = logits.narrow(0, *first, *rows)?;
+        let h = soft_ce_rows(&s, p, ts, ops.fused)?;
+        // The patch rows' sum counts valid rows only.
+        let is_patch = tg.udi.is_some() && i == groups.len() - 1;
+        sums.push(match (&valid_rows, is_patch) {
+            (Some((v, _)), true) => (h * v)?.sum_all()?,
+            _ => h.sum_all()?,
+        });
+        grads.push(soft_ce_backward(&s, p, w, ts, ops.fused)?);
     }
     // One transfer for every value.
     let mut parts = sums.clone();
-    if let Some(n) = &n_valid {
+    if let Some((_, n)) = &valid_rows {
         parts.push(n.clone());
     }
     let vals = Tensor::stack(&parts, 0)?
@@ -152,7 +99,6 @@ pub fn forward_backward(
             udi,
             patch,
         },
-        Tensor::cat(&dz, 0)?,
-        dw.expect("rows"),
+        Tensor::cat(&grads, 0)?,
     ))
 }

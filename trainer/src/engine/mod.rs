@@ -242,20 +242,6 @@ pub struct Explicit {
     pub drop_path: bool,
     drop_rates: Vec<f64>,
     resample: Vec<(usize, Tensor)>,
-    /// Rows of the head's last layer and loss computed at once ([`loss::forward_backward`]).
-    pub head_chunk_rows: usize,
-}
-
-/// [`Explicit::head_chunk_rows`] by default: [1024, 65 536] f32 logits are 256 MB.
-/// `UDI_HEAD_CHUNK_ROWS=N` overrides it (for memory and speed A/B runs).
-pub const HEAD_CHUNK_ROWS: usize = 1024;
-
-fn head_chunk_rows() -> usize {
-    std::env::var("UDI_HEAD_CHUNK_ROWS")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or(HEAD_CHUNK_ROWS)
 }
 
 impl Explicit {
@@ -302,7 +288,6 @@ impl Explicit {
             drop_path: true,
             drop_rates: crate::vit::drop_rates(cfg),
             resample,
-            head_chunk_rows: head_chunk_rows(),
         })
     }
 
@@ -581,27 +566,18 @@ impl Explicit {
             student.head.bottleneck(&ops, &head_in, true)
         })?;
         let last = student.head.last_layer(&ops)?;
+        let logits = prof::time(dev, "engine: head last layer forward", || {
+            last.forward(&ops, &z_hat)
+        })?;
 
-        // The last layer, the loss (current centres) and their backward, chunk by chunk of rows.
+        // Loss with the current centres.
         let targets =
             crate::loss::targets(&self.cfg.loss, batch, &t_out, &self.centres, tau, ops.fused)?;
         drop(t_out);
-        let (vals, dz_hat, dw) = prof::time(
-            dev,
-            "engine: last layer + loss, forward and backward",
-            || {
-                loss::forward_backward(
-                    &ops,
-                    &self.cfg.loss,
-                    &targets,
-                    &z_hat,
-                    &last,
-                    b,
-                    n_local,
-                    self.head_chunk_rows,
-                )
-            },
-        )?;
+        let (vals, dlogits) = prof::time(dev, "engine: loss forward + dlogits", || {
+            loss::forward_backward(&ops, &self.cfg.loss, &targets, &logits, b, n_local)
+        })?;
+        drop(logits);
         let t2 = Instant::now();
         if !vals.total.is_finite() {
             bail!(
@@ -619,9 +595,9 @@ impl Explicit {
         let d_in = prof::time(dev, "engine: head backward", || {
             student
                 .head
-                .backward(&ops, &saved_head, &last, &dz_hat, &dw, &mut grads)
+                .backward(&ops, &saved_head, &last, &dlogits, &mut grads)
         })?;
-        drop((dz_hat, dw, saved_head, last));
+        drop((dlogits, saved_head, last));
         let d_cls = Tensor::stack(
             &[
                 d_in.narrow(0, 0, n_crops)?,
