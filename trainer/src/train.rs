@@ -376,6 +376,7 @@ fn train_rank(
         let (epoch, in_epoch) = (cursor.epoch, cursor.batch);
         let global_step = epoch * bpe + in_epoch;
         let mut wait = Duration::ZERO;
+        let mut found = Vec::new();
         let mut fetch = |m: usize| -> Result<TrainBatch> {
             let fed = feed.next(&cfg.augment, &opts.device)?;
             let want = in_epoch * k + m as u64;
@@ -394,14 +395,8 @@ fn train_rank(
                         feed.record_name(i)
                     );
                 }
+                found.push(i);
             }
-            bad.check(&|i| feed.record_name(i)).map_err(|e| {
-                anyhow::anyhow!(
-                    "{e:#}\nTraining stopped before step {}; the last good checkpoint is {}",
-                    step + 1,
-                    last_ckpt_display(&ckpts)
-                )
-            })?;
             wait += fed.wait;
             Ok(fed.batch)
         };
@@ -418,23 +413,26 @@ fn train_rank(
         step += 1;
         cursor = advance(epoch, in_epoch, bpe);
         let dt = t0.elapsed().as_secs_f64();
-        // One decision for all ranks: stop when any was asked to; the bad records and the data
-        // wait are summed and averaged over the ranks.
+        // One decision for all ranks: stop when any was asked to; every rank learns the bad
+        // records the others met (so all hold the same set, and the limit stops all of them at
+        // once); the data wait is averaged over the ranks.
         let asked = opts
             .stop
             .as_ref()
             .is_some_and(|s| s.load(Ordering::Relaxed));
-        let mut shared = [
-            asked as u8 as f64,
-            bad.count() as f64,
-            wait.as_secs_f64() / dt.max(1e-9),
-        ];
-        comm.all_reduce_f64(&mut shared).map_err(|e| {
+        let mut shared = [asked as u8 as f64, wait.as_secs_f64() / dt.max(1e-9)];
+        let after = |e: anyhow::Error| {
             anyhow::anyhow!(
-                "training stopped after step {step}: {e:#}\nThe last good checkpoint is intact: {}",
+                "{e:#}\nTraining stopped after step {step}; the last good checkpoint is {}",
                 last_ckpt_display(&ckpts)
             )
-        })?;
+        };
+        comm.all_reduce_f64(&mut shared).map_err(after)?;
+        if slice.world > 1 {
+            let met = comm.all_gather_u64(&found).map_err(after)?;
+            bad.extend(met.into_iter().flatten());
+        }
+        bad.check(&|i| feed.record_name(i)).map_err(after)?;
         let stopping = shared[0] > 0.0;
         let m = StepMetrics {
             step,
@@ -451,9 +449,9 @@ fn train_rank(
             ln_k,
             centre_norm: stats.centre_norms.map(|x| x as f32),
             images_per_s: global_batch as f64 / dt.max(1e-9),
-            data_wait_frac: (shared[2] / slice.world as f64).min(1.0),
+            data_wait_frac: (shared[1] / slice.world as f64).min(1.0),
             elapsed_s: started.elapsed().as_secs_f64(),
-            bad_records: shared[1] as u64,
+            bad_records: bad.count(),
         };
         metrics::check_finite(&m).map_err(|e| {
             anyhow::anyhow!("{e:#}\nLast good checkpoint: {}", last_ckpt_display(&ckpts))

@@ -146,6 +146,23 @@ pub trait Collective: Send {
     /// Replaces `bytes` on every rank by rank 0's.
     fn broadcast(&mut self, bytes: &mut Vec<u8>) -> Result<()>;
 
+    /// Every rank's `mine`, in rank order, on every rank.
+    fn all_gather_bytes(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>>;
+
+    /// Every rank's list of u64, in rank order, on every rank.
+    fn all_gather_u64(&mut self, mine: &[u64]) -> Result<Vec<Vec<u64>>> {
+        let b: Vec<u8> = mine.iter().flat_map(|x| x.to_le_bytes()).collect();
+        Ok(self
+            .all_gather_bytes(&b)?
+            .into_iter()
+            .map(|p| {
+                p.chunks_exact(8)
+                    .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+                    .collect()
+            })
+            .collect())
+    }
+
     /// Tells the other ranks this one is stopping (best effort) with the reason.
     fn abort(&mut self, why: &str);
 
@@ -231,6 +248,9 @@ impl Collective for Single {
     }
     fn broadcast(&mut self, _: &mut Vec<u8>) -> Result<()> {
         Ok(())
+    }
+    fn all_gather_bytes(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
+        Ok(vec![mine.to_vec()])
     }
     fn abort(&mut self, _: &str) {}
 }
@@ -397,6 +417,8 @@ mod tests {
                 let s = g.all_reduce_tensor(&t)?.to_vec1::<f32>()?;
                 let mut b = if rank == 0 { b"hello".to_vec() } else { vec![] };
                 g.broadcast(&mut b)?;
+                let all = g.all_gather_u64(&(0..rank as u64).collect::<Vec<_>>())?;
+                assert_eq!(all, vec![vec![], vec![0], vec![0, 1]]);
                 if rank == 2 {
                     return Ok((v, s, b)); // leaves: the next collective fails on the others
                 }

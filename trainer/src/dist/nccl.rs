@@ -155,6 +155,9 @@ impl Collective for NcclGroup {
     fn broadcast(&mut self, bytes: &mut Vec<u8>) -> Result<()> {
         self.tcp.broadcast(bytes)
     }
+    fn all_gather_bytes(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
+        self.tcp.all_gather_bytes(mine)
+    }
     fn abort(&mut self, why: &str) {
         self.tcp.abort(why)
     }

@@ -71,15 +71,27 @@ impl TcpGroup {
 
     /// Reads a DATA frame of exactly `len` bytes from `peer` (rank `from`).
     fn read_data(&mut self, i: usize, from: u32, len: usize, what: &str) -> Result<Vec<u8>> {
-        let t = self.timeout;
-        match read_frame(&mut self.peers[i]) {
-            Ok((DATA, p)) if p.len() == len => Ok(p),
-            Ok((DATA, p)) => Err(self.fail(format!(
+        let p = self.read_any(i, from, what)?;
+        if p.len() != len {
+            return Err(self.fail(format!(
                 "rank {from} sent {} bytes to {what}, expected {len}: the ranks run different configs or steps",
                 p.len()
-            ))),
+            )));
+        }
+        Ok(p)
+    }
+
+    /// Reads a DATA frame from `peer` (rank `from`); an abort frame ends the job here too.
+    fn read_any(&mut self, i: usize, from: u32, what: &str) -> Result<Vec<u8>> {
+        let t = self.timeout;
+        match read_frame(&mut self.peers[i]) {
+            Ok((DATA, p)) => Ok(p),
             Ok((ABORT, p)) => {
                 let m = String::from_utf8_lossy(&p).into_owned();
+                if self.world.rank == 0 {
+                    // Pass a rank's abort on to every other rank.
+                    return Err(self.fail(m));
+                }
                 self.failed = Some(m.clone());
                 bail!("{m}")
             }
@@ -170,6 +182,51 @@ impl Collective for TcpGroup {
             }
         }
         Ok(())
+    }
+
+    fn all_gather_bytes(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
+        if let Some(f) = &self.failed {
+            bail!("{f}");
+        }
+        let what = "an all-gather";
+        let t = self.timeout;
+        if self.world.rank == 0 {
+            let mut parts = vec![mine.to_vec()];
+            for r in 1..self.world.size {
+                parts.push(self.read_any(r as usize - 1, r, what)?);
+            }
+            let blob: Vec<u8> = parts
+                .iter()
+                .flat_map(|p| {
+                    (p.len() as u64)
+                        .to_le_bytes()
+                        .into_iter()
+                        .chain(p.iter().copied())
+                })
+                .collect();
+            for r in 1..self.world.size {
+                if let Err(e) = write_frame(&mut self.peers[r as usize - 1], DATA, &blob) {
+                    return Err(self.fail(lost(r, what, t, &e)));
+                }
+            }
+            Ok(parts)
+        } else {
+            if let Err(e) = write_frame(&mut self.peers[0], DATA, mine) {
+                return Err(self.fail(lost(0, what, t, &e)));
+            }
+            let blob = self.read_any(0, 0, what)?;
+            let mut parts = Vec::new();
+            let mut rest = &blob[..];
+            while rest.len() >= 8 {
+                let n = u64::from_le_bytes(rest[..8].try_into().unwrap()) as usize;
+                if rest.len() < 8 + n {
+                    bail!("rank 0 sent a damaged all-gather");
+                }
+                parts.push(rest[8..8 + n].to_vec());
+                rest = &rest[8 + n..];
+            }
+            Ok(parts)
+        }
     }
 
     fn abort(&mut self, why: &str) {
