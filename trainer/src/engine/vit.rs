@@ -27,15 +27,15 @@ pub struct Block {
     pub fc2: Linear,
 }
 
+/// What a block's backward reads. The LayerNorm outputs and the MLP's GELU output are not kept:
+/// the backward recomputes them from x, x₁ and the fc1 product (elementwise work, as llm.c's
+/// recompute option), which leaves 10 of the 16 D-wide values per token to keep.
 pub struct BlockSaved {
     x: Tensor,
-    ln1: Tensor,
     attn: AttnSaved,
     heads_out: Tensor,
     x1: Tensor,
-    ln2: Tensor,
     fc1_pre: Tensor,
-    gelu: Tensor,
 }
 
 /// `dy·m` per sample (the stochastic-depth multiplier's backward), in `dt`.
@@ -70,15 +70,13 @@ impl Block {
         let (gelu, fc1_pre) = self.fc1.forward_gelu(ops, &ln2)?;
         let m = self.fc2.forward(ops, &gelu)?.reshape((b, t, d))?;
         let x2 = residual_add(&x1, &m, drop.map(|m| &m.1), ops.fused)?;
+        std::mem::drop((ln1, ln2, gelu));
         let saved = save.then(|| BlockSaved {
             x: x.clone(),
-            ln1,
             attn: AttnSaved { q, k, v, p },
             heads_out,
             x1,
-            ln2,
             fc1_pre,
-            gelu,
         });
         Ok((x2, saved))
     }
@@ -96,14 +94,15 @@ impl Block {
         let (b, t, d) = dx2.dims3()?;
         // MLP branch.
         let dm = masked(dx2, drop.map(|m| &m.1), ops.cdt)?.reshape((b * t, d))?;
-        let dgelu = self
-            .fc2
-            .backward(ops, &s.gelu, &dm, grads, true)?
-            .expect("dx");
+        let gelu = self.fc1.gelu_of(ops, &s.fc1_pre)?;
+        let dgelu = self.fc2.backward(ops, &gelu, &dm, grads, true)?.expect("dx");
+        std::mem::drop(gelu);
+        let rows1 = s.x1.reshape((b * t, d))?;
+        let ln2 = self.norm2.forward(ops, &rows1, ops.cdt)?;
         let dln2 = self
             .fc1
-            .backward_gelu(ops, &s.ln2, &s.fc1_pre, &dgelu, grads)?;
-        let rows1 = s.x1.reshape((b * t, d))?;
+            .backward_gelu(ops, &ln2, &s.fc1_pre, &dgelu, grads)?;
+        std::mem::drop(ln2);
         let dx1 = (dx2
             + self
                 .norm2
@@ -119,11 +118,10 @@ impl Block {
         let d_o = attention::split_heads(&dheads, b, heads)?;
         let (dq, dk, dv) = attention::backward(ops, &s.attn, &d_o, scale)?;
         let dqkv = attention::merge_qkv(&dq, &dk, &dv)?;
-        let dln1 = self
-            .qkv
-            .backward(ops, &s.ln1, &dqkv, grads, true)?
-            .expect("dx");
         let rows = s.x.reshape((b * t, d))?;
+        let ln1 = self.norm1.forward(ops, &rows, ops.cdt)?;
+        let dln1 = self.qkv.backward(ops, &ln1, &dqkv, grads, true)?.expect("dx");
+        std::mem::drop(ln1);
         dx1 + self
             .norm1
             .backward(ops, &rows, &dln1, grads)?
