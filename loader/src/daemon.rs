@@ -2,8 +2,11 @@
 //!
 //! A `loader run` process attaches to the ring (creating it if absent, reclaiming it if stale),
 //! registers as a producer and loops: claim the next batch, build it straight into the slot with
-//! `--threads` workers ([`crate::produce::fill_batch_until`]), publish. A heartbeat thread
-//! refreshes its entry every 100 ms. It exits when:
+//! `--threads` workers ([`crate::produce::fill_batch_until`]), publish. Its heartbeat in the
+//! ring's producer table is refreshed by progress, not by a timer: after every sample written
+//! and every (at most 1 s) wait for a free slot. A loader that is stopped, deadlocked or stuck
+//! in one sample therefore shows a growing heartbeat age (`loader status`), and the trainer's
+//! supervisor replaces it. It exits when:
 //! * SIGINT/SIGTERM arrives: the batch being built is abandoned between samples and handed back
 //!   (another producer or a restart rebuilds it);
 //! * the consumer closes the ring or its process disappears (consumer killed): loaders exit, and
@@ -99,21 +102,16 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let ring = Arc::new(Ring::open_or_create(&args.ring, &spec)?);
     let threads = args.threads.max(1);
     let producer = Producer::register(ring.clone(), threads as u32)?;
-    let done = AtomicBool::new(false);
     let layout = ring.layout().clone();
     let hold = Duration::from_millis(args.hold_ms);
     let mut published = 0u64;
     let mut rebuilt = 0u64;
-    let outcome = std::thread::scope(|scope| {
-        scope.spawn(|| {
-            while !done.load(Relaxed) {
-                producer.heartbeat();
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        });
+    let outcome = {
         let mut perm: Option<(u64, Vec<u64>)> = None;
-        let result = loop {
-            let mut claim = match producer.claim(Duration::from_secs(1), &|| stop.load(Relaxed)) {
+        loop {
+            let claimed = producer.claim(Duration::from_secs(1), &|| stop.load(Relaxed));
+            producer.heartbeat();
+            let mut claim = match claimed {
                 Ok(c) => c,
                 Err(Idle::Timeout) => continue,
                 Err(Idle::Stopped) => break Ok("stopped by signal"),
@@ -136,6 +134,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
                 threads,
                 claim.bytes_mut(),
                 &stop,
+                &|| producer.heartbeat(),
             ) {
                 Ok(true) => {
                     if !hold.is_zero() {
@@ -150,10 +149,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
                 Ok(false) => break Ok("stopped by signal (batch abandoned)"),
                 Err(e) => break Err(e.context(format!("ring '{}'", args.ring))),
             }
-        };
-        done.store(true, Relaxed);
-        result
-    });
+        }
+    };
     drop(producer);
     let why = outcome?;
     eprintln!(

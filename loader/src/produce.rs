@@ -33,13 +33,15 @@ pub fn fill_batch(
         threads,
         out,
         &never,
+        &|| {},
     )?;
     Ok(())
 }
 
 /// [`fill_batch`] of a data-parallel rank's batch `batch` ([`Slice`]) that gives up between
 /// samples once `stop` is raised: returns `Ok(false)` when the batch was abandoned (its bytes
-/// are then incomplete).
+/// are then incomplete). `progress` is called (on this thread) after each sample is written: a
+/// loader's heartbeat, so that a stuck sample shows.
 #[allow(clippy::too_many_arguments)]
 pub fn fill_batch_until(
     source: &dyn SampleSource,
@@ -52,6 +54,7 @@ pub fn fill_batch_until(
     threads: usize,
     out: &mut [u8],
     stop: &AtomicBool,
+    progress: &dyn Fn(),
 ) -> Result<bool> {
     let indices = slice.samples(perm, batch, cfg.data.batch_size);
     let mut writer = BatchWriter::new(layout, out, epoch, batch, &cfg.augment);
@@ -69,6 +72,7 @@ pub fn fill_batch_until(
                 return Ok(false);
             }
             writer.write_sample(b, &produce(b)?);
+            progress();
         }
         return Ok(true);
     }
@@ -99,6 +103,7 @@ pub fn fill_batch_until(
                 Ok(s) => {
                     writer.write_sample(b, &s);
                     written += 1;
+                    progress();
                 }
                 Err(e) => {
                     failure = Some(e);
@@ -279,6 +284,30 @@ mod tests {
         let layout = BatchLayout::new(&c.augment, c.data.batch_size);
         let perm: Vec<u64> = (0..36).collect(); // index 30.. do not exist
         let mut buf = OwnedBatch::zeroed(&layout);
+        // A heartbeat per sample written, on any thread count (the loader's progress signal).
+        for threads in [1, 3] {
+            let beats = AtomicUsize::new(0);
+            let never = AtomicBool::new(false);
+            let beat = || {
+                beats.fetch_add(1, Relaxed);
+            };
+            let out = buf.bytes_mut();
+            assert!(fill_batch_until(
+                &src,
+                &c,
+                &layout,
+                &perm,
+                Slice::WHOLE,
+                0,
+                1,
+                threads,
+                out,
+                &never,
+                &beat
+            )
+            .unwrap());
+            assert_eq!(beats.load(Relaxed), c.data.batch_size as usize);
+        }
         let err = fill_batch(&src, &c, &layout, &perm, 0, 5, 3, buf.bytes_mut()).unwrap_err();
         assert!(
             format!("{err:#}").contains("epoch 0 batch 5: sample 3"),
@@ -295,7 +324,8 @@ mod tests {
             0,
             2,
             buf.bytes_mut(),
-            &stop
+            &stop,
+            &|| {}
         )
         .unwrap());
     }

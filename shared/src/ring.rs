@@ -96,8 +96,9 @@
 //!   by CAS to
 //!   `WRITING(g, me)` and rebuilt; crops are deterministic, so the consumer gets the same bytes.
 //!   Heartbeats are shown by `loader status` and in the consumer's timeout message, but a
-//!   producer that is alive with a stale heartbeat (e.g. stopped) is *not* robbed: it could
-//!   still write into the slot afterwards.
+//!   producer that is alive with a stale heartbeat (e.g. stopped) is *not* robbed here: it could
+//!   still write into the slot afterwards. Whoever started it kills it instead (the trainer's
+//!   supervisor does, past `[run] loader_heartbeat_timeout_s`); once dead, its claim is rebuilt.
 //!
 //! ## Seek
 //! [`Consumer::seek`] stores the new `cursor`, then moves every slot to the `FREE(g)` of the new
@@ -106,7 +107,8 @@
 //!
 //! ## Producers
 //! A producer process registers in the producer table (`pid`, `generation`, `threads`), updates
-//! `heartbeat_ns` (CLOCK_MONOTONIC) periodically, counts `batches`, and clears `pid` on exit.
+//! `heartbeat_ns` (CLOCK_MONOTONIC) as it makes progress ([`Ring::heartbeat_age`]), counts
+//! `batches`, and clears `pid` on exit.
 //! Producers stop when the ring is `closed` or the attached consumer's pid is gone; with no
 //! consumer attached yet they wait.
 
@@ -810,6 +812,17 @@ impl Ring {
         c != 0 && !pid_alive(c)
     }
 
+    /// Time since the last heartbeat of producer process `pid`, if it is registered and alive
+    /// (a stopped process counts as alive; a reused pid does not match).
+    pub fn heartbeat_age(&self, pid: u32) -> Option<Duration> {
+        let now = monotonic_ns();
+        (0..MAX_PRODUCERS)
+            .map(|i| self.producer(i))
+            .filter(|e| pid != 0 && e.pid.load(Acquire) == pid && Self::entry_alive(e))
+            .map(|e| Duration::from_nanos(now.saturating_sub(e.heartbeat_ns.load(Acquire))))
+            .min()
+    }
+
     /// A snapshot for `loader status` and error messages.
     pub fn status(&self) -> RingStatus {
         let h = self.header();
@@ -1484,6 +1497,28 @@ mod tests {
             "{err}"
         );
         std::mem::forget(a);
+    }
+
+    #[test]
+    fn heartbeat_age_follows_the_beats_of_a_live_registered_pid() {
+        let spec = RingSpec::new(&tiny_cfg(), 1, 40, 2);
+        let n = name("heartbeat");
+        let ring = Arc::new(Ring::create(&n, &spec).unwrap());
+        let me = std::process::id();
+        assert_eq!(ring.heartbeat_age(me), None, "not registered yet");
+        let p = Producer::register(ring.clone(), 1).unwrap();
+        let beat = &ring.producer(p.index).heartbeat_ns;
+        beat.store(monotonic_ns() - 5_000_000_000, Release);
+        assert!(ring.heartbeat_age(me).unwrap() >= Duration::from_secs(5));
+        p.heartbeat();
+        assert!(ring.heartbeat_age(me).unwrap() < Duration::from_secs(5));
+        // Another pid, or an entry whose process is gone, has no heartbeat.
+        assert_eq!(ring.heartbeat_age(0x7FFF_FFF0), None);
+        ring.producer(p.index).pid.store(0x7FFF_FFF0, Release);
+        assert_eq!(ring.heartbeat_age(0x7FFF_FFF0), None);
+        assert_eq!(ring.heartbeat_age(me), None);
+        std::mem::forget(p);
+        Ring::unlink(&n).unwrap();
     }
 
     /// Writes `bytes` as the segment of ring `name` (as a damaged or foreign file would be).

@@ -1,6 +1,7 @@
 //! Supervision of the loader processes the trainer starts: spawn N, restart one that dies
 //! (with a back-off, and a limit so a loader that can never start is reported instead of
-//! restarted forever), stop them all when the trainer ends.
+//! restarted forever), kill and restart one that is alive but makes no progress (its heartbeat,
+//! see [`Supervisor::watch_heartbeats`]), stop them all when the trainer ends.
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -36,8 +37,20 @@ pub fn find_loader_bin(explicit: Option<&Path>) -> Result<PathBuf> {
 /// What happened to a loader during [`Supervisor::poll`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LoaderEvent {
-    Exited { slot: usize, status: String },
-    Restarted { slot: usize, restarts: u32 },
+    Exited {
+        slot: usize,
+        status: String,
+    },
+    /// Alive but its heartbeat was older than the timeout: killed (then restarted like a dead one).
+    Hung {
+        slot: usize,
+        pid: u32,
+        heartbeat_age: Duration,
+    },
+    Restarted {
+        slot: usize,
+        restarts: u32,
+    },
 }
 
 struct Slot {
@@ -48,10 +61,14 @@ struct Slot {
     started: Instant,
 }
 
+/// The age of a loader process's last heartbeat (None while it has none, e.g. starting up).
+pub type HeartbeatAge = Box<dyn Fn(u32) -> Option<Duration> + Send>;
+
 /// Keeps `n` processes built by `make(slot)` running.
 pub struct Supervisor {
     make: Box<dyn Fn(usize) -> Command + Send>,
     slots: Vec<Slot>,
+    heartbeats: Option<(HeartbeatAge, Duration)>,
     /// Restarts allowed per slot before [`Supervisor::poll`] gives up with an error.
     pub max_restarts: u32,
     pub backoff: Duration,
@@ -64,6 +81,7 @@ impl Supervisor {
         let mut s = Self {
             make: Box::new(make),
             slots: Vec::new(),
+            heartbeats: None,
             max_restarts: 10,
             backoff: Duration::from_millis(500),
         };
@@ -77,6 +95,13 @@ impl Supervisor {
             });
         }
         Ok(s)
+    }
+
+    /// Treats a loader whose heartbeat (`age` of its pid) is older than `timeout` as hung: it is
+    /// killed (SIGKILL, so whatever it had claimed is rebuilt by others) and restarted.
+    pub fn watch_heartbeats(mut self, age: HeartbeatAge, timeout: Duration) -> Self {
+        self.heartbeats = Some((age, timeout));
+        self
     }
 
     fn spawn(&self, slot: usize) -> Result<Child> {
@@ -102,11 +127,26 @@ impl Supervisor {
             .collect()
     }
 
-    /// Reaps dead children and restarts them once their back-off has passed. Errors when a slot
-    /// has died more than `max_restarts` times.
+    /// Reaps dead children, kills hung ones, and restarts both once their back-off has passed.
+    /// Errors when a slot has died more than `max_restarts` times.
     pub fn poll(&mut self) -> Result<Vec<LoaderEvent>> {
         let mut ev = Vec::new();
         for i in 0..self.slots.len() {
+            if let (Some(c), Some((age, timeout))) =
+                (self.slots[i].child.as_mut(), &self.heartbeats)
+            {
+                let pid = c.id();
+                if let Some(a) = age(pid).filter(|a| a > timeout) {
+                    // SIGKILL also ends a stopped process; reaped just below.
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    ev.push(LoaderEvent::Hung {
+                        slot: i,
+                        pid,
+                        heartbeat_age: a,
+                    });
+                }
+            }
             if let Some(c) = self.slots[i].child.as_mut() {
                 if let Some(st) = c.try_wait()? {
                     self.slots[i].child = None;
@@ -266,6 +306,57 @@ mod tests {
         // Both children are gone after shutdown (kill(pid, 0) fails for a reaped pid).
         for p in pids {
             assert_ne!(unsafe { libc::kill(p as i32, 0) }, 0, "pid {p} still alive");
+        }
+    }
+
+    #[test]
+    fn kills_and_restarts_a_loader_whose_heartbeat_is_stale() {
+        let sleeper = |_| {
+            let mut c = Command::new("sh");
+            c.args(["-c", "sleep 30"]);
+            c
+        };
+        let sup = Supervisor::start(2, sleeper).unwrap();
+        let pids: Vec<u32> = sup.pids().into_iter().map(|p| p.unwrap()).collect();
+        // Slot 0's first process has a 10 s old heartbeat; every other one is fresh, or (slot
+        // 1) has none yet.
+        let (hung, quiet) = (pids[0], pids[1]);
+        let mut sup = sup.watch_heartbeats(
+            Box::new(move |pid| match pid {
+                p if p == hung => Some(Duration::from_secs(10)),
+                p if p == quiet => None,
+                _ => Some(Duration::ZERO),
+            }),
+            Duration::from_secs(3),
+        );
+        sup.backoff = Duration::from_millis(10);
+        let ev = wait_for(&mut sup, |e| {
+            e.iter().any(|x| matches!(x, LoaderEvent::Restarted { .. }))
+        });
+        assert_eq!(
+            ev,
+            [
+                LoaderEvent::Hung {
+                    slot: 0,
+                    pid: hung,
+                    heartbeat_age: Duration::from_secs(10)
+                },
+                LoaderEvent::Exited {
+                    slot: 0,
+                    status: "killed by signal 9".into()
+                },
+                LoaderEvent::Restarted {
+                    slot: 0,
+                    restarts: 1
+                }
+            ]
+        );
+        assert_ne!(unsafe { libc::kill(hung as i32, 0) }, 0, "pid {hung} alive");
+        let now = sup.pids();
+        assert!(now[0].is_some_and(|p| p != hung) && now[1] == Some(quiet));
+        // The fresh replacement is left alone.
+        for _ in 0..5 {
+            assert_eq!(sup.poll().unwrap(), []);
         }
     }
 

@@ -42,6 +42,9 @@ pub struct RunConfig {
     pub ring_slots: u32,
     /// Give up when no batch arrives for this long (seconds).
     pub batch_timeout_s: f64,
+    /// A loader process whose heartbeat (refreshed per sample, and at least every second while
+    /// it waits) is older than this (seconds) is killed and restarted like a dead one.
+    pub loader_heartbeat_timeout_s: f64,
     /// Steps before the teacher-entropy warnings are armed.
     pub entropy_grace_steps: u64,
     /// `bf16` or `f32` forward (default: bf16 on CUDA, f32 on the CPU; `crate::kernels`).
@@ -69,6 +72,7 @@ impl Default for RunConfig {
             log_every: 10,
             ring_slots: 8,
             batch_timeout_s: 600.0,
+            loader_heartbeat_timeout_s: 60.0,
             entropy_grace_steps: 100,
             precision: None,
             kernels: None,

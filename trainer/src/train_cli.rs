@@ -220,6 +220,7 @@ pub fn train_main(a: &TrainArgs) -> Result<()> {
                 threads,
                 slots: run.ring_slots,
                 slice,
+                heartbeat_timeout: Duration::from_secs_f64(run.loader_heartbeat_timeout_s),
             };
             eprintln!(
                 "starting {processes} loader process(es) × {threads} thread(s): {}",

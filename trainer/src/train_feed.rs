@@ -176,6 +176,8 @@ pub struct LoaderLaunch {
     pub slots: u32,
     /// The data-parallel rank's share the loaders produce.
     pub slice: Slice,
+    /// A loader whose heartbeat is older than this is killed and restarted.
+    pub heartbeat_timeout: Duration,
 }
 
 /// The ring's consumer side, plus the supervisor of the loaders this trainer started.
@@ -210,6 +212,15 @@ impl SupervisorThread {
                                 LoaderEvent::Exited { slot, status } => {
                                     eprintln!("trainer: loader {slot} exited ({status})")
                                 }
+                                LoaderEvent::Hung {
+                                    slot,
+                                    pid,
+                                    heartbeat_age,
+                                } => eprintln!(
+                                    "trainer: loader {slot} (pid {pid}) made no progress for {:.1} s \
+                                     (no heartbeat); killed it",
+                                    heartbeat_age.as_secs_f64()
+                                ),
                                 LoaderEvent::Restarted { slot, restarts } => eprintln!(
                                     "trainer: restarted loader {slot} (restart #{restarts})"
                                 ),
@@ -265,11 +276,13 @@ impl RingFeed {
             Some(_) => Ring::create(name, &spec)?,
             None => Ring::open_or_create(name, &spec)?,
         };
-        let consumer = Consumer::new(Arc::new(ring))?;
+        let ring = Arc::new(ring);
+        let consumer = Consumer::new(ring.clone())?;
         let supervisor = match launch {
             None => None,
             Some(l) => {
                 let l = l.clone();
+                let timeout = l.heartbeat_timeout;
                 let ring_name = name.to_string();
                 let sup = Supervisor::start(l.processes, move |_slot| {
                     let mut c = Command::new(&l.loader_bin);
@@ -294,7 +307,8 @@ impl RingFeed {
                         .arg("--accumulate")
                         .arg(l.slice.accumulate.to_string());
                     c
-                })?;
+                })?
+                .watch_heartbeats(Box::new(move |pid| ring.heartbeat_age(pid)), timeout);
                 Some(SupervisorThread::start(sup))
             }
         };
