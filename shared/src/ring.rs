@@ -479,6 +479,32 @@ impl Ring {
         Ok(r)
     }
 
+    /// Unlinks every ring whose name starts with `prefix` and that nobody alive uses (all its
+    /// processes were killed, so none was left to unlink it); returns their names. Segments
+    /// that cannot be read as rings are left alone.
+    pub fn remove_stale(prefix: &str) -> Vec<String> {
+        let Ok(dir) = std::fs::read_dir("/dev/shm") else {
+            return Vec::new();
+        };
+        let mut gone = Vec::new();
+        for e in dir.flatten() {
+            let file = e.file_name();
+            let Some(name) = file.to_str().and_then(|f| f.strip_prefix("udi-ring-")) else {
+                continue;
+            };
+            if !name.starts_with(prefix) || check_name(name).is_err() {
+                continue;
+            }
+            if let Ok(Some(r)) = Self::open_existing(name) {
+                if r.is_stale() {
+                    r.unlink_if_same();
+                    gone.push(name.to_string());
+                }
+            }
+        }
+        gone
+    }
+
     /// Removes ring `name`'s segment name (mapped processes keep their memory). Missing is fine.
     pub fn unlink(name: &str) -> Result<()> {
         check_name(name)?;
@@ -1519,6 +1545,25 @@ mod tests {
         assert_eq!(ring.heartbeat_age(me), None);
         std::mem::forget(p);
         Ring::unlink(&n).unwrap();
+    }
+
+    #[test]
+    fn remove_stale_unlinks_only_abandoned_rings_of_the_prefix() {
+        let spec = RingSpec::new(&tiny_cfg(), 1, 40, 2);
+        let (dead, live) = (name("sweep-dead"), name("sweep-live"));
+        let abandoned = Ring::create(&dead, &spec).unwrap();
+        // SAFETY: test-only poke at a header field nobody else reads concurrently.
+        unsafe { (*(abandoned.map.as_mut_ptr() as *mut RingHeader)).creator_pid = 0x7FFF_FFF0 };
+        let _in_use = Ring::create(&live, &spec).unwrap();
+        let other = name("other-dead");
+        let foreign = Ring::create(&other, &spec).unwrap();
+        unsafe { (*(foreign.map.as_mut_ptr() as *mut RingHeader)).creator_pid = 0x7FFF_FFF0 };
+        let prefix = dead.strip_suffix("sweep-dead").unwrap().to_string() + "sweep-";
+        assert_eq!(Ring::remove_stale(&prefix), [dead.clone()]);
+        assert!(!segment_path(&dead).exists());
+        assert!(segment_path(&live).exists() && segment_path(&other).exists());
+        Ring::unlink(&live).unwrap();
+        Ring::unlink(&other).unwrap();
     }
 
     /// Writes `bytes` as the segment of ring `name` (as a damaged or foreign file would be).

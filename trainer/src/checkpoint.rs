@@ -24,6 +24,8 @@ use std::path::{Path, PathBuf};
 
 pub const TENSORS_FILE: &str = "tensors.safetensors";
 pub const STATE_FILE: &str = "state.json";
+/// Name prefix of a checkpoint being written (`.tmp-step-N-PID`) or pruned.
+const TMP_PREFIX: &str = ".tmp-";
 /// Bumped when the meaning of a field changes; older checkpoints are refused with a message.
 pub const FORMAT_VERSION: u32 = 1;
 
@@ -140,7 +142,9 @@ impl CheckpointManager {
         state: &CheckpointState,
     ) -> Result<CheckpointPath> {
         let name = step_dir_name(state.step);
-        let tmp = self.dir.join(format!(".tmp-{name}-{}", std::process::id()));
+        let tmp = self
+            .dir
+            .join(format!("{TMP_PREFIX}{name}-{}", std::process::id()));
         let written = write_checkpoint_dir(&tmp, tensors, state);
         if let Err(e) = written {
             let _ = fs::remove_dir_all(&tmp);
@@ -149,6 +153,7 @@ impl CheckpointManager {
                 self.dir.join(&name).display()
             )));
         }
+        crate::crash_point::here("checkpoint-complete");
         let dst = self.dir.join(&name);
         // Re-saving a step (the final save right after a periodic one): the old copy is moved
         // aside, not deleted, until the new one is in place.
@@ -172,11 +177,31 @@ impl CheckpointManager {
             let _ = fs::remove_dir_all(&aside);
         }
         fsync_dir(&self.dir);
+        crate::crash_point::here("checkpoint-renamed");
         self.prune(state.step)?;
         Ok(CheckpointPath {
             step: state.step,
             dir: dst,
         })
+    }
+
+    /// Removes the temporary directories of writes that never finished (a trainer killed
+    /// mid-write); returns them. Only for the holder of the run directory's lock.
+    pub fn remove_unfinished(&self) -> Result<Vec<PathBuf>> {
+        let mut gone = Vec::new();
+        for e in
+            fs::read_dir(&self.dir).with_context(|| format!("listing {}", self.dir.display()))?
+        {
+            let p = e?.path();
+            if p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(TMP_PREFIX))
+            {
+                fs::remove_dir_all(&p).with_context(|| format!("removing {}", p.display()))?;
+                gone.push(p);
+            }
+        }
+        Ok(gone)
     }
 
     /// All complete checkpoints, oldest first.
@@ -197,7 +222,15 @@ impl CheckpointManager {
                 if c.step == just_saved {
                     continue;
                 }
-                fs::remove_dir_all(&c.dir)
+                // Out of sight first: a crash mid-removal leaves a temporary directory (removed by
+                // the next trainer), not a half-deleted `step-N` that reads as damaged.
+                let doomed = self.dir.join(format!(
+                    "{TMP_PREFIX}pruned-{}-{}",
+                    step_dir_name(c.step),
+                    std::process::id()
+                ));
+                fs::rename(&c.dir, &doomed)
+                    .and_then(|_| fs::remove_dir_all(&doomed))
                     .with_context(|| format!("removing old checkpoint {}", c.dir.display()))?;
             }
         }
@@ -244,6 +277,7 @@ fn write_checkpoint_dir(
     candle_core::safetensors::save(tensors, &tpath)
         .with_context(|| format!("writing {}", tpath.display()))?;
     fsync_file(&tpath)?;
+    crate::crash_point::here("checkpoint-tensors");
     let mut state = state.clone();
     state.files = BTreeMap::from([(TENSORS_FILE.to_string(), FileDigest::of_file(&tpath)?)]);
     let spath = dir.join(STATE_FILE);
@@ -499,6 +533,11 @@ mod tests {
         fs::create_dir_all(m.dir().join(".tmp-step-00000002-99")).unwrap();
         fs::create_dir_all(m.dir().join("step-00000003")).unwrap();
         fs::write(m.dir().join("step-00000003").join(TENSORS_FILE), b"junk").unwrap();
+        assert_eq!(m.latest().unwrap().unwrap().step, 1);
+        // The next trainer removes the temp dir, and only it.
+        let gone = m.remove_unfinished().unwrap();
+        assert_eq!(gone, [m.dir().join(".tmp-step-00000002-99")]);
+        assert!(m.dir().join("step-00000003").is_dir());
         assert_eq!(m.latest().unwrap().unwrap().step, 1);
     }
 

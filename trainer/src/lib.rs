@@ -17,6 +17,7 @@
 pub mod bad_records;
 pub mod checkpoint;
 pub mod config;
+pub mod crash_point;
 pub mod data;
 pub mod debug;
 pub mod device;

@@ -79,13 +79,25 @@ impl MetricsLog {
             }
             _ => Vec::new(),
         };
-        let mut out = BufWriter::new(
-            fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?,
+        // Rewritten beside and renamed over: a crash here leaves the old file whole.
+        let tmp = path.with_extension("jsonl.tmp");
+        let mut w = BufWriter::new(
+            fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?,
         );
         for m in &kept {
-            writeln!(out, "{}", serde_json::to_string(m)?)?;
+            writeln!(w, "{}", serde_json::to_string(m)?)?;
         }
-        out.flush()?;
+        w.into_inner()?
+            .sync_all()
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        crate::crash_point::here("metrics-reopen");
+        fs::rename(&tmp, &path).with_context(|| format!("renaming {}", tmp.display()))?;
+        let out = BufWriter::new(
+            fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .with_context(|| format!("opening {}", path.display()))?,
+        );
         Ok(Self { out, path })
     }
 
@@ -97,7 +109,9 @@ impl MetricsLog {
         writeln!(self.out, "{}", serde_json::to_string(m)?)?;
         self.out
             .flush()
-            .with_context(|| format!("writing {}", self.path.display()))
+            .with_context(|| format!("writing {}", self.path.display()))?;
+        crate::crash_point::here("metrics-written");
+        Ok(())
     }
 }
 

@@ -35,6 +35,7 @@ impl RunDir {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let lock = lock_run_dir(dir)?;
         let ckpts = CheckpointManager::new(dir, run.keep_last)?;
+        ckpts.remove_unfinished()?;
         let mut skipped = Vec::new();
         let resume_from = if resume {
             let found = ckpts.newest_intact(|c, e| {

@@ -56,7 +56,7 @@ pub struct TrainArgs {
     /// Worker threads per loader (default: cores / loaders).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Ring name (default: udi-train-<pid>).
+    /// Ring name (default: udi-train-<pid>-<time>).
     #[arg(long)]
     pub ring: Option<String>,
     /// Do not start loaders: attach to --ring, fed by `loader run` processes started by hand
@@ -192,7 +192,7 @@ pub fn train_main(a: &TrainArgs) -> Result<()> {
         let name = a
             .ring
             .clone()
-            .unwrap_or_else(|| format!("udi-train-{}", std::process::id()));
+            .unwrap_or_else(crate::train_feed::own_ring_name);
         let config = run_dir.config_path();
         let launch = if a.external_loaders {
             eprintln!(

@@ -257,6 +257,36 @@ impl Drop for SupervisorThread {
     }
 }
 
+/// A loader started by a trainer gets SIGTERM when the trainer dies (even by SIGKILL). Without
+/// this, a loader that starts after its trainer was killed finds the ring abandoned, creates it
+/// afresh and waits for a consumer forever.
+fn stop_with_parent(c: &mut Command) {
+    let parent = std::process::id();
+    // SAFETY: the closure runs between fork and exec and calls only async-signal-safe functions.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(c, move || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            // The parent may have died before prctl: then this process was already re-parented.
+            if libc::getppid() as u32 != parent {
+                libc::_exit(0);
+            }
+            Ok(())
+        });
+    }
+}
+
+/// A ring name of this trainer's own, `udi-train-PID-TIME` (a dead trainer's ring of the same pid
+/// cannot collide), after unlinking the rings of trainers whose processes were all killed.
+pub fn own_ring_name() -> String {
+    for n in Ring::remove_stale("udi-train-") {
+        eprintln!("removed the abandoned ring '{n}' of a killed run");
+    }
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    format!("udi-train-{}-{t:x}", std::process::id())
+}
+
 impl RingFeed {
     /// Creates ring `name` for (config, dataset) and, with `launch`, starts the loaders that
     /// fill it. Without `launch` (`--external-loaders`) it attaches to (or creates) the ring and
@@ -289,6 +319,7 @@ impl RingFeed {
                     // Own process group: a terminal's Ctrl-C reaches the trainer only, which
                     // checkpoints and then stops its loaders itself.
                     std::os::unix::process::CommandExt::process_group(&mut c, 0);
+                    stop_with_parent(&mut c);
                     c.arg("run")
                         .arg("--shards")
                         .arg(&l.shards)
@@ -355,12 +386,15 @@ impl BatchFeed for RingFeed {
                     let (epoch, index) = (guard.epoch(), guard.batch());
                     let view = guard.view();
                     let batch = TrainBatch::from_view(&view, aug, device)?;
+                    let indices = view.indices().to_vec();
+                    drop(guard);
+                    crate::crash_point::here("batch-fed");
                     return Ok(FedBatch {
                         batch,
                         epoch,
                         index,
                         wait,
-                        indices: view.indices().to_vec(),
+                        indices,
                     });
                 }
                 Err(e) if t0.elapsed() < self.timeout && format!("{e}").contains("waited") => {

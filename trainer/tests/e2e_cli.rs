@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{loader_bin, loss_bits as losses, synth_shards};
+use common::{children, loader_bin, loss_bits as losses, synth_shards};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -17,18 +17,6 @@ const TRAINER: &str = env!("CARGO_BIN_EXE_trainer");
 /// The micro config, checkpoints every step, a small ring.
 fn config() -> common::TestConfig {
     common::cli_config(2)
-}
-
-fn children(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-        for t in tasks.flatten() {
-            if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
-                out.extend(s.split_whitespace().filter_map(|x| x.parse::<u32>().ok()));
-            }
-        }
-    }
-    out
 }
 
 #[test]

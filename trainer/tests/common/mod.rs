@@ -145,6 +145,19 @@ pub fn loader_bin() -> Option<std::path::PathBuf> {
     p.is_file().then_some(p)
 }
 
+/// The child processes of `pid` (e.g. the loaders a trainer started).
+pub fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
+                out.extend(s.split_whitespace().filter_map(|x| x.parse::<u32>().ok()));
+            }
+        }
+    }
+    out
+}
+
 /// A generated labelled ImageFolder (`shard-tool synth`) at `dir/img`, packed into `dir/shards`.
 pub fn synth_shards(
     dir: &std::path::Path,
