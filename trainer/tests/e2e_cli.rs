@@ -151,15 +151,8 @@ fn train_cli(
     args: &[&str],
     interrupt_after_first_step: bool,
 ) -> (bool, String) {
-    let child = Command::new(TRAINER)
-        .arg("train")
+    let child = common::train_command(cfg, shards, run)
         .args(args)
-        .arg("--config")
-        .arg(cfg)
-        .arg("--shards")
-        .arg(shards)
-        .arg("--out")
-        .arg(run)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();

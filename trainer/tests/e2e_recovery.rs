@@ -38,15 +38,8 @@ fn setup(tmp: &Path, epochs: u64) -> (PathBuf, PathBuf) {
 }
 
 fn trainer(cfg: &Path, shards: &Path, run: &Path, log: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(TRAINER);
-    c.arg("train")
-        .args(args)
-        .arg("--config")
-        .arg(cfg)
-        .arg("--shards")
-        .arg(shards)
-        .arg("--out")
-        .arg(run)
+    let mut c = common::train_command(cfg, shards, run);
+    c.args(args)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap());
     c

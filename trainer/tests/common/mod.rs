@@ -137,6 +137,23 @@ pub fn cli_config(seed: u64) -> TestConfig {
         .set("run.batch_timeout_s", 120)
 }
 
+/// `trainer train --config CFG --shards SHARDS --out RUN` (add the rest).
+pub fn train_command(
+    cfg: &std::path::Path,
+    shards: &std::path::Path,
+    run: &std::path::Path,
+) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_trainer"));
+    c.arg("train")
+        .arg("--config")
+        .arg(cfg)
+        .arg("--shards")
+        .arg(shards)
+        .arg("--out")
+        .arg(run);
+    c
+}
+
 /// The `loader` binary beside the `trainer` one, if built.
 pub fn loader_bin() -> Option<std::path::PathBuf> {
     let p = std::path::Path::new(env!("CARGO_BIN_EXE_trainer"))
