@@ -122,8 +122,13 @@ fn a_trainer_killed_anywhere_and_resumed_ends_bit_identical_to_an_uninterrupted_
     let run = tmp.path().join("run");
     let mut loader_kills = 0;
     let mut seen_loaders = std::collections::BTreeSet::new();
-    let lives = deaths.iter().map(Some).chain([None]);
-    for (life, death) in lives.enumerate() {
+    for life in 0..=deaths.len() {
+        // A fresh run has no metrics history to lose: reopen the metrics of a resumed one.
+        if !has_checkpoint(&run) && matches!(deaths.get(life), Some(Death::At("metrics-reopen", _)))
+        {
+            deaths.swap(life, life + 1);
+        }
+        let death = deaths.get(life);
         let what = format!("seed {seed}, life {life} ({death:?})");
         let log = tmp.path().join(format!("life-{life}.log"));
         let mut cmd = trainer(
