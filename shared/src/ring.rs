@@ -42,7 +42,10 @@
 //!   attached and alive and no other producer is alive unlinks the name (this covers a consumer
 //!   killed with SIGKILL and loaders stopped before any consumer attached).
 //! * a segment whose creator, consumer and producers are all dead (a crashed run) is *stale*: the
-//!   next [`Ring::open_or_create`] / [`Ring::create`] of that name unlinks and recreates it.
+//!   next [`Ring::open_or_create`] / [`Ring::create`] of that name unlinks and recreates it, and
+//!   [`Ring::remove_stale`] unlinks every stale one of a name prefix (a trainer does, for its
+//!   `udi-train-` rings, as it starts). A pid reused by an unrelated process makes a stale
+//!   segment look live: it is then left for the next sweep.
 //!
 //! ## Segment layout (native endian, every region page-aligned)
 //!
@@ -1559,7 +1562,7 @@ mod tests {
         let foreign = Ring::create(&other, &spec).unwrap();
         unsafe { (*(foreign.map.as_mut_ptr() as *mut RingHeader)).creator_pid = 0x7FFF_FFF0 };
         let prefix = dead.strip_suffix("sweep-dead").unwrap().to_string() + "sweep-";
-        assert_eq!(Ring::remove_stale(&prefix), [dead.clone()]);
+        assert_eq!(Ring::remove_stale(&prefix), [dead.as_str()]);
         assert!(!segment_path(&dead).exists());
         assert!(segment_path(&live).exists() && segment_path(&other).exists());
         Ring::unlink(&live).unwrap();

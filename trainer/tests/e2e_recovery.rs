@@ -159,12 +159,10 @@ fn a_trainer_killed_anywhere_and_resumed_ends_bit_identical_to_an_uninterrupted_
             let at = last_step(&run);
             let kids = children(child.id());
             seen_loaders.extend(&kids);
-            if at >= kill_loader_at {
-                if !kids.is_empty() {
-                    sigkill(kids[rng.random_range(0..kids.len())]);
-                    loader_kills += 1;
-                    kill_loader_at = at + 6;
-                }
+            if at >= kill_loader_at && !kids.is_empty() {
+                sigkill(kids[rng.random_range(0..kids.len())]);
+                loader_kills += 1;
+                kill_loader_at = at + 6;
             }
             if let Some(Death::Outside { steps, delay_ms }) = death {
                 if at >= start + steps {
