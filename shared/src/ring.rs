@@ -841,14 +841,24 @@ impl Ring {
         c != 0 && !pid_alive(c)
     }
 
-    /// Time since the last heartbeat of producer process `pid`, if it is registered and alive
-    /// (a stopped process counts as alive; a reused pid does not match).
+    /// Time since the last heartbeat of producer process `pid`, once it has registered (a
+    /// stopped process counts; an entry still being registered, or whose start time does not
+    /// match the live process, does not).
     pub fn heartbeat_age(&self, pid: u32) -> Option<Duration> {
-        let now = monotonic_ns();
+        let started = proc_start(pid);
         (0..MAX_PRODUCERS)
             .map(|i| self.producer(i))
-            .filter(|e| pid != 0 && e.pid.load(Acquire) == pid && Self::entry_alive(e))
-            .map(|e| Duration::from_nanos(now.saturating_sub(e.heartbeat_ns.load(Acquire))))
+            .filter(|e| {
+                pid != 0
+                    && started != 0
+                    && e.pid.load(Acquire) == pid
+                    && e.proc_start.load(Acquire) == started
+                    && pid_alive(pid)
+            })
+            .map(|e| {
+                let beat = e.heartbeat_ns.load(Acquire);
+                Duration::from_nanos(monotonic_ns().saturating_sub(beat))
+            })
             .min()
     }
 
@@ -1194,8 +1204,10 @@ impl Producer {
                 e.batches.store(0, Relaxed);
                 e.rebuilt.store(0, Relaxed);
                 e.started_ns.store(monotonic_ns(), Relaxed);
-                e.proc_start.store(proc_start(me), Release);
+                // The heartbeat before the start time: a reader that sees this process's start
+                // time (Acquire) sees its first heartbeat, not the previous occupant's last.
                 e.heartbeat_ns.store(monotonic_ns(), Release);
+                e.proc_start.store(proc_start(me), Release);
                 return Ok(Producer {
                     ring,
                     index: i,
@@ -1541,6 +1553,13 @@ mod tests {
         assert!(ring.heartbeat_age(me).unwrap() >= Duration::from_secs(5));
         p.heartbeat();
         assert!(ring.heartbeat_age(me).unwrap() < Duration::from_secs(5));
+        // Mid-registration (pid claimed, start time not yet written) the entry still holds the
+        // previous occupant's heartbeat: it must not count.
+        let start = ring.producer(p.index).proc_start.swap(0, AcqRel);
+        beat.store(1, Release);
+        assert_eq!(ring.heartbeat_age(me), None);
+        ring.producer(p.index).proc_start.store(start, Release);
+        p.heartbeat();
         // Another pid, or an entry whose process is gone, has no heartbeat.
         assert_eq!(ring.heartbeat_age(0x7FFF_FFF0), None);
         ring.producer(p.index).pid.store(0x7FFF_FFF0, Release);
