@@ -565,15 +565,15 @@ impl Explicit {
         let (z_hat, saved_head) = prof::time(dev, "engine: head forward", || {
             student.head.bottleneck(&ops, &head_in, true)
         })?;
+        // Loss with the current centres; the targets first, so that the teacher's outputs are
+        // gone before the student's [rows, K] logits exist.
+        let targets =
+            crate::loss::targets(&self.cfg.loss, batch, &t_out, &self.centres, tau, ops.fused)?;
+        drop(t_out);
         let last = student.head.last_layer(&ops)?;
         let logits = prof::time(dev, "engine: head last layer forward", || {
             last.forward(&ops, &z_hat)
         })?;
-
-        // Loss with the current centres.
-        let targets =
-            crate::loss::targets(&self.cfg.loss, batch, &t_out, &self.centres, tau, ops.fused)?;
-        drop(t_out);
         let (vals, dlogits) = prof::time(dev, "engine: loss forward + dlogits", || {
             loss::forward_backward(&ops, &self.cfg.loss, &targets, &logits, b, n_local)
         })?;
