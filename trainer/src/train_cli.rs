@@ -16,6 +16,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::{Args, ValueEnum};
 use shared::config::PipelineConfig;
+use shared::ring::RingSpec;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -231,11 +232,7 @@ pub fn train_main(a: &TrainArgs) -> Result<()> {
         Box::new(
             RingFeed::start(
                 &name,
-                &pipe,
-                id,
-                n,
-                run.ring_slots,
-                slice,
+                &RingSpec::new(&pipe, id, n, run.ring_slots).with_slice(slice),
                 Duration::from_secs_f64(run.batch_timeout_s),
                 launch.as_ref(),
             )?

@@ -288,23 +288,20 @@ pub fn own_ring_name() -> String {
 }
 
 impl RingFeed {
-    /// Creates ring `name` for (config, dataset) and, with `launch`, starts the loaders that
-    /// fill it. Without `launch` (`--external-loaders`) it attaches to (or creates) the ring and
-    /// waits for loaders started by hand with the same config and shards.
+    /// Creates ring `name` of `spec` (config, dataset, slots, data-parallel slice) and, with
+    /// `launch`, starts the loaders that fill it. Without `launch` (`--external-loaders`) it
+    /// attaches to (or creates) the ring and waits for loaders started by hand with the same
+    /// config and shards.
     pub fn start(
         name: &str,
-        pipe: &PipelineConfig,
-        dataset_id: u64,
-        n_samples: u64,
-        slots: u32,
-        slice: Slice,
+        spec: &RingSpec,
         timeout: Duration,
         launch: Option<&LoaderLaunch>,
     ) -> Result<Self> {
-        let spec = RingSpec::new(pipe, dataset_id, n_samples, slots).with_slice(slice);
+        let (n_samples, dataset_id) = (spec.n_samples, spec.dataset_id);
         let ring = match launch {
-            Some(_) => Ring::create(name, &spec)?,
-            None => Ring::open_or_create(name, &spec)?,
+            Some(_) => Ring::create(name, spec)?,
+            None => Ring::open_or_create(name, spec)?,
         };
         let ring = Arc::new(ring);
         let consumer = Consumer::new(ring.clone())?;

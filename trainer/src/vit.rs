@@ -104,6 +104,7 @@ pub fn drop_rates(cfg: &TrainConfig) -> Vec<f64> {
 /// batch, block by block, the attention branch then the MLP branch, one uniform per sample (keep
 /// iff u < 1 − rate). A resumed run, and either engine, draws the same masks; `group` = (this
 /// group, groups per step) in data-parallel training ([`crate::dist`]), `(0, 1)` otherwise.
+#[allow(clippy::too_many_arguments)] // the keys of the draw, the group, and where it goes
 pub fn drop_masks(
     rates: &[f64],
     seed: u64,

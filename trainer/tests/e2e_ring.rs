@@ -40,11 +40,7 @@ fn train_via_ring(
     assert_eq!(ds.len(), N);
     let mut feed = RingFeed::start(
         name,
-        &pipe,
-        ds.dataset_id(),
-        N,
-        4,
-        shared::rng::Slice::WHOLE,
+        &shared::ring::RingSpec::new(&pipe, ds.dataset_id(), N, 4),
         Duration::from_secs(120),
         None,
     )

@@ -58,7 +58,11 @@ impl Linear {
     /// GELU(y + b) again from the saved pre-bias product `y` (the same values as the forward's:
     /// the backward recomputes them instead of keeping them).
     pub fn gelu_of(&self, ops: &Ops, y: &Tensor) -> Result<Tensor> {
-        bias_gelu(y, self.b.as_ref().expect("GELU linears have a bias"), ops.fused)
+        bias_gelu(
+            y,
+            self.b.as_ref().expect("GELU linears have a bias"),
+            ops.fused,
+        )
     }
 
     /// Backward of [`Self::forward_gelu`] from its saved pre-bias product `y`; returns dx.

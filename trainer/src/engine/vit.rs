@@ -95,7 +95,10 @@ impl Block {
         // MLP branch.
         let dm = masked(dx2, drop.map(|m| &m.1), ops.cdt)?.reshape((b * t, d))?;
         let gelu = self.fc1.gelu_of(ops, &s.fc1_pre)?;
-        let dgelu = self.fc2.backward(ops, &gelu, &dm, grads, true)?.expect("dx");
+        let dgelu = self
+            .fc2
+            .backward(ops, &gelu, &dm, grads, true)?
+            .expect("dx");
         std::mem::drop(gelu);
         let rows1 = s.x1.reshape((b * t, d))?;
         let ln2 = self.norm2.forward(ops, &rows1, ops.cdt)?;
@@ -120,7 +123,10 @@ impl Block {
         let dqkv = attention::merge_qkv(&dq, &dk, &dv)?;
         let rows = s.x.reshape((b * t, d))?;
         let ln1 = self.norm1.forward(ops, &rows, ops.cdt)?;
-        let dln1 = self.qkv.backward(ops, &ln1, &dqkv, grads, true)?.expect("dx");
+        let dln1 = self
+            .qkv
+            .backward(ops, &ln1, &dqkv, grads, true)?
+            .expect("dx");
         std::mem::drop(ln1);
         dx1 + self
             .norm1
