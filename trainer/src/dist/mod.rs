@@ -178,11 +178,7 @@ pub trait Collective: Send {
         }
         let mut b: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
         self.all_reduce_sum_bytes(&mut b, &|acc, x| {
-            for (a, x) in acc.chunks_exact_mut(8).zip(x.chunks_exact(8)) {
-                let s = f64::from_le_bytes(a.try_into().unwrap())
-                    + f64::from_le_bytes(x.try_into().unwrap());
-                a.copy_from_slice(&s.to_le_bytes());
-            }
+            add_le(acc, x, f64::from_le_bytes, f64::to_le_bytes)
         })?;
         for (x, c) in v.iter_mut().zip(b.chunks_exact(8)) {
             *x = f64::from_le_bytes(c.try_into().unwrap());
@@ -207,11 +203,7 @@ pub trait Collective: Send {
                 let v = t.flatten_all()?.to_vec1::<f32>()?;
                 let mut b: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
                 self.all_reduce_sum_bytes(&mut b, &|acc, x| {
-                    for (a, x) in acc.chunks_exact_mut(4).zip(x.chunks_exact(4)) {
-                        let s = f32::from_le_bytes(a.try_into().unwrap())
-                            + f32::from_le_bytes(x.try_into().unwrap());
-                        a.copy_from_slice(&s.to_le_bytes());
-                    }
+                    add_le(acc, x, f32::from_le_bytes, f32::to_le_bytes)
                 })?;
                 let v: Vec<f32> = b
                     .chunks_exact(4)
@@ -221,6 +213,19 @@ pub trait Collective: Send {
             }
             d => bail!("all-reduce of {d:?} tensors is not supported"),
         }
+    }
+}
+
+/// `acc += x` element-wise over little-endian values of `N` bytes.
+fn add_le<T: std::ops::Add<Output = T>, const N: usize>(
+    acc: &mut [u8],
+    x: &[u8],
+    from: fn([u8; N]) -> T,
+    to: fn(T) -> [u8; N],
+) {
+    for (a, x) in acc.chunks_exact_mut(N).zip(x.chunks_exact(N)) {
+        let s = from(a.try_into().unwrap()) + from(x.try_into().unwrap());
+        a.copy_from_slice(&to(s));
     }
 }
 

@@ -44,11 +44,18 @@ impl TcpGroup {
             )
         })?;
         let wait = timeout.max(RENDEZVOUS);
-        let deadline = Instant::now() + wait;
+        let meet = Meet {
+            world,
+            addr: &addr,
+            port,
+            timeout,
+            wait,
+            deadline: Instant::now() + wait,
+        };
         let peers = if world.rank == 0 {
-            accept_all(world, &addr, port, timeout, wait, deadline)?
+            accept_all(&meet)?
         } else {
-            vec![connect_hub(world, &addr, port, timeout, wait, deadline)?]
+            vec![connect_hub(&meet)?]
         };
         Ok(Self {
             world: world.clone(),
@@ -238,14 +245,27 @@ impl Collective for TcpGroup {
     }
 }
 
-fn accept_all(
-    world: &World,
-    addr: &str,
+/// Where and how long the ranks meet at start-up.
+struct Meet<'a> {
+    world: &'a World,
+    addr: &'a str,
     port: u16,
+    /// Every read and write once connected.
     timeout: Duration,
+    /// The rendezvous, ending at `deadline`.
     wait: Duration,
     deadline: Instant,
-) -> Result<Vec<TcpStream>> {
+}
+
+fn accept_all(m: &Meet) -> Result<Vec<TcpStream>> {
+    let Meet {
+        world,
+        addr,
+        port,
+        timeout,
+        wait,
+        deadline,
+    } = *m;
     let listener = TcpListener::bind(("0.0.0.0", port))
         .or_else(|_| TcpListener::bind((addr, port)))
         .with_context(|| format!("rank 0: listening on port {port} (MASTER_PORT)"))?;
@@ -294,14 +314,15 @@ fn accept_all(
     Ok(slots.into_iter().map(Option::unwrap).collect())
 }
 
-fn connect_hub(
-    world: &World,
-    addr: &str,
-    port: u16,
-    timeout: Duration,
-    wait: Duration,
-    deadline: Instant,
-) -> Result<TcpStream> {
+fn connect_hub(m: &Meet) -> Result<TcpStream> {
+    let Meet {
+        world,
+        addr,
+        port,
+        timeout,
+        wait,
+        deadline,
+    } = *m;
     let target = (addr, port)
         .to_socket_addrs()
         .with_context(|| format!("resolving MASTER_ADDR {addr}"))?
