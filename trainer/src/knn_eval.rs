@@ -7,6 +7,7 @@
 //! train features plus one chunk.
 
 use crate::config::TrainConfig;
+use crate::dist::{Collective, Single};
 use crate::eval::features::FeatureSpec;
 use crate::knn::{eval_transform, to_normalised_tensor, KnnIndex, KnnParams, KnnResult, KnnTally};
 use crate::params::ParamStore;
@@ -213,11 +214,26 @@ pub fn features(
     chunk: usize,
     device: &Device,
 ) -> Result<(Tensor, Vec<i32>)> {
+    features_shared(extractor, set, crop, chunk, device, &mut Single::new())
+}
+
+/// [`features`] computed by the ranks of `comm` together: rank r extracts chunks r, r + W, …
+/// and every rank receives the whole set, in order (the same values as one process computes:
+/// a chunk's features depend on that chunk alone).
+pub fn features_shared(
+    extractor: Extractor,
+    set: &dyn LabelledImages,
+    crop: u32,
+    chunk: usize,
+    device: &Device,
+    comm: &mut dyn Collective,
+) -> Result<(Tensor, Vec<i32>)> {
     let threads = threads();
+    let (rank, world) = (comm.world().rank as usize, comm.world().size as usize);
     let mut feats = Vec::new();
     let mut labels = Vec::new();
-    let mut at = 0;
-    while at < set.len() {
+    let starts: Vec<usize> = (0..set.len()).step_by(chunk).collect();
+    for &at in starts.iter().skip(rank).step_by(world) {
         let end = (at + chunk).min(set.len());
         let (imgs, l) = load_chunk(set, at..end, crop, threads)?;
         let x = to_normalised_tensor(&imgs, crop, device)?;
@@ -227,10 +243,53 @@ pub fn features(
                 .to_dtype(DType::F32)?
                 .to_device(&Device::Cpu)?,
         );
-        labels.extend(l);
-        at = end;
+        labels.push(l);
     }
-    Ok((Tensor::cat(&feats, 0)?, labels))
+    if world == 1 {
+        return Ok((Tensor::cat(&feats, 0)?, labels.concat()));
+    }
+    // Each rank's chunks as [dim u64][rows u64, labels i32…, features f32…]…, gathered, then
+    // dealt back into chunk order (chunk i came from rank i mod W).
+    let dim = feats.first().map(|f| f.dim(1)).transpose()?.unwrap_or(0);
+    let mut mine = (dim as u64).to_le_bytes().to_vec();
+    for (f, l) in feats.iter().zip(&labels) {
+        mine.extend((l.len() as u64).to_le_bytes());
+        mine.extend(l.iter().flat_map(|x| x.to_le_bytes()));
+        let v = f.flatten_all()?.to_vec1::<f32>()?;
+        mine.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+    }
+    let parts = comm.all_gather_bytes(&mine)?;
+    let take = |r: &mut &[u8], n: usize| -> Result<Vec<u8>> {
+        anyhow::ensure!(r.len() >= n, "a rank sent fewer features than it owes");
+        let (a, b) = r.split_at(n);
+        *r = b;
+        Ok(a.to_vec())
+    };
+    let u64_of = |b: Vec<u8>| u64::from_le_bytes(b.try_into().unwrap()) as usize;
+    let mut readers: Vec<&[u8]> = parts.iter().map(|p| p.as_slice()).collect();
+    let mut dim = 0;
+    for r in &mut readers {
+        dim = dim.max(u64_of(take(r, 8)?));
+    }
+    let (mut out_f, mut out_l) = (Vec::new(), Vec::new());
+    for i in 0..starts.len() {
+        let r = &mut readers[i % world];
+        let rows = u64_of(take(r, 8)?);
+        let l = take(r, 4 * rows)?;
+        out_l.extend(
+            l.chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().unwrap())),
+        );
+        let f = take(r, 4 * rows * dim)?;
+        out_f.extend(
+            f.chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap())),
+        );
+    }
+    Ok((
+        Tensor::from_vec(out_f, (out_l.len(), dim), &Device::Cpu)?,
+        out_l,
+    ))
 }
 
 /// The teacher backbone of a checkpoint's tensors (`teacher.*`), or a fresh random init.
@@ -321,18 +380,39 @@ pub fn evaluate_with(
     p: KnnParams,
     device: &Device,
 ) -> Result<KnnResult> {
+    evaluate_shared(
+        extractor,
+        train,
+        val,
+        crop,
+        chunk,
+        p,
+        device,
+        &mut Single::new(),
+    )
+}
+
+/// [`evaluate_with`] with the features computed by the ranks of `comm` together
+/// ([`features_shared`]); every rank gets the same result.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_shared(
+    extractor: Extractor,
+    train: &dyn LabelledImages,
+    val: &dyn LabelledImages,
+    crop: u32,
+    chunk: usize,
+    p: KnnParams,
+    device: &Device,
+    comm: &mut dyn Collective,
+) -> Result<KnnResult> {
     let n_classes = class_count(train, val)?;
-    let (tf, tl) = features(extractor, train, crop, chunk, device)?;
+    let (tf, tl) = features_shared(extractor, train, crop, chunk, device, comm)?;
     let index = KnnIndex::new(&tf, tl, n_classes)?;
-    let threads = threads();
+    let (vf, vl) = features_shared(extractor, val, crop, chunk, device, comm)?;
     let mut tally = KnnTally::default();
-    let mut at = 0;
-    while at < val.len() {
-        let end = (at + chunk).min(val.len());
-        let (imgs, labels) = load_chunk(val, at..end, crop, threads)?;
-        let x = to_normalised_tensor(&imgs, crop, device)?;
-        index.score_chunk(&extractor.extract(&x)?, &labels, p, &mut tally)?;
-        at = end;
+    for at in (0..vl.len()).step_by(chunk) {
+        let n = chunk.min(vl.len() - at);
+        index.score_chunk(&vf.narrow(0, at, n)?, &vl[at..at + n], p, &mut tally)?;
     }
     Ok(index.result(&tally, p))
 }

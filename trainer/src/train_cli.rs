@@ -376,6 +376,9 @@ pub(crate) fn load_config(
 
 pub fn knn_main(a: &KnnArgs) -> Result<()> {
     let dev = device(a.device, a.cuda)?;
+    // Under `trainer launch` / torchrun / SLURM the ranks share the feature extraction.
+    let world = crate::dist::World::from_env()?;
+    let mut comm = crate::dist::connect(&world, Duration::from_secs(3600), &dev)?;
     let ckpt = a
         .checkpoint
         .as_deref()
@@ -403,7 +406,7 @@ pub fn knn_main(a: &KnnArgs) -> Result<()> {
     } else {
         knn_eval::Extractor::Backbone(&vit, token)
     };
-    let r = knn_eval::evaluate_with(
+    let r = knn_eval::evaluate_shared(
         extractor,
         train.as_ref(),
         val.as_ref(),
@@ -411,7 +414,11 @@ pub fn knn_main(a: &KnnArgs) -> Result<()> {
         a.chunk.max(1),
         p,
         &dev,
+        comm.as_mut(),
     )?;
+    if world.rank > 0 {
+        return Ok(());
+    }
     let what = match &ckpt {
         _ if a.raw_pixels => "raw pixels".to_string(),
         Some(c) if !a.random_init => c.dir.display().to_string(),

@@ -338,3 +338,78 @@ fn one_launched_rank_equals_a_plain_run_and_reports_the_all_reduce_time() {
     );
     assert!(common::checkpoint_bits(&t.join("one")) == common::checkpoint_bits(&t.join("plain")));
 }
+
+/// `trainer knn` under `trainer launch`: the ranks share the feature extraction (chunk i on
+/// rank i mod W) and report what one process reports.
+#[test]
+fn knn_on_two_ranks_equals_one_process() {
+    let (tmp, shards, cfg) = setup();
+    let knn: Vec<String> = [
+        "knn",
+        "--random-init",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--train",
+        shards.to_str().unwrap(),
+        "--val",
+        shards.to_str().unwrap(),
+        "--chunk",
+        "5",
+        "--k",
+        "3",
+        "--json",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let one = String::from_utf8(run(&knn).stdout).unwrap();
+    let two = String::from_utf8(launch(2, knn).stdout).unwrap();
+    assert!(one.contains("\"top1\""), "{one}");
+    assert_eq!(one, two);
+    drop(tmp);
+}
+
+/// The shared feature extraction returns, on every rank, exactly the features and labels of one
+/// process, in order (raw pixels as features: any misplaced chunk shows).
+#[test]
+fn shared_features_equal_one_process_features() {
+    use trainer::dist::{connect, World};
+    use trainer::knn_eval::{features, features_shared, Extractor, FolderImages};
+    let tmp = tempfile::tempdir().unwrap();
+    synth_shards(tmp.path(), 3, 7, 40, 5);
+    let img = tmp.path().join("img");
+    let set = FolderImages::open(&img).unwrap();
+    let dev = candle_core::Device::Cpu;
+    let (want, want_l) = features(Extractor::RawPixels, &set, 16, 4, &dev).unwrap();
+    let port = free_port();
+    let ranks: Vec<_> = (0..3u32)
+        .map(|rank| {
+            let img = img.clone();
+            std::thread::spawn(move || {
+                let w = World {
+                    size: 3,
+                    rank,
+                    local_rank: rank,
+                    master: Some(("127.0.0.1".into(), port)),
+                };
+                let mut comm =
+                    connect(&w, Duration::from_secs(60), &candle_core::Device::Cpu).unwrap();
+                let set = FolderImages::open(&img).unwrap();
+                features_shared(
+                    Extractor::RawPixels,
+                    &set,
+                    16,
+                    4,
+                    &candle_core::Device::Cpu,
+                    comm.as_mut(),
+                )
+                .unwrap()
+            })
+        })
+        .collect();
+    for h in ranks {
+        let (f, l) = h.join().unwrap();
+        assert_eq!(l, want_l);
+        assert_eq!(common::bits(&f), common::bits(&want));
+    }
+}
