@@ -314,7 +314,7 @@ fn a_killed_rank_stops_the_other_with_its_number() {
 
 #[test]
 fn a_hung_rank_stops_the_other_after_the_collective_timeout() {
-    lose_rank_1(libc::SIGSTOP, 3, "rank 1 did not reach");
+    lose_rank_1(libc::SIGSTOP, 5, "rank 1 did not reach");
 }
 
 /// `trainer launch --gpus 1` goes through the collectives (rendezvous, all-reduces) at world
