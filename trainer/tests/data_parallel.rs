@@ -413,3 +413,62 @@ fn shared_features_equal_one_process_features() {
         assert_eq!(common::bits(&f), common::bits(&want));
     }
 }
+
+/// SIGTERM to `trainer launch` reaches every rank: they agree to stop after the same step, rank
+/// 0 checkpoints it, all exit cleanly, and `--resume` continues from there.
+#[test]
+fn sigterm_to_the_launcher_checkpoints_and_resume_continues() {
+    let (tmp, shards, cfg) = setup();
+    let out = tmp.path().join("run");
+    let mut args = vec![
+        "launch".to_string(),
+        "--gpus".into(),
+        "2".into(),
+        "--".into(),
+    ];
+    args.extend(with(
+        train_args(&cfg, &shards, &out),
+        &["--in-process", "--set", "optim.epochs=1000"],
+    ));
+    let child = Command::new(TRAINER)
+        .args(&args)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(300) {
+        let steps = std::fs::read_to_string(out.join("metrics.jsonl"))
+            .map(|s| s.lines().count())
+            .unwrap_or(0);
+        if steps >= 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("continue with --resume"), "{err}");
+    let stopped = metrics(&out).len() as u64;
+    assert_eq!(
+        final_tensors(&out).0,
+        stopped,
+        "the checkpoint is the last step"
+    );
+    launch(
+        2,
+        with(
+            train_args(&cfg, &shards, &out),
+            &[
+                "--in-process",
+                "--set",
+                "optim.epochs=1000",
+                "--resume",
+                "--max-steps",
+                &(stopped + 2).to_string(),
+            ],
+        ),
+    );
+    assert_eq!(metrics(&out).len() as u64, stopped + 2);
+}

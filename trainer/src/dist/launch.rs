@@ -2,10 +2,16 @@
 //! sets (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). When one rank fails, the
 //! others are given a grace period to stop on their own (their collectives name the failed
 //! rank) and are then killed; the launcher exits with the first failure's status.
+//!
+//! Signals: Ctrl-C reaches every rank from the terminal (one process group), so the launcher
+//! only waits; a SIGTERM sent to the launcher alone is passed on to the ranks. Either way the
+//! ranks agree to stop after the step, rank 0 checkpoints, and `--resume` continues.
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::process::{Child, Command, ExitStatus};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Args, Debug)]
@@ -49,6 +55,13 @@ pub fn launch_main(a: &LaunchArgs) -> Result<()> {
             .with_context(|| format!("starting rank {rank}: {}", exe.display()))?;
         children.push(Some(child));
     }
+    // Ctrl-C: the ranks have it too; the launcher stays to wait for them.
+    signal_hook::flag::register(
+        signal_hook::consts::SIGINT,
+        Arc::new(AtomicBool::new(false)),
+    )?;
+    let term = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone())?;
     let mut failed: Option<(u32, ExitStatus)> = None;
     let mut deadline: Option<Instant> = None;
     loop {
@@ -65,6 +78,12 @@ pub fn launch_main(a: &LaunchArgs) -> Result<()> {
         }
         if children.iter().all(Option::is_none) {
             break;
+        }
+        if term.swap(false, Ordering::Relaxed) {
+            for c in children.iter().flatten() {
+                // SAFETY: signalling our own child, which has not been reaped yet.
+                unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            }
         }
         if deadline.is_some_and(|d| Instant::now() > d) {
             for (rank, c) in children.iter_mut().enumerate() {
