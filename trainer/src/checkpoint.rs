@@ -294,8 +294,17 @@ fn write_checkpoint_dir(
 pub fn verify(c: &CheckpointPath) -> Result<CheckpointState> {
     let state = load_state(c)?;
     for (name, want) in &state.files {
+        // A damaged state.json may name anything: only plain files of this checkpoint are read.
+        let plain = !name.is_empty() && !name.contains('/') && name != "." && name != "..";
+        if !plain {
+            bail!(
+                "{}: lists the file {name:?}, not a file of this checkpoint (damaged)",
+                c.state().display()
+            );
+        }
         let p = c.dir.join(name);
-        let got = FileDigest::of_file(&p)?;
+        let got = FileDigest::of_file(&p)
+            .with_context(|| format!("{} lists {name:?}", c.state().display()))?;
         if got.size != want.size {
             bail!(
                 "{}: {} bytes, but {STATE_FILE} records {} (truncated or replaced)",

@@ -78,3 +78,19 @@ proptest! {
         }
     }
 }
+
+/// A damaged file name inside `state.json` (a byte of "tensors.safetensors" overwritten, or a
+/// path out of the checkpoint) is named as `state.json`'s damage, and nothing outside is read.
+#[test]
+fn a_damaged_file_name_in_state_json_is_blamed_on_state_json() {
+    for bad in [" ensors.safetensors", "../state.json", "/etc/hostname"] {
+        let dir = tempfile::tempdir().unwrap();
+        let c = saved_checkpoint(dir.path());
+        let text = std::fs::read_to_string(c.state()).unwrap();
+        assert!(text.contains("\"tensors.safetensors\""), "{text}");
+        let text = text.replace("\"tensors.safetensors\"", &format!("{bad:?}"));
+        std::fs::write(c.state(), text).unwrap();
+        let e = format!("{:#}", checkpoint::verify(&c).unwrap_err());
+        assert!(e.contains("state.json"), "{bad}: {e}");
+    }
+}
