@@ -186,6 +186,9 @@ pub fn status(args: &StatusArgs) -> Result<()> {
         let mut v = serde_json::to_value(&b)?;
         v["batches_per_s"] = rate.into();
         v["consumed_per_s"] = consumed_rate.into();
+        let sl = ring.spec().slice;
+        v["data_parallel"] =
+            serde_json::json!({"world": sl.world, "rank": sl.rank, "accumulate": sl.accumulate});
         println!("{v}");
         return Ok(());
     }
@@ -194,6 +197,16 @@ pub fn status(args: &StatusArgs) -> Result<()> {
         "ring '{}': {} slots of {} bytes, batch {} of {} samples, {} batches/epoch",
         b.name, b.slots, spec.batch_bytes, spec.batch_size, spec.n_samples, b.batches_per_epoch
     );
+    let sl = spec.slice;
+    if sl != Slice::WHOLE {
+        println!(
+            "data-parallel: feeds rank {} of {} (accumulate {}): its share of each global batch of {}",
+            sl.rank,
+            sl.world,
+            sl.accumulate,
+            spec.batch_size as u64 * sl.group()
+        );
+    }
     println!("fill: {} ready, {} being written", b.ready, b.writing);
     println!(
         "consumer: {} — next epoch {} batch {} (global {})",
