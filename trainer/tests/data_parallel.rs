@@ -472,3 +472,43 @@ fn sigterm_to_the_launcher_checkpoints_and_resume_continues() {
     );
     assert_eq!(metrics(&out).len() as u64, stopped + 2);
 }
+
+/// `trainer features` under `trainer launch`: the ranks share the extraction and rank 0 writes
+/// the same tensors as one process.
+#[test]
+fn features_on_two_ranks_equal_one_process() {
+    let (tmp, shards, cfg) = setup();
+    let out = |name: &str| tmp.path().join(name);
+    let args = |o: &Path| -> Vec<String> {
+        [
+            "features",
+            "--random-init",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--data",
+            shards.to_str().unwrap(),
+            "--chunk",
+            "5",
+            "--out",
+            o.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    run(&args(&out("one.safetensors")));
+    launch(2, args(&out("two.safetensors")));
+    let read = |p: PathBuf| {
+        let mut v: Vec<(String, Vec<u64>)> =
+            candle_core::safetensors::load(p, &candle_core::Device::Cpu)
+                .unwrap()
+                .into_iter()
+                .map(|(k, t)| (k, common::bits(&t)))
+                .collect();
+        v.sort();
+        v
+    };
+    let one = read(out("one.safetensors"));
+    assert!(one.iter().any(|(k, b)| k == "features" && b.len() > 24));
+    assert_eq!(one, read(out("two.safetensors")));
+}

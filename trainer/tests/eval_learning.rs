@@ -12,6 +12,7 @@ mod common;
 use candle_core::{DType, Device};
 use std::path::Path;
 use trainer::config::TrainConfig;
+use trainer::dist::Single;
 use trainer::eval::features::{extract_set, write, FeatureSpec, TokenSel};
 use trainer::eval::linear::{evaluate, ProbeOptions, ProbeResult, AUGMENTED, CACHED};
 use trainer::knn_eval::{teacher_backbone, FolderImages, LabelledImages};
@@ -35,8 +36,8 @@ fn features_file_holds_features_labels_indices_and_sources() {
         token: TokenSel::Both,
     };
     // Chunks of 5 over 12 images: chunking must not change a feature.
-    let fs = extract_set(&vit, spec, &set, 32, 5, &Device::Cpu).unwrap();
-    let whole = extract_set(&vit, spec, &set, 32, 64, &Device::Cpu).unwrap();
+    let fs = extract_set(&vit, spec, &set, 32, 5, &Device::Cpu, &mut Single::new()).unwrap();
+    let whole = extract_set(&vit, spec, &set, 32, 64, &Device::Cpu, &mut Single::new()).unwrap();
     let out = tmp.path().join("f.safetensors");
     write(&fs, spec, &out).unwrap();
 

@@ -111,6 +111,9 @@ pub struct FeaturesArgs {
 
 pub fn features_main(a: &FeaturesArgs) -> Result<()> {
     let b = a.backbone.load()?;
+    // Under `trainer launch` / torchrun / SLURM the ranks share the extraction; rank 0 writes.
+    let world = crate::dist::World::from_env()?;
+    let mut comm = crate::dist::connect(&world, std::time::Duration::from_secs(3600), &b.device)?;
     let spec = a.feature.spec(&b.vit);
     let set = open_images(&a.data)?;
     let t0 = std::time::Instant::now();
@@ -121,7 +124,11 @@ pub fn features_main(a: &FeaturesArgs) -> Result<()> {
         b.cfg.augment.global_size,
         a.feature.chunk.max(1),
         &b.device,
+        comm.as_mut(),
     )?;
+    if world.rank > 0 {
+        return Ok(());
+    }
     let secs = t0.elapsed().as_secs_f64();
     features::write(&fs, spec, &a.out)?;
     let (n, f) = fs.features.dims2()?;

@@ -2,7 +2,7 @@
 //! blocks, each through the final LayerNorm, concatenated (1536-d for ViT-S with 4 blocks).
 //! [`write`] stores the features of a whole labelled set for any other evaluation.
 
-use crate::knn_eval::{features, Extractor, LabelledImages};
+use crate::knn_eval::{features_shared, Extractor, LabelledImages};
 use crate::vit::Vit;
 use anyhow::{ensure, Context, Result};
 use candle_core::{Device, Tensor};
@@ -79,7 +79,8 @@ pub struct FeatureSet {
     pub class_names: Vec<String>,
 }
 
-/// Extracts the features of every item of `set` (eval transform, `chunk` images a pass).
+/// Extracts the features of every item of `set` (eval transform, `chunk` images a pass), the
+/// ranks of `comm` sharing the work ([`crate::knn_eval::features_shared`]).
 pub fn extract_set(
     vit: &Vit,
     spec: FeatureSpec,
@@ -87,9 +88,11 @@ pub fn extract_set(
     crop: u32,
     chunk: usize,
     device: &Device,
+    comm: &mut dyn crate::dist::Collective,
 ) -> Result<FeatureSet> {
     spec.check(vit)?;
-    let (features, labels) = features(Extractor::Probe(vit, spec), set, crop, chunk, device)?;
+    let extractor = Extractor::Probe(vit, spec);
+    let (features, labels) = features_shared(extractor, set, crop, chunk, device, comm)?;
     Ok(FeatureSet {
         features,
         labels,
