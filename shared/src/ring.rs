@@ -671,7 +671,14 @@ impl Ring {
             })?,
             config,
         };
-        if spec.total_bytes() != h.total_bytes || spec.layout().total as u64 != h.batch_bytes {
+        // The batch count per epoch divides every batch number: a header whose sample count,
+        // batch size or data-parallel slice make it 0 (or disagree with it) is damaged.
+        let bpe = spec.batches_per_epoch();
+        if spec.total_bytes() != h.total_bytes
+            || spec.layout().total as u64 != h.batch_bytes
+            || bpe == 0
+            || bpe != h.batches_per_epoch
+        {
             bail!(
                 "ring '{name}': stored geometry is inconsistent; remove {}",
                 path.display()
@@ -1623,6 +1630,26 @@ mod tests {
             plant(&n, &bytes[..len]);
             let e = format!("{:#}", Ring::attach(&n).err().unwrap());
             assert!(e.contains(&n), "{len}: {e}");
+        }
+        Ring::unlink(&n).unwrap();
+    }
+
+    /// A header whose data-parallel slice leaves no batch in an epoch (world size 2^31 for 40
+    /// samples) or whose batch count disagrees with it is refused, not divided by.
+    #[test]
+    fn a_header_with_no_batch_per_epoch_is_refused() {
+        let (bytes, _) = segment_bytes("nobatch-src");
+        let n = name("nobatch");
+        let world = std::mem::offset_of!(RingHeader, world);
+        let bpe = std::mem::offset_of!(RingHeader, batches_per_epoch);
+        let mut a = bytes.clone();
+        a[world..world + 4].copy_from_slice(&(1u32 << 31).to_ne_bytes());
+        let mut b = bytes.clone();
+        b[bpe..bpe + 8].copy_from_slice(&12345u64.to_ne_bytes());
+        for v in [a, b] {
+            plant(&n, &v);
+            let e = format!("{:#}", Ring::attach(&n).err().unwrap());
+            assert!(e.contains("inconsistent"), "{e}");
         }
         Ring::unlink(&n).unwrap();
     }
