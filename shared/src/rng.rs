@@ -103,6 +103,11 @@ impl Slice {
         self.world as u64 * self.accumulate as u64
     }
 
+    /// The place of this rank's first batch among the `group()` batches of a step.
+    pub fn first_group(&self) -> u64 {
+        self.rank as u64 * self.accumulate as u64
+    }
+
     /// The one-process batch number of this rank's batch `i` of an epoch.
     pub fn batch_of(&self, i: u64) -> u64 {
         let k = self.accumulate as u64;
@@ -180,5 +185,7 @@ mod tests {
         );
         assert!(Slice::new(2, 2, 1).is_err() && Slice::new(0, 0, 1).is_err());
         assert!(Slice::new(1, 0, 0).is_err());
+        assert_eq!(Slice::new(4, 3, 2).unwrap().first_group(), 6);
+        assert_eq!(Slice::new(4, 3, 2).unwrap().batch_of(0), 6);
     }
 }

@@ -78,17 +78,17 @@ pub trait TrainStep {
     fn load_state(&mut self, map: &HashMap<String, Tensor>, what: &str) -> Result<()>;
 
     /// One optimiser step of data-parallel training and/or gradient accumulation: this rank's
-    /// `split.accumulate` batches come from `fetch(m)`, and `comm` averages over the ranks.
+    /// `slice.accumulate` batches come from `fetch(m)`, and `comm` averages over the ranks.
     /// Engines without it train one process, one batch per step.
     fn step_group(
         &mut self,
         fetch: &mut dyn FnMut(usize) -> Result<TrainBatch>,
-        split: Split,
+        slice: shared::rng::Slice,
         epoch: u64,
         global_step: u64,
         comm: &mut dyn crate::dist::Collective,
     ) -> Result<StepReport> {
-        if split != Split::WHOLE || comm.world().size > 1 {
+        if slice != shared::rng::Slice::WHOLE || comm.world().size > 1 {
             bail!("data-parallel training and --accumulate need the explicit engine (leave --engine unset or pass --engine explicit)");
         }
         let batch = fetch(0)?;
@@ -102,37 +102,6 @@ pub trait TrainStep {
     fn schedules_mut(&mut self) -> &mut Schedules;
 
     fn centres(&self) -> &Centres;
-}
-
-/// Where this rank's batches sit in the global batch of a step: groups
-/// `first_group .. first_group + accumulate` of `world · accumulate` (one group = one per-rank
-/// batch, the official code's "GPU").
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Split {
-    pub first_group: usize,
-    pub accumulate: usize,
-    pub world: usize,
-}
-
-impl Split {
-    pub const WHOLE: Split = Split {
-        first_group: 0,
-        accumulate: 1,
-        world: 1,
-    };
-
-    pub fn of(slice: shared::rng::Slice) -> Self {
-        Self {
-            first_group: (slice.rank * slice.accumulate) as usize,
-            accumulate: slice.accumulate as usize,
-            world: slice.world as usize,
-        }
-    }
-
-    /// Groups in the global batch.
-    pub fn groups(&self) -> usize {
-        self.world * self.accumulate
-    }
 }
 
 /// A training step of the chosen engine.

@@ -15,7 +15,7 @@ use crate::dist::Collective;
 use crate::metrics::{self, EntropyGuard, MetricsLog, StepMetrics};
 use crate::run_dir::RunDir;
 use crate::schedule::Schedules;
-use crate::step::{Split, TrainStep};
+use crate::step::TrainStep;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -222,7 +222,6 @@ fn train_rank(
 ) -> Result<TrainSummary> {
     let (cfg, run) = parse_config(&opts.config_toml, "config")?;
     let slice = data_slice(comm, &run)?;
-    let split = Split::of(slice);
     let lead = slice.rank == 0;
     let quiet = opts.quiet || !lead;
     let k = slice.accumulate as u64;
@@ -405,7 +404,7 @@ fn train_rank(
             Ok(fed.batch)
         };
         let stats = trainer
-            .step_group(&mut fetch, split, epoch, global_step, comm)
+            .step_group(&mut fetch, slice, epoch, global_step, comm)
             .map(|r| r.stats)
             .map_err(|e| {
                 anyhow::anyhow!(

@@ -147,13 +147,9 @@ pub fn train_main(a: &TrainArgs) -> Result<()> {
     let (cfg, run) = train::parse_config(&text, &a.config.display().to_string())?;
     // Data-parallel: this process's rank (torchrun / SLURM / `trainer launch` variables) and the
     // rendezvous with the other ranks.
-    let world = crate::dist::World::from_env()?;
     let dev = device(a.device, a.cuda)?;
-    let mut comm = crate::dist::connect(
-        &world,
-        Duration::from_secs_f64(run.collective_timeout_s),
-        &dev,
-    )?;
+    let mut comm = crate::dist::join(Duration::from_secs_f64(run.collective_timeout_s), &dev)?;
+    let world = comm.world().clone();
     let slice = train::data_slice(comm.as_ref(), &run)?;
     if world.size > 1 {
         eprintln!(
@@ -377,8 +373,7 @@ pub(crate) fn load_config(
 pub fn knn_main(a: &KnnArgs) -> Result<()> {
     let dev = device(a.device, a.cuda)?;
     // Under `trainer launch` / torchrun / SLURM the ranks share the feature extraction.
-    let world = crate::dist::World::from_env()?;
-    let mut comm = crate::dist::connect(&world, Duration::from_secs(3600), &dev)?;
+    let mut comm = crate::dist::join(crate::dist::EVAL_TIMEOUT, &dev)?;
     let ckpt = a
         .checkpoint
         .as_deref()
@@ -416,7 +411,7 @@ pub fn knn_main(a: &KnnArgs) -> Result<()> {
         &dev,
         comm.as_mut(),
     )?;
-    if world.rank > 0 {
+    if comm.world().rank > 0 {
         return Ok(());
     }
     let what = match &ckpt {

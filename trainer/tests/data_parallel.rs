@@ -30,7 +30,7 @@ fn setup() -> (tempfile::TempDir, PathBuf, PathBuf) {
 }
 
 fn train_args(cfg: &Path, shards: &Path, out: &Path) -> Vec<String> {
-    [
+    words(&[
         "train",
         "--config",
         cfg.to_str().unwrap(),
@@ -38,10 +38,7 @@ fn train_args(cfg: &Path, shards: &Path, out: &Path) -> Vec<String> {
         shards.to_str().unwrap(),
         "--out",
         out.to_str().unwrap(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    ])
 }
 
 fn run(args: &[String]) -> Output {
@@ -56,18 +53,17 @@ fn run(args: &[String]) -> Output {
 }
 
 fn launch(gpus: u32, train: Vec<String>) -> Output {
-    let mut a = vec![
-        "launch".to_string(),
-        "--gpus".into(),
-        gpus.to_string(),
-        "--".into(),
-    ];
+    let mut a = words(&["launch", "--gpus", &gpus.to_string(), "--"]);
     a.extend(train);
     run(&a)
 }
 
+fn words(w: &[&str]) -> Vec<String> {
+    w.iter().map(|s| s.to_string()).collect()
+}
+
 fn with(mut v: Vec<String>, extra: &[&str]) -> Vec<String> {
-    v.extend(extra.iter().map(|s| s.to_string()));
+    v.extend(words(extra));
     v
 }
 
@@ -344,7 +340,7 @@ fn one_launched_rank_equals_a_plain_run_and_reports_the_all_reduce_time() {
 #[test]
 fn knn_on_two_ranks_equals_one_process() {
     let (tmp, shards, cfg) = setup();
-    let knn: Vec<String> = [
+    let knn: Vec<String> = words(&[
         "knn",
         "--random-init",
         "--config",
@@ -358,10 +354,7 @@ fn knn_on_two_ranks_equals_one_process() {
         "--k",
         "3",
         "--json",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    ]);
     let one = String::from_utf8(run(&knn).stdout).unwrap();
     let two = String::from_utf8(launch(2, knn).stdout).unwrap();
     assert!(one.contains("\"top1\""), "{one}");
@@ -480,7 +473,7 @@ fn features_on_two_ranks_equal_one_process() {
     let (tmp, shards, cfg) = setup();
     let out = |name: &str| tmp.path().join(name);
     let args = |o: &Path| -> Vec<String> {
-        [
+        words(&[
             "features",
             "--random-init",
             "--config",
@@ -491,10 +484,7 @@ fn features_on_two_ranks_equal_one_process() {
             "5",
             "--out",
             o.to_str().unwrap(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+        ])
     };
     run(&args(&out("one.safetensors")));
     launch(2, args(&out("two.safetensors")));

@@ -94,7 +94,7 @@ pub fn launch_main(a: &LaunchArgs) -> Result<()> {
                     let _ = c.kill();
                 }
             }
-            deadline = Some(Instant::now() + Duration::from_secs(3600));
+            deadline = None; // killed: nothing is left to wait for but their exit
         }
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -260,6 +260,15 @@ impl Collective for Single {
     fn abort(&mut self, _: &str) {}
 }
 
+/// How long the ranks of an evaluation (`knn`, `features`) wait for each other: a rank may
+/// extract its share of a large set while another finishes a slower one.
+pub const EVAL_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// This process's group: [`World::from_env`], then [`connect`].
+pub fn join(timeout: Duration, device: &candle_core::Device) -> Result<Box<dyn Collective>> {
+    connect(&World::from_env()?, timeout, device)
+}
+
 /// The collectives of `world` for tensors on `device`: none for one process, NCCL for CUDA
 /// tensors (when the binary has CUDA support and libnccl loads), else the TCP star.
 pub fn connect(

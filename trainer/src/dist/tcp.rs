@@ -106,6 +106,33 @@ impl TcpGroup {
             Err(e) => Err(self.fail(lost(from, what, t, &e))),
         }
     }
+
+    /// An error if an earlier collective failed (the group is unusable then).
+    fn ready(&self) -> Result<()> {
+        match &self.failed {
+            Some(f) => bail!("{f}"),
+            None => Ok(()),
+        }
+    }
+
+    /// Sends a DATA frame to `peer` (rank `to`).
+    fn send(&mut self, i: usize, to: u32, what: &str, bytes: &[u8]) -> Result<()> {
+        match write_frame(&mut self.peers[i], DATA, bytes) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let t = self.timeout;
+                Err(self.fail(lost(to, what, t, &e)))
+            }
+        }
+    }
+
+    /// Rank 0: sends `bytes` to every other rank.
+    fn send_all(&mut self, what: &str, bytes: &[u8]) -> Result<()> {
+        for r in 1..self.world.size {
+            self.send(r as usize - 1, r, what, bytes)?;
+        }
+        Ok(())
+    }
 }
 
 /// The message for a rank whose connection failed during `what`.
@@ -131,9 +158,7 @@ impl Collective for TcpGroup {
         buf: &mut [u8],
         add: &dyn Fn(&mut [u8], &[u8]),
     ) -> Result<()> {
-        if let Some(f) = &self.failed {
-            bail!("{f}");
-        }
+        self.ready()?;
         let what = "an all-reduce";
         let start = Instant::now();
         if self.world.rank == 0 {
@@ -141,17 +166,9 @@ impl Collective for TcpGroup {
                 let p = self.read_data(r as usize - 1, r, buf.len(), what)?;
                 add(buf, &p);
             }
-            for r in 1..self.world.size {
-                if let Err(e) = write_frame(&mut self.peers[r as usize - 1], DATA, buf) {
-                    let t = self.timeout;
-                    return Err(self.fail(lost(r, what, t, &e)));
-                }
-            }
+            self.send_all(what, buf)?;
         } else {
-            if let Err(e) = write_frame(&mut self.peers[0], DATA, buf) {
-                let t = self.timeout;
-                return Err(self.fail(lost(0, what, t, &e)));
-            }
+            self.send(0, 0, what, buf)?;
             let p = self.read_data(0, 0, buf.len(), what)?;
             buf.copy_from_slice(&p);
         }
@@ -164,39 +181,19 @@ impl Collective for TcpGroup {
     }
 
     fn broadcast(&mut self, bytes: &mut Vec<u8>) -> Result<()> {
-        if let Some(f) = &self.failed {
-            bail!("{f}");
-        }
+        self.ready()?;
         let what = "a broadcast";
         if self.world.rank == 0 {
-            for r in 1..self.world.size {
-                if let Err(e) = write_frame(&mut self.peers[r as usize - 1], DATA, bytes) {
-                    let t = self.timeout;
-                    return Err(self.fail(lost(r, what, t, &e)));
-                }
-            }
+            self.send_all(what, bytes)
         } else {
-            let t = self.timeout;
-            match read_frame(&mut self.peers[0]) {
-                Ok((DATA, p)) => *bytes = p,
-                Ok((ABORT, p)) => {
-                    let m = String::from_utf8_lossy(&p).into_owned();
-                    self.failed = Some(m.clone());
-                    bail!("{m}")
-                }
-                Ok((tag, _)) => bail!("rank 0 sent frame {tag} during {what}"),
-                Err(e) => return Err(self.fail(lost(0, what, t, &e))),
-            }
+            *bytes = self.read_any(0, 0, what)?;
+            Ok(())
         }
-        Ok(())
     }
 
     fn all_gather_bytes(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
-        if let Some(f) = &self.failed {
-            bail!("{f}");
-        }
+        self.ready()?;
         let what = "an all-gather";
-        let t = self.timeout;
         if self.world.rank == 0 {
             let mut parts = vec![mine.to_vec()];
             for r in 1..self.world.size {
@@ -211,16 +208,10 @@ impl Collective for TcpGroup {
                         .chain(p.iter().copied())
                 })
                 .collect();
-            for r in 1..self.world.size {
-                if let Err(e) = write_frame(&mut self.peers[r as usize - 1], DATA, &blob) {
-                    return Err(self.fail(lost(r, what, t, &e)));
-                }
-            }
+            self.send_all(what, &blob)?;
             Ok(parts)
         } else {
-            if let Err(e) = write_frame(&mut self.peers[0], DATA, mine) {
-                return Err(self.fail(lost(0, what, t, &e)));
-            }
+            self.send(0, 0, what, mine)?;
             let blob = self.read_any(0, 0, what)?;
             let mut parts = Vec::new();
             let mut rest = &blob[..];

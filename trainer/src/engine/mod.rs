@@ -43,6 +43,7 @@ use layernorm::LayerNorm;
 use layout::ParamLayout;
 use linear::Linear;
 use serde::{Deserialize, Serialize};
+use shared::rng::Slice;
 use std::collections::HashMap;
 use std::fmt;
 use std::time::Instant;
@@ -116,9 +117,10 @@ impl<'a> Grads<'a> {
         Ok(())
     }
 
-    /// The flat gradient buffer `[n]` (zeros where a parameter got none).
-    fn flat(self, device: &Device) -> Result<Tensor> {
-        let parts = self
+    /// The flat gradient buffer `[n]` (zeros where a parameter got none), followed by `tail`
+    /// (the batch centres, so that the step reduces one buffer without another copy).
+    fn flat(self, device: &Device, tail: &[&Tensor]) -> Result<Tensor> {
+        let mut parts = self
             .slots
             .into_iter()
             .zip(&self.layout.entries)
@@ -127,6 +129,7 @@ impl<'a> Grads<'a> {
                 None => Tensor::zeros(e.len, self.pdt, device),
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
+        parts.extend(tail.iter().map(|t| (*t).clone()));
         Ok(Tensor::cat(&parts, 0)?)
     }
 }
@@ -486,6 +489,7 @@ impl Explicit {
 struct Pass {
     loss: loss::LossValues,
     targets: crate::loss::Targets,
+    /// The flat gradient `[n]` followed by the batch centres c₀, c₁, c₂ (`3·K`).
     grads: Tensor,
     /// Seconds: teacher forward, student forward + loss, backward.
     timings: [f64; 3],
@@ -626,7 +630,8 @@ impl Explicit {
             bb.backward(&ops, sl, &dxl, masks.as_ref().map(|m| &m.1), &mut grads)?;
         }
         drop(student);
-        let grads = grads.flat(&self.device)?;
+        let c = &targets.batch_centres;
+        let grads = grads.flat(&self.device, &[&c.cls, &c.udi, &c.patch])?;
         sync()?;
         let t3 = Instant::now();
         Ok(Pass {
@@ -684,31 +689,36 @@ impl TrainStep for Explicit {
     ) -> Result<StepReport> {
         let mut one = Some(batch.clone());
         let mut fetch = |_| one.take().context("one batch");
-        let split = crate::step::Split::WHOLE;
-        self.step_group(&mut fetch, split, epoch, global_step, &mut Single::new())
+        self.step_group(
+            &mut fetch,
+            Slice::WHOLE,
+            epoch,
+            global_step,
+            &mut Single::new(),
+        )
     }
 
-    /// Forward and backward over each of this rank's `split.accumulate` batches (gradients
+    /// Forward and backward over each of this rank's `slice.accumulate` batches (gradients
     /// and batch centres summed), then one all-reduce over the ranks and the average over all
     /// groups, the centre update, clipping, AdamW and the teacher EMA — the same on every rank.
     fn step_group(
         &mut self,
         fetch: &mut dyn FnMut(usize) -> Result<TrainBatch>,
-        split: crate::step::Split,
+        slice: Slice,
         epoch: u64,
         global_step: u64,
         comm: &mut dyn Collective,
     ) -> Result<StepReport> {
         let (lr, wd, mom, tau) = self.schedules.at(epoch, global_step);
-        let groups = split.groups();
+        let groups = slice.group() as usize;
+        let first = slice.first_group() as usize;
         // Per group: total, L_cls, L_udi, L_patch, H(P0), H(P1), H(P2).
         let mut scalars = [0f64; 7];
         let mut timings = [0f64; 3];
         let mut sum: Option<Tensor> = None;
-        for m in 0..split.accumulate {
+        for m in 0..slice.accumulate as usize {
             let batch = fetch(m)?;
-            let pass =
-                self.forward_backward(&batch, epoch, global_step, (split.first_group + m, groups))?;
+            let pass = self.forward_backward(&batch, epoch, global_step, (first + m, groups))?;
             let v = &pass.loss;
             let h = pass.targets.teacher_entropy;
             for (a, x) in scalars
@@ -721,11 +731,9 @@ impl TrainStep for Explicit {
                 *a += x;
             }
             // Gradients and batch centres in one buffer: one all-reduce per step.
-            let c = &pass.targets.batch_centres;
-            let packed = Tensor::cat(&[&pass.grads, &c.cls, &c.udi, &c.patch], 0)?;
             sum = Some(match sum {
-                Some(s) => (s + packed)?,
-                None => packed,
+                Some(s) => (s + pass.grads)?,
+                None => pass.grads,
             });
         }
         let t3 = Instant::now();

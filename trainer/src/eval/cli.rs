@@ -112,8 +112,7 @@ pub struct FeaturesArgs {
 pub fn features_main(a: &FeaturesArgs) -> Result<()> {
     let b = a.backbone.load()?;
     // Under `trainer launch` / torchrun / SLURM the ranks share the extraction; rank 0 writes.
-    let world = crate::dist::World::from_env()?;
-    let mut comm = crate::dist::connect(&world, std::time::Duration::from_secs(3600), &b.device)?;
+    let mut comm = crate::dist::join(crate::dist::EVAL_TIMEOUT, &b.device)?;
     let spec = a.feature.spec(&b.vit);
     let set = open_images(&a.data)?;
     let t0 = std::time::Instant::now();
@@ -126,7 +125,7 @@ pub fn features_main(a: &FeaturesArgs) -> Result<()> {
         &b.device,
         comm.as_mut(),
     )?;
-    if world.rank > 0 {
+    if comm.world().rank > 0 {
         return Ok(());
     }
     let secs = t0.elapsed().as_secs_f64();
