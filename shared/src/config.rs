@@ -190,6 +190,10 @@ impl AugmentConfig {
 
     /// Rejects configs the pipeline cannot run, with a message naming the field.
     pub fn validate(&self) -> Result<(), String> {
+        // First: every check below divides by it.
+        if self.patch_size == 0 {
+            return Err("patch_size must be > 0".into());
+        }
         let checks: [(bool, &str); 8] = [
             (self.patch_size > 0, "patch_size must be > 0"),
             (
@@ -250,11 +254,18 @@ impl PipelineConfig {
     /// Parses the `[data]`/`[augment]` tables of a TOML document (other tables are ignored).
     pub fn from_toml_str(text: &str) -> anyhow::Result<Self> {
         let cfg: Self = toml::from_str(text)?;
-        cfg.augment
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The checks every config passes before a batch is shaped from it (also applied to the
+    /// copy stored in a ring segment, which may be damaged).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.augment
             .validate()
             .map_err(|e| anyhow::anyhow!("[augment]: {e}"))?;
-        anyhow::ensure!(cfg.data.batch_size > 0, "[data]: batch_size must be > 0");
-        Ok(cfg)
+        anyhow::ensure!(self.data.batch_size > 0, "[data]: batch_size must be > 0");
+        Ok(())
     }
 
     pub fn from_toml_file(path: &Path) -> anyhow::Result<Self> {
@@ -336,5 +347,13 @@ mod tests {
         b.augment.hue = 0.2;
         assert_ne!(a.fingerprint(), b.fingerprint());
         assert_eq!(a.fingerprint(), PipelineConfig::default().fingerprint());
+    }
+
+    /// A zero patch size is an error (every other check divides by it), not a panic.
+    #[test]
+    fn zero_patch_size_is_refused() {
+        let text = "[data]\nbatch_size = 4\n[augment]\npatch_size = 0\n";
+        let e = PipelineConfig::from_toml_str(text).unwrap_err().to_string();
+        assert!(e.contains("patch_size must be > 0"), "{e}");
     }
 }

@@ -657,6 +657,8 @@ impl Ring {
             std::slice::from_raw_parts(map.as_ptr().add(CONFIG_OFFSET), h.config_len as usize)
         };
         let config: PipelineConfig = serde_json::from_slice(cfg_bytes)
+            .map_err(anyhow::Error::from)
+            .and_then(|c: PipelineConfig| c.validate().map(|()| c))
             .with_context(|| format!("ring '{name}': reading the stored config"))?;
         let spec = RingSpec {
             config_fingerprint: h.config_fingerprint,
@@ -671,14 +673,15 @@ impl Ring {
             })?,
             config,
         };
-        // The batch count per epoch divides every batch number: a header whose sample count,
-        // batch size or data-parallel slice make it 0 (or disagree with it) is damaged.
-        let bpe = spec.batches_per_epoch();
-        if spec.total_bytes() != h.total_bytes
-            || spec.layout().total as u64 != h.batch_bytes
-            || bpe == 0
-            || bpe != h.batches_per_epoch
-        {
+        // In this order: each check bounds what the next one computes with (a damaged batch
+        // size or batch byte count would divide by zero or overflow the size arithmetic). The
+        // batch count per epoch divides every batch number, so 0 (or a count that disagrees
+        // with the header's) is damage too.
+        let sane = spec.batch_size > 0
+            && spec.layout().total as u64 == h.batch_bytes
+            && spec.total_bytes() == h.total_bytes;
+        let bpe = if sane { spec.batches_per_epoch() } else { 0 };
+        if bpe == 0 || bpe != h.batches_per_epoch {
             bail!(
                 "ring '{name}': stored geometry is inconsistent; remove {}",
                 path.display()
