@@ -1,20 +1,75 @@
-//! The attention core shared by the blocks and the SRS module: per head,
-//! O = softmax(Q·Kᵀ·scale)·V for Q `[B, H, n, dh]`, K, V `[B, H, N, dh]`.
+//! Attention: per head, O = softmax(Q·Kᵀ·scale)·V.
 //!
-//! Saved for the backward: Q, K, V and the probabilities P `[B, H, n, N]` (compute dtype).
-//! backward: dP = dO·Vᵀ, dV = Pᵀ·dO, dS = scale·P⊙(dP − Σ_N P⊙dP), dQ = dS·K, dK = dSᵀ·Q.
-//! Every transpose is a strided view read by the batched GEMM.
+//! * A block's attention on its qkv rows ([`forward_rows`], [`backward_rows`]): with the fused
+//!   kernels, one flash op reads Q, K, V in place and writes the merged heads, saving only its
+//!   output and the row log-sum-exps ([`crate::kernels::flash`]); otherwise the composed core.
+//! * The composed core ([`forward`], [`backward`], also the SRS module's, whose queries are row
+//!   mixtures): Q `[B, H, n, dh]`, K, V `[B, H, N, dh]`; saves Q, K, V and the probabilities
+//!   P `[B, H, n, N]`. backward: dP = dO·Vᵀ, dV = Pᵀ·dO, dS = scale·P⊙(dP − Σ_N P⊙dP),
+//!   dQ = dS·K, dK = dSᵀ·Q; every transpose is a strided view read by the batched GEMM.
 
 use super::Ops;
-use crate::kernels::{attn_softmax, attn_softmax_backward};
+use crate::kernels::{attn_softmax, attn_softmax_backward, flash};
 use candle_core::{Result, Tensor};
 
-/// What the backward reads.
-pub struct AttnSaved {
+/// What the composed core's backward reads.
+pub struct Composed {
     pub q: Tensor,
     pub k: Tensor,
     pub v: Tensor,
     pub p: Tensor,
+}
+
+/// What a block's attention backward reads.
+pub enum AttnSaved {
+    Composed(Composed),
+    /// The qkv rows and the flash op's packed output (O and the row log-sum-exps).
+    Flash { qkv: Tensor, packed: Tensor },
+}
+
+/// A block's attention on its qkv rows `[B·T, 3·H·dh]` → the merged heads `[B·T, H·dh]`.
+pub fn forward_rows(
+    ops: &Ops,
+    qkv: &Tensor,
+    b: usize,
+    heads: usize,
+    scale: f64,
+    save: bool,
+) -> Result<(Tensor, Option<AttnSaved>)> {
+    let (rows, cols) = qkv.dims2()?;
+    if ops.fused && flash::supported(qkv.device(), qkv.dtype(), cols / 3 / heads) {
+        let out = flash::forward(qkv, b, heads, scale, save)?;
+        let saved = out.packed.map(|packed| AttnSaved::Flash {
+            qkv: qkv.clone(),
+            packed,
+        });
+        return Ok((out.o, saved));
+    }
+    let (q, k, v) = split_qkv(qkv, b, rows / b, heads)?;
+    let (o, p) = forward(ops, &q, &k, &v, scale)?;
+    let saved = save.then(|| AttnSaved::Composed(Composed { q, k, v, p }));
+    Ok((merge_heads(&o)?, saved))
+}
+
+/// d merged heads `[B·T, H·dh]` → dqkv `[B·T, 3·H·dh]`.
+pub fn backward_rows(
+    ops: &Ops,
+    s: &AttnSaved,
+    dheads: &Tensor,
+    b: usize,
+    heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    match s {
+        AttnSaved::Flash { qkv, packed } => {
+            flash::backward(qkv, packed, &dheads.to_dtype(qkv.dtype())?, b, heads, scale)
+        }
+        AttnSaved::Composed(c) => {
+            let d_o = split_heads(dheads, b, heads)?;
+            let (dq, dk, dv) = backward(ops, c, &d_o, scale)?;
+            merge_qkv(&dq, &dk, &dv)
+        }
+    }
 }
 
 /// `(O, P)`.
@@ -32,7 +87,7 @@ pub fn forward(
 /// `(dQ, dK, dV)`.
 pub fn backward(
     ops: &Ops,
-    s: &AttnSaved,
+    s: &Composed,
     d_o: &Tensor,
     scale: f64,
 ) -> Result<(Tensor, Tensor, Tensor)> {

@@ -8,7 +8,7 @@
 //! backward: dO → post-LN → (skip: dX̂ += Rᵀ·do) → proj → attention → dQ = Rᵀ·d(RQ) →
 //! qkv → dX̂ → LN₁ → dX.
 
-use super::attention::{self, AttnSaved};
+use super::attention::{self, Composed};
 use super::layernorm::LayerNorm;
 use super::linear::Linear;
 use super::{Grads, Ops};
@@ -27,7 +27,7 @@ pub struct SrsSaved {
     x: Tensor,
     x_hat: Tensor,
     rows: Tensor,
-    attn: AttnSaved,
+    attn: Composed,
     heads_out: Tensor,
     o: Tensor,
 }
@@ -71,7 +71,7 @@ impl Srs {
             x,
             x_hat,
             rows,
-            attn: AttnSaved { q, k, v, p },
+            attn: Composed { q, k, v, p },
             heads_out,
             o,
         });

@@ -5,8 +5,9 @@
 //! per-sample stochastic-depth multipliers (0 or 1/keep; none on the teacher). The residual
 //! stream is in the parameter dtype, the branches in the compute dtype.
 //!
-//! Saved per block (student only; the teacher's forward keeps nothing): the block input x, the
-//! LN₁ output, Q/K/V and P, the merged heads (proj input), x₁, the LN₂ output, fc1's pre-bias
+//! Saved per block (student only; the teacher's forward keeps nothing): the block input x,
+//! what the attention's backward reads (the qkv rows and the flash output, or Q/K/V and P), the
+//! merged heads (proj input), x₁, the LN₂ output, fc1's pre-bias
 //! product and the GELU output (fc2 input). The backward runs the calls in reverse; the residual
 //! gradient passes through and each branch adds its input gradient to it.
 
@@ -59,10 +60,9 @@ impl Block {
         let (b, t, d) = x.dims3()?;
         let rows = x.reshape((b * t, d))?;
         let ln1 = self.norm1.forward(ops, &rows, ops.cdt)?;
-        let (q, k, v) = attention::split_qkv(&self.qkv.forward(ops, &ln1)?, b, t, heads)?;
         let scale = ((d / heads) as f64).powf(-0.5);
-        let (o, p) = attention::forward(ops, &q, &k, &v, scale)?;
-        let heads_out = attention::merge_heads(&o)?;
+        let qkv = self.qkv.forward(ops, &ln1)?;
+        let (heads_out, attn) = attention::forward_rows(ops, &qkv, b, heads, scale, save)?;
         let a = self.proj.forward(ops, &heads_out)?.reshape((b, t, d))?;
         let x1 = residual_add(x, &a, drop.map(|m| &m.0), ops.fused)?;
         let rows1 = x1.reshape((b * t, d))?;
@@ -73,7 +73,7 @@ impl Block {
         std::mem::drop((ln1, ln2, gelu));
         let saved = save.then(|| BlockSaved {
             x: x.clone(),
-            attn: AttnSaved { q, k, v, p },
+            attn: attn.expect("saved"),
             heads_out,
             x1,
             fc1_pre,
@@ -118,9 +118,7 @@ impl Block {
             .backward(ops, &s.heads_out, &da, grads, true)?
             .expect("dx");
         let scale = ((d / heads) as f64).powf(-0.5);
-        let d_o = attention::split_heads(&dheads, b, heads)?;
-        let (dq, dk, dv) = attention::backward(ops, &s.attn, &d_o, scale)?;
-        let dqkv = attention::merge_qkv(&dq, &dk, &dv)?;
+        let dqkv = attention::backward_rows(ops, &s.attn, &dheads, b, heads, scale)?;
         let rows = s.x.reshape((b * t, d))?;
         let ln1 = self.norm1.forward(ops, &rows, ops.cdt)?;
         let dln1 = self

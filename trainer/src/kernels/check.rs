@@ -10,6 +10,7 @@
 //! plus f32 accumulation order).
 
 use super::adamw::{meta_tensor, AdamwEma, Segment};
+use super::flash;
 use super::{attn_softmax, bias_add, bias_gelu, centered_softmax, layer_norm, soft_ce_rows};
 use crate::config::TrainConfig;
 use crate::optim::{ema_update, AdamW};
@@ -380,6 +381,93 @@ fn check_adamw(out: &mut Vec<KernelResult>, s: &Shapes, dev: &Device, reps: usiz
     Ok(())
 }
 
+/// Crops whose flash attention the CPU reference recomputes (f64 loops over T² scores per head:
+/// a few crops are enough to compare every tile position, the timing uses them all).
+const FLASH_REF_CROPS: usize = 6;
+
+/// Flash attention (bf16) on the device against its CPU reference, forward (O) and backward
+/// (dqkv), for the global and the local crops' token counts; then forward + backward ms against
+/// the attention the engine composes without it (split heads, batched GEMMs, the fused softmax,
+/// merge heads). Skipped where the device has no flash kernel for the shapes (head dim ≠ 64 on
+/// CUDA).
+fn check_flash(out: &mut Vec<KernelResult>, s: &Shapes, dev: &Device, reps: usize) -> Result<()> {
+    use crate::engine::{attention, Ops};
+    let (m, a) = (&s.cfg.model, &s.cfg.augment);
+    let (heads, dh) = (m.heads, m.dim / m.heads);
+    if !flash::supported(dev, DType::BF16, dh) {
+        return Ok(());
+    }
+    let scale = (dh as f64).powf(-0.5);
+    let local_tokens = (a.local_size / a.patch_size).pow(2) as usize + 2;
+    let crop_sets = [
+        (2 * s.batch, s.keys),
+        (a.n_local as usize * s.batch, local_tokens),
+    ];
+    for (crops, t) in crop_sets {
+        let qkv = rand_t(&[crops * t, 3 * m.dim], 20, -2.0, 2.0)?.to_dtype(DType::BF16)?;
+        let d_o = rand_t(&[crops * t, m.dim], 21, -1.0, 1.0)?.to_dtype(DType::BF16)?;
+        let flash_step = |q: &Tensor, g: &Tensor, n: usize| -> Result<(Tensor, Tensor)> {
+            let f = flash::forward(q, n, heads, scale, true)?;
+            let dq = flash::backward(q, f.packed.as_ref().expect("saved"), g, n, heads, scale)?;
+            Ok((f.o, dq))
+        };
+        let n_ref = crops.min(FLASH_REF_CROPS);
+        let (q_ref, g_ref) = (qkv.narrow(0, 0, n_ref * t)?, d_o.narrow(0, 0, n_ref * t)?);
+        let (o_ref, dq_ref) = flash_step(&q_ref, &g_ref, n_ref)?;
+        let (o_dev, dq_dev) = flash_step(&q_ref.to_device(dev)?, &g_ref.to_device(dev)?, n_ref)?;
+        let (fa, fr) = errors(&o_ref, &o_dev)?;
+        let (ba, br) = errors(&dq_ref, &dq_dev)?;
+        let ops = Ops {
+            fused: true,
+            cdt: DType::BF16,
+            pdt: DType::F32,
+        };
+        let composed_step = |q: &Tensor, g: &Tensor, n: usize| -> Result<(Tensor, Tensor)> {
+            let (qh, kh, vh) = attention::split_qkv(q, n, t, heads)?;
+            let (o, p) = attention::forward(&ops, &qh, &kh, &vh, scale)?;
+            let o = attention::merge_heads(&o)?;
+            let c = attention::Composed {
+                q: qh,
+                k: kh,
+                v: vh,
+                p,
+            };
+            let (dq, dk, dv) =
+                attention::backward(&ops, &c, &attention::split_heads(g, n, heads)?, scale)?;
+            Ok((o, attention::merge_qkv(&dq, &dk, &dv)?))
+        };
+        let (q_dev, g_dev) = (qkv.to_device(dev)?, d_o.to_device(dev)?);
+        let time = |f: &dyn Fn(&Tensor, &Tensor, usize) -> Result<(Tensor, Tensor)>| {
+            let mut ms = Vec::new();
+            for i in 0..reps + 2 {
+                dev.synchronize()?;
+                let t0 = Instant::now();
+                f(&q_dev, &g_dev, crops)?;
+                dev.synchronize()?;
+                if i >= 2 {
+                    ms.push(t0.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            Ok::<f64, anyhow::Error>(median(ms))
+        };
+        let tol = tolerance(DType::BF16);
+        out.push(KernelResult {
+            op: "flash_attention".into(),
+            dtype: "bf16".into(),
+            shape: format!("{crops} × {heads} heads × [{t}, {dh}] (reference: {n_ref} crops)"),
+            fwd_max_abs: fa,
+            fwd_max_rel: fr,
+            bwd_max_abs: Some(ba),
+            bwd_max_rel: Some(br),
+            tolerance: tol,
+            pass: fr <= tol && br <= tol && fa.is_finite() && ba.is_finite(),
+            composed_ms: time(&composed_step)?,
+            fused_ms: time(&flash_step)?,
+        });
+    }
+    Ok(())
+}
+
 /// The photometric pipeline on the device (`[augment] photometric = "device"`) against the same
 /// function on the CPU, which is bit-identical to the loader's PIL reference
 /// (trainer/tests/photometric_device.rs): any difference fails (tolerance 0). `composed ms` is
@@ -594,6 +682,7 @@ pub fn run(dev: &Device, s: &Shapes, reps: usize) -> Result<CheckReport> {
         )?;
     }
     check_adamw(&mut out, s, dev, reps.min(10))?;
+    check_flash(&mut out, s, dev, reps)?;
     for (crops, size) in [
         (2 * s.batch, s.cfg.augment.global_size as usize),
         (

@@ -429,3 +429,274 @@ extern "C" __global__ void adamw_ema(float *state, const float *g, const uint32_
     state[3 * n + i] = mom * state[3 * n + i] + (1.f - mom) * p;
   }
 }
+
+// ---- fused (flash-style) attention on packed qkv rows, bf16, head dim 64 ---------------------
+// qkv: rows [B·T, 3·H·64] as the qkv projection writes them (q | k | v, head-major inside each),
+// read in place; o: rows [B·T, H·64], the proj input; lse: [B, H, T] f32, natural-log units of
+// scale·q·k. The [T, T] scores never reach global memory: the forward keeps a running max and
+// sum per row (online softmax over 32-key tiles), the backward recomputes P = exp(scale·S − lse).
+// Tensor-core tiles (WMMA 16×16×16, bf16 in, f32 accumulate). One block = 2 warps = 32 rows (a
+// warp owns 16); in a warp, lane pair (2r, 2r+1) owns row r, each lane half of its columns.
+// The backward writes dq (per query tile) and dk, dv (per key tile) in two kernels, so every
+// output element is written once, without atomics: bitwise reproducible.
+#include <mma.h>
+namespace wm = nvcuda::wmma;
+
+#define FA_D 64   // head dim
+#define FA_T 32   // rows per block and keys per inner tile
+#define FA_LD 72  // bf16 tile row stride (multiple of 8; +8 staggers the banks)
+#define FA_LS 36  // f32 score row stride
+#define FA_LP 40  // bf16 probability row stride
+#define FA_LO 68  // f32 output row stride
+
+typedef wm::fragment<wm::accumulator, 16, 16, 16, float> fa_acc;
+typedef wm::fragment<wm::matrix_a, 16, 16, 16, bf16, wm::row_major> fa_a;
+typedef wm::fragment<wm::matrix_b, 16, 16, 16, bf16, wm::row_major> fa_b_row;
+typedef wm::fragment<wm::matrix_b, 16, 16, 16, bf16, wm::col_major> fa_b_col;
+
+// `valid` rows of 64 bf16 (row stride ld) into a [FA_T][FA_LD] tile; the other rows are zero.
+__device__ __forceinline__ void fa_load(bf16 *sh, const bf16 *g, size_t ld, int valid) {
+  for (int e = threadIdx.x; e < FA_T * 8; e += blockDim.x) {
+    const int r = e >> 3, c = (e & 7) * 8;
+    uint4 val = make_uint4(0u, 0u, 0u, 0u);
+    if (r < valid) val = *reinterpret_cast<const uint4 *>(g + r * ld + c);
+    *reinterpret_cast<uint4 *>(sh + r * FA_LD + c) = val;
+  }
+}
+
+// out[16 × 32] (f32, row stride FA_LS) = A[16 × 64] · Bᵀ where B is a [32 × 64] tile: the score
+// block of 16 rows of `a` against the 32 rows of `b`.
+__device__ __forceinline__ void fa_abt(const bf16 *a, const bf16 *b, float *out) {
+  fa_acc acc[2];
+  wm::fill_fragment(acc[0], 0.f);
+  wm::fill_fragment(acc[1], 0.f);
+  for (int kk = 0; kk < FA_D / 16; ++kk) {
+    fa_a fa;
+    wm::load_matrix_sync(fa, a + kk * 16, FA_LD);
+    for (int n = 0; n < 2; ++n) {
+      fa_b_col fb;
+      wm::load_matrix_sync(fb, b + n * 16 * FA_LD + kk * 16, FA_LD);
+      wm::mma_sync(acc[n], fa, fb, acc[n]);
+    }
+  }
+  for (int n = 0; n < 2; ++n) wm::store_matrix_sync(out + n * 16, acc[n], FA_LS, wm::mem_row_major);
+}
+
+// acc[4] (16 × 64) += P[16 × 32] (bf16, row stride FA_LP) · B[32 × 64] (a tile).
+__device__ __forceinline__ void fa_pb(fa_acc *acc, const bf16 *p, const bf16 *b) {
+  for (int kk = 0; kk < FA_T / 16; ++kk) {
+    fa_a fa;
+    wm::load_matrix_sync(fa, p + kk * 16, FA_LP);
+    for (int n = 0; n < FA_D / 16; ++n) {
+      fa_b_row fb;
+      wm::load_matrix_sync(fb, b + kk * 16 * FA_LD + n * 16, FA_LD);
+      wm::mma_sync(acc[n], fa, fb, acc[n]);
+    }
+  }
+}
+
+// Rows [0, valid) of a warp's 16 × 64 accumulator to bf16 global rows (stride ld), through `st`
+// (the warp's [16][FA_LO] f32 staging).
+__device__ __forceinline__ void fa_store_rows(fa_acc *acc, float *st, bf16 *g, size_t ld, int valid) {
+  for (int n = 0; n < FA_D / 16; ++n) wm::store_matrix_sync(st + n * 16, acc[n], FA_LO, wm::mem_row_major);
+  __syncwarp();
+  const int lane = threadIdx.x & 31, r = lane >> 1, c0 = (lane & 1) * 32;
+  if (r < valid)
+    for (int c = 0; c < 32; ++c) g[r * ld + c0 + c] = __float2bfloat16(st[r * FA_LO + c0 + c]);
+}
+
+// Forward: grid (⌈T/32⌉, H, B), 64 threads. `lse` may be null (the teacher keeps nothing).
+extern "C" __global__ void __launch_bounds__(64)
+    flash_fwd_bf16(const bf16 *qkv, bf16 *o, float *lse, int t, int heads, float scale) {
+  __shared__ __align__(32) bf16 qs[FA_T * FA_LD];
+  __shared__ __align__(32) bf16 ks[FA_T * FA_LD];
+  __shared__ __align__(32) bf16 vs[FA_T * FA_LD];
+  __shared__ __align__(32) float ss[FA_T * FA_LS];
+  __shared__ __align__(32) bf16 ps[FA_T * FA_LP];
+  __shared__ __align__(32) float os[FA_T * FA_LO];
+  const int b = blockIdx.z, h = blockIdx.y, i0 = blockIdx.x * FA_T;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int r = warp * 16 + (lane >> 1), half = lane & 1;
+  const size_t ld = (size_t)3 * heads * FA_D, hd = (size_t)heads * FA_D;
+  const bf16 *base = qkv + (size_t)b * t * ld + h * FA_D;
+  fa_load(qs, base + i0 * ld, ld, min(FA_T, t - i0));
+  for (int e = threadIdx.x; e < FA_T * FA_LO; e += blockDim.x) os[e] = 0.f;
+  const float sl2 = scale * 1.4426950408889634f;  // exp(x) = exp2(x·log2 e)
+  float m = -INFINITY, l = 0.f;
+  for (int j0 = 0; j0 < t; j0 += FA_T) {
+    const int kvalid = min(FA_T, t - j0);
+    __syncthreads();  // every warp is done with the previous K/V tile
+    fa_load(ks, base + hd + j0 * ld, ld, kvalid);
+    fa_load(vs, base + 2 * hd + j0 * ld, ld, kvalid);
+    __syncthreads();
+    fa_abt(qs + warp * 16 * FA_LD, ks, ss + warp * 16 * FA_LS);
+    __syncwarp();
+    float sv[16], tmax = -INFINITY;
+    for (int c = 0; c < 16; ++c) {
+      const int col = half * 16 + c;
+      sv[c] = col < kvalid ? ss[r * FA_LS + col] * sl2 : -INFINITY;
+      tmax = fmaxf(tmax, sv[c]);
+    }
+    tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffff, tmax, 1));
+    const float m_new = fmaxf(m, tmax);
+    const float alpha = exp2f(m - m_new);  // 0 on the first tile
+    float sum = 0.f;
+    for (int c = 0; c < 16; ++c) {
+      const float p = exp2f(sv[c] - m_new);
+      sum += p;
+      ps[r * FA_LP + half * 16 + c] = __float2bfloat16(p);
+    }
+    sum += __shfl_xor_sync(0xffffffff, sum, 1);
+    l = l * alpha + sum;
+    m = m_new;
+    for (int c = 0; c < 32; ++c) os[r * FA_LO + half * 32 + c] *= alpha;
+    __syncwarp();
+    for (int n = 0; n < FA_D / 16; ++n) {
+      fa_acc acc;
+      wm::load_matrix_sync(acc, os + warp * 16 * FA_LO + n * 16, FA_LO, wm::mem_row_major);
+      for (int kk = 0; kk < FA_T / 16; ++kk) {
+        fa_a fa;
+        fa_b_row fb;
+        wm::load_matrix_sync(fa, ps + warp * 16 * FA_LP + kk * 16, FA_LP);
+        wm::load_matrix_sync(fb, vs + kk * 16 * FA_LD + n * 16, FA_LD);
+        wm::mma_sync(acc, fa, fb, acc);
+      }
+      wm::store_matrix_sync(os + warp * 16 * FA_LO + n * 16, acc, FA_LO, wm::mem_row_major);
+    }
+    __syncwarp();
+  }
+  const int i = i0 + r;
+  if (i < t) {
+    const float inv = 1.f / l;
+    bf16 *orow = o + ((size_t)b * t + i) * hd + h * FA_D + half * 32;
+    for (int c = 0; c < 32; ++c) orow[c] = __float2bfloat16(os[r * FA_LO + half * 32 + c] * inv);
+    if (half == 0 && lse != nullptr)
+      lse[((size_t)b * heads + h) * t + i] = (m + log2f(l)) * 0.6931471805599453f;
+  }
+}
+
+// D = Σ_d dO·O per (row, head) (the softmax backward's row term): one warp each.
+extern "C" __global__ void flash_bwd_dot_bf16(const bf16 *o, const bf16 *d_o, float *dsum,
+                                              size_t rows, int t, int heads) {
+  const size_t w = (blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (w >= rows * heads) return;
+  const size_t row = w / heads;
+  const int h = (int)(w % heads);
+  const bf16 *a = o + row * heads * FA_D + h * FA_D, *g = d_o + row * heads * FA_D + h * FA_D;
+  float s = to_f(a[lane]) * to_f(g[lane]) + to_f(a[lane + 32]) * to_f(g[lane + 32]);
+  for (int k = 16; k > 0; k >>= 1) s += __shfl_xor_sync(0xffffffff, s, k);
+  if (lane == 0) dsum[((row / t) * heads + h) * t + row % t] = s;
+}
+
+// dQ: grid (⌈T/32⌉, H, B), 64 threads. dS = P ⊙ (dP − D)·scale, dQ = dS·K.
+extern "C" __global__ void __launch_bounds__(64)
+    flash_bwd_dq_bf16(const bf16 *qkv, const bf16 *d_o, const float *lse, const float *dsum,
+                      bf16 *dqkv, int t, int heads, float scale) {
+  __shared__ __align__(32) bf16 qs[FA_T * FA_LD];
+  __shared__ __align__(32) bf16 dos[FA_T * FA_LD];
+  __shared__ __align__(32) bf16 ks[FA_T * FA_LD];
+  __shared__ __align__(32) bf16 vs[FA_T * FA_LD];
+  __shared__ __align__(32) float ss[FA_T * FA_LS];
+  __shared__ __align__(32) bf16 ps[FA_T * FA_LP];
+  __shared__ __align__(32) float os[FA_T * FA_LO];
+  const int b = blockIdx.z, h = blockIdx.y, i0 = blockIdx.x * FA_T;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int r = warp * 16 + (lane >> 1), half = lane & 1;
+  const size_t ld = (size_t)3 * heads * FA_D, hd = (size_t)heads * FA_D;
+  const bf16 *base = qkv + (size_t)b * t * ld + h * FA_D;
+  const int qvalid = min(FA_T, t - i0);
+  fa_load(qs, base + i0 * ld, ld, qvalid);
+  fa_load(dos, d_o + ((size_t)b * t + i0) * hd + h * FA_D, hd, qvalid);
+  const size_t srow = ((size_t)b * heads + h) * t + i0 + r;
+  const float lse_r = r < qvalid ? lse[srow] : 0.f, d_r = r < qvalid ? dsum[srow] : 0.f;
+  fa_acc acc[FA_D / 16];
+  for (int n = 0; n < FA_D / 16; ++n) wm::fill_fragment(acc[n], 0.f);
+  for (int j0 = 0; j0 < t; j0 += FA_T) {
+    const int kvalid = min(FA_T, t - j0);
+    __syncthreads();
+    fa_load(ks, base + hd + j0 * ld, ld, kvalid);
+    fa_load(vs, base + 2 * hd + j0 * ld, ld, kvalid);
+    __syncthreads();
+    fa_abt(qs + warp * 16 * FA_LD, ks, ss + warp * 16 * FA_LS);
+    __syncwarp();
+    float pv[16];
+    for (int c = 0; c < 16; ++c) {
+      const int col = half * 16 + c;
+      pv[c] = (col < kvalid && r < qvalid) ? expf(ss[r * FA_LS + col] * scale - lse_r) : 0.f;
+    }
+    __syncwarp();
+    fa_abt(dos + warp * 16 * FA_LD, vs, ss + warp * 16 * FA_LS);  // dP
+    __syncwarp();
+    for (int c = 0; c < 16; ++c) {
+      const int col = half * 16 + c;
+      ps[r * FA_LP + col] = __float2bfloat16(pv[c] * (ss[r * FA_LS + col] - d_r) * scale);
+    }
+    __syncwarp();
+    fa_pb(acc, ps + warp * 16 * FA_LP, ks);
+  }
+  fa_store_rows(acc, os + warp * 16 * FA_LO, dqkv + ((size_t)b * t + i0 + warp * 16) * ld + h * FA_D,
+                ld, qvalid - warp * 16);
+}
+
+// dK, dV: grid (⌈T/32⌉ key tiles, H, B), 64 threads; loops over the query tiles.
+// dV = Pᵀ·dO, dK = dSᵀ·Q (scale folded into dS).
+extern "C" __global__ void __launch_bounds__(64)
+    flash_bwd_dkdv_bf16(const bf16 *qkv, const bf16 *d_o, const float *lse, const float *dsum,
+                        bf16 *dqkv, int t, int heads, float scale) {
+  __shared__ __align__(32) bf16 qs[FA_T * FA_LD];
+  __shared__ __align__(32) bf16 dos[FA_T * FA_LD];
+  __shared__ __align__(32) bf16 ks[FA_T * FA_LD];
+  __shared__ __align__(32) bf16 vs[FA_T * FA_LD];
+  __shared__ __align__(32) float ss[FA_T * FA_LS];
+  __shared__ __align__(32) bf16 ps[FA_T * FA_LP];
+  __shared__ __align__(32) float os[FA_T * FA_LO];
+  __shared__ float lse_s[FA_T], d_s[FA_T];
+  const int b = blockIdx.z, h = blockIdx.y, j0 = blockIdx.x * FA_T;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int r = warp * 16 + (lane >> 1), half = lane & 1;  // r: this lane's key in the tile
+  const size_t ld = (size_t)3 * heads * FA_D, hd = (size_t)heads * FA_D;
+  const bf16 *base = qkv + (size_t)b * t * ld + h * FA_D;
+  const int kvalid = min(FA_T, t - j0);
+  fa_load(ks, base + hd + j0 * ld, ld, kvalid);
+  fa_load(vs, base + 2 * hd + j0 * ld, ld, kvalid);
+  fa_acc dk[FA_D / 16], dv[FA_D / 16];
+  for (int n = 0; n < FA_D / 16; ++n) {
+    wm::fill_fragment(dk[n], 0.f);
+    wm::fill_fragment(dv[n], 0.f);
+  }
+  for (int i0 = 0; i0 < t; i0 += FA_T) {
+    const int qvalid = min(FA_T, t - i0);
+    __syncthreads();
+    fa_load(qs, base + i0 * ld, ld, qvalid);
+    fa_load(dos, d_o + ((size_t)b * t + i0) * hd + h * FA_D, hd, qvalid);
+    if (threadIdx.x < FA_T) {
+      const size_t srow = ((size_t)b * heads + h) * t + i0 + threadIdx.x;
+      lse_s[threadIdx.x] = (int)threadIdx.x < qvalid ? lse[srow] : 0.f;
+      d_s[threadIdx.x] = (int)threadIdx.x < qvalid ? dsum[srow] : 0.f;
+    }
+    __syncthreads();
+    fa_abt(ks + warp * 16 * FA_LD, qs, ss + warp * 16 * FA_LS);  // Sᵀ: keys × queries
+    __syncwarp();
+    float pv[16];
+    for (int c = 0; c < 16; ++c) {
+      const int col = half * 16 + c;
+      pv[c] = col < qvalid ? expf(ss[r * FA_LS + col] * scale - lse_s[col]) : 0.f;
+      ps[r * FA_LP + col] = __float2bfloat16(pv[c]);
+    }
+    __syncwarp();
+    fa_pb(dv, ps + warp * 16 * FA_LP, dos);
+    fa_abt(vs + warp * 16 * FA_LD, dos, ss + warp * 16 * FA_LS);  // dPᵀ
+    __syncwarp();
+    for (int c = 0; c < 16; ++c) {
+      const int col = half * 16 + c;
+      ps[r * FA_LP + col] = __float2bfloat16(pv[c] * (ss[r * FA_LS + col] - d_s[col]) * scale);
+    }
+    __syncwarp();
+    fa_pb(dk, ps + warp * 16 * FA_LP, qs);
+  }
+  bf16 *out = dqkv + ((size_t)b * t + j0 + warp * 16) * ld + h * FA_D;
+  fa_store_rows(dk, os + warp * 16 * FA_LO, out + hd, ld, kvalid - warp * 16);
+  __syncwarp();
+  fa_store_rows(dv, os + warp * 16 * FA_LO, out + 2 * hd, ld, kvalid - warp * 16);
+}
