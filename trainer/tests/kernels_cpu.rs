@@ -557,3 +557,70 @@ fn col_sum_fused_matches_composed() {
     assert_eq!(got.dtype(), DType::F32);
     assert!(max_abs_diff(&exact, &got) / max_abs(&exact) < 1e-6);
 }
+
+/// Flash attention's reference — forward O, then the backward's dqkv read back through the
+/// packed statistics (the row log-sum-exps, stored as f32 bits in a bf16 buffer) — against
+/// candle's autograd through softmax attention written out in f64 on the same inputs.
+#[test]
+fn flash_attention_matches_autograd_attention() {
+    use trainer::kernels::flash;
+    // T = 7 and 38: not multiples of the CUDA kernels' 32-row tiles (the reference has none,
+    // but the shapes are the ones the kernels' masking must handle).
+    for (t, dt, tol) in [
+        (7, DType::F64, 1e-12),
+        (38, DType::F64, 1e-12),
+        (7, DType::BF16, 1.6e-2),
+    ] {
+        let (b, heads, dh) = (3, 2, 8);
+        let scale = (dh as f64).powf(-0.5);
+        let qkv = rand(&[b * t, 3 * heads * dh], 5, 2.0).to_dtype(dt).unwrap();
+        let d_o = rand(&[b * t, heads * dh], 6, 1.0).to_dtype(dt).unwrap();
+        let f = flash::forward(&qkv, b, heads, scale, true).unwrap();
+        let packed = f.packed.as_ref().unwrap();
+        let dqkv = flash::backward(&qkv, packed, &d_o, b, heads, scale).unwrap();
+        assert_eq!(f.o.dims(), &[b * t, heads * dh]);
+        assert_eq!(dqkv.dims(), qkv.dims());
+
+        let var = Var::from_tensor(&qkv.to_dtype(DType::F64).unwrap()).unwrap();
+        let x = var
+            .as_tensor()
+            .reshape((b, t, 3, heads, dh))
+            .unwrap()
+            .permute((2, 0, 3, 1, 4))
+            .unwrap();
+        let [q, k, v] = [0, 1, 2].map(|i| x.get(i).unwrap().contiguous().unwrap());
+        let p =
+            trainer::nn::softmax(&(q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap()).unwrap();
+        let o = p
+            .matmul(&v)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((b * t, heads * dh))
+            .unwrap();
+        let loss = (&o * d_o.to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let g = loss
+            .backward()
+            .unwrap()
+            .get(var.as_tensor())
+            .unwrap()
+            .clone();
+        let o_err = max_abs_diff(&o, &f.o) / max_abs(&o);
+        let g_err = max_abs_diff(&g, &dqkv) / max_abs(&g);
+        assert!(
+            o_err <= tol,
+            "T {t} {dt:?}: O off by {o_err:e} (tol {tol:e})"
+        );
+        assert!(
+            g_err <= tol,
+            "T {t} {dt:?}: dqkv off by {g_err:e} (tol {tol:e})"
+        );
+        // Without `save` the forward keeps nothing but O, and O is the same.
+        let plain = flash::forward(&qkv, b, heads, scale, false).unwrap();
+        assert!(plain.packed.is_none());
+        assert_eq!(max_abs_diff(&plain.o, &f.o), 0.0);
+    }
+}

@@ -24,7 +24,10 @@ pub struct Composed {
 pub enum AttnSaved {
     Composed(Composed),
     /// The qkv rows and the flash op's packed output (O and the row log-sum-exps).
-    Flash { qkv: Tensor, packed: Tensor },
+    Flash {
+        qkv: Tensor,
+        packed: Tensor,
+    },
 }
 
 /// A block's attention on its qkv rows `[B·T, 3·H·dh]` → the merged heads `[B·T, H·dh]`.

@@ -15,8 +15,8 @@ use super::cpu;
 #[cfg(feature = "cuda")]
 use super::gpu;
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Result, Shape};
 use candle_core::Tensor;
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Result, Shape};
 #[cfg(feature = "cuda")]
 use candle_core::{cuda_backend::cudarc::driver::PushKernelArg, CudaStorage};
 use half::{bf16, f16};
@@ -119,7 +119,10 @@ impl Dims {
     fn of_qkv(l: &Layout, b: usize, heads: usize) -> Result<Self> {
         let (rows, cols) = cpu::rows_cols(l)?;
         if b == 0 || rows % b != 0 || cols % (3 * heads) != 0 {
-            bail!("flash attention: qkv {:?} is not [B·T, 3·H·dh] for B {b}, H {heads}", l.dims());
+            bail!(
+                "flash attention: qkv {:?} is not [B·T, 3·H·dh] for B {b}, H {heads}",
+                l.dims()
+            );
         }
         Ok(Self {
             b,
@@ -156,7 +159,10 @@ impl Dims {
     #[cfg(feature = "cuda")]
     fn cuda_grid(&self) -> Result<candle_core::cuda_backend::cudarc::driver::LaunchConfig> {
         if self.dh != CUDA_HEAD_DIM {
-            bail!("flash attention on CUDA needs head dim {CUDA_HEAD_DIM}, got {}", self.dh);
+            bail!(
+                "flash attention on CUDA needs head dim {CUDA_HEAD_DIM}, got {}",
+                self.dh
+            );
         }
         Ok(candle_core::cuda_backend::cudarc::driver::LaunchConfig {
             grid_dim: (self.t.div_ceil(32) as u32, self.heads as u32, self.b as u32),
@@ -331,7 +337,12 @@ impl CustomOp3 for FlashBwd {
         let rows = d.b * d.t;
         let k = gpu::func(dev, "flash_bwd_dot_bf16")?;
         let mut a = k.builder();
-        a.arg(&o).arg(&d_o).arg(&mut dsum).arg(&rows).arg(&t).arg(&heads);
+        a.arg(&o)
+            .arg(&d_o)
+            .arg(&mut dsum)
+            .arg(&rows)
+            .arg(&t)
+            .arg(&heads);
         let warps = (rows * d.heads) as u32;
         let cfg = candle_core::cuda_backend::cudarc::driver::LaunchConfig {
             grid_dim: (warps.div_ceil(8), 1, 1),
@@ -379,9 +390,6 @@ pub fn backward(
     heads: usize,
     scale: f64,
 ) -> Result<Tensor> {
-    qkv.contiguous()?.apply_op3_no_bwd(
-        packed,
-        &d_o.contiguous()?,
-        &FlashBwd { b, heads, scale },
-    )
+    qkv.contiguous()?
+        .apply_op3_no_bwd(packed, &d_o.contiguous()?, &FlashBwd { b, heads, scale })
 }
