@@ -362,10 +362,21 @@ impl CustomOp3 for FlashBwd {
     }
 }
 
+/// `t` contiguous and starting on a 16-byte boundary for bf16 (the CUDA kernels read rows as
+/// 16-byte vectors): a copy when it is not.
+fn aligned(t: &Tensor) -> Result<Tensor> {
+    let l = t.layout();
+    if t.is_contiguous() && l.start_offset() % 8 == 0 {
+        Ok(t.clone())
+    } else {
+        t.force_contiguous()
+    }
+}
+
 /// Attention of `b` sequences on their qkv rows `[B·T, 3·H·dh]` → O `[B·T, H·dh]` (and the
 /// packed statistics with `save`).
 pub fn forward(qkv: &Tensor, b: usize, heads: usize, scale: f64, save: bool) -> Result<FlashOut> {
-    let qkv = qkv.contiguous()?;
+    let qkv = aligned(qkv)?;
     let (rows, cols) = qkv.dims2()?;
     let hd = cols / 3;
     let out = qkv.apply_op1_no_bwd(&FlashFwd {
