@@ -5,7 +5,8 @@
 #   0. .gpu/device-smoke: candle's CUDA backend against the CPU (values, gradients, matmul TFLOP/s);
 #      `trainer kernel-check --device cuda`: every fused kernel (LayerNorm, bias add, bias+GELU,
 #      attention softmax, teacher softmax, soft cross-entropy: forward and backward; multi-tensor
-#      AdamW+EMA) against its CPU reference at ViT-S shapes, plus composed-vs-fused timings;
+#      AdamW+EMA; flash attention on the global and local crops' token counts, forward and
+#      backward) against its CPU reference at ViT-S shapes, plus composed-vs-fused timings;
 #   1. CPU vs CUDA `trainer debug-step` on the same weights and batch (tiny config, then ViT-S/16 at a
 #      small batch): the CPU runs f32 with composed ops (the reference), CUDA runs f32+fused (tight
 #      tolerance: checks the kernels end to end) and bf16 (bf16 tolerance); compared by

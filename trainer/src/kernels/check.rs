@@ -1,6 +1,7 @@
 //! `trainer kernel-check`: every fused op on a device against its CPU reference (`cpu_fwd`),
 //! forward and backward, on random inputs at training shapes; then composed-vs-fused timings
-//! (forward + backward) on the device.
+//! (forward + backward) on the device. Flash attention is timed against the composed attention
+//! it replaces in the explicit engine's blocks.
 //!
 //! Inputs are drawn on the CPU (f32, cast to bf16 where the op runs in bf16) and copied to the
 //! device, so both sides read identical values. Errors are reported as the largest absolute
