@@ -12,8 +12,9 @@
 #      tolerance: checks the kernels end to end) and bf16 (bf16 tolerance); compared by
 #      bench/compare_debug_step.py;
 #   2. `trainer bench --device cuda` with the explicit engine (hand-written backward over flat
-#      buffers) and the autograd engine, bf16+fused, at batch 128, 64 and 256 (the CUDA debug-step of
-#      both engines is compared with the CPU reference in step 1);
+#      buffers) and the autograd engine, bf16+fused, at batch 128, 64 and 256, and the explicit
+#      engine with composed instead of flash attention (`--kernels fused-no-flash`) at 128 (the
+#      CUDA debug-step of both engines is compared with the CPU reference in step 1);
 #   3. the PyTorch baseline (bench/pytorch_udi.py) at batch 128 and 64 (official-style), and the
 #      "fast" PyTorch variant (SDPA, bf16, fused AdamW, torch.compile) at 128;
 #   4. speed without learning means nothing: the demo's labelled set trained on the GPU with each
@@ -51,7 +52,7 @@ BIN=${BIN:-.gpu/trainer}
 CONFIGS=${CONFIGS:-.gpu/configs}
 RES=$ROOT/target/gpu-results
 [ -n "${OUT:-}" ] && RES=$(mktemp -d)
-TRAINER_RUNS=${TRAINER_RUNS:-bf16:fused:128:explicit bf16:fused:128:autograd bf16:fused:64:explicit bf16:fused:256:explicit bf16:fused:64:autograd bf16:fused:256:autograd}
+TRAINER_RUNS=${TRAINER_RUNS:-bf16:fused:128:explicit bf16:fused:128:autograd bf16:fused-no-flash:128:explicit bf16:fused:64:explicit bf16:fused:256:explicit bf16:fused:64:autograd bf16:fused:256:autograd}
 TORCH_BATCHES=${TORCH_BATCHES:-${BATCHES:-128 64}}
 DEBUG_BATCH=${DEBUG_BATCH:-4}
 DEADLINE=${DEADLINE:-540}

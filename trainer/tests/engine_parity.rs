@@ -21,6 +21,11 @@ const FUSED: Compute = Compute {
     precision: Precision::F32,
     kernels: Kernels::Fused,
 };
+/// The fused ops with the blocks' attention composed (the fused softmax) instead of flash.
+const FUSED_NO_FLASH: Compute = Compute {
+    precision: Precision::F32,
+    kernels: Kernels::FusedNoFlash,
+};
 
 /// max |a − b| / max |b|.
 fn rel(a: &Tensor, b: &Tensor) -> f64 {
@@ -190,6 +195,7 @@ fn check_gradients(cfg: TrainConfig, dtype: DType, compute: Compute, tol: f64) {
 fn gradients_match_autograd_f64() {
     check_gradients(micro(), DType::F64, COMPOSED, 1e-10);
     check_gradients(micro(), DType::F64, FUSED, 1e-10);
+    check_gradients(micro(), DType::F64, FUSED_NO_FLASH, 1e-10);
     check_gradients(tiny(), DType::F64, COMPOSED, 1e-10);
 }
 

@@ -40,7 +40,7 @@ pub fn forward_rows(
     save: bool,
 ) -> Result<(Tensor, Option<AttnSaved>)> {
     let (rows, cols) = qkv.dims2()?;
-    if ops.fused && flash::supported(qkv.device(), qkv.dtype(), cols / 3 / heads) {
+    if ops.flash && flash::supported(qkv.device(), qkv.dtype(), cols / 3 / heads) {
         let out = flash::forward(qkv, b, heads, scale, save)?;
         let saved = out.packed.map(|packed| AttnSaved::Flash {
             qkv: qkv.clone(),

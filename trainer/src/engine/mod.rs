@@ -29,7 +29,7 @@ use crate::config::TrainConfig;
 use crate::data::TrainBatch;
 use crate::dist::{Collective, Single};
 use crate::kernels::adamw::{meta_tensor, AdamwEma, Segment};
-use crate::kernels::{Compute, Kernels};
+use crate::kernels::Compute;
 use crate::loss::Centres;
 use crate::model::{teacher_out, TeacherOut};
 use crate::optim::{clip_plan, squared_norms, ClipPlan};
@@ -86,6 +86,8 @@ impl EngineKind {
 #[derive(Clone, Copy, Debug)]
 pub struct Ops {
     pub fused: bool,
+    /// Flash attention in the blocks (with `fused`, where the device supports the shapes).
+    pub flash: bool,
     pub cdt: DType,
     pub pdt: DType,
 }
@@ -296,7 +298,8 @@ impl Explicit {
 
     fn ops(&self) -> Ops {
         Ops {
-            fused: self.compute.kernels == Kernels::Fused,
+            fused: self.compute.fused(),
+            flash: self.compute.flash(),
             cdt: self.compute.dtype(self.dtype),
             pdt: self.dtype,
         }

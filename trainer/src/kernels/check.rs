@@ -382,6 +382,9 @@ fn check_adamw(out: &mut Vec<KernelResult>, s: &Shapes, dev: &Device, reps: usiz
     Ok(())
 }
 
+/// One attention forward + backward: (qkv, dO, sequences) → (O, dqkv).
+type AttnStep<'a> = dyn Fn(&Tensor, &Tensor, usize) -> Result<(Tensor, Tensor)> + 'a;
+
 /// Crops whose flash attention the CPU reference recomputes (f64 loops over T² scores per head:
 /// a few crops are enough to compare every tile position, the timing uses them all).
 const FLASH_REF_CROPS: usize = 6;
@@ -420,6 +423,7 @@ fn check_flash(out: &mut Vec<KernelResult>, s: &Shapes, dev: &Device, reps: usiz
         let (ba, br) = errors(&dq_ref, &dq_dev)?;
         let ops = Ops {
             fused: true,
+            flash: false,
             cdt: DType::BF16,
             pdt: DType::F32,
         };
@@ -438,7 +442,7 @@ fn check_flash(out: &mut Vec<KernelResult>, s: &Shapes, dev: &Device, reps: usiz
             Ok((o, attention::merge_qkv(&dq, &dk, &dv)?))
         };
         let (q_dev, g_dev) = (qkv.to_device(dev)?, d_o.to_device(dev)?);
-        let time = |f: &dyn Fn(&Tensor, &Tensor, usize) -> Result<(Tensor, Tensor)>| {
+        let time = |f: &AttnStep| {
             let mut ms = Vec::new();
             for i in 0..reps + 2 {
                 dev.synchronize()?;

@@ -366,7 +366,7 @@ impl CustomOp3 for FlashBwd {
 /// 16-byte vectors): a copy when it is not.
 fn aligned(t: &Tensor) -> Result<Tensor> {
     let l = t.layout();
-    if t.is_contiguous() && l.start_offset() % 8 == 0 {
+    if t.is_contiguous() && l.start_offset().is_multiple_of(8) {
         Ok(t.clone())
     } else {
         t.force_contiguous()

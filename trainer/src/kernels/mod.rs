@@ -51,8 +51,14 @@ pub enum Precision {
 pub enum Kernels {
     /// Composed candle ops (default on the CPU).
     Candle,
-    /// Our fused ops (default on CUDA; on the CPU they run their reference `cpu_fwd`).
+    /// Our fused ops (default on CUDA; on the CPU they run their reference `cpu_fwd`),
+    /// flash attention in the explicit engine's blocks included.
     Fused,
+    /// The fused ops with the explicit engine's attention composed (split heads, batched
+    /// GEMMs, the fused softmax, merge heads) instead of flash: for comparing the two.
+    #[value(name = "fused-no-flash")]
+    #[serde(rename = "fused-no-flash")]
+    FusedNoFlash,
 }
 
 impl fmt::Display for Precision {
@@ -69,6 +75,7 @@ impl fmt::Display for Kernels {
         f.write_str(match self {
             Self::Candle => "candle",
             Self::Fused => "fused",
+            Self::FusedNoFlash => "fused-no-flash",
         })
     }
 }
@@ -123,6 +130,11 @@ impl Compute {
     }
 
     pub fn fused(&self) -> bool {
+        matches!(self.kernels, Kernels::Fused | Kernels::FusedNoFlash)
+    }
+
+    /// Whether the explicit engine's blocks run flash attention (where the device has it).
+    pub fn flash(&self) -> bool {
         self.kernels == Kernels::Fused
     }
 }
@@ -150,5 +162,9 @@ mod tests {
         assert_eq!((r.precision, r.kernels), (Precision::Bf16, Kernels::Candle));
         assert_eq!(Precision::Bf16.to_string(), "bf16");
         assert_eq!(Kernels::Fused.to_string(), "fused");
+        let r: R = toml::from_str("precision = \"bf16\"\nkernels = \"fused-no-flash\"").unwrap();
+        let c = Compute::for_device(&Device::Cpu, Some(r.precision), Some(r.kernels));
+        assert!(c.fused() && !c.flash());
+        assert_eq!(Kernels::FusedNoFlash.to_string(), "fused-no-flash");
     }
 }
