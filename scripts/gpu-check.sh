@@ -233,6 +233,7 @@ if [ "${SKIP_DEBUG:-0}" != 1 ]; then
   sed "s/^batch_size *=.*/batch_size = $DEBUG_BATCH/" "$CONFIGS/udi_vit_s16_in1k.toml" > "$WORK/vits-debug.toml"
   if debug_prepare debug-vits "$WORK/vits-debug.toml"; then
     debug_cuda debug-vits "$WORK/vits-debug.toml" bf16 fused explicit
+    debug_cuda debug-vits "$WORK/vits-debug.toml" bf16 fused-no-flash explicit
     debug_cuda debug-vits "$WORK/vits-debug.toml" f32 fused explicit
   fi
 fi
