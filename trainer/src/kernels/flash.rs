@@ -77,33 +77,18 @@ fn unpack(s: &CpuStorage, l: &Layout, n_o: usize) -> Result<(Vec<f64>, Vec<f64>)
     let Some((a, b)) = l.contiguous_offsets() else {
         bail!("flash attention: the packed forward output must be contiguous")
     };
-    let from_bits = |lo: u16, hi: u16| f32::from_bits(lo as u32 | (hi as u32) << 16) as f64;
-    Ok(match s {
-        CpuStorage::BF16(v) => {
-            let v = &v[a..b];
-            (
-                v[..n_o].iter().map(|x| x.to_f64()).collect(),
-                v[n_o..]
-                    .chunks(2)
-                    .map(|p| from_bits(p[0].to_bits(), p[1].to_bits()))
-                    .collect(),
-            )
-        }
-        CpuStorage::F16(v) => {
-            let v = &v[a..b];
-            (
-                v[..n_o].iter().map(|x| x.to_f64()).collect(),
-                v[n_o..]
-                    .chunks(2)
-                    .map(|p| from_bits(p[0].to_bits(), p[1].to_bits()))
-                    .collect(),
-            )
-        }
-        _ => {
-            let v = cpu::read(s, l, "flash packed")?;
-            (v[..n_o].to_vec(), v[n_o..].to_vec())
-        }
-    })
+    let from_bits = |p: &[u16]| f32::from_bits(p[0] as u32 | (p[1] as u32) << 16) as f64;
+    let bits: Option<Vec<u16>> = match s {
+        CpuStorage::BF16(v) => Some(v[a..b].iter().map(|x| x.to_bits()).collect()),
+        CpuStorage::F16(v) => Some(v[a..b].iter().map(|x| x.to_bits()).collect()),
+        _ => None,
+    };
+    let all = cpu::read(s, l, "flash packed")?;
+    let lse = match bits {
+        Some(bits) => bits[n_o..].chunks(2).map(from_bits).collect(),
+        None => all[n_o..].to_vec(),
+    };
+    Ok((all[..n_o].to_vec(), lse))
 }
 
 /// Shapes of one call: B, T, H, dh.

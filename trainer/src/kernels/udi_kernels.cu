@@ -505,6 +505,28 @@ __device__ __forceinline__ void fa_store_rows(fa_acc *acc, float *st, bf16 *g, s
     for (int c = 0; c < 32; ++c) g[r * ld + c0 + c] = __float2bfloat16(st[r * FA_LO + c0 + c]);
 }
 
+// Where a block works (sequence b, head h, its tile's first row) and what this thread owns (its
+// warp, row r of the tile, half of that row's columns); qkv and O row strides; `base`: q of
+// sequence b's first row, head h.
+struct FaBlock {
+  int b, h, row0, warp, r, half;
+  size_t ld, hd;
+  const bf16 *base;
+  __device__ FaBlock(const bf16 *qkv, int t, int heads)
+      : b(blockIdx.z), h(blockIdx.y), row0(blockIdx.x * FA_T), warp(threadIdx.x >> 5),
+        r((threadIdx.x >> 5) * 16 + ((threadIdx.x & 31) >> 1)),
+        half(threadIdx.x & 1), ld((size_t)3 * heads * FA_D), hd((size_t)heads * FA_D),
+        base(qkv + (size_t)blockIdx.z * t * ld + blockIdx.y * FA_D) {}
+};
+
+// The backward kernels' tiles (every array a multiple of 32 bytes: the WMMA pointers stay aligned).
+struct __align__(32) FaBwdTiles {
+  bf16 qs[FA_T * FA_LD], dos[FA_T * FA_LD], ks[FA_T * FA_LD], vs[FA_T * FA_LD];
+  float ss[FA_T * FA_LS];
+  bf16 ps[FA_T * FA_LP];
+  float os[FA_T * FA_LO];
+};
+
 // Forward: grid (⌈T/32⌉, H, B), 64 threads. `lse` may be null (the teacher keeps nothing).
 extern "C" __global__ void __launch_bounds__(64)
     flash_fwd_bf16(const bf16 *qkv, bf16 *o, float *lse, int t, int heads, float scale) {
@@ -514,11 +536,10 @@ extern "C" __global__ void __launch_bounds__(64)
   __shared__ __align__(32) float ss[FA_T * FA_LS];
   __shared__ __align__(32) bf16 ps[FA_T * FA_LP];
   __shared__ __align__(32) float os[FA_T * FA_LO];
-  const int b = blockIdx.z, h = blockIdx.y, i0 = blockIdx.x * FA_T;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int r = warp * 16 + (lane >> 1), half = lane & 1;
-  const size_t ld = (size_t)3 * heads * FA_D, hd = (size_t)heads * FA_D;
-  const bf16 *base = qkv + (size_t)b * t * ld + h * FA_D;
+  const FaBlock k(qkv, t, heads);
+  const int b = k.b, h = k.h, i0 = k.row0, warp = k.warp, r = k.r, half = k.half;
+  const size_t ld = k.ld, hd = k.hd;
+  const bf16 *base = k.base;
   fa_load(qs, base + i0 * ld, ld, min(FA_T, t - i0));
   for (int e = threadIdx.x; e < FA_T * FA_LO; e += blockDim.x) os[e] = 0.f;
   const float sl2 = scale * 1.4426950408889634f;  // exp(x) = exp2(x·log2 e)
@@ -593,18 +614,13 @@ extern "C" __global__ void flash_bwd_dot_bf16(const bf16 *o, const bf16 *d_o, fl
 extern "C" __global__ void __launch_bounds__(64)
     flash_bwd_dq_bf16(const bf16 *qkv, const bf16 *d_o, const float *lse, const float *dsum,
                       bf16 *dqkv, int t, int heads, float scale) {
-  __shared__ __align__(32) bf16 qs[FA_T * FA_LD];
-  __shared__ __align__(32) bf16 dos[FA_T * FA_LD];
-  __shared__ __align__(32) bf16 ks[FA_T * FA_LD];
-  __shared__ __align__(32) bf16 vs[FA_T * FA_LD];
-  __shared__ __align__(32) float ss[FA_T * FA_LS];
-  __shared__ __align__(32) bf16 ps[FA_T * FA_LP];
-  __shared__ __align__(32) float os[FA_T * FA_LO];
-  const int b = blockIdx.z, h = blockIdx.y, i0 = blockIdx.x * FA_T;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int r = warp * 16 + (lane >> 1), half = lane & 1;
-  const size_t ld = (size_t)3 * heads * FA_D, hd = (size_t)heads * FA_D;
-  const bf16 *base = qkv + (size_t)b * t * ld + h * FA_D;
+  __shared__ FaBwdTiles sh;
+  bf16 *qs = sh.qs, *dos = sh.dos, *ks = sh.ks, *vs = sh.vs, *ps = sh.ps;
+  float *ss = sh.ss, *os = sh.os;
+  const FaBlock k(qkv, t, heads);
+  const int b = k.b, h = k.h, i0 = k.row0, warp = k.warp, r = k.r, half = k.half;
+  const size_t ld = k.ld, hd = k.hd;
+  const bf16 *base = k.base;
   const int qvalid = min(FA_T, t - i0);
   fa_load(qs, base + i0 * ld, ld, qvalid);
   fa_load(dos, d_o + ((size_t)b * t + i0) * hd + h * FA_D, hd, qvalid);
@@ -644,19 +660,14 @@ extern "C" __global__ void __launch_bounds__(64)
 extern "C" __global__ void __launch_bounds__(64)
     flash_bwd_dkdv_bf16(const bf16 *qkv, const bf16 *d_o, const float *lse, const float *dsum,
                         bf16 *dqkv, int t, int heads, float scale) {
-  __shared__ __align__(32) bf16 qs[FA_T * FA_LD];
-  __shared__ __align__(32) bf16 dos[FA_T * FA_LD];
-  __shared__ __align__(32) bf16 ks[FA_T * FA_LD];
-  __shared__ __align__(32) bf16 vs[FA_T * FA_LD];
-  __shared__ __align__(32) float ss[FA_T * FA_LS];
-  __shared__ __align__(32) bf16 ps[FA_T * FA_LP];
-  __shared__ __align__(32) float os[FA_T * FA_LO];
+  __shared__ FaBwdTiles sh;
   __shared__ float lse_s[FA_T], d_s[FA_T];
-  const int b = blockIdx.z, h = blockIdx.y, j0 = blockIdx.x * FA_T;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int r = warp * 16 + (lane >> 1), half = lane & 1;  // r: this lane's key in the tile
-  const size_t ld = (size_t)3 * heads * FA_D, hd = (size_t)heads * FA_D;
-  const bf16 *base = qkv + (size_t)b * t * ld + h * FA_D;
+  bf16 *qs = sh.qs, *dos = sh.dos, *ks = sh.ks, *vs = sh.vs, *ps = sh.ps;
+  float *ss = sh.ss, *os = sh.os;
+  const FaBlock k(qkv, t, heads);  // the tile is of keys here: r is this lane's key
+  const int b = k.b, h = k.h, j0 = k.row0, warp = k.warp, r = k.r, half = k.half;
+  const size_t ld = k.ld, hd = k.hd;
+  const bf16 *base = k.base;
   const int kvalid = min(FA_T, t - j0);
   fa_load(ks, base + hd + j0 * ld, ld, kvalid);
   fa_load(vs, base + 2 * hd + j0 * ld, ld, kvalid);
