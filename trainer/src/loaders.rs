@@ -41,11 +41,14 @@ pub enum LoaderEvent {
         slot: usize,
         status: String,
     },
-    /// Alive but its heartbeat was older than the timeout: killed (then restarted like a dead one).
+    /// Alive but its heartbeat was older than the timeout, or it had none that long after it
+    /// started (`registered` false: stuck before joining the ring): killed (then restarted like
+    /// a dead one).
     Hung {
         slot: usize,
         pid: u32,
         heartbeat_age: Duration,
+        registered: bool,
     },
     Restarted {
         slot: usize,
@@ -97,8 +100,10 @@ impl Supervisor {
         Ok(s)
     }
 
-    /// Treats a loader whose heartbeat (`age` of its pid) is older than `timeout` as hung: it is
-    /// killed (SIGKILL, so whatever it had claimed is rebuilt by others) and restarted.
+    /// Treats a loader whose heartbeat (`age` of its pid) is older than `timeout` as hung, and
+    /// one without a heartbeat `timeout` after it was started (so a loader stuck before it
+    /// registers with the ring is not waited for forever): it is killed (SIGKILL, so whatever it
+    /// had claimed is rebuilt by others) and restarted.
     pub fn watch_heartbeats(mut self, age: HeartbeatAge, timeout: Duration) -> Self {
         self.heartbeats = Some((age, timeout));
         self
@@ -132,11 +137,16 @@ impl Supervisor {
     pub fn poll(&mut self) -> Result<Vec<LoaderEvent>> {
         let mut ev = Vec::new();
         for i in 0..self.slots.len() {
+            let started = self.slots[i].started;
             if let (Some(c), Some((age, timeout))) =
                 (self.slots[i].child.as_mut(), &self.heartbeats)
             {
                 let pid = c.id();
-                if let Some(a) = age(pid).filter(|a| a > timeout) {
+                let (a, registered) = match age(pid) {
+                    Some(a) => (a, true),
+                    None => (started.elapsed(), false),
+                };
+                if a > *timeout {
                     // SIGKILL also ends a stopped process; reaped just below.
                     let _ = c.kill();
                     let _ = c.wait();
@@ -144,6 +154,7 @@ impl Supervisor {
                         slot: i,
                         pid,
                         heartbeat_age: a,
+                        registered,
                     });
                 }
             }
@@ -318,16 +329,16 @@ mod tests {
         };
         let sup = Supervisor::start(2, sleeper).unwrap();
         let pids: Vec<u32> = sup.pids().into_iter().map(|p| p.unwrap()).collect();
-        // Slot 0's first process has a 10 s old heartbeat; every other one is fresh, or (slot
-        // 1) has none yet.
+        // Slot 0's first process has a 100 s old heartbeat; every other one is fresh, or (slot
+        // 1) has none yet but started well within the timeout.
         let (hung, quiet) = (pids[0], pids[1]);
         let mut sup = sup.watch_heartbeats(
             Box::new(move |pid| match pid {
-                p if p == hung => Some(Duration::from_secs(10)),
+                p if p == hung => Some(Duration::from_secs(100)),
                 p if p == quiet => None,
                 _ => Some(Duration::ZERO),
             }),
-            Duration::from_secs(3),
+            Duration::from_secs(25),
         );
         sup.backoff = Duration::from_millis(10);
         let ev = wait_for(&mut sup, |e| {
@@ -339,7 +350,8 @@ mod tests {
                 LoaderEvent::Hung {
                     slot: 0,
                     pid: hung,
-                    heartbeat_age: Duration::from_secs(10)
+                    heartbeat_age: Duration::from_secs(100),
+                    registered: true,
                 },
                 LoaderEvent::Exited {
                     slot: 0,
@@ -358,6 +370,40 @@ mod tests {
         for _ in 0..5 {
             assert_eq!(sup.poll().unwrap(), []);
         }
+    }
+
+    #[test]
+    fn kills_a_loader_that_never_registers() {
+        let sleeper = |_| {
+            let mut c = Command::new("sh");
+            c.args(["-c", "sleep 30"]);
+            c
+        };
+        // No process ever has a heartbeat: each is killed `timeout` after its own start.
+        let timeout = Duration::from_millis(1500);
+        let mut sup = Supervisor::start(1, sleeper)
+            .unwrap()
+            .watch_heartbeats(Box::new(|_| None), timeout);
+        let first = sup.pids()[0].unwrap();
+        sup.backoff = Duration::from_millis(10);
+        let ev = wait_for(&mut sup, |e| {
+            e.iter().any(|x| matches!(x, LoaderEvent::Restarted { .. }))
+        });
+        match &ev[0] {
+            LoaderEvent::Hung {
+                slot: 0,
+                pid,
+                heartbeat_age,
+                registered: false,
+            } => assert!(*pid == first && *heartbeat_age > timeout, "{ev:?}"),
+            other => panic!("expected the unregistered loader to be killed, got {other:?}"),
+        }
+        assert_ne!(unsafe { libc::kill(first as i32, 0) }, 0, "pid {first} alive");
+        // Its replacement gets its own full timeout, counted from its own start.
+        let second = sup.pids()[0].unwrap();
+        assert_ne!(second, first);
+        assert!(sup.poll().unwrap().is_empty());
+        sup.shutdown(Duration::from_secs(2));
     }
 
     #[test]

@@ -216,9 +216,20 @@ impl SupervisorThread {
                                     slot,
                                     pid,
                                     heartbeat_age,
+                                    registered: true,
                                 } => eprintln!(
                                     "trainer: loader {slot} (pid {pid}) made no progress for {:.1} s \
                                      (no heartbeat); killed it",
+                                    heartbeat_age.as_secs_f64()
+                                ),
+                                LoaderEvent::Hung {
+                                    slot,
+                                    pid,
+                                    heartbeat_age,
+                                    registered: false,
+                                } => eprintln!(
+                                    "trainer: loader {slot} (pid {pid}) has not joined the ring \
+                                     {:.1} s after it started (stuck starting up?); killed it",
                                     heartbeat_age.as_secs_f64()
                                 ),
                                 LoaderEvent::Restarted { slot, restarts } => eprintln!(
