@@ -136,6 +136,9 @@ impl Prefetch {
 
     /// Stops the worker (it finishes the batch it is staging) and takes the source back.
     fn stop(&mut self) -> Result<()> {
+        if !matches!(self.state, State::Running(_)) {
+            return Ok(());
+        }
         if let State::Running(w) = std::mem::replace(&mut self.state, State::Lost) {
             // Device memory the worker frees must no longer be read by the device's stream.
             let synced = self.device.synchronize();

@@ -57,12 +57,14 @@ impl StageBuf for Pinned {
     fn get(&mut self, pixels: usize, rows: usize) -> Result<(&mut [u8], &mut [f32])> {
         let ctx = self.ctx.as_ref().expect("set by pair()");
         if self.pixels.as_ref().map(|p| p.len()) != Some(pixels) {
+            // Write-combined: the host only writes it (memcpy), the GPU reads it.
             // SAFETY: the buffer is written in full before anything reads it (Staged::from_view).
             self.pixels = Some(unsafe { ctx.alloc_pinned::<u8>(pixels)? });
         }
         if self.rows.as_ref().map(|p| p.len()) != Some(rows) {
-            // SAFETY: as above (dense_rows fills it).
-            self.rows = Some(unsafe { ctx.alloc_pinned::<f32>(rows)? });
+            // Cached (no flags): dense_rows reads back what it accumulates.
+            // SAFETY: dense_rows zeroes it before anything reads it.
+            self.rows = Some(unsafe { ctx.alloc_pinned_with_flags::<f32>(rows, 0)? });
         }
         let (p, r) = (self.pixels.as_mut().unwrap(), self.rows.as_mut().unwrap());
         Ok((p.as_mut_slice()?, r.as_mut_slice()?))
