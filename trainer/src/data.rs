@@ -190,29 +190,49 @@ impl TrainBatch {
             Some((g, l)) => (Some(&g[..]), Some(&l[..])),
             None => (None, None),
         };
-        let globals = normalise(&up.pixels(sl.globals.0, &sl.globals.1)?, g_photo, dtype)?;
+        let globals = normalise(
+            &up.pixels(sl.globals.0.clone(), &sl.globals.1)?,
+            g_photo,
+            dtype,
+        )?;
         let locals = match l {
             0 => None,
             _ => Some(normalise(
-                &up.pixels(sl.locals.0, &sl.locals.1)?,
+                &up.pixels(sl.locals.0.clone(), &sl.locals.1)?,
                 l_photo,
                 dtype,
             )?),
         };
-        let [student, teacher, valid_g, valid_l] = sl
-            .row_parts
-            .map(|(range, shape)| up.rows(range, &shape).and_then(|t| Ok(t.to_dtype(dtype)?)));
-        Ok(Self {
-            batch_size: s.batch_size,
-            n_local: l,
+        let rows = row_tensors(sl, up, dtype)?;
+        Ok(Self::with_rows(
+            s.batch_size,
+            l,
             globals,
             locals,
-            student_rows: student?,
-            teacher_rows: teacher?,
-            valid_g: valid_g?,
-            valid_l: valid_l?,
-            labels: s.labels.clone(),
-        })
+            rows,
+            s.labels.clone(),
+        ))
+    }
+
+    fn with_rows(
+        batch_size: usize,
+        n_local: usize,
+        globals: Tensor,
+        locals: Option<Tensor>,
+        [student_rows, teacher_rows, valid_g, valid_l]: [Tensor; 4],
+        labels: Vec<i32>,
+    ) -> Self {
+        Self {
+            batch_size,
+            n_local,
+            globals,
+            locals,
+            student_rows,
+            teacher_rows,
+            valid_g,
+            valid_l,
+            labels,
+        }
     }
 
     /// [`Self::from_view_dtype`] in f32 (training).
@@ -231,23 +251,29 @@ impl TrainBatch {
         device: &Device,
     ) -> Result<Self> {
         let sl = StageLayout::new(aug, host.batch_size);
-        let mut rows = vec![0f32; sl.rows];
-        dense_rows(aug, host, &mut rows)?;
-        let [student, teacher, valid_g, valid_l] = sl.row_parts.map(|(range, shape)| {
-            Tensor::from_slice(&rows[range], shape, device).and_then(|t| t.to_dtype(dtype))
-        });
-        Ok(Self {
-            batch_size: host.batch_size,
-            n_local: host.n_local,
+        let mut buf = HostStage {
+            pixels: Vec::new(),
+            rows: vec![0f32; sl.rows],
+        };
+        dense_rows(aug, host, &mut buf.rows)?;
+        let rows = row_tensors(sl, &buf.upload(device), dtype)?;
+        Ok(Self::with_rows(
+            host.batch_size,
+            host.n_local,
             globals,
             locals,
-            student_rows: student?,
-            teacher_rows: teacher?,
-            valid_g: valid_g?,
-            valid_l: valid_l?,
+            rows,
             labels,
-        })
+        ))
     }
+}
+
+/// student_rows, teacher_rows, valid_g, valid_l from the row buffer through `up`, in `dtype`.
+fn row_tensors(sl: StageLayout, up: &dyn Upload, dtype: DType) -> Result<[Tensor; 4]> {
+    let [a, b, c, d] = sl
+        .row_parts
+        .map(|(range, shape)| up.rows(range, &shape).and_then(|t| Ok(t.to_dtype(dtype)?)));
+    Ok([a?, b?, c?, d?])
 }
 
 /// A random but well-formed sample: random pixels, random valid-row counts (including zero for
