@@ -7,18 +7,17 @@ mod common;
 
 use candle_core::Device;
 use common::{
-    bits, checkpoint_bits, synth_feed, synth_shards, train_opts, SynthSamples, TestConfig,
+    bits, checkpoint_bits, ring_with_loader, synth_feed, synth_shards, train_opts, SynthSamples,
+    TestConfig,
 };
-use loader::daemon::RunArgs;
 use shared::config::PipelineConfig;
 use shared::geometry::{Sample, SampleSource};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 use trainer::metrics::read_metrics;
 use trainer::prefetch::Prefetch;
 use trainer::train::{train, BatchFeed, FedBatch};
-use trainer::train_feed::{InProcessFeed, RingFeed};
+use trainer::train_feed::InProcessFeed;
 
 fn config() -> String {
     TestConfig::micro(5)
@@ -190,29 +189,7 @@ fn ring_run(name: &str, shards: &Path, dir: &Path, prefetch: bool) {
     let cfg = config();
     let cfg_path = dir.with_extension("toml");
     std::fs::write(&cfg_path, &cfg).unwrap();
-    let pipe = PipelineConfig::from_toml_str(&cfg).unwrap();
-    let ds = shared::shard::Dataset::open(shards).unwrap();
-    let ring = RingFeed::start(
-        name,
-        &shared::ring::RingSpec::new(&pipe, ds.dataset_id(), ds.len(), 4),
-        Duration::from_secs(120),
-        None,
-    )
-    .unwrap();
-    let args = RunArgs {
-        shards: Some(shards.into()),
-        ring: name.into(),
-        config: cfg_path,
-        threads: 2,
-        slots: 4,
-        synthetic: None,
-        synthetic_work: 0,
-        hold_ms: 0,
-        rank: 0,
-        world: 1,
-        accumulate: 1,
-    };
-    let loader = std::thread::spawn(move || loader::daemon::run(&args));
+    let (ring, loader) = ring_with_loader(name, shards, &cfg, &cfg_path);
     let mut feed: Box<dyn BatchFeed> = match prefetch {
         true => Box::new(Prefetch::new(Box::new(ring), &Device::Cpu)),
         false => Box::new(ring),
