@@ -143,6 +143,9 @@ impl Prefetch {
             // Device memory the worker frees must no longer be read by the device's stream.
             let synced = self.device.synchronize();
             drop(w.ready);
+            // A worker waiting for a device slot learns that none will come back.
+            #[cfg(feature = "cuda")]
+            drop(w.returns);
             self.state = match w.handle.join() {
                 Ok(src) => State::Idle(src),
                 Err(_) => bail!("the batch prefetch thread panicked"),

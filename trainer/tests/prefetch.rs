@@ -222,3 +222,31 @@ fn a_ring_fed_run_with_prefetch_has_the_plain_runs_losses_and_weights() {
     }
     assert_eq!(checkpoint_bits(&plain), checkpoint_bits(&pre));
 }
+
+#[test]
+fn the_cli_switch_turns_prefetch_off_and_the_losses_do_not_change() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = synth_shards(tmp.path(), 2, 8, 40, 1);
+    let cfg = common::cli_config(4).write(&tmp.path().join("cfg.toml"));
+    let run = |name: &str, extra: &[&str]| {
+        let dir = tmp.path().join(name);
+        let o = common::train_command(&cfg, &shards, &dir)
+            .args(["--in-process", "--device", "cpu", "--max-steps", "5"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let recorded = std::fs::read_to_string(dir.join("config.toml")).unwrap();
+        let losses: Vec<(u64, u32)> = read_metrics(&dir.join("metrics.jsonl"))
+            .unwrap()
+            .iter()
+            .map(|m| (m.epoch, m.loss.to_bits()))
+            .collect();
+        (recorded.contains("prefetch = false"), losses)
+    };
+    let (off_recorded, off) = run("off", &["--prefetch", "false"]);
+    let (on_recorded, on) = run("on", &[]);
+    assert_eq!((off_recorded, on_recorded), (true, false));
+    assert_eq!((on.len(), on[4].0), (5, 1), "5 steps into epoch 1");
+    assert_eq!(on, off);
+}

@@ -186,18 +186,29 @@ impl Returns {
     /// goes back to the worker with the event after which candle's stream is done with it.
     pub(super) fn finish(&self, p: Pending, aug: &AugmentConfig) -> Result<FedBatch> {
         let stream = self.dev.cuda_stream();
-        stream.wait(&p.copied)?;
         let up = SlotUpload {
             slot: &p.slot,
             dev: &self.dev,
             stream: &stream,
         };
-        let fed = FedBatch::upload(p.staged, &up, aug);
-        let consumed = stream.record_event(None)?;
-        if let Err(back) = self.back.send((Some(p.slot), Some(consumed))) {
-            // The worker is gone: free the slot only once candle's stream is done with it.
-            stream.synchronize()?;
-            drop(back);
+        let fed = match stream.wait(&p.copied) {
+            Ok(()) => FedBatch::upload(p.staged, &up, aug),
+            Err(e) => Err(e.into()),
+        };
+        let kept = match stream.record_event(None) {
+            Ok(consumed) => self
+                .back
+                .send((Some(p.slot), Some(consumed)))
+                .err()
+                .map(|e| e.0),
+            Err(_) => Some((Some(p.slot), None)),
+        };
+        if let Some(slot) = kept {
+            // The worker stopped, or CUDA failed: the slot is freed here, once candle's stream
+            // is done with it.
+            let synced = stream.synchronize();
+            drop(slot);
+            synced?;
         }
         fed
     }
