@@ -138,6 +138,11 @@ impl Staged {
                 && lay.local_size == aug.local_size as usize,
             "batch crop sizes do not match [augment]"
         );
+        ensure!(
+            l == aug.n_local as usize,
+            "batch has {l} local crops, [augment] n_local = {}",
+            aug.n_local
+        );
         let sl = StageLayout::new(aug, b);
         let (pixels, rows) = buf.get(sl.pixels, sl.rows)?;
         let gn = view.global_view(0).len();
