@@ -1,7 +1,8 @@
 //! `[run] prefetch`: the prefetched feed hands out the plain feed's batches, bit for bit and in
 //! the same order (across epoch boundaries, seeks, replaced records and a failing batch), and a
 //! run trained through it — in process, or fed through the shared-memory ring — has the plain
-//! run's losses and weights bit for bit.
+//! run's losses and weights bit for bit. Built with `--features cuda` on a GPU machine, the
+//! CUDA path (page-locked staging, the copy stream and its events) is checked the same way.
 
 mod common;
 
@@ -249,4 +250,34 @@ fn the_cli_switch_turns_prefetch_off_and_the_losses_do_not_change() {
     assert_eq!((off_recorded, on_recorded), (true, false));
     assert_eq!((on.len(), on[4].0), (5, 1), "5 steps into epoch 1");
     assert_eq!(on, off);
+}
+
+/// Built with `--features cuda` on a machine with a GPU (skipped otherwise): batches copied on
+/// the prefetch's own stream are the synchronously uploaded ones, bit for bit, while candle's
+/// stream is kept busy, so that a missing wait between the two streams (or a slot refilled
+/// before candle's stream read it) would show as different bytes.
+#[cfg(feature = "cuda")]
+#[test]
+fn on_a_gpu_prefetched_batches_are_the_synchronously_uploaded_ones() {
+    use candle_core::{DType, Tensor};
+    let dev = match trainer::device::pick(trainer::device::DeviceFlag::Cuda) {
+        Ok(d) => d,
+        Err(e) => return eprintln!("SKIPPED: no CUDA GPU ({e})"),
+    };
+    let cfg = config();
+    let aug = PipelineConfig::from_toml_str(&cfg).unwrap().augment;
+    let mut pre = Prefetch::new(Box::new(synth_feed(&cfg, 10, 7, 1, 2)), &dev);
+    let busy = Tensor::ones((2048, 2048), DType::F32, &dev).unwrap();
+    let mut got = Vec::new();
+    for _ in 0..8 {
+        for _ in 0..4 {
+            busy.matmul(&busy).unwrap();
+        }
+        got.push(pre.next(&aug, &dev).unwrap());
+    }
+    let mut plain = synth_feed(&cfg, 10, 7, 1, 2);
+    for (i, fed) in got.iter().enumerate() {
+        let want = fingerprint(&plain.next(&aug, &dev).unwrap());
+        assert!(fingerprint(fed) == want, "batch {i} differs");
+    }
 }
