@@ -34,7 +34,7 @@ enum State {
     /// Not started, or stopped (by a seek, or after the source failed): the source is here.
     Idle(Box<dyn BatchSource>),
     Running(Worker),
-    /// The worker thread panicked with the source.
+    /// The worker thread panicked with the source (or it is being moved between states).
     Lost,
 }
 
@@ -107,7 +107,7 @@ impl Prefetch {
         }
     }
 
-    fn start(&mut self, source: Box<dyn BatchSource>, aug: &AugmentConfig) -> Result<Worker> {
+    fn start(&self, mut src: Box<dyn BatchSource>, aug: &AugmentConfig) -> Result<Worker> {
         // Rendezvous: the worker holds one finished batch until it is taken, so it is never
         // more than one batch ahead.
         let (tx, ready) = sync_channel(0);
@@ -116,7 +116,6 @@ impl Prefetch {
         #[cfg(not(feature = "cuda"))]
         let mut stager = Stager::Host(HostStage::default());
         let (aug, device) = (aug.clone(), self.device.clone());
-        let mut src = source;
         let handle = std::thread::Builder::new()
             .name("batch-prefetch".into())
             .spawn(move || loop {
