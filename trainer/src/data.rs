@@ -16,6 +16,7 @@
 //! loss (udi-spec §2.4) and are not materialised.
 
 use crate::config::TrainConfig;
+use crate::staging::{HostStage, StageLayout, Staged, Upload};
 use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Device, Tensor};
 use rand::Rng;
@@ -51,15 +52,9 @@ pub struct HostRows<'a> {
     pub rows: &'a dyn Fn(usize, usize) -> &'a [SrsRow],
 }
 
-/// Dense row tensors built on the host (f32), in the [`TrainBatch`] layout.
-struct DenseRows {
-    student: Vec<f32>,
-    teacher: Vec<f32>,
-    valid_g: Vec<f32>,
-    valid_l: Vec<f32>,
-}
-
-fn dense_rows(aug: &AugmentConfig, h: &HostRows) -> Result<DenseRows> {
+/// Writes the dense row tensors of `h` (f32, the [`TrainBatch`] layout) into `out`: student rows,
+/// teacher rows, valid_g, valid_l, one after the other ([`StageLayout`]).
+pub(crate) fn dense_rows(aug: &AugmentConfig, h: &HostRows, out: &mut [f32]) -> Result<()> {
     let (b_sz, l) = (h.batch_size, h.n_local);
     let n_g = aug.global_samples() as usize;
     let n_l = aug.local_samples() as usize;
@@ -72,11 +67,22 @@ fn dense_rows(aug: &AugmentConfig, h: &HostRows) -> Result<DenseRows> {
         h.n_valid.len(),
         b_sz * n_pairs
     );
+    ensure!(
+        l == aug.n_local as usize,
+        "batch has {l} local crops, [augment] n_local = {}",
+        aug.n_local
+    );
     let rt = n_g + l * n_l;
-    let mut student = vec![0f32; 2 * b_sz * n_g * ng2];
-    let mut teacher = vec![0f32; 2 * b_sz * rt * ng2];
-    let mut valid_g = vec![0f32; 2 * b_sz * n_g];
-    let mut valid_l = vec![0f32; 2 * b_sz * l * n_l];
+    let parts = StageLayout::new(aug, b_sz).row_parts;
+    ensure!(
+        out.len() == parts[3].0.end,
+        "row buffer of {} values",
+        out.len()
+    );
+    out.fill(0.0);
+    let (student, rest) = out.split_at_mut(parts[1].0.start);
+    let (teacher, rest) = rest.split_at_mut(parts[2].0.start - parts[1].0.start);
+    let (valid_g, valid_l) = rest.split_at_mut(parts[3].0.start - parts[2].0.start);
     for b in 0..b_sz {
         for p in 0..n_pairs {
             let rows = (h.rows)(b, p);
@@ -128,27 +134,17 @@ fn dense_rows(aug: &AugmentConfig, h: &HostRows) -> Result<DenseRows> {
             }
         }
     }
-    Ok(DenseRows {
-        student,
-        teacher,
-        valid_g,
-        valid_l,
-    })
+    Ok(())
 }
 
-/// Normalises uint8 HWC crops `[N, S, S, 3]` to NCHW `[N, 3, S, S]` of `dtype` on `device`
-/// (`(x/255 − mean)/std` in f32, as torchvision's ToTensor + Normalize). With `photo` (one
-/// record per crop, `[augment] photometric = "device"`), the photometric pipeline runs first,
-/// on `device`.
-pub fn normalise_u8(
-    pixels: &[u8],
-    n: usize,
-    size: usize,
-    photo: Option<&[PhotoRecord]>,
-    dtype: DType,
-    device: &Device,
-) -> Result<Tensor> {
-    let mut t = Tensor::from_slice(pixels, (n, size, size, 3), device)?.to_dtype(DType::F32)?;
+/// Normalises uint8 HWC crops `[N, S, S, 3]` (on their device) to NCHW `[N, 3, S, S]` of
+/// `dtype` (`(x/255 − mean)/std` in f32, as torchvision's ToTensor + Normalize). With `photo`
+/// (one record per crop, `[augment] photometric = "device"`), the photometric pipeline runs
+/// first, on the same device.
+pub fn normalise(pixels: &Tensor, photo: Option<&[PhotoRecord]>, dtype: DType) -> Result<Tensor> {
+    let device = pixels.device();
+    let n = pixels.dim(0)?;
+    let mut t = pixels.to_dtype(DType::F32)?;
     if let Some(records) = photo {
         ensure!(
             records.len() == n,
@@ -175,70 +171,68 @@ impl TrainBatch {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let lay = view.layout;
-        let (b, l) = (lay.batch_size, lay.n_local);
-        ensure!(
-            lay.global_size == aug.global_size as usize
-                && lay.local_size == aug.local_size as usize,
-            "batch crop sizes do not match [augment]"
-        );
-        // Photometric records in the image tensors' order (view-major, crop-major), when the
-        // loader left the pipeline to this device.
-        let pending = view.photometric_pending();
-        let photo = view.photo();
-        let records = |crop: usize| -> Vec<PhotoRecord> {
-            (0..b).map(|bb| photo[bb * (2 + l) + crop]).collect()
+        let mut buf = HostStage::default();
+        let staged = Staged::from_view(view, aug, &mut buf)?;
+        Self::from_staged(&staged, &buf.upload(device), aug, dtype)
+    }
+
+    /// Makes the batch's tensors from a staged batch: crops and rows through `up`, crops
+    /// normalised on the device they land on.
+    pub fn from_staged(
+        s: &Staged,
+        up: &dyn Upload,
+        aug: &AugmentConfig,
+        dtype: DType,
+    ) -> Result<Self> {
+        let sl = StageLayout::new(aug, s.batch_size);
+        let l = aug.n_local as usize;
+        let (g_photo, l_photo) = match &s.photo {
+            Some((g, l)) => (Some(&g[..]), Some(&l[..])),
+            None => (None, None),
         };
-        let (mut g_photo, mut l_photo) = (Vec::new(), Vec::new());
-        if pending {
-            g_photo.extend((0..2).flat_map(&records));
-            l_photo.extend((2..2 + l).flat_map(&records));
-        }
-        let mut g = Vec::with_capacity(2 * view.global_view(0).len());
-        g.extend_from_slice(view.global_view(0));
-        g.extend_from_slice(view.global_view(1));
-        let globals = normalise_u8(
-            &g,
-            2 * b,
-            lay.global_size,
-            pending.then_some(&g_photo[..]),
+        let globals = normalise(
+            &up.pixels(sl.globals.0.clone(), &sl.globals.1)?,
+            g_photo,
             dtype,
-            device,
         )?;
-        let locals = if l > 0 {
-            let mut lp = Vec::with_capacity(l * view.local_view(0).len());
-            for k in 0..l {
-                lp.extend_from_slice(view.local_view(k));
-            }
-            Some(normalise_u8(
-                &lp,
-                l * b,
-                lay.local_size,
-                pending.then_some(&l_photo[..]),
+        let locals = match l {
+            0 => None,
+            _ => Some(normalise(
+                &up.pixels(sl.locals.0.clone(), &sl.locals.1)?,
+                l_photo,
                 dtype,
-                device,
-            )?)
-        } else {
-            None
+            )?),
         };
-        let rows_fn = |bb: usize, p: usize| view.pair_rows(bb, p);
-        let host = HostRows {
-            batch_size: b,
-            n_local: l,
-            n_valid: view.n_valid(),
-            rows: &rows_fn,
-        };
-        let h = view.header();
-        Self::assemble(
-            aug,
-            &host,
+        let rows = row_tensors(sl, up, dtype)?;
+        Ok(Self::with_rows(
+            s.batch_size,
+            l,
             globals,
             locals,
-            view.labels().to_vec(),
-            dtype,
-            device,
-        )
-        .map_err(|e| anyhow::anyhow!("batch (epoch {}, batch {}): {e:#}", h.epoch, h.batch))
+            rows,
+            s.labels.clone(),
+        ))
+    }
+
+    fn with_rows(
+        batch_size: usize,
+        n_local: usize,
+        globals: Tensor,
+        locals: Option<Tensor>,
+        [student_rows, teacher_rows, valid_g, valid_l]: [Tensor; 4],
+        labels: Vec<i32>,
+    ) -> Self {
+        Self {
+            batch_size,
+            n_local,
+            globals,
+            locals,
+            student_rows,
+            teacher_rows,
+            valid_g,
+            valid_l,
+            labels,
+        }
     }
 
     /// [`Self::from_view_dtype`] in f32 (training).
@@ -256,26 +250,30 @@ impl TrainBatch {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let (b, l) = (host.batch_size, host.n_local);
-        let n_g = aug.global_samples() as usize;
-        let n_l = aug.local_samples() as usize;
-        let ng2 = (aug.global_grid() * aug.global_grid()) as usize;
-        let d = dense_rows(aug, host)?;
-        let mk = |v: Vec<f32>, shape: &[usize]| -> Result<Tensor> {
-            Ok(Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?)
+        let sl = StageLayout::new(aug, host.batch_size);
+        let mut buf = HostStage {
+            pixels: Vec::new(),
+            rows: vec![0f32; sl.rows],
         };
-        Ok(Self {
-            batch_size: b,
-            n_local: l,
+        dense_rows(aug, host, &mut buf.rows)?;
+        let rows = row_tensors(sl, &buf.upload(device), dtype)?;
+        Ok(Self::with_rows(
+            host.batch_size,
+            host.n_local,
             globals,
             locals,
-            student_rows: mk(d.student, &[2 * b, n_g, ng2])?,
-            teacher_rows: mk(d.teacher, &[2 * b, n_g + l * n_l, ng2])?,
-            valid_g: mk(d.valid_g, &[2, b, n_g])?,
-            valid_l: mk(d.valid_l, &[2, b, l, n_l])?,
+            rows,
             labels,
-        })
+        ))
     }
+}
+
+/// student_rows, teacher_rows, valid_g, valid_l from the row buffer through `up`, in `dtype`.
+fn row_tensors(sl: StageLayout, up: &dyn Upload, dtype: DType) -> Result<[Tensor; 4]> {
+    let [a, b, c, d] = sl
+        .row_parts
+        .map(|(range, shape)| up.rows(range, &shape).and_then(|t| Ok(t.to_dtype(dtype)?)));
+    Ok([a?, b?, c?, d?])
 }
 
 /// A random but well-formed sample: random pixels, random valid-row counts (including zero for

@@ -34,7 +34,8 @@ pub struct StepMetrics {
     pub centre_norm: [f32; 3],
     /// Images per second over this step (data wait included).
     pub images_per_s: f64,
-    /// Fraction of this step's wall time spent waiting for a batch.
+    /// Fraction of this step's wall time spent getting its batch: waiting for it, and copying
+    /// it out of the ring and onto the device where that is not done ahead (`[run] prefetch`).
     pub data_wait_frac: f64,
     /// Seconds since the run (or this resumed part of it) started.
     pub elapsed_s: f64,

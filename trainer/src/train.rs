@@ -62,6 +62,9 @@ pub struct RunConfig {
     /// Data-parallel training: seconds a rank waits for the others in a collective before the
     /// job stops with an error naming the missing rank (rank 0's checkpoint writes included).
     pub collective_timeout_s: f64,
+    /// Copy the next batch out of the ring and onto the device while the current step runs
+    /// (`crate::prefetch`); same batches, same order.
+    pub prefetch: bool,
 }
 
 impl Default for RunConfig {
@@ -80,6 +83,7 @@ impl Default for RunConfig {
             engine: None,
             accumulate: 1,
             collective_timeout_s: 600.0,
+            prefetch: true,
         }
     }
 }
@@ -114,10 +118,25 @@ pub struct FedBatch {
     pub epoch: u64,
     /// Batch number within the epoch.
     pub index: u64,
-    /// Time spent waiting for the batch to be ready (not converting it).
-    pub wait: Duration,
     /// The dataset index of each sample (the batch's `indices` section).
     pub indices: Vec<u64>,
+}
+
+impl FedBatch {
+    /// Makes a staged batch's tensors through `up` (f32, training).
+    pub fn upload(
+        s: crate::staging::Staged,
+        up: &dyn crate::staging::Upload,
+        aug: &AugmentConfig,
+    ) -> Result<Self> {
+        let batch = TrainBatch::from_staged(&s, up, aug, candle_core::DType::F32)?;
+        Ok(Self {
+            batch,
+            epoch: s.epoch,
+            index: s.index,
+            indices: s.indices,
+        })
+    }
 }
 
 /// Where batches come from. Batch `b` of epoch `e` is a pure function of (seed, e, b) for every
@@ -381,7 +400,10 @@ fn train_rank(
         let mut wait = Duration::ZERO;
         let mut found = Vec::new();
         let mut fetch = |m: usize| -> Result<TrainBatch> {
+            // The step waits for its batch: to be produced, copied out of the ring and uploaded.
+            let asked = Instant::now();
             let fed = feed.next(&cfg.augment, &opts.device)?;
+            wait += asked.elapsed();
             let want = in_epoch * k + m as u64;
             ensure!(
                 (fed.epoch, fed.index) == (epoch, want),
@@ -400,7 +422,6 @@ fn train_rank(
                 }
                 found.push(i);
             }
-            wait += fed.wait;
             Ok(fed.batch)
         };
         let stats = trainer

@@ -10,7 +10,7 @@ use crate::knn::KnnParams;
 use crate::knn_eval;
 use crate::loaders::find_loader_bin;
 use crate::train::{self, BatchFeed, TrainOptions};
-use crate::train_feed::{InProcessFeed, LoaderLaunch, RingFeed};
+use crate::train_feed::{BatchSource, InProcessFeed, LoaderLaunch, RingFeed};
 use crate::vit::ClassToken;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
@@ -47,6 +47,10 @@ pub struct TrainArgs {
     /// Stop after N optimiser steps in total (with a final checkpoint).
     #[arg(long)]
     pub max_steps: Option<u64>,
+    /// Copy the next batch out of the ring and onto the device while a step runs (same as
+    /// `--set run.prefetch=...`; default true).
+    #[arg(long, value_name = "BOOL")]
+    pub prefetch: Option<bool>,
     /// Gradient accumulation: per-rank batches per optimiser step (same as
     /// `--set run.accumulate=K`); the global batch is `data.batch_size` × ranks × K.
     #[arg(long)]
@@ -143,6 +147,9 @@ pub fn train_main(a: &TrainArgs) -> Result<()> {
     if let Some(k) = a.accumulate {
         overrides.push(format!("run.accumulate={k}"));
     }
+    if let Some(p) = a.prefetch {
+        overrides.push(format!("run.prefetch={p}"));
+    }
     let text = apply_overrides(&text, &overrides)?;
     let (cfg, run) = train::parse_config(&text, &a.config.display().to_string())?;
     // Data-parallel: this process's rank (torchrun / SLURM / `trainer launch` variables) and the
@@ -176,7 +183,7 @@ pub fn train_main(a: &TrainArgs) -> Result<()> {
     let ds = open()?;
     let (n, id) = (ds.len(), ds.dataset_id());
     let names = shard_record_names(open()?);
-    let mut feed: Box<dyn BatchFeed> = if a.in_process {
+    let source: Box<dyn BatchSource> = if a.in_process {
         let engine = loader::engine::CropEngine::new(cfg.augment.clone());
         let src = loader::source::DatasetSource::new(ds, engine, cfg.data.seed);
         Box::new(
@@ -234,6 +241,10 @@ pub fn train_main(a: &TrainArgs) -> Result<()> {
             )?
             .with_record_names(names),
         )
+    };
+    let mut feed: Box<dyn BatchFeed> = match run.prefetch {
+        true => Box::new(crate::prefetch::Prefetch::new(source, &dev)),
+        false => Box::new(source),
     };
     // Ctrl-C / SIGTERM: finish the step, checkpoint, stop; a second one exits at once.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));

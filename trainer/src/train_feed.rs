@@ -3,8 +3,8 @@
 //! in this process from any [`SampleSource`] (tests, and a fallback without loaders).
 
 use crate::bad_records::RecordNames;
-use crate::data::TrainBatch;
 use crate::loaders::{LoaderEvent, Supervisor};
+use crate::staging::{HostStage, StageBuf, Staged};
 use crate::train::{BatchFeed, FedBatch};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
@@ -18,6 +18,65 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// Where a feed's batches come from, one at a time, copied into staging buffers. Every source is
+/// a [`BatchFeed`] that uploads each batch when the step asks for it;
+/// [`crate::prefetch::Prefetch`] stages the next one on a thread of its own while a step runs.
+pub trait BatchSource: Send {
+    fn n_samples(&self) -> u64;
+    /// Identity of the dataset (checked on resume).
+    fn dataset_id(&self) -> u64;
+    /// The next batch staged is batch `batch` of epoch `epoch`.
+    fn seek(&mut self, epoch: u64, batch: u64) -> Result<()>;
+    /// Copies the next batch into `buf`. The source's own memory (a ring slot) is free again
+    /// when this returns.
+    fn next_staged(&mut self, aug: &AugmentConfig, buf: &mut dyn StageBuf) -> Result<Staged>;
+    /// A record's name for messages.
+    fn record_name(&self, index: u64) -> String;
+    /// Hands the record names over (to a wrapper that moves this source to another thread).
+    fn take_record_names(&mut self) -> Option<RecordNames>;
+}
+
+impl BatchSource for Box<dyn BatchSource> {
+    fn n_samples(&self) -> u64 {
+        (**self).n_samples()
+    }
+    fn dataset_id(&self) -> u64 {
+        (**self).dataset_id()
+    }
+    fn seek(&mut self, epoch: u64, batch: u64) -> Result<()> {
+        (**self).seek(epoch, batch)
+    }
+    fn next_staged(&mut self, aug: &AugmentConfig, buf: &mut dyn StageBuf) -> Result<Staged> {
+        (**self).next_staged(aug, buf)
+    }
+    fn record_name(&self, index: u64) -> String {
+        (**self).record_name(index)
+    }
+    fn take_record_names(&mut self) -> Option<RecordNames> {
+        (**self).take_record_names()
+    }
+}
+
+impl<T: BatchSource> BatchFeed for T {
+    fn n_samples(&self) -> u64 {
+        BatchSource::n_samples(self)
+    }
+    fn dataset_id(&self) -> u64 {
+        BatchSource::dataset_id(self)
+    }
+    fn seek(&mut self, epoch: u64, batch: u64) -> Result<()> {
+        BatchSource::seek(self, epoch, batch)
+    }
+    fn next(&mut self, aug: &AugmentConfig, device: &Device) -> Result<FedBatch> {
+        let mut buf = HostStage::default();
+        let staged = self.next_staged(aug, &mut buf)?;
+        FedBatch::upload(staged, &buf.upload(device), aug)
+    }
+    fn record_name(&self, index: u64) -> String {
+        BatchSource::record_name(self, index)
+    }
+}
 
 /// Batches built in this process, in the ring's order: batch b of epoch e holds the permutation
 /// entries [bB, (b+1)B) of `epoch_permutation(seed, e, n)` (the PROTOCOL's batch order).
@@ -120,7 +179,7 @@ impl InProcessFeed {
     }
 }
 
-impl BatchFeed for InProcessFeed {
+impl BatchSource for InProcessFeed {
     fn n_samples(&self) -> u64 {
         self.source.len()
     }
@@ -132,32 +191,25 @@ impl BatchFeed for InProcessFeed {
         self.batch = batch;
         Ok(())
     }
-    fn next(&mut self, aug: &AugmentConfig, device: &Device) -> Result<FedBatch> {
+    fn next_staged(&mut self, aug: &AugmentConfig, buf: &mut dyn StageBuf) -> Result<Staged> {
         let (e, b) = (self.epoch, self.batch);
-        let t0 = Instant::now();
-        let view = self.build(e, b)?;
-        let wait = t0.elapsed();
-        let indices = view.indices().to_vec();
-        let batch = TrainBatch::from_view(&view, aug, device)?;
         let bpe = self
             .slice
             .batches_per_epoch(self.source.len(), self.pipe.data.batch_size);
+        let staged = Staged::from_view(&self.build(e, b)?, aug, buf)?;
         let c = crate::train::advance(e, b, bpe);
         (self.epoch, self.batch) = (c.epoch, c.batch);
-        Ok(FedBatch {
-            batch,
-            epoch: e,
-            index: b,
-            wait,
-            indices,
-        })
+        Ok(staged)
     }
     fn record_name(&self, index: u64) -> String {
         record_name(self.names.as_ref(), index)
     }
+    fn take_record_names(&mut self) -> Option<RecordNames> {
+        self.names.take()
+    }
 }
 
-fn record_name(names: Option<&RecordNames>, index: u64) -> String {
+pub(crate) fn record_name(names: Option<&RecordNames>, index: u64) -> String {
     names.map_or_else(|| format!("sample {index}"), |f| f(index))
 }
 
@@ -368,7 +420,7 @@ impl RingFeed {
     }
 }
 
-impl BatchFeed for RingFeed {
+impl BatchSource for RingFeed {
     fn n_samples(&self) -> u64 {
         self.n_samples
     }
@@ -381,7 +433,7 @@ impl BatchFeed for RingFeed {
         }
         Ok(())
     }
-    fn next(&mut self, aug: &AugmentConfig, device: &Device) -> Result<FedBatch> {
+    fn next_staged(&mut self, aug: &AugmentConfig, buf: &mut dyn StageBuf) -> Result<Staged> {
         let t0 = Instant::now();
         loop {
             if let Some(f) = self.supervisor.as_ref().and_then(|s| s.failure()) {
@@ -390,20 +442,10 @@ impl BatchFeed for RingFeed {
             // Short waits so a loader failure is noticed while blocked on the ring.
             match self.consumer.next_batch(Duration::from_secs(2)) {
                 Ok(guard) => {
-                    let wait = t0.elapsed();
-                    let (epoch, index) = (guard.epoch(), guard.batch());
-                    let view = guard.view();
-                    let batch = TrainBatch::from_view(&view, aug, device)?;
-                    let indices = view.indices().to_vec();
+                    let staged = Staged::from_view(&guard.view(), aug, buf)?;
                     drop(guard);
                     crate::crash_point::here("batch-fed");
-                    return Ok(FedBatch {
-                        batch,
-                        epoch,
-                        index,
-                        wait,
-                        indices,
-                    });
+                    return Ok(staged);
                 }
                 Err(e) if t0.elapsed() < self.timeout && format!("{e}").contains("waited") => {
                     continue
@@ -414,5 +456,8 @@ impl BatchFeed for RingFeed {
     }
     fn record_name(&self, index: u64) -> String {
         record_name(self.names.as_ref(), index)
+    }
+    fn take_record_names(&mut self) -> Option<RecordNames> {
+        self.names.take()
     }
 }

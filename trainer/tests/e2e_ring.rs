@@ -5,15 +5,13 @@
 
 mod common;
 
-use common::{checkpoint_bits, synth_shards, train_opts, TestConfig};
-use loader::daemon::RunArgs;
+use common::{checkpoint_bits, ring_with_loader, synth_shards, train_opts, TestConfig};
 use shared::config::PipelineConfig;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 use trainer::metrics::read_metrics;
 use trainer::train::{train, BatchFeed, TrainSummary};
-use trainer::train_feed::{InProcessFeed, RingFeed};
+use trainer::train_feed::InProcessFeed;
 
 fn config() -> String {
     TestConfig::micro(9)
@@ -35,30 +33,8 @@ fn train_via_ring(
     max_steps: u64,
 ) -> TrainSummary {
     let config = config();
-    let pipe = PipelineConfig::from_toml_str(&config).unwrap();
-    let ds = shared::shard::Dataset::open(shards).unwrap();
-    assert_eq!(ds.len(), N);
-    let mut feed = RingFeed::start(
-        name,
-        &shared::ring::RingSpec::new(&pipe, ds.dataset_id(), N, 4),
-        Duration::from_secs(120),
-        None,
-    )
-    .unwrap();
-    let args = RunArgs {
-        shards: Some(shards.into()),
-        ring: name.into(),
-        config: cfg_path.into(),
-        threads: 2,
-        slots: 4,
-        synthetic: None,
-        synthetic_work: 0,
-        hold_ms: 0,
-        rank: 0,
-        world: 1,
-        accumulate: 1,
-    };
-    let loader = std::thread::spawn(move || loader::daemon::run(&args));
+    assert_eq!(shared::shard::Dataset::open(shards).unwrap().len(), N);
+    let (mut feed, loader) = ring_with_loader(name, shards, &config, cfg_path);
     let s = train(
         &train_opts(&config, dir, resume, max_steps),
         &mut feed as &mut dyn BatchFeed,

@@ -364,3 +364,40 @@ pub fn fashion_mnist_root() -> Option<std::path::PathBuf> {
         None
     }
 }
+
+/// A ring `name` for the run config `config` (written at `cfg_path`) on `shards`, with 4 slots,
+/// filled by a loader daemon on a thread (2 threads; no binaries needed). Dropping the feed
+/// closes the ring and the daemon returns.
+pub fn ring_with_loader(
+    name: &str,
+    shards: &std::path::Path,
+    config: &str,
+    cfg_path: &std::path::Path,
+) -> (
+    trainer::train_feed::RingFeed,
+    std::thread::JoinHandle<anyhow::Result<()>>,
+) {
+    let pipe = shared::config::PipelineConfig::from_toml_str(config).unwrap();
+    let ds = shared::shard::Dataset::open(shards).unwrap();
+    let feed = trainer::train_feed::RingFeed::start(
+        name,
+        &shared::ring::RingSpec::new(&pipe, ds.dataset_id(), ds.len(), 4),
+        std::time::Duration::from_secs(120),
+        None,
+    )
+    .unwrap();
+    let args = loader::daemon::RunArgs {
+        shards: Some(shards.into()),
+        ring: name.into(),
+        config: cfg_path.into(),
+        threads: 2,
+        slots: 4,
+        synthetic: None,
+        synthetic_work: 0,
+        hold_ms: 0,
+        rank: 0,
+        world: 1,
+        accumulate: 1,
+    };
+    (feed, std::thread::spawn(move || loader::daemon::run(&args)))
+}
