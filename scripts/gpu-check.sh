@@ -20,8 +20,9 @@
 #   4. speed without learning means nothing: the demo's labelled set trained on the GPU with each
 #      engine, k-NN top-1 at random init and after training; then the whole system on the GPU: `shard-tool synth` + `pack` (448-px JPEGs), `trainer train --device cuda`
 #      for E2E_STEPS steps fed by two `loader` processes over the shared-memory ring (images/s and
-#      data-wait fraction from metrics.jsonl), `trainer export`, and timm loading the export
-#      (strict) and running it;
+#      data-wait fraction from metrics.jsonl, batches prefetched on a copy stream), the same start
+#      without prefetch (first loss bit for bit, data wait side by side), `trainer export`, and
+#      timm loading the export (strict) and running it;
 #   4b. the same training through `trainer launch --gpus 1` (NCCL at world size 1): the all-reduce
 #      time per step;
 #   5. one table (bench/gpu_table.py): summary.md in the results (and $OUT/summary.md).
@@ -247,7 +248,7 @@ e2e() {
   run e2e-train "$STEP_TIMEOUT" "$BIN" train --config "$CONFIGS/udi_vit_s16_in1k.toml" \
     --shards "$d/shards" --out "$d/run" --max-steps "${E2E_STEPS:-30}" --device cuda \
     --engine "${E2E_ENGINE:-explicit}" --loader-bin .gpu/loader --loaders "${E2E_LOADERS:-2}" \
-    --threads "${E2E_THREADS:-7}"
+    --threads "${E2E_THREADS:-7}" --prefetch true
   cp "$d/run/metrics.jsonl" "$RES/e2e-metrics.jsonl" 2>/dev/null
   "$PY" - "$RES/e2e-metrics.jsonl" > "$RES/e2e-summary.txt" 2>&1 <<'PYEOF'
 import json, sys
@@ -259,6 +260,23 @@ print(f"e2e: {len(rows)} steps on CUDA fed by loader processes; steady (last {le
       f"first loss {rows[0].get('loss', float('nan')):.4f}, last loss {rows[-1].get('loss', float('nan')):.4f}")
 PYEOF
   cat "$RES/e2e-summary.txt"
+  # The same start without prefetch (batches uploaded synchronously on the training thread): the
+  # first step's loss (before any update; the forward has no atomics) must be the same bits.
+  run e2e-train-noprefetch "$STEP_TIMEOUT" "$BIN" train --config "$CONFIGS/udi_vit_s16_in1k.toml" \
+    --shards "$d/shards" --out "$d/run-noprefetch" --max-steps "${E2E_NOPREFETCH_STEPS:-10}" \
+    --device cuda --engine "${E2E_ENGINE:-explicit}" --loader-bin .gpu/loader \
+    --loaders "${E2E_LOADERS:-2}" --threads "${E2E_THREADS:-7}" --prefetch false
+  cp "$d/run-noprefetch/metrics.jsonl" "$RES/e2e-noprefetch-metrics.jsonl" 2>/dev/null
+  "$PY" - "$RES/e2e-metrics.jsonl" "$RES/e2e-noprefetch-metrics.jsonl" > "$RES/e2e-prefetch.txt" 2>&1 <<'PYEOF'
+import json, sys
+on, off = ([json.loads(l) for l in open(p) if l.strip().startswith("{")] for p in sys.argv[1:3])
+mean = lambda rows, k: sum(r.get(k, 0.0) for r in rows[len(rows) // 3:]) / max(1, len(rows) - len(rows) // 3)
+same = on[0].get("loss") == off[0].get("loss")
+print(f"prefetch on vs off: first loss {on[0].get('loss')!r} vs {off[0].get('loss')!r} "
+      f"({'same bits' if same else 'DIFFERENT'}); data wait {100 * mean(on, 'data_wait_frac'):.1f} % vs "
+      f"{100 * mean(off, 'data_wait_frac'):.1f} %, {mean(on, 'images_per_s'):.0f} vs {mean(off, 'images_per_s'):.0f} img/s")
+PYEOF
+  cat "$RES/e2e-prefetch.txt"
   ck=$(ls -d "$d"/run/checkpoints/step-* 2>/dev/null | tail -n 1)
   [ -n "$ck" ] || return
   run e2e-export 60 "$BIN" export --checkpoint "$ck" --format timm --out "$d/backbone.safetensors" || return

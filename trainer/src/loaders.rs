@@ -398,7 +398,11 @@ mod tests {
             } => assert!(*pid == first && *heartbeat_age > timeout, "{ev:?}"),
             other => panic!("expected the unregistered loader to be killed, got {other:?}"),
         }
-        assert_ne!(unsafe { libc::kill(first as i32, 0) }, 0, "pid {first} alive");
+        assert_ne!(
+            unsafe { libc::kill(first as i32, 0) },
+            0,
+            "pid {first} alive"
+        );
         // Its replacement gets its own full timeout, counted from its own start.
         let second = sup.pids()[0].unwrap();
         assert_ne!(second, first);

@@ -63,8 +63,17 @@ pub struct RunConfig {
     /// job stops with an error naming the missing rank (rank 0's checkpoint writes included).
     pub collective_timeout_s: f64,
     /// Copy the next batch out of the ring and onto the device while the current step runs
-    /// (`crate::prefetch`); same batches, same order.
-    pub prefetch: bool,
+    /// (`crate::prefetch`); same batches, same order. Default: on for the CPU; off on CUDA until
+    /// the GPU check has compared its copy-stream path with the synchronous upload
+    /// ([`RunConfig::prefetch_on`]).
+    pub prefetch: Option<bool>,
+}
+
+impl RunConfig {
+    /// `prefetch`, or its default on `device`.
+    pub fn prefetch_on(&self, device: &Device) -> bool {
+        self.prefetch.unwrap_or(!device.is_cuda())
+    }
 }
 
 impl Default for RunConfig {
@@ -83,7 +92,7 @@ impl Default for RunConfig {
             engine: None,
             accumulate: 1,
             collective_timeout_s: 600.0,
-            prefetch: true,
+            prefetch: None,
         }
     }
 }

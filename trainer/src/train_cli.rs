@@ -48,7 +48,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub max_steps: Option<u64>,
     /// Copy the next batch out of the ring and onto the device while a step runs (same as
-    /// `--set run.prefetch=...`; default true).
+    /// `--set run.prefetch=...`; default: on for the CPU, off on CUDA).
     #[arg(long, value_name = "BOOL")]
     pub prefetch: Option<bool>,
     /// Gradient accumulation: per-rank batches per optimiser step (same as
@@ -242,7 +242,7 @@ pub fn train_main(a: &TrainArgs) -> Result<()> {
             .with_record_names(names),
         )
     };
-    let mut feed: Box<dyn BatchFeed> = match run.prefetch {
+    let mut feed: Box<dyn BatchFeed> = match run.prefetch_on(&dev) {
         true => Box::new(crate::prefetch::Prefetch::new(source, &dev)),
         false => Box::new(source),
     };
