@@ -168,14 +168,27 @@ def main():
         out.append("| op | dtype | shape | fwd rel err | bwd rel err | tol | pass | composed ms | fused ms | speed-up |")
         out.append("|---|---|---|---:|---:|---:|---|---:|---:|---:|")
         for r in kc.get("results", []):
-            sp = r["composed_ms"] / r["fused_ms"] if r.get("fused_ms") else None
+            # A row whose check errored has no numbers (NaN in Rust, null in the JSON).
+            sp = r["composed_ms"] / r["fused_ms"] if r.get("fused_ms") and r.get("composed_ms") else None
             out.append(
-                f"| {r['op']} | {r['dtype']} | {r['shape']} | {r['fwd_max_rel']:.1e} | "
+                f"| {r['op']} | {r['dtype']} | {r['shape']} | {fmt(r.get('fwd_max_rel'), '.1e')} | "
                 f"{fmt(r.get('bwd_max_rel'), '.1e')} | {r['tolerance']:.1e} | {'ok' if r['pass'] else 'FAIL'} | "
-                f"{r['composed_ms']:.3f} | {r['fused_ms']:.3f} | {fmt(sp, '.2f')}× |"
+                f"{fmt(r.get('composed_ms'), '.3f')} | {fmt(r.get('fused_ms'), '.3f')} | {fmt(sp, '.2f')}× |"
             )
     else:
         out.append(f"kernel-check: no result (step status {steps.get('kernel-check', ('not run',))[0]})")
+
+    # The whole system's one-line summaries (end-to-end run, prefetch on vs off, NCCL).
+    lines = []
+    for name in ("e2e-summary.txt", "e2e-prefetch.txt", "nccl-summary.txt"):
+        try:
+            with open(os.path.join(res, name)) as f:
+                lines += [l.rstrip() for l in f if l.strip()]
+        except OSError:
+            pass
+    if lines:
+        out.append("")
+        out += [f"* {l}" for l in lines]
 
     smoke = last_json(os.path.join(res, "device-smoke.log"))
     summary["device_smoke"] = smoke
