@@ -11,8 +11,8 @@
 //!   there is no blur) runs in one more pass.
 //!
 //! A pass deinterleaves each row into planes (mirrored when the crop is flipped, so the flip
-//! costs nothing), runs its stages on the planes (vectorised; hue by the AVX2 kernel when the
-//! CPU has it), and interleaves back. A grayscale crop that is blurred is blurred as one plane
+//! costs nothing), runs its stages on the planes (vectorised; hue by the AVX-512 or AVX2 kernel
+//! when the CPU has one), and interleaves back. A grayscale crop that is blurred is blurred as one plane
 //! (R = G = B, so the three channel blurs are the same), a third of the work.
 
 use crate::photometric::{
@@ -59,9 +59,30 @@ fn solarize_v(v: u8) -> u8 {
     v.min(255 - v)
 }
 
-#[cfg(target_arch = "x86_64")]
-fn has_avx2() -> bool {
-    std::arch::is_x86_feature_detected!("avx2")
+/// The instruction sets a pass may use (each level includes the ones before it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Simd {
+    Scalar,
+    Avx2,
+    /// AVX-512 F/BW/VL/DQ: the hue kernel runs 16 pixels wide and the compiled per-value
+    /// loops use 512-bit registers.
+    Avx512,
+}
+
+impl Simd {
+    /// The widest level this CPU has.
+    pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if crate::hue_avx512::available() {
+                return Simd::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                return Simd::Avx2;
+            }
+        }
+        Simd::Scalar
+    }
 }
 
 /// The fused pipeline; `flip` mirrors the crop first (the engine's flip after resize).
@@ -73,16 +94,33 @@ pub fn apply_fused(
     flip: bool,
     sc: &mut PhotoScratch,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the CPU supports AVX2 (checked above).
-        unsafe { apply_avx2(p, img, w, h, flip, sc) };
-        return;
-    }
-    apply_impl::<false>(p, img, w, h, flip, sc);
+    apply_fused_with(Simd::detect(), p, img, w, h, flip, sc);
 }
 
-/// [`apply_fused`] without the AVX2 kernels (the path of CPUs without AVX2), for tests.
+/// [`apply_fused`] at a given level (at most [`Simd::detect`]'s: tests run every level the CPU
+/// has); the bytes are the same at every level.
+pub fn apply_fused_with(
+    simd: Simd,
+    p: &PhotoParams,
+    img: &mut [u8],
+    w: usize,
+    h: usize,
+    flip: bool,
+    sc: &mut PhotoScratch,
+) {
+    assert!(simd <= Simd::detect(), "{simd:?} is not available on this CPU");
+    match simd {
+        // SAFETY: the CPU has the level (asserted above).
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 => unsafe { apply_avx512(p, img, w, h, flip, sc) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2 => unsafe { apply_avx2(p, img, w, h, flip, sc) },
+        _ => apply_impl::<SCALAR>(p, img, w, h, flip, sc),
+    }
+}
+
+/// [`apply_fused`] without SIMD kernels (the path of CPUs without AVX2), for tests.
 pub fn apply_fused_scalar(
     p: &PhotoParams,
     img: &mut [u8],
@@ -91,8 +129,13 @@ pub fn apply_fused_scalar(
     flip: bool,
     sc: &mut PhotoScratch,
 ) {
-    apply_impl::<false>(p, img, w, h, flip, sc);
+    apply_fused_with(Simd::Scalar, p, img, w, h, flip, sc);
 }
+
+/// [`Simd`] levels as the const parameter of the passes.
+const SCALAR: u8 = 0;
+const AVX2: u8 = 1;
+const AVX512: u8 = 2;
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
@@ -104,11 +147,24 @@ unsafe fn apply_avx2(
     flip: bool,
     sc: &mut PhotoScratch,
 ) {
-    apply_impl::<true>(p, img, w, h, flip, sc);
+    apply_impl::<AVX2>(p, img, w, h, flip, sc);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512dq")]
+unsafe fn apply_avx512(
+    p: &PhotoParams,
+    img: &mut [u8],
+    w: usize,
+    h: usize,
+    flip: bool,
+    sc: &mut PhotoScratch,
+) {
+    apply_impl::<AVX512>(p, img, w, h, flip, sc);
 }
 
 #[inline(always)]
-fn apply_impl<const AVX2: bool>(
+fn apply_impl<const L: u8>(
     p: &PhotoParams,
     img: &mut [u8],
     w: usize,
@@ -133,9 +189,9 @@ fn apply_impl<const AVX2: bool>(
             let sum = if pointwise {
                 // Read-only: the mean of the image after these per-value ops; they are redone
                 // in the writing pass below (cheaper than writing twice).
-                pass::<AVX2>(img, w, h, false, &stages, Out::SumOnly, sc)
+                pass::<L>(img, w, h, false, &stages, Out::SumOnly, sc)
             } else {
-                let s = pass::<AVX2>(img, w, h, flip, &stages, Out::RgbSum, sc);
+                let s = pass::<L>(img, w, h, flip, &stages, Out::RgbSum, sc);
                 flip = false;
                 stages.clear();
                 s
@@ -154,13 +210,13 @@ fn apply_impl<const AVX2: bool>(
                 stages.push(Stage::Solarize);
             }
             if flip || !stages.is_empty() {
-                pass::<AVX2>(img, w, h, flip, &stages, Out::Rgb, sc);
+                pass::<L>(img, w, h, flip, &stages, Out::Rgb, sc);
             }
         }
         Some(sigma) if p.grayscale => {
             // All three channels equal: blur one plane, expand (and solarise) on the way back.
             stages.pop(); // the Gray stage: the pass writes the luma plane instead
-            pass::<AVX2>(img, w, h, flip, &stages, Out::Luma, sc);
+            pass::<L>(img, w, h, flip, &stages, Out::Luma, sc);
             let mut gray = std::mem::take(&mut sc.gray);
             box_blur_plane::<1>(&mut gray, w, h, sigma, &mut sc.blur, &mut sc.acc);
             if p.solarize {
@@ -173,7 +229,7 @@ fn apply_impl<const AVX2: bool>(
         }
         Some(sigma) => {
             if flip || !stages.is_empty() {
-                pass::<AVX2>(img, w, h, flip, &stages, Out::Rgb, sc);
+                pass::<L>(img, w, h, flip, &stages, Out::Rgb, sc);
             }
             box_blur_plane::<3>(img, w, h, sigma, &mut sc.blur, &mut sc.acc);
             if p.solarize {
@@ -203,7 +259,7 @@ fn luma_lane(r: u8, g: u8, b: u8) -> u32 {
 
 /// One pass over the rows; returns Σ luma when `out` asks for it.
 #[inline(always)]
-fn pass<const AVX2: bool>(
+fn pass<const L: u8>(
     img: &mut [u8],
     w: usize,
     h: usize,
@@ -226,7 +282,7 @@ fn pass<const AVX2: bool>(
     let mut sum = 0u64;
     for y in 0..h {
         let row = &mut img[y * w * 3..(y + 1) * w * 3];
-        deinterleave::<AVX2>(row, r, g, b);
+        deinterleave::<L>(row, r, g, b);
         if flip {
             for plane in [&mut *r, &mut *g, &mut *b] {
                 plane[..w].reverse();
@@ -252,7 +308,7 @@ fn pass<const AVX2: bool>(
                         *b = blend(l, *b, f);
                     }
                 }
-                Stage::Hue(shift) => hue_planes::<AVX2>(r, g, b, shift),
+                Stage::Hue(shift) => hue_planes::<L>(r, g, b, shift),
                 Stage::Gray => {
                     for ((r, g), b) in r.iter_mut().zip(g.iter_mut()).zip(b.iter_mut()) {
                         let l = luma_lane(*r, *g, *b) as u8;
@@ -272,7 +328,7 @@ fn pass<const AVX2: bool>(
         }
         match out {
             Out::SumOnly => {}
-            Out::Rgb | Out::RgbSum => interleave::<AVX2>(r, g, b, row),
+            Out::Rgb | Out::RgbSum => interleave::<L>(r, g, b, row),
             Out::Luma => {
                 let dst = &mut sc.gray[y * w..(y + 1) * w];
                 for (x, d) in dst.iter_mut().enumerate() {
@@ -286,11 +342,11 @@ fn pass<const AVX2: bool>(
 
 /// RGB row → planes (the first `row.len() / 3` entries of each).
 #[inline(always)]
-fn deinterleave<const AVX2: bool>(row: &[u8], r: &mut [u8], g: &mut [u8], b: &mut [u8]) {
+fn deinterleave<const L: u8>(row: &[u8], r: &mut [u8], g: &mut [u8], b: &mut [u8]) {
     let w = row.len() / 3;
     let mut x = 0;
     #[cfg(target_arch = "x86_64")]
-    if AVX2 {
+    if L >= AVX2 {
         while x + 16 <= w {
             // SAFETY: AVX2 (hence SSSE3) checked by the caller's dispatch; 48 bytes from
             // `row[3x..]` and 16 into each plane at `x` are in bounds (x + 16 ≤ w).
@@ -305,11 +361,11 @@ fn deinterleave<const AVX2: bool>(row: &[u8], r: &mut [u8], g: &mut [u8], b: &mu
 
 /// Planes → RGB row.
 #[inline(always)]
-fn interleave<const AVX2: bool>(r: &[u8], g: &[u8], b: &[u8], row: &mut [u8]) {
+fn interleave<const L: u8>(r: &[u8], g: &[u8], b: &[u8], row: &mut [u8]) {
     let w = row.len() / 3;
     let mut x = 0;
     #[cfg(target_arch = "x86_64")]
-    if AVX2 {
+    if L >= AVX2 {
         while x + 16 <= w {
             // SAFETY: as in `deinterleave`.
             unsafe { shuffle::interleave16(r, g, b, x, row.as_mut_ptr().add(3 * x)) };
@@ -423,10 +479,16 @@ mod shuffle {
 }
 
 #[inline(always)]
-fn hue_planes<const AVX2: bool>(r: &mut [u8], g: &mut [u8], b: &mut [u8], shift: u8) {
+fn hue_planes<const L: u8>(r: &mut [u8], g: &mut [u8], b: &mut [u8], shift: u8) {
     #[cfg(target_arch = "x86_64")]
-    if AVX2 {
-        // SAFETY: `AVX2` is true only on the path entered after the runtime AVX2 check; the
+    if L >= AVX512 {
+        // SAFETY: `L` is AVX512 only on the path entered after the runtime check.
+        unsafe { crate::hue_avx512::hue_planes(r, g, b, shift) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if L >= AVX2 {
+        // SAFETY: `L` is AVX2 or more only on the path entered after the runtime AVX2 check; the
         // planes have equal lengths, a multiple of 8.
         unsafe { crate::hue_simd::hue_planes(r, g, b, shift) };
         return;

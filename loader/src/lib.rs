@@ -4,7 +4,8 @@
 //! * [`decode`]: JPEG (libjpeg-turbo), PNG and raw-zstd records to RGB8.
 //! * [`crops`]: crop geometry (random-resized-crop, overlap-constrained crop, reference box).
 //! * [`photometric`]: colour jitter, grayscale, blur, solarise with PIL semantics, in uint8;
-//!   [`fused`] runs them in few passes, [`hue_simd`] holds the AVX2 hue kernel.
+//!   [`fused`] runs them in few passes, [`hue_simd`] / [`hue_avx512`] hold the AVX2 / AVX-512
+//!   hue kernels.
 //! * [`srs`]: SRS masks and the cross-view projection rows.
 //! * [`resample`]: Pillow's antialiased bicubic resize, bit for bit (AVX2 and scalar);
 //!   [`pillow`] runs real Pillow (pinned, in a venv) for the bench baseline and the tests.
@@ -32,6 +33,8 @@ pub mod engine;
 pub mod fast_resize;
 pub mod folder;
 pub mod fused;
+#[cfg(target_arch = "x86_64")]
+pub mod hue_avx512;
 #[cfg(target_arch = "x86_64")]
 pub mod hue_simd;
 pub mod photometric;

@@ -338,17 +338,20 @@ pub fn hsv_to_rgb(h: u8, s: u8, v: u8) -> (u8, u8, u8) {
 /// Lookup tables for [`rgb_to_hsv`] without per-pixel divisions. Pillow's float expressions
 /// depend only on `cr = max − min`, on which channel is the max and which the min, and on the
 /// remaining difference `d = max − mid`; the tables hold Pillow's exact results per key.
-struct HsvTables {
+///
+/// Both tables end with 3 spare bytes, so that a SIMD gather may read a 4-byte word at any
+/// entry.
+pub(crate) struct HsvTables {
     /// `[case][cr][d]` → uh, case = 2·(max channel) + (min is the later of the other two).
-    hue: Vec<u8>,
+    pub(crate) hue: Vec<u8>,
     /// `[max][cr]` → us.
-    sat: Vec<u8>,
+    pub(crate) sat: Vec<u8>,
 }
 
-fn hsv_tables() -> &'static HsvTables {
+pub(crate) fn hsv_tables() -> &'static HsvTables {
     static T: std::sync::OnceLock<HsvTables> = std::sync::OnceLock::new();
     T.get_or_init(|| {
-        let mut hue = vec![0u8; 6 * 256 * 256];
+        let mut hue = vec![0u8; 6 * 256 * 256 + 3];
         for case in 0..6usize {
             for cr in 1..256usize {
                 for d in 0..=cr {
@@ -365,7 +368,7 @@ fn hsv_tables() -> &'static HsvTables {
                 }
             }
         }
-        let mut sat = vec![0u8; 256 * 256];
+        let mut sat = vec![0u8; 256 * 256 + 3];
         for mx in 1..256usize {
             for cr in 0..=mx {
                 sat[mx * 256 + cr] = ((cr as f32 / mx as f32) as f64 * 255.0) as u8;
@@ -415,13 +418,13 @@ pub const HSV_PICK: [[u8; 3]; 6] = [
 
 /// Per-`h` and per-`s` values of Pillow's `hsv2rgb` (`i = floor(6h/255) % 6`, `f`, `fs`), so
 /// the per-pixel work has no division and no branch.
-struct RgbTables {
+pub(crate) struct RgbTables {
     sector: [u8; 256],
-    f: [f32; 256],
+    pub(crate) f: [f32; 256],
     fs: [f32; 256],
 }
 
-fn rgb_tables() -> &'static RgbTables {
+pub(crate) fn rgb_tables() -> &'static RgbTables {
     static T: std::sync::OnceLock<RgbTables> = std::sync::OnceLock::new();
     T.get_or_init(|| {
         let mut t = RgbTables {
