@@ -12,8 +12,9 @@
 //!
 //! A pass deinterleaves each row into planes (mirrored when the crop is flipped, so the flip
 //! costs nothing), runs its stages on the planes (vectorised; hue by the AVX-512 or AVX2 kernel
-//! when the CPU has one), and interleaves back. A grayscale crop that is blurred is blurred as one plane
-//! (R = G = B, so the three channel blurs are the same), a third of the work.
+//! when the CPU has one), and interleaves back. A crop that is blurred is blurred as planes (the
+//! blur treats each channel on its own), interleaved after the blur; a grayscale one as a single
+//! plane (R = G = B, so the three channel blurs are the same), a third of the work.
 
 use crate::photometric::{
     blend, box_blur_plane, contrast_mean, hsv_to_rgb_fast, rgb_to_hsv_fast, JitterOp, PhotoParams,
@@ -25,7 +26,8 @@ pub struct PhotoScratch {
     r: Vec<u8>,
     g: Vec<u8>,
     b: Vec<u8>,
-    gray: Vec<u8>,
+    /// Whole-crop planes: the luma plane of a gray crop, or the three channels, to be blurred.
+    planes: [Vec<u8>; 3],
     pub(crate) blur: Vec<u8>,
     pub(crate) acc: Vec<u32>,
 }
@@ -217,7 +219,7 @@ fn apply_impl<const L: u8>(
             // All three channels equal: blur one plane, expand (and solarise) on the way back.
             stages.pop(); // the Gray stage: the pass writes the luma plane instead
             pass::<L>(img, w, h, flip, &stages, Out::Luma, sc);
-            let mut gray = std::mem::take(&mut sc.gray);
+            let mut gray = std::mem::take(&mut sc.planes[0]);
             box_blur_plane::<1>(&mut gray, w, h, sigma, &mut sc.blur, &mut sc.acc);
             if p.solarize {
                 gray.iter_mut().for_each(|v| *v = solarize_v(*v));
@@ -225,16 +227,25 @@ fn apply_impl<const L: u8>(
             for (px, &l) in img.chunks_exact_mut(3).zip(&gray) {
                 px.fill(l);
             }
-            sc.gray = gray;
+            sc.planes[0] = gray;
         }
         Some(sigma) => {
-            if flip || !stages.is_empty() {
-                pass::<L>(img, w, h, flip, &stages, Out::Rgb, sc);
+            // Each channel is blurred on its own: blur the planes the pass leaves (byte planes
+            // transpose faster than RGB), solarise and interleave them on the way back.
+            pass::<L>(img, w, h, flip, &stages, Out::Planes, sc);
+            let mut planes = std::mem::take(&mut sc.planes);
+            for plane in &mut planes {
+                box_blur_plane::<1>(plane, w, h, sigma, &mut sc.blur, &mut sc.acc);
+                if p.solarize {
+                    plane.iter_mut().for_each(|v| *v = solarize_v(*v));
+                }
             }
-            box_blur_plane::<3>(img, w, h, sigma, &mut sc.blur, &mut sc.acc);
-            if p.solarize {
-                img.iter_mut().for_each(|v| *v = solarize_v(*v));
+            let [r, g, b] = &planes;
+            for (y, row) in img.chunks_exact_mut(3 * w).enumerate() {
+                let at = y * w..(y + 1) * w;
+                interleave::<L>(&r[at.clone()], &g[at.clone()], &b[at], row);
             }
+            sc.planes = planes;
         }
     }
 }
@@ -248,8 +259,10 @@ enum Out {
     Rgb,
     /// The pixels, and Σ luma of them.
     RgbSum,
-    /// The luma of the staged pixels into `scratch.gray` (a `w × h` plane).
+    /// The luma of the staged pixels into `scratch.planes[0]` (a `w × h` plane).
     Luma,
+    /// The pixels into `scratch.planes` (three `w × h` planes).
+    Planes,
 }
 
 #[inline(always)]
@@ -274,9 +287,16 @@ fn pass<const L: u8>(
         v.clear();
         v.resize(wp, 0);
     }
-    if out == Out::Luma {
-        sc.gray.clear();
-        sc.gray.resize(w * h, 0);
+    let planes = match out {
+        Out::Luma => 1,
+        Out::Planes => 3,
+        _ => 0,
+    };
+    for plane in &mut sc.planes[..planes] {
+        // Every byte is written below: grow only, never clear.
+        if plane.len() != w * h {
+            plane.resize(w * h, 0);
+        }
     }
     let (r, g, b) = (&mut sc.r[..], &mut sc.g[..], &mut sc.b[..]);
     let mut sum = 0u64;
@@ -329,8 +349,13 @@ fn pass<const L: u8>(
         match out {
             Out::SumOnly => {}
             Out::Rgb | Out::RgbSum => interleave::<L>(r, g, b, row),
+            Out::Planes => {
+                for (plane, src) in sc.planes.iter_mut().zip([&*r, &*g, &*b]) {
+                    plane[y * w..(y + 1) * w].copy_from_slice(&src[..w]);
+                }
+            }
             Out::Luma => {
-                let dst = &mut sc.gray[y * w..(y + 1) * w];
+                let dst = &mut sc.planes[0][y * w..(y + 1) * w];
                 for (x, d) in dst.iter_mut().enumerate() {
                     *d = luma_lane(r[x], g[x], b[x]) as u8;
                 }

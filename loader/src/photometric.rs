@@ -730,14 +730,31 @@ fn vertical_box_pass_generic(
 /// Transposes an image of `w × h` pixels of `C` bytes into `dst` of `h × w`, in tiles so both
 /// sides stay in cache. Within a tile each destination row is written in order, so 3-byte pixels
 /// move as 4-byte words: the extra byte lands on the next pixel, written right after (or by a
-/// later tile); only a destination row's last pixel is copied byte-wise.
+/// later tile); only a destination row's last pixel is copied byte-wise. One-byte pixels go
+/// through [`transpose_bytes`] instead.
 fn transpose<const C: usize>(src: &[u8], dst: &mut [u8], w: usize, h: usize) {
-    const T: usize = 16;
     assert!(src.len() >= w * h * C && dst.len() >= w * h * C);
-    for y0 in (0..h).step_by(T) {
-        let y1 = (y0 + T).min(h);
-        for x0 in (0..w).step_by(T) {
-            for x in x0..(x0 + T).min(w) {
+    #[cfg(target_arch = "x86_64")]
+    if C == 1 {
+        return transpose_bytes(src, dst, w, h);
+    }
+    transpose_tiles::<C>(src, dst, w, h, 0..w, 0..h);
+}
+
+/// [`transpose`] of the pixels in columns `xs` and rows `ys` only.
+fn transpose_tiles<const C: usize>(
+    src: &[u8],
+    dst: &mut [u8],
+    w: usize,
+    h: usize,
+    xs: std::ops::Range<usize>,
+    ys: std::ops::Range<usize>,
+) {
+    const T: usize = 16;
+    for y0 in ys.clone().step_by(T) {
+        let y1 = (y0 + T).min(ys.end);
+        for x0 in xs.clone().step_by(T) {
+            for x in x0..(x0 + T).min(xs.end) {
                 for y in y0..y1 {
                     let s = (y * w + x) * C;
                     let d = (x * h + y) * C;
@@ -751,6 +768,65 @@ fn transpose<const C: usize>(src: &[u8], dst: &mut [u8], w: usize, h: usize) {
             }
         }
     }
+}
+
+/// [`transpose`] of a one-byte-per-pixel plane: 16 × 16 blocks by the SSE2 unpack network
+/// (4 rounds of 16 unpacks), the ragged right and bottom edges pixel by pixel.
+#[cfg(target_arch = "x86_64")]
+fn transpose_bytes(src: &[u8], dst: &mut [u8], w: usize, h: usize) {
+    use std::arch::x86_64::*;
+    let (wb, hb) = (w / 16 * 16, h / 16 * 16);
+    for y0 in (0..hb).step_by(16) {
+        for x0 in (0..wb).step_by(16) {
+            // SAFETY: SSE2 is part of x86_64; rows y0..y0+16 and columns x0..x0+16 lie inside
+            // the w × h source, and the same block transposed inside the h × w destination.
+            unsafe {
+                let r: [__m128i; 16] = std::array::from_fn(|i| {
+                    _mm_loadu_si128(src.as_ptr().add((y0 + i) * w + x0) as *const __m128i)
+                });
+                // Rows 2i, 2i+1 → byte pairs; columns 0–7 in t[2i], 8–15 in t[2i+1].
+                let t: [__m128i; 16] = std::array::from_fn(|k| {
+                    let (a, b) = (r[k & !1], r[k | 1]);
+                    if k % 2 == 0 {
+                        _mm_unpacklo_epi8(a, b)
+                    } else {
+                        _mm_unpackhi_epi8(a, b)
+                    }
+                });
+                // Rows 4j..4j+4 → columns of 4 bytes; u[4j + m] holds columns 4m..4m+4.
+                let u: [__m128i; 16] = std::array::from_fn(|k| {
+                    let (j, m) = (k / 4, k % 4);
+                    let (a, b) = (t[4 * j + m / 2], t[4 * j + 2 + m / 2]);
+                    if m % 2 == 0 {
+                        _mm_unpacklo_epi16(a, b)
+                    } else {
+                        _mm_unpackhi_epi16(a, b)
+                    }
+                });
+                // Rows 8k..8k+8 → columns of 8 bytes; v[8k + n] holds columns 2n, 2n + 1.
+                let v: [__m128i; 16] = std::array::from_fn(|q| {
+                    let (k, n) = (q / 8, q % 8);
+                    let (a, b) = (u[8 * k + n / 2], u[8 * k + 4 + n / 2]);
+                    if n % 2 == 0 {
+                        _mm_unpacklo_epi32(a, b)
+                    } else {
+                        _mm_unpackhi_epi32(a, b)
+                    }
+                });
+                for c in 0..16 {
+                    let (a, b) = (v[c / 2], v[8 + c / 2]);
+                    let col = if c % 2 == 0 {
+                        _mm_unpacklo_epi64(a, b)
+                    } else {
+                        _mm_unpackhi_epi64(a, b)
+                    };
+                    _mm_storeu_si128(dst.as_mut_ptr().add((x0 + c) * h + y0) as *mut __m128i, col);
+                }
+            }
+        }
+    }
+    transpose_tiles::<1>(src, dst, w, h, wb..w, 0..h);
+    transpose_tiles::<1>(src, dst, w, h, 0..wb, hb..h);
 }
 
 /// Pillow `GaussianBlur(radius = sigma)` on an RGB image of `w × h`, in place.
@@ -797,6 +873,27 @@ pub fn box_blur_plane<const C: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The SSE2 byte transpose gives the pixel-by-pixel transpose, on sizes below, at and off
+    /// multiples of the 16 × 16 block, and transposing twice is the identity.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn byte_transpose_equals_the_pixel_transpose() {
+        use rand::SeedableRng;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        for (w, h) in [(1, 1), (16, 16), (15, 17), (17, 15), (32, 48), (96, 96), (224, 37)] {
+            let src: Vec<u8> = (0..w * h).map(|_| rng.random()).collect();
+            let (mut a, mut b) = (vec![0u8; w * h], vec![1u8; w * h]);
+            transpose_bytes(&src, &mut a, w, h);
+            transpose_tiles::<1>(&src, &mut b, w, h, 0..w, 0..h);
+            assert!(a == b, "{w}x{h}");
+            for x in 0..w {
+                for y in 0..h {
+                    assert_eq!(a[x * h + y], src[y * w + x], "{w}x{h} at ({x}, {y})");
+                }
+            }
+        }
+    }
 
     /// The AVX2 box pass (16-column blocks, u16 sums, split weights) gives the generic pass's
     /// bytes: saturated and random values, strides below, at and off multiples of 16, heights

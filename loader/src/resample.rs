@@ -321,22 +321,20 @@ impl Resampler {
                     let first = tv.bounds[0].0 as usize;
                     let (ls, ln) = tv.bounds[size - 1];
                     let last = (ls + ln) as usize;
-                    tmp.clear();
-                    tmp.resize((last - first) * row_out, 0);
-                    horizontal(avx2, src, first..last, &th, &mut tmp, row_out);
+                    let tmp = grown(&mut tmp, (last - first) * row_out);
+                    horizontal(avx2, src, first..last, &th, tmp, row_out);
                     let mid = View {
-                        data: &tmp,
+                        data: &*tmp,
                         offset: 0,
                         stride: row_out,
                     };
                     vertical(avx2, mid, first, row_out, &tv, dst, row_out);
                 } else {
                     let row_mid = cw as usize * 3;
-                    tmp.clear();
-                    tmp.resize(size * row_mid, 0);
-                    vertical(avx2, src, 0, row_mid, &tv, &mut tmp, row_mid);
+                    let tmp = grown(&mut tmp, size * row_mid);
+                    vertical(avx2, src, 0, row_mid, &tv, tmp, row_mid);
                     let mid = View {
-                        data: &tmp,
+                        data: &*tmp,
                         offset: 0,
                         stride: row_mid,
                     };
@@ -346,6 +344,15 @@ impl Resampler {
         }
         self.tmp = tmp;
     }
+}
+
+/// The first `n` bytes of `buf`, grown if needed (never cleared: every pass writes all the
+/// bytes it later reads).
+fn grown(buf: &mut Vec<u8>, n: usize) -> &mut [u8] {
+    if buf.len() < n {
+        buf.resize(n, 0);
+    }
+    &mut buf[..n]
 }
 
 /// Horizontal pass: source rows `rows` (of `src`) → consecutive rows of `dst`, `dst_stride`
