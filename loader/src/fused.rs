@@ -16,6 +16,7 @@
 //! blur treats each channel on its own), interleaved after the blur; a grayscale one as a single
 //! plane (R = G = B, so the three channel blurs are the same), a third of the work.
 
+pub use crate::simd::Simd;
 use crate::photometric::{
     blend, box_blur_plane, contrast_mean, hsv_to_rgb_fast, rgb_to_hsv_fast, JitterOp, PhotoParams,
 };
@@ -59,32 +60,6 @@ fn jitter_stage(op: JitterOp) -> Stage {
 #[inline(always)]
 fn solarize_v(v: u8) -> u8 {
     v.min(255 - v)
-}
-
-/// The instruction sets a pass may use (each level includes the ones before it).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Simd {
-    Scalar,
-    Avx2,
-    /// AVX-512 F/BW/VL/DQ: the hue kernel runs 16 pixels wide and the compiled per-value
-    /// loops use 512-bit registers.
-    Avx512,
-}
-
-impl Simd {
-    /// The widest level this CPU has.
-    pub fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if crate::hue_avx512::available() {
-                return Simd::Avx512;
-            }
-            if std::arch::is_x86_feature_detected!("avx2") {
-                return Simd::Avx2;
-            }
-        }
-        Simd::Scalar
-    }
 }
 
 /// The fused pipeline; `flip` mirrors the crop first (the engine's flip after resize).

@@ -4,19 +4,11 @@
 //! division and no f64; the backward half gathers `f` per `h` and evaluates `p`, `q`, `t` in f32
 //! as the AVX2 kernel does ([`crate::hue_simd`]). Checked against
 //! the scalar reference on all 2^24 inputs of each half by `tests/photometric_fused.rs`.
-//! Callers check [`available`] first.
+//! Callers check [`crate::simd::Simd::detect`] first.
 
 #![cfg(target_arch = "x86_64")]
 
 use std::arch::x86_64::*;
-
-/// Whether the CPU has the AVX-512 subsets these kernels use.
-pub fn available() -> bool {
-    is_x86_feature_detected!("avx512f")
-        && is_x86_feature_detected!("avx512bw")
-        && is_x86_feature_detected!("avx512vl")
-        && is_x86_feature_detected!("avx512dq")
-}
 
 /// 16 bytes (or the first `n` of them) at `p` as i32 lanes.
 #[inline(always)]
@@ -155,7 +147,7 @@ unsafe fn planes16(
 /// HSV round trip.
 ///
 /// # Safety
-/// The CPU must have the subsets of [`available`].
+/// The CPU must have [`crate::simd::Simd::Avx512`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
 pub unsafe fn hue_planes(r: &mut [u8], g: &mut [u8], b: &mut [u8], shift: u8) {
     let sh = _mm512_set1_epi32(shift as i32);

@@ -7,12 +7,13 @@
 //!   [`fused`] runs them in few passes, [`hue_simd`] / [`hue_avx512`] hold the AVX2 / AVX-512
 //!   hue kernels.
 //! * [`srs`]: SRS masks and the cross-view projection rows.
-//! * [`resample`]: Pillow's antialiased bicubic resize, bit for bit (AVX2 and scalar);
+//! * [`resample`]: Pillow's antialiased bicubic resize, bit for bit (AVX-512, AVX2 and scalar);
 //!   [`pillow`] runs real Pillow (pinned, in a venv) for the bench baseline and the tests.
 //! * [`engine`]: [`engine::CropEngine`] ties them together into a [`shared::geometry::Sample`];
 //!   [`fast_resize`] is the opt-in `resize = "fast"` path.
 //! * [`source`]: [`source::DatasetSource`], the [`shared::geometry::SampleSource`] over records.
 //! * [`folder`]: an in-memory record set from a folder of image files (tests, bench, preview).
+//! * [`simd`]: the CPU's SIMD level, as the kernels with several variants dispatch on it.
 //! * [`bench`], [`preview`]: the `loader bench` / `loader preview` subcommands.
 //! * [`produce`]: batch assembly; [`daemon`]: `loader run` / `loader status`;
 //!   [`ring_tools`]: `loader tap`, `loader bench-ring`.
@@ -42,6 +43,7 @@ pub mod pillow;
 pub mod preview;
 pub mod produce;
 pub mod resample;
+pub mod simd;
 pub mod ring_tools;
 pub mod source;
 pub mod srs;

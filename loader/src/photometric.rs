@@ -593,12 +593,80 @@ fn vertical_box_pass(
     acc: &mut Vec<u32>,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked above).
-        unsafe { vertical_box_pass_avx2(src, dst, stride, h, bw, acc) };
-        return;
+    match crate::simd::Simd::detect() {
+        // SAFETY: the CPU supports AVX-512 F/BW (part of the detected level).
+        crate::simd::Simd::Avx512 => unsafe {
+            vertical_box_pass_avx512(src, dst, stride, h, bw, acc)
+        },
+        // SAFETY: the CPU supports AVX2.
+        crate::simd::Simd::Avx2 => unsafe {
+            vertical_box_pass_avx2(src, dst, stride, h, bw, acc)
+        },
+        crate::simd::Simd::Scalar => vertical_box_pass_generic(src, dst, stride, h, bw, acc),
     }
+    #[cfg(not(target_arch = "x86_64"))]
     vertical_box_pass_generic(src, dst, stride, h, bw, acc);
+}
+
+/// [`vertical_box_pass_avx2`] on 32 columns at a time (the same arithmetic, twice the lanes).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn vertical_box_pass_avx512(
+    src: &[u8],
+    dst: &mut [u8],
+    stride: usize,
+    h: usize,
+    bw: BoxWeights,
+    acc: &mut Vec<u32>,
+) {
+    use std::arch::x86_64::*;
+    let r = bw.radius as isize;
+    if 2 * r + 1 > 128 {
+        return vertical_box_pass_generic(src, dst, stride, h, bw, acc);
+    }
+    let main = stride / 32 * 32;
+    assert!(src.len() >= stride * h && dst.len() >= stride * h);
+    let last = h as isize - 1;
+    let rowf = |y: isize| y.clamp(0, last) as usize * stride;
+    acc.clear();
+    acc.resize(main.div_ceil(2), 0);
+    let a16 = acc.as_mut_ptr() as *mut u16;
+    let sp = src.as_ptr();
+    let ld = |o: usize| _mm512_cvtepu8_epi16(_mm256_loadu_si256(sp.add(o) as *const __m256i));
+    for c in (0..main).step_by(32) {
+        let mut a = _mm512_setzero_si512();
+        for k in -r - 1..r {
+            a = _mm512_add_epi16(a, ld(rowf(k) + c));
+        }
+        _mm512_storeu_si512(a16.add(c) as *mut _, a);
+    }
+    let split = |k: u32| ((k & 0x7fff) as i32, (k >> 15) as i32);
+    let ((wl, wh), (fl, fh)) = (split(bw.ww), split(bw.fw));
+    let kl = _mm512_set1_epi32(wl | fl << 16);
+    let kh = _mm512_set1_epi32(wh | fh << 16);
+    let round = _mm512_set1_epi32(1 << 23);
+    for y in 0..h as isize {
+        let (add, sub, far) = (rowf(y + r), rowf(y - r - 1), rowf(y + r + 1));
+        let out = dst.as_mut_ptr().add(y as usize * stride);
+        for c in (0..main).step_by(32) {
+            let ap = a16.add(c);
+            let su = ld(sub + c);
+            let s = _mm512_loadu_si512(ap as *const _);
+            let s = _mm512_sub_epi16(_mm512_add_epi16(s, ld(add + c)), su);
+            _mm512_storeu_si512(ap as *mut _, s);
+            let t = _mm512_add_epi16(su, ld(far + c));
+            let v = [_mm512_unpacklo_epi16(s, t), _mm512_unpackhi_epi16(s, t)].map(|p| {
+                let lo = _mm512_madd_epi16(p, kl);
+                let hi = _mm512_madd_epi16(p, kh);
+                let sum = _mm512_add_epi32(_mm512_slli_epi32::<15>(hi), lo);
+                _mm512_srli_epi32::<24>(_mm512_add_epi32(sum, round))
+            });
+            // In-lane unpacks and packs cancel: the words come back in column order.
+            let b = _mm512_cvtusepi16_epi8(_mm512_packus_epi32(v[0], v[1]));
+            _mm256_storeu_si256(out.add(c) as *mut __m256i, b);
+        }
+    }
+    box_columns(src, dst, stride, h, bw, main..stride);
 }
 
 /// 16 columns at a time. The window sum `s ≤ 255·(2r + 1)` and the far pair `t ≤ 510` fit i16,
@@ -895,12 +963,12 @@ mod tests {
         }
     }
 
-    /// The AVX2 box pass (16-column blocks, u16 sums, split weights) gives the generic pass's
+    /// The AVX2 and AVX-512 box passes (16- and 32-column blocks, u16 sums, split weights) give the generic pass's
     /// bytes: saturated and random values, strides below, at and off multiples of 16, heights
     /// shorter than the window, radii from the recipe's σ range and beyond it.
     #[test]
     #[cfg(target_arch = "x86_64")]
-    fn avx2_box_pass_equals_the_generic_pass() {
+    fn simd_box_passes_equal_the_generic_pass() {
         if !std::arch::is_x86_feature_detected!("avx2") {
             return;
         }
@@ -909,7 +977,7 @@ mod tests {
         let mut acc = Vec::new();
         for sigma in [0.1f32, 0.7, 1.3, 2.0, 5.0, 40.0] {
             let bw = BoxWeights::new(box_radius(sigma, 3));
-            for (stride, h) in [(3, 5), (16, 1), (17, 2), (48, 9), (100, 31), (288, 40)] {
+            for (stride, h) in [(3, 5), (16, 1), (17, 2), (48, 9), (100, 31), (288, 40), (96, 96)] {
                 let src: Vec<u8> = (0..stride * h)
                     .map(|_| match rng.random_range(0..3) {
                         0 => 255,
@@ -922,6 +990,12 @@ mod tests {
                 unsafe { vertical_box_pass_avx2(&src, &mut a, stride, h, bw, &mut acc) };
                 vertical_box_pass_generic(&src, &mut b, stride, h, bw, &mut acc);
                 assert!(a == b, "sigma {sigma}, stride {stride}, h {h}");
+                if crate::simd::Simd::detect() == crate::simd::Simd::Avx512 {
+                    let mut c = vec![2u8; src.len()];
+                    // SAFETY: AVX-512 F/BW are part of the detected level.
+                    unsafe { vertical_box_pass_avx512(&src, &mut c, stride, h, bw, &mut acc) };
+                    assert!(c == b, "AVX-512: sigma {sigma}, stride {stride}, h {h}");
+                }
             }
         }
     }
