@@ -34,8 +34,9 @@ pub struct PhotoScratch {
 }
 
 /// One per-pixel step of a pass. Brightness, contrast and solarise are per-value functions;
-/// they are evaluated arithmetically (vectorised) rather than by table look-up, which on
-/// planar rows is several times slower than the SIMD blend.
+/// they are evaluated arithmetically (vectorised), or at the AVX-512 level composed into one
+/// table per run of them (a 64-byte permute applies it; a scalar table look-up would be slower
+/// than the SIMD blend).
 #[derive(Clone, Copy, Debug)]
 enum Stage {
     /// `blend(base, v, factor)` on every channel (brightness: base 0; contrast: base the mean).
@@ -45,6 +46,41 @@ enum Stage {
     /// Hue shift as the uint8 added to H.
     Hue(u8),
     Gray,
+    /// A composition of per-value stages.
+    Lut([u8; 256]),
+}
+
+impl Stage {
+    /// The stage's function of one value, if it is per-value.
+    fn per_value(&self, v: u8) -> Option<u8> {
+        match *self {
+            Stage::Blend(base, f) => Some(blend(base, v, f)),
+            Stage::Solarize => Some(solarize_v(v)),
+            Stage::Lut(ref t) => Some(t[v as usize]),
+            _ => None,
+        }
+    }
+}
+
+/// `stages` with each run of per-value stages composed into one [`Stage::Lut`].
+fn tabulate(stages: &[Stage]) -> Vec<Stage> {
+    let mut out: Vec<Stage> = Vec::with_capacity(stages.len());
+    for st in stages {
+        if st.per_value(0).is_none() {
+            out.push(*st);
+            continue;
+        }
+        let prev = match out.last() {
+            Some(Stage::Lut(t)) => *t,
+            _ => std::array::from_fn(|v| v as u8),
+        };
+        let next = Stage::Lut(prev.map(|v| st.per_value(v).expect("per-value")));
+        match out.last_mut() {
+            Some(last @ Stage::Lut(_)) => *last = next,
+            _ => out.push(next),
+        }
+    }
+    out
 }
 
 fn jitter_stage(op: JitterOp) -> Stage {
@@ -128,7 +164,7 @@ unsafe fn apply_avx2(
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512dq")]
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi")]
 unsafe fn apply_avx512(
     p: &PhotoParams,
     img: &mut [u8],
@@ -274,6 +310,13 @@ fn pass<const L: u8>(
         }
     }
     let (r, g, b) = (&mut sc.r[..], &mut sc.g[..], &mut sc.b[..]);
+    let tabulated;
+    let stages = if L >= AVX512 {
+        tabulated = tabulate(stages);
+        &tabulated[..]
+    } else {
+        stages
+    };
     let mut sum = 0u64;
     for y in 0..h {
         let row = &mut img[y * w * 3..(y + 1) * w * 3];
@@ -285,6 +328,11 @@ fn pass<const L: u8>(
         }
         for st in stages {
             match *st {
+                Stage::Lut(ref t) => {
+                    for plane in [&mut *r, &mut *g, &mut *b] {
+                        lookup::<L>(plane, t);
+                    }
+                }
                 Stage::Blend(base, f) => {
                     for plane in [&mut *r, &mut *g, &mut *b] {
                         plane.iter_mut().for_each(|v| *v = blend(base, *v, f));
@@ -295,6 +343,11 @@ fn pass<const L: u8>(
                         plane.iter_mut().for_each(|v| *v = solarize_v(*v));
                     }
                 }
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `L` is AVX512 only on the path entered after the runtime check.
+                Stage::Saturation(f) if L >= AVX512 => unsafe {
+                    crate::planes_avx512::saturation(r, g, b, f)
+                },
                 Stage::Saturation(f) => {
                     for ((r, g), b) in r.iter_mut().zip(g.iter_mut()).zip(b.iter_mut()) {
                         let l = luma_lane(*r, *g, *b) as u8;
@@ -340,11 +393,31 @@ fn pass<const L: u8>(
     sum
 }
 
+/// `v = t[v]` over a plane.
+#[inline(always)]
+fn lookup<const L: u8>(plane: &mut [u8], t: &[u8; 256]) {
+    #[cfg(target_arch = "x86_64")]
+    if L >= AVX512 {
+        // SAFETY: `L` is AVX512 only on the path entered after the runtime check.
+        unsafe { crate::planes_avx512::lookup(plane, t) };
+        return;
+    }
+    plane.iter_mut().for_each(|v| *v = t[*v as usize]);
+}
+
 /// RGB row → planes (the first `row.len() / 3` entries of each).
 #[inline(always)]
 fn deinterleave<const L: u8>(row: &[u8], r: &mut [u8], g: &mut [u8], b: &mut [u8]) {
     let w = row.len() / 3;
     let mut x = 0;
+    #[cfg(target_arch = "x86_64")]
+    if L >= AVX512 {
+        while x + 64 <= w {
+            // SAFETY: AVX-512 VBMI checked by the caller's dispatch; x + 64 ≤ w.
+            unsafe { crate::planes_avx512::deinterleave64(row, r, g, b, x) };
+            x += 64;
+        }
+    }
     #[cfg(target_arch = "x86_64")]
     if L >= AVX2 {
         while x + 16 <= w {
@@ -364,6 +437,14 @@ fn deinterleave<const L: u8>(row: &[u8], r: &mut [u8], g: &mut [u8], b: &mut [u8
 fn interleave<const L: u8>(r: &[u8], g: &[u8], b: &[u8], row: &mut [u8]) {
     let w = row.len() / 3;
     let mut x = 0;
+    #[cfg(target_arch = "x86_64")]
+    if L >= AVX512 {
+        while x + 64 <= w {
+            // SAFETY: as in `deinterleave`.
+            unsafe { crate::planes_avx512::interleave64(r, g, b, x, row) };
+            x += 64;
+        }
+    }
     #[cfg(target_arch = "x86_64")]
     if L >= AVX2 {
         while x + 16 <= w {

@@ -5,7 +5,7 @@
 //! * [`crops`]: crop geometry (random-resized-crop, overlap-constrained crop, reference box).
 //! * [`photometric`]: colour jitter, grayscale, blur, solarise with PIL semantics, in uint8;
 //!   [`fused`] runs them in few passes, [`hue_simd`] / [`hue_avx512`] hold the AVX2 / AVX-512
-//!   hue kernels.
+//!   hue kernels, [`planes_avx512`] the AVX-512 plane shuffles and tables of the passes.
 //! * [`srs`]: SRS masks and the cross-view projection rows.
 //! * [`resample`]: Pillow's antialiased bicubic resize, bit for bit (AVX-512, AVX2 and scalar);
 //!   [`pillow`] runs real Pillow (pinned, in a venv) for the bench baseline and the tests.
@@ -39,6 +39,8 @@ pub mod hue_avx512;
 #[cfg(target_arch = "x86_64")]
 pub mod hue_simd;
 pub mod photometric;
+#[cfg(target_arch = "x86_64")]
+pub mod planes_avx512;
 pub mod pillow;
 pub mod preview;
 pub mod produce;

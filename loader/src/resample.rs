@@ -609,11 +609,11 @@ mod kernels {
             let p = _mm512_inserti32x4::<3>(p, load16::<CHECKED>(src, at[3]));
             let a = _mm512_shuffle_epi8(p, spread_a);
             let b = _mm512_shuffle_epi8(p, spread_b);
-            let [w0, w1, w2, w3] = kg.each_ref().map(|w| _mm512_loadu_si512(w.as_ptr() as *const _));
-            lo = _mm512_dpwssd_epi32(lo, a, w0);
-            hi = _mm512_dpwssd_epi32(hi, a, w1);
-            lo = _mm512_dpwssd_epi32(lo, b, w2);
-            hi = _mm512_dpwssd_epi32(hi, b, w3);
+            let w = kg.as_ptr();
+            lo = _mm512_dpwssd_epi32(lo, a, _mm512_loadu_si512(w as *const _));
+            hi = _mm512_dpwssd_epi32(hi, a, _mm512_loadu_si512(w.add(1) as *const _));
+            lo = _mm512_dpwssd_epi32(lo, b, _mm512_loadu_si512(w.add(2) as *const _));
+            hi = _mm512_dpwssd_epi32(hi, b, _mm512_loadu_si512(w.add(3) as *const _));
             for a in &mut at {
                 *a += 12;
             }

@@ -6,7 +6,7 @@
 pub enum Simd {
     Scalar,
     Avx2,
-    /// AVX-512 F/BW/VL/DQ and VNNI.
+    /// AVX-512 F/BW/VL/DQ, VNNI and VBMI (Ice Lake and later, Zen 4 and later).
     Avx512,
 }
 
@@ -17,7 +17,7 @@ impl Simd {
         {
             use std::arch::is_x86_feature_detected as has;
             let avx512 = has!("avx512f") && has!("avx512bw") && has!("avx512vl");
-            if avx512 && has!("avx512dq") && has!("avx512vnni") {
+            if avx512 && has!("avx512dq") && has!("avx512vnni") && has!("avx512vbmi") {
                 return Simd::Avx512;
             }
             if has!("avx2") {
