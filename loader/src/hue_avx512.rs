@@ -10,6 +10,8 @@
 
 use std::arch::x86_64::*;
 
+use crate::photometric::{hsv_tables, rgb_tables, HsvTables, RgbTables};
+
 /// 16 bytes (or the first `n` of them) at `p` as i32 lanes.
 #[inline(always)]
 unsafe fn load16(p: *const u8, n: usize) -> __m512i {
@@ -35,8 +37,7 @@ fn tail(n: usize) -> __mmask16 {
 /// Pillow rgb2hsv for 16 pixels (i32 lanes in 0..=255), by the tables of
 /// [`crate::photometric::rgb_to_hsv_fast`] (gathered, no division and no f64 here).
 #[inline(always)]
-unsafe fn rgb_to_hsv16(r: __m512i, g: __m512i, b: __m512i) -> (__m512i, __m512i, __m512i) {
-    let t = crate::photometric::hsv_tables();
+unsafe fn rgb_to_hsv16(t: &HsvTables, r: __m512i, g: __m512i, b: __m512i) -> [__m512i; 3] {
     let mx = _mm512_max_epi32(r, _mm512_max_epi32(g, b));
     let mn = _mm512_min_epi32(r, _mm512_min_epi32(g, b));
     let cr = _mm512_sub_epi32(mx, mn);
@@ -58,7 +59,7 @@ unsafe fn rgb_to_hsv16(r: __m512i, g: __m512i, b: __m512i) -> (__m512i, __m512i,
     // 4-byte reads at byte offsets: the tables carry 3 spare bytes at the end.
     let uh = _mm512_and_si512(_mm512_i32gather_epi32::<1>(hi, t.hue.as_ptr() as *const i32), byte);
     let us = _mm512_and_si512(_mm512_i32gather_epi32::<1>(si, t.sat.as_ptr() as *const i32), byte);
-    (uh, us, mx)
+    [uh, us, mx]
 }
 
 /// `if_r` where `r_max`, else `if_g` where `g_max`, else `other`.
@@ -91,10 +92,10 @@ unsafe fn pick(pk: __m512i, sec: __m512i, tab: [i32; 6]) -> __m512i {
 
 /// Pillow hsv2rgb for 16 pixels (`p`, `q`, `t` in f32, as in the AVX2 kernel).
 #[inline(always)]
-unsafe fn hsv_to_rgb16(h: __m512i, s: __m512i, v: __m512i) -> (__m512i, __m512i, __m512i) {
+unsafe fn hsv_to_rgb16(t: &RgbTables, h: __m512i, s: __m512i, v: __m512i) -> [__m512i; 3] {
     // f = float(6h/255 − i) from the table; i = floor(6h/255) as (x + 1 + x/256)/256 of
     // x = 6h (exact for x < 2^16).
-    let f = _mm512_i32gather_ps::<4>(h, crate::photometric::rgb_tables().f.as_ptr());
+    let f = _mm512_i32gather_ps::<4>(h, t.f.as_ptr());
     let x = _mm512_mullo_epi32(h, _mm512_set1_epi32(6));
     let i = _mm512_srli_epi32::<8>(_mm512_add_epi32(
         _mm512_add_epi32(x, _mm512_set1_epi32(1)),
@@ -116,11 +117,11 @@ unsafe fn hsv_to_rgb16(h: __m512i, s: __m512i, v: __m512i) -> (__m512i, __m512i,
         _mm512_or_si512(v, _mm512_slli_epi32::<8>(t)),
         _mm512_or_si512(_mm512_slli_epi32::<16>(p), _mm512_slli_epi32::<24>(q)),
     );
-    (
+    [
         pick(pk, sec, [0, 24, 16, 16, 8, 0]),
         pick(pk, sec, [8, 0, 0, 24, 16, 16]),
         pick(pk, sec, [16, 16, 8, 0, 0, 24]),
-    )
+    ]
 }
 
 /// Applies `f` to 16 pixels of three equal-length planes at a time, in place.
@@ -129,14 +130,14 @@ unsafe fn planes16(
     a: &mut [u8],
     b: &mut [u8],
     c: &mut [u8],
-    f: impl Fn(__m512i, __m512i, __m512i) -> (__m512i, __m512i, __m512i),
+    f: impl Fn(__m512i, __m512i, __m512i) -> [__m512i; 3],
 ) {
     let n = a.len();
     assert!(b.len() == n && c.len() == n);
     let (a, b, c) = (a.as_mut_ptr(), b.as_mut_ptr(), c.as_mut_ptr());
     for k in (0..n).step_by(16) {
         let m = n - k;
-        let (x, y, z) = f(load16(a.add(k), m), load16(b.add(k), m), load16(c.add(k), m));
+        let [x, y, z] = f(load16(a.add(k), m), load16(b.add(k), m), load16(c.add(k), m));
         store16(a.add(k), x, m);
         store16(b.add(k), y, m);
         store16(c.add(k), z, m);
@@ -152,9 +153,10 @@ unsafe fn planes16(
 pub unsafe fn hue_planes(r: &mut [u8], g: &mut [u8], b: &mut [u8], shift: u8) {
     let sh = _mm512_set1_epi32(shift as i32);
     let m = _mm512_set1_epi32(255);
+    let (ht, rt) = (hsv_tables(), rgb_tables());
     planes16(r, g, b, |r, g, b| {
-        let (h, s, v) = rgb_to_hsv16(r, g, b);
-        hsv_to_rgb16(_mm512_and_si512(_mm512_add_epi32(h, sh), m), s, v)
+        let [h, s, v] = rgb_to_hsv16(ht, r, g, b);
+        hsv_to_rgb16(rt, _mm512_and_si512(_mm512_add_epi32(h, sh), m), s, v)
     });
 }
 
@@ -164,7 +166,8 @@ pub unsafe fn hue_planes(r: &mut [u8], g: &mut [u8], b: &mut [u8], shift: u8) {
 /// As [`hue_planes`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
 pub unsafe fn rgb_to_hsv_planes(r: &mut [u8], g: &mut [u8], b: &mut [u8]) {
-    planes16(r, g, b, |r, g, b| rgb_to_hsv16(r, g, b));
+    let t = hsv_tables();
+    planes16(r, g, b, |r, g, b| rgb_to_hsv16(t, r, g, b));
 }
 
 /// Pillow `hsv2rgb` on planar rows, in place; for tests.
@@ -173,5 +176,6 @@ pub unsafe fn rgb_to_hsv_planes(r: &mut [u8], g: &mut [u8], b: &mut [u8]) {
 /// As [`hue_planes`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
 pub unsafe fn hsv_to_rgb_planes(h: &mut [u8], s: &mut [u8], v: &mut [u8]) {
-    planes16(h, s, v, |h, s, v| hsv_to_rgb16(h, s, v));
+    let t = rgb_tables();
+    planes16(h, s, v, |h, s, v| hsv_to_rgb16(t, h, s, v));
 }
