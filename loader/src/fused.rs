@@ -16,10 +16,10 @@
 //! blur treats each channel on its own), interleaved after the blur; a grayscale one as a single
 //! plane (R = G = B, so the three channel blurs are the same), a third of the work.
 
-pub use crate::simd::Simd;
 use crate::photometric::{
     blend, box_blur_plane, contrast_mean, hsv_to_rgb_fast, rgb_to_hsv_fast, JitterOp, PhotoParams,
 };
+pub use crate::simd::Simd;
 
 /// Buffers reused across crops (one per worker thread).
 #[derive(Clone, Debug, Default)]
@@ -38,6 +38,7 @@ pub struct PhotoScratch {
 /// table per run of them (a 64-byte permute applies it; a scalar table look-up would be slower
 /// than the SIMD blend).
 #[derive(Clone, Copy, Debug)]
+#[allow(clippy::large_enum_variant)] // a handful per pass, on the stack: boxing would allocate
 enum Stage {
     /// `blend(base, v, factor)` on every channel (brightness: base 0; contrast: base the mean).
     Blend(u8, f32),
@@ -121,7 +122,10 @@ pub fn apply_fused_with(
     flip: bool,
     sc: &mut PhotoScratch,
 ) {
-    assert!(simd <= Simd::detect(), "{simd:?} is not available on this CPU");
+    assert!(
+        simd <= Simd::detect(),
+        "{simd:?} is not available on this CPU"
+    );
     match simd {
         // SAFETY: the CPU has the level (asserted above).
         #[cfg(target_arch = "x86_64")]

@@ -33,7 +33,6 @@ fn tail(n: usize) -> __mmask16 {
     }
 }
 
-
 /// Pillow rgb2hsv for 16 pixels (i32 lanes in 0..=255), by the tables of
 /// [`crate::photometric::rgb_to_hsv_fast`] (gathered, no division and no f64 here).
 #[inline(always)]
@@ -44,9 +43,16 @@ unsafe fn rgb_to_hsv16(t: &HsvTables, r: __m512i, g: __m512i, b: __m512i) -> [__
     let r_max = _mm512_cmpeq_epi32_mask(r, mx);
     let g_max = !r_max & _mm512_cmpeq_epi32_mask(g, mx);
     // case = 2·(max channel) + 1 unless the min is the first of the other two channels.
-    let min_first = (r_max & _mm512_cmpeq_epi32_mask(g, mn)) | (!r_max & _mm512_cmpeq_epi32_mask(r, mn));
+    let min_first =
+        (r_max & _mm512_cmpeq_epi32_mask(g, mn)) | (!r_max & _mm512_cmpeq_epi32_mask(r, mn));
     let case = _mm512_add_epi32(
-        select(r_max, g_max, _mm512_setzero_si512(), _mm512_set1_epi32(2), _mm512_set1_epi32(4)),
+        select(
+            r_max,
+            g_max,
+            _mm512_setzero_si512(),
+            _mm512_set1_epi32(2),
+            _mm512_set1_epi32(4),
+        ),
         _mm512_mask_mov_epi32(_mm512_set1_epi32(1), min_first, _mm512_setzero_si512()),
     );
     // d = max − mid, mid = r + g + b − max − min.
@@ -57,8 +63,14 @@ unsafe fn rgb_to_hsv16(t: &HsvTables, r: __m512i, g: __m512i, b: __m512i) -> [__
     let si = _mm512_add_epi32(_mm512_slli_epi32::<8>(mx), cr);
     let byte = _mm512_set1_epi32(255);
     // 4-byte reads at byte offsets: the tables carry 3 spare bytes at the end.
-    let uh = _mm512_and_si512(_mm512_i32gather_epi32::<1>(hi, t.hue.as_ptr() as *const i32), byte);
-    let us = _mm512_and_si512(_mm512_i32gather_epi32::<1>(si, t.sat.as_ptr() as *const i32), byte);
+    let uh = _mm512_and_si512(
+        _mm512_i32gather_epi32::<1>(hi, t.hue.as_ptr() as *const i32),
+        byte,
+    );
+    let us = _mm512_and_si512(
+        _mm512_i32gather_epi32::<1>(si, t.sat.as_ptr() as *const i32),
+        byte,
+    );
     [uh, us, mx]
 }
 
@@ -137,7 +149,11 @@ unsafe fn planes16(
     let (a, b, c) = (a.as_mut_ptr(), b.as_mut_ptr(), c.as_mut_ptr());
     for k in (0..n).step_by(16) {
         let m = n - k;
-        let [x, y, z] = f(load16(a.add(k), m), load16(b.add(k), m), load16(c.add(k), m));
+        let [x, y, z] = f(
+            load16(a.add(k), m),
+            load16(b.add(k), m),
+            load16(c.add(k), m),
+        );
         store16(a.add(k), x, m);
         store16(b.add(k), y, m);
         store16(c.add(k), z, m);

@@ -39,13 +39,13 @@ pub mod hue_avx512;
 #[cfg(target_arch = "x86_64")]
 pub mod hue_simd;
 pub mod photometric;
+pub mod pillow;
 #[cfg(target_arch = "x86_64")]
 pub mod planes_avx512;
-pub mod pillow;
 pub mod preview;
 pub mod produce;
 pub mod resample;
-pub mod simd;
 pub mod ring_tools;
+pub mod simd;
 pub mod source;
 pub mod srs;

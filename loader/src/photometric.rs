@@ -567,6 +567,15 @@ pub struct BoxWeights {
 }
 
 impl BoxWeights {
+    /// `(ww, fw)` split as `hi·2¹⁵ + lo` into the i16 pairs `(lo_ww, lo_fw)` and
+    /// `(hi_ww, hi_fw)`, packed in an i32 each, as the SIMD passes' `madd`s take them.
+    #[cfg(target_arch = "x86_64")]
+    fn packed_pairs(self) -> (i32, i32) {
+        let split = |k: u32| ((k & 0x7fff) as i32, (k >> 15) as i32);
+        let ((wl, wh), (fl, fh)) = (split(self.ww), split(self.fw));
+        (wl | fl << 16, wh | fh << 16)
+    }
+
     pub fn new(float_radius: f32) -> Self {
         let radius = float_radius as i32;
         let ww = ((1u32 << 24) as f32 / (float_radius * 2.0 + 1.0)) as u32;
@@ -599,9 +608,7 @@ fn vertical_box_pass(
             vertical_box_pass_avx512(src, dst, stride, h, bw, acc)
         },
         // SAFETY: the CPU supports AVX2.
-        crate::simd::Simd::Avx2 => unsafe {
-            vertical_box_pass_avx2(src, dst, stride, h, bw, acc)
-        },
+        crate::simd::Simd::Avx2 => unsafe { vertical_box_pass_avx2(src, dst, stride, h, bw, acc) },
         crate::simd::Simd::Scalar => vertical_box_pass_generic(src, dst, stride, h, bw, acc),
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -640,10 +647,8 @@ unsafe fn vertical_box_pass_avx512(
         }
         _mm512_storeu_si512(a16.add(c) as *mut _, a);
     }
-    let split = |k: u32| ((k & 0x7fff) as i32, (k >> 15) as i32);
-    let ((wl, wh), (fl, fh)) = (split(bw.ww), split(bw.fw));
-    let kl = _mm512_set1_epi32(wl | fl << 16);
-    let kh = _mm512_set1_epi32(wh | fh << 16);
+    let (kl, kh) = bw.packed_pairs();
+    let (kl, kh) = (_mm512_set1_epi32(kl), _mm512_set1_epi32(kh));
     let round = _mm512_set1_epi32(1 << 23);
     for y in 0..h as isize {
         let (add, sub, far) = (rowf(y + r), rowf(y - r - 1), rowf(y + r + 1));
@@ -707,10 +712,8 @@ unsafe fn vertical_box_pass_avx2(
         }
         _mm256_storeu_si256(a16.add(c) as *mut __m256i, a);
     }
-    let split = |k: u32| ((k & 0x7fff) as i32, (k >> 15) as i32);
-    let ((wl, wh), (fl, fh)) = (split(bw.ww), split(bw.fw));
-    let kl = _mm256_set1_epi32(wl | fl << 16);
-    let kh = _mm256_set1_epi32(wh | fh << 16);
+    let (kl, kh) = bw.packed_pairs();
+    let (kl, kh) = (_mm256_set1_epi32(kl), _mm256_set1_epi32(kh));
     let round = _mm256_set1_epi32(1 << 23);
     for y in 0..h as isize {
         let (add, sub, far) = (rowf(y + r), rowf(y - r - 1), rowf(y + r + 1));
@@ -949,7 +952,15 @@ mod tests {
     fn byte_transpose_equals_the_pixel_transpose() {
         use rand::SeedableRng;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-        for (w, h) in [(1, 1), (16, 16), (15, 17), (17, 15), (32, 48), (96, 96), (224, 37)] {
+        for (w, h) in [
+            (1, 1),
+            (16, 16),
+            (15, 17),
+            (17, 15),
+            (32, 48),
+            (96, 96),
+            (224, 37),
+        ] {
             let src: Vec<u8> = (0..w * h).map(|_| rng.random()).collect();
             let (mut a, mut b) = (vec![0u8; w * h], vec![1u8; w * h]);
             transpose_bytes(&src, &mut a, w, h);
@@ -977,7 +988,15 @@ mod tests {
         let mut acc = Vec::new();
         for sigma in [0.1f32, 0.7, 1.3, 2.0, 5.0, 40.0] {
             let bw = BoxWeights::new(box_radius(sigma, 3));
-            for (stride, h) in [(3, 5), (16, 1), (17, 2), (48, 9), (100, 31), (288, 40), (96, 96)] {
+            for (stride, h) in [
+                (3, 5),
+                (16, 1),
+                (17, 2),
+                (48, 9),
+                (100, 31),
+                (288, 40),
+                (96, 96),
+            ] {
                 let src: Vec<u8> = (0..stride * h)
                     .map(|_| match rng.random_range(0..3) {
                         0 => 255,

@@ -13,19 +13,21 @@ struct Step {
     lanes: u64,
 }
 
+const NO_STEPS: [Step; 2] = [
+    Step {
+        idx: [0; 64],
+        lanes: 0,
+    },
+    Step {
+        idx: [0; 64],
+        lanes: 0,
+    },
+];
+
 /// Plane `c` from 192 RGB bytes: lane `i` takes byte `3i + c`, from the first two registers
 /// (index < 128) or the third (index − 128).
 const fn de_steps(c: usize) -> [Step; 2] {
-    let mut s = [
-        Step {
-            idx: [0; 64],
-            lanes: 0,
-        },
-        Step {
-            idx: [0; 64],
-            lanes: 0,
-        },
-    ];
+    let mut s = NO_STEPS;
     let mut i = 0;
     while i < 64 {
         let q = 3 * i + c;
@@ -40,16 +42,7 @@ const fn de_steps(c: usize) -> [Step; 2] {
 /// RGB bytes `64·block ..` from three planes: byte `q` is channel `q % 3` of pixel `q / 3`,
 /// from r and g (index + 64 for g) in the first step, from b in the second.
 const fn in_steps(block: usize) -> [Step; 2] {
-    let mut s = [
-        Step {
-            idx: [0; 64],
-            lanes: 0,
-        },
-        Step {
-            idx: [0; 64],
-            lanes: 0,
-        },
-    ];
+    let mut s = NO_STEPS;
     let mut j = 0;
     while j < 64 {
         let q = 64 * block + j;
@@ -151,11 +144,7 @@ pub unsafe fn saturation(r: &mut [u8], g: &mut [u8], b: &mut [u8], f: f32) {
         _mm512_set1_ps(f),
     );
     for k in (0..n).step_by(16) {
-        let m: __mmask16 = if n - k >= 16 {
-            !0
-        } else {
-            (1 << (n - k)) - 1
-        };
+        let m: __mmask16 = if n - k >= 16 { !0 } else { (1 << (n - k)) - 1 };
         let p = [r.as_mut_ptr(), g.as_mut_ptr(), b.as_mut_ptr()].map(|p| p.add(k) as *mut i8);
         let rf = load16(m, p[0]);
         let gf = load16(m, p[1]);

@@ -276,7 +276,10 @@ impl Resampler {
         dst: &mut [u8],
         size: usize,
     ) {
-        assert!(simd <= Simd::detect(), "{simd:?} is not available on this CPU");
+        assert!(
+            simd <= Simd::detect(),
+            "{simd:?} is not available on this CPU"
+        );
         let out = size as u32;
         assert_eq!(dst.len(), size * size * 3, "destination matches the size");
         assert!(
@@ -544,7 +547,11 @@ mod kernels {
             let v = _mm256_packs_epi32(v01, v23);
             let v = _mm256_packus_epi16(v, v);
             let v = _mm256_permutevar8x32_epi32(v, order);
-            store_quad(line, quad, _mm_shuffle_epi8(_mm256_castsi256_si128(v), compact));
+            store_quad(
+                line,
+                quad,
+                _mm_shuffle_epi8(_mm256_castsi256_si128(v), compact),
+            );
         }
     }
 

@@ -92,7 +92,10 @@ fn fused_pipeline_equals_the_reference_ops() {
         for simd in levels() {
             let mut got = img.clone();
             apply_fused_with(simd, &p, &mut got, w, h, flip, &mut scratch);
-            assert_eq!(got, want, "case {case} ({simd:?}): {w}x{h} flip {flip} {p:?}");
+            assert_eq!(
+                got, want,
+                "case {case} ({simd:?}): {w}x{h} flip {flip} {p:?}"
+            );
         }
         // The three plan shapes around contrast, and gray + blur, are all exercised.
         let ci = p
@@ -178,10 +181,20 @@ fn hue_kernels() -> Vec<(&'static str, Planes, Planes, HueOp)> {
     use loader::{hue_avx512 as k512, hue_simd as k2};
     let mut out: Vec<(&'static str, Planes, Planes, HueOp)> = Vec::new();
     if Simd::detect() >= Simd::Avx2 {
-        out.push(("avx2", k2::rgb_to_hsv_planes, k2::hsv_to_rgb_planes, k2::hue_planes));
+        out.push((
+            "avx2",
+            k2::rgb_to_hsv_planes,
+            k2::hsv_to_rgb_planes,
+            k2::hue_planes,
+        ));
     }
     if Simd::detect() >= Simd::Avx512 {
-        out.push(("avx512", k512::rgb_to_hsv_planes, k512::hsv_to_rgb_planes, k512::hue_planes));
+        out.push((
+            "avx512",
+            k512::rgb_to_hsv_planes,
+            k512::hsv_to_rgb_planes,
+            k512::hue_planes,
+        ));
     }
     if out.is_empty() {
         eprintln!("no AVX2 on this CPU: no SIMD hue kernel is used, nothing to check");
