@@ -19,10 +19,10 @@
 //! So a coefficient table depends only on (crop extent, output size), and [`Resampler`] caches
 //! the tables.
 //!
-//! The AVX2 kernels are exact integer arithmetic too: each 23-bit weight is split as
-//! `hi·2¹⁵ + lo` (both fit i16) so that `madd_epi16` can multiply pixel pairs by it; the two
-//! partial sums recombine with wrapping i32 adds, which equal the true sum because that sum fits
-//! i32 (as Pillow's own accumulator does).
+//! The SIMD kernels (AVX2; AVX-512 with VNNI's fused `dpwssd`) are exact integer arithmetic
+//! too: each 23-bit weight is split as `hi·2¹⁵ + lo` (both fit i16) so that `madd_epi16` can
+//! multiply pixel pairs by it; the two partial sums recombine with wrapping i32 adds, which equal
+//! the true sum because that sum fits i32 (as Pillow's own accumulator does).
 
 use std::collections::HashMap;
 use std::rc::Rc;
