@@ -122,7 +122,14 @@ fn main() {
     let mut out = bufs.clone();
     let t = Instant::now();
     for ((k, meta, size, _), buf) in crops.iter().zip(out.iter_mut()) {
-        resample.resize_using(false, &imgs[*k], meta, order, buf, *size);
+        resample.resize_using(
+            loader::simd::Simd::Scalar,
+            &imgs[*k],
+            meta,
+            order,
+            buf,
+            *size,
+        );
     }
     println!(
         "resize pillow, scalar    {:7.3} ms/img  identical: {}",

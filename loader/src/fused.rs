@@ -11,13 +11,15 @@
 //!   there is no blur) runs in one more pass.
 //!
 //! A pass deinterleaves each row into planes (mirrored when the crop is flipped, so the flip
-//! costs nothing), runs its stages on the planes (vectorised; hue by the AVX2 kernel when the
-//! CPU has it), and interleaves back. A grayscale crop that is blurred is blurred as one plane
-//! (R = G = B, so the three channel blurs are the same), a third of the work.
+//! costs nothing), runs its stages on the planes (vectorised; hue by the AVX-512 or AVX2 kernel
+//! when the CPU has one), and interleaves back. A crop that is blurred is blurred as planes (the
+//! blur treats each channel on its own), interleaved after the blur; a grayscale one as a single
+//! plane (R = G = B, so the three channel blurs are the same), a third of the work.
 
 use crate::photometric::{
     blend, box_blur_plane, contrast_mean, hsv_to_rgb_fast, rgb_to_hsv_fast, JitterOp, PhotoParams,
 };
+pub use crate::simd::Simd;
 
 /// Buffers reused across crops (one per worker thread).
 #[derive(Clone, Debug, Default)]
@@ -25,15 +27,18 @@ pub struct PhotoScratch {
     r: Vec<u8>,
     g: Vec<u8>,
     b: Vec<u8>,
-    gray: Vec<u8>,
+    /// Whole-crop planes: the luma plane of a gray crop, or the three channels, to be blurred.
+    planes: [Vec<u8>; 3],
     pub(crate) blur: Vec<u8>,
     pub(crate) acc: Vec<u32>,
 }
 
 /// One per-pixel step of a pass. Brightness, contrast and solarise are per-value functions;
-/// they are evaluated arithmetically (vectorised) rather than by table look-up, which on
-/// planar rows is several times slower than the SIMD blend.
+/// they are evaluated arithmetically (vectorised), or at the AVX-512 level composed into one
+/// table per run of them (a 64-byte permute applies it; a scalar table look-up would be slower
+/// than the SIMD blend).
 #[derive(Clone, Copy, Debug)]
+#[allow(clippy::large_enum_variant)] // a handful per pass, on the stack: boxing would allocate
 enum Stage {
     /// `blend(base, v, factor)` on every channel (brightness: base 0; contrast: base the mean).
     Blend(u8, f32),
@@ -42,6 +47,41 @@ enum Stage {
     /// Hue shift as the uint8 added to H.
     Hue(u8),
     Gray,
+    /// A composition of per-value stages.
+    Lut([u8; 256]),
+}
+
+impl Stage {
+    /// The stage's function of one value, if it is per-value.
+    fn per_value(&self, v: u8) -> Option<u8> {
+        match *self {
+            Stage::Blend(base, f) => Some(blend(base, v, f)),
+            Stage::Solarize => Some(solarize_v(v)),
+            Stage::Lut(ref t) => Some(t[v as usize]),
+            _ => None,
+        }
+    }
+}
+
+/// `stages` with each run of per-value stages composed into one [`Stage::Lut`].
+fn tabulate(stages: &[Stage]) -> Vec<Stage> {
+    let mut out: Vec<Stage> = Vec::with_capacity(stages.len());
+    for st in stages {
+        if st.per_value(0).is_none() {
+            out.push(*st);
+            continue;
+        }
+        let prev = match out.last() {
+            Some(Stage::Lut(t)) => *t,
+            _ => std::array::from_fn(|v| v as u8),
+        };
+        let next = Stage::Lut(prev.map(|v| st.per_value(v).expect("per-value")));
+        match out.last_mut() {
+            Some(last @ Stage::Lut(_)) => *last = next,
+            _ => out.push(next),
+        }
+    }
+    out
 }
 
 fn jitter_stage(op: JitterOp) -> Stage {
@@ -59,11 +99,6 @@ fn solarize_v(v: u8) -> u8 {
     v.min(255 - v)
 }
 
-#[cfg(target_arch = "x86_64")]
-fn has_avx2() -> bool {
-    std::arch::is_x86_feature_detected!("avx2")
-}
-
 /// The fused pipeline; `flip` mirrors the crop first (the engine's flip after resize).
 pub fn apply_fused(
     p: &PhotoParams,
@@ -73,16 +108,36 @@ pub fn apply_fused(
     flip: bool,
     sc: &mut PhotoScratch,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the CPU supports AVX2 (checked above).
-        unsafe { apply_avx2(p, img, w, h, flip, sc) };
-        return;
-    }
-    apply_impl::<false>(p, img, w, h, flip, sc);
+    apply_fused_with(Simd::detect(), p, img, w, h, flip, sc);
 }
 
-/// [`apply_fused`] without the AVX2 kernels (the path of CPUs without AVX2), for tests.
+/// [`apply_fused`] at a given level (at most [`Simd::detect`]'s: tests run every level the CPU
+/// has); the bytes are the same at every level.
+pub fn apply_fused_with(
+    simd: Simd,
+    p: &PhotoParams,
+    img: &mut [u8],
+    w: usize,
+    h: usize,
+    flip: bool,
+    sc: &mut PhotoScratch,
+) {
+    assert!(
+        simd <= Simd::detect(),
+        "{simd:?} is not available on this CPU"
+    );
+    match simd {
+        // SAFETY: the CPU has the level (asserted above).
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 => unsafe { apply_avx512(p, img, w, h, flip, sc) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2 => unsafe { apply_avx2(p, img, w, h, flip, sc) },
+        _ => apply_impl::<SCALAR>(p, img, w, h, flip, sc),
+    }
+}
+
+/// [`apply_fused`] without SIMD kernels (the path of CPUs without AVX2), for tests.
 pub fn apply_fused_scalar(
     p: &PhotoParams,
     img: &mut [u8],
@@ -91,8 +146,13 @@ pub fn apply_fused_scalar(
     flip: bool,
     sc: &mut PhotoScratch,
 ) {
-    apply_impl::<false>(p, img, w, h, flip, sc);
+    apply_fused_with(Simd::Scalar, p, img, w, h, flip, sc);
 }
+
+/// [`Simd`] levels as the const parameter of the passes.
+const SCALAR: u8 = 0;
+const AVX2: u8 = 1;
+const AVX512: u8 = 2;
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
@@ -104,11 +164,24 @@ unsafe fn apply_avx2(
     flip: bool,
     sc: &mut PhotoScratch,
 ) {
-    apply_impl::<true>(p, img, w, h, flip, sc);
+    apply_impl::<AVX2>(p, img, w, h, flip, sc);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi")]
+unsafe fn apply_avx512(
+    p: &PhotoParams,
+    img: &mut [u8],
+    w: usize,
+    h: usize,
+    flip: bool,
+    sc: &mut PhotoScratch,
+) {
+    apply_impl::<AVX512>(p, img, w, h, flip, sc);
 }
 
 #[inline(always)]
-fn apply_impl<const AVX2: bool>(
+fn apply_impl<const L: u8>(
     p: &PhotoParams,
     img: &mut [u8],
     w: usize,
@@ -133,9 +206,9 @@ fn apply_impl<const AVX2: bool>(
             let sum = if pointwise {
                 // Read-only: the mean of the image after these per-value ops; they are redone
                 // in the writing pass below (cheaper than writing twice).
-                pass::<AVX2>(img, w, h, false, &stages, Out::SumOnly, sc)
+                pass::<L>(img, w, h, false, &stages, Out::SumOnly, sc)
             } else {
-                let s = pass::<AVX2>(img, w, h, flip, &stages, Out::RgbSum, sc);
+                let s = pass::<L>(img, w, h, flip, &stages, Out::RgbSum, sc);
                 flip = false;
                 stages.clear();
                 s
@@ -154,14 +227,14 @@ fn apply_impl<const AVX2: bool>(
                 stages.push(Stage::Solarize);
             }
             if flip || !stages.is_empty() {
-                pass::<AVX2>(img, w, h, flip, &stages, Out::Rgb, sc);
+                pass::<L>(img, w, h, flip, &stages, Out::Rgb, sc);
             }
         }
         Some(sigma) if p.grayscale => {
             // All three channels equal: blur one plane, expand (and solarise) on the way back.
             stages.pop(); // the Gray stage: the pass writes the luma plane instead
-            pass::<AVX2>(img, w, h, flip, &stages, Out::Luma, sc);
-            let mut gray = std::mem::take(&mut sc.gray);
+            pass::<L>(img, w, h, flip, &stages, Out::Luma, sc);
+            let mut gray = std::mem::take(&mut sc.planes[0]);
             box_blur_plane::<1>(&mut gray, w, h, sigma, &mut sc.blur, &mut sc.acc);
             if p.solarize {
                 gray.iter_mut().for_each(|v| *v = solarize_v(*v));
@@ -169,16 +242,25 @@ fn apply_impl<const AVX2: bool>(
             for (px, &l) in img.chunks_exact_mut(3).zip(&gray) {
                 px.fill(l);
             }
-            sc.gray = gray;
+            sc.planes[0] = gray;
         }
         Some(sigma) => {
-            if flip || !stages.is_empty() {
-                pass::<AVX2>(img, w, h, flip, &stages, Out::Rgb, sc);
+            // Each channel is blurred on its own: blur the planes the pass leaves (byte planes
+            // transpose faster than RGB), solarise and interleave them on the way back.
+            pass::<L>(img, w, h, flip, &stages, Out::Planes, sc);
+            let mut planes = std::mem::take(&mut sc.planes);
+            for plane in &mut planes {
+                box_blur_plane::<1>(plane, w, h, sigma, &mut sc.blur, &mut sc.acc);
+                if p.solarize {
+                    plane.iter_mut().for_each(|v| *v = solarize_v(*v));
+                }
             }
-            box_blur_plane::<3>(img, w, h, sigma, &mut sc.blur, &mut sc.acc);
-            if p.solarize {
-                img.iter_mut().for_each(|v| *v = solarize_v(*v));
+            let [r, g, b] = &planes;
+            for (y, row) in img.chunks_exact_mut(3 * w).enumerate() {
+                let at = y * w..(y + 1) * w;
+                interleave::<L>(&r[at.clone()], &g[at.clone()], &b[at], row);
             }
+            sc.planes = planes;
         }
     }
 }
@@ -192,8 +274,10 @@ enum Out {
     Rgb,
     /// The pixels, and Σ luma of them.
     RgbSum,
-    /// The luma of the staged pixels into `scratch.gray` (a `w × h` plane).
+    /// The luma of the staged pixels into `scratch.planes[0]` (a `w × h` plane).
     Luma,
+    /// The pixels into `scratch.planes` (three `w × h` planes).
+    Planes,
 }
 
 #[inline(always)]
@@ -203,7 +287,7 @@ fn luma_lane(r: u8, g: u8, b: u8) -> u32 {
 
 /// One pass over the rows; returns Σ luma when `out` asks for it.
 #[inline(always)]
-fn pass<const AVX2: bool>(
+fn pass<const L: u8>(
     img: &mut [u8],
     w: usize,
     h: usize,
@@ -218,15 +302,29 @@ fn pass<const AVX2: bool>(
         v.clear();
         v.resize(wp, 0);
     }
-    if out == Out::Luma {
-        sc.gray.clear();
-        sc.gray.resize(w * h, 0);
+    let planes = match out {
+        Out::Luma => 1,
+        Out::Planes => 3,
+        _ => 0,
+    };
+    for plane in &mut sc.planes[..planes] {
+        // Every byte is written below: grow only, never clear.
+        if plane.len() != w * h {
+            plane.resize(w * h, 0);
+        }
     }
     let (r, g, b) = (&mut sc.r[..], &mut sc.g[..], &mut sc.b[..]);
+    let tabulated;
+    let stages = if L >= AVX512 {
+        tabulated = tabulate(stages);
+        &tabulated[..]
+    } else {
+        stages
+    };
     let mut sum = 0u64;
     for y in 0..h {
         let row = &mut img[y * w * 3..(y + 1) * w * 3];
-        deinterleave::<AVX2>(row, r, g, b);
+        deinterleave::<L>(row, r, g, b);
         if flip {
             for plane in [&mut *r, &mut *g, &mut *b] {
                 plane[..w].reverse();
@@ -234,6 +332,11 @@ fn pass<const AVX2: bool>(
         }
         for st in stages {
             match *st {
+                Stage::Lut(ref t) => {
+                    for plane in [&mut *r, &mut *g, &mut *b] {
+                        lookup::<L>(plane, t);
+                    }
+                }
                 Stage::Blend(base, f) => {
                     for plane in [&mut *r, &mut *g, &mut *b] {
                         plane.iter_mut().for_each(|v| *v = blend(base, *v, f));
@@ -244,6 +347,11 @@ fn pass<const AVX2: bool>(
                         plane.iter_mut().for_each(|v| *v = solarize_v(*v));
                     }
                 }
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `L` is AVX512 only on the path entered after the runtime check.
+                Stage::Saturation(f) if L >= AVX512 => unsafe {
+                    crate::planes_avx512::saturation(r, g, b, f)
+                },
                 Stage::Saturation(f) => {
                     for ((r, g), b) in r.iter_mut().zip(g.iter_mut()).zip(b.iter_mut()) {
                         let l = luma_lane(*r, *g, *b) as u8;
@@ -252,7 +360,7 @@ fn pass<const AVX2: bool>(
                         *b = blend(l, *b, f);
                     }
                 }
-                Stage::Hue(shift) => hue_planes::<AVX2>(r, g, b, shift),
+                Stage::Hue(shift) => hue_planes::<L>(r, g, b, shift),
                 Stage::Gray => {
                     for ((r, g), b) in r.iter_mut().zip(g.iter_mut()).zip(b.iter_mut()) {
                         let l = luma_lane(*r, *g, *b) as u8;
@@ -272,9 +380,14 @@ fn pass<const AVX2: bool>(
         }
         match out {
             Out::SumOnly => {}
-            Out::Rgb | Out::RgbSum => interleave::<AVX2>(r, g, b, row),
+            Out::Rgb | Out::RgbSum => interleave::<L>(r, g, b, row),
+            Out::Planes => {
+                for (plane, src) in sc.planes.iter_mut().zip([&*r, &*g, &*b]) {
+                    plane[y * w..(y + 1) * w].copy_from_slice(&src[..w]);
+                }
+            }
             Out::Luma => {
-                let dst = &mut sc.gray[y * w..(y + 1) * w];
+                let dst = &mut sc.planes[0][y * w..(y + 1) * w];
                 for (x, d) in dst.iter_mut().enumerate() {
                     *d = luma_lane(r[x], g[x], b[x]) as u8;
                 }
@@ -284,13 +397,33 @@ fn pass<const AVX2: bool>(
     sum
 }
 
+/// `v = t[v]` over a plane.
+#[inline(always)]
+fn lookup<const L: u8>(plane: &mut [u8], t: &[u8; 256]) {
+    #[cfg(target_arch = "x86_64")]
+    if L >= AVX512 {
+        // SAFETY: `L` is AVX512 only on the path entered after the runtime check.
+        unsafe { crate::planes_avx512::lookup(plane, t) };
+        return;
+    }
+    plane.iter_mut().for_each(|v| *v = t[*v as usize]);
+}
+
 /// RGB row → planes (the first `row.len() / 3` entries of each).
 #[inline(always)]
-fn deinterleave<const AVX2: bool>(row: &[u8], r: &mut [u8], g: &mut [u8], b: &mut [u8]) {
+fn deinterleave<const L: u8>(row: &[u8], r: &mut [u8], g: &mut [u8], b: &mut [u8]) {
     let w = row.len() / 3;
     let mut x = 0;
     #[cfg(target_arch = "x86_64")]
-    if AVX2 {
+    if L >= AVX512 {
+        while x + 64 <= w {
+            // SAFETY: AVX-512 VBMI checked by the caller's dispatch; x + 64 ≤ w.
+            unsafe { crate::planes_avx512::deinterleave64(row, r, g, b, x) };
+            x += 64;
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if L >= AVX2 {
         while x + 16 <= w {
             // SAFETY: AVX2 (hence SSSE3) checked by the caller's dispatch; 48 bytes from
             // `row[3x..]` and 16 into each plane at `x` are in bounds (x + 16 ≤ w).
@@ -305,11 +438,19 @@ fn deinterleave<const AVX2: bool>(row: &[u8], r: &mut [u8], g: &mut [u8], b: &mu
 
 /// Planes → RGB row.
 #[inline(always)]
-fn interleave<const AVX2: bool>(r: &[u8], g: &[u8], b: &[u8], row: &mut [u8]) {
+fn interleave<const L: u8>(r: &[u8], g: &[u8], b: &[u8], row: &mut [u8]) {
     let w = row.len() / 3;
     let mut x = 0;
     #[cfg(target_arch = "x86_64")]
-    if AVX2 {
+    if L >= AVX512 {
+        while x + 64 <= w {
+            // SAFETY: as in `deinterleave`.
+            unsafe { crate::planes_avx512::interleave64(r, g, b, x, row) };
+            x += 64;
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if L >= AVX2 {
         while x + 16 <= w {
             // SAFETY: as in `deinterleave`.
             unsafe { shuffle::interleave16(r, g, b, x, row.as_mut_ptr().add(3 * x)) };
@@ -423,10 +564,16 @@ mod shuffle {
 }
 
 #[inline(always)]
-fn hue_planes<const AVX2: bool>(r: &mut [u8], g: &mut [u8], b: &mut [u8], shift: u8) {
+fn hue_planes<const L: u8>(r: &mut [u8], g: &mut [u8], b: &mut [u8], shift: u8) {
     #[cfg(target_arch = "x86_64")]
-    if AVX2 {
-        // SAFETY: `AVX2` is true only on the path entered after the runtime AVX2 check; the
+    if L >= AVX512 {
+        // SAFETY: `L` is AVX512 only on the path entered after the runtime check.
+        unsafe { crate::hue_avx512::hue_planes(r, g, b, shift) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if L >= AVX2 {
+        // SAFETY: `L` is AVX2 or more only on the path entered after the runtime AVX2 check; the
         // planes have equal lengths, a multiple of 8.
         unsafe { crate::hue_simd::hue_planes(r, g, b, shift) };
         return;

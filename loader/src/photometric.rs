@@ -338,17 +338,20 @@ pub fn hsv_to_rgb(h: u8, s: u8, v: u8) -> (u8, u8, u8) {
 /// Lookup tables for [`rgb_to_hsv`] without per-pixel divisions. Pillow's float expressions
 /// depend only on `cr = max − min`, on which channel is the max and which the min, and on the
 /// remaining difference `d = max − mid`; the tables hold Pillow's exact results per key.
-struct HsvTables {
+///
+/// Both tables end with 3 spare bytes, so that a SIMD gather may read a 4-byte word at any
+/// entry.
+pub(crate) struct HsvTables {
     /// `[case][cr][d]` → uh, case = 2·(max channel) + (min is the later of the other two).
-    hue: Vec<u8>,
+    pub(crate) hue: Vec<u8>,
     /// `[max][cr]` → us.
-    sat: Vec<u8>,
+    pub(crate) sat: Vec<u8>,
 }
 
-fn hsv_tables() -> &'static HsvTables {
+pub(crate) fn hsv_tables() -> &'static HsvTables {
     static T: std::sync::OnceLock<HsvTables> = std::sync::OnceLock::new();
     T.get_or_init(|| {
-        let mut hue = vec![0u8; 6 * 256 * 256];
+        let mut hue = vec![0u8; 6 * 256 * 256 + 3];
         for case in 0..6usize {
             for cr in 1..256usize {
                 for d in 0..=cr {
@@ -365,7 +368,7 @@ fn hsv_tables() -> &'static HsvTables {
                 }
             }
         }
-        let mut sat = vec![0u8; 256 * 256];
+        let mut sat = vec![0u8; 256 * 256 + 3];
         for mx in 1..256usize {
             for cr in 0..=mx {
                 sat[mx * 256 + cr] = ((cr as f32 / mx as f32) as f64 * 255.0) as u8;
@@ -415,13 +418,13 @@ pub const HSV_PICK: [[u8; 3]; 6] = [
 
 /// Per-`h` and per-`s` values of Pillow's `hsv2rgb` (`i = floor(6h/255) % 6`, `f`, `fs`), so
 /// the per-pixel work has no division and no branch.
-struct RgbTables {
+pub(crate) struct RgbTables {
     sector: [u8; 256],
-    f: [f32; 256],
+    pub(crate) f: [f32; 256],
     fs: [f32; 256],
 }
 
-fn rgb_tables() -> &'static RgbTables {
+pub(crate) fn rgb_tables() -> &'static RgbTables {
     static T: std::sync::OnceLock<RgbTables> = std::sync::OnceLock::new();
     T.get_or_init(|| {
         let mut t = RgbTables {
@@ -564,6 +567,15 @@ pub struct BoxWeights {
 }
 
 impl BoxWeights {
+    /// `(ww, fw)` split as `hi·2¹⁵ + lo` into the i16 pairs `(lo_ww, lo_fw)` and
+    /// `(hi_ww, hi_fw)`, packed in an i32 each, as the SIMD passes' `madd`s take them.
+    #[cfg(target_arch = "x86_64")]
+    fn packed_pairs(self) -> (i32, i32) {
+        let split = |k: u32| ((k & 0x7fff) as i32, (k >> 15) as i32);
+        let ((wl, wh), (fl, fh)) = (split(self.ww), split(self.fw));
+        (wl | fl << 16, wh | fh << 16)
+    }
+
     pub fn new(float_radius: f32) -> Self {
         let radius = float_radius as i32;
         let ww = ((1u32 << 24) as f32 / (float_radius * 2.0 + 1.0)) as u32;
@@ -590,12 +602,76 @@ fn vertical_box_pass(
     acc: &mut Vec<u32>,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked above).
-        unsafe { vertical_box_pass_avx2(src, dst, stride, h, bw, acc) };
-        return;
+    match crate::simd::Simd::detect() {
+        // SAFETY: the CPU supports AVX-512 F/BW (part of the detected level).
+        crate::simd::Simd::Avx512 => unsafe {
+            vertical_box_pass_avx512(src, dst, stride, h, bw, acc)
+        },
+        // SAFETY: the CPU supports AVX2.
+        crate::simd::Simd::Avx2 => unsafe { vertical_box_pass_avx2(src, dst, stride, h, bw, acc) },
+        crate::simd::Simd::Scalar => vertical_box_pass_generic(src, dst, stride, h, bw, acc),
     }
+    #[cfg(not(target_arch = "x86_64"))]
     vertical_box_pass_generic(src, dst, stride, h, bw, acc);
+}
+
+/// [`vertical_box_pass_avx2`] on 32 columns at a time (the same arithmetic, twice the lanes).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn vertical_box_pass_avx512(
+    src: &[u8],
+    dst: &mut [u8],
+    stride: usize,
+    h: usize,
+    bw: BoxWeights,
+    acc: &mut Vec<u32>,
+) {
+    use std::arch::x86_64::*;
+    let r = bw.radius as isize;
+    if 2 * r + 1 > 128 {
+        return vertical_box_pass_generic(src, dst, stride, h, bw, acc);
+    }
+    let main = stride / 32 * 32;
+    assert!(src.len() >= stride * h && dst.len() >= stride * h);
+    let last = h as isize - 1;
+    let rowf = |y: isize| y.clamp(0, last) as usize * stride;
+    acc.clear();
+    acc.resize(main.div_ceil(2), 0);
+    let a16 = acc.as_mut_ptr() as *mut u16;
+    let sp = src.as_ptr();
+    let ld = |o: usize| _mm512_cvtepu8_epi16(_mm256_loadu_si256(sp.add(o) as *const __m256i));
+    for c in (0..main).step_by(32) {
+        let mut a = _mm512_setzero_si512();
+        for k in -r - 1..r {
+            a = _mm512_add_epi16(a, ld(rowf(k) + c));
+        }
+        _mm512_storeu_si512(a16.add(c) as *mut _, a);
+    }
+    let (kl, kh) = bw.packed_pairs();
+    let (kl, kh) = (_mm512_set1_epi32(kl), _mm512_set1_epi32(kh));
+    let round = _mm512_set1_epi32(1 << 23);
+    for y in 0..h as isize {
+        let (add, sub, far) = (rowf(y + r), rowf(y - r - 1), rowf(y + r + 1));
+        let out = dst.as_mut_ptr().add(y as usize * stride);
+        for c in (0..main).step_by(32) {
+            let ap = a16.add(c);
+            let su = ld(sub + c);
+            let s = _mm512_loadu_si512(ap as *const _);
+            let s = _mm512_sub_epi16(_mm512_add_epi16(s, ld(add + c)), su);
+            _mm512_storeu_si512(ap as *mut _, s);
+            let t = _mm512_add_epi16(su, ld(far + c));
+            let v = [_mm512_unpacklo_epi16(s, t), _mm512_unpackhi_epi16(s, t)].map(|p| {
+                let lo = _mm512_madd_epi16(p, kl);
+                let hi = _mm512_madd_epi16(p, kh);
+                let sum = _mm512_add_epi32(_mm512_slli_epi32::<15>(hi), lo);
+                _mm512_srli_epi32::<24>(_mm512_add_epi32(sum, round))
+            });
+            // In-lane unpacks and packs cancel: the words come back in column order.
+            let b = _mm512_cvtusepi16_epi8(_mm512_packus_epi32(v[0], v[1]));
+            _mm256_storeu_si256(out.add(c) as *mut __m256i, b);
+        }
+    }
+    box_columns(src, dst, stride, h, bw, main..stride);
 }
 
 /// 16 columns at a time. The window sum `s ≤ 255·(2r + 1)` and the far pair `t ≤ 510` fit i16,
@@ -636,10 +712,8 @@ unsafe fn vertical_box_pass_avx2(
         }
         _mm256_storeu_si256(a16.add(c) as *mut __m256i, a);
     }
-    let split = |k: u32| ((k & 0x7fff) as i32, (k >> 15) as i32);
-    let ((wl, wh), (fl, fh)) = (split(bw.ww), split(bw.fw));
-    let kl = _mm256_set1_epi32(wl | fl << 16);
-    let kh = _mm256_set1_epi32(wh | fh << 16);
+    let (kl, kh) = bw.packed_pairs();
+    let (kl, kh) = (_mm256_set1_epi32(kl), _mm256_set1_epi32(kh));
     let round = _mm256_set1_epi32(1 << 23);
     for y in 0..h as isize {
         let (add, sub, far) = (rowf(y + r), rowf(y - r - 1), rowf(y + r + 1));
@@ -727,14 +801,31 @@ fn vertical_box_pass_generic(
 /// Transposes an image of `w × h` pixels of `C` bytes into `dst` of `h × w`, in tiles so both
 /// sides stay in cache. Within a tile each destination row is written in order, so 3-byte pixels
 /// move as 4-byte words: the extra byte lands on the next pixel, written right after (or by a
-/// later tile); only a destination row's last pixel is copied byte-wise.
+/// later tile); only a destination row's last pixel is copied byte-wise. One-byte pixels go
+/// through [`transpose_bytes`] instead.
 fn transpose<const C: usize>(src: &[u8], dst: &mut [u8], w: usize, h: usize) {
-    const T: usize = 16;
     assert!(src.len() >= w * h * C && dst.len() >= w * h * C);
-    for y0 in (0..h).step_by(T) {
-        let y1 = (y0 + T).min(h);
-        for x0 in (0..w).step_by(T) {
-            for x in x0..(x0 + T).min(w) {
+    #[cfg(target_arch = "x86_64")]
+    if C == 1 {
+        return transpose_bytes(src, dst, w, h);
+    }
+    transpose_tiles::<C>(src, dst, w, h, 0..w, 0..h);
+}
+
+/// [`transpose`] of the pixels in columns `xs` and rows `ys` only.
+fn transpose_tiles<const C: usize>(
+    src: &[u8],
+    dst: &mut [u8],
+    w: usize,
+    h: usize,
+    xs: std::ops::Range<usize>,
+    ys: std::ops::Range<usize>,
+) {
+    const T: usize = 16;
+    for y0 in ys.clone().step_by(T) {
+        let y1 = (y0 + T).min(ys.end);
+        for x0 in xs.clone().step_by(T) {
+            for x in x0..(x0 + T).min(xs.end) {
                 for y in y0..y1 {
                     let s = (y * w + x) * C;
                     let d = (x * h + y) * C;
@@ -748,6 +839,65 @@ fn transpose<const C: usize>(src: &[u8], dst: &mut [u8], w: usize, h: usize) {
             }
         }
     }
+}
+
+/// [`transpose`] of a one-byte-per-pixel plane: 16 × 16 blocks by the SSE2 unpack network
+/// (4 rounds of 16 unpacks), the ragged right and bottom edges pixel by pixel.
+#[cfg(target_arch = "x86_64")]
+fn transpose_bytes(src: &[u8], dst: &mut [u8], w: usize, h: usize) {
+    use std::arch::x86_64::*;
+    let (wb, hb) = (w / 16 * 16, h / 16 * 16);
+    for y0 in (0..hb).step_by(16) {
+        for x0 in (0..wb).step_by(16) {
+            // SAFETY: SSE2 is part of x86_64; rows y0..y0+16 and columns x0..x0+16 lie inside
+            // the w × h source, and the same block transposed inside the h × w destination.
+            unsafe {
+                let r: [__m128i; 16] = std::array::from_fn(|i| {
+                    _mm_loadu_si128(src.as_ptr().add((y0 + i) * w + x0) as *const __m128i)
+                });
+                // Rows 2i, 2i+1 → byte pairs; columns 0–7 in t[2i], 8–15 in t[2i+1].
+                let t: [__m128i; 16] = std::array::from_fn(|k| {
+                    let (a, b) = (r[k & !1], r[k | 1]);
+                    if k % 2 == 0 {
+                        _mm_unpacklo_epi8(a, b)
+                    } else {
+                        _mm_unpackhi_epi8(a, b)
+                    }
+                });
+                // Rows 4j..4j+4 → columns of 4 bytes; u[4j + m] holds columns 4m..4m+4.
+                let u: [__m128i; 16] = std::array::from_fn(|k| {
+                    let (j, m) = (k / 4, k % 4);
+                    let (a, b) = (t[4 * j + m / 2], t[4 * j + 2 + m / 2]);
+                    if m % 2 == 0 {
+                        _mm_unpacklo_epi16(a, b)
+                    } else {
+                        _mm_unpackhi_epi16(a, b)
+                    }
+                });
+                // Rows 8k..8k+8 → columns of 8 bytes; v[8k + n] holds columns 2n, 2n + 1.
+                let v: [__m128i; 16] = std::array::from_fn(|q| {
+                    let (k, n) = (q / 8, q % 8);
+                    let (a, b) = (u[8 * k + n / 2], u[8 * k + 4 + n / 2]);
+                    if n % 2 == 0 {
+                        _mm_unpacklo_epi32(a, b)
+                    } else {
+                        _mm_unpackhi_epi32(a, b)
+                    }
+                });
+                for c in 0..16 {
+                    let (a, b) = (v[c / 2], v[8 + c / 2]);
+                    let col = if c % 2 == 0 {
+                        _mm_unpacklo_epi64(a, b)
+                    } else {
+                        _mm_unpackhi_epi64(a, b)
+                    };
+                    _mm_storeu_si128(dst.as_mut_ptr().add((x0 + c) * h + y0) as *mut __m128i, col);
+                }
+            }
+        }
+    }
+    transpose_tiles::<1>(src, dst, w, h, wb..w, 0..h);
+    transpose_tiles::<1>(src, dst, w, h, 0..wb, hb..h);
 }
 
 /// Pillow `GaussianBlur(radius = sigma)` on an RGB image of `w × h`, in place.
@@ -795,12 +945,41 @@ pub fn box_blur_plane<const C: usize>(
 mod tests {
     use super::*;
 
-    /// The AVX2 box pass (16-column blocks, u16 sums, split weights) gives the generic pass's
+    /// The SSE2 byte transpose gives the pixel-by-pixel transpose, on sizes below, at and off
+    /// multiples of the 16 × 16 block, and transposing twice is the identity.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn byte_transpose_equals_the_pixel_transpose() {
+        use rand::SeedableRng;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        for (w, h) in [
+            (1, 1),
+            (16, 16),
+            (15, 17),
+            (17, 15),
+            (32, 48),
+            (96, 96),
+            (224, 37),
+        ] {
+            let src: Vec<u8> = (0..w * h).map(|_| rng.random()).collect();
+            let (mut a, mut b) = (vec![0u8; w * h], vec![1u8; w * h]);
+            transpose_bytes(&src, &mut a, w, h);
+            transpose_tiles::<1>(&src, &mut b, w, h, 0..w, 0..h);
+            assert!(a == b, "{w}x{h}");
+            for x in 0..w {
+                for y in 0..h {
+                    assert_eq!(a[x * h + y], src[y * w + x], "{w}x{h} at ({x}, {y})");
+                }
+            }
+        }
+    }
+
+    /// The AVX2 and AVX-512 box passes (16- and 32-column blocks, u16 sums, split weights) give the generic pass's
     /// bytes: saturated and random values, strides below, at and off multiples of 16, heights
     /// shorter than the window, radii from the recipe's σ range and beyond it.
     #[test]
     #[cfg(target_arch = "x86_64")]
-    fn avx2_box_pass_equals_the_generic_pass() {
+    fn simd_box_passes_equal_the_generic_pass() {
         if !std::arch::is_x86_feature_detected!("avx2") {
             return;
         }
@@ -809,7 +988,15 @@ mod tests {
         let mut acc = Vec::new();
         for sigma in [0.1f32, 0.7, 1.3, 2.0, 5.0, 40.0] {
             let bw = BoxWeights::new(box_radius(sigma, 3));
-            for (stride, h) in [(3, 5), (16, 1), (17, 2), (48, 9), (100, 31), (288, 40)] {
+            for (stride, h) in [
+                (3, 5),
+                (16, 1),
+                (17, 2),
+                (48, 9),
+                (100, 31),
+                (288, 40),
+                (96, 96),
+            ] {
                 let src: Vec<u8> = (0..stride * h)
                     .map(|_| match rng.random_range(0..3) {
                         0 => 255,
@@ -822,6 +1009,12 @@ mod tests {
                 unsafe { vertical_box_pass_avx2(&src, &mut a, stride, h, bw, &mut acc) };
                 vertical_box_pass_generic(&src, &mut b, stride, h, bw, &mut acc);
                 assert!(a == b, "sigma {sigma}, stride {stride}, h {h}");
+                if crate::simd::Simd::detect() == crate::simd::Simd::Avx512 {
+                    let mut c = vec![2u8; src.len()];
+                    // SAFETY: AVX-512 F/BW are part of the detected level.
+                    unsafe { vertical_box_pass_avx512(&src, &mut c, stride, h, bw, &mut acc) };
+                    assert!(c == b, "AVX-512: sigma {sigma}, stride {stride}, h {h}");
+                }
             }
         }
     }

@@ -1,7 +1,7 @@
 //! The fused photometric pipeline and its SIMD kernels against the op-by-op reference.
 
 use loader::engine::flip_rows;
-use loader::fused::{apply_fused, apply_fused_scalar};
+use loader::fused::{apply_fused_with, Simd};
 use loader::photometric::*;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -61,6 +61,14 @@ fn random_image(rng: &mut ChaCha8Rng, w: usize, h: usize) -> Vec<u8> {
     img
 }
 
+/// Every level this CPU has (the scalar one included).
+fn levels() -> Vec<Simd> {
+    [Simd::Scalar, Simd::Avx2, Simd::Avx512]
+        .into_iter()
+        .filter(|&s| s <= Simd::detect())
+        .collect()
+}
+
 #[test]
 fn fused_pipeline_equals_the_reference_ops() {
     let mut rng = ChaCha8Rng::seed_from_u64(7);
@@ -81,12 +89,14 @@ fn fused_pipeline_equals_the_reference_ops() {
             flip_rows(&mut want, w, h);
         }
         p.apply_reference(&mut want, w, h, &mut blur);
-        let mut got = img.clone();
-        apply_fused(&p, &mut got, w, h, flip, &mut scratch);
-        assert_eq!(got, want, "case {case}: {w}x{h} flip {flip} {p:?}");
-        let mut got = img.clone();
-        apply_fused_scalar(&p, &mut got, w, h, flip, &mut scratch);
-        assert_eq!(got, want, "case {case} (scalar): {w}x{h} flip {flip} {p:?}");
+        for simd in levels() {
+            let mut got = img.clone();
+            apply_fused_with(simd, &p, &mut got, w, h, flip, &mut scratch);
+            assert_eq!(
+                got, want,
+                "case {case} ({simd:?}): {w}x{h} flip {flip} {p:?}"
+            );
+        }
         // The three plan shapes around contrast, and gray + blur, are all exercised.
         let ci = p
             .jitter
@@ -123,9 +133,11 @@ fn fused_pipeline_equals_the_reference_on_recipe_draws() {
         let p = PhotoParams::draw(&aug, &mut rng);
         let mut want = img.clone();
         p.apply_reference(&mut want, size, size, &mut blur);
-        let mut got = img;
-        p.apply(&mut got, size, size, &mut scratch);
-        assert_eq!(got, want, "case {case}: {p:?}");
+        for simd in levels() {
+            let mut got = img.clone();
+            apply_fused_with(simd, &p, &mut got, size, size, false, &mut scratch);
+            assert_eq!(got, want, "case {case} ({simd:?}): {p:?}");
+        }
     }
 }
 
@@ -159,67 +171,90 @@ fn table_helpers_match_the_ops() {
     assert_eq!(contrast_mean(301, 2), 151);
 }
 
-/// The AVX2 HSV kernels against Pillow's scalar expressions on every input: all 2^24 (r, g, b)
+/// One SIMD hue kernel set: the two halves of the round trip and the whole op.
+type Planes = unsafe fn(&mut [u8], &mut [u8], &mut [u8]);
+type HueOp = unsafe fn(&mut [u8], &mut [u8], &mut [u8], u8);
+
+/// The SIMD hue kernels the CPU has, by name.
+#[cfg(target_arch = "x86_64")]
+fn hue_kernels() -> Vec<(&'static str, Planes, Planes, HueOp)> {
+    use loader::{hue_avx512 as k512, hue_simd as k2};
+    let mut out: Vec<(&'static str, Planes, Planes, HueOp)> = Vec::new();
+    if Simd::detect() >= Simd::Avx2 {
+        out.push((
+            "avx2",
+            k2::rgb_to_hsv_planes,
+            k2::hsv_to_rgb_planes,
+            k2::hue_planes,
+        ));
+    }
+    if Simd::detect() >= Simd::Avx512 {
+        out.push((
+            "avx512",
+            k512::rgb_to_hsv_planes,
+            k512::hsv_to_rgb_planes,
+            k512::hue_planes,
+        ));
+    }
+    if out.is_empty() {
+        eprintln!("no AVX2 on this CPU: no SIMD hue kernel is used, nothing to check");
+    }
+    out
+}
+
+/// The SIMD HSV kernels against Pillow's scalar expressions on every input: all 2^24 (r, g, b)
 /// for the forward half and all 2^24 (h, s, v) for the backward half.
 #[cfg(target_arch = "x86_64")]
 #[test]
-fn avx2_hsv_round_trip_halves_equal_the_reference_on_all_inputs() {
-    if !std::arch::is_x86_feature_detected!("avx2") {
-        eprintln!("no AVX2 on this CPU: kernel not used, nothing to check");
-        return;
-    }
+fn simd_hsv_round_trip_halves_equal_the_reference_on_all_inputs() {
     let n = 1usize << 24;
     let a0: Vec<u8> = (0..n).map(|i| (i >> 16) as u8).collect();
     let b0: Vec<u8> = (0..n).map(|i| (i >> 8) as u8).collect();
     let c0: Vec<u8> = (0..n).map(|i| i as u8).collect();
-    let (mut a, mut b, mut c) = (a0.clone(), b0.clone(), c0.clone());
-    // SAFETY: AVX2 checked above; equal lengths, a multiple of 8.
-    unsafe { loader::hue_simd::rgb_to_hsv_planes(&mut a, &mut b, &mut c) };
-    for i in 0..n {
-        let want = rgb_to_hsv(a0[i], b0[i], c0[i]);
-        assert_eq!(
-            (a[i], b[i], c[i]),
-            want,
-            "rgb2hsv {:?}",
-            (a0[i], b0[i], c0[i])
-        );
-    }
-    let (mut a, mut b, mut c) = (a0.clone(), b0.clone(), c0.clone());
-    // SAFETY: as above.
-    unsafe { loader::hue_simd::hsv_to_rgb_planes(&mut a, &mut b, &mut c) };
-    for i in 0..n {
-        let want = hsv_to_rgb(a0[i], b0[i], c0[i]);
-        assert_eq!(
-            (a[i], b[i], c[i]),
-            want,
-            "hsv2rgb {:?}",
-            (a0[i], b0[i], c0[i])
-        );
+    for (name, fwd, bwd, _) in hue_kernels() {
+        let (mut a, mut b, mut c) = (a0.clone(), b0.clone(), c0.clone());
+        // SAFETY: the CPU has the kernel's instructions (`hue_kernels`); equal lengths, a
+        // multiple of 16.
+        unsafe { fwd(&mut a, &mut b, &mut c) };
+        for i in 0..n {
+            let want = rgb_to_hsv(a0[i], b0[i], c0[i]);
+            let inp = (a0[i], b0[i], c0[i]);
+            assert_eq!((a[i], b[i], c[i]), want, "{name} rgb2hsv {inp:?}");
+        }
+        let (mut a, mut b, mut c) = (a0.clone(), b0.clone(), c0.clone());
+        // SAFETY: as above.
+        unsafe { bwd(&mut a, &mut b, &mut c) };
+        for i in 0..n {
+            let want = hsv_to_rgb(a0[i], b0[i], c0[i]);
+            let inp = (a0[i], b0[i], c0[i]);
+            assert_eq!((a[i], b[i], c[i]), want, "{name} hsv2rgb {inp:?}");
+        }
     }
 }
 
-/// The whole AVX2 hue op (with the shift between the halves) against the scalar op, every shift.
+/// The whole SIMD hue op (with the shift between the halves) against the scalar op, every
+/// shift; 4096 pixels and 4091 (the AVX-512 kernel's masked tail).
 #[cfg(target_arch = "x86_64")]
 #[test]
-fn avx2_hue_equals_scalar_hue_for_every_shift() {
-    if !std::arch::is_x86_feature_detected!("avx2") {
-        return;
-    }
+fn simd_hue_equals_scalar_hue_for_every_shift() {
     let mut rng = ChaCha8Rng::seed_from_u64(5);
-    let n = 4096;
-    let px: Vec<u8> = random_image(&mut rng, n, 1);
-    for shift in 0..=255u8 {
-        let (mut r, mut g, mut b): (Vec<u8>, Vec<u8>, Vec<u8>) = (
-            px.iter().step_by(3).copied().collect(),
-            px.iter().skip(1).step_by(3).copied().collect(),
-            px.iter().skip(2).step_by(3).copied().collect(),
-        );
-        // SAFETY: AVX2 checked above; equal lengths, a multiple of 8.
-        unsafe { loader::hue_simd::hue_planes(&mut r, &mut g, &mut b, shift) };
-        for (i, p) in px.chunks_exact(3).enumerate() {
-            let (h, s, v) = rgb_to_hsv(p[0], p[1], p[2]);
-            let want = hsv_to_rgb(h.wrapping_add(shift), s, v);
-            assert_eq!((r[i], g[i], b[i]), want, "shift {shift} pixel {p:?}");
+    for (name, _, _, hue) in hue_kernels() {
+        let n = if name == "avx512" { 4091 } else { 4096 };
+        let px: Vec<u8> = random_image(&mut rng, n, 1);
+        for shift in 0..=255u8 {
+            let (mut r, mut g, mut b): (Vec<u8>, Vec<u8>, Vec<u8>) = (
+                px.iter().step_by(3).copied().collect(),
+                px.iter().skip(1).step_by(3).copied().collect(),
+                px.iter().skip(2).step_by(3).copied().collect(),
+            );
+            // SAFETY: the CPU has the kernel's instructions; equal lengths (a multiple of 8
+            // for the AVX2 kernel, which needs it).
+            unsafe { hue(&mut r, &mut g, &mut b, shift) };
+            for (i, p) in px.chunks_exact(3).enumerate() {
+                let (h, s, v) = rgb_to_hsv(p[0], p[1], p[2]);
+                let want = hsv_to_rgb(h.wrapping_add(shift), s, v);
+                assert_eq!((r[i], g[i], b[i]), want, "{name} shift {shift} pixel {p:?}");
+            }
         }
     }
 }
