@@ -78,7 +78,7 @@ impl FastResizer {
     /// Bilinear resize of the crop rectangle of `img` to `size × size` RGB into `dst`.
     pub fn resize(&mut self, img: &RgbImage, meta: &CropMeta, dst: &mut [u8], size: usize) {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
+        if crate::simd::Simd::detect() >= crate::simd::Simd::Avx2 {
             // SAFETY: the CPU supports AVX2 (checked above).
             unsafe { self.resize_avx2(img, meta, dst, size) };
             return;

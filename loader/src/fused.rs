@@ -123,7 +123,7 @@ pub fn apply_fused_with(
     sc: &mut PhotoScratch,
 ) {
     assert!(
-        simd <= Simd::detect(),
+        simd <= Simd::hardware(),
         "{simd:?} is not available on this CPU"
     );
     match simd {

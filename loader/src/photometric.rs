@@ -245,7 +245,7 @@ pub fn contrast(img: &mut [u8], factor: f32) {
 /// `ImageEnhance.Color`: blend with the luma image converted back to RGB.
 pub fn saturation(img: &mut [u8], factor: f32) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
+    if crate::simd::Simd::detect() >= crate::simd::Simd::Avx2 {
         // SAFETY: the CPU supports AVX2 (checked above).
         unsafe { saturation_avx2(img, factor) };
         return;
@@ -476,7 +476,7 @@ pub fn hue(img: &mut [u8], factor: f32) {
     let shift = hue_shift(factor);
     // Even with shift 0 PIL round-trips through HSV, which is not the identity: always do it.
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
+    if crate::simd::Simd::detect() >= crate::simd::Simd::Avx2 {
         // SAFETY: the CPU supports AVX2 (checked above).
         unsafe { hue_avx2(img, shift) };
         return;
@@ -980,7 +980,7 @@ mod tests {
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn simd_box_passes_equal_the_generic_pass() {
-        if !std::arch::is_x86_feature_detected!("avx2") {
+        if crate::simd::Simd::hardware() < crate::simd::Simd::Avx2 {
             return;
         }
         use rand::SeedableRng;
@@ -1009,7 +1009,7 @@ mod tests {
                 unsafe { vertical_box_pass_avx2(&src, &mut a, stride, h, bw, &mut acc) };
                 vertical_box_pass_generic(&src, &mut b, stride, h, bw, &mut acc);
                 assert!(a == b, "sigma {sigma}, stride {stride}, h {h}");
-                if crate::simd::Simd::detect() == crate::simd::Simd::Avx512 {
+                if crate::simd::Simd::hardware() == crate::simd::Simd::Avx512 {
                     let mut c = vec![2u8; src.len()];
                     // SAFETY: AVX-512 F/BW are part of the detected level.
                     unsafe { vertical_box_pass_avx512(&src, &mut c, stride, h, bw, &mut acc) };

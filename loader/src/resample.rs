@@ -277,7 +277,7 @@ impl Resampler {
         size: usize,
     ) {
         assert!(
-            simd <= Simd::detect(),
+            simd <= Simd::hardware(),
             "{simd:?} is not available on this CPU"
         );
         let out = size as u32;
@@ -867,7 +867,7 @@ mod tests {
                     let mut want = vec![1u8; size * size * 3];
                     r.resize_using(Simd::Scalar, &img, &meta, order, &mut want, size);
                     for simd in [Simd::Avx2, Simd::Avx512] {
-                        if simd <= Simd::detect() {
+                        if simd <= Simd::hardware() {
                             let mut got = vec![0u8; size * size * 3];
                             r.resize_using(simd, &img, &meta, order, &mut got, size);
                             assert!(got == want, "{meta:?} -> {size} ({order:?}, {simd:?})");

@@ -65,7 +65,7 @@ fn random_image(rng: &mut ChaCha8Rng, w: usize, h: usize) -> Vec<u8> {
 fn levels() -> Vec<Simd> {
     [Simd::Scalar, Simd::Avx2, Simd::Avx512]
         .into_iter()
-        .filter(|&s| s <= Simd::detect())
+        .filter(|&s| s <= Simd::hardware())
         .collect()
 }
 
@@ -180,7 +180,7 @@ type HueOp = unsafe fn(&mut [u8], &mut [u8], &mut [u8], u8);
 fn hue_kernels() -> Vec<(&'static str, Planes, Planes, HueOp)> {
     use loader::{hue_avx512 as k512, hue_simd as k2};
     let mut out: Vec<(&'static str, Planes, Planes, HueOp)> = Vec::new();
-    if Simd::detect() >= Simd::Avx2 {
+    if Simd::hardware() >= Simd::Avx2 {
         out.push((
             "avx2",
             k2::rgb_to_hsv_planes,
@@ -188,7 +188,7 @@ fn hue_kernels() -> Vec<(&'static str, Planes, Planes, HueOp)> {
             k2::hue_planes,
         ));
     }
-    if Simd::detect() >= Simd::Avx512 {
+    if Simd::hardware() >= Simd::Avx512 {
         out.push((
             "avx512",
             k512::rgb_to_hsv_planes,
