@@ -1,14 +1,17 @@
 //! AVX2 kernels for the hue round trip of [`crate::photometric`], 8 pixels at a time on planar
-//! rows. The expressions are Pillow's (`rgb2hsv` / `hsv2rgb`); where a cheaper evaluation gives
-//! the same bytes it is used: the constant divisions (by 6 and by 255) are multiplications by
-//! the rounded reciprocal, and some double expressions are evaluated in f32 (8 lanes instead of
-//! 4). "Same bytes" is not argued but checked: each half of the round trip is compared with the
-//! scalar reference on all 2^24 inputs by `tests/photometric_fused.rs` (the domain is finite, so
-//! the check is a proof). Callers check `is_x86_feature_detected!("avx2")` first.
+//! rows, the same arithmetic as the AVX-512 kernels ([`crate::hue_avx512`]) at half the width:
+//! rgb2hsv gathers Pillow's exact bytes from the scalar path's lookup tables (no division, no
+//! f64); hsv2rgb gathers `f` per `h` and evaluates `p`, `q`, `t` in f32, which gives Pillow's
+//! double-precision bytes on every input. "Same bytes" is not argued but checked: each half of
+//! the round trip is compared with the scalar reference on all 2^24 inputs by
+//! `tests/photometric_fused.rs` (the domain is finite, so the check is a proof). Callers check
+//! [`crate::simd::Simd::detect`] first.
 
 #![cfg(target_arch = "x86_64")]
 
 use std::arch::x86_64::*;
+
+use crate::photometric::{hsv_tables, rgb_tables, HsvTables, RgbTables};
 
 #[inline(always)]
 unsafe fn load8(p: *const u8) -> __m256i {
@@ -27,99 +30,43 @@ unsafe fn store8(p: *mut u8, x: __m256i) {
     _mm_storel_epi64(p as *mut __m128i, _mm256_castsi256_si128(s));
 }
 
+/// Pillow rgb2hsv for 8 pixels (i32 lanes in 0..=255), by the lookup tables of
+/// [`crate::photometric::rgb_to_hsv_fast`] (Pillow's exact bytes per (max channel, min channel,
+/// max − min, max − mid)), gathered: no division and no f64, as the AVX-512 kernel.
 #[inline(always)]
-unsafe fn lo(x: __m256i) -> __m128i {
-    _mm256_castsi256_si128(x)
-}
-#[inline(always)]
-unsafe fn hi(x: __m256i) -> __m128i {
-    _mm256_extracti128_si256::<1>(x)
-}
-#[inline(always)]
-unsafe fn lops(x: __m256) -> __m128 {
-    _mm256_castps256_ps128(x)
-}
-#[inline(always)]
-unsafe fn hips(x: __m256) -> __m128 {
-    _mm256_extractf128_ps::<1>(x)
-}
-#[inline(always)]
-unsafe fn join(l: __m128i, h: __m128i) -> __m256i {
-    _mm256_set_m128i(h, l)
-}
-#[inline(always)]
-unsafe fn joinps(l: __m128, h: __m128) -> __m256 {
-    _mm256_set_m128(h, l)
-}
-
-/// The f64 tail of rgb2hsv's hue for 4 lanes: `h = c0 + a − b` (exact in f64, rounded once to
-/// f32 as Pillow's float `h`), `h/6 + 1` wrapped to [0, 1) in double, to float, `× 255` in
-/// double, truncated. This part needs f64: in f32 ~63k of the 2^24 inputs come out different.
-#[inline(always)]
-unsafe fn hue_half(a: __m128, b: __m128, c0: __m128i) -> __m128i {
-    let h = _mm256_sub_pd(
-        _mm256_add_pd(_mm256_cvtepi32_pd(c0), _mm256_cvtps_pd(a)),
-        _mm256_cvtps_pd(b),
-    );
-    let h = _mm256_cvtps_pd(_mm256_cvtpd_ps(h));
-    let one = _mm256_set1_pd(1.0);
-    let x = _mm256_add_pd(_mm256_mul_pd(h, _mm256_set1_pd(1.0 / 6.0)), one);
-    let x = _mm256_sub_pd(x, _mm256_and_pd(_mm256_cmp_pd::<_CMP_GE_OQ>(x, one), one));
-    let x = _mm256_cvtps_pd(_mm256_cvtpd_ps(x));
-    _mm256_cvttpd_epi32(_mm256_mul_pd(x, _mm256_set1_pd(255.0)))
-}
-
-/// Pillow rgb2hsv for 8 pixels (i32 lanes in 0..=255).
-#[inline(always)]
-unsafe fn rgb_to_hsv8(r: __m256i, g: __m256i, b: __m256i) -> (__m256i, __m256i, __m256i) {
+unsafe fn rgb_to_hsv8(t: &HsvTables, r: __m256i, g: __m256i, b: __m256i) -> [__m256i; 3] {
     let mx = _mm256_max_epi32(r, _mm256_max_epi32(g, b));
     let mn = _mm256_min_epi32(r, _mm256_min_epi32(g, b));
     let cr = _mm256_sub_epi32(mx, mn);
     let r_max = _mm256_cmpeq_epi32(r, mx);
     let g_max = _mm256_andnot_si256(r_max, _mm256_cmpeq_epi32(g, mx));
-    let (dr, dg, db) = (
-        _mm256_sub_epi32(mx, r),
-        _mm256_sub_epi32(mx, g),
-        _mm256_sub_epi32(mx, b),
+    // case = 2·(max channel) + 1 unless the min is the first of the other two channels.
+    let min_first = _mm256_blendv_epi8(_mm256_cmpeq_epi32(r, mn), _mm256_cmpeq_epi32(g, mn), r_max);
+    let case = _mm256_add_epi32(
+        _mm256_blendv_epi8(
+            _mm256_blendv_epi8(_mm256_set1_epi32(4), _mm256_set1_epi32(2), g_max),
+            _mm256_setzero_si256(),
+            r_max,
+        ),
+        _mm256_andnot_si256(min_first, _mm256_set1_epi32(1)),
     );
-    // r max: bc − gc; g max: 2 + rc − bc; b max: 4 + gc − rc (xc = (max − x)/cr in f32).
-    let na = _mm256_blendv_epi8(_mm256_blendv_epi8(dg, dr, g_max), db, r_max);
-    let nb = _mm256_blendv_epi8(_mm256_blendv_epi8(dr, db, g_max), dg, r_max);
-    let c0 = _mm256_blendv_epi8(
-        _mm256_blendv_epi8(_mm256_set1_epi32(4), _mm256_set1_epi32(2), g_max),
-        _mm256_setzero_si256(),
-        r_max,
+    // d = max − mid, mid = r + g + b − max − min.
+    let sum = _mm256_add_epi32(r, _mm256_add_epi32(g, b));
+    let d = _mm256_sub_epi32(_mm256_add_epi32(mx, _mm256_add_epi32(mx, mn)), sum);
+    let hi = _mm256_add_epi32(_mm256_slli_epi32::<8>(case), cr);
+    let hi = _mm256_add_epi32(_mm256_slli_epi32::<8>(hi), d);
+    let si = _mm256_add_epi32(_mm256_slli_epi32::<8>(mx), cr);
+    let byte = _mm256_set1_epi32(255);
+    // 4-byte reads at byte offsets: the tables carry 3 spare bytes at the end.
+    let uh = _mm256_and_si256(
+        _mm256_i32gather_epi32::<1>(t.hue.as_ptr() as *const i32, hi),
+        byte,
     );
-    let crf = _mm256_cvtepi32_ps(cr);
-    let a = _mm256_div_ps(_mm256_cvtepi32_ps(na), crf);
-    let bq = _mm256_div_ps(_mm256_cvtepi32_ps(nb), crf);
-    // s = cr/max in f32; Pillow truncates s·255 in double, which f32 reproduces on all inputs.
-    let s = _mm256_div_ps(crf, _mm256_cvtepi32_ps(mx));
-    let us = _mm256_cvttps_epi32(_mm256_mul_ps(s, _mm256_set1_ps(255.0)));
-    let uh = join(
-        hue_half(lops(a), lops(bq), lo(c0)),
-        hue_half(hips(a), hips(bq), hi(c0)),
+    let us = _mm256_and_si256(
+        _mm256_i32gather_epi32::<1>(t.sat.as_ptr() as *const i32, si),
+        byte,
     );
-    let zero = _mm256_setzero_si256();
-    let top = _mm256_set1_epi32(255);
-    // Grays (cr = 0) divide 0/0: NaN converts to INT_MIN; Pillow returns (0, 0, v) for them.
-    let gray = _mm256_cmpeq_epi32(cr, zero);
-    let uh = _mm256_andnot_si256(gray, _mm256_min_epi32(_mm256_max_epi32(uh, zero), top));
-    let us = _mm256_andnot_si256(gray, _mm256_min_epi32(_mm256_max_epi32(us, zero), top));
-    (uh, us, mx)
-}
-
-/// Pillow's `hx = h·6/255` (double), its sector `i` and `f = float(hx − i)` for 4 lanes (f32
-/// here changes ~0.01% of the outputs, so this stays double).
-#[inline(always)]
-unsafe fn hx_half(h: __m128i) -> (__m128i, __m128) {
-    let hx = _mm256_mul_pd(
-        _mm256_mul_pd(_mm256_cvtepi32_pd(h), _mm256_set1_pd(6.0)),
-        _mm256_set1_pd(1.0 / 255.0),
-    );
-    let i = _mm256_cvttpd_epi32(hx);
-    let f = _mm256_cvtpd_ps(_mm256_sub_pd(hx, _mm256_cvtepi32_pd(i)));
-    (i, f)
+    [uh, us, mx]
 }
 
 /// C `round` (half away from zero) of x ≥ 0, to i32.
@@ -142,10 +89,15 @@ unsafe fn pick(pk: __m256i, sec: __m256i, tab: __m256i) -> __m256i {
 /// Pillow hsv2rgb for 8 pixels. Pillow evaluates `p`, `q`, `t` in double; f32 gives the same
 /// rounded bytes on every input (checked exhaustively), at twice the lanes.
 #[inline(always)]
-unsafe fn hsv_to_rgb8(h: __m256i, s: __m256i, v: __m256i) -> (__m256i, __m256i, __m256i) {
-    let (i0, f0) = hx_half(lo(h));
-    let (i1, f1) = hx_half(hi(h));
-    let (i, f) = (join(i0, i1), joinps(f0, f1));
+unsafe fn hsv_to_rgb8(t: &RgbTables, h: __m256i, s: __m256i, v: __m256i) -> [__m256i; 3] {
+    // f = float(6h/255 − i) from the table; i = floor(6h/255) as (x + 1 + x/256)/256 of
+    // x = 6h (exact for x < 2^16).
+    let f = _mm256_i32gather_ps::<4>(t.f.as_ptr(), h);
+    let x = _mm256_mullo_epi32(h, _mm256_set1_epi32(6));
+    let i = _mm256_srli_epi32::<8>(_mm256_add_epi32(
+        _mm256_add_epi32(x, _mm256_set1_epi32(1)),
+        _mm256_srli_epi32::<8>(x),
+    ));
     let fs = _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(1.0 / 255.0));
     let one = _mm256_set1_ps(1.0);
     let vf = _mm256_cvtepi32_ps(v);
@@ -162,11 +114,11 @@ unsafe fn hsv_to_rgb8(h: __m256i, s: __m256i, v: __m256i) -> (__m256i, __m256i, 
         _mm256_or_si256(v, _mm256_slli_epi32::<8>(t)),
         _mm256_or_si256(_mm256_slli_epi32::<16>(p), _mm256_slli_epi32::<24>(q)),
     );
-    (
+    [
         pick(pk, sec, _mm256_setr_epi32(0, 24, 16, 16, 8, 0, 0, 0)),
         pick(pk, sec, _mm256_setr_epi32(8, 0, 0, 24, 16, 16, 0, 0)),
         pick(pk, sec, _mm256_setr_epi32(16, 16, 8, 0, 0, 24, 0, 0)),
-    )
+    ]
 }
 
 /// The hue op on planar rows: H += `shift` (uint8 wrap) through Pillow's HSV round trip.
@@ -180,11 +132,12 @@ pub unsafe fn hue_planes(r: &mut [u8], g: &mut [u8], b: &mut [u8], shift: u8) {
     assert!(n.is_multiple_of(8) && g.len() == n && b.len() == n);
     let sh = _mm256_set1_epi32(shift as i32);
     let m = _mm256_set1_epi32(255);
+    let (ht, rt) = (hsv_tables(), rgb_tables());
     let (r, g, b) = (r.as_mut_ptr(), g.as_mut_ptr(), b.as_mut_ptr());
     for k in (0..n).step_by(8) {
-        let (h, s, v) = rgb_to_hsv8(load8(r.add(k)), load8(g.add(k)), load8(b.add(k)));
+        let [h, s, v] = rgb_to_hsv8(ht, load8(r.add(k)), load8(g.add(k)), load8(b.add(k)));
         let h = _mm256_and_si256(_mm256_add_epi32(h, sh), m);
-        let (r2, g2, b2) = hsv_to_rgb8(h, s, v);
+        let [r2, g2, b2] = hsv_to_rgb8(rt, h, s, v);
         store8(r.add(k), r2);
         store8(g.add(k), g2);
         store8(b.add(k), b2);
@@ -199,9 +152,10 @@ pub unsafe fn hue_planes(r: &mut [u8], g: &mut [u8], b: &mut [u8], shift: u8) {
 pub unsafe fn rgb_to_hsv_planes(r: &mut [u8], g: &mut [u8], b: &mut [u8]) {
     let n = r.len();
     assert!(n.is_multiple_of(8) && g.len() == n && b.len() == n);
+    let t = hsv_tables();
     let (r, g, b) = (r.as_mut_ptr(), g.as_mut_ptr(), b.as_mut_ptr());
     for k in (0..n).step_by(8) {
-        let (h, s, v) = rgb_to_hsv8(load8(r.add(k)), load8(g.add(k)), load8(b.add(k)));
+        let [h, s, v] = rgb_to_hsv8(t, load8(r.add(k)), load8(g.add(k)), load8(b.add(k)));
         store8(r.add(k), h);
         store8(g.add(k), s);
         store8(b.add(k), v);
@@ -216,9 +170,10 @@ pub unsafe fn rgb_to_hsv_planes(r: &mut [u8], g: &mut [u8], b: &mut [u8]) {
 pub unsafe fn hsv_to_rgb_planes(h: &mut [u8], s: &mut [u8], v: &mut [u8]) {
     let n = h.len();
     assert!(n.is_multiple_of(8) && s.len() == n && v.len() == n);
+    let t = rgb_tables();
     let (h, s, v) = (h.as_mut_ptr(), s.as_mut_ptr(), v.as_mut_ptr());
     for k in (0..n).step_by(8) {
-        let (r, g, b) = hsv_to_rgb8(load8(h.add(k)), load8(s.add(k)), load8(v.add(k)));
+        let [r, g, b] = hsv_to_rgb8(t, load8(h.add(k)), load8(s.add(k)), load8(v.add(k)));
         store8(h.add(k), r);
         store8(s.add(k), g);
         store8(v.add(k), b);
