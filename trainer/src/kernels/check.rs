@@ -427,19 +427,11 @@ fn check_flash(out: &mut Vec<KernelResult>, s: &Shapes, dev: &Device, reps: usiz
             cdt: DType::BF16,
             pdt: DType::F32,
         };
+        // The engine's own composed path (`flash: false` in `ops`).
         let composed_step = |q: &Tensor, g: &Tensor, n: usize| -> Result<(Tensor, Tensor)> {
-            let (qh, kh, vh) = attention::split_qkv(q, n, t, heads)?;
-            let (o, p) = attention::forward(&ops, &qh, &kh, &vh, scale)?;
-            let o = attention::merge_heads(&o)?;
-            let c = attention::Composed {
-                q: qh,
-                k: kh,
-                v: vh,
-                p,
-            };
-            let (dq, dk, dv) =
-                attention::backward(&ops, &c, &attention::split_heads(g, n, heads)?, scale)?;
-            Ok((o, attention::merge_qkv(&dq, &dk, &dv)?))
+            let (o, saved) = attention::forward_rows(&ops, q, n, heads, scale, true)?;
+            let saved = saved.expect("saved");
+            Ok((o, attention::backward_rows(&ops, &saved, g, n, heads, scale)?))
         };
         let (q_dev, g_dev) = (qkv.to_device(dev)?, d_o.to_device(dev)?);
         let time = |f: &AttnStep| {
