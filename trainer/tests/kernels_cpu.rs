@@ -624,3 +624,78 @@ fn flash_attention_matches_autograd_attention() {
         assert_eq!(max_abs_diff(&plain.o, &f.o), 0.0);
     }
 }
+
+#[test]
+fn layer_norm_backward_residual_matches_autograd() {
+    use trainer::kernels::ln_residual::{layer_norm_backward_residual, Branch};
+    let (b, t, d) = (5, 7, 24);
+    let keep = 1.0 / 0.9;
+    let m = Tensor::from_vec(vec![0.0, keep, keep, 0.0, keep], (b, 1, 1), &Device::Cpu).unwrap();
+    let x = (rand(&[b * t, d], 40, 2.0) + 0.7).unwrap();
+    let w = rand(&[d], 41, 1.0);
+    let bias = rand(&[d], 42, 1.0);
+    let dy = rand(&[b * t, d], 43, 1.0);
+    let dres = rand(&[b, t, d], 44, 1.0);
+    // Independent reference: autograd through the composed LayerNorm, Σ LN(x)·dy.
+    let (xv, wv, bv) = (
+        Var::from_tensor(&x).unwrap(),
+        Var::from_tensor(&w).unwrap(),
+        Var::from_tensor(&bias).unwrap(),
+    );
+    let y = layer_norm(
+        xv.as_tensor(),
+        wv.as_tensor(),
+        bv.as_tensor(),
+        1e-6,
+        DType::F64,
+        false,
+    )
+    .unwrap();
+    let g = (y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+    let dx_ref = (&dres + g.get(xv.as_tensor()).unwrap().reshape((b, t, d)).unwrap()).unwrap();
+    let branch_ref = dx_ref.broadcast_mul(&m).unwrap();
+    let rel = |a: &Tensor, r: &Tensor| max_abs_diff(a, r) / max_abs(r);
+    for fused in [false, true] {
+        let branch = Some(Branch {
+            m: Some(&m),
+            dtype: DType::F64,
+        });
+        let o = layer_norm_backward_residual(&x, &w, &dy, &dres, 1e-6, branch, fused).unwrap();
+        let br = o.branch.expect("asked for");
+        assert_eq!(o.dx.dims(), &[b, t, d]);
+        assert!(rel(&o.dx, &dx_ref) < 1e-12, "fused {fused}: dx");
+        assert!(rel(&br, &branch_ref) < 1e-12, "fused {fused}: branch");
+        assert!(
+            rel(&o.dw, g.get(wv.as_tensor()).unwrap()) < 1e-12,
+            "fused {fused}: dw"
+        );
+        assert!(
+            rel(&o.db, g.get(bv.as_tensor()).unwrap()) < 1e-12,
+            "fused {fused}: db"
+        );
+        // Dropped samples pass no gradient to the branch below.
+        assert!(to_vec_f64(&br.get(3).unwrap()).iter().all(|v| *v == 0.0));
+        let none = layer_norm_backward_residual(&x, &w, &dy, &dres, 1e-6, None, fused).unwrap();
+        assert!(none.branch.is_none());
+        assert_eq!(to_vec_f64(&none.dx), to_vec_f64(&o.dx));
+    }
+    // bf16 training: f32 stream and parameters, bf16 dy, the branch gradient in bf16.
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    let (xf, wf, rf, mf) = (f32(&x), f32(&w), f32(&dres), f32(&m));
+    let dyb = dy.to_dtype(DType::BF16).unwrap();
+    let [c, f] = [false, true].map(|fused| {
+        let branch = Some(Branch {
+            m: Some(&mf),
+            dtype: DType::BF16,
+        });
+        layer_norm_backward_residual(&xf, &wf, &dyb, &rf, 1e-6, branch, fused).unwrap()
+    });
+    let (cb, fb) = (c.branch.unwrap(), f.branch.unwrap());
+    assert_eq!(
+        (f.dx.dtype(), fb.dtype(), f.dw.dtype()),
+        (DType::F32, DType::BF16, DType::F32)
+    );
+    assert!(rel(&f.dx, &c.dx) < 1e-5);
+    assert!(rel(&fb, &cb) < 1e-2);
+    assert!(rel(&f.dw, &c.dw) < 1e-5 && rel(&f.db, &c.db) < 1e-5);
+}

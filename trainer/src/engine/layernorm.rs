@@ -5,9 +5,11 @@
 //! stream or an activation the forward keeps anyway); μ and rstd are recomputed from it by the
 //! backward (one read of x, fused into the backward kernel).
 //! backward: x̂ = (x − μ)·rstd, g = dy·w: dx = rstd·(g − mean g − x̂·mean(g·x̂)) (`=`),
-//! dw += Σ dy·x̂, db += Σ dy.
+//! dw += Σ dy·x̂, db += Σ dy. In a block the residual stream's gradient is added to dx and the
+//! next branch's gradient made in the same pass ([`LayerNorm::backward_residual`]).
 
 use super::{Grads, Ops};
+use crate::kernels::ln_residual::{layer_norm_backward_residual, Branch};
 use crate::kernels::{layer_norm, layer_norm_backward};
 use candle_core::{DType, Result, Tensor};
 
@@ -36,5 +38,23 @@ impl LayerNorm {
         grads.add(self.w_id, &dw)?;
         grads.add(self.b_id, &db)?;
         Ok(dx)
+    }
+
+    /// A pre-norm branch's LayerNorm backward inside the residual stream: returns
+    /// dres + dx (dres's shape and dtype) and, with `branch`, that times the next branch's
+    /// per-sample multipliers in its dtype; dw, db into `grads`.
+    pub fn backward_residual(
+        &self,
+        ops: &Ops,
+        x: &Tensor,
+        dy: &Tensor,
+        dres: &Tensor,
+        branch: Option<Branch<'_>>,
+        grads: &mut Grads,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let g = layer_norm_backward_residual(x, &self.w, dy, dres, self.eps, branch, ops.fused)?;
+        grads.add(self.w_id, &g.dw)?;
+        grads.add(self.b_id, &g.db)?;
+        Ok((g.dx, g.branch))
     }
 }

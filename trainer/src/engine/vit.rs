@@ -15,6 +15,7 @@ use super::attention::{self, AttnSaved};
 use super::layernorm::LayerNorm;
 use super::linear::Linear;
 use super::{Grads, Ops};
+use crate::kernels::ln_residual::{scale_cast, Branch};
 use crate::kernels::residual_add;
 use crate::prof;
 use candle_core::{Result, Tensor};
@@ -39,12 +40,12 @@ pub struct BlockSaved {
     fc1_pre: Tensor,
 }
 
-/// `dy·m` per sample (the stochastic-depth multiplier's backward), in `dt`.
-fn masked(dy: &Tensor, m: Option<&Tensor>, dt: candle_core::DType) -> Result<Tensor> {
-    match m {
-        Some(m) => dy.broadcast_mul(m)?.to_dtype(dt),
-        None => dy.to_dtype(dt),
-    }
+/// The residual stream's gradient entering a block's backward from above: `dx` and the MLP
+/// branch's gradient `dx·m₂` in the compute dtype (made by the LayerNorm backward above, in the
+/// same pass as dx).
+pub struct DStream {
+    pub dx: Tensor,
+    pub branch: Tensor,
 }
 
 impl Block {
@@ -81,38 +82,44 @@ impl Block {
         Ok((x2, saved))
     }
 
-    /// dx₂ `[B, T, D]` → dx (parameter dtype).
+    /// dx₂ `[B, T, D]` (and its MLP-branch part) → dx (parameter dtype) and, with `below`, the
+    /// MLP-branch gradient of the block below (its multipliers applied).
+    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         ops: &Ops,
         heads: usize,
         s: &BlockSaved,
-        dx2: &Tensor,
+        d2: DStream,
         drop: Option<&(Tensor, Tensor)>,
+        below: Option<Branch<'_>>,
         grads: &mut Grads,
-    ) -> Result<Tensor> {
-        let (b, t, d) = dx2.dims3()?;
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (b, t, d) = d2.dx.dims3()?;
         // MLP branch.
-        let dm = masked(dx2, drop.map(|m| &m.1), ops.cdt)?.reshape((b * t, d))?;
+        let dm = d2.branch.reshape((b * t, d))?;
         let gelu = self.fc1.gelu_of(ops, &s.fc1_pre)?;
         let dgelu = self
             .fc2
             .backward(ops, &gelu, &dm, grads, true)?
             .expect("dx");
-        std::mem::drop(gelu);
+        std::mem::drop((gelu, dm));
         let rows1 = s.x1.reshape((b * t, d))?;
         let ln2 = self.norm2.forward(ops, &rows1, ops.cdt)?;
         let dln2 = self
             .fc1
             .backward_gelu(ops, &ln2, &s.fc1_pre, &dgelu, grads)?;
         std::mem::drop(ln2);
-        let dx1 = (dx2
-            + self
-                .norm2
-                .backward(ops, &rows1, &dln2, grads)?
-                .reshape((b, t, d))?)?;
+        let attn_branch = Branch {
+            m: drop.map(|m| &m.0),
+            dtype: ops.cdt,
+        };
+        let (dx1, da) =
+            self.norm2
+                .backward_residual(ops, &rows1, &dln2, &d2.dx, Some(attn_branch), grads)?;
+        std::mem::drop((d2, dln2));
         // Attention branch.
-        let da = masked(&dx1, drop.map(|m| &m.0), ops.cdt)?.reshape((b * t, d))?;
+        let da = da.expect("asked for").reshape((b * t, d))?;
         let dheads = self
             .proj
             .backward(ops, &s.heads_out, &da, grads, true)?
@@ -126,10 +133,8 @@ impl Block {
             .backward(ops, &ln1, &dqkv, grads, true)?
             .expect("dx");
         std::mem::drop(ln1);
-        dx1 + self
-            .norm1
-            .backward(ops, &rows, &dln1, grads)?
-            .reshape((b, t, d))?
+        self.norm1
+            .backward_residual(ops, &rows, &dln1, &dx1, below, grads)
     }
 }
 
@@ -256,13 +261,31 @@ impl Backbone {
             grid,
             blocks: mut saved,
         } = s;
-        let mut dx = d_tokens.clone();
+        let mlp_branch = |i: usize| Branch {
+            m: drop.map(|m: &Vec<(Tensor, Tensor)>| &m[i].1),
+            dtype: ops.cdt,
+        };
+        let top = mlp_branch(self.blocks.len() - 1);
+        let mut d2 = DStream {
+            dx: d_tokens.clone(),
+            branch: scale_cast(d_tokens, top.m, top.dtype)?,
+        };
+        let mut dx = None;
         for (i, blk) in self.blocks.iter().enumerate().rev() {
             let bs = saved.pop().expect("one saved entry per block");
-            dx = prof::time(dx.device(), "engine: block backward", || {
-                blk.backward(ops, self.heads, &bs, &dx, drop.map(|m| &m[i]), grads)
+            let below = (i > 0).then(|| mlp_branch(i - 1));
+            let (d, branch) = prof::time(d_tokens.device(), "engine: block backward", || {
+                blk.backward(ops, self.heads, &bs, d2, drop.map(|m| &m[i]), below, grads)
             })?;
+            match branch {
+                Some(branch) => d2 = DStream { dx: d, branch },
+                None => {
+                    dx = Some(d);
+                    break;
+                }
+            }
         }
+        let dx = dx.expect("block 0 returns dx alone");
         let (b, t, d) = dx.dims3()?;
         // Tokens: [cls, cls+, patches] + pos.
         let dsum = dx.sum_keepdim(0)?; // [1, T, D]

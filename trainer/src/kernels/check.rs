@@ -12,6 +12,7 @@
 
 use super::adamw::{meta_tensor, AdamwEma, Segment};
 use super::flash;
+use super::ln_residual::{layer_norm_backward_residual, Branch};
 use super::{attn_softmax, bias_add, bias_gelu, centered_softmax, layer_norm, soft_ce_rows};
 use crate::config::TrainConfig;
 use crate::optim::{ema_update, AdamW};
@@ -431,7 +432,10 @@ fn check_flash(out: &mut Vec<KernelResult>, s: &Shapes, dev: &Device, reps: usiz
         let composed_step = |q: &Tensor, g: &Tensor, n: usize| -> Result<(Tensor, Tensor)> {
             let (o, saved) = attention::forward_rows(&ops, q, n, heads, scale, true)?;
             let saved = saved.expect("saved");
-            Ok((o, attention::backward_rows(&ops, &saved, g, n, heads, scale)?))
+            Ok((
+                o,
+                attention::backward_rows(&ops, &saved, g, n, heads, scale)?,
+            ))
         };
         let (q_dev, g_dev) = (qkv.to_device(dev)?, d_o.to_device(dev)?);
         let time = |f: &AttnStep| {
@@ -572,6 +576,45 @@ pub fn run(dev: &Device, s: &Shapes, reps: usize) -> Result<CheckReport> {
             &f,
             vec![x, a, m?],
             &[0, 1],
+            dev,
+            reps,
+        )?;
+
+        // The LayerNorm backward inside the residual stream (f32 stream and parameters, dy and
+        // the next branch's gradient in dt): dx, that branch, dw and db in one vector.
+        let x = rand_t(&[s.rows, s.dim], 25, -3.0, 3.0)?;
+        let w = rand_t(&[s.dim], 26, 0.5, 1.5)?;
+        let dy = cast(rand_t(&[s.rows, s.dim], 27, -1.0, 1.0)?)?;
+        let dres = rand_t(&[s.batch, s.rows / s.batch, s.dim], 28, -1.0, 1.0)?;
+        let m = (rand_t(&[s.batch], 29, 0.0, 1.0)?
+            .ge(0.1)?
+            .to_dtype(DType::F32)?
+            / 0.9)?;
+        let f = move |t: &[Tensor], fused: bool| {
+            let branch = Some(Branch {
+                m: Some(&t[4]),
+                dtype: dt,
+            });
+            let g = layer_norm_backward_residual(&t[0], &t[1], &t[2], &t[3], 1e-6, branch, fused)?;
+            let flat = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F32);
+            Tensor::cat(
+                &[
+                    flat(&g.dx)?,
+                    flat(&g.branch.expect("asked for"))?,
+                    flat(&g.dw)?,
+                    flat(&g.db)?,
+                ],
+                0,
+            )
+        };
+        check(
+            &mut out,
+            "layer_norm_backward_residual",
+            format!("[{}, {}]", s.rows, s.dim),
+            dt,
+            &f,
+            vec![x, w, dy, dres, m],
+            &[],
             dev,
             reps,
         )?;

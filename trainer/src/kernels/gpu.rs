@@ -132,6 +132,18 @@ pub fn per_row(rows: usize, threads: u32) -> LaunchConfig {
     }
 }
 
+/// The fused LayerNorm backward (`ln_bwd_residual_*`): 8 warps per block, a warp per row, 128
+/// rows per block (then one atomicAdd per column and block for dw/db). Returns the rows per block.
+pub fn ln_residual(rows: usize) -> (LaunchConfig, usize) {
+    const ROWS_PER_BLOCK: usize = 128;
+    let cfg = LaunchConfig {
+        grid_dim: (rows.div_ceil(ROWS_PER_BLOCK).max(1) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    (cfg, ROWS_PER_BLOCK)
+}
+
 /// A grid-stride elementwise launch over `n` elements.
 pub fn elementwise(n: usize) -> LaunchConfig {
     let threads = 256u32;

@@ -22,6 +22,7 @@ mod cpu;
 pub mod flash;
 #[cfg(feature = "cuda")]
 mod gpu;
+pub mod ln_residual;
 mod ops;
 
 pub use ops::{

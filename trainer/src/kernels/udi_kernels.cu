@@ -393,6 +393,91 @@ __device__ void attn_softmax_bwd(const T *y, const T *dy, T *dx, size_t rows, in
 SM_INST(f32, float)
 SM_INST(bf16, bf16)
 
+// ---- LayerNorm backward fused with the residual stream's gradient (pre-norm blocks) ------------
+// A warp per row (blockDim.x/32 warps take rows [blockIdx.x·rows_per_block, +rows_per_block) in
+// turn): dx = dres + rstd·(g − mean(g·x̂)·x̂ − mean g), g = w·dy (x, dres, dx f32: the residual
+// stream); when write_branch, branch = dx·m[row / per] in dy's dtype (the next branch's gradient);
+// dw += Σ dy·x̂, db += Σ dy into dwdb[0..d) / [d..2d) (zeroed by the caller): per lane in
+// registers, summed over the block's warps in shared memory, one atomicAdd per column and block.
+// Needs d ≤ 32·LNR_COLS and blockDim.x = 256 (4 blocks per SM at 64 registers).
+#define LNR_COLS 16
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+  return v;
+}
+
+template <typename TO>
+__device__ void ln_bwd_residual(const float *x, const float *w, const TO *dy, const float *dres,
+                                const float *m, float *dx, TO *branch, float *dwdb, int rows, int d,
+                                float eps, int rows_per_block, int per, int write_branch) {
+  __shared__ float acc[2 * 32 * LNR_COLS];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  for (int j = threadIdx.x; j < 2 * d; j += blockDim.x) acc[j] = 0.f;
+  float aw[LNR_COLS], ab[LNR_COLS];
+#pragma unroll
+  for (int c = 0; c < LNR_COLS; c++) aw[c] = ab[c] = 0.f;
+  const int r0 = blockIdx.x * rows_per_block;
+  const int r1 = min(rows, r0 + rows_per_block);
+  for (int r = r0 + warp; r < r1; r += nwarps) {
+    const size_t o = (size_t)r * d;
+    float s = 0.f;
+    for (int j = lane; j < d; j += 32) s += x[o + j];
+    const float mean = warp_sum(s) / d;
+    float q = 0.f;
+    for (int j = lane; j < d; j += 32) {
+      const float c = x[o + j] - mean;
+      q += c * c;
+    }
+    const float rstd = rsqrtf(warp_sum(q) / d + eps);
+    float s1 = 0.f, s2 = 0.f;
+#pragma unroll
+    for (int c = 0; c < LNR_COLS; c++) {
+      const int j = lane + 32 * c;
+      if (j < d) {
+        const float xh = (x[o + j] - mean) * rstd, gy = to_f(dy[o + j]), g = w[j] * gy;
+        s1 += g * xh;
+        s2 += g;
+        aw[c] += gy * xh;
+        ab[c] += gy;
+      }
+    }
+    const float c1 = warp_sum(s1) / d, c2 = warp_sum(s2) / d;
+    const float mr = m[r / per];
+#pragma unroll
+    for (int c = 0; c < LNR_COLS; c++) {
+      const int j = lane + 32 * c;
+      if (j < d) {
+        const float xh = (x[o + j] - mean) * rstd, g = w[j] * to_f(dy[o + j]);
+        const float v = dres[o + j] + rstd * (g - c1 * xh - c2);
+        dx[o + j] = v;
+        if (write_branch) branch[o + j] = from_f<TO>(v * mr);
+      }
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int c = 0; c < LNR_COLS; c++) {
+    const int j = lane + 32 * c;
+    if (j < d) {
+      atomicAdd(acc + j, aw[c]);
+      atomicAdd(acc + d + j, ab[c]);
+    }
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < 2 * d; j += blockDim.x) atomicAdd(dwdb + j, acc[j]);
+}
+
+#define LNR_INST(SUF, TO)                                                                         \
+  extern "C" __global__ void __launch_bounds__(256, 4) ln_bwd_residual_##SUF(                     \
+      const float *x, const float *w, const TO *dy, const float *dres, const float *m, float *dx,  \
+      TO *branch, float *dwdb, int rows, int d, float eps, int rows_per_block, int per,            \
+      int write_branch) {                                                                         \
+    ln_bwd_residual<TO>(x, w, dy, dres, m, dx, branch, dwdb, rows, d, eps, rows_per_block, per,   \
+                        write_branch);                                                            \
+  }
+LNR_INST(f32, float)
+LNR_INST(bf16, bf16)
+
 // ---- multi-tensor AdamW + teacher EMA over flat f32 buffers -----------------------------------
 // state = [p | m | v | t] (4·n floats): student params, Adam moments, teacher params; g = flat
 // gradients (n). Segment s (one parameter) is meta[8s .. 8s+8) as u32:
