@@ -147,18 +147,10 @@ pub fn render(img: &RgbImage, sample: &Sample, aug: &AugmentConfig) -> Canvas {
             margin + sh + margin + gz + margin + row * (lz + margin),
         ));
     }
-    for v in 0..2 {
+    for (v, &(x, y)) in origin.iter().take(2).enumerate() {
         let data = &sample.globals[v * gs * gs * 3..(v + 1) * gs * gs * 3];
-        blit(&mut c, data, gs, gs, origin[v].0, origin[v].1, crop_zoom);
-        rect(
-            &mut c,
-            origin[v].0 - 2,
-            origin[v].1 - 2,
-            origin[v].0 + gz + 1,
-            origin[v].1 + gz + 1,
-            colour(v),
-            2,
-        );
+        blit(&mut c, data, gs, gs, x, y, crop_zoom);
+        rect(&mut c, x - 2, y - 2, x + gz + 1, y + gz + 1, colour(v), 2);
     }
     for k in 0..n_local {
         let data = &sample.locals[k * ls * ls * 3..(k + 1) * ls * ls * 3];

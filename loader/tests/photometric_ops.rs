@@ -165,7 +165,8 @@ fn pillow_blur_direct(img: &[u8], w: usize, h: usize, sigma: f32) -> Vec<u8> {
     let mut cur = img.to_vec();
     for horizontal in [true, true, true, false, false, false] {
         let prev = cur.clone();
-        let (n, at): (isize, Box<dyn Fn(usize, usize, isize, usize) -> u32>) = if horizontal {
+        type At<'a> = Box<dyn Fn(usize, usize, isize, usize) -> u32 + 'a>;
+        let (n, at): (isize, At<'_>) = if horizontal {
             (
                 w as isize,
                 Box::new(|x, y, d, c| {
