@@ -699,3 +699,60 @@ fn layer_norm_backward_residual_matches_autograd() {
     assert!(rel(&fb, &cb) < 1e-2);
     assert!(rel(&f.dw, &c.dw) < 1e-5 && rel(&f.db, &c.db) < 1e-5);
 }
+
+#[test]
+fn residual_add_layer_norm_matches_composed() {
+    use trainer::kernels::ln_residual::residual_add_layer_norm;
+    let (b, t, d) = (5, 7, 24);
+    let keep = 1.0 / 0.9;
+    let m = Tensor::from_vec(vec![0.0, keep, keep, 0.0, keep], (b, 1, 1), &Device::Cpu).unwrap();
+    let x = rand(&[b, t, d], 50, 2.0);
+    let a = rand(&[b, t, d], 51, 2.0);
+    let w = rand(&[d], 52, 1.0);
+    let bias = rand(&[d], 53, 1.0);
+    // The composed ops, each checked against autograd/definitions above.
+    let y_ref = residual_add(&x, &a, Some(&m), false).unwrap();
+    let ln_ref = layer_norm(
+        &y_ref.reshape((b * t, d)).unwrap(),
+        &w,
+        &bias,
+        1e-6,
+        DType::F64,
+        false,
+    )
+    .unwrap();
+    let rel = |a: &Tensor, r: &Tensor| max_abs_diff(a, r) / max_abs(r);
+    for fused in [false, true] {
+        let (y, ln) =
+            residual_add_layer_norm(&x, &a, Some(&m), &w, &bias, 1e-6, DType::F64, fused).unwrap();
+        assert_eq!((y.dims(), ln.dims()), (&[b, t, d][..], &[b * t, d][..]));
+        assert!(rel(&y, &y_ref) < 1e-15, "fused {fused}: y");
+        assert!(rel(&ln, &ln_ref) < 1e-12, "fused {fused}: LN(y)");
+        // A dropped sample's stream passes through unchanged.
+        assert_eq!(
+            to_vec_f64(&y.get(0).unwrap()),
+            to_vec_f64(&x.get(0).unwrap())
+        );
+    }
+    // bf16 training: f32 stream and parameters, bf16 branch and LayerNorm output.
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    let ab = a.to_dtype(DType::BF16).unwrap();
+    let [c, f] = [false, true].map(|fused| {
+        residual_add_layer_norm(
+            &f32(&x),
+            &ab,
+            Some(&f32(&m)),
+            &f32(&w),
+            &f32(&bias),
+            1e-6,
+            DType::BF16,
+            fused,
+        )
+        .unwrap()
+    });
+    assert_eq!((f.0.dtype(), f.1.dtype()), (DType::F32, DType::BF16));
+    assert!(rel(&f.0, &c.0) < 1e-6);
+    assert!(rel(&f.1, &c.1) < 1e-2);
+    let none = residual_add_layer_norm(&x, &a, None, &w, &bias, 1e-6, DType::F64, true).unwrap();
+    assert!(rel(&none.0, &(&x + &a).unwrap()) < 1e-15);
+}

@@ -5,11 +5,12 @@
 //! stream or an activation the forward keeps anyway); μ and rstd are recomputed from it by the
 //! backward (one read of x, fused into the backward kernel).
 //! backward: x̂ = (x − μ)·rstd, g = dy·w: dx = rstd·(g − mean g − x̂·mean(g·x̂)) (`=`),
-//! dw += Σ dy·x̂, db += Σ dy. In a block the residual stream's gradient is added to dx and the
-//! next branch's gradient made in the same pass ([`LayerNorm::backward_residual`]).
+//! dw += Σ dy·x̂, db += Σ dy. In a block the residual update runs in the same pass as the
+//! LayerNorm after it ([`LayerNorm::forward_residual`]); backward, the stream's gradient is added
+//! to dx and the next branch's gradient made in the same pass ([`LayerNorm::backward_residual`]).
 
 use super::{Grads, Ops};
-use crate::kernels::ln_residual::{layer_norm_backward_residual, Branch};
+use crate::kernels::ln_residual::{layer_norm_backward_residual, residual_add_layer_norm, Branch};
 use crate::kernels::{layer_norm, layer_norm_backward};
 use candle_core::{DType, Result, Tensor};
 
@@ -24,6 +25,19 @@ pub struct LayerNorm {
 impl LayerNorm {
     pub fn forward(&self, ops: &Ops, x: &Tensor, out: DType) -> Result<Tensor> {
         layer_norm(x, &self.w, &self.b, self.eps, out, ops.fused)
+    }
+
+    /// The residual update before this LayerNorm and the LayerNorm itself: y = x + m·a (x's
+    /// dtype and shape; `m` per sample) and LN(y) as rows in `out`.
+    pub fn forward_residual(
+        &self,
+        ops: &Ops,
+        x: &Tensor,
+        a: &Tensor,
+        m: Option<&Tensor>,
+        out: DType,
+    ) -> Result<(Tensor, Tensor)> {
+        residual_add_layer_norm(x, a, m, &self.w, &self.b, self.eps, out, ops.fused)
     }
 
     /// Returns dx (x's dtype); dw, db into `grads`.

@@ -7,9 +7,10 @@
 //!
 //! Saved per block (student only; the teacher's forward keeps nothing): the block input x,
 //! what the attention's backward reads (the qkv rows and the flash output, or Q/K/V and P), the
-//! merged heads (proj input), x₁, the LN₂ output, fc1's pre-bias
-//! product and the GELU output (fc2 input). The backward runs the calls in reverse; the residual
-//! gradient passes through and each branch adds its input gradient to it.
+//! merged heads (proj input), x₁ and fc1's pre-bias product; the backward recomputes the
+//! LayerNorm and GELU outputs. Each residual update runs in one pass with the LayerNorm after it
+//! (LN₂ in the block, the next block's LN₁); backward, each LayerNorm's backward adds the stream's
+//! gradient and makes the next branch's masked gradient in the same pass.
 
 use super::attention::{self, AttnSaved};
 use super::layernorm::LayerNorm;
@@ -49,29 +50,40 @@ pub struct DStream {
 }
 
 impl Block {
-    /// `x` `[B, T, D]` (parameter dtype) → x₂, and what the backward needs when `save`.
+    /// `x` `[B, T, D]` (parameter dtype) and `ln1` = LN₁(x) rows → x₂, LN of x₂ by `next` (the
+    /// next block's first LayerNorm, made in the residual update's pass) and what the backward
+    /// needs when `save`.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         ops: &Ops,
         heads: usize,
         x: &Tensor,
+        ln1: Tensor,
         drop: Option<&(Tensor, Tensor)>,
+        next: Option<&LayerNorm>,
         save: bool,
-    ) -> Result<(Tensor, Option<BlockSaved>)> {
+    ) -> Result<(Tensor, Option<Tensor>, Option<BlockSaved>)> {
         let (b, t, d) = x.dims3()?;
-        let rows = x.reshape((b * t, d))?;
-        let ln1 = self.norm1.forward(ops, &rows, ops.cdt)?;
         let scale = ((d / heads) as f64).powf(-0.5);
         let qkv = self.qkv.forward(ops, &ln1)?;
+        std::mem::drop(ln1);
         let (heads_out, attn) = attention::forward_rows(ops, &qkv, b, heads, scale, save)?;
         let a = self.proj.forward(ops, &heads_out)?.reshape((b, t, d))?;
-        let x1 = residual_add(x, &a, drop.map(|m| &m.0), ops.fused)?;
-        let rows1 = x1.reshape((b * t, d))?;
-        let ln2 = self.norm2.forward(ops, &rows1, ops.cdt)?;
+        let (x1, ln2) = self
+            .norm2
+            .forward_residual(ops, x, &a, drop.map(|m| &m.0), ops.cdt)?;
         let (gelu, fc1_pre) = self.fc1.forward_gelu(ops, &ln2)?;
+        std::mem::drop((a, ln2));
         let m = self.fc2.forward(ops, &gelu)?.reshape((b, t, d))?;
-        let x2 = residual_add(&x1, &m, drop.map(|m| &m.1), ops.fused)?;
-        std::mem::drop((ln1, ln2, gelu));
+        std::mem::drop(gelu);
+        let (x2, ln_next) = match next {
+            Some(norm) => {
+                let (x2, ln) = norm.forward_residual(ops, &x1, &m, drop.map(|m| &m.1), ops.cdt)?;
+                (x2, Some(ln))
+            }
+            None => (residual_add(&x1, &m, drop.map(|m| &m.1), ops.fused)?, None),
+        };
         let saved = save.then(|| BlockSaved {
             x: x.clone(),
             attn: attn.expect("saved"),
@@ -79,7 +91,7 @@ impl Block {
             x1,
             fc1_pre,
         });
-        Ok((x2, saved))
+        Ok((x2, ln_next, saved))
     }
 
     /// dx₂ `[B, T, D]` (and its MLP-branch part) → dx (parameter dtype) and, with `below`, the
@@ -219,11 +231,20 @@ impl Backbone {
             true => "engine: block forward (student, saving)",
             false => "engine: block forward (teacher)",
         };
+        let mut ln = Some(self.blocks[0].norm1.forward(
+            ops,
+            &x.reshape((b * (grid * grid + 2), d))?,
+            ops.cdt,
+        )?);
         for (i, blk) in self.blocks.iter().enumerate() {
-            let (y, s) = prof::time(images.device(), scope, || {
-                blk.forward(ops, self.heads, &x, drop.map(|m| &m[i]), save)
+            let next = self.blocks.get(i + 1).map(|n| &n.norm1);
+            let ln1 = ln
+                .take()
+                .expect("each block's LN₁ comes from the update before it");
+            let (y, l, s) = prof::time(images.device(), scope, || {
+                blk.forward(ops, self.heads, &x, ln1, drop.map(|m| &m[i]), next, save)
             })?;
-            x = y;
+            (x, ln) = (y, l);
             saved.extend(s);
         }
         Ok((

@@ -12,7 +12,7 @@
 
 use super::adamw::{meta_tensor, AdamwEma, Segment};
 use super::flash;
-use super::ln_residual::{layer_norm_backward_residual, Branch};
+use super::ln_residual::{layer_norm_backward_residual, residual_add_layer_norm, Branch};
 use super::{attn_softmax, bias_add, bias_gelu, centered_softmax, layer_norm, soft_ce_rows};
 use crate::config::TrainConfig;
 use crate::optim::{ema_update, AdamW};
@@ -576,6 +576,35 @@ pub fn run(dev: &Device, s: &Shapes, reps: usize) -> Result<CheckReport> {
             &f,
             vec![x, a, m?],
             &[0, 1],
+            dev,
+            reps,
+        )?;
+
+        // The residual update and the LayerNorm after it: y and LN(y) in one vector.
+        let x = rand_t(&[s.batch, s.rows / s.batch, s.dim], 30, -3.0, 3.0)?;
+        let a = cast(rand_t(&[s.batch, s.rows / s.batch, s.dim], 31, -3.0, 3.0)?)?;
+        let m = (rand_t(&[s.batch], 32, 0.0, 1.0)?
+            .ge(0.1)?
+            .to_dtype(DType::F32)?
+            / 0.9)?;
+        let w = rand_t(&[s.dim], 33, 0.5, 1.5)?;
+        let b = rand_t(&[s.dim], 34, -0.5, 0.5)?;
+        let f = move |t: &[Tensor], fused: bool| {
+            let (y, ln) =
+                residual_add_layer_norm(&t[0], &t[1], Some(&t[2]), &t[3], &t[4], 1e-6, dt, fused)?;
+            Tensor::cat(
+                &[y.flatten_all()?, ln.flatten_all()?.to_dtype(DType::F32)?],
+                0,
+            )
+        };
+        check(
+            &mut out,
+            "residual_add_layer_norm",
+            format!("[{}, {}]", s.rows, s.dim),
+            dt,
+            &f,
+            vec![x, a, m, w, b],
+            &[],
             dev,
             reps,
         )?;

@@ -1,5 +1,10 @@
-//! The LayerNorm backward of a pre-norm branch fused with the residual stream's gradient.
+//! A pre-norm block's residual update fused with the next LayerNorm, forward and backward.
 //!
+//! Forward ([`residual_add_layer_norm`]): y = x + m·a (the branch output added to the stream,
+//! m its per-sample stochastic-depth multiplier) and LN(y) for the next branch in one pass, where
+//! composed the LayerNorm reads y back (4 of 18 bytes per element in bf16 training).
+//!
+//! Backward ([`layer_norm_backward_residual`]):
 //! In a block, the stream's gradient `dres` passes the branch by and the branch's LayerNorm adds
 //! its input gradient to it: dx = dres + rstd·(g − mean(g·x̂)·x̂ − mean g), g = w·dy. The next
 //! branch down reads dx·m (its stochastic-depth multiplier per sample) in the compute dtype, and
@@ -7,7 +12,7 @@
 //! (each reading x and dy), an add and a scale-and-cast; fused, one pass reads x, dy and dres once
 //! and writes dx and the branch's gradient (34 → 16 bytes per element in bf16 training).
 
-use super::layer_norm_backward;
+use super::{layer_norm, layer_norm_backward, residual_add};
 use candle_core::{DType, Result, Tensor};
 
 /// What the fused backward returns: dx (dres's dtype and shape), the next branch's gradient
@@ -37,6 +42,70 @@ pub fn scale_cast(dx: &Tensor, m: Option<&Tensor>, dtype: DType) -> Result<Tenso
         }
         None => dx.to_dtype(dtype),
     }
+}
+
+/// `(y, LN(y))` with y = x + m·cast(a): x `[B, T, D]` (the stream, parameter dtype), a the
+/// branch output (same shape, compute dtype), `m` one multiplier per sample or none; LN(y) as
+/// `[B·T, D]` rows in `out`, y in x's dtype and shape.
+#[allow(clippy::too_many_arguments)]
+pub fn residual_add_layer_norm(
+    x: &Tensor,
+    a: &Tensor,
+    m: Option<&Tensor>,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f64,
+    out: DType,
+    fused: bool,
+) -> Result<(Tensor, Tensor)> {
+    let d = w.elem_count();
+    #[cfg(feature = "cuda")]
+    if fused && x.device().is_cuda() {
+        return cuda_forward(x, a, m, w, b, eps, out);
+    }
+    if fused && x.device().is_cpu() {
+        return reference_forward(x, a, m, w, b, eps, out);
+    }
+    let y = residual_add(x, a, m, fused)?;
+    let ln = layer_norm(&y.reshape(((), d))?, w, b, eps, out, fused)?;
+    Ok((y, ln))
+}
+
+/// The forward's definitions in f64; y is rounded to x's dtype before the LayerNorm reads it,
+/// as the kernel does.
+#[allow(clippy::too_many_arguments)]
+fn reference_forward(
+    x: &Tensor,
+    a: &Tensor,
+    m: Option<&Tensor>,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f64,
+    out: DType,
+) -> Result<(Tensor, Tensor)> {
+    let d = w.elem_count();
+    let n = x.elem_count();
+    let f64s = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>();
+    let (xs, as_, ws, bs) = (f64s(x)?, f64s(a)?, f64s(w)?, f64s(b)?);
+    if as_.len() != n || !n.is_multiple_of(d) {
+        candle_core::bail!("residual + ln: x {n}, a {}, d {d}", as_.len());
+    }
+    let (m, per) = multipliers(x, n / d, m, DType::F64)?;
+    let m = f64s(&m)?;
+    let y: Vec<f64> = (0..n).map(|i| xs[i] + m[i / d / per] * as_[i]).collect();
+    let y = Tensor::from_vec(y, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    let ys = f64s(&y)?;
+    let mut ln = vec![0.0; n];
+    for (yr, lr) in ys.chunks(d).zip(ln.chunks_mut(d)) {
+        let mean = yr.iter().sum::<f64>() / d as f64;
+        let var = yr.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / d as f64;
+        let rstd = 1.0 / (var + eps).sqrt();
+        for j in 0..d {
+            lr[j] = (yr[j] - mean) * rstd * ws[j] + bs[j];
+        }
+    }
+    let ln = Tensor::from_vec(ln, (n / d, d), x.device())?.to_dtype(out)?;
+    Ok((y, ln))
 }
 
 /// The most columns the CUDA kernel takes (32 lanes × 16 per lane); wider rows are composed.
@@ -71,24 +140,25 @@ pub fn layer_norm_backward_residual(
     reference(x, w, dy, dres, eps, branch)
 }
 
-/// Per-sample multipliers as `[B]` in `dtype` (ones without a mask) and the rows per sample.
+/// Per-sample multipliers as `[B]` in `dtype` (ones without a mask; B = the stream's leading
+/// dim) and the rows per sample.
 fn multipliers(
-    dres: &Tensor,
+    stream: &Tensor,
     rows: usize,
     m: Option<&Tensor>,
     dtype: DType,
 ) -> Result<(Tensor, usize)> {
-    let samples = dres.dim(0)?;
+    let samples = stream.dim(0)?;
     if samples == 0 || !rows.is_multiple_of(samples) {
-        candle_core::bail!("ln backward: {rows} rows do not split over {samples} samples");
+        candle_core::bail!("residual stream: {rows} rows do not split over {samples} samples");
     }
     let m = match m {
         Some(m) => m.flatten_all()?.to_dtype(dtype)?,
-        None => Tensor::ones(samples, dtype, dres.device())?,
+        None => Tensor::ones(samples, dtype, stream.device())?,
     };
     if m.elem_count() != samples {
         candle_core::bail!(
-            "ln backward: {} multipliers for {samples} samples",
+            "residual stream: {} multipliers for {samples} samples",
             m.elem_count()
         );
     }
@@ -265,4 +335,89 @@ fn cuda(
         dw: dwdb.narrow(0, 0, 1)?.reshape(w.shape())?,
         db: dwdb.narrow(0, 1, 1)?.reshape(w.shape())?,
     })
+}
+
+/// `residual_ln_fwd_{a}_{out}`: f32 stream and parameters, a and LN(y) in the compute dtype.
+#[cfg(feature = "cuda")]
+#[allow(clippy::too_many_arguments)]
+fn cuda_forward(
+    x: &Tensor,
+    a: &Tensor,
+    m: Option<&Tensor>,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f64,
+    out: DType,
+) -> Result<(Tensor, Tensor)> {
+    use super::gpu;
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+    use candle_core::op::BackpropOp;
+    use candle_core::{bail, Storage};
+
+    let d = w.elem_count();
+    let rows = x.elem_count() / d.max(1);
+    let (x, a) = (x.contiguous()?, a.contiguous()?);
+    let (m, per) = multipliers(&x, rows, m, DType::F32)?;
+    let (xs, xl) = x.storage_and_layout();
+    let (as_, al) = a.storage_and_layout();
+    let (ms, ml) = m.storage_and_layout();
+    let (ws, wl) = w.storage_and_layout();
+    let (bs, bl) = b.storage_and_layout();
+    let (
+        Storage::Cuda(xs),
+        Storage::Cuda(as_),
+        Storage::Cuda(ms),
+        Storage::Cuda(ws),
+        Storage::Cuda(bs),
+    ) = (&*xs, &*as_, &*ms, &*ws, &*bs)
+    else {
+        bail!("residual + ln: every input must be on the same CUDA device")
+    };
+    let dev = &xs.device;
+    let xi = gpu::In::new(xs, xl, "residual + ln x")?;
+    let ai = gpu::In::new(as_, al, "residual + ln a")?;
+    let mi = gpu::In::new(ms, ml, "residual + ln m")?;
+    let wi = gpu::In::new(ws, wl, "residual + ln w")?;
+    let bi = gpu::In::new(bs, bl, "residual + ln b")?;
+    for (i, what) in [(&xi, "x"), (&wi, "w"), (&bi, "b")] {
+        if i.dtype() != DType::F32 {
+            bail!(
+                "residual + ln: {what} must be f32 on CUDA, got {:?}",
+                i.dtype()
+            );
+        }
+    }
+    let k = gpu::func(
+        dev,
+        &format!(
+            "residual_ln_fwd_{}_{}",
+            gpu::suffix(ai.dtype())?,
+            gpu::suffix(out)?
+        ),
+    )?;
+    let mut y = gpu::Out::alloc(dev, DType::F32, rows * d, false)?;
+    let mut ln = gpu::Out::alloc(dev, out, rows * d, false)?;
+    let (di, peri, epsf) = (d as i32, per as i32, eps as f32);
+    let mut args = k.builder();
+    xi.push(&mut args);
+    ai.push(&mut args);
+    mi.push(&mut args);
+    wi.push(&mut args);
+    bi.push(&mut args);
+    y.push(&mut args);
+    ln.push(&mut args);
+    args.arg(&di).arg(&peri).arg(&epsf);
+    gpu::launch(args, gpu::per_row(rows, gpu::threads_for(d).min(512)))?;
+    let wrap = |o: gpu::Out, shape: candle_core::Shape| {
+        Tensor::from_storage(
+            Storage::Cuda(o.into_storage(dev)),
+            shape,
+            BackpropOp::none(),
+            false,
+        )
+    };
+    Ok((
+        wrap(y, x.shape().clone()),
+        wrap(ln, candle_core::Shape::from((rows, d))),
+    ))
 }
