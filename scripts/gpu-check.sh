@@ -369,7 +369,6 @@ fi
 
 # --- 5. the table ----------------------------------------------------------------------------
 "$PY" bench/gpu_table.py "$RES" | tee "$RES/summary.md"
-cat "$RES/e2e-summary.txt" "$RES/nccl-summary.txt" 2>/dev/null | tee -a "$RES/summary.md"
 [ -n "${OUT:-}" ] && cp "$RES/summary.md" "$OUT/summary.md"
 pack_results
 log "done in $(( $(date +%s) - START ))s; results in $RES"
