@@ -374,3 +374,5 @@ pack_results
 log "done in $(( $(date +%s) - START ))s; results in $RES"
 rm -rf "$WORK"
 [ -n "${OUT:-}" ] && rm -rf "$RES"
+# Failed steps are rows in the table, not the exit status (without OUT the line above returned 1).
+exit 0
