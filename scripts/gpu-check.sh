@@ -44,8 +44,9 @@
 # row marked failed with its log in the results, never an abort.
 #
 # Knobs (environment): GPU_CHECK_DEVICE (cuda; cpu: the dry run), BINDIR (.gpu: trainer, loader,
-# shard-tool, device-smoke), BIN ($BINDIR/trainer), CONFIGS (.gpu/configs), TRAINER_RUNS ("bf16:fused:128:explicit
-# bf16:fused:128:autograd …" = precision:kernels:batch[:engine]), TORCH_BATCHES ("128 64"), DEBUG_BATCH (4),
+# shard-tool, device-smoke), BIN ($BINDIR/trainer), CONFIGS (.gpu/configs),
+# TRAINER_RUNS ("bf16:fused:128:explicit bf16:fused:128:autograd …" =
+# precision:kernels:batch[:engine]), TORCH_BATCHES ("128 64"), DEBUG_BATCH (4),
 # DEADLINE (540), STEP_TIMEOUT (150), AB (0; 1: pool/event A/B rows), PROFILE (1: a --profile row),
 # KCHECK_REPS (10), SKIP_SMOKE / SKIP_TINY / SKIP_E2E / SKIP_NCCL (0), COMPARE_RTOL (2e-2), COMPARE_ATOL (1e-3) for bf16,
 # F32_RTOL (1e-3), F32_ATOL (1e-4) for f32, PYTHON (python3), FAST (1), BENCH_STEPS (10),
@@ -95,6 +96,9 @@ if [ "$DEV" = cpu ]; then
     -e 's/^head_bottleneck *=.*/head_bottleneck = 16/; s/^out_dim *=.*/out_dim = 256/' \
     "$VITS_CONFIG" > "$WORK/vits-small.toml"
   VITS_CONFIG=$WORK/vits-small.toml
+  # A key renamed in the ViT-S file would leave ViT-S sizes here: hours on a CPU, so stop.
+  n=$(grep -cE '^(batch_size = 2|global_size = 64|local_size = 32|n_local = 2|dim = 32|depth = 2|heads = 2|head_hidden = 64|head_bottleneck = 16|out_dim = 256)$' "$VITS_CONFIG")
+  [ "$n" = 10 ] || { echo "dry run: only $n of 10 ViT-S sizes replaced in $VITS_CONFIG" >&2; exit 2; }
 fi
 
 log() { echo "[gpu-check $(( $(date +%s) - START ))s] $*"; }
@@ -104,7 +108,8 @@ skip() {
   printf '%s\tskipped\t0\n' "$1" >> "$STEPS"
   echo "skipped: $2" > "$RES/$1.log"
 }
-# has_py MODULE: PyTorch steps run on the GPU whatever happens; the dry run skips them without it.
+# has_py MODULE: the GPU machine must have PyTorch (its rows fail without it); the dry run skips
+# those steps where MODULE does not import.
 has_py() { [ "$DEV" != cpu ] || "$PY" -c "import $1" > /dev/null 2>&1; }
 # The results so far as one tarball in $OUT, so a run cut short still returns everything.
 pack_results() {
