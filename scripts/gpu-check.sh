@@ -300,8 +300,12 @@ e2e() {
     --threads "${E2E_THREADS:-7}" --prefetch true
   cp "$d/run/metrics.jsonl" "$RES/e2e-metrics.jsonl" 2>/dev/null
   "$PY" - "$RES/e2e-metrics.jsonl" "${DEV^^}" > "$RES/e2e-summary.txt" 2>&1 <<'PYEOF'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
+import json, os, sys
+p = sys.argv[1]
+rows = [json.loads(l) for l in open(p) if l.strip().startswith("{")] if os.path.exists(p) else []
+if not rows:  # one line for the table, not a traceback
+    print("e2e: no steps in metrics.jsonl (see e2e-train.log)")
+    sys.exit(0)
 steady = rows[len(rows) // 3:] or rows
 mean = lambda k: sum(r.get(k, 0.0) for r in steady) / len(steady)
 print(f"e2e: {len(rows)} steps on {sys.argv[2]} fed by loader processes; steady (last {len(steady)}): "
@@ -317,8 +321,13 @@ PYEOF
     --loaders "${E2E_LOADERS:-2}" --threads "${E2E_THREADS:-7}" --prefetch false
   cp "$d/run-noprefetch/metrics.jsonl" "$RES/e2e-noprefetch-metrics.jsonl" 2>/dev/null
   "$PY" - "$RES/e2e-metrics.jsonl" "$RES/e2e-noprefetch-metrics.jsonl" > "$RES/e2e-prefetch.txt" 2>&1 <<'PYEOF'
-import json, sys
-on, off = ([json.loads(l) for l in open(p) if l.strip().startswith("{")] for p in sys.argv[1:3])
+import json, os, sys
+on, off = ([json.loads(l) for l in open(p) if l.strip().startswith("{")] if os.path.exists(p) else []
+           for p in sys.argv[1:3])
+if not on or not off:
+    print("prefetch on vs off: not compared, no steps from "
+          + " and ".join(n for n, r in (("e2e-train", on), ("e2e-train-noprefetch", off)) if not r))
+    sys.exit(0)
 mean = lambda rows, k: sum(r.get(k, 0.0) for r in rows[len(rows) // 3:]) / max(1, len(rows) - len(rows) // 3)
 same = on[0].get("loss") == off[0].get("loss")
 print(f"prefetch on vs off: first loss {on[0].get('loss')!r} vs {off[0].get('loss')!r} "
@@ -326,7 +335,9 @@ print(f"prefetch on vs off: first loss {on[0].get('loss')!r} vs {off[0].get('los
       f"{100 * mean(off, 'data_wait_frac'):.1f} %, {mean(on, 'images_per_s'):.0f} vs {mean(off, 'images_per_s'):.0f} img/s")
 PYEOF
   cat "$RES/e2e-prefetch.txt"
+  # The export needs a checkpoint: the prefetch run's, or the other one's when that run failed.
   ck=$(ls -d "$d"/run/checkpoints/step-* 2>/dev/null | tail -n 1)
+  [ -n "$ck" ] || ck=$(ls -d "$d"/run-noprefetch/checkpoints/step-* 2>/dev/null | tail -n 1)
   [ -n "$ck" ] || return
   run e2e-export 60 "$BIN" export --checkpoint "$ck" --format timm --out "$d/backbone.safetensors" || return
   has_py timm || { skip e2e-timm "no timm in $PY"; return; }
