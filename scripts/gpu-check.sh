@@ -73,6 +73,9 @@ SMOKE=$BINDIR/device-smoke
 [ -e "$SMOKE" ] || [ ! -e "$BINDIR/examples/device_smoke" ] || SMOKE=$BINDIR/examples/device_smoke  # cargo's layout
 CONFIGS=${CONFIGS:-.gpu/configs}
 RES=$ROOT/target/gpu-results
+# gpu_table.py reads every *-compare.txt and summary file in RES: a previous run's must not show
+# up as this run's rows (kept beside it as gpu-results.prev).
+[ -z "${OUT:-}" ] && [ -d "$RES" ] && rm -rf "$RES.prev" && mv "$RES" "$RES.prev"
 [ -n "${OUT:-}" ] && RES=$(mktemp -d)
 RUNS=${TRAINER_RUNS:-bf16:fused:128:explicit bf16:fused:128:autograd bf16:fused-no-flash:128:explicit bf16:fused:64:explicit bf16:fused:256:explicit bf16:fused:64:autograd bf16:fused:256:autograd}
 # The dry run's default: the same rows at batches 4, 2 and 8 instead of 128, 64 and 256.
