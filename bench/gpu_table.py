@@ -73,6 +73,20 @@ def fmt(x, spec):
     return "—" if x is None else format(x, spec)
 
 
+def status(res, name, rc, secs):
+    """A step's status: ok, skipped (with the reason gpu-check.sh wrote in its log), or failed."""
+    if rc == "0":
+        return "ok"
+    if rc == "skipped":
+        try:
+            with open(os.path.join(res, name + ".log")) as f:
+                why = f.readline().strip().removeprefix("skipped: ")
+        except OSError:
+            why = ""
+        return f"skipped ({why})" if why else "skipped"
+    return f"failed (rc {rc}, {secs}s)"
+
+
 def main():
     res = sys.argv[1] if len(sys.argv) > 1 else "gpu-results"
     steps = {}
@@ -106,7 +120,7 @@ def main():
             "batch": int(name.rsplit("-b", 1)[1]),
             **{k: pick(obj, k) for k in ALIASES},
             "smi_peak_gib": smi_peak_gib(os.path.join(res, name + ".smi")),
-            "status": "ok" if rc == "0" else f"failed (rc {rc}, {secs}s)",
+            "status": status(res, name, rc, secs),
         }
         ips = row["images_per_s"] if rc == "0" else None
         row["mfu"] = ips * GFLOP_PER_IMAGE / (PEAK_TFLOPS * 1e3) if ips else None
