@@ -28,9 +28,10 @@
 #   5. one table (bench/gpu_table.py): summary.md in the results (and $OUT/summary.md).
 #   Logs and JSON go to target/gpu-results/; with OUT=DIR set, they are packed into
 #   $OUT/gpu-results.tgz instead, refreshed after each step, so a run cut short keeps them.
-#   The most informative steps run first (kernel-check, tiny debug-step, both engines and both
-#   PyTorch modes at batch 128, the learning run), so a run cut by the deadline still answers the
-#   main questions.
+#   The steps run in the order of what they answer: correctness basics (kernel-check, tiny
+#   debug-step), the speed goal (both engines and both PyTorch modes at batch 128), learning, the
+#   whole system (e2e), then the ViT-S debug-step, the profile, NCCL and the other batch sizes, so
+#   a run cut by the deadline still answers the main questions.
 #
 # Expects the binaries and configs in .gpu/ (made by scripts/build-gpu-bundle.sh, on this machine
 # or on another Linux machine and copied here with the checkout). Run from the repository root:
@@ -270,27 +271,6 @@ learn() {
 }
 if [ "${SKIP_LEARN:-0}" != 1 ] && [ -x "$BINDIR/loader" ] && [ -x "$BINDIR/shard-tool" ]; then learn; fi
 
-# --- 2b. where the time goes: the device settings of trainer::device::tune switched back one at
-# a time (A/B against the run above), then one profiled run (every forward stage synchronised).
-if [ "${SKIP_BENCH:-0}" != 1 ] && [ "${AB:-0}" = 1 ]; then
-  UDI_CUDA_POOL_RELEASE=1 bench_trainer "${runs[0]}" -poolrelease
-  UDI_CUDA_EVENTS=1 bench_trainer "${runs[0]}" -events
-fi
-if [ "${SKIP_BENCH:-0}" != 1 ] && [ "${PROFILE:-1}" = 1 ]; then
-  bench_trainer "${runs[0]}" -profile --profile
-  grep -h '^|' "$RES"/trainer-*-profile-b*.log 2>/dev/null | head -n 40
-fi
-
-# ViT-S/16 at the paper's crop sizes and K, at a batch small enough for the CPU side.
-if [ "${SKIP_DEBUG:-0}" != 1 ]; then
-  sed "s/^batch_size *=.*/batch_size = $DEBUG_BATCH/" "$VITS_CONFIG" > "$WORK/vits-debug.toml"
-  if debug_prepare debug-vits "$WORK/vits-debug.toml"; then
-    debug_cuda debug-vits "$WORK/vits-debug.toml" bf16 fused explicit
-    debug_cuda debug-vits "$WORK/vits-debug.toml" bf16 fused-no-flash explicit
-    debug_cuda debug-vits "$WORK/vits-debug.toml" f32 fused explicit
-  fi
-fi
-
 # --- 4. the whole system: shards -> 2 loader processes -> ring -> trainer on CUDA -> export -> timm
 e2e() {
   local d="$WORK/e2e" ck
@@ -363,6 +343,28 @@ PYEOF
   grep -E 'load_state_dict|timm features' "$RES/e2e-timm.log"
 }
 if [ "${SKIP_E2E:-0}" != 1 ] && [ -x "$BINDIR/loader" ] && [ -x "$BINDIR/shard-tool" ]; then e2e; fi
+
+# --- 2b. where the time goes: the device settings of trainer::device::tune switched back one at
+# a time (A/B against the run above), then one profiled run (every forward stage synchronised).
+if [ "${SKIP_BENCH:-0}" != 1 ] && [ "${AB:-0}" = 1 ]; then
+  UDI_CUDA_POOL_RELEASE=1 bench_trainer "${runs[0]}" -poolrelease
+  UDI_CUDA_EVENTS=1 bench_trainer "${runs[0]}" -events
+fi
+if [ "${SKIP_BENCH:-0}" != 1 ] && [ "${PROFILE:-1}" = 1 ]; then
+  bench_trainer "${runs[0]}" -profile --profile
+  grep -h '^|' "$RES"/trainer-*-profile-b*.log 2>/dev/null | head -n 40
+fi
+
+# ViT-S/16 at the paper's crop sizes and K, at a batch small enough for the CPU side.
+if [ "${SKIP_DEBUG:-0}" != 1 ]; then
+  sed "s/^batch_size *=.*/batch_size = $DEBUG_BATCH/" "$VITS_CONFIG" > "$WORK/vits-debug.toml"
+  if debug_prepare debug-vits "$WORK/vits-debug.toml"; then
+    debug_cuda debug-vits "$WORK/vits-debug.toml" bf16 fused explicit
+    debug_cuda debug-vits "$WORK/vits-debug.toml" bf16 fused-no-flash explicit
+    debug_cuda debug-vits "$WORK/vits-debug.toml" f32 fused explicit
+  fi
+fi
+
 
 # --- 4b. data-parallel training at world size 1: the same run through `trainer launch`, so the
 # gradient and centre all-reduce go through NCCL; its time per step against the step time.
