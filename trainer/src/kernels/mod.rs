@@ -10,7 +10,9 @@
 //!
 //! Fused ops: [`layer_norm`] (fwd + bwd), [`bias_add`] and [`bias_gelu`] (fwd + bwd, bias
 //! gradients summed in f32), [`attn_softmax`] (fwd +
-//! bwd), [`flash`] (whole attention on packed qkv rows, fwd + bwd), [`centered_softmax`] (teacher targets, no bwd), [`soft_ce_rows`] (student
+//! bwd), [`flash`] (whole attention on packed qkv rows, fwd + bwd), [`ln_residual`] (a block's
+//! residual update with the LayerNorm after it, and that LayerNorm's backward with the stream's
+//! gradient), [`centered_softmax`] (teacher targets, no bwd), [`soft_ce_rows`] (student
 //! cross-entropy with temperature, fwd + bwd), [`adamw::AdamwEma`] (multi-tensor AdamW + EMA
 //! over flat buffers). Each public function takes `fused: bool` and falls back to the composed
 //! candle ops, so the two paths can be compared op by op (`trainer kernel-check`).
