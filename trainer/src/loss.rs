@@ -130,10 +130,25 @@ pub struct Targets {
     /// This batch's means of the teacher logits that update the centres (udi-spec §3.4; data-
     /// parallel training averages them over the ranks before the update).
     pub batch_centres: Centres,
-    /// The centres updated with this batch alone.
-    pub new_centres: Centres,
     /// Mean entropy (nats) of the teacher distributions P0, P1, P2 (P2 over valid rows).
     pub teacher_entropy: [f64; 3],
+}
+
+impl Targets {
+    /// The centres updated with this batch alone (udi-spec §3.4). With `dino_only` only c₀
+    /// moves: the others are kept as they are, since their EMA with themselves is not exact in
+    /// floating point.
+    pub fn new_centres(&self, centres: &Centres, m: f64) -> Result<Centres> {
+        let ema = centres.ema(&self.batch_centres, m)?;
+        Ok(match self.udi {
+            Some(_) => ema,
+            None => Centres {
+                cls: ema.cls,
+                udi: centres.udi.clone(),
+                patch: centres.patch.clone(),
+            },
+        })
+    }
 }
 
 /// Targets of the [cls+] and patch rows.
@@ -148,7 +163,7 @@ pub struct UdiTargets {
     pub valid: Tensor,
 }
 
-/// Computes the targets and the updated centres (udi-spec §3.2–§3.4) from the teacher's
+/// Computes the targets and this batch's centres (udi-spec §3.2–§3.4) from the teacher's
 /// outputs. Logits may be bf16: they are read in the centres' dtype (f32).
 pub fn targets(
     cfg: &LossConfig,
@@ -166,7 +181,6 @@ pub fn targets(
     let l = batch.n_local;
     let tau = teacher_temp;
     let k = t_cls_logits.dim(1)?;
-    let m = cfg.center_momentum;
 
     // ---- [cls] targets ---------------------------------------------------------------------
     let t_cls = t_cls_logits.reshape((2, b, k))?;
@@ -182,23 +196,16 @@ pub fn targets(
     let h0 = mean_entropy(&t_cls, &centres.cls, tau, None, fused)?;
 
     let Some(rows) = &t.rows else {
-        // dino_only: L_cls alone; the other centres stay as they are (their EMA with themselves
-        // is not exact in floating point).
-        let batch = Centres {
-            cls: batch_cls,
-            udi: centres.udi.clone(),
-            patch: centres.patch.clone(),
-        };
+        // dino_only: L_cls alone; the other centres do not move ([`Targets::new_centres`]).
         return Ok(Targets {
             cls_global,
             cls_local,
             udi: None,
-            new_centres: Centres {
-                cls: centres.ema(&batch, m)?.cls,
+            batch_centres: Centres {
+                cls: batch_cls,
                 udi: centres.udi.clone(),
                 patch: centres.patch.clone(),
             },
-            batch_centres: batch,
             teacher_entropy: [h0, 0.0, 0.0],
         });
     };
@@ -260,7 +267,6 @@ pub fn targets(
             patch: p2.reshape((2 * b * n_g, k))?,
             valid: vg.clone(),
         }),
-        new_centres: centres.ema(&batch, m)?,
         batch_centres: batch,
         teacher_entropy: [h0, h1, h2],
     })
@@ -291,6 +297,7 @@ pub fn udi_loss_with(
     fused: bool,
 ) -> Result<LossOut> {
     let tg = targets(cfg, batch, t, centres, teacher_temp, fused)?;
+    let new_centres = tg.new_centres(centres, cfg.center_momentum)?;
     let ts = cfg.student_temp;
     let b = batch.batch_size;
     let l = batch.n_local;
@@ -310,7 +317,7 @@ pub fn udi_loss_with(
                 cls: l_cls,
                 udi: zero.clone(),
                 patch: zero,
-                new_centres: tg.new_centres,
+                new_centres,
                 teacher_entropy: tg.teacher_entropy,
             });
         }
@@ -335,7 +342,7 @@ pub fn udi_loss_with(
         cls: l_cls,
         udi: l_udi,
         patch: l_patch,
-        new_centres: tg.new_centres,
+        new_centres,
         teacher_entropy: tg.teacher_entropy,
     })
 }
