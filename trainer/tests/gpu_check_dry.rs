@@ -145,7 +145,9 @@ fn gpu_check_dry_run_passes_every_step() {
             Some("skipped") if step.starts_with("pytorch-") || *step == "e2e-timm" => {
                 let why = read(&format!("{step}.log"));
                 if !(why.starts_with("skipped: no torch") || why.starts_with("skipped: no timm")) {
-                    errors.push(format!("{step}: skipped, but not for a missing PyTorch: {why}"));
+                    errors.push(format!(
+                        "{step}: skipped, but not for a missing PyTorch: {why}"
+                    ));
                 }
             }
             Some(rc) => errors.push(format!(
@@ -155,9 +157,15 @@ fn gpu_check_dry_run_passes_every_step() {
         }
     }
     for step in rcs.keys().filter(|s| !STEPS.contains(&s.as_str())) {
-        errors.push(format!("{step}: a step this test does not know (add it to STEPS)"));
+        errors.push(format!(
+            "{step}: a step this test does not know (add it to STEPS)"
+        ));
     }
-    assert!(errors.is_empty(), "{}\n\nsummary.md:\n{summary}", errors.join("\n"));
+    assert!(
+        errors.is_empty(),
+        "{}\n\nsummary.md:\n{summary}",
+        errors.join("\n")
+    );
 
     // The table: one row per trainer bench with numbers; one verdict per debug-step comparison
     // (f32 on the CPU must pass at the tight tolerance; bf16 must at least compare the same keys).
@@ -187,7 +195,11 @@ fn gpu_check_dry_run_passes_every_step() {
         let pass = row[1].starts_with("PASS: ");
         let compared = pass || row[1].starts_with("FAIL: ");
         assert!(
-            if step.contains("-f32-") { pass } else { compared },
+            if step.contains("-f32-") {
+                pass
+            } else {
+                compared
+            },
             "{row:?}"
         );
     }
@@ -210,7 +222,10 @@ fn gpu_check_dry_run_passes_every_step() {
         "NCCL world size 1 (launch --gpus 1): all-reduce: ",
         "device-smoke on cpu: ok",
     ] {
-        assert!(summary.contains(want), "summary.md lacks {want:?}:\n{summary}");
+        assert!(
+            summary.contains(want),
+            "summary.md lacks {want:?}:\n{summary}"
+        );
     }
 }
 

@@ -113,7 +113,18 @@ fn dino_only_trains_cls_alone() {
         .unwrap()
         .copy()
         .unwrap();
+    // Non-zero centres: an EMA of a centre with itself would change some of its bits.
+    let k = cfg.model.out_dim;
+    let ramp = |s: f64| Tensor::arange(0u32, k as u32, &Device::Cpu)?.to_dtype(DType::F32)? * s;
+    tr.centres.udi = ramp(0.0137).unwrap();
+    tr.centres.patch = ramp(-0.0291).unwrap();
+    let c_before = tr.centres.named_tensors();
     let rep = tr.step_detailed(&batch, 1, 10).unwrap();
+    // Only c₀ moves; c₁ and c₂ keep their bits.
+    for ((name, a), (_, b)) in c_before.iter().zip(tr.centres.named_tensors()) {
+        let same = common::to_vec_f64(a) == common::to_vec_f64(&b);
+        assert_eq!(same, name != "center.cls", "{name}");
+    }
     assert_eq!(rep.stats.loss, rep.stats.loss_cls);
     assert_eq!((rep.stats.loss_udi, rep.stats.loss_patch), (0.0, 0.0));
     for (name, pre, _) in &rep.grad_norms {
