@@ -186,6 +186,6 @@ impl InplaceOp3 for AdamwEma {
             .arg(&b2)
             .arg(&eps)
             .arg(&mom);
-        gpu::launch(args, gpu::elementwise(n))
+        gpu::launch(args, super::geometry::elementwise(n))
     }
 }

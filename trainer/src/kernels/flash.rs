@@ -142,18 +142,14 @@ impl Dims {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_grid(&self) -> Result<candle_core::cuda_backend::cudarc::driver::LaunchConfig> {
+    fn cuda_grid(&self) -> Result<super::geometry::Geometry> {
         if self.dh != CUDA_HEAD_DIM {
             bail!(
                 "flash attention on CUDA needs head dim {CUDA_HEAD_DIM}, got {}",
                 self.dh
             );
         }
-        Ok(candle_core::cuda_backend::cudarc::driver::LaunchConfig {
-            grid_dim: (self.t.div_ceil(32) as u32, self.heads as u32, self.b as u32),
-            block_dim: (64, 1, 1),
-            shared_mem_bytes: 0,
-        })
+        Ok(super::geometry::flash(self.b, self.t, self.heads))
     }
 }
 
@@ -328,13 +324,7 @@ impl CustomOp3 for FlashBwd {
             .arg(&rows)
             .arg(&t)
             .arg(&heads);
-        let warps = (rows * d.heads) as u32;
-        let cfg = candle_core::cuda_backend::cudarc::driver::LaunchConfig {
-            grid_dim: (warps.div_ceil(8), 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        gpu::launch(a, cfg)?;
+        gpu::launch(a, super::geometry::flash_bwd_dot(rows, d.heads))?;
         let mut dqkv = unsafe { dev.alloc::<bf16>(3 * d.n_o())? };
         for name in ["flash_bwd_dq_bf16", "flash_bwd_dkdv_bf16"] {
             let k = gpu::func(dev, name)?;

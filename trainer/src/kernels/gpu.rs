@@ -1,6 +1,7 @@
 //! Launch helpers for `udi_kernels.cu` (compiled to PTX by build.rs, loaded once per device as
 //! the custom module "udi_kernels").
 
+use super::geometry::Geometry;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaSlice, CudaStream, CudaView, LaunchArgs, LaunchConfig, PushKernelArg,
@@ -123,45 +124,13 @@ pub fn func(dev: &CudaDevice, name: &str) -> Result<Kernel> {
     })
 }
 
-/// One block of `threads` per row.
-pub fn per_row(rows: usize, threads: u32) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
-/// The fused LayerNorm backward (`ln_bwd_residual_*`): 8 warps per block, a warp per row, 128
-/// rows per block (then one atomicAdd per column and block for dw/db). Returns the rows per block.
-pub fn ln_residual(rows: usize) -> (LaunchConfig, usize) {
-    const ROWS_PER_BLOCK: usize = 128;
+/// Launches `builder` on `g`.
+pub fn launch(mut b: LaunchArgs<'_>, g: Geometry) -> Result<()> {
     let cfg = LaunchConfig {
-        grid_dim: (rows.div_ceil(ROWS_PER_BLOCK).max(1) as u32, 1, 1),
-        block_dim: (256, 1, 1),
+        grid_dim: (g.grid[0], g.grid[1], g.grid[2]),
+        block_dim: (g.block[0], g.block[1], g.block[2]),
         shared_mem_bytes: 0,
     };
-    (cfg, ROWS_PER_BLOCK)
-}
-
-/// A grid-stride elementwise launch over `n` elements.
-pub fn elementwise(n: usize) -> LaunchConfig {
-    let threads = 256u32;
-    let blocks = n.div_ceil(threads as usize).clamp(1, 65_535 * 8) as u32;
-    LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
-/// Threads per row-block for rows of `d` elements: a multiple of 32, at most 1024.
-pub fn threads_for(d: usize) -> u32 {
-    (d.div_ceil(32) * 32).clamp(32, 1024) as u32
-}
-
-/// Launches `builder` with `cfg`.
-pub fn launch(mut b: LaunchArgs<'_>, cfg: LaunchConfig) -> Result<()> {
     unsafe { b.launch(cfg) }.w()?;
     Ok(())
 }

@@ -289,7 +289,7 @@ fn cuda(
         None => None,
     };
     let mut dwdb = gpu::Out::alloc(dev, DType::F32, 2 * d, true)?;
-    let (cfg, rows_per_block) = gpu::ln_residual(rows);
+    let (cfg, rows_per_block) = super::geometry::ln_residual(rows);
     let (ri32, di, epsf, rpb, peri, wb) = (
         rows as i32,
         d as i32,
@@ -407,7 +407,7 @@ fn cuda_forward(
     y.push(&mut args);
     ln.push(&mut args);
     args.arg(&di).arg(&peri).arg(&epsf);
-    gpu::launch(args, gpu::per_row(rows, gpu::threads_for(d).min(512)))?;
+    gpu::launch(args, super::geometry::layer_norm(rows, d))?;
     let wrap = |o: gpu::Out, shape: candle_core::Shape| {
         Tensor::from_storage(
             Storage::Cuda(o.into_storage(dev)),

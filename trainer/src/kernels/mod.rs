@@ -22,6 +22,7 @@ pub mod adamw;
 pub mod check;
 mod cpu;
 pub mod flash;
+pub mod geometry;
 #[cfg(feature = "cuda")]
 mod gpu;
 pub mod ln_residual;

@@ -4,7 +4,7 @@
 
 use super::cpu;
 #[cfg(feature = "cuda")]
-use super::gpu;
+use super::{geometry, gpu};
 use crate::nn;
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -105,7 +105,7 @@ impl CustomOp3 for LayerNormOp {
         b.push(&mut a);
         y.push(&mut a);
         a.arg(&di).arg(&eps);
-        gpu::launch(a, gpu::per_row(rows, gpu::threads_for(d).min(512)))?;
+        gpu::launch(a, geometry::layer_norm(rows, d))?;
         Ok((y.into_storage(dev), l1.shape().clone()))
     }
 
@@ -206,7 +206,7 @@ impl CustomOp3 for LnBwdDx {
         dy.push(&mut a);
         dx.push(&mut a);
         a.arg(&di).arg(&eps);
-        gpu::launch(a, gpu::per_row(rows, gpu::threads_for(d).min(512)))?;
+        gpu::launch(a, geometry::layer_norm(rows, d))?;
         Ok((dx.into_storage(dev), l1.shape().clone()))
     }
 }
@@ -216,10 +216,6 @@ struct LnBwdWb {
     eps: f64,
     out: DType,
 }
-
-/// Rows per block of the dw/db reduction (one atomicAdd per column and block).
-#[cfg(feature = "cuda")]
-const LN_WB_ROWS: usize = 64;
 
 impl CustomOp2 for LnBwdWb {
     fn name(&self) -> &'static str {
@@ -264,12 +260,7 @@ impl CustomOp2 for LnBwdWb {
             bail!("layer_norm parameters must be f32 on CUDA");
         }
         let (rows, d) = cpu::rows_cols(l1)?;
-        let threads = gpu::threads_for(d)
-            .min(256)
-            .max(gpu::threads_for(d.div_ceil(8)));
-        if d > 8 * threads as usize {
-            bail!("layer_norm backward: last dim {d} > 8192");
-        }
+        let (g, rpb) = geometry::layer_norm_wb(rows, d)?;
         let name = format!(
             "ln_bwd_wb_{}_{}",
             gpu::suffix(x.dtype())?,
@@ -277,13 +268,13 @@ impl CustomOp2 for LnBwdWb {
         );
         let k = gpu::func(dev, &name)?;
         let mut out = gpu::Out::alloc(dev, DType::F32, 2 * d, true)?;
-        let (ri, di, eps, rpb) = (rows as i32, d as i32, self.eps as f32, LN_WB_ROWS as i32);
+        let (ri, di, eps, rpb) = (rows as i32, d as i32, self.eps as f32, rpb as i32);
         let mut a = k.builder();
         x.push(&mut a);
         dy.push(&mut a);
         out.push(&mut a);
         a.arg(&ri).arg(&di).arg(&eps).arg(&rpb);
-        gpu::launch(a, gpu::per_row(rows.div_ceil(LN_WB_ROWS).max(1), threads))?;
+        gpu::launch(a, g)?;
         Ok((out.into_storage(dev), Shape::from((2, d))))
     }
 }
@@ -336,7 +327,7 @@ fn bias_elementwise(
     b.push(&mut a);
     y.push(&mut a);
     a.arg(&n).arg(&d);
-    gpu::launch(a, gpu::elementwise(n))?;
+    gpu::launch(a, geometry::elementwise(n))?;
     Ok((y.into_storage(dev), l1.shape().clone()))
 }
 
@@ -462,7 +453,7 @@ impl CustomOp3 for BiasGeluBwd {
         dy.push(&mut a);
         dx.push(&mut a);
         a.arg(&n).arg(&d);
-        gpu::launch(a, gpu::elementwise(n))?;
+        gpu::launch(a, geometry::elementwise(n))?;
         Ok((dx.into_storage(dev), l1.shape().clone()))
     }
 }
@@ -544,10 +535,6 @@ pub struct ColSum {
     pub out: DType,
 }
 
-/// Rows per block of [`ColSum`] (one atomicAdd per column and block).
-#[cfg(feature = "cuda")]
-const COL_SUM_ROWS: usize = 64;
-
 impl CustomOp1 for ColSum {
     fn name(&self) -> &'static str {
         "udi-col-sum"
@@ -573,7 +560,7 @@ impl CustomOp1 for ColSum {
             bail!("col_sum: output must be f32 on CUDA");
         }
         let (rows, d) = cpu::rows_cols(l)?;
-        let rpb = COL_SUM_ROWS.max(rows.div_ceil(65_535));
+        let (g, rpb) = geometry::col_sum(rows, d);
         let k = gpu::func(dev, &format!("col_sum_{}", gpu::suffix(x.dtype())?))?;
         let mut out = gpu::Out::alloc(dev, DType::F32, d, true)?;
         let (ri, di, rpbi) = (rows as i32, d as i32, rpb as i32);
@@ -581,12 +568,7 @@ impl CustomOp1 for ColSum {
         x.push(&mut a);
         out.push(&mut a);
         a.arg(&ri).arg(&di).arg(&rpbi);
-        let cfg = candle_core::cuda_backend::cudarc::driver::LaunchConfig {
-            grid_dim: (d.div_ceil(256) as u32, rows.div_ceil(rpb).max(1) as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        gpu::launch(a, cfg)?;
+        gpu::launch(a, g)?;
         Ok((out.into_storage(dev), Shape::from(d)))
     }
 }
@@ -667,7 +649,7 @@ impl CustomOp3 for ResidualAdd {
         m.push(&mut b);
         y.push(&mut b);
         b.arg(&n).arg(&per);
-        gpu::launch(b, gpu::elementwise(n))?;
+        gpu::launch(b, geometry::elementwise(n))?;
         Ok((y.into_storage(dev), l1.shape().clone()))
     }
 
@@ -732,7 +714,7 @@ impl CustomOp2 for RowScale {
         m.push(&mut b);
         y.push(&mut b);
         b.arg(&n).arg(&per);
-        gpu::launch(b, gpu::elementwise(n))?;
+        gpu::launch(b, geometry::elementwise(n))?;
         Ok((y.into_storage(dev), l1.shape().clone()))
     }
 }
@@ -804,7 +786,7 @@ impl CustomOp1 for AttnSoftmax {
         x.push(&mut a);
         y.push(&mut a);
         a.arg(&rows).arg(&ni).arg(&sc);
-        gpu::launch(a, gpu::per_row(rows.div_ceil(8), 256))?;
+        gpu::launch(a, geometry::attn_softmax(rows))?;
         Ok((y.into_storage(dev), l.shape().clone()))
     }
 
@@ -874,7 +856,7 @@ impl CustomOp2 for AttnSoftmaxBwd {
         dy.push(&mut a);
         dx.push(&mut a);
         a.arg(&rows).arg(&ni).arg(&sc);
-        gpu::launch(a, gpu::per_row(rows.div_ceil(8), 256))?;
+        gpu::launch(a, geometry::attn_softmax(rows))?;
         Ok((dx.into_storage(dev), l1.shape().clone()))
     }
 }
@@ -949,7 +931,7 @@ impl CustomOp2 for CenteredSoftmax {
         c.push(&mut a);
         p.push(&mut a);
         a.arg(&ki).arg(&it);
-        gpu::launch(a, gpu::per_row(rows, gpu::threads_for(k).min(1024)))?;
+        gpu::launch(a, geometry::head_rows(rows, k))?;
         Ok((p.into_storage(dev), l1.shape().clone()))
     }
 }
@@ -1016,7 +998,7 @@ impl CustomOp2 for CenteredEntropy {
         c.push(&mut a);
         h.push(&mut a);
         a.arg(&ki).arg(&it);
-        gpu::launch(a, gpu::per_row(rows, gpu::threads_for(k).min(1024)))?;
+        gpu::launch(a, geometry::head_rows(rows, k))?;
         Ok((h.into_storage(dev), Shape::from(rows)))
     }
 }
@@ -1123,7 +1105,7 @@ impl CustomOp2 for SoftCe {
         p.push(&mut a);
         loss.push(&mut a);
         a.arg(&ki).arg(&pi).arg(&it);
-        gpu::launch(a, gpu::per_row(rows, gpu::threads_for(k).min(1024)))?;
+        gpu::launch(a, geometry::head_rows(rows, k))?;
         Ok((loss.into_storage(dev), Shape::from(rows)))
     }
 
@@ -1205,7 +1187,7 @@ impl CustomOp3 for SoftCeBwd {
         g.push(&mut a);
         ds.push(&mut a);
         a.arg(&ki).arg(&pi).arg(&it);
-        gpu::launch(a, gpu::per_row(rows, gpu::threads_for(k).min(1024)))?;
+        gpu::launch(a, geometry::head_rows(rows, k))?;
         Ok((ds.into_storage(dev), l1.shape().clone()))
     }
 }
