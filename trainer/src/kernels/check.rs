@@ -142,7 +142,8 @@ impl CheckReport {
     }
 }
 
-fn rand_t(shape: &[usize], seed: u64, lo: f64, hi: f64) -> Result<Tensor> {
+/// A CPU f32 tensor of uniform values in [lo, hi) from `seed`.
+pub fn rand_t(shape: &[usize], seed: u64, lo: f64, hi: f64) -> Result<Tensor> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let n: usize = shape.iter().product();
     let v: Vec<f32> = (0..n)
@@ -152,7 +153,7 @@ fn rand_t(shape: &[usize], seed: u64, lo: f64, hi: f64) -> Result<Tensor> {
 }
 
 /// (max |a − b|, that / max |a|) over equally shaped tensors (any device / dtype).
-fn errors(reference: &Tensor, got: &Tensor) -> Result<(f64, f64)> {
+pub fn errors(reference: &Tensor, got: &Tensor) -> Result<(f64, f64)> {
     let a = reference.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
     let b = got.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
     let abs = (&a - &b)?.abs()?.max_all()?.to_scalar::<f64>()?;
@@ -160,7 +161,8 @@ fn errors(reference: &Tensor, got: &Tensor) -> Result<(f64, f64)> {
     Ok((abs, abs / scale.max(1e-30)))
 }
 
-fn tolerance(dt: DType) -> f64 {
+/// The largest relative error an op in activation dtype `dt` may show (module docs).
+pub fn tolerance(dt: DType) -> f64 {
     if dt == DType::BF16 {
         1.6e-2
     } else {

@@ -16,6 +16,9 @@
 //! cross-entropy with temperature, fwd + bwd), [`adamw::AdamwEma`] (multi-tensor AdamW + EMA
 //! over flat buffers). Each public function takes `fused: bool` and falls back to the composed
 //! candle ops, so the two paths can be compared op by op (`trainer kernel-check`).
+//!
+//! Launch grids are pure functions in [`geometry`], shared by the CUDA path and
+//! trainer/tests/cuda_source_on_cpu.rs, which runs `udi_kernels.cu` on the CPU (emu/).
 
 pub mod adamw;
 

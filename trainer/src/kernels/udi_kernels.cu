@@ -1,7 +1,9 @@
 // The trainer's own CUDA kernels. Compiled to PTX by trainer/build.rs with the
 // same nvcc as candle's kernels; loaded at run time by trainer::kernels (one module, "udi_kernels").
 // Every kernel has a CPU reference in the Rust op that launches it (`cpu_fwd`); `trainer
-// kernel-check --device cuda` compares the two.
+// kernel-check --device cuda` compares the two. trainer/tests/cuda_source_on_cpu.rs compiles this
+// file unchanged as C++ against a CUDA emulation (emu/) and compares it with the same references
+// on the CPU: what the emulation lacks (fragment element access, partial-warp masks) fails there.
 //
 // Conventions: every tensor is contiguous; statistics and accumulations are f32 whatever the
 // storage type; activations are f32 or bf16 (suffix _f32 / _bf16 / _f32_bf16 = input_output).

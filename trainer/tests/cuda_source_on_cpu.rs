@@ -1,0 +1,647 @@
+//! The trainer's CUDA kernels, from their real source (`src/kernels/udi_kernels.cu`, unchanged),
+//! compiled as C++ against a small CUDA emulation and run on the CPU (tests/cuda_emu), against
+//! the CPU reference of the op that launches each one, with `trainer kernel-check`'s tolerances.
+//! Grids come from `trainer::kernels::geometry`, as on the GPU. Each block's threads are real
+//! threads, so a missing barrier or a shared-memory race changes results; shapes are chosen to
+//! hit partial tiles, partial warps and blocks, and padded rows. Every output element must be
+//! written, nothing outside the outputs may be.
+//!
+//! Without a C++ compiler this says so on stderr and passes.
+mod cuda_emu;
+
+use candle_core::{DType, Device, Tensor};
+use cuda_emu::{emu, Buf, Kind};
+use trainer::kernels::adamw::{meta_tensor, AdamwEma, Segment};
+use trainer::kernels::check::{errors, rand_t, tolerance};
+use trainer::kernels::{flash, geometry, RowScale};
+
+fn rand(shape: &[usize], seed: u64, lo: f64, hi: f64, dt: DType) -> Tensor {
+    rand_t(shape, seed, lo, hi).unwrap().to_dtype(dt).unwrap()
+}
+
+fn suffix(dt: DType) -> &'static str {
+    match dt {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        d => panic!("no kernel for {d:?}"),
+    }
+}
+
+/// The tolerance of an op whose activations are in any of `dts`.
+fn tol(dts: &[DType]) -> f64 {
+    tolerance(if dts.contains(&DType::BF16) {
+        DType::BF16
+    } else {
+        DType::F32
+    })
+}
+
+/// `got` (the emulated kernel's output) against `reference`: finite, and within `tol` of the
+/// largest reference magnitude.
+fn assert_close(what: &str, reference: &Tensor, got: &Tensor, tol: f64) {
+    let g = got.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    let g = g.to_vec1::<f64>().unwrap();
+    if let Some(i) = g.iter().position(|v| !v.is_finite()) {
+        panic!("{what}: element {i} is {}", g[i]);
+    }
+    let reference = reference.to_dtype(DType::F64).unwrap();
+    let got = got
+        .to_dtype(DType::F64)
+        .unwrap()
+        .reshape(reference.shape())
+        .unwrap();
+    let (abs, rel) = errors(&reference, &got).unwrap();
+    assert!(
+        rel <= tol,
+        "{what}: max abs error {abs:.3e}, relative {rel:.3e} > {tol:.1e}"
+    );
+}
+
+fn bits(t: &Tensor) -> Vec<u16> {
+    let v = t.flatten_all().unwrap().to_vec1::<half::bf16>().unwrap();
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+#[test]
+fn layer_norm_forward_and_backward() {
+    let Some(emu) = emu() else { return };
+    let eps = 1e-6;
+    for (ti, to) in [
+        (DType::F32, DType::F32),
+        (DType::F32, DType::BF16),
+        (DType::BF16, DType::BF16),
+        (DType::BF16, DType::F32),
+    ] {
+        let tol = tol(&[ti, to]);
+        let sfx = format!("{}_{}", suffix(ti), suffix(to));
+        // d: under one warp, a partial last warp, more columns than threads; rows 70: a partial
+        // second block of the dw/db reduction.
+        for (rows, d) in [(3, 20), (3, 100), (2, 1000), (70, 40)] {
+            let x = rand(&[rows, d], 10, -3.0, 3.0, ti);
+            let w = rand(&[d], 11, 0.5, 1.5, DType::F32);
+            let b = rand(&[d], 12, -0.5, 0.5, DType::F32);
+            let dy = rand(&[rows, d], 13, -1.0, 1.0, to);
+            let what = format!("ln {sfx} [{rows}, {d}]");
+
+            let y_ref = trainer::kernels::layer_norm(&x, &w, &b, eps, to, true).unwrap();
+            let (dx_ref, dw_ref, db_ref) =
+                trainer::kernels::layer_norm_backward(&x, &w, &dy, eps, true).unwrap();
+            let (bx, bw, bb, bdy) = (
+                Buf::input(&x),
+                Buf::input(&w),
+                Buf::input(&b),
+                Buf::input(&dy),
+            );
+
+            let y = Buf::output(Kind::of(to), rows * d);
+            emu.call(&format!("ln_fwd_{sfx}"))
+                .buf(&bx)
+                .buf(&bw)
+                .buf(&bb)
+                .buf(&y)
+                .i32(d as i32)
+                .f32(eps as f32)
+                .launch(geometry::layer_norm(rows, d));
+            y.assert_written(&what, 0..rows * d);
+            assert_close(&format!("{what} y"), &y_ref, &y.tensor(&[rows, d]), tol);
+
+            let dx = Buf::output(Kind::of(ti), rows * d);
+            emu.call(&format!("ln_bwd_dx_{sfx}"))
+                .buf(&bx)
+                .buf(&bw)
+                .buf(&bdy)
+                .buf(&dx)
+                .i32(d as i32)
+                .f32(eps as f32)
+                .launch(geometry::layer_norm(rows, d));
+            dx.assert_written(&what, 0..rows * d);
+            assert_close(&format!("{what} dx"), &dx_ref, &dx.tensor(&[rows, d]), tol);
+
+            let (g, rpb) = geometry::layer_norm_wb(rows, d).unwrap();
+            let dwdb = Buf::zeroed(Kind::F32, 2 * d);
+            emu.call(&format!("ln_bwd_wb_{sfx}"))
+                .buf(&bx)
+                .buf(&bdy)
+                .buf(&dwdb)
+                .i32(rows as i32)
+                .i32(d as i32)
+                .f32(eps as f32)
+                .i32(rpb as i32)
+                .launch(g);
+            let got = dwdb.tensor(&[2, d]);
+            assert_close(&format!("{what} dw"), &dw_ref, &got.get(0).unwrap(), tol);
+            assert_close(&format!("{what} db"), &db_ref, &got.get(1).unwrap(), tol);
+        }
+    }
+}
+
+#[test]
+fn bias_gelu_bias_add_and_column_sums() {
+    let Some(emu) = emu() else { return };
+    for dt in [DType::F32, DType::BF16] {
+        let tol = tol(&[dt]);
+        let s = suffix(dt);
+        // 1500 elements: a partial last block of the elementwise grid; col_sum over 130 rows
+        // and 300 columns: partial blocks in both grid dims.
+        for (rows, d) in [(5, 300), (130, 300)] {
+            let n = rows * d;
+            let what = format!("{s} [{rows}, {d}]");
+            let x = rand(&[rows, d], 13, -4.0, 4.0, dt);
+            let b = rand(&[d], 14, -0.5, 0.5, DType::F32);
+            let dy = rand(&[rows, d], 15, -1.0, 1.0, dt);
+            let (bx, bb, bdy) = (Buf::input(&x), Buf::input(&b), Buf::input(&dy));
+            let y_ref = trainer::kernels::bias_gelu(&x, &b, true).unwrap();
+            let (dx_ref, _) = trainer::kernels::bias_gelu_backward(&x, &b, &dy, true).unwrap();
+            let add_ref = trainer::kernels::bias_add(&x, &b, true).unwrap();
+            let sum_ref = trainer::kernels::col_sum(&x, DType::F32, true).unwrap();
+
+            let y = Buf::output(Kind::of(dt), n);
+            emu.call(&format!("bias_gelu_fwd_{s}"))
+                .buf(&bx)
+                .buf(&bb)
+                .buf(&y)
+                .usize(n)
+                .i32(d as i32)
+                .launch(geometry::elementwise(n));
+            y.assert_written(&what, 0..n);
+            assert_close(
+                &format!("bias_gelu {what}"),
+                &y_ref,
+                &y.tensor(&[rows, d]),
+                tol,
+            );
+
+            let dx = Buf::output(Kind::of(dt), n);
+            emu.call(&format!("bias_gelu_bwd_{s}"))
+                .buf(&bx)
+                .buf(&bb)
+                .buf(&bdy)
+                .buf(&dx)
+                .usize(n)
+                .i32(d as i32)
+                .launch(geometry::elementwise(n));
+            dx.assert_written(&what, 0..n);
+            assert_close(
+                &format!("bias_gelu bwd {what}"),
+                &dx_ref,
+                &dx.tensor(&[rows, d]),
+                tol,
+            );
+
+            let y = Buf::output(Kind::of(dt), n);
+            emu.call(&format!("bias_add_{s}"))
+                .buf(&bx)
+                .buf(&bb)
+                .buf(&y)
+                .usize(n)
+                .i32(d as i32)
+                .launch(geometry::elementwise(n));
+            y.assert_written(&what, 0..n);
+            assert_close(
+                &format!("bias_add {what}"),
+                &add_ref,
+                &y.tensor(&[rows, d]),
+                tol,
+            );
+
+            let (g, rpb) = geometry::col_sum(rows, d);
+            let out = Buf::zeroed(Kind::F32, d);
+            emu.call(&format!("col_sum_{s}"))
+                .buf(&bx)
+                .buf(&out)
+                .i32(rows as i32)
+                .i32(d as i32)
+                .i32(rpb as i32)
+                .launch(g);
+            assert_close(&format!("col_sum {what}"), &sum_ref, &out.tensor(&[d]), tol);
+        }
+    }
+}
+
+#[test]
+fn residual_add_and_row_scale() {
+    let Some(emu) = emu() else { return };
+    let (rows, d) = (7, 300);
+    let n = rows * d;
+    let x = rand(&[rows, d], 22, -4.0, 4.0, DType::F32);
+    let g = rand(&[rows, d], 25, -1.0, 1.0, DType::F32);
+    // A stochastic-depth mask: 0 or 1/0.9 per row.
+    let m = (rand_t(&[rows], 24, 0.0, 1.0)
+        .unwrap()
+        .ge(0.3)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        / 0.9)
+        .unwrap();
+    let (bx, bg, bm) = (Buf::input(&x), Buf::input(&g), Buf::input(&m));
+    for dt in [DType::F32, DType::BF16] {
+        let tol = tol(&[dt]);
+        let s = suffix(dt);
+        let a = rand(&[rows, d], 23, -4.0, 4.0, dt);
+        let ba = Buf::input(&a);
+        let y_ref = trainer::kernels::residual_add(&x, &a, Some(&m), true).unwrap();
+        let y = Buf::output(Kind::F32, n);
+        emu.call(&format!("residual_add_{s}"))
+            .buf(&bx)
+            .buf(&ba)
+            .buf(&bm)
+            .buf(&y)
+            .usize(n)
+            .usize(d)
+            .launch(geometry::elementwise(n));
+        y.assert_written(s, 0..n);
+        assert_close(
+            &format!("residual_add {s}"),
+            &y_ref,
+            &y.tensor(&[rows, d]),
+            tol,
+        );
+
+        let r_ref = g.apply_op2_no_bwd(&m, &RowScale { out: dt }).unwrap();
+        let r = Buf::output(Kind::of(dt), n);
+        emu.call(&format!("row_scale_{s}"))
+            .buf(&bg)
+            .buf(&bm)
+            .buf(&r)
+            .usize(n)
+            .usize(d)
+            .launch(geometry::elementwise(n));
+        r.assert_written(s, 0..n);
+        assert_close(
+            &format!("row_scale {s}"),
+            &r_ref,
+            &r.tensor(&[rows, d]),
+            tol,
+        );
+    }
+}
+
+#[test]
+fn attention_softmax_forward_and_backward() {
+    let Some(emu) = emu() else { return };
+    let scale = 0.125;
+    for dt in [DType::F32, DType::BF16] {
+        let tol = tol(&[dt]);
+        let s = suffix(dt);
+        // 21 rows: the last block has 5 of its 8 warps past the end; rows of 7 (fewer keys
+        // than lanes), 70 and 198 keys.
+        for (rows, n) in [(21, 7), (21, 70), (9, 198)] {
+            let what = format!("attn_softmax {s} [{rows}, {n}]");
+            let x = rand(&[rows, n], 15, -20.0, 20.0, dt);
+            let dy = rand(&[rows, n], 16, -1.0, 1.0, dt);
+            let y_ref = trainer::kernels::attn_softmax(&x, scale, true).unwrap();
+            let dx_ref = trainer::kernels::attn_softmax_backward(&y_ref, &dy, scale, true).unwrap();
+            let (bx, by, bdy) = (Buf::input(&x), Buf::input(&y_ref), Buf::input(&dy));
+            let y = Buf::output(Kind::of(dt), rows * n);
+            emu.call(&format!("attn_softmax_fwd_{s}"))
+                .buf(&bx)
+                .buf(&y)
+                .usize(rows)
+                .i32(n as i32)
+                .f32(scale as f32)
+                .launch(geometry::attn_softmax(rows));
+            y.assert_written(&what, 0..rows * n);
+            assert_close(&what, &y_ref, &y.tensor(&[rows, n]), tol);
+
+            let dx = Buf::output(Kind::of(dt), rows * n);
+            emu.call(&format!("attn_softmax_bwd_{s}"))
+                .buf(&by)
+                .buf(&bdy)
+                .buf(&dx)
+                .usize(rows)
+                .i32(n as i32)
+                .f32(scale as f32)
+                .launch(geometry::attn_softmax(rows));
+            dx.assert_written(&what, 0..rows * n);
+            assert_close(&format!("{what} bwd"), &dx_ref, &dx.tensor(&[rows, n]), tol);
+        }
+    }
+}
+
+#[test]
+fn head_softmax_entropy_and_cross_entropy() {
+    let Some(emu) = emu() else { return };
+    let (tau_t, tau_s) = (0.04, 0.1);
+    for dt in [DType::F32, DType::BF16] {
+        let tol = tol(&[dt]);
+        let s = suffix(dt);
+        // K 40: a partial second warp; K 1500: 1024 threads, two passes per row.
+        for k in [40, 1500] {
+            let (rows, p_rows) = (4, 2);
+            let what = format!("{s} K {k}");
+            let t = rand(&[p_rows, k], 16, -1.0, 1.0, dt);
+            let c = rand(&[k], 17, -0.1, 0.1, DType::F32);
+            let st = rand(&[rows, k], 18, -1.0, 1.0, dt);
+            let p = trainer::kernels::centered_softmax(
+                &rand_t(&[p_rows, k], 19, -1.0, 1.0).unwrap(),
+                &Tensor::zeros(k, DType::F32, &Device::Cpu).unwrap(),
+                tau_t,
+                false,
+            )
+            .unwrap();
+            let g = rand(&[rows], 20, 0.5, 1.5, DType::F32);
+            let (bt, bc, bs, bp, bg) = (
+                Buf::input(&t),
+                Buf::input(&c),
+                Buf::input(&st),
+                Buf::input(&p),
+                Buf::input(&g),
+            );
+            let geo = |r| geometry::head_rows(r, k);
+
+            let probs_ref = trainer::kernels::centered_softmax(&t, &c, tau_t, true).unwrap();
+            let probs = Buf::output(Kind::F32, p_rows * k);
+            emu.call(&format!("centered_softmax_{s}"))
+                .buf(&bt)
+                .buf(&bc)
+                .buf(&probs)
+                .i32(k as i32)
+                .f32((1.0 / tau_t) as f32)
+                .launch(geo(p_rows));
+            probs.assert_written(&what, 0..p_rows * k);
+            assert_close(
+                &format!("centered_softmax {what}"),
+                &probs_ref,
+                &probs.tensor(&[p_rows, k]),
+                tol,
+            );
+
+            let h_ref = trainer::kernels::centered_entropy(&t, &c, tau_t, true).unwrap();
+            let h = Buf::output(Kind::F32, p_rows);
+            emu.call(&format!("centered_entropy_{s}"))
+                .buf(&bt)
+                .buf(&bc)
+                .buf(&h)
+                .i32(k as i32)
+                .f32((1.0 / tau_t) as f32)
+                .launch(geo(p_rows));
+            h.assert_written(&what, 0..p_rows);
+            assert_close(
+                &format!("centered_entropy {what}"),
+                &h_ref,
+                &h.tensor(&[p_rows]),
+                tol,
+            );
+
+            let loss_ref = trainer::kernels::soft_ce_rows(&st, &p, tau_s, true).unwrap();
+            let loss = Buf::output(Kind::F32, rows);
+            emu.call(&format!("soft_ce_fwd_{s}"))
+                .buf(&bs)
+                .buf(&bp)
+                .buf(&loss)
+                .i32(k as i32)
+                .i32(p_rows as i32)
+                .f32((1.0 / tau_s) as f32)
+                .launch(geo(rows));
+            loss.assert_written(&what, 0..rows);
+            assert_close(
+                &format!("soft_ce {what}"),
+                &loss_ref,
+                &loss.tensor(&[rows]),
+                tol,
+            );
+
+            let ds_ref = trainer::kernels::soft_ce_backward(&st, &p, &g, tau_s, true).unwrap();
+            let ds = Buf::output(Kind::of(dt), rows * k);
+            emu.call(&format!("soft_ce_bwd_{s}"))
+                .buf(&bs)
+                .buf(&bp)
+                .buf(&bg)
+                .buf(&ds)
+                .i32(k as i32)
+                .i32(p_rows as i32)
+                .f32((1.0 / tau_s) as f32)
+                .launch(geo(rows));
+            ds.assert_written(&what, 0..rows * k);
+            assert_close(
+                &format!("soft_ce bwd {what}"),
+                &ds_ref,
+                &ds.tensor(&[rows, k]),
+                tol,
+            );
+        }
+    }
+}
+
+#[test]
+fn adamw_with_teacher_ema() {
+    let Some(emu) = emu() else { return };
+    // Odd segment lengths, some frozen, clipped and unclipped.
+    let lens = [384usize, 1, 1000, 77, 1536, 3];
+    let n: usize = lens.iter().sum();
+    let mut segs = Vec::new();
+    let mut off = 0;
+    for (i, &len) in lens.iter().enumerate() {
+        segs.push(Segment {
+            offset: off,
+            len,
+            update: i % 3 != 1,
+            decay: 1.0 - 1e-3 * 0.04,
+            step_size: 1e-3 / (1.0 - 0.9f32.powi(3)),
+            bc2_sqrt: (1.0 - 0.999f32.powi(3)).sqrt(),
+            clip: if i % 2 == 0 { 1.0 } else { 0.3 },
+        });
+        off += len;
+    }
+    let parts = [
+        rand_t(&[n], 1, -0.1, 0.1).unwrap(),
+        rand_t(&[n], 2, -1e-3, 1e-3).unwrap(),
+        rand_t(&[n], 3, 1e-8, 1e-6).unwrap(),
+        rand_t(&[n], 4, -0.1, 0.1).unwrap(),
+    ];
+    let before = Tensor::cat(&parts, 0).unwrap();
+    let g = rand_t(&[n], 5, -1e-2, 1e-2).unwrap();
+    let meta = meta_tensor(&segs, &Device::Cpu).unwrap();
+    let op = AdamwEma {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        momentum: 0.996,
+    };
+    let reference = before.copy().unwrap();
+    reference.inplace_op3(&g, &meta, &op).unwrap();
+
+    let state = Buf::in_out(&before);
+    let (bg, bmeta) = (Buf::input(&g), Buf::input(&meta));
+    emu.call("adamw_ema")
+        .buf(&state)
+        .buf(&bg)
+        .buf(&bmeta)
+        .i32(segs.len() as i32)
+        .usize(n)
+        .f32(op.beta1 as f32)
+        .f32(op.beta2 as f32)
+        .f32(op.eps as f32)
+        .f32(op.momentum as f32)
+        .launch(geometry::elementwise(n));
+    // As kernel-check: relative to the largest change the step makes.
+    let got = state.tensor(&[4 * n]);
+    let (abs, _) = errors(&reference, &got).unwrap();
+    let (change, _) = errors(&reference, &before).unwrap();
+    assert!(
+        abs.is_finite() && abs / change <= 1e-4,
+        "adamw_ema: error {abs:.3e} of a change {change:.3e}"
+    );
+}
+
+/// Flash attention on packed qkv rows at token counts that leave partial tiles (7: a query tile
+/// whose second warp has no rows; 38, 70, 198: 6 rows into the last tile; 198 and 38 are
+/// ViT-S/16's global and local crops) and one exact tile (32): forward O and lse (and the
+/// teacher's launch without lse), the D row sums, then dq and dk/dv against the f64 reference.
+#[test]
+fn flash_attention_forward_and_backward() {
+    let Some(emu) = emu() else { return };
+    let (b, heads, dh) = (2, 2, flash::CUDA_HEAD_DIM);
+    let hd = heads * dh;
+    let scale = (dh as f64).powf(-0.5);
+    let tol = tolerance(DType::BF16);
+    for t in [7, 32, 38, 70, 198] {
+        let rows = b * t;
+        let n_o = rows * hd;
+        let n_stats = b * heads * t;
+        let qkv = rand(&[rows, 3 * hd], 20 + t as u64, -2.0, 2.0, DType::BF16);
+        let d_o = rand(&[rows, hd], 21 + t as u64, -1.0, 1.0, DType::BF16);
+        // The f64 reference on the same (bf16) values: [O | lse] in one f64 buffer.
+        let packed = flash::forward(&qkv.to_dtype(DType::F64).unwrap(), b, heads, scale, true)
+            .unwrap()
+            .packed
+            .unwrap();
+        let o_ref = packed.narrow(0, 0, n_o).unwrap();
+        let lse_ref = packed.narrow(0, n_o, n_stats).unwrap();
+        let (bqkv, bdo) = (Buf::input(&qkv), Buf::input(&d_o));
+        let geo = geometry::flash(b, t, heads);
+        let what = format!("flash T {t}");
+
+        let o = Buf::output(Kind::Bf16, n_o);
+        let lse = Buf::output(Kind::F32, n_stats);
+        emu.call("flash_fwd_bf16")
+            .buf(&bqkv)
+            .buf(&o)
+            .buf(&lse)
+            .i32(t as i32)
+            .i32(heads as i32)
+            .f32(scale as f32)
+            .launch(geo);
+        o.assert_written(&what, 0..n_o);
+        lse.assert_written(&what, 0..n_stats);
+        assert_close(&format!("{what} O"), &o_ref, &o.tensor(&[n_o]), tol);
+        // lse is f32 arithmetic on exact bf16 products: f32's tolerance.
+        assert_close(
+            &format!("{what} lse"),
+            &lse_ref,
+            &lse.tensor(&[n_stats]),
+            tolerance(DType::F32),
+        );
+        let o_teacher = Buf::output(Kind::Bf16, n_o);
+        emu.call("flash_fwd_bf16")
+            .buf(&bqkv)
+            .buf(&o_teacher)
+            .null(Kind::F32)
+            .i32(t as i32)
+            .i32(heads as i32)
+            .f32(scale as f32)
+            .launch(geo);
+        assert!(
+            bits(&o_teacher.tensor(&[n_o])) == bits(&o.tensor(&[n_o])),
+            "{what}: O differs without lse"
+        );
+
+        // The backward reads the forward's outputs: here the reference's, as the kernel
+        // stores them (O in bf16, lse in f32).
+        let o_in = o_ref
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .reshape((rows, hd))
+            .unwrap();
+        let lse_in = lse_ref.to_dtype(DType::F32).unwrap();
+        let (bo, blse) = (Buf::input(&o_in), Buf::input(&lse_in));
+        let dsum = Buf::output(Kind::F32, n_stats);
+        emu.call("flash_bwd_dot_bf16")
+            .buf(&bo)
+            .buf(&bdo)
+            .buf(&dsum)
+            .usize(rows)
+            .i32(t as i32)
+            .i32(heads as i32)
+            .launch(geometry::flash_bwd_dot(rows, heads));
+        dsum.assert_written(&what, 0..n_stats);
+        // D[b, h, i] = Σ dO·O over the head's 64 columns.
+        let prod = (d_o.to_dtype(DType::F64).unwrap() * o_in.to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .reshape((b, t, heads, dh))
+            .unwrap()
+            .sum(3)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .flatten_all()
+            .unwrap();
+        assert_close(
+            &format!("{what} D"),
+            &prod,
+            &dsum.tensor(&[n_stats]),
+            tolerance(DType::F32),
+        );
+
+        let dqkv_ref = flash::backward(
+            &qkv.to_dtype(DType::F64).unwrap(),
+            &Tensor::cat(
+                &[
+                    o_in.flatten_all().unwrap().to_dtype(DType::F64).unwrap(),
+                    lse_in.to_dtype(DType::F64).unwrap(),
+                ],
+                0,
+            )
+            .unwrap(),
+            &d_o.to_dtype(DType::F64).unwrap(),
+            b,
+            heads,
+            scale,
+        )
+        .unwrap();
+        let dqkv = Buf::output(Kind::Bf16, 3 * n_o);
+        let bwd = |name: &str| {
+            emu.call(name)
+                .buf(&bqkv)
+                .buf(&bdo)
+                .buf(&blse)
+                .buf(&dsum)
+                .buf(&dqkv)
+                .i32(t as i32)
+                .i32(heads as i32)
+                .f32(scale as f32)
+                .launch(geo)
+        };
+        // Element ranges of part 0 (q), 1 (k), 2 (v) of every row.
+        let part = |p: usize| {
+            (0..rows).flat_map(move |r| (r * 3 * hd + p * hd)..(r * 3 * hd + (p + 1) * hd))
+        };
+        bwd("flash_bwd_dq_bf16");
+        assert!(
+            part(0).all(|i| !dqkv.unwritten(i)),
+            "{what}: dq not all written"
+        );
+        assert!(
+            part(1).chain(part(2)).all(|i| dqkv.unwritten(i)),
+            "{what}: flash_bwd_dq_bf16 wrote into dk or dv"
+        );
+        let dq = dqkv.tensor(&[rows, 3, hd]).narrow(1, 0, 1).unwrap();
+        bwd("flash_bwd_dkdv_bf16");
+        dqkv.assert_written(&what, 0..3 * n_o);
+        let got = dqkv.tensor(&[rows, 3, hd]);
+        assert!(
+            bits(&got.narrow(1, 0, 1).unwrap()) == bits(&dq),
+            "{what}: flash_bwd_dkdv_bf16 wrote into dq"
+        );
+        let want = dqkv_ref.reshape((rows, 3, hd)).unwrap();
+        for (p, name) in ["dq", "dk", "dv"].iter().enumerate() {
+            assert_close(
+                &format!("{what} {name}"),
+                &want.narrow(1, p, 1).unwrap(),
+                &got.narrow(1, p, 1).unwrap(),
+                tol,
+            );
+        }
+    }
+}
