@@ -22,4 +22,6 @@ case "${CUDA_CHECK:-check-only}" in
       cargo check --locked --features cuda -p trainer --all-targets ;;
 esac
 
-cargo test --workspace --locked
+# trainer/tests/cuda_source_on_cpu.rs runs udi_kernels.cu on the CPU and needs a C++ compiler
+# (CXX or c++); here it fails rather than skips without one.
+UDI_CUDA_EMU_REQUIRED=1 cargo test --workspace --locked
