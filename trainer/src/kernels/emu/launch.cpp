@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <mutex>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <type_traits>
 #include <utility>
@@ -152,6 +153,8 @@ struct Launch {
   void **args;
   dim3 grid, block;
   int nthreads;
+  Barrier start;  // every thread and the launching one, once all threads exist
+  bool abort = false;  // not every thread could be created: run nothing
   Barrier gate;   // between blocks: every thread, never left
   Barrier block_bar;
   std::vector<Warp> warps;
@@ -235,6 +238,9 @@ extern "C" char __stop_udi_emu_shared[] __attribute__((weak));
 namespace {
 using namespace cuda_emu;
 
+// The one call site of the `start` barrier (the launching thread waits on it too).
+const loc_t start_site = loc_t::current();
+
 void worker(Launch &L, int tid) {
   const dim3 b = L.block;
   threadIdx = {tid % b.x, (tid / b.x) % b.y, tid / (b.x * b.y)};
@@ -244,6 +250,8 @@ void worker(Launch &L, int tid) {
   t_lane = tid % 32;
   t_rng = 0x9e3779b97f4a7c15ull * (tid + 1);
   const auto here = loc_t::current();
+  L.start.wait("start", start_site);
+  if (L.abort) return;
   for (unsigned z = 0; z < L.grid.z; ++z)
     for (unsigned y = 0; y < L.grid.y; ++y)
       for (unsigned x = 0; x < L.grid.x; ++x) {
@@ -305,11 +313,21 @@ extern "C" __attribute__((visibility("default"))) int udi_cuda_emu_launch(
   L.nthreads = (int)n;
   L.gate.reset((int)n);
   for (int w = 0; w < nwarps; ++w) L.warps[w].size = (int)std::min<unsigned long>(32, n - 32 * w);
+  L.start.reset((int)n + 1);
   g_launch = &L;
   {
     std::vector<std::thread> threads;
     threads.reserve(n);
-    for (int t = 0; t < (int)n; ++t) threads.emplace_back(worker, std::ref(L), t);
+    try {
+      for (int t = 0; t < (int)n; ++t) threads.emplace_back(worker, std::ref(L), t);
+    } catch (const std::system_error &e) {
+      L.abort = true;  // written before the threads pass `start`
+      L.errors = 1;
+      L.err = std::string("creating thread ") + std::to_string(threads.size()) + " of " +
+              std::to_string(n) + ": " + e.what();
+      for (size_t t = threads.size(); t < n; ++t) L.start.leave();
+    }
+    L.start.wait("start", start_site);
     for (auto &t : threads) t.join();
   }
   g_launch = nullptr;
