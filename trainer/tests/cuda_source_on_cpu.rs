@@ -135,6 +135,138 @@ fn layer_norm_forward_and_backward() {
     }
 }
 
+/// The residual update fused with the next LayerNorm, and the LayerNorm backward fused with the
+/// stream's gradient; samples of 50 rows: the backward's second block of 128 rows is partial.
+#[test]
+fn residual_layer_norm_forward_and_backward() {
+    use trainer::kernels::ln_residual::{
+        layer_norm_backward_residual, residual_add_layer_norm, Branch,
+    };
+    let Some(emu) = emu() else { return };
+    let eps = 1e-6;
+    for (samples, per, d) in [(3, 50, 100), (2, 5, 384)] {
+        let rows = samples * per;
+        let n = rows * d;
+        let x = rand(&[samples, per, d], 30, -3.0, 3.0, DType::F32);
+        let w = rand(&[d], 31, 0.5, 1.5, DType::F32);
+        let b = rand(&[d], 32, -0.5, 0.5, DType::F32);
+        let dres = rand(&[samples, per, d], 33, -1.0, 1.0, DType::F32);
+        let m = (rand_t(&[samples], 34, 0.0, 1.0)
+            .unwrap()
+            .ge(0.3)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            / 0.9)
+            .unwrap();
+        let (bx, bw, bb, bm, bdres) = (
+            Buf::input(&x),
+            Buf::input(&w),
+            Buf::input(&b),
+            Buf::input(&m),
+            Buf::input(&dres),
+        );
+        for (ta, to) in [
+            (DType::F32, DType::F32),
+            (DType::BF16, DType::BF16),
+            (DType::BF16, DType::F32),
+            (DType::F32, DType::BF16),
+        ] {
+            let tol = tol(&[ta, to]);
+            let what = format!("residual_ln {}_{} [{rows}, {d}]", suffix(ta), suffix(to));
+            let a = rand(&[samples, per, d], 35, -3.0, 3.0, ta);
+            let ba = Buf::input(&a);
+            let (y_ref, ln_ref) =
+                residual_add_layer_norm(&x, &a, Some(&m), &w, &b, eps, to, true).unwrap();
+            let (y, ln) = (Buf::output(Kind::F32, n), Buf::output(Kind::of(to), n));
+            emu.call(&format!("residual_ln_fwd_{}_{}", suffix(ta), suffix(to)))
+                .buf(&bx)
+                .buf(&ba)
+                .buf(&bm)
+                .buf(&bw)
+                .buf(&bb)
+                .buf(&y)
+                .buf(&ln)
+                .i32(d as i32)
+                .i32(per as i32)
+                .f32(eps as f32)
+                .launch(geometry::layer_norm(rows, d));
+            y.assert_written(&what, 0..n);
+            ln.assert_written(&what, 0..n);
+            assert_close(
+                &format!("{what} y"),
+                &y_ref,
+                &y.tensor(&[samples, per, d]),
+                tol,
+            );
+            assert_close(&format!("{what} ln"), &ln_ref, &ln.tensor(&[rows, d]), tol);
+        }
+        let x2 = x.reshape((rows, d)).unwrap();
+        for to in [DType::F32, DType::BF16] {
+            let tol = tol(&[to]);
+            let dy = rand(&[rows, d], 36, -1.0, 1.0, to);
+            let bdy = Buf::input(&dy);
+            let (bx2, (g, rpb)) = (Buf::input(&x2), geometry::ln_residual(rows));
+            for with_branch in [true, false] {
+                let what = format!(
+                    "ln_bwd_residual {} [{rows}, {d}] branch {with_branch}",
+                    suffix(to)
+                );
+                let branch = with_branch.then_some(Branch {
+                    m: Some(&m),
+                    dtype: to,
+                });
+                let r =
+                    layer_norm_backward_residual(&x2, &w, &dy, &dres, eps, branch, true).unwrap();
+                let dx = Buf::output(Kind::F32, n);
+                let br = Buf::output(Kind::of(to), n);
+                let dwdb = Buf::zeroed(Kind::F32, 2 * d);
+                let call = emu
+                    .call(&format!("ln_bwd_residual_{}", suffix(to)))
+                    .buf(&bx2)
+                    .buf(&bw)
+                    .buf(&bdy)
+                    .buf(&bdres)
+                    .buf(&bm)
+                    .buf(&dx);
+                // Without a branch the CUDA path passes dy, which the kernel must not write.
+                let call = if with_branch {
+                    call.buf(&br)
+                } else {
+                    call.buf(&bdy)
+                };
+                call.buf(&dwdb)
+                    .i32(rows as i32)
+                    .i32(d as i32)
+                    .f32(eps as f32)
+                    .i32(rpb as i32)
+                    .i32(per as i32)
+                    .i32(with_branch as i32)
+                    .launch(g);
+                dx.assert_written(&what, 0..n);
+                assert_close(
+                    &format!("{what} dx"),
+                    &r.dx,
+                    &dx.tensor(&[samples, per, d]),
+                    tol,
+                );
+                if let Some(b_ref) = &r.branch {
+                    br.assert_written(&what, 0..n);
+                    assert_close(
+                        &format!("{what} branch"),
+                        b_ref,
+                        &br.tensor(&[samples, per, d]),
+                        tol,
+                    );
+                }
+                let got = dwdb.tensor(&[2, d]);
+                assert_close(&format!("{what} dw"), &r.dw, &got.get(0).unwrap(), tol);
+                assert_close(&format!("{what} db"), &r.db, &got.get(1).unwrap(), tol);
+            }
+        }
+    }
+}
+
 #[test]
 fn bias_gelu_bias_add_and_column_sums() {
     let Some(emu) = emu() else { return };

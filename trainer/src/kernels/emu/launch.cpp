@@ -140,6 +140,8 @@ const std::vector<Entry> &table() {
       K(centered_entropy_f32), K(centered_entropy_bf16),
       K(attn_softmax_fwd_f32), K(attn_softmax_bwd_f32),
       K(attn_softmax_fwd_bf16), K(attn_softmax_bwd_bf16),
+      K(residual_ln_fwd_f32_f32), K(residual_ln_fwd_bf16_bf16), K(residual_ln_fwd_bf16_f32),
+      K(residual_ln_fwd_f32_bf16), K(ln_bwd_residual_f32), K(ln_bwd_residual_bf16),
       K(adamw_ema),
       K(flash_fwd_bf16), K(flash_bwd_dot_bf16), K(flash_bwd_dq_bf16), K(flash_bwd_dkdv_bf16),
   };
