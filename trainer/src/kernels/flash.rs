@@ -376,6 +376,10 @@ pub fn backward(
     heads: usize,
     scale: f64,
 ) -> Result<Tensor> {
-    qkv.contiguous()?
-        .apply_op3_no_bwd(packed, &d_o.contiguous()?, &FlashBwd { b, heads, scale })
+    // The kernels read 16-byte vectors from all three, as the forward does from qkv.
+    aligned(qkv)?.apply_op3_no_bwd(
+        &aligned(packed)?,
+        &aligned(d_o)?,
+        &FlashBwd { b, heads, scale },
+    )
 }
