@@ -151,6 +151,7 @@ fn residual_layer_norm_forward_and_backward() {
         let w = rand(&[d], 31, 0.5, 1.5, DType::F32);
         let b = rand(&[d], 32, -0.5, 0.5, DType::F32);
         let dres = rand(&[samples, per, d], 33, -1.0, 1.0, DType::F32);
+        let ab = rand(&[d], 37, -0.5, 0.5, DType::F32);
         let m = (rand_t(&[samples], 34, 0.0, 1.0)
             .unwrap()
             .ge(0.3)
@@ -159,6 +160,7 @@ fn residual_layer_norm_forward_and_backward() {
             .unwrap()
             / 0.9)
             .unwrap();
+        let bab = Buf::input(&ab);
         let (bx, bw, bb, bm, bdres) = (
             Buf::input(&x),
             Buf::input(&w),
@@ -177,11 +179,13 @@ fn residual_layer_norm_forward_and_backward() {
             let a = rand(&[samples, per, d], 35, -3.0, 3.0, ta);
             let ba = Buf::input(&a);
             let (y_ref, ln_ref) =
-                residual_add_layer_norm(&x, &a, Some(&m), &w, &b, eps, to, true).unwrap();
+                residual_add_layer_norm(&x, &a, Some(&ab), Some(&m), &w, &b, eps, to, true)
+                    .unwrap();
             let (y, ln) = (Buf::output(Kind::F32, n), Buf::output(Kind::of(to), n));
             emu.call(&format!("residual_ln_fwd_{}_{}", suffix(ta), suffix(to)))
                 .buf(&bx)
                 .buf(&ba)
+                .buf(&bab)
                 .buf(&bm)
                 .buf(&bw)
                 .buf(&bb)

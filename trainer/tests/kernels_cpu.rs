@@ -708,10 +708,11 @@ fn residual_add_layer_norm_matches_composed() {
     let m = Tensor::from_vec(vec![0.0, keep, keep, 0.0, keep], (b, 1, 1), &Device::Cpu).unwrap();
     let x = rand(&[b, t, d], 50, 2.0);
     let a = rand(&[b, t, d], 51, 2.0);
+    let ab = rand(&[d], 54, 0.5);
     let w = rand(&[d], 52, 1.0);
     let bias = rand(&[d], 53, 1.0);
     // The composed ops, each checked against autograd/definitions above.
-    let y_ref = residual_add(&x, &a, Some(&m), false).unwrap();
+    let y_ref = residual_add(&x, &bias_add(&a, &ab, false).unwrap(), Some(&m), false).unwrap();
     let ln_ref = layer_norm(
         &y_ref.reshape((b * t, d)).unwrap(),
         &w,
@@ -723,8 +724,18 @@ fn residual_add_layer_norm_matches_composed() {
     .unwrap();
     let rel = |a: &Tensor, r: &Tensor| max_abs_diff(a, r) / max_abs(r);
     for fused in [false, true] {
-        let (y, ln) =
-            residual_add_layer_norm(&x, &a, Some(&m), &w, &bias, 1e-6, DType::F64, fused).unwrap();
+        let (y, ln) = residual_add_layer_norm(
+            &x,
+            &a,
+            Some(&ab),
+            Some(&m),
+            &w,
+            &bias,
+            1e-6,
+            DType::F64,
+            fused,
+        )
+        .unwrap();
         assert_eq!((y.dims(), ln.dims()), (&[b, t, d][..], &[b * t, d][..]));
         assert!(rel(&y, &y_ref) < 1e-15, "fused {fused}: y");
         assert!(rel(&ln, &ln_ref) < 1e-12, "fused {fused}: LN(y)");
@@ -733,26 +744,48 @@ fn residual_add_layer_norm_matches_composed() {
             to_vec_f64(&y.get(0).unwrap()),
             to_vec_f64(&x.get(0).unwrap())
         );
+        let (y, _) =
+            residual_add_layer_norm(&x, &a, None, None, &w, &bias, 1e-6, DType::F64, fused)
+                .unwrap();
+        assert!(
+            rel(&y, &(&x + &a).unwrap()) < 1e-15,
+            "fused {fused}: no bias, no mask"
+        );
     }
-    // bf16 training: f32 stream and parameters, bf16 branch and LayerNorm output.
+    // bf16 training: f32 stream and parameters, bf16 branch and LayerNorm output; the fused op
+    // rounds a + ab to bf16 as the bias add it replaces does, so y is the composed y.
     let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
-    let ab = a.to_dtype(DType::BF16).unwrap();
-    let [c, f] = [false, true].map(|fused| {
-        residual_add_layer_norm(
-            &f32(&x),
-            &ab,
-            Some(&f32(&m)),
-            &f32(&w),
-            &f32(&bias),
-            1e-6,
-            DType::BF16,
-            fused,
-        )
-        .unwrap()
-    });
+    let a16 = a.to_dtype(DType::BF16).unwrap();
+    let (x32, ab32, m32, w32, b32) = (f32(&x), f32(&ab), f32(&m), f32(&w), f32(&bias));
+    let f = residual_add_layer_norm(
+        &x32,
+        &a16,
+        Some(&ab32),
+        Some(&m32),
+        &w32,
+        &b32,
+        1e-6,
+        DType::BF16,
+        true,
+    )
+    .unwrap();
+    // The ops it replaces, each fused op on its own.
+    let a_b = bias_add(&a16, &ab32, true).unwrap();
+    let y = residual_add(&x32, &a_b, Some(&m32), true).unwrap();
+    let ln = layer_norm(
+        &y.reshape((b * t, d)).unwrap(),
+        &w32,
+        &b32,
+        1e-6,
+        DType::BF16,
+        true,
+    );
+    let c = (y, ln.unwrap());
     assert_eq!((f.0.dtype(), f.1.dtype()), (DType::F32, DType::BF16));
-    assert!(rel(&f.0, &c.0) < 1e-6);
+    assert_eq!(
+        to_vec_f64(&f.0),
+        to_vec_f64(&c.0),
+        "y: the same bits as bias add + residual add"
+    );
     assert!(rel(&f.1, &c.1) < 1e-2);
-    let none = residual_add_layer_norm(&x, &a, None, &w, &bias, 1e-6, DType::F64, true).unwrap();
-    assert!(rel(&none.0, &(&x + &a).unwrap()) < 1e-15);
 }

@@ -27,17 +27,19 @@ impl LayerNorm {
         layer_norm(x, &self.w, &self.b, self.eps, out, ops.fused)
     }
 
-    /// The residual update before this LayerNorm and the LayerNorm itself: y = x + m·a (x's
-    /// dtype and shape; `m` per sample) and LN(y) as rows in `out`.
+    /// The residual update before this LayerNorm and the LayerNorm itself: y = x + m·(a + ab)
+    /// (x's dtype and shape; `m` per sample; `ab` the branch's last bias, not yet added to its
+    /// product `a`) and LN(y) as rows in `out`.
     pub fn forward_residual(
         &self,
         ops: &Ops,
         x: &Tensor,
         a: &Tensor,
+        ab: Option<&Tensor>,
         m: Option<&Tensor>,
         out: DType,
     ) -> Result<(Tensor, Tensor)> {
-        residual_add_layer_norm(x, a, m, &self.w, &self.b, self.eps, out, ops.fused)
+        residual_add_layer_norm(x, a, ab, m, &self.w, &self.b, self.eps, out, ops.fused)
     }
 
     /// Returns dx (x's dtype); dw, db into `grads`.

@@ -28,6 +28,11 @@ impl Linear {
         }
     }
 
+    /// x·Wᵀ alone: for a consumer that adds the bias in its own pass (the residual update).
+    pub fn product(&self, x: &Tensor) -> Result<Tensor> {
+        x.matmul(&self.w.t()?)
+    }
+
     /// `(gelu(x·Wᵀ + b), x·Wᵀ)`: the output and what the backward keeps.
     pub fn forward_gelu(&self, ops: &Ops, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let y = x.matmul(&self.w.t()?)?;

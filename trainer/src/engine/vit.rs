@@ -8,8 +8,8 @@
 //! Saved per block (student only; the teacher's forward keeps nothing): the block input x,
 //! what the attention's backward reads (the qkv rows and the flash output, or Q/K/V and P), the
 //! merged heads (proj input), x₁ and fc1's pre-bias product; the backward recomputes the
-//! LayerNorm and GELU outputs. Each residual update runs in one pass with the LayerNorm after it
-//! (LN₂ in the block, the next block's LN₁); backward, each LayerNorm's backward adds the stream's
+//! LayerNorm and GELU outputs. Each residual update runs in one pass with the bias of the branch
+//! before it and the LayerNorm after it (LN₂ in the block, the next block's LN₁); backward, each LayerNorm's backward adds the stream's
 //! gradient and makes the next branch's masked gradient in the same pass.
 
 use super::attention::{self, AttnSaved};
@@ -69,21 +69,32 @@ impl Block {
         let qkv = self.qkv.forward(ops, &ln1)?;
         std::mem::drop(ln1);
         let (heads_out, attn) = attention::forward_rows(ops, &qkv, b, heads, scale, save)?;
-        let a = self.proj.forward(ops, &heads_out)?.reshape((b, t, d))?;
-        let (x1, ln2) = self
-            .norm2
-            .forward_residual(ops, x, &a, drop.map(|m| &m.0), ops.cdt)?;
+        // The proj and fc2 biases are added in the residual updates' passes.
+        let a = self.proj.product(&heads_out)?.reshape((b, t, d))?;
+        let (x1, ln2) = self.norm2.forward_residual(
+            ops,
+            x,
+            &a,
+            self.proj.b.as_ref(),
+            drop.map(|m| &m.0),
+            ops.cdt,
+        )?;
         let (gelu, fc1_pre) = self.fc1.forward_gelu(ops, &ln2)?;
         std::mem::drop((a, ln2));
-        let m = self.fc2.forward(ops, &gelu)?.reshape((b, t, d))?;
-        std::mem::drop(gelu);
         let (x2, ln_next) = match next {
             Some(norm) => {
-                let (x2, ln) = norm.forward_residual(ops, &x1, &m, drop.map(|m| &m.1), ops.cdt)?;
+                let m = self.fc2.product(&gelu)?.reshape((b, t, d))?;
+                let fc2_b = self.fc2.b.as_ref();
+                let (x2, ln) =
+                    norm.forward_residual(ops, &x1, &m, fc2_b, drop.map(|m| &m.1), ops.cdt)?;
                 (x2, Some(ln))
             }
-            None => (residual_add(&x1, &m, drop.map(|m| &m.1), ops.fused)?, None),
+            None => {
+                let m = self.fc2.forward(ops, &gelu)?.reshape((b, t, d))?;
+                (residual_add(&x1, &m, drop.map(|m| &m.1), ops.fused)?, None)
+            }
         };
+        std::mem::drop(gelu);
         let saved = save.then(|| BlockSaved {
             x: x.clone(),
             attn: attn.expect("saved"),

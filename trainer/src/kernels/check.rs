@@ -582,9 +582,11 @@ pub fn run(dev: &Device, s: &Shapes, reps: usize) -> Result<CheckReport> {
             reps,
         )?;
 
-        // The residual update and the LayerNorm after it: y and LN(y) in one vector.
+        // The residual update (with the branch's last bias) and the LayerNorm after it: y and LN(y)
+        // in one vector.
         let x = rand_t(&[s.batch, s.rows / s.batch, s.dim], 30, -3.0, 3.0)?;
         let a = cast(rand_t(&[s.batch, s.rows / s.batch, s.dim], 31, -3.0, 3.0)?)?;
+        let ab = rand_t(&[s.dim], 35, -0.5, 0.5)?;
         let m = (rand_t(&[s.batch], 32, 0.0, 1.0)?
             .ge(0.1)?
             .to_dtype(DType::F32)?
@@ -592,8 +594,17 @@ pub fn run(dev: &Device, s: &Shapes, reps: usize) -> Result<CheckReport> {
         let w = rand_t(&[s.dim], 33, 0.5, 1.5)?;
         let b = rand_t(&[s.dim], 34, -0.5, 0.5)?;
         let f = move |t: &[Tensor], fused: bool| {
-            let (y, ln) =
-                residual_add_layer_norm(&t[0], &t[1], Some(&t[2]), &t[3], &t[4], 1e-6, dt, fused)?;
+            let (y, ln) = residual_add_layer_norm(
+                &t[0],
+                &t[1],
+                Some(&t[2]),
+                Some(&t[3]),
+                &t[4],
+                &t[5],
+                1e-6,
+                dt,
+                fused,
+            )?;
             Tensor::cat(
                 &[y.flatten_all()?, ln.flatten_all()?.to_dtype(DType::F32)?],
                 0,
@@ -605,7 +616,7 @@ pub fn run(dev: &Device, s: &Shapes, reps: usize) -> Result<CheckReport> {
             format!("[{}, {}]", s.rows, s.dim),
             dt,
             &f,
-            vec![x, a, m, w, b],
+            vec![x, a, ab, m, w, b],
             &[],
             dev,
             reps,

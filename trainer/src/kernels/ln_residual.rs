@@ -1,8 +1,9 @@
 //! A pre-norm block's residual update fused with the next LayerNorm, forward and backward.
 //!
-//! Forward ([`residual_add_layer_norm`]): y = x + m·a (the branch output added to the stream,
-//! m its per-sample stochastic-depth multiplier) and LN(y) for the next branch in one pass, where
-//! composed the LayerNorm reads y back (4 of 18 bytes per element in bf16 training).
+//! Forward ([`residual_add_layer_norm`]): y = x + m·(a + ab) (the branch output with its last
+//! bias added to the stream, m its per-sample stochastic-depth multiplier) and LN(y) for the
+//! next branch in one pass, where composed the bias add writes a + ab and reads it back and the
+//! LayerNorm reads y back (26 → 14 bytes per element in bf16 training).
 //!
 //! Backward ([`layer_norm_backward_residual`]):
 //! In a block, the stream's gradient `dres` passes the branch by and the branch's LayerNorm adds
@@ -12,7 +13,7 @@
 //! (each reading x and dy), an add and a scale-and-cast; fused, one pass reads x, dy and dres once
 //! and writes dx and the branch's gradient (34 → 16 bytes per element in bf16 training).
 
-use super::{layer_norm, layer_norm_backward, residual_add};
+use super::{bias_add, layer_norm, layer_norm_backward, residual_add};
 use candle_core::{DType, Result, Tensor};
 
 /// What the fused backward returns: dx (dres's dtype and shape), the next branch's gradient
@@ -44,13 +45,15 @@ pub fn scale_cast(dx: &Tensor, m: Option<&Tensor>, dtype: DType) -> Result<Tenso
     }
 }
 
-/// `(y, LN(y))` with y = x + m·cast(a): x `[B, T, D]` (the stream, parameter dtype), a the
-/// branch output (same shape, compute dtype), `m` one multiplier per sample or none; LN(y) as
-/// `[B·T, D]` rows in `out`, y in x's dtype and shape.
+/// `(y, LN(y))` with y = x + m·cast(a + ab): x `[B, T, D]` (the stream, parameter dtype), a the
+/// branch output before its last bias (same shape, compute dtype; a + ab rounded to it, as
+/// [`bias_add`] does), `m` one multiplier per sample or none; LN(y) as `[B·T, D]` rows in `out`,
+/// y in x's dtype and shape.
 #[allow(clippy::too_many_arguments)]
 pub fn residual_add_layer_norm(
     x: &Tensor,
     a: &Tensor,
+    ab: Option<&Tensor>,
     m: Option<&Tensor>,
     w: &Tensor,
     b: &Tensor,
@@ -61,12 +64,16 @@ pub fn residual_add_layer_norm(
     let d = w.elem_count();
     #[cfg(feature = "cuda")]
     if fused && x.device().is_cuda() {
-        return cuda_forward(x, a, m, w, b, eps, out);
+        return cuda_forward(x, a, ab, m, w, b, eps, out);
     }
     if fused && x.device().is_cpu() {
-        return reference_forward(x, a, m, w, b, eps, out);
+        return reference_forward(x, a, ab, m, w, b, eps, out);
     }
-    let y = residual_add(x, a, m, fused)?;
+    let a = match ab {
+        Some(ab) => bias_add(a, ab, fused)?,
+        None => a.clone(),
+    };
+    let y = residual_add(x, &a, m, fused)?;
     let ln = layer_norm(&y.reshape(((), d))?, w, b, eps, out, fused)?;
     Ok((y, ln))
 }
@@ -77,6 +84,7 @@ pub fn residual_add_layer_norm(
 fn reference_forward(
     x: &Tensor,
     a: &Tensor,
+    ab: Option<&Tensor>,
     m: Option<&Tensor>,
     w: &Tensor,
     b: &Tensor,
@@ -86,10 +94,23 @@ fn reference_forward(
     let d = w.elem_count();
     let n = x.elem_count();
     let f64s = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>();
-    let (xs, as_, ws, bs) = (f64s(x)?, f64s(a)?, f64s(w)?, f64s(b)?);
-    if as_.len() != n || !n.is_multiple_of(d) {
-        candle_core::bail!("residual + ln: x {n}, a {}, d {d}", as_.len());
+    let (xs, ws, bs) = (f64s(x)?, f64s(w)?, f64s(b)?);
+    if a.elem_count() != n || !n.is_multiple_of(d) {
+        candle_core::bail!("residual + ln: x {n}, a {}, d {d}", a.elem_count());
     }
+    // a + ab rounded to a's dtype, as the bias add it replaces.
+    let as_ = match ab {
+        Some(ab) => {
+            let ab = f64s(ab)?;
+            let sum: Vec<f64> = f64s(a)?
+                .iter()
+                .enumerate()
+                .map(|(i, v)| v + ab[i % d])
+                .collect();
+            f64s(&Tensor::from_vec(sum, a.shape(), a.device())?.to_dtype(a.dtype())?)?
+        }
+        None => f64s(a)?,
+    };
     let (m, per) = multipliers(x, n / d, m, DType::F64)?;
     let m = f64s(&m)?;
     let y: Vec<f64> = (0..n).map(|i| xs[i] + m[i / d / per] * as_[i]).collect();
@@ -343,6 +364,7 @@ fn cuda(
 fn cuda_forward(
     x: &Tensor,
     a: &Tensor,
+    ab: Option<&Tensor>,
     m: Option<&Tensor>,
     w: &Tensor,
     b: &Tensor,
@@ -358,28 +380,35 @@ fn cuda_forward(
     let rows = x.elem_count() / d.max(1);
     let (x, a) = (x.contiguous()?, a.contiguous()?);
     let (m, per) = multipliers(&x, rows, m, DType::F32)?;
+    let ab = match ab {
+        Some(ab) => ab.clone(),
+        None => Tensor::zeros(d, DType::F32, x.device())?,
+    };
     let (xs, xl) = x.storage_and_layout();
     let (as_, al) = a.storage_and_layout();
+    let (abs_, abl) = ab.storage_and_layout();
     let (ms, ml) = m.storage_and_layout();
     let (ws, wl) = w.storage_and_layout();
     let (bs, bl) = b.storage_and_layout();
     let (
         Storage::Cuda(xs),
         Storage::Cuda(as_),
+        Storage::Cuda(abs_),
         Storage::Cuda(ms),
         Storage::Cuda(ws),
         Storage::Cuda(bs),
-    ) = (&*xs, &*as_, &*ms, &*ws, &*bs)
+    ) = (&*xs, &*as_, &*abs_, &*ms, &*ws, &*bs)
     else {
         bail!("residual + ln: every input must be on the same CUDA device")
     };
     let dev = &xs.device;
     let xi = gpu::In::new(xs, xl, "residual + ln x")?;
     let ai = gpu::In::new(as_, al, "residual + ln a")?;
+    let abi = gpu::In::new(abs_, abl, "residual + ln a's bias")?;
     let mi = gpu::In::new(ms, ml, "residual + ln m")?;
     let wi = gpu::In::new(ws, wl, "residual + ln w")?;
     let bi = gpu::In::new(bs, bl, "residual + ln b")?;
-    for (i, what) in [(&xi, "x"), (&wi, "w"), (&bi, "b")] {
+    for (i, what) in [(&xi, "x"), (&abi, "a's bias"), (&wi, "w"), (&bi, "b")] {
         if i.dtype() != DType::F32 {
             bail!(
                 "residual + ln: {what} must be f32 on CUDA, got {:?}",
@@ -401,6 +430,7 @@ fn cuda_forward(
     let mut args = k.builder();
     xi.push(&mut args);
     ai.push(&mut args);
+    abi.push(&mut args);
     mi.push(&mut args);
     wi.push(&mut args);
     bi.push(&mut args);

@@ -396,11 +396,14 @@ SM_INST(f32, float)
 SM_INST(bf16, bf16)
 
 // ---- residual update + the next LayerNorm (pre-norm blocks) ------------------------------------
-// One block per row: y = x + m[row / per]·a (the stream, f32), out = (y − mean)·rstd·w + b. Each
-// thread reads back only the y elements it wrote, so the statistics need no extra barrier.
+// One block per row: y = x + m[row / per]·(a + ab) (the stream, f32; a + ab rounded to a's dtype
+// as bias_add rounds it: ab is the branch's last bias, folded in here instead of its own pass),
+// out = (y − mean)·rstd·w + b. Each thread reads back only the y elements it wrote, so the
+// statistics need no extra barrier.
 template <typename TA, typename TO>
-__device__ void residual_ln_fwd(const float *x, const TA *a, const float *m, const float *w,
-                                const float *b, float *y, TO *out, int d, int per, float eps) {
+__device__ void residual_ln_fwd(const float *x, const TA *a, const float *ab, const float *m,
+                                const float *w, const float *b, float *y, TO *out, int d, int per,
+                                float eps) {
   __shared__ float sh[32];
   const size_t row = blockIdx.x;
   const float mr = m[row / per];
@@ -408,17 +411,18 @@ __device__ void residual_ln_fwd(const float *x, const TA *a, const float *m, con
   a += row * d;
   y += row * d;
   out += row * d;
-  for (int j = threadIdx.x; j < d; j += blockDim.x) y[j] = x[j] + mr * to_f(a[j]);
+  for (int j = threadIdx.x; j < d; j += blockDim.x)
+    y[j] = x[j] + mr * to_f(from_f<TA>(to_f(a[j]) + ab[j]));
   float mean, rstd;
   row_stats(y, d, eps, sh, &mean, &rstd);
   for (int j = threadIdx.x; j < d; j += blockDim.x) out[j] = from_f<TO>((y[j] - mean) * rstd * w[j] + b[j]);
 }
 
 #define RLN_INST(SUF, TA, TO)                                                                     \
-  extern "C" __global__ void residual_ln_fwd_##SUF(const float *x, const TA *a, const float *m,   \
-                                                   const float *w, const float *b, float *y,      \
-                                                   TO *out, int d, int per, float eps) {          \
-    residual_ln_fwd<TA, TO>(x, a, m, w, b, y, out, d, per, eps);                                  \
+  extern "C" __global__ void residual_ln_fwd_##SUF(const float *x, const TA *a, const float *ab,   \
+                                                   const float *m, const float *w, const float *b,\
+                                                   float *y, TO *out, int d, int per, float eps) { \
+    residual_ln_fwd<TA, TO>(x, a, ab, m, w, b, y, out, d, per, eps);                              \
   }
 RLN_INST(f32_f32, float, float)
 RLN_INST(bf16_bf16, bf16, bf16)
