@@ -10,7 +10,7 @@
 mod cuda_emu;
 
 use candle_core::{DType, Device, Tensor};
-use cuda_emu::{emu, Buf, Kind};
+use cuda_emu::{emu, Buf, Call, Kind};
 use trainer::kernels::adamw::{meta_tensor, AdamwEma, Segment};
 use trainer::kernels::check::{errors, rand_t, tolerance};
 use trainer::kernels::{flash, geometry, RowScale};
@@ -625,6 +625,14 @@ fn adamw_with_teacher_ema() {
 /// whose second warp has no rows; 38, 70, 198: 6 rows into the last tile; 198 and 38 are
 /// ViT-S/16's global and local crops) and one exact tile (32): forward O and lse (and the
 /// teacher's launch without lse), the D row sums, then dq and dk/dv against the f64 reference.
+/// The flash kernels' qkv-bias argument: the buffer, or null.
+fn with_qkv_bias<'a>(c: Call<'a>, bias: Option<&'a Buf>) -> Call<'a> {
+    match bias {
+        Some(b) => c.buf(b),
+        None => c.null(Kind::F32),
+    }
+}
+
 #[test]
 fn flash_attention_forward_and_backward() {
     let Some(emu) = emu() else { return };
@@ -638,8 +646,26 @@ fn flash_attention_forward_and_backward() {
         let n_stats = b * heads * t;
         let qkv = rand(&[rows, 3 * hd], 20 + t as u64, -2.0, 2.0, DType::BF16);
         let d_o = rand(&[rows, hd], 21 + t as u64, -1.0, 1.0, DType::BF16);
-        // The f64 reference on the same (bf16) values: [O | lse] in one f64 buffer.
-        let packed = flash::forward(&qkv.to_dtype(DType::F64).unwrap(), b, heads, scale, true)
+        // The qkv bias, added by the kernels as they load the tiles (null for T 32 and 70).
+        let with_bias = ![32, 70].contains(&t);
+        let bias = rand(&[3 * hd], 22 + t as u64, -0.5, 0.5, DType::F32);
+        let bbias = Buf::input(&bias);
+        let qkv_bias = |c| with_qkv_bias(c, with_bias.then_some(&bbias));
+        // The f64 reference on the same (bf16) values, the bias added and rounded to bf16 as a
+        // bias add would: [O | lse] in one f64 buffer.
+        let qkv_ref = match with_bias {
+            true => qkv
+                .to_dtype(DType::F64)
+                .unwrap()
+                .broadcast_add(&bias.to_dtype(DType::F64).unwrap())
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap(),
+            false => qkv.to_dtype(DType::F64).unwrap(),
+        };
+        let packed = flash::forward(&qkv_ref, None, b, heads, scale, true)
             .unwrap()
             .packed
             .unwrap();
@@ -647,12 +673,11 @@ fn flash_attention_forward_and_backward() {
         let lse_ref = packed.narrow(0, n_o, n_stats).unwrap();
         let (bqkv, bdo) = (Buf::input(&qkv), Buf::input(&d_o));
         let geo = geometry::flash(b, t, heads);
-        let what = format!("flash T {t}");
+        let what = format!("flash T {t} bias {with_bias}");
 
         let o = Buf::output(Kind::Bf16, n_o);
         let lse = Buf::output(Kind::F32, n_stats);
-        emu.call("flash_fwd_bf16")
-            .buf(&bqkv)
+        qkv_bias(emu.call("flash_fwd_bf16").buf(&bqkv))
             .buf(&o)
             .buf(&lse)
             .i32(t as i32)
@@ -670,8 +695,7 @@ fn flash_attention_forward_and_backward() {
             tolerance(DType::F32),
         );
         let o_teacher = Buf::output(Kind::Bf16, n_o);
-        emu.call("flash_fwd_bf16")
-            .buf(&bqkv)
+        qkv_bias(emu.call("flash_fwd_bf16").buf(&bqkv))
             .buf(&o_teacher)
             .null(Kind::F32)
             .i32(t as i32)
@@ -721,7 +745,8 @@ fn flash_attention_forward_and_backward() {
         );
 
         let dqkv_ref = flash::backward(
-            &qkv.to_dtype(DType::F64).unwrap(),
+            &qkv_ref,
+            None,
             &Tensor::cat(
                 &[
                     o_in.flatten_all().unwrap().to_dtype(DType::F64).unwrap(),
@@ -738,8 +763,7 @@ fn flash_attention_forward_and_backward() {
         .unwrap();
         let dqkv = Buf::output(Kind::Bf16, 3 * n_o);
         let bwd = |name: &str| {
-            emu.call(name)
-                .buf(&bqkv)
+            qkv_bias(emu.call(name).buf(&bqkv))
                 .buf(&bdo)
                 .buf(&blse)
                 .buf(&dsum)

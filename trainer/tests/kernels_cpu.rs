@@ -575,15 +575,21 @@ fn flash_attention_matches_autograd_attention() {
         let scale = (dh as f64).powf(-0.5);
         let qkv = rand(&[b * t, 3 * heads * dh], 5, 2.0).to_dtype(dt).unwrap();
         let d_o = rand(&[b * t, heads * dh], 6, 1.0).to_dtype(dt).unwrap();
-        let f = flash::forward(&qkv, b, heads, scale, true).unwrap();
+        // qkv is the projection's product before its bias; flash adds the bias as it reads.
+        let bias = rand(&[3 * heads * dh], 7, 0.5)
+            .to_dtype(DType::F32)
+            .unwrap();
+        let f = flash::forward(&qkv, Some(&bias), b, heads, scale, true).unwrap();
         let packed = f.packed.as_ref().unwrap();
-        let dqkv = flash::backward(&qkv, packed, &d_o, b, heads, scale).unwrap();
+        let dqkv = flash::backward(&qkv, Some(&bias), packed, &d_o, b, heads, scale).unwrap();
         assert_eq!(f.o.dims(), &[b * t, heads * dh]);
         assert_eq!(dqkv.dims(), qkv.dims());
 
         let var = Var::from_tensor(&qkv.to_dtype(DType::F64).unwrap()).unwrap();
         let x = var
             .as_tensor()
+            .broadcast_add(&bias.to_dtype(DType::F64).unwrap())
+            .unwrap()
             .reshape((b, t, 3, heads, dh))
             .unwrap()
             .permute((2, 0, 3, 1, 4))
@@ -619,9 +625,19 @@ fn flash_attention_matches_autograd_attention() {
             "T {t} {dt:?}: dqkv off by {g_err:e} (tol {tol:e})"
         );
         // Without `save` the forward keeps nothing but O, and O is the same.
-        let plain = flash::forward(&qkv, b, heads, scale, false).unwrap();
+        let plain = flash::forward(&qkv, Some(&bias), b, heads, scale, false).unwrap();
         assert!(plain.packed.is_none());
         assert_eq!(max_abs_diff(&plain.o, &f.o), 0.0);
+        // The bias added beforehand (as a bias add rounds it) gives the same bits.
+        let biased = qkv
+            .to_dtype(DType::F64)
+            .unwrap()
+            .broadcast_add(&bias.to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .to_dtype(dt)
+            .unwrap();
+        let pre = flash::forward(&biased, None, b, heads, scale, false).unwrap();
+        assert_eq!(max_abs_diff(&pre.o, &f.o), 0.0);
     }
 }
 

@@ -1,15 +1,16 @@
 //! Attention: per head, O = softmax(Q·Kᵀ·scale)·V.
 //!
 //! * A block's attention on its qkv rows ([`forward_rows`], [`backward_rows`]): with the fused
-//!   kernels, one flash op reads Q, K, V in place and writes the merged heads, saving only its
-//!   output and the row log-sum-exps ([`crate::kernels::flash`]); otherwise the composed core.
+//!   kernels, one flash op reads Q, K, V in place (adding the qkv bias as it loads them) and
+//!   writes the merged heads, saving only its output and the row log-sum-exps
+//!   ([`crate::kernels::flash`]); otherwise the bias add and the composed core.
 //! * The composed core ([`forward`], [`backward`], also the SRS module's, whose queries are row
 //!   mixtures): Q `[B, H, n, dh]`, K, V `[B, H, N, dh]`; saves Q, K, V and the probabilities
 //!   P `[B, H, n, N]`. backward: dP = dO·Vᵀ, dV = Pᵀ·dO, dS = scale·P⊙(dP − Σ_N P⊙dP),
 //!   dQ = dS·K, dK = dSᵀ·Q; every transpose is a strided view read by the batched GEMM.
 
 use super::Ops;
-use crate::kernels::{attn_softmax, attn_softmax_backward, flash};
+use crate::kernels::{attn_softmax, attn_softmax_backward, bias_add, flash};
 use candle_core::{Result, Tensor};
 
 /// What the composed core's backward reads.
@@ -23,17 +24,21 @@ pub struct Composed {
 /// What a block's attention backward reads.
 pub enum AttnSaved {
     Composed(Composed),
-    /// The qkv rows and the flash op's packed output (O and the row log-sum-exps).
+    /// The qkv rows (before their bias), the bias and the flash op's packed output (O and the
+    /// row log-sum-exps).
     Flash {
         qkv: Tensor,
+        bias: Option<Tensor>,
         packed: Tensor,
     },
 }
 
-/// A block's attention on its qkv rows `[B·T, 3·H·dh]` → the merged heads `[B·T, H·dh]`.
+/// A block's attention on its qkv rows `[B·T, 3·H·dh]`, the projection's product before its
+/// `bias` → the merged heads `[B·T, H·dh]`.
 pub fn forward_rows(
     ops: &Ops,
     qkv: &Tensor,
+    bias: Option<&Tensor>,
     b: usize,
     heads: usize,
     scale: f64,
@@ -41,14 +46,19 @@ pub fn forward_rows(
 ) -> Result<(Tensor, Option<AttnSaved>)> {
     let (rows, cols) = qkv.dims2()?;
     if ops.flash && flash::supported(qkv.device(), qkv.dtype(), cols / 3 / heads) {
-        let out = flash::forward(qkv, b, heads, scale, save)?;
+        let out = flash::forward(qkv, bias, b, heads, scale, save)?;
         let saved = out.packed.map(|packed| AttnSaved::Flash {
             qkv: qkv.clone(),
+            bias: bias.cloned(),
             packed,
         });
         return Ok((out.o, saved));
     }
-    let (q, k, v) = split_qkv(qkv, b, rows / b, heads)?;
+    let qkv = match bias {
+        Some(bias) => bias_add(qkv, bias, ops.fused)?,
+        None => qkv.clone(),
+    };
+    let (q, k, v) = split_qkv(&qkv, b, rows / b, heads)?;
     let (o, p) = forward(ops, &q, &k, &v, scale)?;
     let saved = save.then(|| AttnSaved::Composed(Composed { q, k, v, p }));
     Ok((merge_heads(&o)?, saved))
@@ -64,8 +74,9 @@ pub fn backward_rows(
     scale: f64,
 ) -> Result<Tensor> {
     match s {
-        AttnSaved::Flash { qkv, packed } => {
-            flash::backward(qkv, packed, &dheads.to_dtype(qkv.dtype())?, b, heads, scale)
+        AttnSaved::Flash { qkv, bias, packed } => {
+            let d_o = dheads.to_dtype(qkv.dtype())?;
+            flash::backward(qkv, bias.as_ref(), packed, &d_o, b, heads, scale)
         }
         AttnSaved::Composed(c) => {
             let d_o = split_heads(dheads, b, heads)?;

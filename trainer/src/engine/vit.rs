@@ -8,8 +8,8 @@
 //! Saved per block (student only; the teacher's forward keeps nothing): the block input x,
 //! what the attention's backward reads (the qkv rows and the flash output, or Q/K/V and P), the
 //! merged heads (proj input), x₁ and fc1's pre-bias product; the backward recomputes the
-//! LayerNorm and GELU outputs. Each residual update runs in one pass with the bias of the branch
-//! before it and the LayerNorm after it (LN₂ in the block, the next block's LN₁); backward, each LayerNorm's backward adds the stream's
+//! LayerNorm and GELU outputs. The attention adds the qkv bias as it reads the qkv rows, and
+//! each residual update runs in one pass with the bias of the branch before it and the LayerNorm after it (LN₂ in the block, the next block's LN₁); backward, each LayerNorm's backward adds the stream's
 //! gradient and makes the next branch's masked gradient in the same pass.
 
 use super::attention::{self, AttnSaved};
@@ -66,9 +66,11 @@ impl Block {
     ) -> Result<(Tensor, Option<Tensor>, Option<BlockSaved>)> {
         let (b, t, d) = x.dims3()?;
         let scale = ((d / heads) as f64).powf(-0.5);
-        let qkv = self.qkv.forward(ops, &ln1)?;
+        // The qkv bias is added by the attention as it reads the rows.
+        let qkv = self.qkv.product(&ln1)?;
         std::mem::drop(ln1);
-        let (heads_out, attn) = attention::forward_rows(ops, &qkv, b, heads, scale, save)?;
+        let (heads_out, attn) =
+            attention::forward_rows(ops, &qkv, self.qkv.b.as_ref(), b, heads, scale, save)?;
         // The proj and fc2 biases are added in the residual updates' passes.
         let a = self.proj.product(&heads_out)?.reshape((b, t, d))?;
         let (x1, ln2) = self.norm2.forward_residual(

@@ -413,9 +413,18 @@ fn check_flash(out: &mut Vec<KernelResult>, s: &Shapes, dev: &Device, reps: usiz
     for (crops, t) in crop_sets {
         let qkv = rand_t(&[crops * t, 3 * m.dim], 20, -2.0, 2.0)?.to_dtype(DType::BF16)?;
         let d_o = rand_t(&[crops * t, m.dim], 21, -1.0, 1.0)?.to_dtype(DType::BF16)?;
+        // The qkv bias, added by the flash kernels as they load the rows.
+        let bias_cpu = rand_t(&[3 * m.dim], 22, -0.5, 0.5)?;
+        let bias_dev = bias_cpu.to_device(dev)?;
+        let bias_for = |q: &Tensor| match q.device().is_cpu() {
+            true => bias_cpu.clone(),
+            false => bias_dev.clone(),
+        };
         let flash_step = |q: &Tensor, g: &Tensor, n: usize| -> Result<(Tensor, Tensor)> {
-            let f = flash::forward(q, n, heads, scale, true)?;
-            let dq = flash::backward(q, f.packed.as_ref().expect("saved"), g, n, heads, scale)?;
+            let bias = bias_for(q);
+            let f = flash::forward(q, Some(&bias), n, heads, scale, true)?;
+            let packed = f.packed.as_ref().expect("saved");
+            let dq = flash::backward(q, Some(&bias), packed, g, n, heads, scale)?;
             Ok((f.o, dq))
         };
         let n_ref = crops.min(FLASH_REF_CROPS);
@@ -432,7 +441,8 @@ fn check_flash(out: &mut Vec<KernelResult>, s: &Shapes, dev: &Device, reps: usiz
         };
         // The engine's own composed path (`flash: false` in `ops`).
         let composed_step = |q: &Tensor, g: &Tensor, n: usize| -> Result<(Tensor, Tensor)> {
-            let (o, saved) = attention::forward_rows(&ops, q, n, heads, scale, true)?;
+            let bias = bias_for(q);
+            let (o, saved) = attention::forward_rows(&ops, q, Some(&bias), n, heads, scale, true)?;
             let saved = saved.expect("saved");
             Ok((
                 o,

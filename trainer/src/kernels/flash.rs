@@ -6,6 +6,9 @@
 //!   log-sum-exps of scale·QKᵀ (`[B, H, T]`), packed behind O in one buffer ([`FlashOut`]).
 //! * backward: (qkv, the packed forward output, dO `[B·T, H·dh]`) → dqkv `[B·T, 3·H·dh]`,
 //!   recomputing P = exp(scale·QKᵀ − lse); D = Σ dO⊙O is the softmax backward's row term.
+//! * Both take the qkv projection's bias (f32 `[3·H·dh]`) when qkv is its product before the
+//!   bias: the kernels add it as they load each tile (rounded to qkv's dtype, as the bias add
+//!   they replace), so the bias add's pass over the qkv rows is saved.
 //!
 //! `cpu_fwd` is the reference (f64, the definitions, any float dtype and head dim); `cuda_fwd`
 //! launches the tiled tensor-core kernels of `udi_kernels.cu` (bf16, head dim 64), whose
@@ -170,6 +173,31 @@ struct FlashFwd {
     heads: usize,
     scale: f64,
     save: bool,
+    bias: Option<Tensor>,
+}
+
+/// qkv as f64 with `bias` (per column) added and rounded to `dtype`, as a bias add would leave it.
+fn with_bias(qkv: Vec<f64>, bias: Option<&Tensor>, dtype: DType) -> Result<Vec<f64>> {
+    let Some(bias) = bias else { return Ok(qkv) };
+    let b = bias.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    if b.is_empty() || !qkv.len().is_multiple_of(b.len()) {
+        bail!(
+            "flash attention: a qkv bias of {} for {} values",
+            b.len(),
+            qkv.len()
+        );
+    }
+    let round = |x: f64| match dtype {
+        DType::BF16 => bf16::from_f64(x).to_f64(),
+        DType::F16 => f16::from_f64(x).to_f64(),
+        DType::F32 => x as f32 as f64,
+        _ => x,
+    };
+    Ok(qkv
+        .iter()
+        .enumerate()
+        .map(|(i, v)| round(v + b[i % b.len()]))
+        .collect())
 }
 
 impl CustomOp1 for FlashFwd {
@@ -179,7 +207,7 @@ impl CustomOp1 for FlashFwd {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let d = Dims::of_qkv(l, self.b, self.heads)?;
-        let qkv = cpu::read(s, l, "flash qkv")?;
+        let qkv = with_bias(cpu::read(s, l, "flash qkv")?, self.bias.as_ref(), s.dtype())?;
         let mut o = vec![0.0; d.n_o()];
         let mut lse = vec![0.0; if self.save { d.n_stats() } else { 0 }];
         for b in 0..d.b {
@@ -218,11 +246,21 @@ impl CustomOp1 for FlashFwd {
         let mut out = unsafe { dev.alloc::<bf16>(d.n_o() + n_lse)? };
         let (t, heads, scale) = (d.t as i32, d.heads as i32, self.scale as f32);
         let k = gpu::func(dev, "flash_fwd_bf16")?;
+        let bias_guard = self.bias.as_ref().map(|b| b.storage_and_layout());
+        let bias = match &bias_guard {
+            Some((s, l)) => Some(f32_view(s, l)?),
+            None => None,
+        };
         {
             let (mut o, mut lse) = out.split_at_mut(d.n_o());
             let null = 0u64;
             let mut a = k.builder();
-            a.arg(&qkv).arg(&mut o);
+            a.arg(&qkv);
+            match &bias {
+                Some(v) => a.arg(v),
+                None => a.arg(&null),
+            };
+            a.arg(&mut o);
             if self.save {
                 a.arg(&mut lse);
             } else {
@@ -240,6 +278,7 @@ struct FlashBwd {
     b: usize,
     heads: usize,
     scale: f64,
+    bias: Option<Tensor>,
 }
 
 impl CustomOp3 for FlashBwd {
@@ -257,7 +296,11 @@ impl CustomOp3 for FlashBwd {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let d = Dims::of_qkv(l1, self.b, self.heads)?;
-        let qkv = cpu::read(s1, l1, "flash qkv")?;
+        let qkv = with_bias(
+            cpu::read(s1, l1, "flash qkv")?,
+            self.bias.as_ref(),
+            s1.dtype(),
+        )?;
         let (o, lse) = unpack(s2, l2, d.n_o())?;
         let d_o = cpu::read(s3, l3, "flash dO")?;
         if lse.len() != d.n_stats() || d_o.len() != d.n_o() {
@@ -326,10 +369,21 @@ impl CustomOp3 for FlashBwd {
             .arg(&heads);
         gpu::launch(a, super::geometry::flash_bwd_dot(rows, d.heads))?;
         let mut dqkv = unsafe { dev.alloc::<bf16>(3 * d.n_o())? };
+        let bias_guard = self.bias.as_ref().map(|b| b.storage_and_layout());
+        let bias = match &bias_guard {
+            Some((s, l)) => Some(f32_view(s, l)?),
+            None => None,
+        };
+        let null = 0u64;
         for name in ["flash_bwd_dq_bf16", "flash_bwd_dkdv_bf16"] {
             let k = gpu::func(dev, name)?;
             let mut a = k.builder();
-            a.arg(&qkv).arg(&d_o).arg(&lse).arg(&dsum).arg(&mut dqkv);
+            a.arg(&qkv);
+            match &bias {
+                Some(v) => a.arg(v),
+                None => a.arg(&null),
+            };
+            a.arg(&d_o).arg(&lse).arg(&dsum).arg(&mut dqkv);
             a.arg(&t).arg(&heads).arg(&scale);
             gpu::launch(a, d.cuda_grid()?)?;
         }
@@ -348,9 +402,17 @@ fn aligned(t: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// Attention of `b` sequences on their qkv rows `[B·T, 3·H·dh]` → O `[B·T, H·dh]` (and the
-/// packed statistics with `save`).
-pub fn forward(qkv: &Tensor, b: usize, heads: usize, scale: f64, save: bool) -> Result<FlashOut> {
+/// Attention of `b` sequences on their qkv rows `[B·T, 3·H·dh]` (plus `bias` `[3·H·dh]` when the
+/// rows are the projection's product before its bias) → O `[B·T, H·dh]` (and the packed
+/// statistics with `save`).
+pub fn forward(
+    qkv: &Tensor,
+    bias: Option<&Tensor>,
+    b: usize,
+    heads: usize,
+    scale: f64,
+    save: bool,
+) -> Result<FlashOut> {
     let qkv = aligned(qkv)?;
     let (rows, cols) = qkv.dims2()?;
     let hd = cols / 3;
@@ -359,6 +421,7 @@ pub fn forward(qkv: &Tensor, b: usize, heads: usize, scale: f64, save: bool) -> 
         heads,
         scale,
         save,
+        bias: bias.cloned(),
     })?;
     let o = out.narrow(0, 0, rows * hd)?.reshape((rows, hd))?;
     Ok(FlashOut {
@@ -367,9 +430,10 @@ pub fn forward(qkv: &Tensor, b: usize, heads: usize, scale: f64, save: bool) -> 
     })
 }
 
-/// dqkv `[B·T, 3·H·dh]` from the forward's input, its packed output and dO `[B·T, H·dh]`.
+/// dqkv `[B·T, 3·H·dh]` from the forward's inputs, its packed output and dO `[B·T, H·dh]`.
 pub fn backward(
     qkv: &Tensor,
+    bias: Option<&Tensor>,
     packed: &Tensor,
     d_o: &Tensor,
     b: usize,
@@ -380,6 +444,29 @@ pub fn backward(
     aligned(qkv)?.apply_op3_no_bwd(
         &aligned(packed)?,
         &aligned(d_o)?,
-        &FlashBwd { b, heads, scale },
+        &FlashBwd {
+            b,
+            heads,
+            scale,
+            bias: bias.cloned(),
+        },
     )
+}
+
+/// A contiguous f32 CUDA tensor's view.
+#[cfg(feature = "cuda")]
+fn f32_view<'a>(
+    s: &'a candle_core::Storage,
+    l: &Layout,
+) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, f32>> {
+    match s {
+        candle_core::Storage::Cuda(c) => match gpu::In::new(c, l, "flash qkv bias")? {
+            gpu::In::F32(v) => Ok(v),
+            other => bail!(
+                "flash attention: the qkv bias must be f32, got {:?}",
+                other.dtype()
+            ),
+        },
+        _ => bail!("flash attention: the qkv bias must be on the CUDA device"),
+    }
 }

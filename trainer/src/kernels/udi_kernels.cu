@@ -575,12 +575,20 @@ typedef wm::fragment<wm::matrix_a, 16, 16, 16, bf16, wm::row_major> fa_a;
 typedef wm::fragment<wm::matrix_b, 16, 16, 16, bf16, wm::row_major> fa_b_row;
 typedef wm::fragment<wm::matrix_b, 16, 16, 16, bf16, wm::col_major> fa_b_col;
 
-// `valid` rows of 64 bf16 (row stride ld) into a [FA_T][FA_LD] tile; the other rows are zero.
-__device__ __forceinline__ void fa_load(bf16 *sh, const bf16 *g, size_t ld, int valid) {
+// `valid` rows of 64 bf16 (row stride ld) into a [FA_T][FA_LD] tile, plus `bias` per column
+// when it is not null; the other rows are zero.
+__device__ __forceinline__ void fa_load(bf16 *sh, const bf16 *g, size_t ld, int valid,
+                                        const float *bias) {
   for (int e = threadIdx.x; e < FA_T * 8; e += blockDim.x) {
     const int r = e >> 3, c = (e & 7) * 8;
     uint4 val = make_uint4(0u, 0u, 0u, 0u);
-    if (r < valid) val = *reinterpret_cast<const uint4 *>(g + r * ld + c);
+    if (r < valid) {
+      val = *reinterpret_cast<const uint4 *>(g + r * ld + c);
+      if (bias) {  // the qkv bias, rounded to bf16 as bias_add rounds it
+        bf16 *v = reinterpret_cast<bf16 *>(&val);
+        for (int q = 0; q < 8; ++q) v[q] = __float2bfloat16(__bfloat162float(v[q]) + bias[c + q]);
+      }
+    }
     *reinterpret_cast<uint4 *>(sh + r * FA_LD + c) = val;
   }
 }
@@ -628,16 +636,20 @@ __device__ __forceinline__ void fa_store_rows(fa_acc *acc, float *st, bf16 *g, s
 
 // Where a block works (sequence b, head h, its tile's first row) and what this thread owns (its
 // warp, row r of the tile, half of that row's columns); qkv and O row strides; `base`: q of
-// sequence b's first row, head h.
+// sequence b's first row, head h; bq/bk/bv: head h's slices of the qkv bias (null without one:
+// qkv already has it).
 struct FaBlock {
   int b, h, row0, warp, r, half;
   size_t ld, hd;
   const bf16 *base;
-  __device__ FaBlock(const bf16 *qkv, int t, int heads)
+  const float *bq, *bk, *bv;
+  __device__ FaBlock(const bf16 *qkv, const float *qkv_bias, int t, int heads)
       : b(blockIdx.z), h(blockIdx.y), row0(blockIdx.x * FA_T), warp(threadIdx.x >> 5),
         r((threadIdx.x >> 5) * 16 + ((threadIdx.x & 31) >> 1)),
         half(threadIdx.x & 1), ld((size_t)3 * heads * FA_D), hd((size_t)heads * FA_D),
-        base(qkv + (size_t)blockIdx.z * t * ld + blockIdx.y * FA_D) {}
+        base(qkv + (size_t)blockIdx.z * t * ld + blockIdx.y * FA_D),
+        bq(qkv_bias ? qkv_bias + blockIdx.y * FA_D : nullptr), bk(qkv_bias ? bq + hd : nullptr),
+        bv(qkv_bias ? bq + 2 * hd : nullptr) {}
 };
 
 // The backward kernels' tiles (every array a multiple of 32 bytes: the WMMA pointers stay aligned).
@@ -650,26 +662,27 @@ struct __align__(32) FaBwdTiles {
 
 // Forward: grid (⌈T/32⌉, H, B), 64 threads. `lse` may be null (the teacher keeps nothing).
 extern "C" __global__ void __launch_bounds__(64)
-    flash_fwd_bf16(const bf16 *qkv, bf16 *o, float *lse, int t, int heads, float scale) {
+    flash_fwd_bf16(const bf16 *qkv, const float *qkv_bias, bf16 *o, float *lse, int t, int heads,
+                   float scale) {
   __shared__ __align__(32) bf16 qs[FA_T * FA_LD];
   __shared__ __align__(32) bf16 ks[FA_T * FA_LD];
   __shared__ __align__(32) bf16 vs[FA_T * FA_LD];
   __shared__ __align__(32) float ss[FA_T * FA_LS];
   __shared__ __align__(32) bf16 ps[FA_T * FA_LP];
   __shared__ __align__(32) float os[FA_T * FA_LO];
-  const FaBlock k(qkv, t, heads);
+  const FaBlock k(qkv, qkv_bias, t, heads);
   const int b = k.b, h = k.h, i0 = k.row0, warp = k.warp, r = k.r, half = k.half;
   const size_t ld = k.ld, hd = k.hd;
   const bf16 *base = k.base;
-  fa_load(qs, base + i0 * ld, ld, min(FA_T, t - i0));
+  fa_load(qs, base + i0 * ld, ld, min(FA_T, t - i0), k.bq);
   for (int e = threadIdx.x; e < FA_T * FA_LO; e += blockDim.x) os[e] = 0.f;
   const float sl2 = scale * 1.4426950408889634f;  // exp(x) = exp2(x·log2 e)
   float m = -INFINITY, l = 0.f;
   for (int j0 = 0; j0 < t; j0 += FA_T) {
     const int kvalid = min(FA_T, t - j0);
     __syncthreads();  // every warp is done with the previous K/V tile
-    fa_load(ks, base + hd + j0 * ld, ld, kvalid);
-    fa_load(vs, base + 2 * hd + j0 * ld, ld, kvalid);
+    fa_load(ks, base + hd + j0 * ld, ld, kvalid, k.bk);
+    fa_load(vs, base + 2 * hd + j0 * ld, ld, kvalid, k.bv);
     __syncthreads();
     fa_abt(qs + warp * 16 * FA_LD, ks, ss + warp * 16 * FA_LS);
     __syncwarp();
@@ -733,18 +746,18 @@ extern "C" __global__ void flash_bwd_dot_bf16(const bf16 *o, const bf16 *d_o, fl
 
 // dQ: grid (⌈T/32⌉, H, B), 64 threads. dS = P ⊙ (dP − D)·scale, dQ = dS·K.
 extern "C" __global__ void __launch_bounds__(64)
-    flash_bwd_dq_bf16(const bf16 *qkv, const bf16 *d_o, const float *lse, const float *dsum,
-                      bf16 *dqkv, int t, int heads, float scale) {
+    flash_bwd_dq_bf16(const bf16 *qkv, const float *qkv_bias, const bf16 *d_o, const float *lse,
+                      const float *dsum, bf16 *dqkv, int t, int heads, float scale) {
   __shared__ FaBwdTiles sh;
   bf16 *qs = sh.qs, *dos = sh.dos, *ks = sh.ks, *vs = sh.vs, *ps = sh.ps;
   float *ss = sh.ss, *os = sh.os;
-  const FaBlock k(qkv, t, heads);
+  const FaBlock k(qkv, qkv_bias, t, heads);
   const int b = k.b, h = k.h, i0 = k.row0, warp = k.warp, r = k.r, half = k.half;
   const size_t ld = k.ld, hd = k.hd;
   const bf16 *base = k.base;
   const int qvalid = min(FA_T, t - i0);
-  fa_load(qs, base + i0 * ld, ld, qvalid);
-  fa_load(dos, d_o + ((size_t)b * t + i0) * hd + h * FA_D, hd, qvalid);
+  fa_load(qs, base + i0 * ld, ld, qvalid, k.bq);
+  fa_load(dos, d_o + ((size_t)b * t + i0) * hd + h * FA_D, hd, qvalid, nullptr);
   const size_t srow = ((size_t)b * heads + h) * t + i0 + r;
   const float lse_r = r < qvalid ? lse[srow] : 0.f, d_r = r < qvalid ? dsum[srow] : 0.f;
   fa_acc acc[FA_D / 16];
@@ -752,8 +765,8 @@ extern "C" __global__ void __launch_bounds__(64)
   for (int j0 = 0; j0 < t; j0 += FA_T) {
     const int kvalid = min(FA_T, t - j0);
     __syncthreads();
-    fa_load(ks, base + hd + j0 * ld, ld, kvalid);
-    fa_load(vs, base + 2 * hd + j0 * ld, ld, kvalid);
+    fa_load(ks, base + hd + j0 * ld, ld, kvalid, k.bk);
+    fa_load(vs, base + 2 * hd + j0 * ld, ld, kvalid, k.bv);
     __syncthreads();
     fa_abt(qs + warp * 16 * FA_LD, ks, ss + warp * 16 * FA_LS);
     __syncwarp();
@@ -779,19 +792,19 @@ extern "C" __global__ void __launch_bounds__(64)
 // dK, dV: grid (⌈T/32⌉ key tiles, H, B), 64 threads; loops over the query tiles.
 // dV = Pᵀ·dO, dK = dSᵀ·Q (scale folded into dS).
 extern "C" __global__ void __launch_bounds__(64)
-    flash_bwd_dkdv_bf16(const bf16 *qkv, const bf16 *d_o, const float *lse, const float *dsum,
-                        bf16 *dqkv, int t, int heads, float scale) {
+    flash_bwd_dkdv_bf16(const bf16 *qkv, const float *qkv_bias, const bf16 *d_o, const float *lse,
+                        const float *dsum, bf16 *dqkv, int t, int heads, float scale) {
   __shared__ FaBwdTiles sh;
   __shared__ float lse_s[FA_T], d_s[FA_T];
   bf16 *qs = sh.qs, *dos = sh.dos, *ks = sh.ks, *vs = sh.vs, *ps = sh.ps;
   float *ss = sh.ss, *os = sh.os;
-  const FaBlock k(qkv, t, heads);  // the tile is of keys here: r is this lane's key
+  const FaBlock k(qkv, qkv_bias, t, heads);  // the tile is of keys here: r is this lane's key
   const int b = k.b, h = k.h, j0 = k.row0, warp = k.warp, r = k.r, half = k.half;
   const size_t ld = k.ld, hd = k.hd;
   const bf16 *base = k.base;
   const int kvalid = min(FA_T, t - j0);
-  fa_load(ks, base + hd + j0 * ld, ld, kvalid);
-  fa_load(vs, base + 2 * hd + j0 * ld, ld, kvalid);
+  fa_load(ks, base + hd + j0 * ld, ld, kvalid, k.bk);
+  fa_load(vs, base + 2 * hd + j0 * ld, ld, kvalid, k.bv);
   fa_acc dk[FA_D / 16], dv[FA_D / 16];
   for (int n = 0; n < FA_D / 16; ++n) {
     wm::fill_fragment(dk[n], 0.f);
@@ -800,8 +813,8 @@ extern "C" __global__ void __launch_bounds__(64)
   for (int i0 = 0; i0 < t; i0 += FA_T) {
     const int qvalid = min(FA_T, t - i0);
     __syncthreads();
-    fa_load(qs, base + i0 * ld, ld, qvalid);
-    fa_load(dos, d_o + ((size_t)b * t + i0) * hd + h * FA_D, hd, qvalid);
+    fa_load(qs, base + i0 * ld, ld, qvalid, k.bq);
+    fa_load(dos, d_o + ((size_t)b * t + i0) * hd + h * FA_D, hd, qvalid, nullptr);
     if (threadIdx.x < FA_T) {
       const size_t srow = ((size_t)b * heads + h) * t + i0 + threadIdx.x;
       lse_s[threadIdx.x] = (int)threadIdx.x < qvalid ? lse[srow] : 0.f;
