@@ -8,9 +8,10 @@
 //! Saved per block (student only; the teacher's forward keeps nothing): the block input x,
 //! what the attention's backward reads (the qkv rows and the flash output, or Q/K/V and P), the
 //! merged heads (proj input), x₁ and fc1's pre-bias product; the backward recomputes the
-//! LayerNorm and GELU outputs. The attention adds the qkv bias as it reads the qkv rows, and
-//! each residual update runs in one pass with the bias of the branch before it and the LayerNorm after it (LN₂ in the block, the next block's LN₁); backward, each LayerNorm's backward adds the stream's
-//! gradient and makes the next branch's masked gradient in the same pass.
+//! LayerNorm and GELU outputs. The attention adds the qkv bias as it reads the qkv rows, and each
+//! residual update runs in one pass with the bias of the branch before it and the LayerNorm after
+//! it (LN₂ in the block, the next block's LN₁); backward, each LayerNorm's backward adds the
+//! stream's gradient and makes the next branch's masked gradient in the same pass.
 
 use super::attention::{self, AttnSaved};
 use super::layernorm::LayerNorm;
@@ -244,11 +245,12 @@ impl Backbone {
             true => "engine: block forward (student, saving)",
             false => "engine: block forward (teacher)",
         };
-        let mut ln = Some(self.blocks[0].norm1.forward(
-            ops,
-            &x.reshape((b * (grid * grid + 2), d))?,
-            ops.cdt,
-        )?);
+        let (_, t, _) = x.dims3()?;
+        let mut ln = Some(
+            self.blocks[0]
+                .norm1
+                .forward(ops, &x.reshape((b * t, d))?, ops.cdt)?,
+        );
         for (i, blk) in self.blocks.iter().enumerate() {
             let next = self.blocks.get(i + 1).map(|n| &n.norm1);
             let ln1 = ln
