@@ -248,7 +248,10 @@ impl CustomOp1 for FlashFwd {
         let k = gpu::func(dev, "flash_fwd_bf16")?;
         let bias_guard = self.bias.as_ref().map(|b| b.storage_and_layout());
         let bias = match &bias_guard {
-            Some((s, l)) => Some(f32_view(s, l)?),
+            Some((s, l)) => match gpu::input(s, l, "flash qkv bias", true)? {
+                gpu::In::F32(v) => Some(v),
+                _ => unreachable!("gpu::input refuses other dtypes"),
+            },
             None => None,
         };
         {
@@ -371,7 +374,10 @@ impl CustomOp3 for FlashBwd {
         let mut dqkv = unsafe { dev.alloc::<bf16>(3 * d.n_o())? };
         let bias_guard = self.bias.as_ref().map(|b| b.storage_and_layout());
         let bias = match &bias_guard {
-            Some((s, l)) => Some(f32_view(s, l)?),
+            Some((s, l)) => match gpu::input(s, l, "flash qkv bias", true)? {
+                gpu::In::F32(v) => Some(v),
+                _ => unreachable!("gpu::input refuses other dtypes"),
+            },
             None => None,
         };
         let null = 0u64;
@@ -451,22 +457,4 @@ pub fn backward(
             bias: bias.cloned(),
         },
     )
-}
-
-/// A contiguous f32 CUDA tensor's view.
-#[cfg(feature = "cuda")]
-fn f32_view<'a>(
-    s: &'a candle_core::Storage,
-    l: &Layout,
-) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, f32>> {
-    match s {
-        candle_core::Storage::Cuda(c) => match gpu::In::new(c, l, "flash qkv bias")? {
-            gpu::In::F32(v) => Ok(v),
-            other => bail!(
-                "flash attention: the qkv bias must be f32, got {:?}",
-                other.dtype()
-            ),
-        },
-        _ => bail!("flash attention: the qkv bias must be on the CUDA device"),
-    }
 }

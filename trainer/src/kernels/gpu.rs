@@ -90,6 +90,33 @@ impl Out {
     }
 }
 
+/// A tensor's storage (held by the caller's read guard) as a kernel input; with `f32`, other
+/// dtypes are refused (parameters and the residual stream are f32 on CUDA).
+pub fn input<'a>(s: &'a candle_core::Storage, l: &Layout, what: &str, f32: bool) -> Result<In<'a>> {
+    let candle_core::Storage::Cuda(c) = s else {
+        bail!("{what}: not on a CUDA device")
+    };
+    let i = In::new(c, l, what)?;
+    if f32 && i.dtype() != DType::F32 {
+        bail!("{what} must be f32 on CUDA, got {:?}", i.dtype());
+    }
+    Ok(i)
+}
+
+/// A kernel's output buffer as a contiguous tensor of `shape` (no gradient).
+pub fn tensor(
+    o: Out,
+    dev: &CudaDevice,
+    shape: impl Into<candle_core::Shape>,
+) -> candle_core::Tensor {
+    candle_core::Tensor::from_storage(
+        candle_core::Storage::Cuda(o.into_storage(dev)),
+        shape,
+        candle_core::op::BackpropOp::none(),
+        false,
+    )
+}
+
 /// Kernel-name suffix of a dtype.
 pub fn suffix(d: DType) -> Result<&'static str> {
     Ok(match d {

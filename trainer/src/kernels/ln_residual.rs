@@ -259,9 +259,8 @@ fn cuda(
     branch: Option<Branch<'_>>,
 ) -> Result<LnResidualGrads> {
     use super::gpu;
+    use candle_core::bail;
     use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-    use candle_core::op::BackpropOp;
-    use candle_core::{bail, Storage};
 
     let (rows, d) = x.dims2()?;
     let (x, dy, dres) = (x.contiguous()?, dy.contiguous()?, dres.contiguous()?);
@@ -271,35 +270,17 @@ fn cuda(
             bail!("ln backward: the branch gradient must be in dy's dtype on CUDA");
         }
     }
-    let (xs, xl) = x.storage_and_layout();
-    let (ws, wl) = w.storage_and_layout();
-    let (gs, gl) = dy.storage_and_layout();
-    let (rs, rl) = dres.storage_and_layout();
-    let (ms, ml) = m.storage_and_layout();
-    let (
-        Storage::Cuda(xs),
-        Storage::Cuda(ws),
-        Storage::Cuda(gs),
-        Storage::Cuda(rs),
-        Storage::Cuda(ms),
-    ) = (&*xs, &*ws, &*gs, &*rs, &*ms)
-    else {
-        bail!("ln backward: every input must be on the same CUDA device")
+    let [(xs, xl), (ws, wl), (gs, gl), (rs, rl), (ms, ml)] =
+        [&x, w, &dy, &dres, &m].map(|t| t.storage_and_layout());
+    let xi = gpu::input(&xs, xl, "ln backward x", true)?;
+    let wi = gpu::input(&ws, wl, "ln backward w", true)?;
+    let gi = gpu::input(&gs, gl, "ln backward dy", false)?;
+    let ri = gpu::input(&rs, rl, "ln backward dres", true)?;
+    let mi = gpu::input(&ms, ml, "ln backward m", true)?;
+    let dev = match x.device() {
+        candle_core::Device::Cuda(dev) => dev,
+        _ => bail!("ln backward: x is not on a CUDA device"),
     };
-    let dev = &xs.device;
-    let xi = gpu::In::new(xs, xl, "ln backward x")?;
-    let wi = gpu::In::new(ws, wl, "ln backward w")?;
-    let gi = gpu::In::new(gs, gl, "ln backward dy")?;
-    let ri = gpu::In::new(rs, rl, "ln backward dres")?;
-    let mi = gpu::In::new(ms, ml, "ln backward m")?;
-    for (i, what) in [(&xi, "x"), (&wi, "w"), (&ri, "dres")] {
-        if i.dtype() != DType::F32 {
-            bail!(
-                "ln backward: {what} must be f32 on CUDA, got {:?}",
-                i.dtype()
-            );
-        }
-    }
     let k = gpu::func(
         dev,
         &format!("ln_bwd_residual_{}", gpu::suffix(gi.dtype())?),
@@ -339,17 +320,9 @@ fn cuda(
         .arg(&peri)
         .arg(&wb);
     gpu::launch(a, cfg)?;
-    let wrap = |o: gpu::Out, shape: &candle_core::Shape| {
-        Tensor::from_storage(
-            Storage::Cuda(o.into_storage(dev)),
-            shape.clone(),
-            BackpropOp::none(),
-            false,
-        )
-    };
-    let dx = wrap(dx, dres.shape());
-    let branch = br.map(|o| wrap(o, dres.shape()));
-    let dwdb = wrap(dwdb, &candle_core::Shape::from((2, d)));
+    let dx = gpu::tensor(dx, dev, dres.shape());
+    let branch = br.map(|o| gpu::tensor(o, dev, dres.shape()));
+    let dwdb = gpu::tensor(dwdb, dev, (2, d));
     Ok(LnResidualGrads {
         dx,
         branch,
@@ -372,9 +345,8 @@ fn cuda_forward(
     out: DType,
 ) -> Result<(Tensor, Tensor)> {
     use super::gpu;
+    use candle_core::bail;
     use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-    use candle_core::op::BackpropOp;
-    use candle_core::{bail, Storage};
 
     let d = w.elem_count();
     let rows = x.elem_count() / d.max(1);
@@ -384,38 +356,18 @@ fn cuda_forward(
         Some(ab) => ab.clone(),
         None => Tensor::zeros(d, DType::F32, x.device())?,
     };
-    let (xs, xl) = x.storage_and_layout();
-    let (as_, al) = a.storage_and_layout();
-    let (abs_, abl) = ab.storage_and_layout();
-    let (ms, ml) = m.storage_and_layout();
-    let (ws, wl) = w.storage_and_layout();
-    let (bs, bl) = b.storage_and_layout();
-    let (
-        Storage::Cuda(xs),
-        Storage::Cuda(as_),
-        Storage::Cuda(abs_),
-        Storage::Cuda(ms),
-        Storage::Cuda(ws),
-        Storage::Cuda(bs),
-    ) = (&*xs, &*as_, &*abs_, &*ms, &*ws, &*bs)
-    else {
-        bail!("residual + ln: every input must be on the same CUDA device")
+    let [(xs, xl), (as_, al), (abs_, abl), (ms, ml), (ws, wl), (bs, bl)] =
+        [&x, &a, &ab, &m, w, b].map(|t| t.storage_and_layout());
+    let xi = gpu::input(&xs, xl, "residual + ln x", true)?;
+    let ai = gpu::input(&as_, al, "residual + ln a", false)?;
+    let abi = gpu::input(&abs_, abl, "residual + ln a's bias", true)?;
+    let mi = gpu::input(&ms, ml, "residual + ln m", true)?;
+    let wi = gpu::input(&ws, wl, "residual + ln w", true)?;
+    let bi = gpu::input(&bs, bl, "residual + ln b", true)?;
+    let dev = match x.device() {
+        candle_core::Device::Cuda(dev) => dev,
+        _ => bail!("residual + ln: x is not on a CUDA device"),
     };
-    let dev = &xs.device;
-    let xi = gpu::In::new(xs, xl, "residual + ln x")?;
-    let ai = gpu::In::new(as_, al, "residual + ln a")?;
-    let abi = gpu::In::new(abs_, abl, "residual + ln a's bias")?;
-    let mi = gpu::In::new(ms, ml, "residual + ln m")?;
-    let wi = gpu::In::new(ws, wl, "residual + ln w")?;
-    let bi = gpu::In::new(bs, bl, "residual + ln b")?;
-    for (i, what) in [(&xi, "x"), (&abi, "a's bias"), (&wi, "w"), (&bi, "b")] {
-        if i.dtype() != DType::F32 {
-            bail!(
-                "residual + ln: {what} must be f32 on CUDA, got {:?}",
-                i.dtype()
-            );
-        }
-    }
     let k = gpu::func(
         dev,
         &format!(
@@ -438,16 +390,8 @@ fn cuda_forward(
     ln.push(&mut args);
     args.arg(&di).arg(&peri).arg(&epsf);
     gpu::launch(args, super::geometry::layer_norm(rows, d))?;
-    let wrap = |o: gpu::Out, shape: candle_core::Shape| {
-        Tensor::from_storage(
-            Storage::Cuda(o.into_storage(dev)),
-            shape,
-            BackpropOp::none(),
-            false,
-        )
-    };
     Ok((
-        wrap(y, x.shape().clone()),
-        wrap(ln, candle_core::Shape::from((rows, d))),
+        gpu::tensor(y, dev, x.shape()),
+        gpu::tensor(ln, dev, (rows, d)),
     ))
 }
