@@ -247,13 +247,7 @@ impl CustomOp1 for FlashFwd {
         let (t, heads, scale) = (d.t as i32, d.heads as i32, self.scale as f32);
         let k = gpu::func(dev, "flash_fwd_bf16")?;
         let bias_guard = self.bias.as_ref().map(|b| b.storage_and_layout());
-        let bias = match &bias_guard {
-            Some((s, l)) => match gpu::input(s, l, "flash qkv bias", true)? {
-                gpu::In::F32(v) => Some(v),
-                _ => unreachable!("gpu::input refuses other dtypes"),
-            },
-            None => None,
-        };
+        let bias = bias_view(&bias_guard)?;
         {
             let (mut o, mut lse) = out.split_at_mut(d.n_o());
             let null = 0u64;
@@ -274,6 +268,18 @@ impl CustomOp1 for FlashFwd {
         }
         let n = d.n_o() + n_lse;
         Ok((gpu::Out::Bf16(out).into_storage(dev), Shape::from(n)))
+    }
+}
+
+/// The qkv bias (read-locked by the caller) as the kernels' f32 argument, or none.
+#[cfg(feature = "cuda")]
+fn bias_view<'a>(
+    guard: &'a Option<(impl std::ops::Deref<Target = candle_core::Storage>, &Layout)>,
+) -> Result<Option<candle_core::cuda_backend::cudarc::driver::CudaView<'a, f32>>> {
+    let Some((s, l)) = guard else { return Ok(None) };
+    match gpu::input(s, l, "flash qkv bias", true)? {
+        gpu::In::F32(v) => Ok(Some(v)),
+        _ => unreachable!("gpu::input refuses other dtypes"),
     }
 }
 
@@ -373,13 +379,7 @@ impl CustomOp3 for FlashBwd {
         gpu::launch(a, super::geometry::flash_bwd_dot(rows, d.heads))?;
         let mut dqkv = unsafe { dev.alloc::<bf16>(3 * d.n_o())? };
         let bias_guard = self.bias.as_ref().map(|b| b.storage_and_layout());
-        let bias = match &bias_guard {
-            Some((s, l)) => match gpu::input(s, l, "flash qkv bias", true)? {
-                gpu::In::F32(v) => Some(v),
-                _ => unreachable!("gpu::input refuses other dtypes"),
-            },
-            None => None,
-        };
+        let bias = bias_view(&bias_guard)?;
         let null = 0u64;
         for name in ["flash_bwd_dq_bf16", "flash_bwd_dkdv_bf16"] {
             let k = gpu::func(dev, name)?;
