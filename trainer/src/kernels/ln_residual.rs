@@ -13,6 +13,7 @@
 //! (each reading x and dy), an add and a scale-and-cast; fused, one pass reads x, dy and dres once
 //! and writes dx and the branch's gradient (34 → 16 bytes per element in bf16 training).
 
+use super::ops::ln_stats;
 use super::{bias_add, layer_norm, layer_norm_backward, residual_add};
 use candle_core::{DType, Result, Tensor};
 
@@ -93,7 +94,6 @@ fn reference_forward(
 ) -> Result<(Tensor, Tensor)> {
     let d = w.elem_count();
     let n = x.elem_count();
-    let f64s = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>();
     let (xs, ws, bs) = (f64s(x)?, f64s(w)?, f64s(b)?);
     if a.elem_count() != n || !n.is_multiple_of(d) {
         candle_core::bail!("residual + ln: x {n}, a {}, d {d}", a.elem_count());
@@ -118,15 +118,18 @@ fn reference_forward(
     let ys = f64s(&y)?;
     let mut ln = vec![0.0; n];
     for (yr, lr) in ys.chunks(d).zip(ln.chunks_mut(d)) {
-        let mean = yr.iter().sum::<f64>() / d as f64;
-        let var = yr.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / d as f64;
-        let rstd = 1.0 / (var + eps).sqrt();
+        let (mean, rstd) = ln_stats(yr, eps);
         for j in 0..d {
             lr[j] = (yr[j] - mean) * rstd * ws[j] + bs[j];
         }
     }
     let ln = Tensor::from_vec(ln, (n / d, d), x.device())?.to_dtype(out)?;
     Ok((y, ln))
+}
+
+/// A tensor's values as f64, in order (the references' inputs).
+fn f64s(t: &Tensor) -> Result<Vec<f64>> {
+    t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()
 }
 
 /// The most columns the CUDA kernel takes (32 lanes × 16 per lane); wider rows are composed.
@@ -196,7 +199,6 @@ fn reference(
     branch: Option<Branch<'_>>,
 ) -> Result<LnResidualGrads> {
     let (rows, d) = x.dims2()?;
-    let f64s = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>();
     let (xs, ws, gs, rs) = (f64s(x)?, f64s(w)?, f64s(dy)?, f64s(dres)?);
     if gs.len() != rows * d || rs.len() != rows * d || ws.len() != d {
         candle_core::bail!(
@@ -213,9 +215,7 @@ fn reference(
     for r in 0..rows {
         let o = r * d;
         let xr = &xs[o..o + d];
-        let mean = xr.iter().sum::<f64>() / d as f64;
-        let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / d as f64;
-        let rstd = 1.0 / (var + eps).sqrt();
+        let (mean, rstd) = ln_stats(xr, eps);
         let (mut c1, mut c2) = (0.0, 0.0);
         for j in 0..d {
             let xh = (xr[j] - mean) * rstd;

@@ -37,7 +37,8 @@ pub struct LayerNormOp {
     pub out: DType,
 }
 
-fn ln_stats(row: &[f64], eps: f64) -> (f64, f64) {
+/// (mean, 1/√(var + eps)) of a row: the LayerNorm references' statistics.
+pub(super) fn ln_stats(row: &[f64], eps: f64) -> (f64, f64) {
     let d = row.len() as f64;
     let mean = row.iter().sum::<f64>() / d;
     let var = row.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / d;
