@@ -375,31 +375,7 @@ impl Buf {
 
     /// The contents as a CPU tensor of `shape`.
     pub fn tensor(&self, shape: &[usize]) -> Tensor {
-        let d = self.data();
-        let t = match self.kind {
-            Kind::F32 => Tensor::from_vec(
-                d.chunks(4)
-                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                    .collect::<Vec<_>>(),
-                self.n,
-                &Device::Cpu,
-            ),
-            Kind::Bf16 => Tensor::from_vec(
-                d.chunks(2)
-                    .map(|c| bf16::from_le_bytes(c.try_into().unwrap()))
-                    .collect::<Vec<_>>(),
-                self.n,
-                &Device::Cpu,
-            ),
-            Kind::U32 => Tensor::from_vec(
-                d.chunks(4)
-                    .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
-                    .collect::<Vec<_>>(),
-                self.n,
-                &Device::Cpu,
-            ),
-        };
-        t.unwrap().reshape(shape).unwrap()
+        Tensor::from_raw_buffer(self.data(), self.kind.dtype(), shape, &Device::Cpu).unwrap()
     }
 }
 
