@@ -308,7 +308,7 @@ fn pass<const L: u8>(
         _ => 0,
     };
     for plane in &mut sc.planes[..planes] {
-        // Every byte is written below: grow only, never clear.
+        // Every byte is written below: set the length (the blur reads it), never clear.
         if plane.len() != w * h {
             plane.resize(w * h, 0);
         }

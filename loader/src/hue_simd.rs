@@ -121,6 +121,26 @@ unsafe fn hsv_to_rgb8(t: &RgbTables, h: __m256i, s: __m256i, v: __m256i) -> [__m
     ]
 }
 
+/// Applies `f` to 8 pixels of three equal-length planes at a time, in place (the length a
+/// multiple of 8).
+#[inline(always)]
+unsafe fn planes8(
+    a: &mut [u8],
+    b: &mut [u8],
+    c: &mut [u8],
+    f: impl Fn(__m256i, __m256i, __m256i) -> [__m256i; 3],
+) {
+    let n = a.len();
+    assert!(n.is_multiple_of(8) && b.len() == n && c.len() == n);
+    let (a, b, c) = (a.as_mut_ptr(), b.as_mut_ptr(), c.as_mut_ptr());
+    for k in (0..n).step_by(8) {
+        let [x, y, z] = f(load8(a.add(k)), load8(b.add(k)), load8(c.add(k)));
+        store8(a.add(k), x);
+        store8(b.add(k), y);
+        store8(c.add(k), z);
+    }
+}
+
 /// The hue op on planar rows: H += `shift` (uint8 wrap) through Pillow's HSV round trip.
 /// `r`, `g`, `b` have the same length, a multiple of 8.
 ///
@@ -128,20 +148,13 @@ unsafe fn hsv_to_rgb8(t: &RgbTables, h: __m256i, s: __m256i, v: __m256i) -> [__m
 /// The CPU must support AVX2.
 #[target_feature(enable = "avx2")]
 pub unsafe fn hue_planes(r: &mut [u8], g: &mut [u8], b: &mut [u8], shift: u8) {
-    let n = r.len();
-    assert!(n.is_multiple_of(8) && g.len() == n && b.len() == n);
     let sh = _mm256_set1_epi32(shift as i32);
     let m = _mm256_set1_epi32(255);
     let (ht, rt) = (hsv_tables(), rgb_tables());
-    let (r, g, b) = (r.as_mut_ptr(), g.as_mut_ptr(), b.as_mut_ptr());
-    for k in (0..n).step_by(8) {
-        let [h, s, v] = rgb_to_hsv8(ht, load8(r.add(k)), load8(g.add(k)), load8(b.add(k)));
-        let h = _mm256_and_si256(_mm256_add_epi32(h, sh), m);
-        let [r2, g2, b2] = hsv_to_rgb8(rt, h, s, v);
-        store8(r.add(k), r2);
-        store8(g.add(k), g2);
-        store8(b.add(k), b2);
-    }
+    planes8(r, g, b, |r, g, b| {
+        let [h, s, v] = rgb_to_hsv8(ht, r, g, b);
+        hsv_to_rgb8(rt, _mm256_and_si256(_mm256_add_epi32(h, sh), m), s, v)
+    });
 }
 
 /// Pillow `rgb2hsv` on planar rows, in place ((r, g, b) → (h, s, v)); for tests.
@@ -150,16 +163,8 @@ pub unsafe fn hue_planes(r: &mut [u8], g: &mut [u8], b: &mut [u8], shift: u8) {
 /// The CPU must support AVX2.
 #[target_feature(enable = "avx2")]
 pub unsafe fn rgb_to_hsv_planes(r: &mut [u8], g: &mut [u8], b: &mut [u8]) {
-    let n = r.len();
-    assert!(n.is_multiple_of(8) && g.len() == n && b.len() == n);
     let t = hsv_tables();
-    let (r, g, b) = (r.as_mut_ptr(), g.as_mut_ptr(), b.as_mut_ptr());
-    for k in (0..n).step_by(8) {
-        let [h, s, v] = rgb_to_hsv8(t, load8(r.add(k)), load8(g.add(k)), load8(b.add(k)));
-        store8(r.add(k), h);
-        store8(g.add(k), s);
-        store8(b.add(k), v);
-    }
+    planes8(r, g, b, |r, g, b| rgb_to_hsv8(t, r, g, b));
 }
 
 /// Pillow `hsv2rgb` on planar rows, in place ((h, s, v) → (r, g, b)); for tests.
@@ -168,14 +173,6 @@ pub unsafe fn rgb_to_hsv_planes(r: &mut [u8], g: &mut [u8], b: &mut [u8]) {
 /// The CPU must support AVX2.
 #[target_feature(enable = "avx2")]
 pub unsafe fn hsv_to_rgb_planes(h: &mut [u8], s: &mut [u8], v: &mut [u8]) {
-    let n = h.len();
-    assert!(n.is_multiple_of(8) && s.len() == n && v.len() == n);
     let t = rgb_tables();
-    let (h, s, v) = (h.as_mut_ptr(), s.as_mut_ptr(), v.as_mut_ptr());
-    for k in (0..n).step_by(8) {
-        let [r, g, b] = hsv_to_rgb8(t, load8(h.add(k)), load8(s.add(k)), load8(v.add(k)));
-        store8(h.add(k), r);
-        store8(s.add(k), g);
-        store8(v.add(k), b);
-    }
+    planes8(h, s, v, |h, s, v| hsv_to_rgb8(t, h, s, v));
 }
