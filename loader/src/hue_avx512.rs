@@ -2,8 +2,8 @@
 //! length needs no padding). The forward half gathers from the lookup tables of the scalar path
 //! (Pillow's exact results per (max channel, min channel, max − min, max − mid)), so it has no
 //! division and no f64; the backward half gathers `f` per `h` and evaluates `p`, `q`, `t` in f32
-//! as the AVX2 kernel does ([`crate::hue_simd`]). Checked against
-//! the scalar reference on all 2^24 inputs of each half by `tests/photometric_fused.rs`.
+//! as the AVX2 kernel does ([`crate::hue_simd`]). Checked against the scalar reference on all
+//! 2^24 inputs of each half by `tests/photometric_fused.rs`.
 //! Callers check [`crate::simd::Simd::detect`] first.
 
 #![cfg(target_arch = "x86_64")]

@@ -974,9 +974,9 @@ mod tests {
         }
     }
 
-    /// The AVX2 and AVX-512 box passes (16- and 32-column blocks, u16 sums, split weights) give the generic pass's
-    /// bytes: saturated and random values, strides below, at and off multiples of 16, heights
-    /// shorter than the window, radii from the recipe's σ range and beyond it.
+    /// The AVX2 and AVX-512 box passes (16- and 32-column blocks, u16 sums, split weights) give
+    /// the generic pass's bytes: saturated and random values, strides below, at and off multiples
+    /// of 16, heights shorter than the window, radii from the recipe's σ range and beyond it.
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn simd_box_passes_equal_the_generic_pass() {
