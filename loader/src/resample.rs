@@ -89,10 +89,10 @@ pub struct Taps {
     /// First tap per output as the AVX2 horizontal kernel reads it, padded to a multiple of 4
     /// outputs (the padding repeats the last start, under zero weights).
     hstart: Vec<u32>,
-    /// Per quad of outputs and group of 4 taps, the weights as the SIMD horizontal kernels
-    /// multiply them: `[taps 0–1 lo, taps 0–1 hi, taps 2–3 lo, taps 2–3 hi]`, each 32 i16 = one
-    /// 128-bit lane per output of the quad holding `(k_t, k_t+1)` per channel `r, g, b, x`. The
-    /// AVX-512 kernel reads a whole entry, the AVX2 one the half of its pair of outputs.
+    /// Per quad of outputs and group of 4 taps, the weights as the AVX2 horizontal kernel
+    /// multiplies them: `[taps 0–1 lo, taps 0–1 hi, taps 2–3 lo, taps 2–3 hi]`, each 32 i16 = one
+    /// 128-bit lane per output of the quad holding `(k_t, k_t+1)` per channel `r, g, b, x`; the
+    /// kernel reads the half of its pair of outputs.
     hk: Vec<[[i16; 32]; 4]>,
     /// Groups of 4 taps per output in `hk` (`ceil(taps / 4)` of the widest output).
     groups: usize,
@@ -101,6 +101,88 @@ pub struct Taps {
     /// Per output, the weights as the AVX2 vertical kernel multiplies them: pairs of taps
     /// `(k_2i, k_2i+1)` as `[lo pair, hi pair]` packed i16 pairs, `ksize.div_ceil(2)` slots.
     vk: Vec<[i32; 2]>,
+    /// The AVX-512 horizontal kernel's table, when every chunk's taps fit its 128-byte window.
+    chunks: Option<Chunks>,
+}
+
+/// The horizontal pass as the AVX-512 kernel runs it: an output row is cut into chunks of 16
+/// values (bytes, whatever pixel and channel they belong to), one i32 lane each. A chunk's taps
+/// lie in a window of 128 source bytes, so per pair of taps one two-register byte permute
+/// fetches every lane's two source bytes, zero-extended to the i16 pair `madd` multiplies.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Chunks {
+    /// Pairs of taps per chunk (those of the widest output; the others pad with zero weights).
+    pairs: usize,
+    /// Per chunk, the first byte of its window, relative to the row.
+    window: Vec<u32>,
+    /// `window.len() × pairs` entries.
+    pair: Vec<ChunkPair>,
+}
+
+/// One pair of taps of one chunk: lane j's two source bytes at bytes `4j`, `4j + 2` of `index`
+/// (into the window), and their split weights packed as `(k_t, k_t+1)` i16 pairs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[repr(C, align(64))]
+struct ChunkPair {
+    index: [u8; 64],
+    lo: [i32; 16],
+    hi: [i32; 16],
+}
+
+impl Chunks {
+    /// Window bytes a chunk may span.
+    const WINDOW: usize = 128;
+
+    /// `None` when some chunk's taps span more than [`Self::WINDOW`] bytes (shrinks beyond ~5×).
+    fn new(bounds: &[(u32, u32)], k: &[i32], ksize: usize) -> Option<Chunks> {
+        let values = bounds.len() * 3;
+        let pairs = bounds
+            .iter()
+            .map(|&(_, n)| (n as usize).div_ceil(2))
+            .max()?
+            .max(1);
+        let n_chunks = values.div_ceil(16);
+        let mut window = Vec::with_capacity(n_chunks);
+        let zero = ChunkPair {
+            index: [0; 64],
+            lo: [0; 16],
+            hi: [0; 16],
+        };
+        let mut pair = vec![zero; n_chunks * pairs];
+        for c in 0..n_chunks {
+            let lanes = 16.min(values - 16 * c);
+            let px = |j: usize| (16 * c + j) / 3;
+            let start = 3 * bounds[px(0)].0 as usize;
+            let (ls, ln) = bounds[px(lanes - 1)];
+            if 3 * (ls + ln) as usize - start > Self::WINDOW {
+                return None;
+            }
+            window.push(start as u32);
+            for j in 0..lanes {
+                let (x, ch) = (px(j), (16 * c + j) % 3);
+                let (s, n) = bounds[x];
+                let taps = &k[x * ksize..][..n as usize];
+                for (p, e) in pair[c * pairs..][..pairs].iter_mut().enumerate() {
+                    let tap = |t: usize| {
+                        // Past the output's taps: any byte of the window, under weight 0.
+                        let at =
+                            3 * (s as usize + t.min((n as usize).saturating_sub(1))) + ch - start;
+                        (at as u8, taps.get(t).map_or((0, 0), |&kt| split(kt)))
+                    };
+                    let ((i0, (l0, h0)), (i1, (l1, h1))) = (tap(2 * p), tap(2 * p + 1));
+                    e.index[4 * j] = i0;
+                    e.index[4 * j + 2] = i1;
+                    e.lo[j] = pack(l0, l1);
+                    e.hi[j] = pack(h0, h1);
+                }
+            }
+        }
+        Some(Chunks {
+            pairs,
+            window,
+            pair,
+        })
+    }
 }
 
 impl Taps {
@@ -169,7 +251,6 @@ impl Taps {
             .unwrap_or(0);
         let half_k = ksize.div_ceil(2);
         let mut vk = vec![[0i32; 2]; n_out * half_k];
-        let pack = |a: i16, b: i16| (a as u16 as u32 | (b as u16 as u32) << 16) as i32;
         for xx in 0..n_out {
             let (_, n) = bounds[xx];
             let row = &k[xx * ksize..][..n as usize];
@@ -180,6 +261,7 @@ impl Taps {
             }
         }
         Taps {
+            chunks: Chunks::new(&bounds, &k, ksize),
             ksize,
             bounds,
             k,
@@ -208,6 +290,11 @@ impl Taps {
 /// `k = hi·2¹⁵ + lo` with `0 ≤ lo < 2¹⁵`.
 fn split(k: i32) -> (i16, i16) {
     ((k & 0x7fff) as i16, (k >> 15) as i16)
+}
+
+/// Two i16 as the (low, high) halves of an i32 lane: the pair `madd` multiplies.
+fn pack(a: i16, b: i16) -> i32 {
+    (a as u16 as u32 | (b as u16 as u32) << 16) as i32
 }
 
 /// Pillow's `clip8`: the sum (rounding term included) shifted down and clamped to a byte.
@@ -374,8 +461,8 @@ fn horizontal(
         if simd >= Simd::Avx2 {
             // SAFETY: the CPU has the level (`Resampler::resize_using` checks).
             unsafe {
-                if simd == Simd::Avx512 {
-                    kernels::horizontal_row_avx512(src.data, base, taps, line)
+                if let (Simd::Avx512, Some(chunks)) = (simd, &taps.chunks) {
+                    kernels::horizontal_row_avx512(src.data, base, chunks, line)
                 } else {
                     kernels::horizontal_row(src.data, base, taps, line)
                 }
@@ -440,7 +527,7 @@ fn vertical(
 
 #[cfg(target_arch = "x86_64")]
 mod kernels {
-    use super::{Taps, BITS, HALF};
+    use super::{Chunks, Taps, BITS, HALF};
     use std::arch::x86_64::*;
 
     /// One row of the horizontal pass, four output pixels per step. An output pixel pair
@@ -570,78 +657,68 @@ mod kernels {
         }
     }
 
-    /// [`horizontal_row`] with four output pixels per register (one per 128-bit lane), the same
-    /// loads, spreads and split-weight `madd`s.
+    /// One row of the horizontal pass, 16 output values per step (see [`Chunks`]): per pair
+    /// of taps, one `vpermi2b` gathers each lane's two source bytes from the chunk's 128-byte
+    /// window (zero-extended by the mask), and two `dpwssd` multiply them by the split weights.
     ///
     /// # Safety
-    /// AVX-512 F/BW. The taps of `taps` lie inside the row starting at `src[base]`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub unsafe fn horizontal_row_avx512(src: &[u8], base: usize, taps: &Taps, line: &mut [u8]) {
-        if base + 3 * taps.simd_reach + 4 <= src.len() {
-            match taps.groups {
-                1 => row_kernel_avx512::<false, 1>(src, base, taps, line),
-                2 => row_kernel_avx512::<false, 2>(src, base, taps, line),
-                3 => row_kernel_avx512::<false, 3>(src, base, taps, line),
-                _ => row_kernel_avx512::<false, 0>(src, base, taps, line),
+    /// AVX-512 F/BW, VNNI and VBMI. `chunks` belongs to a table whose taps lie inside the row
+    /// starting at `src[base]`, and `line` is that table's output row.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
+    pub unsafe fn horizontal_row_avx512(src: &[u8], base: usize, chunks: &Chunks, line: &mut [u8]) {
+        let len = line.len();
+        assert_eq!(
+            len.div_ceil(16),
+            chunks.window.len(),
+            "row matches the table"
+        );
+        let zero_ext = 0x5555_5555_5555_5555u64;
+        let half = _mm512_set1_epi32(HALF);
+        for (c, (&w, pairs)) in chunks
+            .window
+            .iter()
+            .zip(chunks.pair.chunks_exact(chunks.pairs))
+            .enumerate()
+        {
+            let at = base + w as usize;
+            // The window may run past the row (unused bytes); near the end of `src`, masked
+            // loads keep it inside.
+            let (a, b) = if at + Chunks::WINDOW <= src.len() {
+                let p = src.as_ptr().add(at);
+                (
+                    _mm512_loadu_si512(p as _),
+                    _mm512_loadu_si512(p.add(64) as _),
+                )
+            } else {
+                let rest = src.len() - at;
+                let mask = |from: usize| match rest.saturating_sub(from) {
+                    n if n >= 64 => !0u64,
+                    n => (1u64 << n) - 1,
+                };
+                let p = src.as_ptr().add(at);
+                (
+                    _mm512_maskz_loadu_epi8(mask(0), p as _),
+                    _mm512_maskz_loadu_epi8(mask(64), p.wrapping_add(64) as _),
+                )
+            };
+            let mut lo = _mm512_setzero_si512();
+            let mut hi = _mm512_setzero_si512();
+            for e in pairs {
+                let index = _mm512_load_si512(e.index.as_ptr() as _);
+                let x = _mm512_maskz_permutex2var_epi8(zero_ext, a, index, b);
+                lo = _mm512_dpwssd_epi32(lo, x, _mm512_load_si512(e.lo.as_ptr() as _));
+                hi = _mm512_dpwssd_epi32(hi, x, _mm512_load_si512(e.hi.as_ptr() as _));
             }
-        } else {
-            row_kernel_avx512::<true, 0>(src, base, taps, line);
-        }
-    }
-
-    /// The rounded, shifted `[r, g, b, x]` i32 sums of outputs `4·quad + j` in lane `j`.
-    #[inline(always)]
-    unsafe fn quad<const CHECKED: bool, const G: usize>(
-        src: &[u8],
-        base: usize,
-        taps: &Taps,
-        quad: usize,
-    ) -> __m512i {
-        let spread_a = _mm512_broadcast_i32x4(_mm_setr_epi8(
-            0, -1, 3, -1, 1, -1, 4, -1, 2, -1, 5, -1, -1, -1, -1, -1,
-        ));
-        let spread_b = _mm512_broadcast_i32x4(_mm_setr_epi8(
-            6, -1, 9, -1, 7, -1, 10, -1, 8, -1, 11, -1, -1, -1, -1, -1,
-        ));
-        let groups = if G > 0 { G } else { taps.groups };
-        let k = &taps.hk[quad * groups..][..groups];
-        let s = &taps.hstart[4 * quad..][..4];
-        let mut at = [0, 1, 2, 3].map(|j| base + 3 * s[j] as usize);
-        let mut lo = _mm512_setzero_si512();
-        let mut hi = _mm512_setzero_si512();
-        for kg in k {
-            let p = _mm512_castsi128_si512(load16::<CHECKED>(src, at[0]));
-            let p = _mm512_inserti32x4::<1>(p, load16::<CHECKED>(src, at[1]));
-            let p = _mm512_inserti32x4::<2>(p, load16::<CHECKED>(src, at[2]));
-            let p = _mm512_inserti32x4::<3>(p, load16::<CHECKED>(src, at[3]));
-            let a = _mm512_shuffle_epi8(p, spread_a);
-            let b = _mm512_shuffle_epi8(p, spread_b);
-            let w = kg.as_ptr();
-            lo = _mm512_dpwssd_epi32(lo, a, _mm512_loadu_si512(w as *const _));
-            hi = _mm512_dpwssd_epi32(hi, a, _mm512_loadu_si512(w.add(1) as *const _));
-            lo = _mm512_dpwssd_epi32(lo, b, _mm512_loadu_si512(w.add(2) as *const _));
-            hi = _mm512_dpwssd_epi32(hi, b, _mm512_loadu_si512(w.add(3) as *const _));
-            for a in &mut at {
-                *a += 12;
-            }
-        }
-        let sum = _mm512_add_epi32(_mm512_slli_epi32::<15>(hi), lo);
-        _mm512_srai_epi32::<{ BITS }>(_mm512_add_epi32(sum, _mm512_set1_epi32(HALF)))
-    }
-
-    #[inline(always)]
-    unsafe fn row_kernel_avx512<const CHECKED: bool, const G: usize>(
-        src: &[u8],
-        base: usize,
-        taps: &Taps,
-        line: &mut [u8],
-    ) {
-        let compact = _mm_setr_epi8(0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1);
-        for q in 0..taps.bounds.len().div_ceil(4) {
-            let v = quad::<CHECKED, G>(src, base, taps, q);
+            let s = _mm512_add_epi32(_mm512_slli_epi32::<15>(hi), lo);
+            let v = _mm512_srai_epi32::<{ BITS }>(_mm512_add_epi32(s, half));
             // Pillow's clip8: clamp at 0 here, at 255 by the unsigned saturating narrowing.
             let v = _mm512_cvtusepi32_epi8(_mm512_max_epi32(v, _mm512_setzero_si512()));
-            store_quad(line, q, _mm_shuffle_epi8(v, compact));
+            let o = 16 * c;
+            let keep = match len - o {
+                m if m >= 16 => !0,
+                m => (1u16 << m) - 1,
+            };
+            _mm_mask_storeu_epi8(line.as_mut_ptr().add(o) as _, keep, v);
         }
     }
 
