@@ -662,9 +662,9 @@ mod kernels {
     /// window (zero-extended by the mask), and two `dpwssd` multiply them by the split weights.
     ///
     /// # Safety
-    /// AVX-512 F/BW, VNNI and VBMI. `chunks` belongs to a table whose taps lie inside the row
+    /// AVX-512 F/BW/VL, VNNI and VBMI. `chunks` belongs to a table whose taps lie inside the row
     /// starting at `src[base]`, and `line` is that table's output row.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
     pub unsafe fn horizontal_row_avx512(src: &[u8], base: usize, chunks: &Chunks, line: &mut [u8]) {
         let len = line.len();
         assert_eq!(
