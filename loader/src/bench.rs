@@ -2,6 +2,10 @@
 //! recipe, measured in the same run over the same records, plus a per-stage breakdown of (c);
 //! then the same recipe on PIL images (`bench/pil_recipe.py` under the pinned Pillow, one
 //! process, one core) over the same records, and our rate over it per core.
+//!
+//! With `--rounds R` the modes and the PIL recipe run R times by turns, and each ratio to PIL is
+//! the median of the R rounds' ratios: on a shared machine whose speed drifts over seconds, a
+//! ratio of two runs seconds apart moves by tens of percent, the median of rounds far less.
 
 use std::time::Instant;
 
@@ -21,6 +25,8 @@ pub struct BenchOptions {
     pub limit: u64,
     /// Passes over the records per mode.
     pub passes: u32,
+    /// Rounds of (a), (b), (c) and the PIL recipe, by turns.
+    pub rounds: u32,
     pub seed: u64,
     /// Also measure the other resize mode (`--resize both`).
     pub both: bool,
@@ -43,6 +49,38 @@ pub struct ModeResult {
 }
 
 impl ModeResult {
+    /// One result for the rounds `rs` together (their images and times summed).
+    fn merged(rs: &[ModeResult]) -> ModeResult {
+        let images: u64 = rs.iter().map(|r| r.images).sum();
+        let wall_s: f64 = rs.iter().map(|r| r.wall_s).sum();
+        let cpu_s: f64 = rs
+            .iter()
+            .map(|r| r.images as f64 / r.img_per_cpu_s.max(1e-9))
+            .sum();
+        let per = |f: fn(&StageShares) -> f64| {
+            rs.iter()
+                .map(|r| f(&r.stages) * r.images as f64)
+                .sum::<f64>()
+                / images.max(1) as f64
+        };
+        let threads = rs
+            .first()
+            .map_or(1.0, |r| r.img_per_s / r.img_per_s_per_core.max(1e-9));
+        ModeResult {
+            images,
+            wall_s,
+            img_per_s: images as f64 / wall_s.max(1e-9),
+            img_per_s_per_core: images as f64 / wall_s.max(1e-9) / threads,
+            img_per_cpu_s: images as f64 / cpu_s.max(1e-9),
+            stages: StageShares {
+                decode_ms: per(|s| s.decode_ms),
+                geometry_ms: per(|s| s.geometry_ms),
+                resize_ms: per(|s| s.resize_ms),
+                photometric_ms: per(|s| s.photometric_ms),
+            },
+        }
+    }
+
     /// This mode's rate over `base`'s (same run): (wall, workers' CPU time).
     fn over(&self, base: &ModeResult) -> (f64, f64) {
         (
@@ -103,15 +141,30 @@ pub struct BenchReport {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct PilBaseline {
     pub pillow: String,
+    /// Images over all rounds.
     pub images: u64,
     pub wall_s: f64,
     pub img_per_s: f64,
     /// Images per second of the process's CPU time.
     pub img_per_cpu_s: f64,
-    /// Our full recipe (`photometric = "loader"`) over PIL, per core: (wall per core, CPU time).
+    /// Our full recipe (`photometric = "loader"`) over PIL, per core: (wall per core, CPU time),
+    /// each the median over the rounds.
     pub loader_mode_over_pil: (f64, f64),
     /// Our (b), the loader's work with `photometric = "device"`, over PIL, per core.
     pub device_mode_over_pil: (f64, f64),
+    /// Per round: (loader mode, device mode) over PIL, CPU time.
+    pub rounds: Vec<(f64, f64)>,
+}
+
+/// The median of `xs` (the mean of the middle two for an even count).
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => xs[n / 2],
+        _ => 0.5 * (xs[n / 2 - 1] + xs[n / 2]),
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -122,14 +175,9 @@ struct PilRun {
     pillow: String,
 }
 
-/// Runs the PIL recipe on the first `n` records (JPEG/PNG payloads; raw records are skipped).
-fn pil_baseline(
-    records: &dyn Records,
-    aug: &AugmentConfig,
-    opts: &BenchOptions,
-    py: &std::path::Path,
-    n: u64,
-) -> Result<PilRun> {
+/// The PIL recipe's inputs for the first `n` records (JPEG/PNG payloads; raw records are
+/// skipped), written once into a fresh temporary folder.
+fn pil_inputs(records: &dyn Records, aug: &AugmentConfig, n: u64) -> Result<std::path::PathBuf> {
     let payloads: Vec<&[u8]> = (0..n)
         .filter_map(|i| records.record(i).ok())
         .filter(|r| r.encoding != shared::shard::Encoding::RawZstd)
@@ -138,21 +186,25 @@ fn pil_baseline(
     anyhow::ensure!(!payloads.is_empty(), "no JPEG/PNG records for PIL");
     let dir = std::env::temp_dir().join(format!("loader-bench-pil-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let (blob, cfg) = (dir.join("images.bin"), dir.join("augment.json"));
-    std::fs::write(&blob, crate::pillow::blob(payloads))?;
-    std::fs::write(&cfg, serde_json::to_vec(aug)?)?;
-    let out = crate::pillow::run_script(
-        py,
-        &dir,
-        [
-            "bench".into(),
-            blob.into_os_string(),
-            cfg.into_os_string(),
-            opts.passes.to_string().into(),
-            opts.seed.to_string().into(),
-        ] as [std::ffi::OsString; 5],
-    );
-    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::write(dir.join("images.bin"), crate::pillow::blob(payloads))?;
+    std::fs::write(dir.join("augment.json"), serde_json::to_vec(aug)?)?;
+    Ok(dir)
+}
+
+/// One run of the PIL recipe over the inputs in `dir`.
+fn pil_baseline(
+    dir: &std::path::Path,
+    opts: &BenchOptions,
+    py: &std::path::Path,
+) -> Result<PilRun> {
+    let args: [std::ffi::OsString; 5] = [
+        "bench".into(),
+        dir.join("images.bin").into(),
+        dir.join("augment.json").into(),
+        opts.passes.to_string().into(),
+        opts.seed.to_string().into(),
+    ];
+    let out = crate::pillow::run_script(py, dir, args);
     Ok(serde_json::from_str(out?.trim())?)
 }
 
@@ -401,9 +453,36 @@ pub fn run(records: &dyn Records, aug: &AugmentConfig, opts: &BenchOptions) -> R
         n.min(8 * opts.threads.max(1) as u64),
         Mode::Full,
     );
-    let (decode_only, skipped) = run_mode(records, &engine, opts, n, Mode::Decode);
-    let (geometry_resize, _) = run_mode(records, &engine, opts, n, Mode::Resize);
-    let (full, _) = run_mode(records, &engine, opts, n, Mode::Full);
+    let payloads = match &opts.pil_python {
+        Some(_) => Some(pil_inputs(records, aug, n)),
+        None => None,
+    };
+    let (mut rounds, mut skipped) = (Vec::new(), 0);
+    let mut pil_runs: Vec<PilRun> = Vec::new();
+    let mut pil_error = None;
+    for _ in 0..opts.rounds.max(1) {
+        let (decode_only, s) = run_mode(records, &engine, opts, n, Mode::Decode);
+        skipped = s;
+        let (geometry_resize, _) = run_mode(records, &engine, opts, n, Mode::Resize);
+        let (full, _) = run_mode(records, &engine, opts, n, Mode::Full);
+        rounds.push([decode_only, geometry_resize, full]);
+        if let (Some(py), Some(inputs), None) = (&opts.pil_python, &payloads, &pil_error) {
+            match inputs
+                .as_ref()
+                .map_err(|e| anyhow::anyhow!("{e:#}"))
+                .and_then(|dir| pil_baseline(dir, opts, py))
+            {
+                Ok(r) => pil_runs.push(r),
+                Err(e) => pil_error = Some(format!("{e:#}")),
+            }
+        }
+    }
+    if let Some(Ok(dir)) = &payloads {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    let merged =
+        |m: usize| ModeResult::merged(&rounds.iter().map(|r| r[m].clone()).collect::<Vec<_>>());
+    let (decode_only, geometry_resize, full) = (merged(0), merged(1), merged(2));
     let crc_ms = crc_ms(records, n, opts.passes);
     let fast = if opts.both {
         let fast_engine = CropEngine::new(AugmentConfig {
@@ -430,31 +509,41 @@ pub fn run(records: &dyn Records, aug: &AugmentConfig, opts: &BenchOptions) -> R
     } else {
         None
     };
-    let (pil, pil_skipped) = match match &opts.pil_python {
-        None => Err("not run".to_string()),
-        Some(py) => pil_baseline(records, aug, opts, py, n)
-            .map(|r| {
-                let (rate, cpu_rate) = (r.images as f64 / r.wall_s, r.images as f64 / r.cpu_s);
-                let over = |m: &ModeResult| {
-                    (
-                        m.img_per_s_per_core / rate.max(1e-9),
-                        m.img_per_cpu_s / cpu_rate.max(1e-9),
-                    )
-                };
-                PilBaseline {
-                    pillow: r.pillow,
-                    images: r.images,
-                    wall_s: r.wall_s,
-                    img_per_s: rate,
-                    img_per_cpu_s: cpu_rate,
-                    loader_mode_over_pil: over(&full),
-                    device_mode_over_pil: over(&geometry_resize),
-                }
-            })
-            .map_err(|e| format!("{e:#}")),
-    } {
-        Ok(p) => (Some(p), None),
-        Err(why) => (None, Some(why)),
+    let (pil, pil_skipped) = match (&opts.pil_python, pil_error) {
+        (None, _) => (None, Some("not run".to_string())),
+        (Some(_), Some(why)) => (None, Some(why)),
+        (Some(_), None) => {
+            let over = |m: &ModeResult, r: &PilRun| {
+                (
+                    m.img_per_s_per_core * r.wall_s / r.images as f64,
+                    m.img_per_cpu_s * r.cpu_s / r.images as f64,
+                )
+            };
+            let per_round: Vec<[(f64, f64); 2]> = rounds
+                .iter()
+                .zip(&pil_runs)
+                .map(|(m, r)| [over(&m[2], r), over(&m[1], r)])
+                .collect();
+            let med = |k: usize, f: fn((f64, f64)) -> f64| {
+                median(per_round.iter().map(|r| f(r[k])).collect())
+            };
+            let images: u64 = pil_runs.iter().map(|r| r.images).sum();
+            let wall_s: f64 = pil_runs.iter().map(|r| r.wall_s).sum();
+            let cpu_s: f64 = pil_runs.iter().map(|r| r.cpu_s).sum();
+            (
+                Some(PilBaseline {
+                    pillow: pil_runs[0].pillow.clone(),
+                    images,
+                    wall_s,
+                    img_per_s: images as f64 / wall_s,
+                    img_per_cpu_s: images as f64 / cpu_s,
+                    loader_mode_over_pil: (med(0, |r| r.0), med(0, |r| r.1)),
+                    device_mode_over_pil: (med(1, |r| r.0), med(1, |r| r.1)),
+                    rounds: per_round.iter().map(|r| (r[0].1, r[1].1)).collect(),
+                }),
+                None,
+            )
+        }
     };
     Ok(BenchReport {
         threads: opts.threads.max(1),
@@ -541,6 +630,21 @@ pub fn format_report(r: &BenchReport) -> String {
                 p.device_mode_over_pil.1,
                 r.resize
             );
+            if p.rounds.len() > 1 {
+                let list = |f: fn(&(f64, f64)) -> f64| {
+                    p.rounds
+                        .iter()
+                        .map(|r| format!("{:.2}", f(r)))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                };
+                s += &format!(
+                    "  medians of {} rounds; per round, CPU time: loader mode {}; device mode {}\n",
+                    p.rounds.len(),
+                    list(|r| r.0),
+                    list(|r| r.1)
+                );
+            }
         }
         None => {
             let why = r.pil_skipped.as_deref().unwrap_or("not run");
@@ -586,6 +690,10 @@ pub struct BenchArgs {
     /// Passes over the records per mode.
     #[arg(long, default_value_t = 1)]
     pub passes: u32,
+    /// Rounds of our modes and the PIL recipe, by turns; the ratios to PIL are the medians of
+    /// the rounds' ratios.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: u32,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -624,6 +732,7 @@ pub fn cli(args: &BenchArgs) -> Result<()> {
         threads: args.threads,
         limit: args.limit,
         passes: args.passes.max(1),
+        rounds: args.rounds.max(1),
         seed: cfg.data.seed,
         both: args.resize.as_deref() == Some("both"),
         pil_python,
