@@ -805,3 +805,58 @@ fn residual_add_layer_norm_matches_composed() {
     );
     assert!(rel(&f.1, &c.1) < 1e-2);
 }
+
+/// The fused ops check their operands' sizes before choosing a device path (the CUDA kernels
+/// would read past a short operand): a mismatch is an error naming the sizes, on every path.
+#[test]
+fn fused_ops_refuse_mismatched_operands() {
+    use trainer::kernels::flash;
+    use trainer::kernels::ln_residual::{layer_norm_backward_residual, residual_add_layer_norm};
+    let (b, t, d) = (2, 3, 8);
+    let x = rand(&[b, t, d], 60, 1.0);
+    let w = rand(&[d], 61, 1.0);
+    let short = rand(&[b, t, d - 1], 62, 1.0);
+    let err = |r: candle_core::Result<(Tensor, Tensor)>| r.unwrap_err().to_string();
+    for fused in [false, true] {
+        let e = err(residual_add_layer_norm(
+            &x,
+            &short,
+            None,
+            None,
+            &w,
+            &w,
+            1e-6,
+            DType::F64,
+            fused,
+        ));
+        assert!(e.contains("residual + ln") && e.contains("a 42"), "{e}");
+        let e = err(residual_add_layer_norm(
+            &x,
+            &x,
+            Some(&short.get(0).unwrap().get(0).unwrap()),
+            None,
+            &w,
+            &w,
+            1e-6,
+            DType::F64,
+            fused,
+        ));
+        assert!(e.contains("a's bias 7"), "{e}");
+        let rows = x.reshape((b * t, d)).unwrap();
+        let e = layer_norm_backward_residual(&rows, &w, &short, &x, 1e-6, None, fused)
+            .err()
+            .expect("a short dy is refused")
+            .to_string();
+        assert!(e.contains("ln backward") && e.contains("dy 42"), "{e}");
+    }
+    let (heads, dh) = (1, 64);
+    let qkv = rand(&[2 * 7, 3 * heads * dh], 63, 1.0)
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let bias = rand(&[3 * heads * dh - 1], 64, 1.0);
+    let e = flash::forward(&qkv, Some(&bias), 2, heads, 0.125, true)
+        .err()
+        .expect("a short bias is refused")
+        .to_string();
+    assert!(e.contains("qkv bias of 191 for 192 columns"), "{e}");
+}

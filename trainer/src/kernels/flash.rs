@@ -408,6 +408,19 @@ fn aligned(t: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// The bias, when there is one, has one value per qkv column (the kernels read that many).
+fn check_bias(bias: Option<&Tensor>, cols: usize) -> Result<()> {
+    match bias {
+        Some(b) if b.elem_count() != cols => {
+            candle_core::bail!(
+                "flash attention: a qkv bias of {} for {cols} columns",
+                b.elem_count()
+            )
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Attention of `b` sequences on their qkv rows `[B·T, 3·H·dh]` (plus `bias` `[3·H·dh]` when the
 /// rows are the projection's product before its bias) → O `[B·T, H·dh]` (and the packed
 /// statistics with `save`).
@@ -421,6 +434,7 @@ pub fn forward(
 ) -> Result<FlashOut> {
     let qkv = aligned(qkv)?;
     let (rows, cols) = qkv.dims2()?;
+    check_bias(bias, cols)?;
     let hd = cols / 3;
     let out = qkv.apply_op1_no_bwd(&FlashFwd {
         b,
@@ -446,6 +460,7 @@ pub fn backward(
     heads: usize,
     scale: f64,
 ) -> Result<Tensor> {
+    check_bias(bias, qkv.dim(1)?)?;
     // The kernels read 16-byte vectors from all three, as the forward does from qkv.
     aligned(qkv)?.apply_op3_no_bwd(
         &aligned(packed)?,

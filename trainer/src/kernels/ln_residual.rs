@@ -63,6 +63,15 @@ pub fn residual_add_layer_norm(
     fused: bool,
 ) -> Result<(Tensor, Tensor)> {
     let d = w.elem_count();
+    let n = x.elem_count();
+    let ab_len = ab.map_or(d, |ab| ab.elem_count());
+    if a.elem_count() != n || d == 0 || !n.is_multiple_of(d) || b.elem_count() != d || ab_len != d {
+        candle_core::bail!(
+            "residual + ln: x {n}, a {}, w {d}, b {}, a's bias {ab_len}",
+            a.elem_count(),
+            b.elem_count()
+        );
+    }
     #[cfg(feature = "cuda")]
     if fused && x.device().is_cuda() {
         return cuda_forward(x, a, ab, m, w, b, eps, out);
@@ -95,9 +104,6 @@ fn reference_forward(
     let d = w.elem_count();
     let n = x.elem_count();
     let (xs, ws, bs) = (f64s(x)?, f64s(w)?, f64s(b)?);
-    if a.elem_count() != n || !n.is_multiple_of(d) {
-        candle_core::bail!("residual + ln: x {n}, a {}, d {d}", a.elem_count());
-    }
     // a + ab rounded to a's dtype, as the bias add it replaces.
     let as_ = match ab {
         Some(ab) => {
@@ -147,6 +153,14 @@ pub fn layer_norm_backward_residual(
     branch: Option<Branch<'_>>,
     fused: bool,
 ) -> Result<LnResidualGrads> {
+    let (rows, d) = x.dims2()?;
+    let (g, r) = (dy.elem_count(), dres.elem_count());
+    if g != rows * d || r != rows * d || w.elem_count() != d {
+        candle_core::bail!(
+            "ln backward: x [{rows}, {d}], dy {g}, dres {r}, w {}",
+            w.elem_count()
+        );
+    }
     if !fused {
         let (dl, dw, db) = layer_norm_backward(x, w, dy, eps, false)?;
         let dx = (dres + dl.reshape(dres.shape())?)?;
@@ -200,14 +214,6 @@ fn reference(
 ) -> Result<LnResidualGrads> {
     let (rows, d) = x.dims2()?;
     let (xs, ws, gs, rs) = (f64s(x)?, f64s(w)?, f64s(dy)?, f64s(dres)?);
-    if gs.len() != rows * d || rs.len() != rows * d || ws.len() != d {
-        candle_core::bail!(
-            "ln backward: x [{rows}, {d}], dy {}, dres {}, w {}",
-            gs.len(),
-            rs.len(),
-            ws.len()
-        );
-    }
     let (m, per) = multipliers(dres, rows, branch.and_then(|b| b.m), DType::F64)?;
     let m = f64s(&m)?;
     let (mut dx, mut br) = (vec![0.0; rows * d], vec![0.0; rows * d]);

@@ -12,6 +12,10 @@
 
 typedef __nv_bfloat16 bf16;
 
+// Kernels with one block per row take up to 1024 threads (`geometry::threads_for`): the bound
+// keeps them within 64 registers, or such a launch would fail for lack of registers.
+#define ROW_BLOCK __launch_bounds__(1024)
+
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(bf16 x) { return __bfloat162float(x); }
 template <typename T> __device__ __forceinline__ T from_f(float x);
@@ -139,15 +143,15 @@ __device__ void ln_bwd_wb(const TI *x, const TO *dy, float *dwdb, int rows, int 
 }
 
 #define LN_INST(SUF, TI, TO)                                                                     \
-  extern "C" __global__ void ln_fwd_##SUF(const TI *x, const float *w, const float *b, TO *y,     \
+  extern "C" __global__ void ROW_BLOCK ln_fwd_##SUF(const TI *x, const float *w, const float *b, TO *y,     \
                                           int d, float eps) {                                    \
     ln_fwd<TI, TO>(x, w, b, y, d, eps);                                                          \
   }                                                                                              \
-  extern "C" __global__ void ln_bwd_dx_##SUF(const TI *x, const float *w, const TO *dy, TI *dx,   \
+  extern "C" __global__ void ROW_BLOCK ln_bwd_dx_##SUF(const TI *x, const float *w, const TO *dy, TI *dx,   \
                                              int d, float eps) {                                 \
     ln_bwd_dx<TI, TO>(x, w, dy, dx, d, eps);                                                     \
   }                                                                                              \
-  extern "C" __global__ void ln_bwd_wb_##SUF(const TI *x, const TO *dy, float *dwdb, int rows,    \
+  extern "C" __global__ void ROW_BLOCK ln_bwd_wb_##SUF(const TI *x, const TO *dy, float *dwdb, int rows,    \
                                              int d, float eps, int rows_per_block) {             \
     ln_bwd_wb<TI, TO>(x, dy, dwdb, rows, d, eps, rows_per_block);                                \
   }
@@ -280,10 +284,10 @@ __device__ void centered_entropy(const T *t, const float *c, float *h, int k, fl
   sz = block_sum(sz, sh);
   if (threadIdx.x == 0) h[row] = logf(s) - sz / s;
 }
-extern "C" __global__ void centered_entropy_f32(const float *t, const float *c, float *h, int k, float it) {
+extern "C" __global__ void ROW_BLOCK centered_entropy_f32(const float *t, const float *c, float *h, int k, float it) {
   centered_entropy<float>(t, c, h, k, it);
 }
-extern "C" __global__ void centered_entropy_bf16(const bf16 *t, const float *c, float *h, int k, float it) {
+extern "C" __global__ void ROW_BLOCK centered_entropy_bf16(const bf16 *t, const float *c, float *h, int k, float it) {
   centered_entropy<bf16>(t, c, h, k, it);
 }
 
@@ -336,15 +340,15 @@ __device__ void soft_ce_bwd(const T *s, const float *p, const float *g, T *ds, i
 }
 
 #define CE_INST(SUF, T)                                                                          \
-  extern "C" __global__ void centered_softmax_##SUF(const T *t, const float *c, float *p, int k,  \
+  extern "C" __global__ void ROW_BLOCK centered_softmax_##SUF(const T *t, const float *c, float *p, int k,  \
                                                     float inv_tau) {                             \
     centered_softmax<T>(t, c, p, k, inv_tau);                                                    \
   }                                                                                              \
-  extern "C" __global__ void soft_ce_fwd_##SUF(const T *s, const float *p, float *loss, int k,    \
+  extern "C" __global__ void ROW_BLOCK soft_ce_fwd_##SUF(const T *s, const float *p, float *loss, int k,    \
                                                int p_rows, float inv_tau) {                      \
     soft_ce_fwd<T>(s, p, loss, k, p_rows, inv_tau);                                              \
   }                                                                                              \
-  extern "C" __global__ void soft_ce_bwd_##SUF(const T *s, const float *p, const float *g, T *ds, \
+  extern "C" __global__ void ROW_BLOCK soft_ce_bwd_##SUF(const T *s, const float *p, const float *g, T *ds, \
                                                int k, int p_rows, float inv_tau) {               \
     soft_ce_bwd<T>(s, p, g, ds, k, p_rows, inv_tau);                                             \
   }
@@ -419,7 +423,7 @@ __device__ void residual_ln_fwd(const float *x, const TA *a, const float *ab, co
 }
 
 #define RLN_INST(SUF, TA, TO)                                                                     \
-  extern "C" __global__ void residual_ln_fwd_##SUF(const float *x, const TA *a, const float *ab,   \
+  extern "C" __global__ void ROW_BLOCK residual_ln_fwd_##SUF(const float *x, const TA *a, const float *ab,   \
                                                    const float *m, const float *w, const float *b,\
                                                    float *y, TO *out, int d, int per, float eps) { \
     residual_ln_fwd<TA, TO>(x, a, ab, m, w, b, y, out, d, per, eps);                              \

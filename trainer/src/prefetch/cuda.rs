@@ -51,23 +51,44 @@ struct Pinned {
     ctx: Option<Arc<candle_core::cuda::cudarc::driver::CudaContext>>,
     pixels: Option<PinnedHostSlice<u8>>,
     rows: Option<PinnedHostSlice<f32>>,
+    /// Where the batch went instead when page-locked memory could not be had, and why: the
+    /// batch is already out of its source, so it must not be lost with the error.
+    fallback: Option<(HostStage, anyhow::Error)>,
 }
 
-impl StageBuf for Pinned {
-    fn get(&mut self, pixels: usize, rows: usize) -> Result<(&mut [u8], &mut [f32])> {
+impl Pinned {
+    /// Page-locked buffers of these sizes.
+    fn ensure(&mut self, pixels: usize, rows: usize) -> Result<()> {
         let ctx = self.ctx.as_ref().expect("set by pair()");
         if self.pixels.as_ref().map(|p| p.len()) != Some(pixels) {
+            self.pixels = None;
             // Write-combined: the host only writes it (memcpy), the GPU reads it.
             // SAFETY: the buffer is written in full before anything reads it (Staged::from_view).
             self.pixels = Some(unsafe { ctx.alloc_pinned::<u8>(pixels)? });
         }
         if self.rows.as_ref().map(|p| p.len()) != Some(rows) {
+            self.rows = None;
             // Cached (no flags): dense_rows reads back what it accumulates.
             // SAFETY: dense_rows zeroes it before anything reads it.
             self.rows = Some(unsafe { ctx.alloc_pinned_with_flags::<f32>(rows, 0)? });
         }
-        let (p, r) = (self.pixels.as_mut().unwrap(), self.rows.as_mut().unwrap());
-        Ok((p.as_mut_slice()?, r.as_mut_slice()?))
+        Ok(())
+    }
+}
+
+impl StageBuf for Pinned {
+    fn get(&mut self, pixels: usize, rows: usize) -> Result<(&mut [u8], &mut [f32])> {
+        match self.ensure(pixels, rows) {
+            Ok(()) => {
+                let (p, r) = (self.pixels.as_mut().unwrap(), self.rows.as_mut().unwrap());
+                Ok((p.as_mut_slice()?, r.as_mut_slice()?))
+            }
+            Err(e) => self
+                .fallback
+                .insert((HostStage::default(), e))
+                .0
+                .get(pixels, rows),
+        }
     }
 }
 
@@ -132,6 +153,11 @@ impl Stager {
     /// it to a device slot on the copy stream.
     pub(super) fn next(&mut self, src: &mut dyn BatchSource, aug: &AugmentConfig) -> Result<Ready> {
         let staged = src.next_staged(aug, &mut self.pinned)?;
+        if let Some((host, e)) = self.pinned.fallback.take() {
+            warn_once(&e);
+            self.failed = true;
+            return Ok(Ready::Host(staged, host));
+        }
         match self.copy_out() {
             Ok((slot, copied)) => Ok(Ready::Device(Pending {
                 staged,
