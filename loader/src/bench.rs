@@ -453,7 +453,10 @@ pub fn run(records: &dyn Records, aug: &AugmentConfig, opts: &BenchOptions) -> R
         n.min(8 * opts.threads.max(1) as u64),
         Mode::Full,
     );
-    let payloads = opts.pil_python.as_ref().map(|_| pil_inputs(records, aug, n));
+    let payloads = opts
+        .pil_python
+        .as_ref()
+        .map(|_| pil_inputs(records, aug, n));
     let (mut rounds, mut skipped) = (Vec::new(), 0);
     let mut pil_runs: Vec<PilRun> = Vec::new();
     let mut pil_error = None;
