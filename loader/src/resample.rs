@@ -955,6 +955,59 @@ mod tests {
         }
     }
 
+    /// The AVX-512 kernel's windows at their limit: shrinks on both sides of the widest that
+    /// fits 128 bytes (beyond it the AVX2 kernel takes over), on crops in the image's
+    /// bottom-right corner, so the last windows run past the end of the pixels (masked loads).
+    #[test]
+    fn horizontal_windows_at_their_limit_equal_the_scalar_path() {
+        let (w, h) = (700u32, 40u32);
+        let data = (0..w * h * 3)
+            .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+            .collect();
+        let img = RgbImage::from_raw(w, h, data).unwrap();
+        let mut r = Resampler::default();
+        let (mut fits, mut wider) = (0, 0);
+        for out in [16u32, 24, 96] {
+            for cw in (3 * out..7 * out).step_by(out as usize / 8) {
+                let cw = cw.min(w);
+                match Taps::new(cw, out).chunks {
+                    Some(_) => fits += 1,
+                    None => wider += 1,
+                }
+                let meta = CropMeta {
+                    img_h: h,
+                    img_w: w,
+                    top: 8,
+                    left: w - cw,
+                    h: h - 8,
+                    w: cw,
+                    hflip: 0,
+                };
+                let size = out as usize;
+                let mut want = vec![1u8; size * size * 3];
+                r.resize_using(
+                    Simd::Scalar,
+                    &img,
+                    &meta,
+                    PassOrder::Pillow13,
+                    &mut want,
+                    size,
+                );
+                for simd in [Simd::Avx2, Simd::Avx512] {
+                    if simd <= Simd::hardware() {
+                        let mut got = vec![0u8; size * size * 3];
+                        r.resize_using(simd, &img, &meta, PassOrder::Pillow13, &mut got, size);
+                        assert!(got == want, "{cw} -> {out} ({simd:?})");
+                    }
+                }
+            }
+        }
+        assert!(
+            fits > 10 && wider > 10,
+            "{fits} tables fit the window, {wider} do not"
+        );
+    }
+
     #[test]
     fn pass_order_rule() {
         // 400x1000 → 224x224: height shrinks by 776 > 2·176 → vertical first.
