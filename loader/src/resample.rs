@@ -37,8 +37,9 @@ const BITS: u32 = 22;
 const HALF: i32 = 1 << (BITS - 1);
 /// Bicubic support before widening.
 const SUPPORT: f64 = 2.0;
-/// Tables kept per thread; beyond this the cache starts over (bounded memory on odd datasets).
-const CACHE_LIMIT: usize = 4096;
+/// Bytes of tables kept per thread; beyond this the cache starts over (bounded memory whatever
+/// the images' sizes: a table for a 96- or 224-pixel output takes 20–70 KB).
+const CACHE_BYTES: usize = 64 << 20;
 
 /// Which pass runs first when both are needed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -86,23 +87,73 @@ pub struct Taps {
     pub bounds: Vec<(u32, u32)>,
     /// `out_size × ksize` fixed-point weights.
     pub k: Vec<i32>,
-    /// First tap per output as the AVX2 horizontal kernel reads it, padded to a multiple of 4
-    /// outputs (the padding repeats the last start, under zero weights).
-    hstart: Vec<u32>,
-    /// Per quad of outputs and group of 4 taps, the weights as the AVX2 horizontal kernel
-    /// multiplies them: `[taps 0–1 lo, taps 0–1 hi, taps 2–3 lo, taps 2–3 hi]`, each 32 i16 = one
-    /// 128-bit lane per output of the quad holding `(k_t, k_t+1)` per channel `r, g, b, x`; the
-    /// kernel reads the half of its pair of outputs.
-    hk: Vec<[[i16; 32]; 4]>,
-    /// Groups of 4 taps per output in `hk` (`ceil(taps / 4)` of the widest output).
-    groups: usize,
-    /// Source pixels the AVX2 horizontal kernel's groups reach: max of `start + 4·groups`.
-    simd_reach: usize,
+    /// The AVX2 horizontal kernel's table, made at its first use (CPUs with AVX-512 need it only
+    /// for the shrinks [`Chunks`] cannot take).
+    quads: std::cell::OnceCell<Quads>,
     /// Per output, the weights as the AVX2 vertical kernel multiplies them: pairs of taps
     /// `(k_2i, k_2i+1)` as `[lo pair, hi pair]` packed i16 pairs, `ksize.div_ceil(2)` slots.
     vk: Vec<[i32; 2]>,
-    /// The AVX-512 horizontal kernel's table, when every chunk's taps fit its 128-byte window.
-    chunks: Option<Chunks>,
+    /// The AVX-512 horizontal kernel's table (none when some chunk's taps do not fit its
+    /// 128-byte window), made at its first use.
+    chunks: std::cell::OnceCell<Option<Chunks>>,
+}
+
+/// The horizontal pass as the AVX2 kernel runs it: four output pixels per step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Quads {
+    /// First tap per output, padded to a multiple of 4 outputs (the padding repeats the last
+    /// start, under zero weights).
+    hstart: Vec<u32>,
+    /// Per quad of outputs and group of 4 taps, the weights as the kernel multiplies them:
+    /// `[taps 0–1 lo, taps 0–1 hi, taps 2–3 lo, taps 2–3 hi]`, each 32 i16 = one 128-bit lane per
+    /// output of the quad holding `(k_t, k_t+1)` per channel `r, g, b, x`; the kernel reads the
+    /// half of its pair of outputs.
+    hk: Vec<[[i16; 32]; 4]>,
+    /// Groups of 4 taps per output in `hk` (`ceil(taps / 4)` of the widest output).
+    groups: usize,
+    /// Source pixels the groups reach: max of `start + 4·groups`.
+    simd_reach: usize,
+}
+
+impl Quads {
+    fn new(bounds: &[(u32, u32)], k: &[i32], ksize: usize) -> Quads {
+        // The widest output decides: upscales have ksize 5 but 4 taps inside the image.
+        let groups = bounds
+            .iter()
+            .map(|&(_, n)| (n as usize).div_ceil(4))
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let n_out = bounds.len();
+        let padded = n_out.div_ceil(4) * 4;
+        let hstart = (0..padded).map(|xx| bounds[xx.min(n_out - 1)].0).collect();
+        let mut hk = vec![[[0i16; 32]; 4]; padded / 4 * groups];
+        for xx in 0..n_out {
+            let (_, n) = bounds[xx];
+            for i in 0..n as usize {
+                let (lo, hi) = split(k[xx * ksize + i]);
+                let e = &mut hk[xx / 4 * groups + i / 4];
+                // Taps 0–1 of a group in entries 0/1, taps 2–3 in 2/3; lane xx % 4; the tap's
+                // position in each (r, g, b, x) pair.
+                let (slot, t) = (2 * (i % 4 / 2), i % 2);
+                for c in 0..4 {
+                    e[slot][8 * (xx % 4) + 2 * c + t] = lo;
+                    e[slot + 1][8 * (xx % 4) + 2 * c + t] = hi;
+                }
+            }
+        }
+        let simd_reach = bounds
+            .iter()
+            .map(|&(s, _)| s as usize + 4 * groups)
+            .max()
+            .unwrap_or(0);
+        Quads {
+            hstart,
+            hk,
+            groups,
+            simd_reach,
+        }
+    }
 }
 
 /// The horizontal pass as the AVX-512 kernel runs it: an output row is cut into chunks of 16
@@ -219,36 +270,7 @@ impl Taps {
             }
             bounds.push((xmin as u32, n as u32));
         }
-        // The widest output decides: upscales have ksize 5 but 4 taps inside the image.
-        let groups = bounds
-            .iter()
-            .map(|&(_, n)| (n as usize).div_ceil(4))
-            .max()
-            .unwrap_or(1)
-            .max(1);
         let n_out = out_size as usize;
-        let padded = n_out.div_ceil(4) * 4;
-        let hstart = (0..padded).map(|xx| bounds[xx.min(n_out - 1)].0).collect();
-        let mut hk = vec![[[0i16; 32]; 4]; padded / 4 * groups];
-        for xx in 0..n_out {
-            let (_, n) = bounds[xx];
-            for i in 0..n as usize {
-                let (lo, hi) = split(k[xx * ksize + i]);
-                let e = &mut hk[xx / 4 * groups + i / 4];
-                // Taps 0–1 of a group in entries 0/1, taps 2–3 in 2/3; lane xx % 4; the tap's
-                // position in each (r, g, b, x) pair.
-                let (slot, t) = (2 * (i % 4 / 2), i % 2);
-                for c in 0..4 {
-                    e[slot][8 * (xx % 4) + 2 * c + t] = lo;
-                    e[slot + 1][8 * (xx % 4) + 2 * c + t] = hi;
-                }
-            }
-        }
-        let simd_reach = bounds
-            .iter()
-            .map(|&(s, _)| s as usize + 4 * groups)
-            .max()
-            .unwrap_or(0);
         let half_k = ksize.div_ceil(2);
         let mut vk = vec![[0i32; 2]; n_out * half_k];
         for xx in 0..n_out {
@@ -261,16 +283,41 @@ impl Taps {
             }
         }
         Taps {
-            chunks: Chunks::new(&bounds, &k, ksize),
+            chunks: std::cell::OnceCell::new(),
             ksize,
             bounds,
             k,
-            hstart,
-            hk,
-            groups,
-            simd_reach,
+            quads: std::cell::OnceCell::new(),
             vk,
         }
+    }
+
+    /// The heap bytes of the table (what the cache counts).
+    fn bytes(&self) -> usize {
+        use std::mem::size_of_val;
+        let chunks = self.chunks.get().and_then(Option::as_ref).map_or(0, |c| {
+            size_of_val(c.window.as_slice()) + size_of_val(c.pair.as_slice())
+        });
+        size_of_val(self.bounds.as_slice())
+            + size_of_val(self.k.as_slice())
+            + self.quads.get().map_or(0, |q| {
+                size_of_val(q.hstart.as_slice()) + size_of_val(q.hk.as_slice())
+            })
+            + size_of_val(self.vk.as_slice())
+            + chunks
+    }
+
+    /// The AVX-512 horizontal kernel's table, if the taps fit its windows.
+    fn chunks(&self) -> Option<&Chunks> {
+        self.chunks
+            .get_or_init(|| Chunks::new(&self.bounds, &self.k, self.ksize))
+            .as_ref()
+    }
+
+    /// The AVX2 horizontal kernel's table.
+    fn quads(&self) -> &Quads {
+        self.quads
+            .get_or_init(|| Quads::new(&self.bounds, &self.k, self.ksize))
     }
 
     fn weights(&self, out: usize) -> (usize, &[i32]) {
@@ -323,19 +370,29 @@ impl View<'_> {
 #[derive(Debug, Default)]
 pub struct Resampler {
     cache: HashMap<(u32, u32), Rc<Taps>>,
+    /// [`Taps::bytes`] of the cached tables.
+    cached_bytes: usize,
     tmp: Vec<u8>,
 }
 
 impl Resampler {
     /// The (cached) table for `in_size → out_size`.
     pub fn taps(&mut self, in_size: u32, out_size: u32) -> Rc<Taps> {
-        if self.cache.len() >= CACHE_LIMIT {
-            self.cache.clear();
+        if let Some(t) = self.cache.get(&(in_size, out_size)) {
+            return t.clone();
         }
-        self.cache
-            .entry((in_size, out_size))
-            .or_insert_with(|| Rc::new(Taps::new(in_size, out_size)))
-            .clone()
+        let t = Rc::new(Taps::new(in_size, out_size));
+        // Make the part the CPU's horizontal kernel will use, so that the bytes count it.
+        if !(Simd::detect() >= Simd::Avx512 && t.chunks().is_some()) {
+            t.quads();
+        }
+        if self.cached_bytes + t.bytes() > CACHE_BYTES {
+            self.cache.clear();
+            self.cached_bytes = 0;
+        }
+        self.cached_bytes += t.bytes();
+        self.cache.insert((in_size, out_size), t.clone());
+        t
     }
 
     /// Pillow's `img.crop(meta box).resize((size, size), BICUBIC)` as RGB into `dst`
@@ -461,7 +518,9 @@ fn horizontal(
         if simd >= Simd::Avx2 {
             // SAFETY: the CPU has the level (`Resampler::resize_using` checks).
             unsafe {
-                if let (Simd::Avx512, Some(chunks)) = (simd, &taps.chunks) {
+                // (The AVX-512 table is made only where that kernel runs.)
+                let chunks = (simd == Simd::Avx512).then(|| taps.chunks()).flatten();
+                if let Some(chunks) = chunks {
                     kernels::horizontal_row_avx512(src.data, base, chunks, line)
                 } else {
                     kernels::horizontal_row(src.data, base, taps, line)
@@ -527,7 +586,7 @@ fn vertical(
 
 #[cfg(target_arch = "x86_64")]
 mod kernels {
-    use super::{Chunks, Taps, BITS, HALF};
+    use super::{Chunks, Quads, Taps, BITS, HALF};
     use std::arch::x86_64::*;
 
     /// One row of the horizontal pass, four output pixels per step. An output pixel pair
@@ -540,17 +599,18 @@ mod kernels {
     /// AVX2. The taps of `taps` lie inside the row starting at `src[base]`.
     #[target_feature(enable = "avx2")]
     pub unsafe fn horizontal_row(src: &[u8], base: usize, taps: &Taps, line: &mut [u8]) {
+        let (q, n_out) = (taps.quads(), taps.bounds.len());
         // Every 16-byte load of this row stays inside `src` (all rows but the image's last
         // one or two): no per-load check. The last load starts 4 pixels before the reach.
-        if base + 3 * taps.simd_reach + 4 <= src.len() {
-            match taps.groups {
-                1 => row_kernel::<false, 1>(src, base, taps, line),
-                2 => row_kernel::<false, 2>(src, base, taps, line),
-                3 => row_kernel::<false, 3>(src, base, taps, line),
-                _ => row_kernel::<false, 0>(src, base, taps, line),
+        if base + 3 * q.simd_reach + 4 <= src.len() {
+            match q.groups {
+                1 => row_kernel::<false, 1>(src, base, q, n_out, line),
+                2 => row_kernel::<false, 2>(src, base, q, n_out, line),
+                3 => row_kernel::<false, 3>(src, base, q, n_out, line),
+                _ => row_kernel::<false, 0>(src, base, q, n_out, line),
             }
         } else {
-            row_kernel::<true, 0>(src, base, taps, line);
+            row_kernel::<true, 0>(src, base, q, n_out, line);
         }
     }
 
@@ -572,12 +632,12 @@ mod kernels {
     }
 
     /// The rounded, shifted `[r, g, b, x]` i32 sums of outputs `2·pair` (lane 0) and
-    /// `2·pair + 1` (lane 1). `G` groups of taps (0: `taps.groups`, not known at compile time).
+    /// `2·pair + 1` (lane 1). `G` groups of taps (0: `q.groups`, not known at compile time).
     #[inline(always)]
     unsafe fn pair<const CHECKED: bool, const G: usize>(
         src: &[u8],
         base: usize,
-        taps: &Taps,
+        q: &Quads,
         pair: usize,
     ) -> __m256i {
         // Taps 0–1 and 2–3 of a group (the 12 bytes from the group's first pixel), per lane.
@@ -589,11 +649,11 @@ mod kernels {
             6, -1, 9, -1, 7, -1, 10, -1, 8, -1, 11, -1, -1, -1, -1, -1, 6, -1, 9, -1, 7, -1, 10,
             -1, 8, -1, 11, -1, -1, -1, -1, -1,
         );
-        let groups = if G > 0 { G } else { taps.groups };
-        let k = &taps.hk[pair / 2 * groups..][..groups];
+        let groups = if G > 0 { G } else { q.groups };
+        let k = &q.hk[pair / 2 * groups..][..groups];
         let half = 16 * (pair % 2);
-        let mut at0 = base + 3 * taps.hstart[2 * pair] as usize;
-        let mut at1 = base + 3 * taps.hstart[2 * pair + 1] as usize;
+        let mut at0 = base + 3 * q.hstart[2 * pair] as usize;
+        let mut at1 = base + 3 * q.hstart[2 * pair + 1] as usize;
         let mut lo = _mm256_setzero_si256();
         let mut hi = _mm256_setzero_si256();
         for kg in k {
@@ -619,17 +679,17 @@ mod kernels {
     unsafe fn row_kernel<const CHECKED: bool, const G: usize>(
         src: &[u8],
         base: usize,
-        taps: &Taps,
+        q: &Quads,
+        n_out: usize,
         line: &mut [u8],
     ) {
         // Pixels 0, 1, 2, 3 from the dwords of the packed pairs (lane 0: 0, 2; lane 1: 1, 3),
         // then their r, g, b bytes side by side.
         let order = _mm256_setr_epi32(0, 4, 1, 5, 0, 0, 0, 0);
         let compact = _mm_setr_epi8(0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1);
-        let n_out = taps.bounds.len();
         for quad in 0..n_out.div_ceil(4) {
-            let v01 = pair::<CHECKED, G>(src, base, taps, 2 * quad);
-            let v23 = pair::<CHECKED, G>(src, base, taps, 2 * quad + 1);
+            let v01 = pair::<CHECKED, G>(src, base, q, 2 * quad);
+            let v23 = pair::<CHECKED, G>(src, base, q, 2 * quad + 1);
             // i32 → u8 with clamping (Pillow's clip8), in lane order.
             let v = _mm256_packs_epi32(v01, v23);
             let v = _mm256_packus_epi16(v, v);
@@ -887,7 +947,7 @@ mod tests {
         // Upscaling keeps support 2 (4 or 5 taps), a 4x shrink widens it to 8 (17 slots).
         assert_eq!(Taps::new(10, 40).ksize, 5);
         // ... but 4 taps inside the image: one AVX2 group.
-        assert_eq!(Taps::new(10, 40).groups, 1);
+        assert_eq!(Taps::new(10, 40).quads().groups, 1);
         assert_eq!(Taps::new(400, 100).ksize, 17);
     }
 
@@ -970,7 +1030,7 @@ mod tests {
         for out in [16u32, 24, 96] {
             for cw in (3 * out..7 * out).step_by(out as usize / 8) {
                 let cw = cw.min(w);
-                match Taps::new(cw, out).chunks {
+                match Taps::new(cw, out).chunks() {
                     Some(_) => fits += 1,
                     None => wider += 1,
                 }
@@ -1005,6 +1065,32 @@ mod tests {
         assert!(
             fits > 10 && wider > 10,
             "{fits} tables fit the window, {wider} do not"
+        );
+    }
+
+    /// The cache holds at most its byte budget and still hands out the right tables.
+    #[test]
+    fn table_cache_stays_within_its_budget() {
+        let mut r = Resampler::default();
+        let mut cleared = false;
+        for in_size in (200..4000).step_by(7) {
+            let before = r.cached_bytes;
+            let t = r.taps(in_size, 224);
+            cleared |= r.cached_bytes < before;
+            assert!(r.cached_bytes <= CACHE_BYTES);
+            // The same table, both with both kernels' parts made.
+            let fresh = Taps::new(in_size, 224);
+            for x in [&fresh, &*t] {
+                x.quads();
+                x.chunks();
+            }
+            assert_eq!(*t, fresh);
+            assert!(Rc::ptr_eq(&t, &r.taps(in_size, 224)), "cached");
+        }
+        assert!(
+            cleared,
+            "{} bytes of tables never reached the budget",
+            r.cached_bytes
         );
     }
 
