@@ -48,6 +48,17 @@ fn fastest(mut f: impl FnMut()) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
+/// `f` at the CPU's SIMD level and at AVX2, by turns, three times over: the fastest time of
+/// each, in seconds. Their ratio is steadier than either time on a machine whose speed drifts.
+fn against_avx2(mut f: impl FnMut(Simd)) -> (f64, f64) {
+    let (mut t, mut t_avx2) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..3 {
+        t = t.min(fastest(|| f(Simd::detect())));
+        t_avx2 = t_avx2.min(fastest(|| f(Simd::Avx2.min(Simd::detect()))));
+    }
+    (t, t_avx2)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -108,20 +119,11 @@ fn main() {
     let mut resample = Resampler::default();
     let order = PassOrder::Pillow13;
     let mut bufs: Vec<Vec<u8>> = crops.iter().map(|c| vec![0u8; c.2 * c.2 * 3]).collect();
-    // The CPU's own level against AVX2, run by turns: their ratio is steadier than either
-    // time on a machine whose speed drifts.
-    let mut resize_at = |simd: Simd| {
-        fastest(|| {
-            for ((k, meta, size, _), buf) in crops.iter().zip(bufs.iter_mut()) {
-                resample.resize_using(simd, &imgs[*k], meta, order, buf, *size);
-            }
-        })
-    };
-    let (mut t, mut t_avx2) = (f64::INFINITY, f64::INFINITY);
-    for _ in 0..3 {
-        t = t.min(resize_at(Simd::detect()));
-        t_avx2 = t_avx2.min(resize_at(Simd::Avx2.min(Simd::detect())));
-    }
+    let (t, t_avx2) = against_avx2(|simd| {
+        for ((k, meta, size, _), buf) in crops.iter().zip(bufs.iter_mut()) {
+            resample.resize_using(simd, &imgs[*k], meta, order, buf, *size);
+        }
+    });
     println!(
         "resize pillow bicubic    {:7.3} ms/img {:6.2} ns/px ({:?}; {:.3}x the AVX2 kernels' time)",
         per_img(t),
@@ -198,22 +200,14 @@ fn main() {
             "photometric reference [{round}] {:7.3} ms/img",
             per_img(t.elapsed().as_secs_f64())
         );
-        // The CPU's level against AVX2 by turns, as for the resize.
         let mut work2 = bufs.clone();
-        let mut fused_at = |simd: Simd| {
-            fastest(|| {
-                work2.clone_from(&bufs);
-                for ((_, meta, size, p), b) in crops.iter().zip(work2.iter_mut()) {
-                    let flip = meta.hflip != 0;
-                    loader::fused::apply_fused_with(simd, p, b, *size, *size, flip, &mut photo);
-                }
-            })
-        };
-        let (mut t, mut t_avx2) = (f64::INFINITY, f64::INFINITY);
-        for _ in 0..3 {
-            t = t.min(fused_at(Simd::detect()));
-            t_avx2 = t_avx2.min(fused_at(Simd::Avx2.min(Simd::detect())));
-        }
+        let (t, t_avx2) = against_avx2(|simd| {
+            work2.clone_from(&bufs);
+            for ((_, meta, size, p), b) in crops.iter().zip(work2.iter_mut()) {
+                let flip = meta.hflip != 0;
+                loader::fused::apply_fused_with(simd, p, b, *size, *size, flip, &mut photo);
+            }
+        });
         println!(
             "photometric fused+flip [{round}] {:7.3} ms/img ({:.3}x the AVX2 kernels' time)",
             per_img(t),
