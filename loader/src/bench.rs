@@ -49,8 +49,9 @@ pub struct ModeResult {
 }
 
 impl ModeResult {
-    /// One result for the rounds `rs` together (their images and times summed).
-    fn merged(rs: &[ModeResult]) -> ModeResult {
+    /// One result for the rounds `rs` of `threads` workers together (their images and times
+    /// summed).
+    fn merged(rs: &[&ModeResult], threads: usize) -> ModeResult {
         let images: u64 = rs.iter().map(|r| r.images).sum();
         let wall_s: f64 = rs.iter().map(|r| r.wall_s).sum();
         let cpu_s: f64 = rs
@@ -63,14 +64,11 @@ impl ModeResult {
                 .sum::<f64>()
                 / images.max(1) as f64
         };
-        let threads = rs
-            .first()
-            .map_or(1.0, |r| r.img_per_s / r.img_per_s_per_core.max(1e-9));
         ModeResult {
             images,
             wall_s,
             img_per_s: images as f64 / wall_s.max(1e-9),
-            img_per_s_per_core: images as f64 / wall_s.max(1e-9) / threads,
+            img_per_s_per_core: images as f64 / wall_s.max(1e-9) / threads as f64,
             img_per_cpu_s: images as f64 / cpu_s.max(1e-9),
             stages: StageShares {
                 decode_ms: per(|s| s.decode_ms),
@@ -480,8 +478,10 @@ pub fn run(records: &dyn Records, aug: &AugmentConfig, opts: &BenchOptions) -> R
     if let Some(Ok(dir)) = &payloads {
         let _ = std::fs::remove_dir_all(dir);
     }
-    let merged =
-        |m: usize| ModeResult::merged(&rounds.iter().map(|r| r[m].clone()).collect::<Vec<_>>());
+    let merged = |m: usize| {
+        let rs: Vec<&ModeResult> = rounds.iter().map(|r| &r[m]).collect();
+        ModeResult::merged(&rs, opts.threads.max(1))
+    };
     let (decode_only, geometry_resize, full) = (merged(0), merged(1), merged(2));
     let crc_ms = crc_ms(records, n, opts.passes);
     let fast = if opts.both {
