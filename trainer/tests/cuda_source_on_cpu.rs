@@ -38,6 +38,12 @@ fn tol(dts: &[DType]) -> f64 {
 
 /// `got` (the emulated kernel's output) against `reference`: finite, and within `tol` of the
 /// largest reference magnitude.
+/// `buf`, a `shape` output, is written everywhere and close to `reference`.
+fn assert_output(what: &str, buf: &Buf, shape: &[usize], reference: &Tensor, tol: f64) {
+    buf.assert_written(what, 0..shape.iter().product());
+    assert_close(what, reference, &buf.tensor(shape), tol);
+}
+
 fn assert_close(what: &str, reference: &Tensor, got: &Tensor, tol: f64) {
     let g = got.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
     let g = g.to_vec1::<f64>().unwrap();
@@ -102,8 +108,7 @@ fn layer_norm_forward_and_backward() {
                 .i32(d as i32)
                 .f32(eps as f32)
                 .launch(geometry::layer_norm(rows, d));
-            y.assert_written(&what, 0..rows * d);
-            assert_close(&format!("{what} y"), &y_ref, &y.tensor(&[rows, d]), tol);
+            assert_output(&format!("{what} y"), &y, &[rows, d], &y_ref, tol);
 
             let dx = Buf::output(Kind::of(ti), rows * d);
             emu.call(&format!("ln_bwd_dx_{sfx}"))
@@ -114,8 +119,7 @@ fn layer_norm_forward_and_backward() {
                 .i32(d as i32)
                 .f32(eps as f32)
                 .launch(geometry::layer_norm(rows, d));
-            dx.assert_written(&what, 0..rows * d);
-            assert_close(&format!("{what} dx"), &dx_ref, &dx.tensor(&[rows, d]), tol);
+            assert_output(&format!("{what} dx"), &dx, &[rows, d], &dx_ref, tol);
 
             let (g, rpb) = geometry::layer_norm_wb(rows, d).unwrap();
             let dwdb = Buf::zeroed(Kind::F32, 2 * d);
@@ -247,13 +251,7 @@ fn residual_layer_norm_forward_and_backward() {
                     .i32(per as i32)
                     .i32(with_branch as i32)
                     .launch(g);
-                dx.assert_written(&what, 0..n);
-                assert_close(
-                    &format!("{what} dx"),
-                    &r.dx,
-                    &dx.tensor(&[samples, per, d]),
-                    tol,
-                );
+                assert_output(&format!("{what} dx"), &dx, &[samples, per, d], &r.dx, tol);
                 if let Some(b_ref) = &r.branch {
                     br.assert_written(&what, 0..n);
                     assert_close(
@@ -299,13 +297,7 @@ fn bias_gelu_bias_add_and_column_sums() {
                 .usize(n)
                 .i32(d as i32)
                 .launch(geometry::elementwise(n));
-            y.assert_written(&what, 0..n);
-            assert_close(
-                &format!("bias_gelu {what}"),
-                &y_ref,
-                &y.tensor(&[rows, d]),
-                tol,
-            );
+            assert_output(&format!("bias_gelu {what}"), &y, &[rows, d], &y_ref, tol);
 
             let dx = Buf::output(Kind::of(dt), n);
             emu.call(&format!("bias_gelu_bwd_{s}"))
@@ -316,11 +308,11 @@ fn bias_gelu_bias_add_and_column_sums() {
                 .usize(n)
                 .i32(d as i32)
                 .launch(geometry::elementwise(n));
-            dx.assert_written(&what, 0..n);
-            assert_close(
+            assert_output(
                 &format!("bias_gelu bwd {what}"),
+                &dx,
+                &[rows, d],
                 &dx_ref,
-                &dx.tensor(&[rows, d]),
                 tol,
             );
 
@@ -332,13 +324,7 @@ fn bias_gelu_bias_add_and_column_sums() {
                 .usize(n)
                 .i32(d as i32)
                 .launch(geometry::elementwise(n));
-            y.assert_written(&what, 0..n);
-            assert_close(
-                &format!("bias_add {what}"),
-                &add_ref,
-                &y.tensor(&[rows, d]),
-                tol,
-            );
+            assert_output(&format!("bias_add {what}"), &y, &[rows, d], &add_ref, tol);
 
             let (g, rpb) = geometry::col_sum(rows, d);
             let out = Buf::zeroed(Kind::F32, d);
@@ -386,13 +372,7 @@ fn residual_add_and_row_scale() {
             .usize(n)
             .usize(d)
             .launch(geometry::elementwise(n));
-        y.assert_written(s, 0..n);
-        assert_close(
-            &format!("residual_add {s}"),
-            &y_ref,
-            &y.tensor(&[rows, d]),
-            tol,
-        );
+        assert_output(&format!("residual_add {s}"), &y, &[rows, d], &y_ref, tol);
 
         let r_ref = g.apply_op2_no_bwd(&m, &RowScale { out: dt }).unwrap();
         let r = Buf::output(Kind::of(dt), n);
@@ -403,13 +383,7 @@ fn residual_add_and_row_scale() {
             .usize(n)
             .usize(d)
             .launch(geometry::elementwise(n));
-        r.assert_written(s, 0..n);
-        assert_close(
-            &format!("row_scale {s}"),
-            &r_ref,
-            &r.tensor(&[rows, d]),
-            tol,
-        );
+        assert_output(&format!("row_scale {s}"), &r, &[rows, d], &r_ref, tol);
     }
 }
 
@@ -437,8 +411,7 @@ fn attention_softmax_forward_and_backward() {
                 .i32(n as i32)
                 .f32(scale as f32)
                 .launch(geometry::attn_softmax(rows));
-            y.assert_written(&what, 0..rows * n);
-            assert_close(&what, &y_ref, &y.tensor(&[rows, n]), tol);
+            assert_output(&what, &y, &[rows, n], &y_ref, tol);
 
             let dx = Buf::output(Kind::of(dt), rows * n);
             emu.call(&format!("attn_softmax_bwd_{s}"))
@@ -449,8 +422,7 @@ fn attention_softmax_forward_and_backward() {
                 .i32(n as i32)
                 .f32(scale as f32)
                 .launch(geometry::attn_softmax(rows));
-            dx.assert_written(&what, 0..rows * n);
-            assert_close(&format!("{what} bwd"), &dx_ref, &dx.tensor(&[rows, n]), tol);
+            assert_output(&format!("{what} bwd"), &dx, &[rows, n], &dx_ref, tol);
         }
     }
 }
@@ -495,11 +467,11 @@ fn head_softmax_entropy_and_cross_entropy() {
                 .i32(k as i32)
                 .f32((1.0 / tau_t) as f32)
                 .launch(geo(p_rows));
-            probs.assert_written(&what, 0..p_rows * k);
-            assert_close(
+            assert_output(
                 &format!("centered_softmax {what}"),
+                &probs,
+                &[p_rows, k],
                 &probs_ref,
-                &probs.tensor(&[p_rows, k]),
                 tol,
             );
 
@@ -512,11 +484,11 @@ fn head_softmax_entropy_and_cross_entropy() {
                 .i32(k as i32)
                 .f32((1.0 / tau_t) as f32)
                 .launch(geo(p_rows));
-            h.assert_written(&what, 0..p_rows);
-            assert_close(
+            assert_output(
                 &format!("centered_entropy {what}"),
+                &h,
+                &[p_rows],
                 &h_ref,
-                &h.tensor(&[p_rows]),
                 tol,
             );
 
@@ -530,13 +502,7 @@ fn head_softmax_entropy_and_cross_entropy() {
                 .i32(p_rows as i32)
                 .f32((1.0 / tau_s) as f32)
                 .launch(geo(rows));
-            loss.assert_written(&what, 0..rows);
-            assert_close(
-                &format!("soft_ce {what}"),
-                &loss_ref,
-                &loss.tensor(&[rows]),
-                tol,
-            );
+            assert_output(&format!("soft_ce {what}"), &loss, &[rows], &loss_ref, tol);
 
             let ds_ref = trainer::kernels::soft_ce_backward(&st, &p, &g, tau_s, true).unwrap();
             let ds = Buf::output(Kind::of(dt), rows * k);
@@ -549,11 +515,11 @@ fn head_softmax_entropy_and_cross_entropy() {
                 .i32(p_rows as i32)
                 .f32((1.0 / tau_s) as f32)
                 .launch(geo(rows));
-            ds.assert_written(&what, 0..rows * k);
-            assert_close(
+            assert_output(
                 &format!("soft_ce bwd {what}"),
+                &ds,
+                &[rows, k],
                 &ds_ref,
-                &ds.tensor(&[rows, k]),
                 tol,
             );
         }
