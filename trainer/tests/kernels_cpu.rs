@@ -843,3 +843,49 @@ fn fused_ops_refuse_mismatched_operands() {
         .to_string();
     assert!(e.contains("qkv bias of 191 for 192 columns"), "{e}");
 }
+
+/// The CPU matmul takes only the operand layouts cuBLAS can read, the rule of candle's CUDA
+/// backend (`Layout::gemm_transposed`), so a layout the GPU would refuse fails in every CPU test
+/// of the code that makes it. Row- and column-major operands (transposes, a batch broadcast) give
+/// the written-out product; columns narrowed out of a wider matrix are refused, and accepted once
+/// made contiguous.
+#[test]
+fn matmul_takes_exactly_the_layouts_cublas_reads() {
+    let (m, k, n) = (3, 4, 5);
+    let a = rand(&[m, 2 * k], 1, 1.0);
+    let b = rand(&[k, n], 2, 1.0);
+    let (av, bv) = (to_vec_f64(&a), to_vec_f64(&b));
+    // a's first k columns times b, written out.
+    let want: Vec<f64> = (0..m * n)
+        .map(|i| {
+            (0..k)
+                .map(|j| av[i / n * 2 * k + j] * bv[j * n + i % n])
+                .sum()
+        })
+        .collect();
+    let close = |got: &Tensor| {
+        let got = to_vec_f64(got);
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-12, "{g} vs {w}");
+        }
+    };
+    let narrowed = a.narrow(1, 0, k).unwrap(); // strides (2k, 1): neither layout
+    let err = narrowed.matmul(&b).unwrap_err().to_string();
+    assert!(err.contains("cuBLAS"), "{err}");
+    let rows = narrowed.contiguous().unwrap();
+    close(&rows.matmul(&b).unwrap());
+    // Column-major operands: transposes of contiguous matrices.
+    let a_cm = rows.t().unwrap().contiguous().unwrap().t().unwrap();
+    let b_cm = b.t().unwrap().contiguous().unwrap().t().unwrap();
+    close(&a_cm.matmul(&b_cm).unwrap());
+    // A batch of 2 against one broadcast rhs (batch stride 0).
+    let batched = Tensor::stack(&[&rows, &rows], 0).unwrap();
+    let both = batched.broadcast_matmul(&b).unwrap();
+    close(&both.get(0).unwrap());
+    close(&both.get(1).unwrap());
+    // A right-hand side narrowed out of a wider matrix is refused as well.
+    let wide = rand(&[k, 2 * n], 3, 1.0);
+    let err = rows.matmul(&wide.narrow(1, 0, n).unwrap()).unwrap_err();
+    assert!(err.to_string().contains("cuBLAS"), "{err}");
+}

@@ -317,6 +317,22 @@ impl Layout {
         })
     }
 
+    /// How cuBLAS reads this layout as one (batched) matmul operand whose last two dims are
+    /// `rows × cols`: row-major (`Some(false)`), column-major (`Some(true)`), or not at all
+    /// (`None`). A dim of size 1 may have any stride. The CPU backend checks the same rule, so a
+    /// layout the CUDA backend would refuse fails in CPU tests too.
+    pub(crate) fn gemm_transposed(&self, rows: usize, cols: usize) -> Option<bool> {
+        let stride = self.stride();
+        let (minor, major) = (stride[stride.len() - 1], stride[stride.len() - 2]);
+        if (minor == 1 || cols == 1) && (major == cols || rows == 1) {
+            Some(false)
+        } else if (minor == rows || cols == 1) && (major == 1 || rows == 1) {
+            Some(true)
+        } else {
+            None
+        }
+    }
+
     pub(crate) fn strided_index(&self) -> crate::StridedIndex<'_> {
         crate::StridedIndex::from_layout(self)
     }

@@ -3059,6 +3059,13 @@ impl BackendStorage for CpuStorage {
         lhs_l: &Layout,
         rhs_l: &Layout,
     ) -> Result<Self> {
+        // Only the layouts cuBLAS can read, as the CUDA backend requires (gemm here would take
+        // any strides): a layout the GPU would refuse fails in CPU tests too.
+        let (_, m, n, k) = bmnk;
+        if lhs_l.gemm_transposed(m, k).is_none() || rhs_l.gemm_transposed(k, n).is_none() {
+            let msg = "minor dims neither row- nor column-major (cuBLAS cannot read them)";
+            return Err(MatMul(bmnk).striding_error(lhs_l, rhs_l, msg));
+        }
         // no bf16 gemm kernel yet: widen to f32, multiply, narrow back
         if let (Self::BF16(lhs_v), Self::BF16(rhs_v)) = (self, rhs) {
             let lhs32 = Self::F32(lhs_v.to_f32_vec());

@@ -1411,38 +1411,21 @@ fn gemm_config<T>(
 
     let lhs_stride = lhs_l.stride();
     let rhs_stride = rhs_l.stride();
-    let rhs_m1 = rhs_stride[rhs_stride.len() - 1];
-    let rhs_m2 = rhs_stride[rhs_stride.len() - 2];
-    let lhs_m1 = lhs_stride[lhs_stride.len() - 1];
-    let lhs_m2 = lhs_stride[lhs_stride.len() - 2];
-    // The a tensor has dims batching, k, n (rhs)
-    // We also allow for the case where the stride on the minor dimension is not as expected but
-    // there is a single element.
-    let (lda, transa) = if (rhs_m1 == 1 || n == 1) && (rhs_m2 == n || k == 1) {
-        (n as i32, cublasOperation_t::CUBLAS_OP_N)
-    } else if (rhs_m1 == k || n == 1) && (rhs_m2 == 1 || k == 1) {
-        (k as i32, cublasOperation_t::CUBLAS_OP_T)
-    } else {
-        Err(CudaError::MatMulNonContiguous {
-            lhs_stride: lhs_l.clone(),
-            rhs_stride: rhs_l.clone(),
-            mnk: (m, n, k),
-        })?
+    let non_contiguous = || CudaError::MatMulNonContiguous {
+        lhs_stride: lhs_l.clone(),
+        rhs_stride: rhs_l.clone(),
+        mnk: (m, n, k),
     };
-    // The b tensor has dims batching, m, k (lhs)
-    // We also allow for the case where the stride on the minor dimension is not as expected but
-    // there is a single element.
-    let (ldb, transb) = if (lhs_m1 == 1 || k == 1) && (lhs_m2 == k || m == 1) {
-        (k as i32, cublasOperation_t::CUBLAS_OP_N)
-    } else if (lhs_m1 == m || k == 1) && (lhs_m2 == 1 || m == 1) {
-        (m as i32, cublasOperation_t::CUBLAS_OP_T)
-    } else {
-        Err(CudaError::MatMulNonContiguous {
-            lhs_stride: lhs_l.clone(),
-            rhs_stride: rhs_l.clone(),
-            mnk: (m, n, k),
-        })?
+    // The a tensor has dims batching, k, n (rhs); the b tensor batching, m, k (lhs).
+    let op = |transposed| match transposed {
+        false => cublasOperation_t::CUBLAS_OP_N,
+        true => cublasOperation_t::CUBLAS_OP_T,
     };
+    let transa = rhs_l.gemm_transposed(k, n).ok_or_else(non_contiguous)?;
+    let lda = if transa { k } else { n } as i32;
+    let transb = lhs_l.gemm_transposed(m, k).ok_or_else(non_contiguous)?;
+    let ldb = if transb { m } else { k } as i32;
+    let (transa, transb) = (op(transa), op(transb));
     // The setup below was copied from:
     // https://github.com/lebedov/scikit-cuda/blob/7e7300474286019c917a6c8a4bca59405c64fbce/tests/test_cublas.py#L531
     let gemm = GemmConfig {
@@ -1464,11 +1447,7 @@ fn gemm_config<T>(
         [stride, _] if lhs_l.dims()[1] == 1 => stride,
         [stride] => stride,
         [] => m * k,
-        _ => Err(CudaError::MatMulNonContiguous {
-            lhs_stride: lhs_l.clone(),
-            rhs_stride: rhs_l.clone(),
-            mnk: (m, n, k),
-        })?,
+        _ => Err(non_contiguous())?,
     };
     let stride_a: usize = match rhs_stride[..rhs_stride.len() - 2] {
         [s1, stride] if s1 == stride * rhs_l.dims()[1] => stride,
@@ -1476,11 +1455,7 @@ fn gemm_config<T>(
         [stride, _] if rhs_l.dims()[1] == 1 => stride,
         [stride] => stride,
         [] => n * k,
-        _ => Err(CudaError::MatMulNonContiguous {
-            lhs_stride: lhs_l.clone(),
-            rhs_stride: rhs_l.clone(),
-            mnk: (m, n, k),
-        })?,
+        _ => Err(non_contiguous())?,
     };
     Ok(StridedBatchedConfig {
         batch_size: b as i32,
