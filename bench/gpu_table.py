@@ -12,6 +12,9 @@ student, forward of the teacher) and 989 TFLOP/s (H100/H200 SXM dense bf16). "×
 the official-style PyTorch run at the same batch in the same run, "× fast+compile" by the strongest
 PyTorch variant (bench/pytorch_udi.py --mode fast --compile). The learning rows are the k-NN top-1
 of the demo's labelled set at random init and after training on the GPU with each engine.
+The largest batch that fits is estimated per trainer configuration with peaks at two or more
+batch sizes: the peak (nvidia-smi's where sampled) fitted linear in the batch, against the card's
+memory in env.txt.
 """
 
 import json
@@ -67,6 +70,33 @@ def smi_peak_gib(path):
 
 GFLOP_PER_IMAGE = 131.0
 PEAK_TFLOPS = 989.0
+
+
+def card_gib(res):
+    """The card's memory from env.txt (nvidia-smi's memory.total, in MiB), in GiB."""
+    try:
+        with open(os.path.join(res, "env.txt"), errors="replace") as f:
+            m = re.search(r"(\d+)\s*MiB", f.read())
+    except OSError:
+        return None
+    return int(m.group(1)) / 1024 if m else None
+
+
+def largest_batch(peaks, card):
+    """The largest batch (a multiple of 8) whose peak fits on the card, from the peaks measured at
+    two or more batch sizes: peak = a + b·batch fitted by least squares. An estimate, not a run."""
+    if card is None or len(peaks) < 2:
+        return None
+    n = len(peaks)
+    mx = sum(b for b, _ in peaks) / n
+    my = sum(p for _, p in peaks) / n
+    sxx = sum((b - mx) ** 2 for b, _ in peaks)
+    if sxx == 0:
+        return None
+    slope = sum((b - mx) * (p - my) for b, p in peaks) / sxx
+    if slope <= 0:
+        return None
+    return int((card - (my - slope * mx)) / slope) // 8 * 8
 
 
 def fmt(x, spec):
@@ -136,6 +166,25 @@ def main():
             f"{fmt(row['peak_mem_gib'], '.2f')} | "
             f"{fmt(row['smi_peak_gib'], '.2f')} | {row['status']} |"
         )
+
+    # Per configuration of our trainer, the largest batch that fits, from its measured peaks
+    # (nvidia-smi's where sampled: it includes the CUDA context and the allocator's cache).
+    card = card_gib(res)
+    by_run = {}
+    for row in summary["bench"]:
+        peak = row["smi_peak_gib"] or row["peak_mem_gib"]
+        if row["run"].startswith("trainer-") and row["status"] == "ok" and peak:
+            by_run.setdefault(row["run"], []).append((row["batch"], peak))
+    summary["largest_batch"] = {}
+    for run, peaks in sorted(by_run.items()):
+        est = largest_batch(peaks, card)
+        if est is None:
+            continue
+        summary["largest_batch"][run] = est
+        batches = "/".join(str(b) for b, _ in sorted(peaks))
+        out.append("")
+        out.append(f"* {run}: largest batch that fits on the {card:.0f} GiB card ≈ {est} "
+                   f"(peak linear in the batch through the peaks at {batches}; an estimate, not run)")
 
     out.append("")
     out.append("| CPU f32 (composed) vs CUDA debug-step | verdict |")
