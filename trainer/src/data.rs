@@ -269,10 +269,16 @@ impl TrainBatch {
 }
 
 /// student_rows, teacher_rows, valid_g, valid_l from the row buffer through `up`, in `dtype`.
+/// An empty part (valid_l when L = 0, which nothing reads) is made on the host: the CUDA driver
+/// refuses zero-byte allocations.
 fn row_tensors(sl: StageLayout, up: &dyn Upload, dtype: DType) -> Result<[Tensor; 4]> {
-    let [a, b, c, d] = sl
-        .row_parts
-        .map(|(range, shape)| up.rows(range, &shape).and_then(|t| Ok(t.to_dtype(dtype)?)));
+    let [a, b, c, d] = sl.row_parts.map(|(range, shape)| {
+        let t = match range.is_empty() {
+            true => Tensor::zeros(shape, DType::F32, &Device::Cpu)?,
+            false => up.rows(range, &shape)?,
+        };
+        Ok::<_, anyhow::Error>(t.to_dtype(dtype)?)
+    });
     Ok([a?, b?, c?, d?])
 }
 

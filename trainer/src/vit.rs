@@ -146,7 +146,11 @@ pub fn drop_masks(
             .collect()
     };
     let g = make(2)?;
-    let l = make(n_local)?;
+    // Without local crops there is nothing to mask (and CUDA refuses a zero-byte upload).
+    let l = match n_local {
+        0 => Vec::new(),
+        _ => make(n_local)?,
+    };
     Ok((g, l))
 }
 

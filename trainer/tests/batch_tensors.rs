@@ -2,7 +2,7 @@
 //! `TrainBatch::from_view` on batches written with the shared BatchWriter: normalisation, the
 //! dense S/T row tensors, validity masks, and errors on malformed rows.
 mod common;
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use shared::batch::{BatchLayout, BatchView, BatchWriter, OwnedBatch};
 use shared::geometry::{global_pair, local_pair};
@@ -156,5 +156,62 @@ fn loader_synthetic_batches_are_valid_training_input() {
         let view = BatchView::new(&layout, buf.bytes()).unwrap();
         TrainBatch::from_view(&view, &pc.augment, &Device::Cpu)
             .unwrap_or_else(|e| panic!("batch {batch} refused: {e:#}"));
+    }
+}
+
+/// Without local crops (L = 0), building a batch asks its device for no empty tensor: the CUDA
+/// driver refuses zero-byte allocations. The empty `valid_l` is made on the host instead (nothing
+/// reads it), and the drop-path masks have no local part; the global masks are the same draws as
+/// with local crops, which are drawn after them.
+#[test]
+fn without_local_crops_nothing_empty_goes_to_the_device() {
+    use std::cell::RefCell;
+    use std::ops::Range;
+    use trainer::staging::{StageLayout, Staged, Upload};
+    struct Recording(RefCell<Vec<(Range<usize>, Vec<usize>)>>);
+    impl Upload for Recording {
+        fn pixels(&self, range: Range<usize>, shape: &[usize]) -> anyhow::Result<Tensor> {
+            self.0.borrow_mut().push((range, shape.to_vec()));
+            Ok(Tensor::zeros(shape, DType::U8, &Device::Cpu)?)
+        }
+        fn rows(&self, range: Range<usize>, shape: &[usize]) -> anyhow::Result<Tensor> {
+            self.0.borrow_mut().push((range, shape.to_vec()));
+            Ok(Tensor::zeros(shape, DType::F32, &Device::Cpu)?)
+        }
+    }
+    let mut cfg = common::micro_cfg();
+    cfg.augment.n_local = 0;
+    let b = 2;
+    let staged = Staged {
+        batch_size: b,
+        epoch: 0,
+        index: 0,
+        photo: None,
+        labels: vec![-1; b],
+        indices: (0..b as u64).collect(),
+    };
+    let up = Recording(RefCell::new(Vec::new()));
+    let tb = TrainBatch::from_staged(&staged, &up, &cfg.augment, DType::F32).unwrap();
+    let asked = up.0.into_inner();
+    // The globals' pixels and three row parts; none of them empty.
+    assert_eq!(asked.len(), 4, "{asked:?}");
+    for (range, shape) in &asked {
+        assert!(!range.is_empty(), "an empty upload: {range:?} {shape:?}");
+    }
+    let sl = StageLayout::new(&cfg.augment, b);
+    assert_eq!(tb.valid_l.dims(), &sl.row_parts[3].1[..]);
+    assert_eq!(tb.valid_l.elem_count(), 0);
+    assert!(tb.locals.is_none());
+
+    let rates = [0.0, 0.1, 0.2];
+    let draw =
+        |l| trainer::vit::drop_masks(&rates, 7, b, l, 3, (0, 1), DType::F32, &Device::Cpu).unwrap();
+    let (g0, l0) = draw(0);
+    let (g2, l2) = draw(2);
+    assert!(l0.is_empty(), "local masks without local crops");
+    assert_eq!((g0.len(), l2.len()), (rates.len(), rates.len()));
+    for ((a0, m0), (a2, m2)) in g0.iter().zip(&g2) {
+        assert_eq!(common::to_vec_f64(a0), common::to_vec_f64(a2));
+        assert_eq!(common::to_vec_f64(m0), common::to_vec_f64(m2));
     }
 }

@@ -117,8 +117,10 @@ fn batch_with_invalid_rows(cfg: &TrainConfig, dtype: DType) -> TrainBatch {
     b.valid_g = zero_row(&b.valid_g, &[0, 0, 0]);
     b.teacher_rows = zero_row(&b.teacher_rows, &[bs, 0]);
     // Local crop 0 → view 0, row 0: teacher view 0, slot n_g.
-    b.valid_l = zero_row(&b.valid_l, &[0, 0, 0, 0]);
-    b.teacher_rows = zero_row(&b.teacher_rows, &[0, n_g]);
+    if b.n_local > 0 {
+        b.valid_l = zero_row(&b.valid_l, &[0, 0, 0, 0]);
+        b.teacher_rows = zero_row(&b.teacher_rows, &[0, n_g]);
+    }
     b
 }
 
@@ -197,6 +199,10 @@ fn gradients_match_autograd_f64() {
     check_gradients(micro(), DType::F64, FUSED, 1e-10);
     check_gradients(micro(), DType::F64, FUSED_NO_FLASH, 1e-10);
     check_gradients(tiny(), DType::F64, COMPOSED, 1e-10);
+    // Without local crops (L = 0): no local pass, no local SRS pairs.
+    let mut globals_only = micro();
+    globals_only.augment.n_local = 0;
+    check_gradients(globals_only, DType::F64, FUSED, 1e-10);
 }
 
 #[test]
