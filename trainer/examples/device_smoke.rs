@@ -3,8 +3,9 @@
 //!
 //! Runs a small transformer-ish forward and backward (matmul, layer norm, GELU, softmax,
 //! cross-entropy) on the CPU and on the picked device from the same inputs, compares values and
-//! gradients, and times a 4096² bf16 and f32 matmul on the device. Prints one JSON line; exits 1
-//! when a value differs by more than the tolerance.
+//! gradients, checks `index_select` with non-contiguous ids, and times a 4096² bf16 and f32
+//! matmul on the device. Prints one JSON line; exits 1 when a value differs by more than the
+//! tolerance.
 //!
 //!   cargo run --release --example device_smoke -- [auto|cpu|cuda]
 use anyhow::{bail, Result};
@@ -44,6 +45,21 @@ fn max_rel(a: &Tensor, b: &Tensor) -> Result<f32> {
     let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
     let scale = a.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-12);
     Ok(diff / scale)
+}
+
+/// `index_select` with ids that are a column of a matrix (stride 2, not contiguous), on the
+/// device and on the CPU: the same rows, exactly.
+fn strided_ids_select_the_same_rows(dev: &Device) -> Result<bool> {
+    let x = Tensor::randn(0f32, 1., (4, 6), &Device::Cpu)?;
+    let ids = Tensor::new(&[[3u32, 0], [0, 1], [2, 2], [1, 3]], &Device::Cpu)?;
+    let select = |d: &Device| -> Result<Vec<Vec<f32>>> {
+        let col = ids.to_device(d)?.narrow(1, 0, 1)?.squeeze(1)?;
+        Ok(x.to_device(d)?
+            .index_select(&col, 0)?
+            .to_device(&Device::Cpu)?
+            .to_vec2()?)
+    };
+    Ok(select(dev)? == select(&Device::Cpu)?)
 }
 
 fn matmul_tflops(dev: &Device, dtype: DType) -> Result<f64> {
@@ -95,13 +111,15 @@ fn main() -> Result<()> {
     };
     // f32 on the GPU may use TF32-free cuBLAS paths or not; 1e-3 leaves room for either.
     let tol = 1e-3;
-    let ok = loss_rel <= tol && grad_rel.iter().all(|r| *r <= tol);
+    let strided_ids = strided_ids_select_the_same_rows(&dev)?;
+    let ok = loss_rel <= tol && grad_rel.iter().all(|r| *r <= tol) && strided_ids;
     println!(
         "{}",
         serde_json::json!({
             "device": device::name(&dev),
             "loss": loss, "loss_cpu": loss_ref, "loss_rel_diff": loss_rel,
             "grad_rel_diff": {"x": grad_rel[0], "w1": grad_rel[1], "w2": grad_rel[2]},
+            "index_select_strided_ids": strided_ids,
             "matmul_4096_tflops": {"bf16": bf16, "f32": f32},
             "ok": ok,
         })

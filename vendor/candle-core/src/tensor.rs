@@ -1928,6 +1928,9 @@ impl Tensor {
             }
             .bt())?,
         };
+        // The CUDA kernel reads the ids as if contiguous (and applies their strides to the
+        // source): every backend gets contiguous ids.
+        let indexes = &indexes.contiguous()?;
         let storage = self.storage().index_select(
             &indexes.storage(),
             self.layout(),
