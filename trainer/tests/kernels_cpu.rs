@@ -889,3 +889,73 @@ fn matmul_takes_exactly_the_layouts_cublas_reads() {
     let err = rows.matmul(&wide.narrow(1, 0, n).unwrap()).unwrap_err();
     assert!(err.to_string().contains("cuBLAS"), "{err}");
 }
+
+/// The fused ops' CPU references refuse the operand dtypes their CUDA kernels refuse: a bf16
+/// parameter, centre, target, residual stream or parameter gradient (the kernels take those in
+/// f32), and mixed dtypes where a kernel reads two operands in one. So a CPU test of code that
+/// passed such an operand fails as the GPU would. The same calls in f32 go through.
+#[test]
+fn fused_ops_refuse_the_dtypes_cuda_refuses() {
+    use trainer::kernels::ln_residual::{layer_norm_backward_residual, residual_add_layer_norm};
+    use trainer::kernels::{
+        attn_softmax_backward, bias_gelu_backward, col_sum, layer_norm_backward,
+    };
+    let (rows, d) = (4, 8);
+    let f32s = |seed| rand(&[rows, d], seed, 1.0).to_dtype(DType::F32).unwrap();
+    let half = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+    let (x, dy) = (f32s(1), f32s(2));
+    let w = rand(&[d], 3, 1.0).to_dtype(DType::F32).unwrap();
+    let c = w.clone();
+    let refused = |what: &str, r: candle_core::Result<Tensor>, ok: candle_core::Result<Tensor>| {
+        let e = r
+            .err()
+            .unwrap_or_else(|| panic!("{what}: taken"))
+            .to_string();
+        assert!(
+            e.contains("as on CUDA") || e.contains("CUDA kernel"),
+            "{what}: {e}"
+        );
+        ok.unwrap_or_else(|e| panic!("{what} in f32: {e}"));
+    };
+    let ln = |w: &Tensor| layer_norm(&x, w, &w.clone(), 1e-6, DType::F32, true);
+    refused("layer_norm w", ln(&half(&w)), ln(&w));
+    let ln_bwd = |w: &Tensor| layer_norm_backward(&x, w, &dy, 1e-6, true).map(|r| r.0);
+    refused("layer_norm backward w", ln_bwd(&half(&w)), ln_bwd(&w));
+    let bias = |b: &Tensor| bias_add(&x, b, true);
+    refused("bias_add b", bias(&half(&w)), bias(&w));
+    let gelu = |b: &Tensor| bias_gelu(&x, b, true);
+    refused("bias_gelu b", gelu(&half(&w)), gelu(&w));
+    let gelu_bwd = |dy: &Tensor| bias_gelu_backward(&x, &w, dy, true).map(|r| r.0);
+    refused("bias_gelu backward dy", gelu_bwd(&half(&dy)), gelu_bwd(&dy));
+    refused(
+        "col_sum output",
+        col_sum(&x, DType::BF16, true),
+        col_sum(&x, DType::F32, true),
+    );
+    let res = |x: &Tensor| residual_add(x, &dy, None, true);
+    refused("residual x", res(&half(&x)), res(&x));
+    let soft_bwd = |dy: &Tensor| attn_softmax_backward(&x, dy, 0.5, true);
+    refused(
+        "attn_softmax backward dy",
+        soft_bwd(&half(&dy)),
+        soft_bwd(&dy),
+    );
+    let cs = |c: &Tensor| centered_softmax(&x, c, 0.1, true);
+    refused("centered_softmax c", cs(&half(&c)), cs(&c));
+    let p = centered_softmax(&dy, &c, 0.1, true).unwrap();
+    let ce = |p: &Tensor| soft_ce_rows(&x, p, 0.1, true);
+    refused("soft_ce target", ce(&half(&p)), ce(&p));
+    let fwd =
+        |w: &Tensor| residual_add_layer_norm(&x, &dy, None, None, w, w, 1e-6, DType::F32, true);
+    refused(
+        "residual + ln w",
+        fwd(&half(&w)).map(|r| r.1),
+        fwd(&w).map(|r| r.1),
+    );
+    let bwd = |w: &Tensor| layer_norm_backward_residual(&x, w, &dy, &x, 1e-6, None, true);
+    refused(
+        "ln backward w",
+        bwd(&half(&w)).map(|r| r.dx),
+        bwd(&w).map(|r| r.dx),
+    );
+}

@@ -20,6 +20,30 @@ pub fn read(s: &CpuStorage, l: &Layout, what: &str) -> Result<Vec<f64>> {
     })
 }
 
+/// Refuses a half dtype for an operand or output the CUDA kernels take in f32 only (parameters,
+/// the residual stream, centres, targets, parameter gradients), so that the CPU references, and
+/// the tests through them, refuse what the GPU would. f64 stays allowed: the f64 references.
+pub fn full(dtype: DType, what: &str) -> Result<()> {
+    if matches!(dtype, DType::BF16 | DType::F16) {
+        bail!("{what} must be f32 (as on CUDA) or f64, got {dtype:?}");
+    }
+    Ok(())
+}
+
+/// Refuses two operands the CUDA kernel reads in one dtype in different ones.
+pub fn same(a: DType, b: DType, what: &str) -> Result<()> {
+    if a != b {
+        bail!("{what}: dtypes differ ({a:?} vs {b:?}), which the CUDA kernel does not take");
+    }
+    Ok(())
+}
+
+/// [`read`] of an operand the CUDA kernel takes in f32 only ([`full`]).
+pub fn read_full(s: &CpuStorage, l: &Layout, what: &str) -> Result<Vec<f64>> {
+    full(s.dtype(), what)?;
+    read(s, l, what)
+}
+
 /// f64 values → storage of `dtype` (round to nearest).
 pub fn write(v: &[f64], dtype: DType) -> Result<CpuStorage> {
     Ok(match dtype {

@@ -13,6 +13,7 @@
 //! (each reading x and dy), an add and a scale-and-cast; fused, one pass reads x, dy and dres once
 //! and writes dx and the branch's gradient (34 → 16 bytes per element in bf16 training).
 
+use super::cpu;
 use super::ops::ln_stats;
 use super::{bias_add, layer_norm, layer_norm_backward, residual_add};
 use candle_core::{DType, Result, Tensor};
@@ -71,6 +72,20 @@ pub fn residual_add_layer_norm(
             a.elem_count(),
             b.elem_count()
         );
+    }
+    if fused {
+        // What the CUDA kernel takes, checked on every device (see `cpu::full`).
+        let stream_and_params = [
+            (x, "residual + ln x"),
+            (w, "residual + ln w"),
+            (b, "residual + ln b"),
+        ];
+        for (t, what) in stream_and_params
+            .into_iter()
+            .chain(ab.map(|t| (t, "residual + ln a's bias")))
+        {
+            cpu::full(t.dtype(), what)?;
+        }
     }
     #[cfg(feature = "cuda")]
     if fused && x.device().is_cuda() {
@@ -166,6 +181,21 @@ pub fn layer_norm_backward_residual(
         let dx = (dres + dl.reshape(dres.shape())?)?;
         let branch = branch.map(|b| scale_cast(&dx, b.m, b.dtype)).transpose()?;
         return Ok(LnResidualGrads { dx, branch, dw, db });
+    }
+    // What the CUDA kernel takes, checked on every device (see `cpu::full`).
+    for (t, what) in [
+        (x, "ln backward x"),
+        (w, "ln backward w"),
+        (dres, "ln backward dres"),
+    ] {
+        cpu::full(t.dtype(), what)?;
+    }
+    if let Some(b) = branch {
+        cpu::same(
+            b.dtype,
+            dy.dtype(),
+            "ln backward: the branch gradient and dy",
+        )?;
     }
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() && w.elem_count() <= CUDA_MAX_D {
@@ -271,11 +301,6 @@ fn cuda(
     let (rows, d) = x.dims2()?;
     let (x, dy, dres) = (x.contiguous()?, dy.contiguous()?, dres.contiguous()?);
     let (m, per) = multipliers(&dres, rows, branch.and_then(|b| b.m), DType::F32)?;
-    if let Some(b) = branch {
-        if b.dtype != dy.dtype() {
-            bail!("ln backward: the branch gradient must be in dy's dtype on CUDA");
-        }
-    }
     let [(xs, xl), (ws, wl), (gs, gl), (rs, rl), (ms, ml)] =
         [&x, w, &dy, &dres, &m].map(|t| t.storage_and_layout());
     let xi = gpu::input(&xs, xl, "ln backward x", true)?;

@@ -60,8 +60,8 @@ impl CustomOp3 for LayerNormOp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let x = cpu::read(s1, l1, "layer_norm x")?;
-        let w = cpu::read(s2, l2, "layer_norm w")?;
-        let b = cpu::read(s3, l3, "layer_norm b")?;
+        let w = cpu::read_full(s2, l2, "layer_norm w")?;
+        let b = cpu::read_full(s3, l3, "layer_norm b")?;
         let (_, d) = cpu::rows_cols(l1)?;
         let mut y = vec![0.0; x.len()];
         for (xr, yr) in x.chunks(d).zip(y.chunks_mut(d)) {
@@ -154,7 +154,7 @@ impl CustomOp3 for LnBwdDx {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let x = cpu::read(s1, l1, "ln bwd x")?;
-        let w = cpu::read(s2, l2, "ln bwd w")?;
+        let w = cpu::read_full(s2, l2, "ln bwd w")?;
         let dy = cpu::read(s3, l3, "ln bwd dy")?;
         let (_, d) = cpu::rows_cols(l1)?;
         let mut dx = vec![0.0; x.len()];
@@ -230,6 +230,7 @@ impl CustomOp2 for LnBwdWb {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        cpu::full(self.out, "layer_norm parameter gradients")?;
         let x = cpu::read(s1, l1, "ln bwd x")?;
         let dy = cpu::read(s2, l2, "ln bwd dy")?;
         let (_, d) = cpu::rows_cols(l1)?;
@@ -353,7 +354,7 @@ impl CustomOp2 for BiasGelu {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let x = cpu::read(s1, l1, "bias_gelu x")?;
-        let b = cpu::read(s2, l2, "bias_gelu b")?;
+        let b = cpu::read_full(s2, l2, "bias_gelu b")?;
         let d = b.len();
         let y: Vec<f64> = x
             .iter()
@@ -407,8 +408,9 @@ impl CustomOp3 for BiasGeluBwd {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        cpu::same(s1.dtype(), s3.dtype(), "bias_gelu backward x and dy")?;
         let x = cpu::read(s1, l1, "bias_gelu x")?;
-        let b = cpu::read(s2, l2, "bias_gelu b")?;
+        let b = cpu::read_full(s2, l2, "bias_gelu b")?;
         let dy = cpu::read(s3, l3, "bias_gelu dy")?;
         let d = b.len();
         let dx: Vec<f64> = x
@@ -477,7 +479,7 @@ impl CustomOp2 for BiasAdd {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let x = cpu::read(s1, l1, "bias_add x")?;
-        let b = cpu::read(s2, l2, "bias_add b")?;
+        let b = cpu::read_full(s2, l2, "bias_add b")?;
         let d = b.len();
         let y: Vec<f64> = x.iter().enumerate().map(|(i, &v)| v + b[i % d]).collect();
         Ok((cpu::write(&y, s1.dtype())?, l1.shape().clone()))
@@ -542,6 +544,7 @@ impl CustomOp1 for ColSum {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        cpu::full(self.out, "col_sum output")?;
         let x = cpu::read(s, l, "col_sum x")?;
         let (_, d) = cpu::rows_cols(l)?;
         let mut out = vec![0.0; d];
@@ -606,9 +609,9 @@ impl CustomOp3 for ResidualAdd {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = cpu::read(s1, l1, "residual x")?;
+        let x = cpu::read_full(s1, l1, "residual x")?;
         let a = cpu::read(s2, l2, "residual a")?;
-        let m = cpu::read(s3, l3, "residual m")?;
+        let m = cpu::read_full(s3, l3, "residual m")?;
         if a.len() != x.len() || m.is_empty() || x.len() % m.len() != 0 {
             bail!(
                 "residual_add: x {} a {} m {} elements",
@@ -684,8 +687,8 @@ impl CustomOp2 for RowScale {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = cpu::read(s1, l1, "row_scale g")?;
-        let m = cpu::read(s2, l2, "row_scale m")?;
+        let g = cpu::read_full(s1, l1, "row_scale g")?;
+        let m = cpu::read_full(s2, l2, "row_scale m")?;
         let per = g.len() / m.len().max(1);
         let y: Vec<f64> = (0..g.len()).map(|i| g[i] * m[i / per]).collect();
         Ok((cpu::write(&y, self.out)?, l1.shape().clone()))
@@ -816,6 +819,7 @@ impl CustomOp2 for AttnSoftmaxBwd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        cpu::same(s1.dtype(), s2.dtype(), "attn_softmax backward y and dy")?;
         let y = cpu::read(s1, l1, "attn_softmax y")?;
         let dy = cpu::read(s2, l2, "attn_softmax dy")?;
         let (_, n) = cpu::rows_cols(l1)?;
@@ -891,7 +895,7 @@ impl CustomOp2 for CenteredSoftmax {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let t = cpu::read(s1, l1, "centered_softmax t")?;
-        let c = cpu::read(s2, l2, "centered_softmax c")?;
+        let c = cpu::read_full(s2, l2, "centered_softmax c")?;
         let k = c.len();
         let mut p = vec![0.0; t.len()];
         for (tr, pr) in t.chunks(k).zip(p.chunks_mut(k)) {
@@ -956,7 +960,7 @@ impl CustomOp2 for CenteredEntropy {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let t = cpu::read(s1, l1, "centered_entropy t")?;
-        let c = cpu::read(s2, l2, "centered_entropy c")?;
+        let c = cpu::read_full(s2, l2, "centered_entropy c")?;
         let (rows, k) = cpu::rows_cols(l1)?;
         let h: Vec<f64> = t
             .chunks(k)
@@ -1068,7 +1072,7 @@ impl CustomOp2 for SoftCe {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let s = cpu::read(s1, l1, "soft_ce s")?;
-        let p = cpu::read(s2, l2, "soft_ce p")?;
+        let p = cpu::read_full(s2, l2, "soft_ce p")?;
         let (rows, k) = cpu::rows_cols(l1)?;
         let (p_rows, _) = cpu::rows_cols(l2)?;
         let loss: Vec<f64> = (0..rows)
@@ -1142,8 +1146,8 @@ impl CustomOp3 for SoftCeBwd {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let s = cpu::read(s1, l1, "soft_ce s")?;
-        let p = cpu::read(s2, l2, "soft_ce p")?;
-        let g = cpu::read(s3, l3, "soft_ce g")?;
+        let p = cpu::read_full(s2, l2, "soft_ce p")?;
+        let g = cpu::read_full(s3, l3, "soft_ce g")?;
         let (rows, k) = cpu::rows_cols(l1)?;
         let (p_rows, _) = cpu::rows_cols(l2)?;
         let mut ds = vec![0.0; s.len()];
