@@ -958,4 +958,29 @@ fn fused_ops_refuse_the_dtypes_cuda_refuses() {
         bwd(&half(&w)).map(|r| r.dx),
         bwd(&w).map(|r| r.dx),
     );
+    // The multi-tensor AdamW + EMA: the raw gradients in f32, the segment table in u32.
+    use trainer::kernels::adamw::{meta_tensor, AdamwEma, Segment};
+    let seg = Segment {
+        offset: 0,
+        len: d,
+        update: true,
+        decay: 1.0,
+        step_size: 1e-3,
+        bc2_sqrt: 1.0,
+        clip: 1.0,
+    };
+    let meta = meta_tensor(&[seg], &Device::Cpu).unwrap();
+    let op = AdamwEma {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        momentum: 0.99,
+    };
+    let update = |g: &Tensor, meta: &Tensor| {
+        let state = Tensor::zeros(4 * d, DType::F32, &Device::Cpu).unwrap();
+        state.inplace_op3(g, meta, &op).map(|()| state)
+    };
+    let as_f32 = meta.to_dtype(DType::F32).unwrap();
+    refused("adamw g", update(&half(&w), &meta), update(&w, &meta));
+    refused("adamw meta", update(&w, &as_f32), update(&w, &meta));
 }

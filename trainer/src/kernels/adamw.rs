@@ -105,7 +105,8 @@ impl InplaceOp3 for AdamwEma {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<()> {
-        let g = cpu::read(s2, l2, "adamw g")?;
+        let g = cpu::read_full(s2, l2, "adamw g")?;
+        cpu::same(s3.dtype(), candle_core::DType::U32, "adamw meta and u32")?;
         let segs = segments_from(&cpu::read(s3, l3, "adamw meta")?);
         let n = g.len();
         let Some((a, b)) = l1.contiguous_offsets() else {
