@@ -333,6 +333,21 @@ impl Layout {
         }
     }
 
+    /// The stride between the matrices of a batched matmul operand (rank 2 to 4): `matrix` (the
+    /// elements of one matrix) for a single matrix, or `None` when the batch dims do not step
+    /// evenly. Both backends read batches this way.
+    pub(crate) fn gemm_batch_stride(&self, matrix: usize) -> Option<usize> {
+        let stride = self.stride();
+        match stride[..stride.len() - 2] {
+            [s1, stride] if s1 == stride * self.dims()[1] => Some(stride),
+            [_, stride] if self.dims()[0] == 1 => Some(stride),
+            [stride, _] if self.dims()[1] == 1 => Some(stride),
+            [stride] => Some(stride),
+            [] => Some(matrix),
+            _ => None,
+        }
+    }
+
     pub(crate) fn strided_index(&self) -> crate::StridedIndex<'_> {
         crate::StridedIndex::from_layout(self)
     }

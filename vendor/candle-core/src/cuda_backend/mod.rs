@@ -1409,8 +1409,6 @@ fn gemm_config<T>(
     // https://docs.nvidia.com/cuda/cublas/index.html#cublas-t-gemm
     use cudarc::cublas::sys::cublasOperation_t;
 
-    let lhs_stride = lhs_l.stride();
-    let rhs_stride = rhs_l.stride();
     let non_contiguous = || CudaError::MatMulNonContiguous {
         lhs_stride: lhs_l.clone(),
         rhs_stride: rhs_l.clone(),
@@ -1441,22 +1439,8 @@ fn gemm_config<T>(
         transb,
     };
 
-    let stride_b: usize = match lhs_stride[..lhs_stride.len() - 2] {
-        [s1, stride] if s1 == stride * lhs_l.dims()[1] => stride,
-        [_, stride] if lhs_l.dims()[0] == 1 => stride,
-        [stride, _] if lhs_l.dims()[1] == 1 => stride,
-        [stride] => stride,
-        [] => m * k,
-        _ => Err(non_contiguous())?,
-    };
-    let stride_a: usize = match rhs_stride[..rhs_stride.len() - 2] {
-        [s1, stride] if s1 == stride * rhs_l.dims()[1] => stride,
-        [_, stride] if rhs_l.dims()[0] == 1 => stride,
-        [stride, _] if rhs_l.dims()[1] == 1 => stride,
-        [stride] => stride,
-        [] => n * k,
-        _ => Err(non_contiguous())?,
-    };
+    let stride_b = lhs_l.gemm_batch_stride(m * k).ok_or_else(non_contiguous)?;
+    let stride_a = rhs_l.gemm_batch_stride(n * k).ok_or_else(non_contiguous)?;
     Ok(StridedBatchedConfig {
         batch_size: b as i32,
         gemm,
