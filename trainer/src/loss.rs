@@ -14,7 +14,6 @@ use crate::config::LossConfig;
 use crate::data::TrainBatch;
 use crate::kernels::{centered_entropy, centered_softmax, soft_ce_rows};
 use crate::model::{StudentOut, TeacherOut};
-use crate::nn::scalar_f64;
 use candle_core::{DType, Device, Result, Tensor};
 
 /// The three centres c₀ ([cls]), c₁ (multimodal), c₂ (patch), each `[K]`.
@@ -84,8 +83,9 @@ pub struct LossOut {
     pub udi: Tensor,
     pub patch: Tensor,
     pub new_centres: Centres,
-    /// Mean entropy (nats) of the teacher distributions P0, P1, P2 (P2 over valid rows).
-    pub teacher_entropy: [f64; 3],
+    /// Mean entropy (nats) of the teacher distributions P0, P1, P2 (P2 over valid rows), f64
+    /// `[3]` on the device.
+    pub teacher_entropy: Tensor,
 }
 
 /// Σ_rows −Σ_K p·log_softmax(s/τ_s) (p broadcast over leading groups of s's rows).
@@ -93,26 +93,25 @@ fn ce_sum(s: &Tensor, p: &Tensor, tau_s: f64, fused: bool) -> Result<Tensor> {
     soft_ce_rows(s, p, tau_s, fused)?.sum_all()
 }
 
-/// Mean over rows (weighted by `weights` if given) of the teacher entropy −Σ P log P, P =
-/// softmax((x − c)/tau) ([`centered_entropy`]: no 0·log 0 NaNs).
+/// Mean over rows (weighted by 0/1 `weights` if given; 0 when none is set) of the teacher
+/// entropy −Σ P log P, P = softmax((x − c)/tau) ([`centered_entropy`]: no 0·log 0 NaNs), as an
+/// f64 scalar left on the device: the step reads it with its other values in one transfer.
 fn mean_entropy(
     x: &Tensor,
     c: &Tensor,
     tau: f64,
     weights: Option<&Tensor>,
     fused: bool,
-) -> Result<f64> {
+) -> Result<Tensor> {
     let h = centered_entropy(x, c, tau, fused)?;
     match weights {
         Some(w) => {
-            let n = scalar_f64(&w.sum_all()?)?;
-            Ok(if n > 0.0 {
-                scalar_f64(&(h * w)?.sum_all()?)? / n
-            } else {
-                0.0
-            })
+            let n = w.sum_all()?.to_dtype(DType::F64)?;
+            let s = (h * w)?.sum_all()?.to_dtype(DType::F64)?;
+            // With no weight set the sum is 0 too, and 0/MIN_POSITIVE = 0.
+            s.div(&n.maximum(f64::MIN_POSITIVE)?)
         }
-        None => scalar_f64(&h.mean_all()?),
+        None => h.mean_all()?.to_dtype(DType::F64),
     }
 }
 
@@ -130,8 +129,9 @@ pub struct Targets {
     /// This batch's means of the teacher logits that update the centres (udi-spec §3.4; data-
     /// parallel training averages them over the ranks before the update).
     pub batch_centres: Centres,
-    /// Mean entropy (nats) of the teacher distributions P0, P1, P2 (P2 over valid rows).
-    pub teacher_entropy: [f64; 3],
+    /// Mean entropy (nats) of the teacher distributions P0, P1, P2 (P2 over valid rows), f64
+    /// `[3]` on the device.
+    pub teacher_entropy: Tensor,
 }
 
 impl Targets {
@@ -206,7 +206,10 @@ pub fn targets(
                 udi: centres.udi.clone(),
                 patch: centres.patch.clone(),
             },
-            teacher_entropy: [h0, 0.0, 0.0],
+            teacher_entropy: Tensor::cat(
+                &[h0.reshape(1)?, Tensor::zeros(2, DType::F64, h0.device())?],
+                0,
+            )?,
         });
     };
     let n_g = batch.student_rows.dim(1)?;
@@ -230,7 +233,7 @@ pub fn targets(
     let mm_g = ((avg_g * alpha)? + (t_cls_swapped * (1.0 - alpha))?)?; // [2, B, K] by student view
     let mut mm_sum = mm_g.sum((0, 1))?;
     let plus_global = teacher_probs(&mm_g, &centres.udi, tau)?.reshape((2 * b, k))?;
-    let mut h1_sum = mean_entropy(&mm_g, &centres.udi, tau, None, fused)? * (2 * b) as f64;
+    let mut h1_sum = (mean_entropy(&mm_g, &centres.udi, tau, None, fused)? * (2 * b) as f64)?;
     let mut patch_sum = sum_g.sum((0, 1))?;
     let mut plus_local = None;
     if l > 0 {
@@ -242,11 +245,12 @@ pub fn targets(
         let p1_l = teacher_probs(&mm_l, &centres.udi, tau)?;
         let p1_l = (p1_l.get(0)? + p1_l.get(1)?)?.transpose(0, 1)?; // [L, B, K]
         plus_local = Some(p1_l.contiguous()?.reshape((l * b, k))?);
-        h1_sum += mean_entropy(&mm_l, &centres.udi, tau, None, fused)? * (2 * b * l) as f64;
+        h1_sum = (h1_sum
+            + (mean_entropy(&mm_l, &centres.udi, tau, None, fused)? * (2 * b * l) as f64)?)?;
         patch_sum = (patch_sum + local_sum)?;
     }
     let batch_udi = (mm_sum / ((2 * b + 2 * b * l) as f64))?;
-    let h1 = h1_sum / (2 * b + 2 * b * l) as f64;
+    let h1 = (h1_sum / (2 * b + 2 * b * l) as f64)?;
 
     // ---- patch targets (global views only) --------------------------------------------------
     let p2 = teacher_probs(&t_pat, &centres.patch, tau)?;
@@ -268,7 +272,7 @@ pub fn targets(
             valid: vg.clone(),
         }),
         batch_centres: batch,
-        teacher_entropy: [h0, h1, h2],
+        teacher_entropy: Tensor::stack(&[h0, h1, h2], 0)?,
     })
 }
 

@@ -49,6 +49,17 @@ pub fn time<T>(dev: &Device, name: &'static str, f: impl FnOnce() -> Result<T>) 
     Ok(out)
 }
 
+/// A stage boundary of a training step: the time now, after the device has finished the work
+/// queued so far when profiling is on. Off, nothing waits, so that the device keeps working while
+/// the host queues the next stage; the stage times are then the host's (exact on the CPU, where
+/// work runs as it is queued).
+pub fn mark(dev: &Device) -> Result<Instant> {
+    if enabled() {
+        dev.synchronize()?;
+    }
+    Ok(Instant::now())
+}
+
 /// What was recorded since [`enable`]: (scope, total seconds, calls), in first-seen order.
 pub fn take() -> Vec<(&'static str, f64, u64)> {
     ACC.with(|a| std::mem::take(&mut *a.borrow_mut()))

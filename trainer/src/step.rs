@@ -43,7 +43,9 @@ pub struct StepStats {
     pub centre_norms: [f64; 3],
     /// Global ‖∇‖ over all trainable parameters before clipping.
     pub grad_norm: f64,
-    /// Seconds: teacher forward, student forward + loss, backward, optimiser + EMA.
+    /// Seconds: teacher forward, student forward + loss, backward, optimiser + EMA. The device's
+    /// time under `--profile` (stage marks synchronise, [`crate::prof::mark`]) and on the CPU;
+    /// on a GPU otherwise mostly the host's time to queue the work.
     pub timings: [f64; 4],
 }
 
@@ -235,10 +237,6 @@ impl Trainer {
         Ok(self.step_detailed(batch, epoch, global_step)?.stats)
     }
 
-    fn sync(&self) -> Result<()> {
-        Ok(self.device.synchronize()?)
-    }
-
     pub fn step_detailed(
         &mut self,
         batch: &TrainBatch,
@@ -246,10 +244,9 @@ impl Trainer {
         global_step: u64,
     ) -> Result<StepReport> {
         let (lr, wd, mom, tau) = self.schedules.at(epoch, global_step);
-        let t0 = Instant::now();
+        let t0 = crate::prof::mark(&self.device)?;
         let t_out = self.teacher_net.teacher(batch)?;
-        self.sync()?;
-        let t1 = Instant::now();
+        let t1 = crate::prof::mark(&self.device)?;
         let masks = if self.drop_path {
             Some(self.drop_masks(batch, global_step)?)
         } else {
@@ -276,8 +273,7 @@ impl Trainer {
         }
         self.centres = loss.new_centres.clone();
         let grads = loss.total.backward()?;
-        self.sync()?;
-        let t3 = Instant::now();
+        let t3 = crate::prof::mark(&self.device)?;
 
         let params = self.student.params();
         let frozen = epoch < self.cfg.optim.freeze_last_layer;
@@ -335,8 +331,7 @@ impl Trainer {
             }
             ema_update(&self.teacher, &self.student, mom)?;
         }
-        self.sync()?;
-        let t4 = Instant::now();
+        let t4 = crate::prof::mark(&self.device)?;
 
         let cn = |t: &Tensor| -> Result<f64> {
             Ok(t.to_dtype(DType::F64)?
@@ -356,7 +351,10 @@ impl Trainer {
             weight_decay: wd,
             momentum: mom,
             teacher_temp: tau,
-            teacher_entropy: loss.teacher_entropy,
+            teacher_entropy: {
+                let h = loss.teacher_entropy.to_vec1::<f64>()?;
+                [h[0], h[1], h[2]]
+            },
             centre_norms: [
                 cn(&self.centres.cls)?,
                 cn(&self.centres.udi)?,

@@ -587,6 +587,52 @@ fn adamw_with_teacher_ema() {
     );
 }
 
+/// The per-parameter squared gradient norms: the two launches against the CPU reference, on
+/// segments shorter than, equal to and several chunks long, leaving gaps in the buffer.
+#[test]
+fn squared_norms_per_segment() {
+    use trainer::kernels::sq_norms::{SqNormPlan, CHUNK};
+    let Some(emu) = emu() else { return };
+    let segs = [
+        (5, 3),
+        (8, CHUNK),
+        (CHUNK + 8, 2 * CHUNK + 1),
+        (3 * CHUNK + 20, 257),
+    ];
+    let n = 3 * CHUNK + 300;
+    let plan = SqNormPlan::new(&segs, &Device::Cpu).unwrap();
+    let g = rand(&[n], 31, -3.0, 3.0, DType::F32);
+    let reference = plan.squared_norms(&g).unwrap();
+    let n_chunks = plan.chunks.elem_count() / 2;
+    let (bg, bchunks, bfirst) = (
+        Buf::input(&g),
+        Buf::input(&plan.chunks),
+        Buf::input(&plan.first),
+    );
+    let part = Buf::output(Kind::F64, n_chunks);
+    emu.call("sq_norm_chunks")
+        .buf(&bg)
+        .buf(&bchunks)
+        .buf(&part)
+        .launch(geometry::sq_norm_chunks(n_chunks));
+    part.assert_written("sq_norm_chunks", 0..n_chunks);
+    let out = Buf::output(Kind::F64, segs.len());
+    emu.call("sq_norm_segments")
+        .buf(&part)
+        .buf(&bfirst)
+        .i32(segs.len() as i32)
+        .buf(&out)
+        .launch(geometry::sq_norm_segments(segs.len()));
+    out.assert_written("sq_norm_segments", 0..segs.len());
+    let (want, got) = (
+        reference.to_vec1::<f64>().unwrap(),
+        out.tensor(&[segs.len()]).to_vec1::<f64>().unwrap(),
+    );
+    for (k, (w, g)) in want.iter().zip(&got).enumerate() {
+        assert!((w - g).abs() <= 1e-12 * w, "segment {k}: {g} vs {w}");
+    }
+}
+
 /// Flash attention on packed qkv rows at token counts that leave partial tiles (7: a query tile
 /// whose second warp has no rows; 38, 70, 198: 6 rows into the last tile; 198 and 38 are
 /// ViT-S/16's global and local crops) and one exact tile (32): forward O and lse (and the

@@ -322,6 +322,47 @@ fn fused_adamw_ema_matches_per_tensor() {
     }
 }
 
+/// The one-pass squared norms of flat-buffer segments (chunked: segments longer than a chunk,
+/// a chunk's last element, single elements, gaps between segments) equal Σ g² of each segment,
+/// written out here in f64; bad plans and half gradients are refused.
+#[test]
+fn squared_norms_of_segments_equal_their_sums() {
+    use trainer::kernels::sq_norms::{SqNormPlan, CHUNK};
+    let segs = [
+        (0, 1),
+        (1, CHUNK),
+        (CHUNK + 1, 2 * CHUNK + 5),
+        (3 * CHUNK + 9, 300),
+    ];
+    let n = 3 * CHUNK + 309 + 4;
+    let plan = SqNormPlan::new(&segs, &Device::Cpu).unwrap();
+    for dt in [DType::F64, DType::F32] {
+        let g = rand(&[n], 7, 2.0).to_dtype(dt).unwrap();
+        let v = to_vec_f64(&g);
+        let got = plan
+            .squared_norms(&g.narrow(0, 0, n).unwrap())
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        assert_eq!(got.len(), segs.len());
+        for (k, &(a, len)) in segs.iter().enumerate() {
+            let want: f64 = v[a..a + len].iter().map(|x| x * x).sum();
+            assert!(
+                (got[k] - want).abs() <= 1e-12 * want,
+                "{dt:?} segment {k}: {} vs {want}",
+                got[k]
+            );
+        }
+    }
+    // A segment past the buffer's end, a half gradient, an empty plan or segment.
+    let short = rand(&[n - 5], 7, 2.0).to_dtype(DType::F32).unwrap();
+    assert!(plan.squared_norms(&short).is_err());
+    let half = rand(&[n], 7, 2.0).to_dtype(DType::BF16).unwrap();
+    assert!(plan.squared_norms(&half).is_err());
+    assert!(SqNormPlan::new(&[], &Device::Cpu).is_err());
+    assert!(SqNormPlan::new(&[(3, 0)], &Device::Cpu).is_err());
+}
+
 fn step_with(
     cfg: &trainer::config::TrainConfig,
     dtype: DType,

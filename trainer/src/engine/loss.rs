@@ -21,7 +21,47 @@ pub struct LossValues {
     pub patch: f64,
 }
 
-/// Loss values and dlogits `[R, K]` (compute dtype) for the student head rows in the order
+/// The loss as it leaves the device: the row groups' sums (and the valid patch-row count), read
+/// by the step with its other values in one transfer, then combined on the host.
+pub struct LossParts {
+    /// f64 `[groups (+ 1)]` on the device.
+    pub sums: Tensor,
+    /// Groups of [cls] rows (1, or 2 with local crops); the [cls+] groups follow, then the
+    /// patch group and its count when `udi`.
+    n_cls: usize,
+    udi: bool,
+    norm: f64,
+    weights: [f64; 3],
+}
+
+impl LossParts {
+    /// The values from `sums` as read back.
+    pub fn values(&self, sums: &[f64]) -> LossValues {
+        let [w0, w1, w2] = self.weights;
+        let cls = sums[..self.n_cls].iter().sum::<f64>() / self.norm;
+        let (udi, patch) = match self.udi {
+            true => {
+                let n = sums.len();
+                let plus = sums[self.n_cls..n - 2].iter().sum::<f64>() / self.norm;
+                (plus, sums[n - 2] / sums[n - 1])
+            }
+            false => (0.0, 0.0),
+        };
+        LossValues {
+            total: w0 * cls + w1 * udi + w2 * patch,
+            cls,
+            udi,
+            patch,
+        }
+    }
+
+    /// Reads the sums (one transfer) and combines them.
+    pub fn read(&self) -> Result<LossValues> {
+        Ok(self.values(&self.sums.to_vec1::<f64>()?))
+    }
+}
+
+/// Loss parts and dlogits `[R, K]` (compute dtype) for the student head rows in the order
 /// [cls of every crop; cls+ of every crop; patch rows] (`logits` `[R, K]`).
 pub fn forward_backward(
     ops: &Ops,
@@ -30,7 +70,7 @@ pub fn forward_backward(
     logits: &Tensor,
     b: usize,
     n_local: usize,
-) -> Result<(LossValues, Tensor)> {
+) -> Result<(LossParts, Tensor)> {
     let ts = cfg.student_temp;
     let n_crops = (2 + n_local) * b;
     let norm = (b * (2 + 2 * n_local)) as f64;
@@ -74,30 +114,17 @@ pub fn forward_backward(
         });
         grads.push(soft_ce_backward(&s, p, w, ts, ops.fused)?);
     }
-    // One transfer for every value.
-    let mut parts = sums.clone();
+    let mut parts = sums;
     if let Some((_, n)) = &valid_rows {
         parts.push(n.clone());
     }
-    let vals = Tensor::stack(&parts, 0)?
-        .to_dtype(candle_core::DType::F64)?
-        .to_vec1::<f64>()?;
-    let n_l = if tg.cls_local.is_some() { 2 } else { 1 };
-    let cls = vals[..n_l].iter().sum::<f64>() / norm;
-    let (udi, patch) = match tg.udi {
-        Some(_) => {
-            let plus = vals[n_l..groups.len() - 1].iter().sum::<f64>() / norm;
-            (plus, vals[groups.len() - 1] / vals[groups.len()])
-        }
-        None => (0.0, 0.0),
-    };
-    let total = w0 * cls + w1 * udi + w2 * patch;
     Ok((
-        LossValues {
-            total,
-            cls,
-            udi,
-            patch,
+        LossParts {
+            sums: Tensor::stack(&parts, 0)?.to_dtype(candle_core::DType::F64)?,
+            n_cls: if tg.cls_local.is_some() { 2 } else { 1 },
+            udi: tg.udi.is_some(),
+            norm,
+            weights: cfg.weights,
         },
         Tensor::cat(&grads, 0)?,
     ))

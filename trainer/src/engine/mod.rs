@@ -29,10 +29,11 @@ use crate::config::TrainConfig;
 use crate::data::TrainBatch;
 use crate::dist::{Collective, Single};
 use crate::kernels::adamw::{meta_tensor, AdamwEma, Segment};
+use crate::kernels::sq_norms::SqNormPlan;
 use crate::kernels::Compute;
 use crate::loss::Centres;
 use crate::model::{teacher_out, TeacherOut};
-use crate::optim::{clip_plan, squared_norms, ClipPlan};
+use crate::optim::{clip_plan, ClipPlan};
 use crate::params::ParamStore;
 use crate::prof;
 use crate::schedule::Schedules;
@@ -46,7 +47,6 @@ use serde::{Deserialize, Serialize};
 use shared::rng::Slice;
 use std::collections::HashMap;
 use std::fmt;
-use std::time::Instant;
 
 /// `--engine` / `[run] engine`: which implementation runs the training step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -247,6 +247,8 @@ pub struct Explicit {
     pub drop_path: bool,
     drop_rates: Vec<f64>,
     resample: Vec<(usize, Tensor)>,
+    /// The chunks of the trainable parameters' squared gradient norms (clipping).
+    sq_norms: SqNormPlan,
 }
 
 impl Explicit {
@@ -280,6 +282,13 @@ impl Explicit {
         // reachable from the state and the centres.
         let state = Tensor::cat(&[&p, &zeros, &zeros, &p], 0)?.detach();
         let resample = crate::vit::resample_matrices(cfg, dtype, device)?;
+        let trainable: Vec<(usize, usize)> = layout
+            .entries
+            .iter()
+            .filter(|e| e.trainable)
+            .map(|e| (e.offset, e.len))
+            .collect();
+        let sq_norms = SqNormPlan::new(&trainable, device)?;
         Ok(Self {
             cfg: cfg.clone(),
             device: device.clone(),
@@ -293,6 +302,7 @@ impl Explicit {
             drop_path: true,
             drop_rates: crate::vit::drop_rates(cfg),
             resample,
+            sq_norms,
         })
     }
 
@@ -353,22 +363,15 @@ impl Explicit {
     /// AdamW + EMA launch.
     fn clip_and_plan(
         &mut self,
-        grads: &Tensor,
+        sq_trainable: &[f64],
         epoch: u64,
         lr: f64,
         wd: f64,
     ) -> Result<(Vec<Segment>, ClipPlan)> {
         let entries = &self.layout.entries;
-        let views = entries
-            .iter()
-            .map(|e| grads.narrow(0, e.offset, e.len))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let trainable: Vec<usize> = (0..entries.len())
-            .filter(|&i| entries[i].trainable)
-            .collect();
-        let sq_t = squared_norms(&trainable.iter().map(|&i| &views[i]).collect::<Vec<_>>())?;
         let mut sq = vec![None; entries.len()];
-        for (&i, s) in trainable.iter().zip(sq_t) {
+        let trainable = (0..entries.len()).filter(|&i| entries[i].trainable);
+        for (i, &s) in trainable.zip(sq_trainable) {
             sq[i] = Some(s);
         }
         let frozen = epoch < self.cfg.optim.freeze_last_layer;
@@ -490,7 +493,7 @@ impl Explicit {
 /// One forward + backward: the loss, the teacher's targets (with the new centres) and the flat
 /// gradient buffer.
 struct Pass {
-    loss: loss::LossValues,
+    loss: loss::LossParts,
     targets: crate::loss::Targets,
     /// The flat gradient `[n]` followed by the batch centres c₀, c₁, c₂ (`3·K`).
     grads: Tensor,
@@ -512,15 +515,15 @@ impl Explicit {
         let tau = self.schedules.teacher_temp(epoch);
         let b = batch.batch_size;
         let n_local = batch.n_local;
-        let sync = || self.device.synchronize();
+        // Nothing here waits for the device (stage marks do under `--profile`): the step's
+        // values are read once, after the backward ([`TrainStep::step_group`]).
 
         // Teacher forward (nothing saved).
-        let t0 = Instant::now();
+        let t0 = prof::mark(&self.device)?;
         let teacher = self.net(3)?;
         let t_out = self.teacher(&ops, &teacher, batch)?;
         drop(teacher);
-        sync()?;
-        let t1 = Instant::now();
+        let t1 = prof::mark(&self.device)?;
 
         // Student forward, saving what the backward reads.
         let student = self.net(0)?;
@@ -585,16 +588,7 @@ impl Explicit {
             loss::forward_backward(&ops, &self.cfg.loss, &targets, &logits, b, n_local)
         })?;
         drop(logits);
-        let t2 = Instant::now();
-        if !vals.total.is_finite() {
-            bail!(
-                "non-finite loss {} at epoch {epoch}, step {global_step} (L_cls {}, L_udi {}, L_patch {})",
-                vals.total,
-                vals.cls,
-                vals.udi,
-                vals.patch
-            );
-        }
+        let t2 = prof::mark(&self.device)?;
 
         // Backward: head → final LN of [cls]/[cls+] and SRS → blocks in reverse → embeddings.
         let mut grads = Grads::new(&self.layout, ops.pdt);
@@ -635,8 +629,7 @@ impl Explicit {
         drop(student);
         let c = &targets.batch_centres;
         let grads = grads.flat(&self.device, &[&c.cls, &c.udi, &c.patch])?;
-        sync()?;
-        let t3 = Instant::now();
+        let t3 = prof::mark(&self.device)?;
         Ok(Pass {
             loss: vals,
             targets,
@@ -679,7 +672,7 @@ impl Explicit {
                 ))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok((pass.loss, grads))
+        Ok((pass.loss.read()?, grads))
     }
 }
 
@@ -719,17 +712,15 @@ impl TrainStep for Explicit {
         let mut scalars = [0f64; 7];
         let mut timings = [0f64; 3];
         let mut sum: Option<Tensor> = None;
+        // Each pass's loss sums and teacher entropies, read in one transfer after the last pass.
+        let mut losses = Vec::new();
+        let mut reads = Vec::new();
         for m in 0..slice.accumulate as usize {
             let batch = fetch(m)?;
             let pass = self.forward_backward(&batch, epoch, global_step, (first + m, groups))?;
-            let v = &pass.loss;
-            let h = pass.targets.teacher_entropy;
-            for (a, x) in scalars
-                .iter_mut()
-                .zip([v.total, v.cls, v.udi, v.patch, h[0], h[1], h[2]])
-            {
-                *a += x;
-            }
+            reads.push(pass.loss.sums.clone());
+            reads.push(pass.targets.teacher_entropy.clone());
+            losses.push(pass.loss);
             for (a, x) in timings.iter_mut().zip(pass.timings) {
                 *a += x;
             }
@@ -739,7 +730,30 @@ impl TrainStep for Explicit {
                 None => pass.grads,
             });
         }
-        let t3 = Instant::now();
+        let vals = Tensor::cat(&reads, 0)?.to_vec1::<f64>()?;
+        let mut at = 0;
+        for parts in &losses {
+            let n = parts.sums.dim(0)?;
+            let v = parts.values(&vals[at..at + n]);
+            let h = &vals[at + n..at + n + 3];
+            at += n + 3;
+            if !v.total.is_finite() {
+                bail!(
+                    "non-finite loss {} at epoch {epoch}, step {global_step} (L_cls {}, L_udi {}, L_patch {})",
+                    v.total,
+                    v.cls,
+                    v.udi,
+                    v.patch
+                );
+            }
+            for (a, x) in scalars
+                .iter_mut()
+                .zip([v.total, v.cls, v.udi, v.patch, h[0], h[1], h[2]])
+            {
+                *a += x;
+            }
+        }
+        let t3 = prof::mark(&self.device)?;
         // The host values first: over TCP, it also finds a rank that died before NCCL waits.
         comm.all_reduce_f64(&mut scalars)?;
         let mut mean = comm.all_reduce_tensor(&sum.context("no batch in the step")?)?;
@@ -760,8 +774,19 @@ impl TrainStep for Explicit {
             .centres
             .ema(&batch_centres, self.cfg.loss.center_momentum)?;
 
+        // The trainable parameters' ‖g‖² and the new centres' norms: the step's second and last
+        // read (after it, the host only queues work).
+        let centre_norms = [&self.centres.cls, &self.centres.udi, &self.centres.patch]
+            .iter()
+            .map(|c| c.to_dtype(DType::F64)?.sqr()?.sum_all()?.sqrt()?.reshape(1))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mut read = vec![self.sq_norms.squared_norms(&g)?];
+        read.extend(centre_norms);
+        let vals = Tensor::cat(&read, 0)?.to_vec1::<f64>()?;
+        let (sq, norms) = vals.split_at(vals.len() - 3);
+
         // Clipping, last-layer freeze, AdamW and the teacher EMA in one update of the state.
-        let (segs, plan) = self.clip_and_plan(&g, epoch, lr, wd)?;
+        let (segs, plan) = self.clip_and_plan(sq, epoch, lr, wd)?;
         let o = &self.cfg.optim;
         self.state.inplace_op3(
             &g,
@@ -773,17 +798,7 @@ impl TrainStep for Explicit {
                 momentum: mom,
             },
         )?;
-        self.device.synchronize()?;
-        let t4 = Instant::now();
-
-        let norms = Tensor::stack(
-            &[&self.centres.cls, &self.centres.udi, &self.centres.patch]
-                .iter()
-                .map(|c| c.to_dtype(DType::F64)?.sqr()?.sum_all()?.sqrt())
-                .collect::<candle_core::Result<Vec<_>>>()?,
-            0,
-        )?
-        .to_vec1::<f64>()?;
+        let t4 = prof::mark(&self.device)?;
         let [loss, loss_cls, loss_udi, loss_patch, h0, h1, h2] = scalars;
         let [t_teacher, t_student, t_backward] = timings;
         let stats = StepStats {

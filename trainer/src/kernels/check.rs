@@ -13,6 +13,7 @@
 use super::adamw::{meta_tensor, AdamwEma, Segment};
 use super::flash;
 use super::ln_residual::{layer_norm_backward_residual, residual_add_layer_norm, Branch};
+use super::sq_norms::SqNormPlan;
 use super::{attn_softmax, bias_add, bias_gelu, centered_softmax, layer_norm, soft_ce_rows};
 use crate::config::TrainConfig;
 use crate::optim::{ema_update, AdamW};
@@ -371,6 +372,64 @@ fn check_adamw(out: &mut Vec<KernelResult>, s: &Shapes, dev: &Device, reps: usiz
     let tol = 1e-4;
     out.push(KernelResult {
         op: "adamw+ema".into(),
+        dtype: "f32".into(),
+        shape: format!("{} tensors, {n} values", s.params.len()),
+        fwd_max_abs: fa,
+        fwd_max_rel: fr,
+        bwd_max_abs: None,
+        bwd_max_rel: None,
+        tolerance: tol,
+        pass: fr <= tol && fa.is_finite(),
+        composed_ms: median(composed),
+        fused_ms: median(fused),
+    });
+    Ok(())
+}
+
+/// The per-parameter squared gradient norms of the flat gradient (clipping): device vs CPU
+/// reference on every parameter of the config, then the per-tensor norms through candle's ops
+/// (what the autograd step does) vs the two launches, each with its read to the host.
+fn check_sq_norms(
+    out: &mut Vec<KernelResult>,
+    s: &Shapes,
+    dev: &Device,
+    reps: usize,
+) -> Result<()> {
+    let n: usize = s.params.iter().sum();
+    let mut segs = Vec::new();
+    let mut off = 0;
+    for &len in &s.params {
+        segs.push((off, len));
+        off += len;
+    }
+    let g = rand_t(&[n], 6, -1e-2, 1e-2)?;
+    let reference = SqNormPlan::new(&segs, &Device::Cpu)?.squared_norms(&g)?;
+    let plan = SqNormPlan::new(&segs, dev)?;
+    let gd = g.to_device(dev)?;
+    let got = plan.squared_norms(&gd)?.to_device(&Device::Cpu)?;
+    let (fa, fr) = errors(&reference, &got)?;
+    let views: Vec<Tensor> = segs
+        .iter()
+        .map(|&(o, len)| gd.narrow(0, o, len))
+        .collect::<candle_core::Result<_>>()?;
+    let refs: Vec<&Tensor> = views.iter().collect();
+    let mut composed = Vec::new();
+    let mut fused = Vec::new();
+    for i in 0..reps + 2 {
+        dev.synchronize()?;
+        let t0 = Instant::now();
+        crate::optim::squared_norms(&refs)?;
+        let t1 = Instant::now();
+        plan.squared_norms(&gd)?.to_vec1::<f64>()?;
+        if i >= 2 {
+            composed.push((t1 - t0).as_secs_f64() * 1e3);
+            fused.push(t1.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    // f64 sums of f32 squares in different orders.
+    let tol = 1e-10;
+    out.push(KernelResult {
+        op: "squared norms".into(),
         dtype: "f32".into(),
         shape: format!("{} tensors, {n} values", s.params.len()),
         fwd_max_abs: fa,
@@ -774,6 +833,7 @@ pub fn run(dev: &Device, s: &Shapes, reps: usize) -> Result<CheckReport> {
         )?;
     }
     check_adamw(&mut out, s, dev, reps.min(10))?;
+    check_sq_norms(&mut out, s, dev, reps.min(10))?;
     for (crops, size) in [
         (2 * s.batch, s.cfg.augment.global_size as usize),
         (

@@ -29,6 +29,19 @@ pub fn elementwise(n: usize) -> Geometry {
     }
 }
 
+/// `sq_norm_chunks`: a block of 256 threads (the kernel's SQ_THREADS) per chunk.
+pub fn sq_norm_chunks(chunks: usize) -> Geometry {
+    per_row(chunks, 256)
+}
+
+/// `sq_norm_segments`: a thread per segment.
+pub fn sq_norm_segments(segments: usize) -> Geometry {
+    Geometry {
+        grid: [segments.div_ceil(128).max(1) as u32, 1, 1],
+        block: [128, 1, 1],
+    }
+}
+
 /// Threads per row-block for rows of `d` elements: a multiple of 32, at most 1024.
 pub fn threads_for(d: usize) -> u32 {
     (d.div_ceil(32) * 32).clamp(32, 1024) as u32

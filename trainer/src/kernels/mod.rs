@@ -30,6 +30,7 @@ pub mod geometry;
 mod gpu;
 pub mod ln_residual;
 mod ops;
+pub mod sq_norms;
 
 pub use ops::{
     attn_softmax, attn_softmax_backward, bias_add, bias_gelu, bias_gelu_backward, centered_entropy,

@@ -555,6 +555,41 @@ extern "C" __global__ void adamw_ema(float *state, const float *g, const uint32_
   }
 }
 
+// ---- per-parameter squared gradient norms over the flat gradient, in f64 ------------------------
+// The gradient-clipping rule needs ‖g‖² of every parameter. A parameter is cut into chunks of at
+// most SQ_CHUNK elements (chunks = (offset, length) pairs, u32); block j sums chunk j's squares
+// in f64 into part[j], each thread a strided run, then a tree in shared memory; a second launch
+// adds each parameter's chunks (first[s] .. first[s+1]) in order. Fixed orders throughout, no
+// atomics: the norms are bitwise reproducible, whatever the grid.
+#define SQ_THREADS 256
+extern "C" __global__ void __launch_bounds__(SQ_THREADS)
+sq_norm_chunks(const float *g, const uint32_t *chunks, double *part) {
+  __shared__ double sh[SQ_THREADS];
+  const size_t off = chunks[2 * blockIdx.x];
+  const uint32_t len = chunks[2 * blockIdx.x + 1];
+  double acc = 0.0;
+  for (uint32_t i = threadIdx.x; i < len; i += SQ_THREADS) {
+    const double x = g[off + i];
+    acc += x * x;
+  }
+  sh[threadIdx.x] = acc;
+  __syncthreads();
+  for (int s = SQ_THREADS / 2; s > 0; s >>= 1) {
+    if ((int)threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) part[blockIdx.x] = sh[0];
+}
+
+extern "C" __global__ void sq_norm_segments(const double *part, const uint32_t *first, int n_seg,
+                                            double *out) {
+  const int s = blockIdx.x * blockDim.x + threadIdx.x;
+  if (s >= n_seg) return;
+  double acc = 0.0;
+  for (uint32_t j = first[s]; j < first[s + 1]; ++j) acc += part[j];
+  out[s] = acc;
+}
+
 // ---- fused (flash-style) attention on packed qkv rows, bf16, head dim 64 ---------------------
 // qkv: rows [B·T, 3·H·64] as the qkv projection writes them (q | k | v, head-major inside each),
 // read in place; o: rows [B·T, H·64], the proj input; lse: [B, H, T] f32, natural-log units of

@@ -174,12 +174,14 @@ pub enum Kind {
     F32,
     Bf16,
     U32,
+    F64,
 }
 
 impl Kind {
     fn size(self) -> usize {
         match self {
             Kind::Bf16 => 2,
+            Kind::F64 => 8,
             _ => 4,
         }
     }
@@ -188,12 +190,14 @@ impl Kind {
             Kind::F32 => 'F',
             Kind::Bf16 => 'B',
             Kind::U32 => 'U',
+            Kind::F64 => 'D',
         }
     }
     /// A NaN whose payload no arithmetic produces (a quiet NaN result differs).
     fn sentinel(self) -> &'static [u8] {
         match self {
             Kind::Bf16 => &[0xa5, 0xff],
+            Kind::F64 => &[0xad, 0xdb, 0xba, 0xdb, 0xad, 0xdb, 0xf7, 0xff],
             _ => &[0xad, 0xdb, 0xba, 0xff],
         }
     }
@@ -202,6 +206,7 @@ impl Kind {
             DType::F32 => Kind::F32,
             DType::BF16 => Kind::Bf16,
             DType::U32 => Kind::U32,
+            DType::F64 => Kind::F64,
             d => panic!("no kernel buffers of {d:?}"),
         }
     }
@@ -210,6 +215,7 @@ impl Kind {
             Kind::F32 => DType::F32,
             Kind::Bf16 => DType::BF16,
             Kind::U32 => DType::U32,
+            Kind::F64 => DType::F64,
         }
     }
 }
@@ -292,6 +298,12 @@ impl Buf {
                 .collect(),
             Kind::U32 => t
                 .to_vec1::<u32>()
+                .unwrap()
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+            Kind::F64 => t
+                .to_vec1::<f64>()
                 .unwrap()
                 .iter()
                 .flat_map(|v| v.to_le_bytes())

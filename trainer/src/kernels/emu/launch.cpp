@@ -109,6 +109,8 @@ template <> struct Code<const float *> { static constexpr char c = 'F'; };
 template <> struct Code<__nv_bfloat16 *> { static constexpr char c = 'B'; };
 template <> struct Code<const __nv_bfloat16 *> { static constexpr char c = 'B'; };
 template <> struct Code<const uint32_t *> { static constexpr char c = 'U'; };
+template <> struct Code<double *> { static constexpr char c = 'D'; };
+template <> struct Code<const double *> { static constexpr char c = 'D'; };
 
 template <typename... A, size_t... I>
 void call_with(void (*f)(A...), void **args, std::index_sequence<I...>) {
@@ -142,7 +144,7 @@ const std::vector<Entry> &table() {
       K(attn_softmax_fwd_bf16), K(attn_softmax_bwd_bf16),
       K(residual_ln_fwd_f32_f32), K(residual_ln_fwd_bf16_bf16), K(residual_ln_fwd_bf16_f32),
       K(residual_ln_fwd_f32_bf16), K(ln_bwd_residual_f32), K(ln_bwd_residual_bf16),
-      K(adamw_ema),
+      K(adamw_ema), K(sq_norm_chunks), K(sq_norm_segments),
       K(flash_fwd_bf16), K(flash_bwd_dot_bf16), K(flash_bwd_dq_bf16), K(flash_bwd_dkdv_bf16),
   };
   return t;
