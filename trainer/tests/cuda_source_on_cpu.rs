@@ -587,6 +587,29 @@ fn adamw_with_teacher_ema() {
     );
 }
 
+/// Gradient accumulation into the flat f32 buffer, from f32 and bf16 gradients: in place,
+/// exactly the f32 sums, nothing outside the slice written.
+#[test]
+fn grad_accumulate_in_place() {
+    let Some(emu) = emu() else { return };
+    for dt in [DType::F32, DType::BF16] {
+        let n = 1000;
+        let flat = rand(&[n], 41, -1.0, 1.0, DType::F32);
+        let g = rand(&[n], 42, -1.0, 1.0, dt);
+        let want = (&flat + g.to_dtype(DType::F32).unwrap()).unwrap();
+        let dst = Buf::in_out(&flat);
+        let bg = Buf::input(&g);
+        emu.call(&format!("grad_accumulate_{}", suffix(dt)))
+            .buf(&dst)
+            .buf(&bg)
+            .usize(n)
+            .launch(geometry::elementwise(n));
+        let got = dst.tensor(&[n]);
+        let (abs, _) = errors(&want, &got).unwrap();
+        assert_eq!(abs, 0.0, "grad_accumulate_{}", suffix(dt));
+    }
+}
+
 /// The per-parameter squared gradient norms: the two launches against the CPU reference, on
 /// segments shorter than, equal to and several chunks long, leaving gaps in the buffer.
 #[test]

@@ -363,6 +363,42 @@ fn squared_norms_of_segments_equal_their_sums() {
     assert!(SqNormPlan::new(&[(3, 0)], &Device::Cpu).is_err());
 }
 
+/// Accumulating gradients into slices of a flat buffer: both paths equal the sums written out
+/// (bf16 gradients cast up exactly, f32 sums rounded once), leave the rest of the buffer alone,
+/// and refuse a gradient past the buffer's end or a half-precision buffer.
+#[test]
+fn accumulate_adds_into_the_flat_buffer() {
+    use trainer::kernels::accumulate;
+    for fused in [true, false] {
+        let flat = rand(&[50], 1, 1.0).to_dtype(DType::F32).unwrap();
+        let before = to_vec_f64(&flat);
+        let g1 = rand(&[4, 5], 2, 1.0).to_dtype(DType::BF16).unwrap();
+        let g2 = rand(&[20], 3, 1.0).to_dtype(DType::F32).unwrap();
+        accumulate(&flat, 10, &g1, fused).unwrap();
+        accumulate(&flat, 10, &g2, fused).unwrap();
+        accumulate(&flat, 45, &rand(&[5], 4, 1.0), fused).unwrap();
+        let (a, b, c) = (
+            to_vec_f64(&g1),
+            to_vec_f64(&g2),
+            to_vec_f64(&rand(&[5], 4, 1.0)),
+        );
+        let got = to_vec_f64(&flat);
+        for (i, (&x, &y)) in before.iter().zip(&got).enumerate() {
+            let want = match i {
+                10..30 => ((x as f32 + a[i - 10] as f32) + b[i - 10] as f32) as f64,
+                45..50 => (x as f32 + c[i - 45] as f32) as f64,
+                _ => x,
+            };
+            assert_eq!(y, want, "fused {fused}: element {i}");
+        }
+        assert!(accumulate(&flat, 40, &g2, fused).is_err());
+        let half = flat.to_dtype(DType::BF16).unwrap();
+        if fused {
+            assert!(accumulate(&half, 0, &g2, fused).is_err());
+        }
+    }
+}
+
 fn step_with(
     cfg: &trainer::config::TrainConfig,
     dtype: DType,

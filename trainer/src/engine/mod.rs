@@ -92,47 +92,50 @@ pub struct Ops {
     pub pdt: DType,
 }
 
-/// The parameter gradients of one step, by layout id; flattened once into the gradient buffer.
+/// The flat gradient buffer of one step: `[n]` in the layout's order (named views by layout id),
+/// then the batch centres, so that the step reduces one buffer. Zeroed once; each gradient is
+/// added in place where the backward makes it (`+=`; a parameter without one keeps zeros).
 pub struct Grads<'a> {
     layout: &'a ParamLayout,
-    pdt: DType,
-    slots: Vec<Option<Tensor>>,
+    flat: Tensor,
+    fused: bool,
 }
 
 impl<'a> Grads<'a> {
-    fn new(layout: &'a ParamLayout, pdt: DType) -> Self {
-        Self {
+    fn new(layout: &'a ParamLayout, ops: &Ops, tail: usize, device: &Device) -> Result<Self> {
+        Ok(Self {
             layout,
-            pdt,
-            slots: vec![None; layout.entries.len()],
-        }
+            flat: Tensor::zeros(layout.n + tail, ops.pdt, device)?,
+            fused: ops.fused,
+        })
     }
 
     /// `grad[id] += g` (g has the parameter's element count; any shape and float dtype).
     pub fn add(&mut self, id: usize, g: &Tensor) -> candle_core::Result<()> {
-        let shape = self.layout.entries[id].shape.as_slice();
-        let g = g.to_dtype(self.pdt)?.reshape(shape)?;
-        self.slots[id] = Some(match self.slots[id].take() {
-            Some(acc) => (acc + g)?,
-            None => g,
-        });
-        Ok(())
+        let e = &self.layout.entries[id];
+        if g.elem_count() != e.len {
+            candle_core::bail!(
+                "gradient of {}: {} elements, expected {}",
+                e.name,
+                g.elem_count(),
+                e.len
+            );
+        }
+        crate::kernels::accumulate(&self.flat, e.offset, g, self.fused)
     }
 
-    /// The flat gradient buffer `[n]` (zeros where a parameter got none), followed by `tail`
-    /// (the batch centres, so that the step reduces one buffer without another copy).
-    fn flat(self, device: &Device, tail: &[&Tensor]) -> Result<Tensor> {
-        let mut parts = self
-            .slots
-            .into_iter()
-            .zip(&self.layout.entries)
-            .map(|(g, e)| match g {
-                Some(g) => g.flatten_all(),
-                None => Tensor::zeros(e.len, self.pdt, device),
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        parts.extend(tail.iter().map(|t| (*t).clone()));
-        Ok(Tensor::cat(&parts, 0)?)
+    /// The buffer, with `tail` (the batch centres) added after the parameters.
+    fn finish(self, tail: &[&Tensor]) -> Result<Tensor> {
+        let mut at = self.layout.n;
+        for t in tail {
+            crate::kernels::accumulate(&self.flat, at, t, self.fused)?;
+            at += t.elem_count();
+        }
+        ensure!(
+            at == self.flat.elem_count(),
+            "gradient buffer tail: {at} elements"
+        );
+        Ok(self.flat)
     }
 }
 
@@ -591,7 +594,8 @@ impl Explicit {
         let t2 = prof::mark(&self.device)?;
 
         // Backward: head → final LN of [cls]/[cls+] and SRS → blocks in reverse → embeddings.
-        let mut grads = Grads::new(&self.layout, ops.pdt);
+        let k = self.cfg.model.out_dim;
+        let mut grads = Grads::new(&self.layout, &ops, 3 * k, &self.device)?;
         let saved_head = saved_head.expect("saved");
         let d_in = prof::time(dev, "engine: head backward", || {
             student
@@ -628,7 +632,7 @@ impl Explicit {
         }
         drop(student);
         let c = &targets.batch_centres;
-        let grads = grads.flat(&self.device, &[&c.cls, &c.udi, &c.patch])?;
+        let grads = grads.finish(&[&c.cls, &c.udi, &c.patch])?;
         let t3 = prof::mark(&self.device)?;
         Ok(Pass {
             loss: vals,

@@ -33,10 +33,10 @@ mod ops;
 pub mod sq_norms;
 
 pub use ops::{
-    attn_softmax, attn_softmax_backward, bias_add, bias_gelu, bias_gelu_backward, centered_entropy,
-    centered_softmax, col_sum, layer_norm, layer_norm_backward, residual_add, soft_ce_backward,
-    soft_ce_rows, AttnSoftmax, BiasAdd, BiasGelu, CenteredEntropy, CenteredSoftmax, ColSum,
-    LayerNormOp, ResidualAdd, RowScale, SoftCe,
+    accumulate, attn_softmax, attn_softmax_backward, bias_add, bias_gelu, bias_gelu_backward,
+    centered_entropy, centered_softmax, col_sum, layer_norm, layer_norm_backward, residual_add,
+    soft_ce_backward, soft_ce_rows, Accumulate, AttnSoftmax, BiasAdd, BiasGelu, CenteredEntropy,
+    CenteredSoftmax, ColSum, LayerNormOp, ResidualAdd, RowScale, SoftCe,
 };
 
 use candle_core::{DType, Device};

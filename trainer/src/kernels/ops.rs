@@ -8,7 +8,8 @@ use super::{geometry, gpu};
 use crate::nn;
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, InplaceOp2, Layout, Result, Shape,
+    Tensor, D,
 };
 #[cfg(feature = "cuda")]
 use candle_core::{cuda_backend::cudarc::driver::PushKernelArg, CudaStorage};
@@ -743,6 +744,85 @@ pub fn residual_add(x: &Tensor, a: &Tensor, m: Option<&Tensor>, fused: bool) -> 
         None => a,
     };
     x + a
+}
+
+// ---- gradient accumulation into the flat gradient buffer ----------------------------------------
+
+/// `dst += g` in place: dst a contiguous slice of the flat gradient buffer (f32, or f64 in the
+/// f64 references), g a parameter's gradient in any float dtype (cast up as it is read).
+pub struct Accumulate;
+
+impl InplaceOp2 for Accumulate {
+    fn name(&self) -> &'static str {
+        "udi-accumulate"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let g = cpu::read(s2, l2, "accumulate g")?;
+        let Some((a, b)) = l1.contiguous_offsets() else {
+            bail!("accumulate: the destination must be contiguous")
+        };
+        if b - a != g.len() {
+            bail!("accumulate: {} elements into {}", g.len(), b - a);
+        }
+        match s1 {
+            CpuStorage::F32(d) => d[a..b]
+                .iter_mut()
+                .zip(&g)
+                .for_each(|(d, &g)| *d += g as f32),
+            CpuStorage::F64(d) => d[a..b].iter_mut().zip(&g).for_each(|(d, g)| *d += g),
+            other => bail!("accumulate into f32 or f64, not {:?}", other.dtype()),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let dev = s1.device.clone();
+        let g = gpu::In::new(s2, l2, "accumulate g")?;
+        let Some((a, b)) = l1.contiguous_offsets() else {
+            bail!("accumulate: the destination must be contiguous")
+        };
+        let n = l2.shape().elem_count();
+        if b - a != n {
+            bail!("accumulate: {n} elements into {}", b - a);
+        }
+        let k = gpu::func(
+            &dev,
+            &format!("grad_accumulate_{}", gpu::suffix(g.dtype())?),
+        )?;
+        let dst = s1.as_cuda_slice_mut::<f32>()?;
+        let mut dst = dst.slice_mut(a..b);
+        let mut args = k.builder();
+        args.arg(&mut dst);
+        g.push(&mut args);
+        args.arg(&n);
+        gpu::launch(args, geometry::elementwise(n))
+    }
+}
+
+/// `flat[offset .. offset + |g|] += g` (g's elements in order, cast to flat's dtype). Fused: one
+/// pass in place; composed: candle's add and a copy back.
+pub fn accumulate(flat: &Tensor, offset: usize, g: &Tensor, fused: bool) -> Result<()> {
+    let n = g.elem_count();
+    let dst = flat.narrow(0, offset, n)?;
+    if fused {
+        return dst.inplace_op2(&g.contiguous()?, &Accumulate);
+    }
+    let sum = (dst + g.to_dtype(flat.dtype())?.flatten_all()?)?;
+    flat.slice_set(&sum, 0, offset)
 }
 
 // ---- attention softmax ------------------------------------------------------------------------

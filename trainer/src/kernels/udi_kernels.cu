@@ -247,6 +247,19 @@ extern "C" __global__ void row_scale_bf16(const float *g, const float *m, bf16 *
   row_scale<bf16>(g, m, y, n, per);
 }
 
+// ---- gradient accumulation into the flat f32 gradient buffer: dst += g -------------------------
+template <typename T>
+__device__ void grad_accumulate(float *dst, const T *g, size_t n) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+    dst[i] += to_f(g[i]);
+}
+extern "C" __global__ void grad_accumulate_f32(float *dst, const float *g, size_t n) {
+  grad_accumulate<float>(dst, g, n);
+}
+extern "C" __global__ void grad_accumulate_bf16(float *dst, const bf16 *g, size_t n) {
+  grad_accumulate<bf16>(dst, g, n);
+}
+
 // ---- the head's softmax / cross-entropy (K up to 65 536, one block per row) ------------------
 // Teacher targets: p[r, k] = softmax_k((t[r, k] − c[k]) / tau)  (f32 out, no backward).
 template <typename T>

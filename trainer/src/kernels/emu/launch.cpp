@@ -136,7 +136,7 @@ const std::vector<Entry> &table() {
       K(ln_fwd_bf16_f32), K(ln_bwd_dx_bf16_f32), K(ln_bwd_wb_bf16_f32),
       K(bias_gelu_fwd_f32), K(bias_gelu_bwd_f32), K(bias_gelu_fwd_bf16), K(bias_gelu_bwd_bf16),
       K(bias_add_f32), K(bias_add_bf16), K(col_sum_f32), K(col_sum_bf16),
-      K(residual_add_f32), K(residual_add_bf16), K(row_scale_f32), K(row_scale_bf16),
+      K(residual_add_f32), K(residual_add_bf16), K(grad_accumulate_f32), K(grad_accumulate_bf16), K(row_scale_f32), K(row_scale_bf16),
       K(centered_softmax_f32), K(soft_ce_fwd_f32), K(soft_ce_bwd_f32),
       K(centered_softmax_bf16), K(soft_ce_fwd_bf16), K(soft_ce_bwd_bf16),
       K(centered_entropy_f32), K(centered_entropy_bf16),
