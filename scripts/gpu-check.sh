@@ -5,7 +5,7 @@
 #   0. .gpu/device-smoke: candle's CUDA backend against the CPU (values, gradients, matmul TFLOP/s);
 #      `trainer kernel-check --device cuda`: every fused kernel (LayerNorm, bias add, bias+GELU,
 #      attention softmax, teacher softmax, soft cross-entropy: forward and backward; multi-tensor
-#      AdamW+EMA; flash attention on the global and local crops' token counts, forward and
+#      AdamW+EMA; per-parameter squared gradient norms; gradient accumulation; flash attention on the global and local crops' token counts, forward and
 #      backward) against its CPU reference at ViT-S shapes, plus composed-vs-fused timings;
 #   1. CPU vs CUDA `trainer debug-step` on the same weights and batch (tiny config, then ViT-S/16 at a
 #      small batch): the CPU runs f32 with composed ops (the reference), CUDA runs f32+fused (tight
@@ -182,7 +182,7 @@ fi
 if [ "${SKIP_KCHECK:-0}" != 1 ]; then
   run kernel-check 150 "$BIN" kernel-check --device "$DEV" --shapes "${KCHECK_SHAPES:-vits}" \
     --batch-size "${KCHECK_BATCH:-32}" --reps "${KCHECK_REPS:-10}" --json
-  grep -E '^\||kernel-check|KERNELS' "$RES/kernel-check.log" | head -n 30
+  grep -E '^\||kernel-check|KERNELS' "$RES/kernel-check.log" | head -n 40
 fi
 
 # The trainer CLI's flags, read from its --help.

@@ -11,6 +11,11 @@
 //! and the local crops accumulates), activation gradients are returned (`=`), and the residual
 //! stream's gradient passes through each block with the branch gradients added to it.
 //!
+//! The host waits for the device twice per step ([`TrainStep::step_group`]): for the loss values
+//! and teacher entropies after the backward, and for the squared gradient norms (clipping is
+//! decided on the host) and the centres' norms before AdamW. Stage timings synchronise only
+//! under `--profile`, so otherwise the host queues each stage while the device runs the last.
+//!
 //! Tensors are candle tensors on any device, so the same code runs on the CPU (where CI checks
 //! it against the autograd step, `trainer/tests/engine_parity.rs`) and on CUDA (cuBLAS GEMMs and
 //! the fused kernels of [`crate::kernels`] with `--kernels fused`). None of them is a variable,

@@ -444,6 +444,57 @@ fn check_sq_norms(
     Ok(())
 }
 
+/// Gradient accumulation into the flat buffer (f32 and bf16 gradients): device vs CPU reference
+/// on a ViT-S-sized buffer, then candle's cast + add + copy back vs the one in-place pass.
+fn check_accumulate(
+    out: &mut Vec<KernelResult>,
+    s: &Shapes,
+    dev: &Device,
+    reps: usize,
+) -> Result<()> {
+    let n: usize = s.params.iter().sum();
+    let flat0 = rand_t(&[n], 7, -1e-2, 1e-2)?;
+    for dt in [DType::F32, DType::BF16] {
+        let g = rand_t(&[n], 8, -1e-2, 1e-2)?.to_dtype(dt)?;
+        let run = |d: &Device, fused: bool| -> Result<Tensor> {
+            let flat = flat0.to_device(d)?;
+            super::accumulate(&flat, 0, &g.to_device(d)?, fused)?;
+            Ok(flat.to_device(&Device::Cpu)?)
+        };
+        let reference = run(&Device::Cpu, true)?;
+        let (fa, fr) = errors(&reference, &run(dev, true)?)?;
+        let (flat, gd) = (flat0.to_device(dev)?, g.to_device(dev)?);
+        let mut composed = Vec::new();
+        let mut fused = Vec::new();
+        for i in 0..reps + 2 {
+            for (f, times) in [(false, &mut composed), (true, &mut fused)] {
+                dev.synchronize()?;
+                let t0 = Instant::now();
+                super::accumulate(&flat, 0, &gd, f)?;
+                dev.synchronize()?;
+                if i >= 2 {
+                    times.push(t0.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+        }
+        // Both sides add the same two f32 values: exact.
+        out.push(KernelResult {
+            op: "gradient accumulate".into(),
+            dtype: format!("{dt:?}").to_lowercase(),
+            shape: format!("{n} values"),
+            fwd_max_abs: fa,
+            fwd_max_rel: fr,
+            bwd_max_abs: None,
+            bwd_max_rel: None,
+            tolerance: 0.0,
+            pass: fa == 0.0,
+            composed_ms: median(composed),
+            fused_ms: median(fused),
+        });
+    }
+    Ok(())
+}
+
 /// One attention forward + backward: (qkv, dO, sequences) → (O, dqkv).
 type AttnStep<'a> = dyn Fn(&Tensor, &Tensor, usize) -> Result<(Tensor, Tensor)> + 'a;
 
@@ -834,6 +885,7 @@ pub fn run(dev: &Device, s: &Shapes, reps: usize) -> Result<CheckReport> {
     }
     check_adamw(&mut out, s, dev, reps.min(10))?;
     check_sq_norms(&mut out, s, dev, reps.min(10))?;
+    check_accumulate(&mut out, s, dev, reps.min(10))?;
     for (crops, size) in [
         (2 * s.batch, s.cfg.augment.global_size as usize),
         (

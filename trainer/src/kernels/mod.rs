@@ -14,7 +14,8 @@
 //! residual update with the LayerNorm after it, and that LayerNorm's backward with the stream's
 //! gradient), [`centered_softmax`] (teacher targets, no bwd), [`soft_ce_rows`] (student
 //! cross-entropy with temperature, fwd + bwd), [`adamw::AdamwEma`] (multi-tensor AdamW + EMA
-//! over flat buffers). Each public function takes `fused: bool` and falls back to the composed
+//! over flat buffers), [`accumulate`] (a gradient added in place into the flat gradient buffer),
+//! [`sq_norms`] (every parameter's squared gradient norm in two launches). Each public function takes `fused: bool` and falls back to the composed
 //! candle ops, so the two paths can be compared op by op (`trainer kernel-check`).
 //!
 //! Launch grids are pure functions in [`geometry`], shared by the CUDA path and
