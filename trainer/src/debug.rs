@@ -177,10 +177,12 @@ pub struct BenchResult {
     pub step_s: f64,
     pub ms_per_step: f64,
     pub images_per_s: f64,
-    pub teacher_fwd_s: f64,
-    pub student_fwd_loss_s: f64,
-    pub backward_s: f64,
-    pub optim_ema_s: f64,
+    /// Stage seconds per step: the timed steps' on the CPU; on a GPU, whose timed steps do not
+    /// wait between stages, those of the `--profile` steps (None without it).
+    pub teacher_fwd_s: Option<f64>,
+    pub student_fwd_loss_s: Option<f64>,
+    pub backward_s: Option<f64>,
+    pub optim_ema_s: Option<f64>,
     /// Device memory in use at its highest during the timed steps (CUDA's pool high-water
     /// mark: every tensor, no allocator slack); None on the CPU.
     pub peak_mem_gib: Option<f64>,
@@ -278,23 +280,27 @@ pub fn bench(
     let batch = TrainBatch::from_view(&view, &cfg.augment, device)?;
     // Epoch 1 so that the last layer is trained too (the expensive case).
     let mut tr = crate::step::build(engine, cfg, 1000, device, DType::F32, compute)?;
+    for i in 0..warmup {
+        tr.step(&batch, 1, 1000 + i as u64)?;
+    }
+    // The timed steps as one run between two synchronisations: a step returns once its work is
+    // queued, before the device has finished it.
+    device.synchronize()?;
+    crate::device::reset_peak_memory(device);
     let mut acc = [0.0; 4];
-    let mut wall = 0.0;
-    for i in 0..warmup + steps {
-        if i == warmup {
-            crate::device::reset_peak_memory(device);
-        }
-        let t = Instant::now();
+    let t = Instant::now();
+    for i in warmup..warmup + steps {
         let s = tr.step(&batch, 1, 1000 + i as u64)?;
-        if i >= warmup {
-            wall += t.elapsed().as_secs_f64();
-            for (a, x) in acc.iter_mut().zip(s.timings) {
-                *a += x;
-            }
+        for (a, x) in acc.iter_mut().zip(s.timings) {
+            *a += x;
         }
     }
+    device.synchronize()?;
+    let wall = t.elapsed().as_secs_f64();
     let n = steps.max(1) as f64;
     let peak = crate::device::peak_memory(device);
+    // Stage times: exact on the CPU; on a GPU only from the profiled (synchronised) steps.
+    let mut stages = device.is_cpu().then(|| acc.map(|a| a / n));
     let mut rows = Vec::new();
     if profile {
         const P: usize = 2;
@@ -309,6 +315,7 @@ pub fn bench(
         let scopes = crate::prof::take();
         crate::prof::enable(false);
         let p = P as f64;
+        stages.get_or_insert(phases.map(|x| x / p));
         // (scope, seconds per step, calls per step)
         let row = |scope: &str, s: f64, calls: f64| ProfileRow {
             scope: scope.to_string(),
@@ -381,10 +388,10 @@ pub fn bench(
         step_s: wall / n,
         ms_per_step: 1000.0 * wall / n,
         images_per_s: batch_size as f64 * n / wall,
-        teacher_fwd_s: acc[0] / n,
-        student_fwd_loss_s: acc[1] / n,
-        backward_s: acc[2] / n,
-        optim_ema_s: acc[3] / n,
+        teacher_fwd_s: stages.map(|s| s[0]),
+        student_fwd_loss_s: stages.map(|s| s[1]),
+        backward_s: stages.map(|s| s[2]),
+        optim_ema_s: stages.map(|s| s[3]),
         peak_mem_gib: peak.map(|b| b as f64 / (1u64 << 30) as f64),
         profile: rows,
     })

@@ -275,9 +275,21 @@ fn main() -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
+                let stages = match (r.teacher_fwd_s, r.student_fwd_loss_s, r.backward_s, r.optim_ema_s) {
+                    (Some(t), Some(s), Some(b), Some(o)) => format!(
+                        "teacher fwd {t:.3} s, student fwd+loss {s:.3} s, backward {b:.3} s, optimiser+EMA {o:.3} s"
+                    ),
+                    _ => "stage times: --profile".to_string(),
+                };
                 println!(
-                    "{} {} {} {} batch {}: {:.3} s/step, {:.1} images/s (teacher fwd {:.3} s, student fwd+loss {:.3} s, backward {:.3} s, optimiser+EMA {:.3} s)",
-                    r.device, r.precision, r.kernels, r.engine, r.batch_size, r.step_s, r.images_per_s, r.teacher_fwd_s, r.student_fwd_loss_s, r.backward_s, r.optim_ema_s
+                    "{} {} {} {} batch {}: {:.3} s/step, {:.1} images/s ({stages})",
+                    r.device,
+                    r.precision,
+                    r.kernels,
+                    r.engine,
+                    r.batch_size,
+                    r.step_s,
+                    r.images_per_s
                 );
             }
             Ok(())
