@@ -498,11 +498,12 @@ impl Explicit {
     }
 }
 
-/// One forward + backward: the loss, the teacher's targets (with the new centres) and the flat
-/// gradient buffer.
+/// One forward + backward: the loss, the teacher's entropies and the flat gradient buffer (with
+/// the batch centres).
 struct Pass {
     loss: loss::LossParts,
-    targets: crate::loss::Targets,
+    /// The teacher's mean entropies, f64 `[3]` on the device.
+    teacher_entropy: Tensor,
     /// The flat gradient `[n]` followed by the batch centres c₀, c₁, c₂ (`3·K`).
     grads: Tensor,
     /// Seconds: teacher forward, student forward + loss, backward.
@@ -596,6 +597,16 @@ impl Explicit {
             loss::forward_backward(&ops, &self.cfg.loss, &targets, &logits, b, n_local)
         })?;
         drop(logits);
+        // The loss has read the targets: of them the backward needs only this batch's centres,
+        // so the [rows, K] distributions go before the backward's peak.
+        let crate::loss::Targets {
+            cls_global,
+            cls_local,
+            udi,
+            batch_centres,
+            teacher_entropy,
+        } = targets;
+        drop((cls_global, cls_local, udi));
         let t2 = prof::mark(&self.device)?;
 
         // Backward: head → final LN of [cls]/[cls+] and SRS → blocks in reverse → embeddings.
@@ -636,12 +647,12 @@ impl Explicit {
             bb.backward(&ops, sl, &dxl, masks.as_ref().map(|m| &m.1), &mut grads)?;
         }
         drop(student);
-        let c = &targets.batch_centres;
+        let c = &batch_centres;
         let grads = grads.finish(&[&c.cls, &c.udi, &c.patch])?;
         let t3 = prof::mark(&self.device)?;
         Ok(Pass {
             loss: vals,
-            targets,
+            teacher_entropy,
             grads,
             timings: [
                 (t1 - t0).as_secs_f64(),
@@ -728,7 +739,7 @@ impl TrainStep for Explicit {
             let batch = fetch(m)?;
             let pass = self.forward_backward(&batch, epoch, global_step, (first + m, groups))?;
             reads.push(pass.loss.sums.clone());
-            reads.push(pass.targets.teacher_entropy.clone());
+            reads.push(pass.teacher_entropy);
             losses.push(pass.loss);
             for (a, x) in timings.iter_mut().zip(pass.timings) {
                 *a += x;
