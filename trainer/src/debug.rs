@@ -183,8 +183,9 @@ pub struct BenchResult {
     pub student_fwd_loss_s: Option<f64>,
     pub backward_s: Option<f64>,
     pub optim_ema_s: Option<f64>,
-    /// Device memory in use at its highest during the timed steps (CUDA's pool high-water
-    /// mark: every tensor, no allocator slack); None on the CPU.
+    /// Tensor memory in use at its highest during the timed steps: CUDA's pool high-water mark
+    /// (every tensor, no allocator slack); on the CPU the same count of tensor storage, a model of
+    /// the device's (`crate::device::peak_memory`).
     pub peak_mem_gib: Option<f64>,
     /// With `--profile`: forward stages over 2 more steps, each synchronised ([`crate::prof`]).
     #[serde(skip_serializing_if = "Vec::is_empty")]

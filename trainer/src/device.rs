@@ -171,24 +171,30 @@ fn env_flag(name: &str) -> bool {
     std::env::var(name).is_ok_and(|v| v == "1")
 }
 
-/// The pool's high-water mark of memory in use since the last [`reset_peak_memory`], in bytes
-/// (None on the CPU). Counts every tensor candle and our kernels allocate on the device.
+/// The high-water mark of tensor memory since the last [`reset_peak_memory`], in bytes. On CUDA
+/// the pool's (every tensor candle and our kernels allocate on the device); on the CPU the same
+/// count of tensor storage ([`candle_core::memory`]), which models a device's allocations when
+/// the step runs with the device's dtypes and kernels (`--precision bf16 --kernels fused`).
 pub fn peak_memory(device: &Device) -> Option<u64> {
     match device {
         #[cfg(feature = "cuda")]
         Device::Cuda(cd) => pool::get(cd, pool::Attr::CU_MEMPOOL_ATTR_USED_MEM_HIGH).ok(),
+        Device::Cpu => Some(candle_core::memory::peak_cpu_bytes() as u64),
         _ => None,
     }
 }
 
-/// Starts a new high-water mark for [`peak_memory`] (writing 0 resets it to the current use).
+/// Starts a new high-water mark for [`peak_memory`] at the memory in use now.
 pub fn reset_peak_memory(device: &Device) {
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(cd) = device {
-        let _ = pool::set(cd, pool::Attr::CU_MEMPOOL_ATTR_USED_MEM_HIGH, 0);
+    match device {
+        // Writing 0 resets the pool's mark to the current use.
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cd) => {
+            let _ = pool::set(cd, pool::Attr::CU_MEMPOOL_ATTR_USED_MEM_HIGH, 0);
+        }
+        Device::Cpu => candle_core::memory::reset_peak_cpu_bytes(),
+        _ => {}
     }
-    #[cfg(not(feature = "cuda"))]
-    let _ = device;
 }
 
 /// The u64 attributes of the default stream-ordered memory pool of candle's device.

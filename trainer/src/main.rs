@@ -281,8 +281,13 @@ fn main() -> Result<()> {
                     ),
                     _ => "stage times: --profile".to_string(),
                 };
+                let peak = match r.peak_mem_gib {
+                    Some(g) if r.device == "cpu" => format!(", peak tensor memory {g:.2} GiB"),
+                    Some(g) => format!(", peak {g:.2} GiB"),
+                    None => String::new(),
+                };
                 println!(
-                    "{} {} {} {} batch {}: {:.3} s/step, {:.1} images/s ({stages})",
+                    "{} {} {} {} batch {}: {:.3} s/step, {:.1} images/s ({stages}){peak}",
                     r.device,
                     r.precision,
                     r.kernels,

@@ -44,6 +44,16 @@ pub struct Tensor_ {
     device: Device,
 }
 
+// The storage is freed with the last tensor that holds it (views share it): the memory model's
+// count ([`crate::memory`]).
+impl Drop for Tensor_ {
+    fn drop(&mut self) {
+        if Arc::strong_count(&self.storage) == 1 {
+            crate::memory::free(&self.storage.read());
+        }
+    }
+}
+
 impl AsRef<Tensor> for Tensor {
     fn as_ref(&self) -> &Tensor {
         self
@@ -164,6 +174,7 @@ pub(crate) fn from_storage<S: Into<Shape>>(
     op: BackpropOp,
     is_variable: bool,
 ) -> Tensor {
+    crate::memory::alloc(&storage);
     let dtype = storage.dtype();
     let device = storage.device();
     let tensor_ = Tensor_ {
@@ -2364,7 +2375,11 @@ impl Tensor {
         let op = BackpropOp::new1(self, Op::Copy);
         let tensor_ = Tensor_ {
             id: TensorId::new(),
-            storage: Arc::new(RwLock::new(self.storage().try_clone(self.layout())?)),
+            storage: Arc::new(RwLock::new({
+                let s = self.storage().try_clone(self.layout())?;
+                crate::memory::alloc(&s);
+                s
+            })),
             layout: self.layout.clone(),
             op,
             is_variable: false,
@@ -2424,6 +2439,7 @@ impl Tensor {
                 }
             };
             let op = BackpropOp::new1(self, Op::ToDevice);
+            crate::memory::alloc(&storage);
             let tensor_ = Tensor_ {
                 id: TensorId::new(),
                 storage: Arc::new(RwLock::new(storage)),

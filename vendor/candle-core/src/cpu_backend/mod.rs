@@ -38,6 +38,24 @@ pub enum CpuStorage {
     F8E8M0(Vec<u8>),
 }
 
+impl CpuStorage {
+    /// Bytes held by the storage's buffer.
+    pub fn byte_len(&self) -> usize {
+        match self {
+            Self::U8(v) | Self::F6E2M3(v) | Self::F6E3M2(v) | Self::F4(v) | Self::F8E8M0(v) => v.len(),
+            Self::U32(v) => 4 * v.len(),
+            Self::I16(v) => 2 * v.len(),
+            Self::I32(v) => 4 * v.len(),
+            Self::I64(v) => 8 * v.len(),
+            Self::BF16(v) => 2 * v.len(),
+            Self::F16(v) => 2 * v.len(),
+            Self::F32(v) => 4 * v.len(),
+            Self::F64(v) => 8 * v.len(),
+            Self::F8E4M3(v) => v.len(),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub enum CpuStorageRef<'a> {
     U8(&'a [u8]),
