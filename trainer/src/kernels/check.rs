@@ -369,11 +369,31 @@ fn check_adamw(out: &mut Vec<KernelResult>, s: &Shapes, dev: &Device, reps: usiz
             fused.push(t0.elapsed().as_secs_f64() * 1e3);
         }
     }
-    let tol = 1e-4;
-    out.push(KernelResult {
-        op: "adamw+ema".into(),
-        dtype: "f32".into(),
-        shape: format!("{} tensors, {n} values", s.params.len()),
+    out.push(forward_row(
+        "adamw+ema",
+        "f32",
+        format!("{} tensors, {n} values", s.params.len()),
+        (fa, fr),
+        1e-4,
+        (composed, fused),
+    ));
+    Ok(())
+}
+
+/// The row of an op without a backward: it passes when the forward's relative error is within
+/// `tol`; the median composed and fused milliseconds.
+fn forward_row(
+    op: &str,
+    dtype: &str,
+    shape: String,
+    (fa, fr): (f64, f64),
+    tol: f64,
+    (composed, fused): (Vec<f64>, Vec<f64>),
+) -> KernelResult {
+    KernelResult {
+        op: op.into(),
+        dtype: dtype.into(),
+        shape,
         fwd_max_abs: fa,
         fwd_max_rel: fr,
         bwd_max_abs: None,
@@ -382,8 +402,7 @@ fn check_adamw(out: &mut Vec<KernelResult>, s: &Shapes, dev: &Device, reps: usiz
         pass: fr <= tol && fa.is_finite(),
         composed_ms: median(composed),
         fused_ms: median(fused),
-    });
-    Ok(())
+    }
 }
 
 /// The per-parameter squared gradient norms of the flat gradient (clipping): device vs CPU
@@ -427,20 +446,14 @@ fn check_sq_norms(
         }
     }
     // f64 sums of f32 squares in different orders.
-    let tol = 1e-10;
-    out.push(KernelResult {
-        op: "squared norms".into(),
-        dtype: "f32".into(),
-        shape: format!("{} tensors, {n} values", s.params.len()),
-        fwd_max_abs: fa,
-        fwd_max_rel: fr,
-        bwd_max_abs: None,
-        bwd_max_rel: None,
-        tolerance: tol,
-        pass: fr <= tol && fa.is_finite(),
-        composed_ms: median(composed),
-        fused_ms: median(fused),
-    });
+    out.push(forward_row(
+        "squared norms",
+        "f32",
+        format!("{} tensors, {n} values", s.params.len()),
+        (fa, fr),
+        1e-10,
+        (composed, fused),
+    ));
     Ok(())
 }
 
@@ -478,19 +491,14 @@ fn check_accumulate(
             }
         }
         // Both sides add the same two f32 values: exact.
-        out.push(KernelResult {
-            op: "gradient accumulate".into(),
-            dtype: format!("{dt:?}").to_lowercase(),
-            shape: format!("{n} values"),
-            fwd_max_abs: fa,
-            fwd_max_rel: fr,
-            bwd_max_abs: None,
-            bwd_max_rel: None,
-            tolerance: 0.0,
-            pass: fa == 0.0,
-            composed_ms: median(composed),
-            fused_ms: median(fused),
-        });
+        out.push(forward_row(
+            "gradient accumulate",
+            &format!("{dt:?}").to_lowercase(),
+            format!("{n} values"),
+            (fa, fr),
+            0.0,
+            (composed, fused),
+        ));
     }
     Ok(())
 }
@@ -643,19 +651,14 @@ fn check_photometric(
         p.apply(img, size, size, &mut scratch);
     }
     let loader_ms = t0.elapsed().as_secs_f64() * 1e3;
-    out.push(KernelResult {
-        op: "photometric (loader CPU 1 thread → device)".into(),
-        dtype: "f32".into(),
-        shape: format!("[{crops}, {size}, {size}, 3]"),
-        fwd_max_abs: abs,
-        fwd_max_rel: rel,
-        bwd_max_abs: None,
-        bwd_max_rel: None,
-        tolerance: 0.0,
-        pass: abs == 0.0,
-        composed_ms: loader_ms,
-        fused_ms: median(device_ms),
-    });
+    out.push(forward_row(
+        "photometric (loader CPU 1 thread → device)",
+        "f32",
+        format!("[{crops}, {size}, {size}, 3]"),
+        (abs, rel),
+        0.0,
+        (vec![loader_ms], device_ms),
+    ));
     Ok(())
 }
 

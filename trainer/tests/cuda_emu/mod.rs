@@ -279,35 +279,24 @@ impl Buf {
         &self.all()[MARGIN..MARGIN + self.n * self.kind.size()]
     }
 
-    /// An input holding `t` (f32, bf16 or u32; any shape), which the kernels must not change.
+    /// An input holding `t` (f32, bf16, u32 or f64; any shape), which the kernels must not change.
     pub fn input(t: &Tensor) -> Self {
         let kind = Kind::of(t.dtype());
         let t = t.flatten_all().unwrap();
+        macro_rules! le_bytes {
+            ($ty:ty) => {
+                t.to_vec1::<$ty>()
+                    .unwrap()
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect()
+            };
+        }
         let bytes: Vec<u8> = match kind {
-            Kind::F32 => t
-                .to_vec1::<f32>()
-                .unwrap()
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-            Kind::Bf16 => t
-                .to_vec1::<bf16>()
-                .unwrap()
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-            Kind::U32 => t
-                .to_vec1::<u32>()
-                .unwrap()
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-            Kind::F64 => t
-                .to_vec1::<f64>()
-                .unwrap()
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
+            Kind::F32 => le_bytes!(f32),
+            Kind::Bf16 => le_bytes!(bf16),
+            Kind::U32 => le_bytes!(u32),
+            Kind::F64 => le_bytes!(f64),
         };
         let mut b = Buf::raw(kind, bytes.len() / kind.size());
         b.all_mut()[MARGIN..MARGIN + bytes.len()].copy_from_slice(&bytes);
