@@ -33,6 +33,12 @@ impl Centres {
             patch: z,
         })
     }
+    /// ‖c₀‖, ‖c₁‖, ‖c₂‖ in f64, `[3]` on the device (read with the step's other values).
+    pub fn norms(&self) -> Result<Tensor> {
+        let norm = |c: &Tensor| c.to_dtype(DType::F64)?.sqr()?.sum_all()?.sqrt();
+        Tensor::stack(&[norm(&self.cls)?, norm(&self.udi)?, norm(&self.patch)?], 0)
+    }
+
     /// The centres of a checkpoint map (`center.{cls,udi,patch}`, shape `[k]`), in `dtype` on
     /// `device`, each in a buffer of its own.
     pub fn from_map(

@@ -333,13 +333,7 @@ impl Trainer {
         }
         let t4 = crate::prof::mark(&self.device)?;
 
-        let cn = |t: &Tensor| -> Result<f64> {
-            Ok(t.to_dtype(DType::F64)?
-                .sqr()?
-                .sum_all()?
-                .sqrt()?
-                .to_scalar::<f64>()?)
-        };
+        let cn = self.centres.norms()?.to_vec1::<f64>()?;
         let stats = StepStats {
             epoch,
             global_step,
@@ -355,11 +349,7 @@ impl Trainer {
                 let h = loss.teacher_entropy.to_vec1::<f64>()?;
                 [h[0], h[1], h[2]]
             },
-            centre_norms: [
-                cn(&self.centres.cls)?,
-                cn(&self.centres.udi)?,
-                cn(&self.centres.patch)?,
-            ],
+            centre_norms: [cn[0], cn[1], cn[2]],
             grad_norm: plan.norm,
             timings: [
                 (t1 - t0).as_secs_f64(),

@@ -796,12 +796,7 @@ impl TrainStep for Explicit {
 
         // The trainable parameters' ‖g‖² and the new centres' norms: the step's second and last
         // read (after it, the host only queues work).
-        let centre_norms = [&self.centres.cls, &self.centres.udi, &self.centres.patch]
-            .iter()
-            .map(|c| c.to_dtype(DType::F64)?.sqr()?.sum_all()?.sqrt()?.reshape(1))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let mut read = vec![self.sq_norms.squared_norms(&g)?];
-        read.extend(centre_norms);
+        let read = [self.sq_norms.squared_norms(&g)?, self.centres.norms()?];
         let vals = Tensor::cat(&read, 0)?.to_vec1::<f64>()?;
         let (sq, norms) = vals.split_at(vals.len() - 3);
 

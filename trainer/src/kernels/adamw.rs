@@ -109,15 +109,10 @@ impl InplaceOp3 for AdamwEma {
         cpu::same(s3.dtype(), candle_core::DType::U32, "adamw meta and u32")?;
         let segs = segments_from(&cpu::read(s3, l3, "adamw meta")?);
         let n = g.len();
-        let Some((a, b)) = l1.contiguous_offsets() else {
-            bail!("adamw state must be contiguous")
-        };
-        if b - a != 4 * n {
-            bail!("adamw state has {} elements, expected 4·{n}", b - a);
-        }
+        let r = super::span(l1, 4 * n, "adamw state")?;
         macro_rules! run {
             ($st:expr, $to:expr, $from:expr) => {{
-                let st = &mut $st[a..b];
+                let st = &mut $st[r];
                 for s in &segs {
                     for i in s.offset..s.offset + s.len {
                         let (p, m, v) = self.element(
@@ -162,14 +157,9 @@ impl InplaceOp3 for AdamwEma {
         }
         let n = l2.shape().elem_count();
         let n_seg = (l3.shape().elem_count() / 8) as i32;
-        let Some((a, b)) = l1.contiguous_offsets() else {
-            bail!("adamw state must be contiguous")
-        };
-        if b - a != 4 * n {
-            bail!("adamw state has {} elements, expected 4·{n}", b - a);
-        }
+        let r = super::span(l1, 4 * n, "adamw state")?;
         let st = s1.as_cuda_slice_mut::<f32>()?;
-        let mut st = st.slice_mut(a..b);
+        let mut st = st.slice_mut(r);
         let k = gpu::func(&dev, "adamw_ema")?;
         let (b1, b2, eps, mom) = (
             self.beta1 as f32,

@@ -44,6 +44,25 @@ use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
+/// The element range of an in-place op's destination, which must be contiguous and hold `want`
+/// elements.
+fn span(
+    l: &candle_core::Layout,
+    want: usize,
+    what: &str,
+) -> candle_core::Result<std::ops::Range<usize>> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{what}: the destination must be contiguous")
+    };
+    if b - a != want {
+        candle_core::bail!(
+            "{what}: the destination has {} elements, expected {want}",
+            b - a
+        );
+    }
+    Ok(a..b)
+}
+
 /// The `--precision` flag / `[run] precision`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]

@@ -765,18 +765,10 @@ impl InplaceOp2 for Accumulate {
         l2: &Layout,
     ) -> Result<()> {
         let g = cpu::read(s2, l2, "accumulate g")?;
-        let Some((a, b)) = l1.contiguous_offsets() else {
-            bail!("accumulate: the destination must be contiguous")
-        };
-        if b - a != g.len() {
-            bail!("accumulate: {} elements into {}", g.len(), b - a);
-        }
+        let r = super::span(l1, g.len(), "accumulate")?;
         match s1 {
-            CpuStorage::F32(d) => d[a..b]
-                .iter_mut()
-                .zip(&g)
-                .for_each(|(d, &g)| *d += g as f32),
-            CpuStorage::F64(d) => d[a..b].iter_mut().zip(&g).for_each(|(d, g)| *d += g),
+            CpuStorage::F32(d) => d[r].iter_mut().zip(&g).for_each(|(d, &g)| *d += g as f32),
+            CpuStorage::F64(d) => d[r].iter_mut().zip(&g).for_each(|(d, g)| *d += g),
             other => bail!("accumulate into f32 or f64, not {:?}", other.dtype()),
         }
         Ok(())
@@ -792,19 +784,14 @@ impl InplaceOp2 for Accumulate {
     ) -> Result<()> {
         let dev = s1.device.clone();
         let g = gpu::In::new(s2, l2, "accumulate g")?;
-        let Some((a, b)) = l1.contiguous_offsets() else {
-            bail!("accumulate: the destination must be contiguous")
-        };
         let n = l2.shape().elem_count();
-        if b - a != n {
-            bail!("accumulate: {n} elements into {}", b - a);
-        }
+        let r = super::span(l1, n, "accumulate")?;
         let k = gpu::func(
             &dev,
             &format!("grad_accumulate_{}", gpu::suffix(g.dtype())?),
         )?;
         let dst = s1.as_cuda_slice_mut::<f32>()?;
-        let mut dst = dst.slice_mut(a..b);
+        let mut dst = dst.slice_mut(r);
         let mut args = k.builder();
         args.arg(&mut dst);
         g.push(&mut args);

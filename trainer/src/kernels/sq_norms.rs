@@ -43,10 +43,10 @@ impl SqNormPlan {
             }
             first.push((chunks.len() / 2) as u32);
         }
-        let n = first.len();
+        let (n_chunks, n_first) = (chunks.len(), first.len());
         Ok(Self {
-            chunks: Tensor::from_vec(chunks.clone(), chunks.len(), device)?,
-            first: Tensor::from_vec(first, n, device)?,
+            chunks: Tensor::from_vec(chunks, n_chunks, device)?,
+            first: Tensor::from_vec(first, n_first, device)?,
         })
     }
 

@@ -27,8 +27,8 @@ pub fn reset_peak_cpu_bytes() {
 
 pub(crate) fn alloc(s: &Storage) {
     if let Storage::Cpu(c) = s {
-        let live = LIVE.fetch_add(c.byte_len(), Ordering::Relaxed) + c.byte_len();
-        PEAK.fetch_max(live, Ordering::Relaxed);
+        let n = c.byte_len();
+        PEAK.fetch_max(LIVE.fetch_add(n, Ordering::Relaxed) + n, Ordering::Relaxed);
     }
 }
 
