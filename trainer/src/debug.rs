@@ -190,6 +190,56 @@ pub struct BenchResult {
     /// With `--profile`: forward stages over 2 more steps, each synchronised ([`crate::prof`]).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub profile: Vec<ProfileRow>,
+    /// With `--traffic` on the CPU: what the timed steps' ops read and write per step, as the
+    /// device would run them ([`candle_core::memory`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub traffic: Option<Traffic>,
+}
+
+/// Memory traffic and matmul FLOPs of one step, counted op by op on the CPU.
+#[derive(Debug, Serialize)]
+pub struct Traffic {
+    /// Storage ops (each one kernel launch or memset/upload on CUDA; a custom op may launch a few).
+    pub ops: f64,
+    pub read_gib: f64,
+    pub written_gib: f64,
+    pub matmul_tflop: f64,
+    /// Per op name, the most bytes first.
+    pub by_op: Vec<OpTrafficRow>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct OpTrafficRow {
+    pub op: String,
+    pub calls: f64,
+    pub read_gib: f64,
+    pub written_gib: f64,
+    pub tflop: f64,
+}
+
+impl Traffic {
+    /// The totals recorded over `steps` steps, per step.
+    fn per_step(ops: Vec<(&'static str, candle_core::memory::OpTraffic)>, steps: f64) -> Self {
+        const GIB: f64 = (1u64 << 30) as f64;
+        let mut by_op: Vec<OpTrafficRow> = ops
+            .into_iter()
+            .map(|(op, t)| OpTrafficRow {
+                op: op.to_string(),
+                calls: t.calls as f64 / steps,
+                read_gib: t.read_bytes as f64 / GIB / steps,
+                written_gib: t.written_bytes as f64 / GIB / steps,
+                tflop: t.flops as f64 / 1e12 / steps,
+            })
+            .collect();
+        by_op.sort_by(|a, b| (b.read_gib + b.written_gib).total_cmp(&(a.read_gib + a.written_gib)));
+        Traffic {
+            ops: by_op.iter().map(|r| r.calls).sum(),
+            read_gib: by_op.iter().map(|r| r.read_gib).sum(),
+            written_gib: by_op.iter().map(|r| r.written_gib).sum(),
+            matmul_tflop: by_op.iter().map(|r| r.tflop).sum(),
+            by_op,
+        }
+    }
 }
 
 /// The loss alone: forward and backward with the student's logits as leaf variables (seconds,
@@ -275,7 +325,12 @@ pub fn bench(
     compute: Compute,
     engine: EngineKind,
     profile: bool,
+    traffic: bool,
 ) -> Result<BenchResult> {
+    anyhow::ensure!(
+        !traffic || device.is_cpu(),
+        "--traffic counts the ops of a CPU run (a model of the device's traffic): use --device cpu"
+    );
     let (layout, buf) = synthetic_batch(&cfg.augment, batch_size, 7);
     let view = BatchView::new(&layout, buf.bytes()).map_err(anyhow::Error::msg)?;
     let batch = TrainBatch::from_view(&view, &cfg.augment, device)?;
@@ -288,6 +343,9 @@ pub fn bench(
     // queued, before the device has finished it.
     device.synchronize()?;
     crate::device::reset_peak_memory(device);
+    if traffic {
+        candle_core::memory::start_traffic();
+    }
     let mut acc = [0.0; 4];
     let t = Instant::now();
     for i in warmup..warmup + steps {
@@ -300,6 +358,8 @@ pub fn bench(
     let wall = t.elapsed().as_secs_f64();
     let n = steps.max(1) as f64;
     let peak = crate::device::peak_memory(device);
+    let traffic = traffic
+        .then(|| Traffic::per_step(candle_core::memory::stop_traffic(), steps.max(1) as f64));
     // Stage times: exact on the CPU; on a GPU only from the profiled (synchronised) steps.
     let mut stages = device.is_cpu().then(|| acc.map(|a| a / n));
     let mut rows = Vec::new();
@@ -395,5 +455,6 @@ pub fn bench(
         optim_ema_s: stages.map(|s| s[3]),
         peak_mem_gib: peak.map(|b| b as f64 / (1u64 << 30) as f64),
         profile: rows,
+        traffic,
     })
 }

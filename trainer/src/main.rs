@@ -135,6 +135,10 @@ enum Cmd {
         /// Then 2 more steps with every forward stage synchronised and timed (a table).
         #[arg(long)]
         profile: bool,
+        /// On the CPU: count what each op of the timed steps reads and writes, as the device would
+        /// run them (use with the device's --precision bf16 --kernels fused); a table by op.
+        #[arg(long)]
+        traffic: bool,
         #[command(flatten)]
         compute: ComputeArgs,
     },
@@ -254,6 +258,7 @@ fn main() -> Result<()> {
             steps,
             json,
             profile,
+            traffic,
             compute,
         } => {
             let cfg = TrainConfig::from_toml_file(&config)?;
@@ -261,7 +266,22 @@ fn main() -> Result<()> {
             let b = batch_size.unwrap_or(cfg.data.batch_size);
             let c = compute.resolve(&dev);
             let e = compute.engine(&dev);
-            let r = trainer::debug::bench(&cfg, &dev, b, warmup, steps, c, e, profile)?;
+            let r = trainer::debug::bench(&cfg, &dev, b, warmup, steps, c, e, profile, traffic)?;
+            if let Some(t) = &r.traffic {
+                eprintln!(
+                    "| op (per step) | calls | read GiB | written GiB | TFLOP |\n|---|---:|---:|---:|---:|"
+                );
+                for o in &t.by_op {
+                    eprintln!(
+                        "| {} | {:.0} | {:.3} | {:.3} | {:.3} |",
+                        o.op, o.calls, o.read_gib, o.written_gib, o.tflop
+                    );
+                }
+                eprintln!(
+                    "| total | {:.0} | {:.3} | {:.3} | {:.3} |",
+                    t.ops, t.read_gib, t.written_gib, t.matmul_tflop
+                );
+            }
             if !r.profile.is_empty() {
                 // The table on stderr, so that --json keeps one object on stdout.
                 eprintln!("| stage (synchronised) | ms/step | calls/step |\n|---|---:|---:|");

@@ -16,6 +16,7 @@
 use super::cpu;
 use super::ops::ln_stats;
 use super::{bias_add, layer_norm, layer_norm_backward, residual_add};
+use candle_core::memory;
 use candle_core::{DType, Result, Tensor};
 
 /// What the fused backward returns: dx (dres's dtype and shape), the next branch's gradient
@@ -92,7 +93,10 @@ pub fn residual_add_layer_norm(
         return cuda_forward(x, a, ab, m, w, b, eps, out);
     }
     if fused && x.device().is_cpu() {
-        return reference_forward(x, a, ab, m, w, b, eps, out);
+        let r = memory::one_op(|| reference_forward(x, a, ab, m, w, b, eps, out))?;
+        let reads = [Some(x), Some(a), ab, m, Some(w), Some(b)];
+        record("residual_ln_fwd", reads.into_iter().flatten(), [&r.0, &r.1]);
+        return Ok(r);
     }
     let a = match ab {
         Some(ab) => bias_add(a, ab, fused)?,
@@ -205,7 +209,36 @@ pub fn layer_norm_backward_residual(
     if x.device().is_cuda() {
         return layer_norm_backward_residual(x, w, dy, dres, eps, branch, false);
     }
-    reference(x, w, dy, dres, eps, branch)
+    let m = branch.and_then(|b| b.m);
+    let g = memory::one_op(|| reference(x, w, dy, dres, eps, branch))?;
+    let written = [Some(&g.dx), g.branch.as_ref(), Some(&g.dw), Some(&g.db)];
+    record(
+        "ln_bwd_residual",
+        [x, w, dy, dres].into_iter().chain(m),
+        written.into_iter().flatten(),
+    );
+    Ok(g)
+}
+
+/// Records a CPU reference as the one kernel it stands for: what it reads and writes
+/// ([`candle_core::memory`]).
+fn record<'a>(
+    name: &'static str,
+    reads: impl IntoIterator<Item = &'a Tensor>,
+    written: impl IntoIterator<Item = &'a Tensor>,
+) {
+    if memory::recording() {
+        let bytes = |ts: &mut dyn Iterator<Item = &'a Tensor>| {
+            ts.map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
+                .sum()
+        };
+        memory::record_op(
+            name,
+            bytes(&mut reads.into_iter()),
+            bytes(&mut written.into_iter()),
+            0,
+        );
+    }
 }
 
 /// Per-sample multipliers as `[B]` in `dtype` (ones without a mask; B = the stream's leading

@@ -80,15 +80,19 @@ impl Storage {
     }
 
     pub(crate) fn const_set(&mut self, v: Scalar, l: &Layout) -> Result<()> {
+        let t = crate::memory::Trace::start("const_set", &[], 0);
         match self {
             Storage::Cpu(storage) => storage.const_set(v, l),
             Storage::Cuda(storage) => storage.const_set(v, l),
             Storage::Metal(storage) => storage.const_set(v, l),
-        }
+        }?;
+        t.written(crate::memory::view_bytes(self.dtype(), l));
+        Ok(())
     }
 
     pub(crate) fn affine(&self, layout: &Layout, mul: f64, add: f64) -> Result<Self> {
-        match self {
+        let t = crate::memory::Trace::start("affine", &[(self, layout)], 0);
+        t.done(match self {
             Storage::Cpu(storage) => {
                 let storage = storage.affine(layout, mul, add)?;
                 Ok(Self::Cpu(storage))
@@ -101,11 +105,12 @@ impl Storage {
                 let storage = storage.affine(layout, mul, add)?;
                 Ok(Self::Metal(storage))
             }
-        }
+        })
     }
 
     pub(crate) fn powf(&self, layout: &Layout, alpha: f64) -> Result<Self> {
-        match self {
+        let t = crate::memory::Trace::start("powf", &[(self, layout)], 0);
+        t.done(match self {
             Storage::Cpu(storage) => {
                 let storage = storage.powf(layout, alpha)?;
                 Ok(Self::Cpu(storage))
@@ -118,11 +123,12 @@ impl Storage {
                 let storage = storage.powf(layout, alpha)?;
                 Ok(Self::Metal(storage))
             }
-        }
+        })
     }
 
     pub(crate) fn elu(&self, layout: &Layout, alpha: f64) -> Result<Self> {
-        match self {
+        let t = crate::memory::Trace::start("elu", &[(self, layout)], 0);
+        t.done(match self {
             Storage::Cpu(storage) => {
                 let storage = storage.elu(layout, alpha)?;
                 Ok(Self::Cpu(storage))
@@ -135,7 +141,7 @@ impl Storage {
                 let storage = storage.elu(layout, alpha)?;
                 Ok(Self::Metal(storage))
             }
-        }
+        })
     }
 
     pub(crate) fn cmp(
@@ -147,7 +153,8 @@ impl Storage {
     ) -> Result<Self> {
         self.same_device(rhs, "cmp")?;
         self.same_dtype(rhs, "cmp")?;
-        match (self, rhs) {
+        let t = crate::memory::Trace::start("cmp", &[(self, lhs_layout), (rhs, rhs_layout)], 0);
+        t.done(match (self, rhs) {
             (Storage::Cpu(lhs), Storage::Cpu(rhs)) => {
                 let storage = lhs.cmp(op, rhs, lhs_layout, rhs_layout)?;
                 Ok(Self::Cpu(storage))
@@ -170,11 +177,12 @@ impl Storage {
                 }
                 .bt())
             }
-        }
+        })
     }
 
     pub(crate) fn reduce_op(&self, op: ReduceOp, layout: &Layout, s: &[usize]) -> Result<Self> {
-        match self {
+        let t = crate::memory::Trace::start(op.name(), &[(self, layout)], 0);
+        t.done(match self {
             Storage::Cpu(storage) => {
                 let storage = storage.reduce_op(op, layout, s)?;
                 Ok(Self::Cpu(storage))
@@ -187,11 +195,12 @@ impl Storage {
                 let storage = storage.reduce_op(op, layout, s)?;
                 Ok(Self::Metal(storage))
             }
-        }
+        })
     }
 
     pub(crate) fn to_dtype(&self, layout: &Layout, dtype: DType) -> Result<Self> {
-        match self {
+        let t = crate::memory::Trace::start("to_dtype", &[(self, layout)], 0);
+        t.done(match self {
             Storage::Cpu(storage) => {
                 let storage = storage.to_dtype(layout, dtype)?;
                 Ok(Self::Cpu(storage))
@@ -204,11 +213,12 @@ impl Storage {
                 let storage = storage.to_dtype(layout, dtype)?;
                 Ok(Self::Metal(storage))
             }
-        }
+        })
     }
 
     pub(crate) fn apply_op1(&self, l: &Layout, c: &dyn CustomOp1) -> Result<(Self, Shape)> {
-        match self {
+        let t = crate::memory::Trace::start(c.name(), &[(self, l)], 0);
+        t.done(match self {
             Self::Cpu(storage) => {
                 let (storage, shape) = c.cpu_fwd(storage, l)?;
                 Ok((Self::Cpu(storage), shape))
@@ -221,7 +231,7 @@ impl Storage {
                 let (storage, shape) = c.metal_fwd(storage, l)?;
                 Ok((Self::Metal(storage), shape))
             }
-        }
+        })
     }
 
     pub(crate) fn apply_op2(
@@ -232,7 +242,8 @@ impl Storage {
         c: &dyn CustomOp2,
     ) -> Result<(Self, Shape)> {
         self.same_device(t2, c.name())?;
-        match (self, t2) {
+        let t = crate::memory::Trace::start(c.name(), &[(self, l1), (t2, l2)], 0);
+        t.done(match (self, t2) {
             (Self::Cpu(s1), Self::Cpu(s2)) => {
                 let (s, shape) = c.cpu_fwd(s1, l1, s2, l2)?;
                 Ok((Self::Cpu(s), shape))
@@ -246,7 +257,7 @@ impl Storage {
                 Ok((Self::Metal(s), shape))
             }
             _ => unreachable!(),
-        }
+        })
     }
 
     pub(crate) fn apply_op3(
@@ -260,7 +271,8 @@ impl Storage {
     ) -> Result<(Self, Shape)> {
         self.same_device(t2, c.name())?;
         self.same_device(t3, c.name())?;
-        match (self, t2, t3) {
+        let t = crate::memory::Trace::start(c.name(), &[(self, l1), (t2, l2), (t3, l3)], 0);
+        t.done(match (self, t2, t3) {
             (Self::Cpu(s1), Self::Cpu(s2), Self::Cpu(s3)) => {
                 let (s, shape) = c.cpu_fwd(s1, l1, s2, l2, s3, l3)?;
                 Ok((Self::Cpu(s), shape))
@@ -274,7 +286,7 @@ impl Storage {
                 Ok((Self::Metal(s), shape))
             }
             _ => unreachable!(),
-        }
+        })
     }
 
     /// Applies an custom in-place op for the `self` tensor.
@@ -316,15 +328,27 @@ impl Storage {
             }};
         }
 
+        // The destination is read and written; an aliased source is the destination.
+        let mut reads: Vec<(&Storage, &Layout)> = vec![(&*self, dst_l)];
+        for (s, l) in srcs.iter() {
+            if let Src::Distinct(s) = s {
+                reads.push((s, l));
+            }
+        }
+        let t = crate::memory::Trace::start(c.name(), &reads, 0);
+        let written = crate::memory::view_bytes(self.dtype(), dst_l);
         match self {
             Storage::Cpu(dst) => inplace_dispatch!(dst, Cpu, cpu_fwd, cpu_fwd_aliased),
             Storage::Cuda(dst) => inplace_dispatch!(dst, Cuda, cuda_fwd, cuda_fwd_aliased),
             Storage::Metal(dst) => inplace_dispatch!(dst, Metal, metal_fwd, metal_fwd_aliased),
-        }
+        }?;
+        t.written(written);
+        Ok(())
     }
 
     pub(crate) fn unary_impl<B: op::UnaryOpT>(&self, layout: &Layout) -> Result<Self> {
-        match self {
+        let t = crate::memory::Trace::start(B::NAME, &[(self, layout)], 0);
+        t.done(match self {
             Storage::Cpu(storage) => {
                 let storage = storage.unary_impl::<B>(layout)?;
                 Ok(Self::Cpu(storage))
@@ -337,7 +361,7 @@ impl Storage {
                 let storage = storage.unary_impl::<B>(layout)?;
                 Ok(Self::Metal(storage))
             }
-        }
+        })
     }
 
     pub(crate) fn binary_impl<B: op::BinaryOpT>(
@@ -348,7 +372,8 @@ impl Storage {
     ) -> Result<Self> {
         self.same_device(rhs, B::NAME)?;
         self.same_dtype(rhs, B::NAME)?;
-        match (self, rhs) {
+        let t = crate::memory::Trace::start(B::NAME, &[(self, lhs_layout), (rhs, rhs_layout)], 0);
+        t.done(match (self, rhs) {
             (Storage::Cpu(lhs), Storage::Cpu(rhs)) => {
                 let storage = lhs.binary_impl::<B>(rhs, lhs_layout, rhs_layout)?;
                 Ok(Self::Cpu(storage))
@@ -371,7 +396,7 @@ impl Storage {
                 }
                 .bt())
             }
-        }
+        })
     }
 
     pub(crate) fn conv1d(
@@ -615,7 +640,9 @@ impl Storage {
         self.same_device(t, "where")?;
         self.same_device(f, "where")?;
         t.same_dtype(f, "where")?;
-        match (self, t, f) {
+        let trace =
+            crate::memory::Trace::start("where", &[(self, layout), (t, layout_t), (f, layout_f)], 0);
+        trace.done(match (self, t, f) {
             (Storage::Cpu(cond), Storage::Cpu(t), Storage::Cpu(f)) => {
                 let storage = cond.where_cond(layout, t, layout_t, f, layout_f)?;
                 Ok(Self::Cpu(storage))
@@ -634,7 +661,7 @@ impl Storage {
                 op: "where",
             }
             .bt()),
-        }
+        })
     }
 
     pub(crate) fn gather(
@@ -645,7 +672,8 @@ impl Storage {
         d: usize,
     ) -> Result<Self> {
         self.same_device(indexes, "index-add")?;
-        match (self, indexes) {
+        let t = crate::memory::Trace::start("gather", &[(self, l), (indexes, indexes_l)], 0);
+        t.done(match (self, indexes) {
             (Self::Cpu(s), Self::Cpu(indexes)) => {
                 let storage = s.gather(l, indexes, indexes_l, d)?;
                 Ok(Self::Cpu(storage))
@@ -659,7 +687,7 @@ impl Storage {
                 Ok(Self::Metal(storage))
             }
             _ => unreachable!(),
-        }
+        })
     }
 
     pub(crate) fn scatter_set(
@@ -673,6 +701,12 @@ impl Storage {
     ) -> Result<()> {
         self.same_device(indexes, "scatter-set")?;
         self.same_device(source, "scatter-set")?;
+        let t = crate::memory::Trace::start(
+            "scatter_set",
+            &[(indexes, indexes_l), (source, source_l)],
+            0,
+        );
+        let written = (source_l.shape().elem_count() * source.dtype().size_in_bytes()) as u64;
         match (self, indexes, source) {
             (Self::Cpu(s), Self::Cpu(indexes), Self::Cpu(source)) => {
                 s.scatter_set(l, indexes, indexes_l, source, source_l, d)?;
@@ -685,6 +719,7 @@ impl Storage {
             }
             _ => unreachable!(),
         }
+        t.written(written);
         Ok(())
     }
 
@@ -699,6 +734,12 @@ impl Storage {
     ) -> Result<()> {
         self.same_device(indexes, "scatter-add")?;
         self.same_device(source, "scatter-add")?;
+        let t = crate::memory::Trace::start(
+            "scatter_add",
+            &[(indexes, indexes_l), (source, source_l)],
+            0,
+        );
+        let written = (source_l.shape().elem_count() * source.dtype().size_in_bytes()) as u64;
         match (self, indexes, source) {
             (Self::Cpu(s), Self::Cpu(indexes), Self::Cpu(source)) => {
                 s.scatter_add_set(l, indexes, indexes_l, source, source_l, d)?;
@@ -711,6 +752,7 @@ impl Storage {
             }
             _ => unreachable!(),
         }
+        t.written(written);
         Ok(())
     }
 
@@ -725,7 +767,8 @@ impl Storage {
     ) -> Result<Self> {
         self.same_device(indexes, "index-add")?;
         self.same_device(source, "index-add")?;
-        match (self, indexes, source) {
+        let t = crate::memory::Trace::start("index_add", &[(self, l), (indexes, indexes_l), (source, source_l)], 0);
+        t.done(match (self, indexes, source) {
             (Self::Cpu(s), Self::Cpu(indexes), Self::Cpu(source)) => {
                 let storage = s.index_add(l, indexes, indexes_l, source, source_l, d)?;
                 Ok(Self::Cpu(storage))
@@ -739,7 +782,7 @@ impl Storage {
                 Ok(Self::Metal(storage))
             }
             _ => unreachable!(),
-        }
+        })
     }
 
     pub(crate) fn index_select(
@@ -750,7 +793,8 @@ impl Storage {
         d: usize,
     ) -> Result<Self> {
         self.same_device(rhs, "index-select")?;
-        match (self, rhs) {
+        let t = crate::memory::Trace::start("index_select", &[(self, lhs_l), (rhs, rhs_l)], 0);
+        t.done(match (self, rhs) {
             (Self::Cpu(lhs), Self::Cpu(rhs)) => {
                 let storage = lhs.index_select(rhs, lhs_l, rhs_l, d)?;
                 Ok(Self::Cpu(storage))
@@ -769,7 +813,7 @@ impl Storage {
                 op: "index-select",
             }
             .bt()),
-        }
+        })
     }
 
     pub(crate) fn matmul(
@@ -781,7 +825,8 @@ impl Storage {
     ) -> Result<Self> {
         self.same_device(rhs, "matmul")?;
         self.same_dtype(rhs, "matmul")?;
-        match (self, rhs) {
+        let t = crate::memory::Trace::start("matmul", &[(self, lhs_layout), (rhs, rhs_layout)], (2 * bmnk.0 * bmnk.1 * bmnk.2 * bmnk.3) as u64);
+        t.done(match (self, rhs) {
             (Self::Cpu(lhs), Self::Cpu(rhs)) => {
                 let storage = lhs.matmul(rhs, bmnk, lhs_layout, rhs_layout)?;
                 Ok(Self::Cpu(storage))
@@ -800,7 +845,7 @@ impl Storage {
                 op: "matmul",
             }
             .bt()),
-        }
+        })
     }
 
     // self, the source can be strided whereas dst is contiguous.
@@ -810,8 +855,14 @@ impl Storage {
         dst_offset: usize,
         src_l: &Layout,
     ) -> Result<()> {
+        let t = crate::memory::Trace::start("copy", &[(self, src_l)], 0);
+        let written = (src_l.shape().elem_count() * self.dtype().size_in_bytes()) as u64;
         match (self, dst) {
-            (Self::Cpu(src), Self::Cpu(dst)) => src.copy_strided_src(dst, dst_offset, src_l),
+            (Self::Cpu(src), Self::Cpu(dst)) => {
+                src.copy_strided_src(dst, dst_offset, src_l)?;
+                t.written(written);
+                Ok(())
+            }
             (Self::Cuda(src), Self::Cuda(dst)) => Ok(src.copy_strided_src(dst, dst_offset, src_l)?),
             (Self::Metal(src), Self::Metal(dst)) => {
                 Ok(src.copy_strided_src(dst, dst_offset, src_l)?)
@@ -836,8 +887,14 @@ impl Storage {
         src_o: usize,
         dst_o: usize,
     ) -> Result<()> {
+        let bytes = (d1 * d2 * self.dtype().size_in_bytes()) as u64;
+        let t = crate::memory::Trace::start_bytes("copy2d", bytes, 0);
         match (self, dst) {
-            (Self::Cpu(src), Self::Cpu(dst)) => src.copy2d(dst, d1, d2, src_s, dst_s, src_o, dst_o),
+            (Self::Cpu(src), Self::Cpu(dst)) => {
+                src.copy2d(dst, d1, d2, src_s, dst_s, src_o, dst_o)?;
+                t.written(bytes);
+                Ok(())
+            }
             (Self::Cuda(src), Self::Cuda(dst)) => {
                 Ok(src.copy2d(dst, d1, d2, src_s, dst_s, src_o, dst_o)?)
             }
