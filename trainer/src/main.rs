@@ -185,11 +185,18 @@ struct ComputeArgs {
     /// explicit on CPU, autograd on CUDA.
     #[arg(long, value_enum)]
     engine: Option<trainer::engine::EngineKind>,
+    /// Explicit engine: keep the blocks' LayerNorm and GELU outputs for the backward instead of
+    /// recomputing them (less memory traffic, more memory).
+    #[arg(long)]
+    keep_activations: bool,
 }
 
 impl ComputeArgs {
     fn resolve(&self, dev: &candle_core::Device) -> trainer::kernels::Compute {
-        trainer::kernels::Compute::for_device(dev, self.precision, self.kernels)
+        trainer::kernels::Compute {
+            keep_activations: self.keep_activations,
+            ..trainer::kernels::Compute::for_device(dev, self.precision, self.kernels)
+        }
     }
     fn engine(&self, dev: &candle_core::Device) -> trainer::engine::EngineKind {
         trainer::engine::EngineKind::for_device(dev, self.engine)

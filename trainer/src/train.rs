@@ -67,6 +67,9 @@ pub struct RunConfig {
     /// the GPU check has compared its copy-stream path with the synchronous upload
     /// ([`RunConfig::prefetch_on`]).
     pub prefetch: Option<bool>,
+    /// The explicit step keeps the blocks' LayerNorm and GELU outputs for its backward instead of
+    /// recomputing them ([`crate::kernels::Compute::keep_activations`]).
+    pub keep_activations: bool,
 }
 
 impl RunConfig {
@@ -93,6 +96,7 @@ impl Default for RunConfig {
             accumulate: 1,
             collective_timeout_s: 600.0,
             prefetch: None,
+            keep_activations: false,
         }
     }
 }
@@ -275,7 +279,10 @@ fn train_rank(
              it pays only where the trainer's device is a GPU. Use \"loader\" here."
         );
     }
-    let compute = crate::kernels::Compute::for_device(&opts.device, run.precision, run.kernels);
+    let compute = crate::kernels::Compute {
+        keep_activations: run.keep_activations,
+        ..crate::kernels::Compute::for_device(&opts.device, run.precision, run.kernels)
+    };
     // Data-parallel training and accumulation are built on the explicit step's flat buffers.
     let engine = match (run.engine, slice == Slice::WHOLE) {
         (None, false) => crate::engine::EngineKind::Explicit,

@@ -422,6 +422,7 @@ fn fused_step_equals_composed_step_f64() {
     let fused = Compute {
         precision: Precision::F32,
         kernels: Kernels::Fused,
+        keep_activations: false,
     };
     let (t0, r0) = step_with(&cfg, DType::F64, composed, &b);
     let (t1, r1) = step_with(&cfg, DType::F64, fused, &b);
@@ -477,10 +478,12 @@ fn bf16_step_close_to_f32_step() {
         let f32c = Compute {
             precision: Precision::F32,
             kernels,
+            keep_activations: false,
         };
         let bf16c = Compute {
             precision: Precision::Bf16,
             kernels,
+            keep_activations: false,
         };
         let (_, r32) = step_with(&cfg, DType::F32, f32c, &b);
         let (t16, r16) = step_with(&cfg, DType::F32, bf16c, &b);
@@ -550,6 +553,7 @@ fn fused_bf16_path_resumes_bitwise() {
     let compute = Compute {
         precision: Precision::Bf16,
         kernels: Kernels::Fused,
+        keep_activations: false,
     };
     let new = || {
         let mut t = Trainer::with_options(&cfg, 10, &Device::Cpu, DType::F32, compute).unwrap();

@@ -56,6 +56,7 @@ fn explicit_step_peaks_well_below_autograd() {
     let gpu_like = Compute {
         precision: Precision::Bf16,
         kernels: Kernels::Fused,
+        keep_activations: false,
     };
     let peak = |engine| {
         trainer::debug::bench(&cfg, &Device::Cpu, 16, 1, 1, gpu_like, engine, false, false)
@@ -78,8 +79,14 @@ fn traffic_counts_what_each_op_reads_and_writes() {
     use candle_core::memory::{one_op, record_op, start_traffic, stop_traffic, OpTraffic};
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dev = Device::Cpu;
-    let a = Tensor::arange(0f32, 24.0, &dev).unwrap().reshape((6, 4)).unwrap();
-    let b = Tensor::arange(0f32, 20.0, &dev).unwrap().reshape((4, 5)).unwrap();
+    let a = Tensor::arange(0f32, 24.0, &dev)
+        .unwrap()
+        .reshape((6, 4))
+        .unwrap();
+    let b = Tensor::arange(0f32, 20.0, &dev)
+        .unwrap()
+        .reshape((4, 5))
+        .unwrap();
     let row = Tensor::arange(0f32, 4.0, &dev).unwrap();
     start_traffic();
     let c = a.matmul(&b).unwrap();
@@ -122,6 +129,7 @@ fn explicit_step_moves_fewer_bytes_in_fewer_ops() {
     let gpu_like = Compute {
         precision: Precision::Bf16,
         kernels: Kernels::Fused,
+        keep_activations: false,
     };
     let traffic = |engine| {
         let t = trainer::debug::bench(&cfg, &Device::Cpu, 16, 1, 1, gpu_like, engine, false, true)
@@ -131,9 +139,15 @@ fn explicit_step_moves_fewer_bytes_in_fewer_ops() {
         (t.read_gib + t.written_gib, t.ops, t.matmul_tflop)
     };
     let (explicit, autograd) = (traffic(EngineKind::Explicit), traffic(EngineKind::Autograd));
-    assert!(explicit.0 > 0.0 && explicit.0 <= 0.7 * autograd.0, "bytes: explicit {explicit:?}, autograd {autograd:?}");
+    assert!(
+        explicit.0 > 0.0 && explicit.0 <= 0.7 * autograd.0,
+        "bytes: explicit {explicit:?}, autograd {autograd:?}"
+    );
     assert!(explicit.1 <= 0.5 * autograd.1, "ops");
     // The same model, but flash attention's products are not matmuls: the explicit step's
     // matmul FLOPs are the autograd step's less the composed attention's (0.89× at these shapes).
-    assert!(explicit.2 < autograd.2 && explicit.2 > 0.8 * autograd.2, "FLOPs");
+    assert!(
+        explicit.2 < autograd.2 && explicit.2 > 0.8 * autograd.2,
+        "FLOPs"
+    );
 }

@@ -95,6 +95,8 @@ pub struct Ops {
     pub flash: bool,
     pub cdt: DType,
     pub pdt: DType,
+    /// Blocks keep their LayerNorm and GELU outputs for the backward (else it recomputes them).
+    pub keep_activations: bool,
 }
 
 /// The flat gradient buffer of one step: `[n]` in the layout's order (named views by layout id),
@@ -320,6 +322,7 @@ impl Explicit {
             flash: self.compute.flash(),
             cdt: self.compute.dtype(self.dtype),
             pdt: self.dtype,
+            keep_activations: self.compute.keep_activations,
         }
     }
 

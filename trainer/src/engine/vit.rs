@@ -31,15 +31,24 @@ pub struct Block {
     pub fc2: Linear,
 }
 
-/// What a block's backward reads. The LayerNorm outputs and the MLP's GELU output are not kept:
-/// the backward recomputes them from x, x₁ and the fc1 product (elementwise work, as llm.c's
-/// recompute option), which leaves 10 of the 16 D-wide values per token to keep.
+/// What a block's backward reads. By default the LayerNorm outputs and the MLP's GELU output are
+/// not kept: the backward recomputes them from x, x₁ and the fc1 product (elementwise work, as
+/// llm.c's recompute option), which leaves 10 of the 16 D-wide values per token to keep;
+/// `keep_activations` keeps them instead (`kept`).
 pub struct BlockSaved {
     x: Tensor,
     attn: AttnSaved,
     heads_out: Tensor,
     x1: Tensor,
     fc1_pre: Tensor,
+    kept: Option<Kept>,
+}
+
+/// LN₁(x), LN₂(x₁) and gelu(fc1) rows, as the forward made them.
+struct Kept {
+    ln1: Tensor,
+    ln2: Tensor,
+    gelu: Tensor,
 }
 
 /// The residual stream's gradient entering a block's backward from above: `dx` and the MLP
@@ -69,7 +78,8 @@ impl Block {
         let scale = ((d / heads) as f64).powf(-0.5);
         // The qkv bias is added by the attention as it reads the rows.
         let qkv = self.qkv.product(&ln1)?;
-        std::mem::drop(ln1);
+        let keep = save && ops.keep_activations;
+        let ln1 = keep.then_some(ln1);
         let (heads_out, attn) =
             attention::forward_rows(ops, &qkv, self.qkv.b.as_ref(), b, heads, scale, save)?;
         // The proj and fc2 biases are added in the residual updates' passes.
@@ -83,7 +93,9 @@ impl Block {
             ops.cdt,
         )?;
         let (gelu, fc1_pre) = self.fc1.forward_gelu(ops, &ln2)?;
-        std::mem::drop((a, ln2));
+        std::mem::drop(a);
+        // Freed as soon as they are read unless kept.
+        let ln2 = keep.then_some(ln2);
         let (x2, ln_next) = match next {
             Some(norm) => {
                 let m = self.fc2.product(&gelu)?.reshape((b, t, d))?;
@@ -97,13 +109,18 @@ impl Block {
                 (residual_add(&x1, &m, drop.map(|m| &m.1), ops.fused)?, None)
             }
         };
-        std::mem::drop(gelu);
+        let gelu = keep.then_some(gelu);
+        let kept = match (ln1, ln2, gelu) {
+            (Some(ln1), Some(ln2), Some(gelu)) => Some(Kept { ln1, ln2, gelu }),
+            _ => None,
+        };
         let saved = save.then(|| BlockSaved {
             x: x.clone(),
             attn: attn.expect("saved"),
             heads_out,
             x1,
             fc1_pre,
+            kept,
         });
         Ok((x2, ln_next, saved))
     }
@@ -124,14 +141,21 @@ impl Block {
         let (b, t, d) = d2.dx.dims3()?;
         // MLP branch.
         let dm = d2.branch.reshape((b * t, d))?;
-        let gelu = self.fc1.gelu_of(ops, &s.fc1_pre)?;
+        let kept = s.kept.as_ref();
+        let gelu = match kept {
+            Some(k) => k.gelu.clone(),
+            None => self.fc1.gelu_of(ops, &s.fc1_pre)?,
+        };
         let dgelu = self
             .fc2
             .backward(ops, &gelu, &dm, grads, true)?
             .expect("dx");
         std::mem::drop((gelu, dm));
         let rows1 = s.x1.reshape((b * t, d))?;
-        let ln2 = self.norm2.forward(ops, &rows1, ops.cdt)?;
+        let ln2 = match kept {
+            Some(k) => k.ln2.clone(),
+            None => self.norm2.forward(ops, &rows1, ops.cdt)?,
+        };
         let dln2 = self
             .fc1
             .backward_gelu(ops, &ln2, &s.fc1_pre, &dgelu, grads)?;
@@ -153,7 +177,10 @@ impl Block {
         let scale = ((d / heads) as f64).powf(-0.5);
         let dqkv = attention::backward_rows(ops, &s.attn, &dheads, b, heads, scale)?;
         let rows = s.x.reshape((b * t, d))?;
-        let ln1 = self.norm1.forward(ops, &rows, ops.cdt)?;
+        let ln1 = match kept {
+            Some(k) => k.ln1.clone(),
+            None => self.norm1.forward(ops, &rows, ops.cdt)?,
+        };
         let dln1 = self
             .qkv
             .backward(ops, &ln1, &dqkv, grads, true)?

@@ -556,6 +556,7 @@ fn check_flash(out: &mut Vec<KernelResult>, s: &Shapes, dev: &Device, reps: usiz
             flash: false,
             cdt: DType::BF16,
             pdt: DType::F32,
+            keep_activations: false,
         };
         // The engine's own composed path (`flash: false` in `ops`).
         let composed_step = |q: &Tensor, g: &Tensor, n: usize| -> Result<(Tensor, Tensor)> {
