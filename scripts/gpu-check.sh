@@ -13,7 +13,8 @@
 #      bench/compare_debug_step.py;
 #   2. `trainer bench --device cuda` with the explicit engine (hand-written backward over flat
 #      buffers) and the autograd engine, bf16+fused, at batch 128, 64 and 256, and the explicit
-#      engine with composed instead of flash attention (`--kernels fused-no-flash`) at 128 (the
+#      engine with composed instead of flash attention (`--kernels fused-no-flash`) and keeping
+#      its block activations instead of recomputing them (`--keep-activations`) at 128 (the
 #      CUDA debug-step of both engines is compared with the CPU reference in step 1);
 #   3. the PyTorch baseline (bench/pytorch_udi.py) at batch 128 and 64 (official-style), and the
 #      "fast" PyTorch variant (SDPA, bf16, fused AdamW, torch.compile) at 128;
@@ -252,6 +253,9 @@ tb=($TORCH_BATCHES)
 [ "${SKIP_TORCH:-0}" != 1 ] && torch_run official "${tb[0]}"
 [ "${SKIP_BENCH:-0}" != 1 ] && bench_trainer "${runs[1]}"
 [ "${SKIP_TORCH:-0}" != 1 ] && [ "${FAST:-1}" = 1 ] && torch_run fast "${tb[0]}" -compile --compile
+# The first run again keeping the blocks' LayerNorm/GELU outputs instead of recomputing them in
+# the backward (fewer bytes moved, more memory held): which default is the faster one.
+[ "${SKIP_BENCH:-0}" != 1 ] && bench_trainer "${runs[0]}" -keep --keep-activations
 
 # --- 4a. learning: the demo's labelled set, tiny config, each engine on the GPU, k-NN before/after
 learn() {

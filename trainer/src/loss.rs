@@ -222,8 +222,10 @@ pub fn targets(
 
     // ---- teacher patch logits regrouped per pair ------------------------------------------
     // Global: teacher view u holds pair ū's rows; swap views so index v = pair v = student view v.
-    let tg = rows.global(n_g)?.to_dtype(dt)?.reshape((2, b, n_g, k))?;
-    let t_pat = Tensor::cat(&[tg.get(1)?.unsqueeze(0)?, tg.get(0)?.unsqueeze(0)?], 0)?; // [2, B, n_g, K]
+    // Swapped in the logits' dtype, then cast: the copy moves bf16 rather than f32 on the GPU.
+    let tg = rows.global(n_g)?.reshape((2, b, n_g, k))?;
+    let t_pat =
+        Tensor::cat(&[tg.get(1)?.unsqueeze(0)?, tg.get(0)?.unsqueeze(0)?], 0)?.to_dtype(dt)?; // [2, B, n_g, K]
     let vg = &batch.valid_g; // [2, B, n_g]
 
     // ---- multimodal targets (raw logits) ---------------------------------------------------
@@ -249,8 +251,9 @@ pub fn targets(
         let mm_l = ((avg_l * alpha)?.broadcast_add(&(cls_t * (1.0 - alpha))?))?; // [2, B, L, K]
         mm_sum = (mm_sum + mm_l.sum((0, 1, 2))?)?;
         let p1_l = teacher_probs(&mm_l, &centres.udi, tau)?;
-        let p1_l = (p1_l.get(0)? + p1_l.get(1)?)?.transpose(0, 1)?; // [L, B, K]
-        plus_local = Some(p1_l.contiguous()?.reshape((l * b, k))?);
+        // Summed from transposed views: the sum is written crop-major, no copy after it.
+        let p1_l = (p1_l.get(0)?.transpose(0, 1)? + p1_l.get(1)?.transpose(0, 1)?)?; // [L, B, K]
+        plus_local = Some(p1_l.reshape((l * b, k))?);
         h1_sum = (h1_sum
             + (mean_entropy(&mm_l, &centres.udi, tau, None, fused)? * (2 * b * l) as f64)?)?;
         patch_sum = (patch_sum + local_sum)?;
