@@ -30,6 +30,7 @@ const STEPS: &[&str] = &[
     "trainer-bf16-fused-explicit-b4",
     "trainer-bf16-fused-autograd-b4",
     "trainer-bf16-fused-no-flash-explicit-b4",
+    "trainer-bf16-fused-explicit-keep-b4",
     "trainer-bf16-fused-explicit-b2",
     "trainer-bf16-fused-explicit-b8",
     "trainer-bf16-fused-autograd-b2",

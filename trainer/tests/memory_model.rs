@@ -44,6 +44,29 @@ fn storage_counts_until_its_last_tensor_is_dropped() {
     assert_eq!(peak_cpu_bytes(), base);
 }
 
+/// One step timed on the tiny config at batch 16 with the GPU's dtypes and kernels (after one
+/// warm-up step), its traffic counted when `traffic`.
+fn tiny_gpu_like_step(engine: EngineKind, traffic: bool) -> trainer::debug::BenchResult {
+    let gpu_like = Compute {
+        precision: Precision::Bf16,
+        kernels: Kernels::Fused,
+        keep_activations: false,
+    };
+    let cfg = common::tiny_cfg();
+    trainer::debug::bench(
+        &cfg,
+        &Device::Cpu,
+        16,
+        1,
+        1,
+        gpu_like,
+        engine,
+        false,
+        traffic,
+    )
+    .unwrap()
+}
+
 /// The explicit step keeps what its backward needs and nothing more (block activations with the
 /// LayerNorm and GELU outputs recomputed, flash attention's output and row statistics, targets
 /// freed after the loss): on the tiny config, with the GPU's dtypes and kernels, its peak tensor
@@ -52,15 +75,8 @@ fn storage_counts_until_its_last_tensor_is_dropped() {
 #[test]
 fn explicit_step_peaks_well_below_autograd() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let cfg = common::tiny_cfg();
-    let gpu_like = Compute {
-        precision: Precision::Bf16,
-        kernels: Kernels::Fused,
-        keep_activations: false,
-    };
     let peak = |engine| {
-        trainer::debug::bench(&cfg, &Device::Cpu, 16, 1, 1, gpu_like, engine, false, false)
-            .unwrap()
+        tiny_gpu_like_step(engine, false)
             .peak_mem_gib
             .expect("a peak on the CPU")
     };
@@ -125,15 +141,8 @@ fn traffic_counts_what_each_op_reads_and_writes() {
 #[test]
 fn explicit_step_moves_fewer_bytes_in_fewer_ops() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let cfg = common::tiny_cfg();
-    let gpu_like = Compute {
-        precision: Precision::Bf16,
-        kernels: Kernels::Fused,
-        keep_activations: false,
-    };
     let traffic = |engine| {
-        let t = trainer::debug::bench(&cfg, &Device::Cpu, 16, 1, 1, gpu_like, engine, false, true)
-            .unwrap()
+        let t = tiny_gpu_like_step(engine, true)
             .traffic
             .expect("counted on the CPU");
         (t.read_gib + t.written_gib, t.ops, t.matmul_tflop)
