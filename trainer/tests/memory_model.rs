@@ -88,7 +88,8 @@ fn explicit_step_peaks_well_below_autograd() {
 }
 
 /// The traffic count (`candle_core::memory::start_traffic`): each op's distinct input bytes
-/// (a broadcast dim once), its output bytes and a matmul's FLOPs, written out here; ops run
+/// (a broadcast dim once), its output bytes (an in-place op: its destination, read and written)
+/// and a matmul's FLOPs, written out here; ops run
 /// inside `one_op` count as the one op its caller records.
 #[test]
 fn traffic_counts_what_each_op_reads_and_writes() {
@@ -133,6 +134,13 @@ fn traffic_counts_what_each_op_reads_and_writes() {
         ]
     );
     assert!(stop_traffic().is_empty());
+    // In place: 10 bf16 values added into 10 of 30 f32 (read and written there).
+    let flat = Tensor::zeros(30, DType::F32, &dev).unwrap();
+    let g = Tensor::ones(10, DType::BF16, &dev).unwrap();
+    start_traffic();
+    trainer::kernels::accumulate(&flat, 5, &g, true).unwrap();
+    let inplace = stop_traffic();
+    assert_eq!(inplace, vec![("udi-accumulate", t(1, 40 + 20, 40, 0))]);
 }
 
 /// The explicit step moves fewer bytes in fewer ops than the autograd step (no zero-pad + cat

@@ -329,13 +329,17 @@ impl Storage {
         }
 
         // The destination is read and written; an aliased source is the destination.
-        let mut reads: Vec<(&Storage, &Layout)> = vec![(&*self, dst_l)];
-        for (s, l) in srcs.iter() {
-            if let Src::Distinct(s) = s {
-                reads.push((s, l));
-            }
-        }
-        let t = crate::memory::Trace::start(c.name(), &reads, 0);
+        let read = match crate::memory::recording() {
+            true => srcs.iter().fold(
+                crate::memory::view_bytes(self.dtype(), dst_l),
+                |n, (s, l)| match s {
+                    Src::Distinct(s) => n + crate::memory::view_bytes(s.dtype(), l),
+                    Src::Aliased(_) => n,
+                },
+            ),
+            false => 0,
+        };
+        let t = crate::memory::Trace::start_bytes(c.name(), read, 0);
         let written = crate::memory::view_bytes(self.dtype(), dst_l);
         match self {
             Storage::Cpu(dst) => inplace_dispatch!(dst, Cpu, cpu_fwd, cpu_fwd_aliased),
