@@ -89,8 +89,8 @@ fn explicit_step_peaks_well_below_autograd() {
 
 /// The traffic count (`candle_core::memory::start_traffic`): each op's distinct input bytes
 /// (a broadcast dim once), its output bytes (an in-place op: its destination, read and written)
-/// and a matmul's FLOPs, written out here; ops run
-/// inside `one_op` count as the one op its caller records.
+/// and a matmul's FLOPs, written out here; ops run inside `one_op` count as the one op its
+/// caller records.
 #[test]
 fn traffic_counts_what_each_op_reads_and_writes() {
     use candle_core::memory::{one_op, record_op, start_traffic, stop_traffic, OpTraffic};
