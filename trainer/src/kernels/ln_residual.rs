@@ -220,8 +220,8 @@ pub fn layer_norm_backward_residual(
     Ok(g)
 }
 
-/// Records a CPU reference as the one kernel it stands for: what it reads and writes
-/// ([`candle_core::memory`]).
+/// Records a CPU reference as the one kernel it stands for: what it reads and writes, by the
+/// rule the storage ops are counted by ([`memory::view_bytes`]).
 fn record<'a>(
     name: &'static str,
     reads: impl IntoIterator<Item = &'a Tensor>,
@@ -229,8 +229,7 @@ fn record<'a>(
 ) {
     if memory::recording() {
         let bytes = |ts: &mut dyn Iterator<Item = &'a Tensor>| {
-            ts.map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
-                .sum()
+            ts.map(|t| memory::view_bytes(t.dtype(), t.layout())).sum()
         };
         memory::record_op(
             name,

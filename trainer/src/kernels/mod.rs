@@ -15,8 +15,9 @@
 //! gradient), [`centered_softmax`] (teacher targets, no bwd), [`soft_ce_rows`] (student
 //! cross-entropy with temperature, fwd + bwd), [`adamw::AdamwEma`] (multi-tensor AdamW + EMA
 //! over flat buffers), [`accumulate`] (a gradient added in place into the flat gradient buffer),
-//! [`sq_norms`] (every parameter's squared gradient norm in two launches). Each public function takes `fused: bool` and falls back to the composed
-//! candle ops, so the two paths can be compared op by op (`trainer kernel-check`).
+//! [`sq_norms`] (every parameter's squared gradient norm in two launches). Each public function
+//! takes `fused: bool` and falls back to the composed candle ops, so the two paths can be
+//! compared op by op (`trainer kernel-check`).
 //!
 //! Launch grids are pure functions in [`geometry`], shared by the CUDA path and
 //! trainer/tests/cuda_source_on_cpu.rs, which runs `udi_kernels.cu` on the CPU (emu/).
