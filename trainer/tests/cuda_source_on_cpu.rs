@@ -275,8 +275,8 @@ fn bias_gelu_bias_add_and_column_sums() {
     for dt in [DType::F32, DType::BF16] {
         let tol = tol(&[dt]);
         let s = suffix(dt);
-        // 1500 elements: a partial last block of the elementwise grid; col_sum over 130 rows
-        // and 300 columns: partial blocks in both grid dims.
+        // 1500 elements: a partial last block of the elementwise grid; col_sum and the bias-GELU
+        // backward over 130 rows and 300 columns: partial blocks in both grid dims.
         for (rows, d) in [(5, 300), (130, 300)] {
             let n = rows * d;
             let what = format!("{s} [{rows}, {d}]");
@@ -285,7 +285,7 @@ fn bias_gelu_bias_add_and_column_sums() {
             let dy = rand(&[rows, d], 15, -1.0, 1.0, dt);
             let (bx, bb, bdy) = (Buf::input(&x), Buf::input(&b), Buf::input(&dy));
             let y_ref = trainer::kernels::bias_gelu(&x, &b, true).unwrap();
-            let (dx_ref, _) = trainer::kernels::bias_gelu_backward(&x, &b, &dy, true).unwrap();
+            let (dx_ref, db_ref) = trainer::kernels::bias_gelu_backward(&x, &b, &dy, true).unwrap();
             let add_ref = trainer::kernels::bias_add(&x, &b, true).unwrap();
             let sum_ref = trainer::kernels::col_sum(&x, DType::F32, true).unwrap();
 
@@ -299,20 +299,31 @@ fn bias_gelu_bias_add_and_column_sums() {
                 .launch(geometry::elementwise(n));
             assert_output(&format!("bias_gelu {what}"), &y, &[rows, d], &y_ref, tol);
 
+            // dx and its column sums (the bias gradient) in one pass, on col_sum's grid.
             let dx = Buf::output(Kind::of(dt), n);
+            let db = Buf::zeroed(Kind::F32, d);
+            let (g, rpb) = geometry::col_sum(rows, d);
             emu.call(&format!("bias_gelu_bwd_{s}"))
                 .buf(&bx)
                 .buf(&bb)
                 .buf(&bdy)
                 .buf(&dx)
-                .usize(n)
+                .buf(&db)
+                .i32(rows as i32)
                 .i32(d as i32)
-                .launch(geometry::elementwise(n));
+                .i32(rpb as i32)
+                .launch(g);
             assert_output(
                 &format!("bias_gelu bwd {what}"),
                 &dx,
                 &[rows, d],
                 &dx_ref,
+                tol,
+            );
+            assert_close(
+                &format!("bias_gelu bwd db {what}"),
+                &db_ref,
+                &db.tensor(&[d]),
                 tol,
             );
 
@@ -504,7 +515,16 @@ fn head_softmax_entropy_and_cross_entropy() {
                 .launch(geo(rows));
             assert_output(&format!("soft_ce {what}"), &loss, &[rows], &loss_ref, tol);
 
-            let ds_ref = trainer::kernels::soft_ce_backward(&st, &p, &g, tau_s, true).unwrap();
+            // The reference of both halves: the one-pass op's (its loss must be soft_ce's).
+            let ds_ref = st.copy().unwrap();
+            let fused_loss_ref =
+                trainer::kernels::soft_ce_in_place(&ds_ref, &p, &g, tau_s, true).unwrap();
+            assert_close(
+                &format!("soft_ce in place {what}: loss"),
+                &loss_ref,
+                &fused_loss_ref,
+                1e-12,
+            );
             let ds = Buf::output(Kind::of(dt), rows * k);
             emu.call(&format!("soft_ce_bwd_{s}"))
                 .buf(&bs)
@@ -520,6 +540,32 @@ fn head_softmax_entropy_and_cross_entropy() {
                 &ds,
                 &[rows, k],
                 &ds_ref,
+                tol,
+            );
+
+            // Both in one pass, the gradient written over the logits.
+            let s_inout = Buf::in_out(&st);
+            let loss = Buf::output(Kind::F32, rows);
+            emu.call(&format!("soft_ce_fused_{s}"))
+                .buf(&s_inout)
+                .buf(&bp)
+                .buf(&bg)
+                .buf(&loss)
+                .i32(k as i32)
+                .i32(p_rows as i32)
+                .f32((1.0 / tau_s) as f32)
+                .launch(geo(rows));
+            assert_output(
+                &format!("soft_ce fused {what}: loss"),
+                &loss,
+                &[rows],
+                &loss_ref,
+                tol,
+            );
+            assert_close(
+                &format!("soft_ce fused {what}: ds in place"),
+                &ds_ref,
+                &s_inout.tensor(&[rows, k]),
                 tol,
             );
         }

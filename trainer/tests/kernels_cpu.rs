@@ -239,6 +239,61 @@ fn soft_ce_fused_matches_composed() {
     }
 }
 
+#[test]
+fn soft_ce_in_place_is_the_loss_and_its_gradient() {
+    use trainer::kernels::soft_ce_in_place;
+    // 12 student rows against 4 target rows with Σp = 2, per-row weights as the loss's.
+    let s = rand(&[12, 50], 21, 3.0);
+    let p = (centered_softmax(&rand(&[4, 50], 22, 2.0), &rand(&[50], 23, 0.1), 0.1, false)
+        .unwrap()
+        * 2.0)
+        .unwrap();
+    let g = (rand(&[12], 24, 1.0) + 1.5).unwrap();
+    // Independent: soft_ce_rows composed, its gradient by candle's autograd of Σ g·loss.
+    let v = Var::from_tensor(&s).unwrap();
+    let loss = soft_ce_rows(v.as_tensor(), &p, 0.1, false).unwrap();
+    let grads = (&loss * &g).unwrap().sum_all().unwrap().backward().unwrap();
+    let ds = grads.get(v.as_tensor()).unwrap().clone();
+    for fused in [false, true] {
+        // A view in the middle of a larger buffer: rows before and after must stay.
+        let buf = Tensor::cat(&[&rand(&[3, 50], 25, 1.0), &s, &rand(&[2, 50], 26, 1.0)], 0)
+            .unwrap()
+            .copy()
+            .unwrap();
+        let before = buf.copy().unwrap();
+        let h = soft_ce_in_place(&buf.narrow(0, 3, 12).unwrap(), &p, &g, 0.1, fused).unwrap();
+        assert_eq!(h.dims(), [12]);
+        let what = format!("fused {fused}");
+        assert!(max_abs_diff(&h, &loss) < 1e-12, "{what}: loss");
+        let got = buf.narrow(0, 3, 12).unwrap();
+        assert!(
+            max_abs_diff(&got, &ds) < 1e-12,
+            "{what}: ds {}",
+            max_abs_diff(&got, &ds)
+        );
+        for (a, n) in [(0, 3), (15, 2)] {
+            let (x, y) = (
+                buf.narrow(0, a, n).unwrap(),
+                before.narrow(0, a, n).unwrap(),
+            );
+            assert_eq!(max_abs_diff(&x, &y), 0.0, "{what}: rows {a}.. changed");
+        }
+    }
+    // bf16 logits, f32 targets and weights: the two paths within bf16 rounding.
+    let (pf, gf) = (
+        p.to_dtype(DType::F32).unwrap(),
+        g.to_dtype(DType::F32).unwrap(),
+    );
+    let [a, b] = [false, true].map(|fused| {
+        let sb = s.to_dtype(DType::BF16).unwrap();
+        let h = soft_ce_in_place(&sb, &pf, &gf, 0.1, fused).unwrap();
+        (h, sb)
+    });
+    assert!(max_abs_diff(&a.0, &b.0) < 2e-3 * max_abs(&a.0));
+    assert!(max_abs_diff(&a.1, &b.1) < 1e-2 * max_abs(&a.1));
+    assert!(soft_ce_in_place(&s, &p, &g.narrow(0, 0, 11).unwrap(), 0.1, true).is_err());
+}
+
 /// Random gradients for every parameter but the last, which gets none (frozen).
 fn fake_grads(store: &ParamStore, seed: u64) -> Vec<Option<Tensor>> {
     let n = store.len();
@@ -1026,6 +1081,20 @@ fn fused_ops_refuse_the_dtypes_cuda_refuses() {
     let p = centered_softmax(&dy, &c, 0.1, true).unwrap();
     let ce = |p: &Tensor| soft_ce_rows(&x, p, 0.1, true);
     refused("soft_ce target", ce(&half(&p)), ce(&p));
+    let g = Tensor::ones(rows, DType::F32, &Device::Cpu).unwrap();
+    let ce_in_place = |p: &Tensor, g: &Tensor| {
+        trainer::kernels::soft_ce_in_place(&x.copy().unwrap(), p, g, 0.1, true)
+    };
+    refused(
+        "soft_ce in place target",
+        ce_in_place(&half(&p), &g),
+        ce_in_place(&p, &g),
+    );
+    refused(
+        "soft_ce in place weights",
+        ce_in_place(&p, &half(&g)),
+        ce_in_place(&p, &g),
+    );
     let fwd =
         |w: &Tensor| residual_add_layer_norm(&x, &dy, None, None, w, w, 1e-6, DType::F32, true);
     refused(

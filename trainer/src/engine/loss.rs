@@ -9,7 +9,7 @@
 
 use super::Ops;
 use crate::config::LossConfig;
-use crate::kernels::{soft_ce_backward, soft_ce_rows};
+use crate::kernels::soft_ce_in_place;
 use crate::loss::Targets;
 use candle_core::{Result, Tensor};
 
@@ -62,12 +62,14 @@ impl LossParts {
 }
 
 /// Loss parts and dlogits `[R, K]` (compute dtype) for the student head rows in the order
-/// [cls of every crop; cls+ of every crop; patch rows] (`logits` `[R, K]`).
+/// [cls of every crop; cls+ of every crop; patch rows] (`logits` `[R, K]`). Each row group's
+/// value and gradient come from one pass over its rows, which writes the gradient over the
+/// logits: the returned dlogits are the logits' own buffer.
 pub fn forward_backward(
     ops: &Ops,
     cfg: &LossConfig,
     tg: &Targets,
-    logits: &Tensor,
+    logits: Tensor,
     b: usize,
     n_local: usize,
 ) -> Result<(LossParts, Tensor)> {
@@ -101,18 +103,23 @@ pub fn forward_backward(
         groups.push((2 * n_crops, valid.dim(0)?, &u.patch, w));
         valid_rows = Some((valid, n_valid));
     }
+    let covered: usize = groups.iter().map(|g| g.1).sum();
+    if covered != logits.dim(0)? {
+        candle_core::bail!(
+            "loss: the row groups cover {covered} of {} head rows",
+            logits.dim(0)?
+        );
+    }
     let mut sums = Vec::new();
-    let mut grads = Vec::new();
     for (i, (first, rows, p, w)) in groups.iter().enumerate() {
         let s = logits.narrow(0, *first, *rows)?;
-        let h = soft_ce_rows(&s, p, ts, ops.fused)?;
+        let h = soft_ce_in_place(&s, p, w, ts, ops.fused)?;
         // The patch rows' sum counts valid rows only.
         let is_patch = tg.udi.is_some() && i == groups.len() - 1;
         sums.push(match (&valid_rows, is_patch) {
             (Some((v, _)), true) => (h * v)?.sum_all()?,
             _ => h.sum_all()?,
         });
-        grads.push(soft_ce_backward(&s, p, w, ts, ops.fused)?);
     }
     let mut parts = sums;
     if let Some((_, n)) = &valid_rows {
@@ -126,6 +133,6 @@ pub fn forward_backward(
             norm,
             weights: cfg.weights,
         },
-        Tensor::cat(&grads, 0)?,
+        logits,
     ))
 }

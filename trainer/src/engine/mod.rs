@@ -597,9 +597,8 @@ impl Explicit {
             last.forward(&ops, &z_hat)
         })?;
         let (vals, dlogits) = prof::time(dev, "engine: loss forward + dlogits", || {
-            loss::forward_backward(&ops, &self.cfg.loss, &targets, &logits, b, n_local)
+            loss::forward_backward(&ops, &self.cfg.loss, &targets, logits, b, n_local)
         })?;
-        drop(logits);
         // The loss has read the targets: of them the backward needs only this batch's centres,
         // so the [rows, K] distributions go before the backward's peak.
         let crate::loss::Targets {

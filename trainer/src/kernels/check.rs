@@ -881,11 +881,38 @@ pub fn run(dev: &Device, s: &Shapes, reps: usize) -> Result<CheckReport> {
             format!("[{}, {}] vs [{}, {}]", s.ce_rows, s.k, s.ce_targets, s.k),
             dt,
             &f,
-            vec![st, p],
+            vec![st.clone(), p.clone()],
             &[0],
             dev,
             reps,
         )?;
+
+        // The explicit step's loss: the loss rows and the gradient in one pass, written over a
+        // copy of the logits; each output compared on its own scale.
+        let g = rand_t(&[s.ce_rows], 28, 0.5, 1.5)?;
+        let in_place = |t: &[Tensor], fused: bool| {
+            let s = t[0].copy()?;
+            let h = super::soft_ce_in_place(&s, &t[1], &t[2], 0.1, fused)?;
+            Ok((h, s))
+        };
+        let loss_rows = |t: &[Tensor], fused: bool| in_place(t, fused).map(|r| r.0);
+        let ds = |t: &[Tensor], fused: bool| in_place(t, fused).map(|r| r.1);
+        for (op, f) in [
+            ("soft_ce_in_place loss", &loss_rows as OpFn<'_>),
+            ("soft_ce_in_place ds", &ds),
+        ] {
+            check(
+                &mut out,
+                op,
+                format!("[{}, {}] vs [{}, {}]", s.ce_rows, s.k, s.ce_targets, s.k),
+                dt,
+                f,
+                vec![st.clone(), p.clone(), g.clone()],
+                &[],
+                dev,
+                reps,
+            )?;
+        }
     }
     check_adamw(&mut out, s, dev, reps.min(10))?;
     check_sq_norms(&mut out, s, dev, reps.min(10))?;

@@ -55,6 +55,31 @@ pub fn write(v: &[f64], dtype: DType) -> Result<CpuStorage> {
     })
 }
 
+/// f64 values → `dst[range]` in dst's dtype (round to nearest): an in-place op's output.
+pub fn write_into(dst: &mut CpuStorage, range: std::ops::Range<usize>, v: &[f64]) -> Result<()> {
+    if range.len() != v.len() {
+        bail!(
+            "in-place write: {} values for {} elements",
+            v.len(),
+            range.len()
+        );
+    }
+    match dst {
+        CpuStorage::F32(d) => d[range].iter_mut().zip(v).for_each(|(d, &x)| *d = x as f32),
+        CpuStorage::F64(d) => d[range].copy_from_slice(v),
+        CpuStorage::BF16(d) => d[range]
+            .iter_mut()
+            .zip(v)
+            .for_each(|(d, &x)| *d = bf16::from_f64(x)),
+        CpuStorage::F16(d) => d[range]
+            .iter_mut()
+            .zip(v)
+            .for_each(|(d, &x)| *d = f16::from_f64(x)),
+        other => bail!("unsupported in-place dtype {:?}", other.dtype()),
+    }
+    Ok(())
+}
+
 /// Rows and last-dim size of a layout.
 pub fn rows_cols(l: &Layout) -> Result<(usize, usize)> {
     let dims = l.shape().dims();

@@ -13,7 +13,8 @@
 //! bwd), [`flash`] (whole attention on packed qkv rows, fwd + bwd), [`ln_residual`] (a block's
 //! residual update with the LayerNorm after it, and that LayerNorm's backward with the stream's
 //! gradient), [`centered_softmax`] (teacher targets, no bwd), [`soft_ce_rows`] (student
-//! cross-entropy with temperature, fwd + bwd), [`adamw::AdamwEma`] (multi-tensor AdamW + EMA
+//! cross-entropy with temperature, fwd + bwd) and [`soft_ce_in_place`] (both in one pass, the
+//! gradient written over the logits), [`adamw::AdamwEma`] (multi-tensor AdamW + EMA
 //! over flat buffers), [`accumulate`] (a gradient added in place into the flat gradient buffer),
 //! [`sq_norms`] (every parameter's squared gradient norm in two launches). Each public function
 //! takes `fused: bool` and falls back to the composed candle ops, so the two paths can be
@@ -37,7 +38,7 @@ pub mod sq_norms;
 pub use ops::{
     accumulate, attn_softmax, attn_softmax_backward, bias_add, bias_gelu, bias_gelu_backward,
     centered_entropy, centered_softmax, col_sum, layer_norm, layer_norm_backward, residual_add,
-    soft_ce_backward, soft_ce_rows, Accumulate, AttnSoftmax, BiasAdd, BiasGelu, CenteredEntropy,
+    soft_ce_in_place, soft_ce_rows, Accumulate, AttnSoftmax, BiasAdd, BiasGelu, CenteredEntropy,
     CenteredSoftmax, ColSum, LayerNormOp, ResidualAdd, RowScale, SoftCe,
 };
 

@@ -8,8 +8,8 @@ use super::{geometry, gpu};
 use crate::nn;
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, InplaceOp2, Layout, Result, Shape,
-    Tensor, D,
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, InplaceOp2, InplaceOp3, Layout,
+    Result, Shape, Tensor, D,
 };
 #[cfg(feature = "cuda")]
 use candle_core::{cuda_backend::cudarc::driver::PushKernelArg, CudaStorage};
@@ -386,14 +386,17 @@ impl CustomOp2 for BiasGelu {
         _res: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = x.apply_op3_no_bwd(b, &dy.contiguous()?, &BiasGeluBwd)?;
-        let db = col_sum(&dx, b.dtype(), true)?.reshape(b.shape())?;
+        let (dx, db) = bias_gelu_backward(x, b, dy, true)?;
         Ok((Some(dx), Some(db)))
     }
 }
 
-/// (x, b, dy) → dy·gelu'(x + b) in x's dtype.
-struct BiasGeluBwd;
+/// (x, b, dy) → dx = dy·gelu'(x + b) in x's dtype, and the bias gradient db = Σ_rows dx (of dx
+/// as rounded, in b's dtype) from the same pass, left in [`Self::db`].
+#[derive(Default)]
+struct BiasGeluBwd {
+    db: Second,
+}
 
 impl CustomOp3 for BiasGeluBwd {
     fn name(&self) -> &'static str {
@@ -420,7 +423,16 @@ impl CustomOp3 for BiasGeluBwd {
             .enumerate()
             .map(|(i, (&v, &g))| g * gelu_grad(v + b[i % d]))
             .collect();
-        Ok((cpu::write(&dx, s1.dtype())?, l1.shape().clone()))
+        let dx = cpu::write(&dx, s1.dtype())?;
+        // Summed as written: the rounded values, row after row.
+        let rounded = cpu::read(&dx, &Layout::contiguous(l1.shape()), "bias_gelu dx")?;
+        let mut db = vec![0.0; d];
+        for row in rounded.chunks(d) {
+            db.iter_mut().zip(row).for_each(|(s, v)| *s += v);
+        }
+        self.db
+            .put(Tensor::from_vec(db, d, &candle_core::Device::Cpu)?.to_dtype(s2.dtype())?)?;
+        Ok((dx, l1.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -447,18 +459,47 @@ impl CustomOp3 for BiasGeluBwd {
                 x.dtype()
             );
         }
-        let n = l1.shape().elem_count();
-        let d = l2.shape().elem_count() as i32;
+        let d = l2.shape().elem_count();
+        let rows = l1.shape().elem_count() / d.max(1);
+        let (geo, rpb) = geometry::col_sum(rows, d);
         let k = gpu::func(dev, &format!("bias_gelu_bwd_{}", gpu::suffix(x.dtype())?))?;
-        let mut dx = gpu::Out::alloc(dev, x.dtype(), n, false)?;
+        let mut dx = gpu::Out::alloc(dev, x.dtype(), rows * d, false)?;
+        let mut db = gpu::Out::alloc(dev, DType::F32, d, true)?;
+        let (ri, di, rpbi) = (rows as i32, d as i32, rpb as i32);
         let mut a = k.builder();
         x.push(&mut a);
         b.push(&mut a);
         dy.push(&mut a);
         dx.push(&mut a);
-        a.arg(&n).arg(&d);
-        gpu::launch(a, geometry::elementwise(n))?;
+        db.push(&mut a);
+        a.arg(&ri).arg(&di).arg(&rpbi);
+        gpu::launch(a, geo)?;
+        self.db.put(gpu::tensor(db, dev, d))?;
         Ok((dx.into_storage(dev), l1.shape().clone()))
+    }
+}
+
+/// An op's second output, which candle's custom ops (one output each) cannot return: the op
+/// leaves it here and the caller takes it after the call.
+#[derive(Default)]
+struct Second(std::sync::Mutex<Option<Tensor>>);
+
+impl Second {
+    fn put(&self, t: Tensor) -> Result<()> {
+        match self.0.lock() {
+            Ok(mut slot) => {
+                *slot = Some(t);
+                Ok(())
+            }
+            Err(_) => bail!("an op's second output: poisoned"),
+        }
+    }
+
+    fn take(&self, what: &str) -> Result<Tensor> {
+        match self.0.lock().map(|mut s| s.take()) {
+            Ok(Some(t)) => Ok(t),
+            _ => bail!("{what}: the op left no second output"),
+        }
     }
 }
 
@@ -1264,6 +1305,148 @@ impl CustomOp3 for SoftCeBwd {
     }
 }
 
+/// The student cross-entropy's forward and backward in one pass, in place over s `[R, K]`:
+/// (s, p, g) → loss rows `[R]` (left in `loss`) and s overwritten by
+/// ds = g_r·(Σp·softmax(s/tau) − p)/tau.
+struct SoftCeInPlace {
+    tau: f64,
+    loss: Second,
+}
+
+impl InplaceOp3 for SoftCeInPlace {
+    fn name(&self) -> &'static str {
+        "udi-soft-ce-fused"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        let s = cpu::read(s1, l1, "soft_ce s")?;
+        let p = cpu::read_full(s2, l2, "soft_ce p")?;
+        let g = cpu::read_full(s3, l3, "soft_ce g")?;
+        let (rows, k) = cpu::rows_cols(l1)?;
+        let (p_rows, _) = cpu::rows_cols(l2)?;
+        if g.len() != rows {
+            bail!("soft_ce: {} row weights for {rows} rows", g.len());
+        }
+        let mut loss = vec![0.0; rows];
+        let mut ds = vec![0.0; s.len()];
+        for r in 0..rows {
+            let pr = &p[(r % p_rows) * k..(r % p_rows + 1) * k];
+            let sr = &s[r * k..(r + 1) * k];
+            let (m, lse, sp, spz) = ce_stats(sr, pr, self.tau);
+            loss[r] = sp * (m + lse) - spz;
+            for j in 0..k {
+                let q = (sr[j] / self.tau - m - lse).exp();
+                ds[r * k + j] = g[r] * (sp * q - pr[j]) / self.tau;
+            }
+        }
+        cpu::write_into(s1, super::span(l1, s.len(), "soft_ce in place")?, &ds)?;
+        let loss = Tensor::from_vec(loss, rows, &candle_core::Device::Cpu)?.to_dtype(s2.dtype())?;
+        self.loss.put(loss)?;
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        let dev = s1.device.clone();
+        let (p, g) = (
+            gpu::In::new(s2, l2, "soft_ce p")?,
+            gpu::In::new(s3, l3, "soft_ce g")?,
+        );
+        need_f32(&p, "soft_ce target")?;
+        need_f32(&g, "soft_ce gradient")?;
+        let (rows, k) = cpu::rows_cols(l1)?;
+        let (p_rows, _) = cpu::rows_cols(l2)?;
+        let span = super::span(l1, rows * k, "soft_ce in place")?;
+        let dt = s1.dtype();
+        let f = gpu::func(&dev, &format!("soft_ce_fused_{}", gpu::suffix(dt)?))?;
+        let mut loss = gpu::Out::alloc(&dev, DType::F32, rows, false)?;
+        let (ki, pi, it) = (k as i32, p_rows as i32, (1.0 / self.tau) as f32);
+        let mut a = f.builder();
+        let geo = geometry::head_rows(rows, k);
+        match dt {
+            DType::F32 => {
+                let mut v = s1.as_cuda_slice_mut::<f32>()?.slice_mut(span);
+                a.arg(&mut v);
+                p.push(&mut a);
+                g.push(&mut a);
+                loss.push(&mut a);
+                a.arg(&ki).arg(&pi).arg(&it);
+                gpu::launch(a, geo)?;
+            }
+            _ => {
+                let mut v = s1.as_cuda_slice_mut::<half::bf16>()?.slice_mut(span);
+                a.arg(&mut v);
+                p.push(&mut a);
+                g.push(&mut a);
+                loss.push(&mut a);
+                a.arg(&ki).arg(&pi).arg(&it);
+                gpu::launch(a, geo)?;
+            }
+        }
+        self.loss.put(gpu::tensor(loss, &dev, rows))?;
+        Ok(())
+    }
+}
+
+/// The student cross-entropy's forward and backward in one pass over the logits: for s `[R, K]`
+/// (a contiguous view, compute dtype) against targets p `[P, K]` (P divides R; row r reads row
+/// `r mod P`) with row weights g `[R]` (p's dtype), returns the loss rows `[R]` (p's dtype, as
+/// [`soft_ce_rows`]) and overwrites s with ds = g_r·(Σp·softmax(s/tau) − p)/tau, the backward of
+/// Σ_r g_r·loss_r. No second `[R, K]` buffer exists: the logits become their own gradient.
+pub fn soft_ce_in_place(
+    s: &Tensor,
+    p: &Tensor,
+    g: &Tensor,
+    tau: f64,
+    fused: bool,
+) -> Result<Tensor> {
+    let k = s.dim(D::Minus1)?;
+    let s2 = s.reshape(((), k))?;
+    let p2 = p.reshape(((), k))?;
+    let (r, pr) = (s2.dim(0)?, p2.dim(0)?);
+    if pr == 0 || r % pr != 0 {
+        bail!("soft_ce: {pr} target rows do not divide {r} student rows");
+    }
+    if g.elem_count() != r {
+        bail!("soft_ce: {} row weights for {r} rows", g.elem_count());
+    }
+    if !s2.is_contiguous() {
+        bail!("soft_ce in place: the logits must be contiguous");
+    }
+    if fused {
+        let op = SoftCeInPlace {
+            tau,
+            loss: Default::default(),
+        };
+        s2.inplace_op3(&p2.contiguous()?, &g.contiguous()?, &op)?;
+        return op.loss.take("soft_ce in place");
+    }
+    let h = soft_ce_rows(&s2, &p2, tau, false)?;
+    let q = nn::softmax(&(s2.to_dtype(p.dtype())? / tau)?)?.reshape((r / pr, pr, k))?;
+    let p3 = p2.unsqueeze(0)?;
+    let sp = p3.sum_keepdim(D::Minus1)?;
+    let d = q.broadcast_mul(&sp)?.broadcast_sub(&p3)?.reshape((r, k))?;
+    let ds = (d.broadcast_mul(&g.reshape((r, 1))?)? / tau)?.to_dtype(s.dtype())?;
+    s2.slice_set(&ds, 0, 0)?;
+    Ok(h)
+}
+
 /// Per-row cross-entropy `−Σ_k p·log_softmax(s/tau)` of student logits s `[.., K]` (any float
 /// dtype, gradient flows) against targets p `[.., K]` (p's dtype, no gradient) whose row count
 /// divides s's: row r of s reads row `r mod P` of p. Returns `[R]` (R = rows of s) in p's dtype.
@@ -1348,17 +1531,22 @@ pub fn bias_gelu_backward(
     dy: &Tensor,
     fused: bool,
 ) -> Result<(Tensor, Tensor)> {
-    let du = if fused {
-        y.contiguous()?
-            .apply_op3_no_bwd(b, &dy.contiguous()?, &BiasGeluBwd)?
-    } else {
+    if fused {
+        let op = BiasGeluBwd::default();
+        let du = y
+            .contiguous()?
+            .apply_op3_no_bwd(b, &dy.contiguous()?, &op)?;
+        let db = op.db.take("bias_gelu backward")?.reshape(b.shape())?;
+        return Ok((du, db));
+    }
+    let du = {
         let u = bias_add(y, b, false)?.to_dtype(upcast(y.dtype()))?;
         let cdf = ((u.affine(std::f64::consts::FRAC_1_SQRT_2, 0.0)?.erf()? + 1.0)? * 0.5)?;
         let pdf = (u.sqr()? * -0.5)?.exp()? * (2.0 * std::f64::consts::PI).sqrt().recip();
         let grad = (cdf + (&u * pdf?)?)?;
         (dy.to_dtype(grad.dtype())? * grad)?.to_dtype(y.dtype())?
     };
-    let db = col_sum(&du, b.dtype(), fused)?.reshape(b.shape())?;
+    let db = col_sum(&du, b.dtype(), false)?.reshape(b.shape())?;
     Ok((du, db))
 }
 
@@ -1373,36 +1561,4 @@ pub fn attn_softmax_backward(y: &Tensor, dy: &Tensor, scale: f64, fused: bool) -
     let (y32, dy32) = (y.to_dtype(st)?, dy.to_dtype(st)?);
     let s = (&y32 * &dy32)?.sum_keepdim(D::Minus1)?;
     ((dy32.broadcast_sub(&s)? * y32)? * scale)?.to_dtype(y.dtype())
-}
-
-/// [`soft_ce_rows`] backward: `ds[r] = g[r]·(Σp·softmax(s[r]/tau) − p[r mod P])/tau`, in s's
-/// dtype (g `[R]` in p's dtype).
-pub fn soft_ce_backward(
-    s: &Tensor,
-    p: &Tensor,
-    g: &Tensor,
-    tau: f64,
-    fused: bool,
-) -> Result<Tensor> {
-    let k = s.dim(D::Minus1)?;
-    let s2 = s.reshape(((), k))?;
-    let p2 = p.reshape(((), k))?;
-    let (r, pr) = (s2.dim(0)?, p2.dim(0)?);
-    if pr == 0 || r % pr != 0 {
-        bail!("soft_ce backward: {pr} target rows do not divide {r} student rows");
-    }
-    let ds = if fused {
-        s2.contiguous()?.apply_op3_no_bwd(
-            &p2.contiguous()?,
-            &g.contiguous()?,
-            &SoftCeBwd { tau },
-        )?
-    } else {
-        let q = nn::softmax(&(s2.to_dtype(p.dtype())? / tau)?)?.reshape((r / pr, pr, k))?;
-        let p3 = p2.unsqueeze(0)?;
-        let sp = p3.sum_keepdim(D::Minus1)?;
-        let d = q.broadcast_mul(&sp)?.broadcast_sub(&p3)?.reshape((r, k))?;
-        (d.broadcast_mul(&g.reshape((r, 1))?)? / tau)?.to_dtype(s.dtype())?
-    };
-    ds.reshape(s.shape())
 }

@@ -172,11 +172,26 @@ __device__ void bias_gelu_fwd(const T *x, const float *b, T *y, size_t n, int d)
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
     y[i] = from_f<T>(gelu_erf(to_f(x[i]) + b[i % d]));
 }
-// dx[i] = dy[i]·gelu'(x[i] + b[i mod d])  (db = Σ_rows dx, reduced by the caller).
+// dx[r, j] = dy[r, j]·gelu'(x[r, j] + b[j]) and the bias gradient in the same pass:
+// db[j] += Σ_{rows of this block} dx[r, j], of dx as written (rounded), as a column sum of dx
+// would read it (db zeroed by the caller). Grid as col_sum: a thread per column, coalesced
+// along the row, one atomicAdd per column and block.
 template <typename T>
-__device__ void bias_gelu_bwd(const T *x, const float *b, const T *dy, T *dx, size_t n, int d) {
-  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-    dx[i] = from_f<T>(to_f(dy[i]) * gelu_erf_grad(to_f(x[i]) + b[i % d]));
+__device__ void bias_gelu_bwd(const T *x, const float *b, const T *dy, T *dx, float *db, int rows,
+                              int d, int rows_per_block) {
+  const int j = blockIdx.x * blockDim.x + threadIdx.x;
+  if (j >= d) return;
+  const int r0 = blockIdx.y * rows_per_block;
+  const int r1 = min(rows, r0 + rows_per_block);
+  const float bj = b[j];
+  float s = 0.f;
+  for (int r = r0; r < r1; r++) {
+    const size_t i = (size_t)r * d + j;
+    const T v = from_f<T>(to_f(dy[i]) * gelu_erf_grad(to_f(x[i]) + bj));
+    dx[i] = v;
+    s += to_f(v);
+  }
+  atomicAdd(db + j, s);
 }
 #define BG_INST(SUF, T)                                                                          \
   extern "C" __global__ void bias_gelu_fwd_##SUF(const T *x, const float *b, T *y, size_t n,      \
@@ -184,8 +199,8 @@ __device__ void bias_gelu_bwd(const T *x, const float *b, const T *dy, T *dx, si
     bias_gelu_fwd<T>(x, b, y, n, d);                                                             \
   }                                                                                              \
   extern "C" __global__ void bias_gelu_bwd_##SUF(const T *x, const float *b, const T *dy, T *dx,  \
-                                                 size_t n, int d) {                              \
-    bias_gelu_bwd<T>(x, b, dy, dx, n, d);                                                        \
+                                                 float *db, int rows, int d, int rpb) {          \
+    bias_gelu_bwd<T>(x, b, dy, dx, db, rows, d, rpb);                                            \
   }
 BG_INST(f32, float)
 BG_INST(bf16, bf16)
@@ -352,6 +367,25 @@ __device__ void soft_ce_bwd(const T *s, const float *p, const float *g, T *ds, i
     ds[j] = from_f<T>(gr * (sp * expf(to_f(s[j]) * inv_tau - off) - p[j]));
 }
 
+// Both at once, in place (the explicit step's loss): loss[r] as soft_ce_fwd, then s[r]
+// overwritten by ds[r] as soft_ce_bwd. Each thread writes only the elements it read for the row
+// statistics, so no other thread's read can see a gradient.
+template <typename T>
+__device__ void soft_ce_fused(T *s, const float *p, const float *g, float *loss, int k, int p_rows,
+                              float inv_tau) {
+  __shared__ float sh[32];
+  const size_t row = blockIdx.x;
+  s += row * k;
+  p += (row % p_rows) * (size_t)k;
+  float mx, lse, sp, spz;
+  ce_stats(s, p, k, inv_tau, sh, &mx, &lse, &sp, &spz);
+  if (threadIdx.x == 0) loss[row] = sp * (mx + lse) - spz;
+  const float gr = g[row] * inv_tau;
+  const float off = mx + lse;
+  for (int j = threadIdx.x; j < k; j += blockDim.x)
+    s[j] = from_f<T>(gr * (sp * expf(to_f(s[j]) * inv_tau - off) - p[j]));
+}
+
 #define CE_INST(SUF, T)                                                                          \
   extern "C" __global__ void ROW_BLOCK centered_softmax_##SUF(const T *t, const float *c, float *p, int k,  \
                                                     float inv_tau) {                             \
@@ -364,6 +398,10 @@ __device__ void soft_ce_bwd(const T *s, const float *p, const float *g, T *ds, i
   extern "C" __global__ void ROW_BLOCK soft_ce_bwd_##SUF(const T *s, const float *p, const float *g, T *ds, \
                                                int k, int p_rows, float inv_tau) {               \
     soft_ce_bwd<T>(s, p, g, ds, k, p_rows, inv_tau);                                             \
+  }                                                                                              \
+  extern "C" __global__ void ROW_BLOCK soft_ce_fused_##SUF(T *s, const float *p, const float *g,   \
+                                                 float *loss, int k, int p_rows, float inv_tau) { \
+    soft_ce_fused<T>(s, p, g, loss, k, p_rows, inv_tau);                                         \
   }
 CE_INST(f32, float)
 CE_INST(bf16, bf16)
