@@ -12,7 +12,7 @@
 
 use crate::config::LossConfig;
 use crate::data::TrainBatch;
-use crate::kernels::{centered_entropy, centered_softmax, soft_ce_rows};
+use crate::kernels::{centered_softmax_entropy, soft_ce_rows};
 use crate::model::{StudentOut, TeacherOut};
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -100,16 +100,9 @@ fn ce_sum(s: &Tensor, p: &Tensor, tau_s: f64, fused: bool) -> Result<Tensor> {
 }
 
 /// Mean over rows (weighted by 0/1 `weights` if given; 0 when none is set) of the teacher
-/// entropy −Σ P log P, P = softmax((x − c)/tau) ([`centered_entropy`]: no 0·log 0 NaNs), as an
-/// f64 scalar left on the device: the step reads it with its other values in one transfer.
-fn mean_entropy(
-    x: &Tensor,
-    c: &Tensor,
-    tau: f64,
-    weights: Option<&Tensor>,
-    fused: bool,
-) -> Result<Tensor> {
-    let h = centered_entropy(x, c, tau, fused)?;
+/// entropies `h` (one per row, from [`centered_softmax_entropy`]), as an f64 scalar left on the
+/// device: the step reads it with its other values in one transfer.
+fn mean_entropy(h: &Tensor, weights: Option<&Tensor>) -> Result<Tensor> {
     match weights {
         Some(w) => {
             let n = w.sum_all()?.to_dtype(DType::F64)?;
@@ -181,8 +174,10 @@ pub fn targets(
 ) -> Result<Targets> {
     let dt = centres.cls.dtype();
     let t_cls_logits = t.cls.to_dtype(dt)?;
-    let teacher_probs =
-        |x: &Tensor, c: &Tensor, tau: f64| -> Result<Tensor> { centered_softmax(x, c, tau, fused) };
+    // Each target distribution and its entropy (monitoring) from one pass over the logits.
+    let teacher_probs = |x: &Tensor, c: &Tensor, tau: f64| -> Result<(Tensor, Tensor)> {
+        centered_softmax_entropy(x, c, tau, fused)
+    };
     let b = batch.batch_size;
     let l = batch.n_local;
     let tau = teacher_temp;
@@ -190,7 +185,7 @@ pub fn targets(
 
     // ---- [cls] targets ---------------------------------------------------------------------
     let t_cls = t_cls_logits.reshape((2, b, k))?;
-    let p0 = teacher_probs(&t_cls, &centres.cls, tau)?;
+    let (p0, h0) = teacher_probs(&t_cls, &centres.cls, tau)?;
     let cls_global = Tensor::cat(&[p0.get(1)?, p0.get(0)?], 0)?;
     // Every local crop k (rows k·B + b) against both views' targets of image b.
     let cls_local = if l > 0 {
@@ -199,7 +194,7 @@ pub fn targets(
         None
     };
     let batch_cls = t_cls_logits.mean(0)?;
-    let h0 = mean_entropy(&t_cls, &centres.cls, tau, None, fused)?;
+    let h0 = mean_entropy(&h0, None)?;
 
     let Some(rows) = &t.rows else {
         // dino_only: L_cls alone; the other centres do not move ([`Targets::new_centres`]).
@@ -240,8 +235,9 @@ pub fn targets(
     )?;
     let mm_g = ((avg_g * alpha)? + (t_cls_swapped * (1.0 - alpha))?)?; // [2, B, K] by student view
     let mut mm_sum = mm_g.sum((0, 1))?;
-    let plus_global = teacher_probs(&mm_g, &centres.udi, tau)?.reshape((2 * b, k))?;
-    let mut h1_sum = (mean_entropy(&mm_g, &centres.udi, tau, None, fused)? * (2 * b) as f64)?;
+    let (plus_global, h1_g) = teacher_probs(&mm_g, &centres.udi, tau)?;
+    let plus_global = plus_global.reshape((2 * b, k))?;
+    let mut h1_sum = (mean_entropy(&h1_g, None)? * (2 * b) as f64)?;
     let mut patch_sum = sum_g.sum((0, 1))?;
     let mut plus_local = None;
     if l > 0 {
@@ -250,20 +246,19 @@ pub fn targets(
         let cls_t = t_cls.unsqueeze(2)?; // [2, B, 1, K]
         let mm_l = ((avg_l * alpha)?.broadcast_add(&(cls_t * (1.0 - alpha))?))?; // [2, B, L, K]
         mm_sum = (mm_sum + mm_l.sum((0, 1, 2))?)?;
-        let p1_l = teacher_probs(&mm_l, &centres.udi, tau)?;
+        let (p1_l, h1_l) = teacher_probs(&mm_l, &centres.udi, tau)?;
         // Summed from transposed views: the sum is written crop-major, no copy after it.
         let p1_l = (p1_l.get(0)?.transpose(0, 1)? + p1_l.get(1)?.transpose(0, 1)?)?; // [L, B, K]
         plus_local = Some(p1_l.reshape((l * b, k))?);
-        h1_sum = (h1_sum
-            + (mean_entropy(&mm_l, &centres.udi, tau, None, fused)? * (2 * b * l) as f64)?)?;
+        h1_sum = (h1_sum + (mean_entropy(&h1_l, None)? * (2 * b * l) as f64)?)?;
         patch_sum = (patch_sum + local_sum)?;
     }
     let batch_udi = (mm_sum / ((2 * b + 2 * b * l) as f64))?;
     let h1 = (h1_sum / (2 * b + 2 * b * l) as f64)?;
 
     // ---- patch targets (global views only) --------------------------------------------------
-    let p2 = teacher_probs(&t_pat, &centres.patch, tau)?;
-    let h2 = mean_entropy(&t_pat, &centres.patch, tau, Some(vg), fused)?;
+    let (p2, h2) = teacher_probs(&t_pat, &centres.patch, tau)?;
+    let h2 = mean_entropy(&h2, Some(vg))?;
     // c₂ count: the sum of the bilinear row sums of every T-row (global and local pairs).
     let count = batch.teacher_rows.sum_all()?;
     let batch = Centres {

@@ -14,7 +14,10 @@ use super::adamw::{meta_tensor, AdamwEma, Segment};
 use super::flash;
 use super::ln_residual::{layer_norm_backward_residual, residual_add_layer_norm, Branch};
 use super::sq_norms::SqNormPlan;
-use super::{attn_softmax, bias_add, bias_gelu, centered_softmax, layer_norm, soft_ce_rows};
+use super::{
+    attn_softmax, bias_add, bias_gelu, centered_softmax, centered_softmax_entropy, layer_norm,
+    soft_ce_rows,
+};
 use crate::config::TrainConfig;
 use crate::optim::{ema_update, AdamW};
 use crate::params::{param_specs, ParamStore};
@@ -829,12 +832,12 @@ pub fn run(dev: &Device, s: &Shapes, reps: usize) -> Result<CheckReport> {
             reps,
         )?;
 
-        // The teacher-side ops on the same logits and centre: probabilities, then entropies.
+        // The teacher-side op on logits and a centre: its probabilities, then its entropies.
         let t = cast(rand_t(&[2 * s.ce_targets, s.k], 16, -1.0, 1.0)?)?;
         let c = rand_t(&[s.k], 17, -0.1, 0.1)?;
-        let probs = |t: &[Tensor], fused: bool| centered_softmax(&t[0], &t[1], 0.04, fused);
-        let entropy =
-            |t: &[Tensor], fused: bool| super::centered_entropy(&t[0], &t[1], 0.04, fused);
+        let both = |t: &[Tensor], fused: bool| centered_softmax_entropy(&t[0], &t[1], 0.04, fused);
+        let probs = |t: &[Tensor], fused: bool| both(t, fused).map(|r| r.0);
+        let entropy = |t: &[Tensor], fused: bool| both(t, fused).map(|r| r.1);
         for (op, f) in [
             ("centered_softmax", &probs as OpFn<'_>),
             ("centered_entropy", &entropy),

@@ -99,7 +99,7 @@ pub fn attn_softmax(rows: usize) -> Geometry {
     per_row(rows.div_ceil(8), 256)
 }
 
-/// The head's row kernels (`centered_softmax_*`, `centered_entropy_*`, `soft_ce_{fwd,bwd}_*`) on
+/// The head's row kernels (`centered_softmax_*`, `soft_ce_{fwd,bwd,fused}_*`) on
 /// rows of `k` logits: one block per row.
 pub fn head_rows(rows: usize, k: usize) -> Geometry {
     per_row(rows, threads_for(k).min(1024))

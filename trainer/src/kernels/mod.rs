@@ -12,7 +12,8 @@
 //! gradients summed in f32), [`attn_softmax`] (fwd +
 //! bwd), [`flash`] (whole attention on packed qkv rows, fwd + bwd), [`ln_residual`] (a block's
 //! residual update with the LayerNorm after it, and that LayerNorm's backward with the stream's
-//! gradient), [`centered_softmax`] (teacher targets, no bwd), [`soft_ce_rows`] (student
+//! gradient), [`centered_softmax_entropy`] (teacher targets and their
+//! entropy in one pass, no bwd), [`soft_ce_rows`] (student
 //! cross-entropy with temperature, fwd + bwd) and [`soft_ce_in_place`] (both in one pass, the
 //! gradient written over the logits), [`adamw::AdamwEma`] (multi-tensor AdamW + EMA
 //! over flat buffers), [`accumulate`] (a gradient added in place into the flat gradient buffer),
@@ -37,9 +38,9 @@ pub mod sq_norms;
 
 pub use ops::{
     accumulate, attn_softmax, attn_softmax_backward, bias_add, bias_gelu, bias_gelu_backward,
-    centered_entropy, centered_softmax, col_sum, layer_norm, layer_norm_backward, residual_add,
-    soft_ce_in_place, soft_ce_rows, Accumulate, AttnSoftmax, BiasAdd, BiasGelu, CenteredEntropy,
-    CenteredSoftmax, ColSum, LayerNormOp, ResidualAdd, RowScale, SoftCe,
+    centered_softmax, centered_softmax_entropy, col_sum, layer_norm, layer_norm_backward,
+    residual_add, soft_ce_in_place, soft_ce_rows, Accumulate, AttnSoftmax, BiasAdd, BiasGelu,
+    ColSum, LayerNormOp, ResidualAdd, RowScale, SoftCe,
 };
 
 use candle_core::{DType, Device};

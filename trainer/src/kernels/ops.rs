@@ -985,9 +985,12 @@ pub fn attn_softmax(x: &Tensor, scale: f64, fused: bool) -> Result<Tensor> {
 
 // ---- the head's teacher softmax and student cross-entropy ------------------------------------
 
-/// Teacher targets `softmax((t − c)/tau)` over the last dim, in c's dtype (f32). No backward.
-pub struct CenteredSoftmax {
-    pub tau: f64,
+/// Teacher targets `softmax((t − c)/tau)` over the last dim, in c's dtype (f32), and each row's
+/// entropy `H(softmax((t − c)/tau))` `[rows]` (c's dtype; a monitoring statistic) from the same
+/// pass, left in `entropy`. No backward.
+struct CenteredSoftmax {
+    tau: f64,
+    entropy: Second,
 }
 
 impl CustomOp2 for CenteredSoftmax {
@@ -1006,15 +1009,22 @@ impl CustomOp2 for CenteredSoftmax {
         let c = cpu::read_full(s2, l2, "centered_softmax c")?;
         let k = c.len();
         let mut p = vec![0.0; t.len()];
+        let mut h = Vec::with_capacity(t.len() / k.max(1));
         for (tr, pr) in t.chunks(k).zip(p.chunks_mut(k)) {
             let m = (0..k).fold(f64::NEG_INFINITY, |a, j| a.max((tr[j] - c[j]) / self.tau));
-            let mut s = 0.0;
+            let (mut s, mut sz) = (0.0, 0.0);
             for j in 0..k {
-                pr[j] = ((tr[j] - c[j]) / self.tau - m).exp();
+                let z = (tr[j] - c[j]) / self.tau - m;
+                pr[j] = z.exp();
                 s += pr[j];
+                sz += pr[j] * z;
             }
             pr.iter_mut().for_each(|v| *v /= s);
+            h.push(s.ln() - sz / s);
         }
+        let rows = h.len();
+        let h = Tensor::from_vec(h, rows, &candle_core::Device::Cpu)?.to_dtype(s2.dtype())?;
+        self.entropy.put(h)?;
         Ok((cpu::write(&p, s2.dtype())?, l1.shape().clone()))
     }
 
@@ -1038,111 +1048,53 @@ impl CustomOp2 for CenteredSoftmax {
             &format!("centered_softmax_{}", gpu::suffix(t.dtype())?),
         )?;
         let mut p = gpu::Out::alloc(dev, DType::F32, rows * k, false)?;
-        let (ki, it) = (k as i32, (1.0 / self.tau) as f32);
-        let mut a = f.builder();
-        t.push(&mut a);
-        c.push(&mut a);
-        p.push(&mut a);
-        a.arg(&ki).arg(&it);
-        gpu::launch(a, geometry::head_rows(rows, k))?;
-        Ok((p.into_storage(dev), l1.shape().clone()))
-    }
-}
-
-/// Per-row entropy of the teacher distribution, `H(softmax((t − c)/tau))` in f32 (f64 for f64),
-/// `[rows]`, without writing the probabilities (a monitoring statistic: no gradient).
-pub struct CenteredEntropy {
-    pub tau: f64,
-}
-
-impl CustomOp2 for CenteredEntropy {
-    fn name(&self) -> &'static str {
-        "udi-centered-entropy"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let t = cpu::read(s1, l1, "centered_entropy t")?;
-        let c = cpu::read_full(s2, l2, "centered_entropy c")?;
-        let (rows, k) = cpu::rows_cols(l1)?;
-        let h: Vec<f64> = t
-            .chunks(k)
-            .map(|r| {
-                let z: Vec<f64> = r.iter().zip(&c).map(|(t, c)| (t - c) / self.tau).collect();
-                let m = z.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
-                let (s, sz) = z.iter().fold((0.0, 0.0), |(s, sz), &v| {
-                    let e = (v - m).exp();
-                    (s + e, sz + e * (v - m))
-                });
-                s.ln() - sz / s
-            })
-            .collect();
-        Ok((cpu::write(&h, upcast(s1.dtype()))?, Shape::from(rows)))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let dev = &s1.device;
-        let (t, c) = (
-            gpu::In::new(s1, l1, "centered_entropy t")?,
-            gpu::In::new(s2, l2, "centered_entropy c")?,
-        );
-        need_f32(&c, "centre")?;
-        let (rows, k) = cpu::rows_cols(l1)?;
-        let f = gpu::func(
-            dev,
-            &format!("centered_entropy_{}", gpu::suffix(t.dtype())?),
-        )?;
         let mut h = gpu::Out::alloc(dev, DType::F32, rows, false)?;
         let (ki, it) = (k as i32, (1.0 / self.tau) as f32);
         let mut a = f.builder();
         t.push(&mut a);
         c.push(&mut a);
+        p.push(&mut a);
         h.push(&mut a);
         a.arg(&ki).arg(&it);
         gpu::launch(a, geometry::head_rows(rows, k))?;
-        Ok((h.into_storage(dev), Shape::from(rows)))
+        self.entropy.put(gpu::tensor(h, dev, rows))?;
+        Ok((p.into_storage(dev), l1.shape().clone()))
     }
 }
 
-/// Entropy of `softmax((t − c)/tau)` over the last dim, `t`'s leading shape, in c's dtype.
-pub fn centered_entropy(t: &Tensor, c: &Tensor, tau: f64, fused: bool) -> Result<Tensor> {
+/// Teacher probabilities `softmax((t − c)/tau)` over the last dim (t's shape) and their entropy
+/// −Σ p·log p (t's leading shape; no 0·log 0 NaNs), both in c's dtype, without a gradient. Fused:
+/// one pass over t.
+pub fn centered_softmax_entropy(
+    t: &Tensor,
+    c: &Tensor,
+    tau: f64,
+    fused: bool,
+) -> Result<(Tensor, Tensor)> {
     let dims = t.dims();
     let lead = dims[..dims.len() - 1].to_vec();
     if fused {
-        let k = t.dim(D::Minus1)?;
-        let h = t
-            .reshape(((), k))?
-            .contiguous()?
-            .apply_op2_no_bwd(c, &CenteredEntropy { tau })?;
-        return h.to_dtype(c.dtype())?.reshape(lead);
+        let k = c.elem_count();
+        let t2 = t.detach().contiguous()?.reshape(((), k))?;
+        let op = CenteredSoftmax {
+            tau,
+            entropy: Second::default(),
+        };
+        let p = t2.apply_op2_no_bwd(&c.detach().contiguous()?, &op)?;
+        let h = op.entropy.take("centered softmax")?;
+        return Ok((p.reshape(t.shape())?, h.reshape(lead)?));
     }
     let z = (t.to_dtype(c.dtype())?.broadcast_sub(c)? / tau)?;
-    (nn::softmax(&z)? * nn::log_softmax(&z)?)?
-        .sum(D::Minus1)?
-        .neg()
+    let p = nn::softmax(&z)?;
+    let h = (&p * nn::log_softmax(&z)?)?.sum(D::Minus1)?.neg()?;
+    Ok((p, h))
 }
 
-/// Teacher probabilities `softmax((t − c)/tau)` in c's dtype (no gradient).
+/// Teacher probabilities `softmax((t − c)/tau)` in c's dtype (no gradient): the first half of
+/// [`centered_softmax_entropy`].
 pub fn centered_softmax(t: &Tensor, c: &Tensor, tau: f64, fused: bool) -> Result<Tensor> {
     if fused {
-        let k = c.elem_count();
-        let shape = t.shape().clone();
-        let t2 = t.detach().contiguous()?.reshape(((), k))?;
-        return t2
-            .apply_op2_no_bwd(&c.detach().contiguous()?, &CenteredSoftmax { tau })?
-            .reshape(shape);
+        return Ok(centered_softmax_entropy(t, c, tau, true)?.0);
     }
     nn::softmax(&(t.to_dtype(c.dtype())?.broadcast_sub(c)? / tau)?)
 }

@@ -276,28 +276,16 @@ extern "C" __global__ void grad_accumulate_bf16(float *dst, const bf16 *g, size_
 }
 
 // ---- the head's softmax / cross-entropy (K up to 65 536, one block per row) ------------------
-// Teacher targets: p[r, k] = softmax_k((t[r, k] − c[k]) / tau)  (f32 out, no backward).
+// Teacher targets p[r, k] = softmax_k(z), z = (t[r, k] − c[k]) / tau (f32 out, no backward), and
+// the row's entropy from the same statistics (monitoring): h[r] = H(p) = log S − Σ e·(z − m)/S,
+// S = Σ e, e = exp(z − m).
 template <typename T>
-__device__ void centered_softmax(const T *t, const float *c, float *p, int k, float inv_tau) {
+__device__ void centered_softmax(const T *t, const float *c, float *p, float *h, int k,
+                                 float inv_tau) {
   __shared__ float sh[32];
   const size_t row = blockIdx.x;
   t += row * k;
   p += row * k;
-  float m = -INFINITY;
-  for (int j = threadIdx.x; j < k; j += blockDim.x) m = fmaxf(m, (to_f(t[j]) - c[j]) * inv_tau);
-  m = block_max(m, sh);
-  float s = 0.f;
-  for (int j = threadIdx.x; j < k; j += blockDim.x) s += expf((to_f(t[j]) - c[j]) * inv_tau - m);
-  const float inv = 1.f / block_sum(s, sh);
-  for (int j = threadIdx.x; j < k; j += blockDim.x) p[j] = expf((to_f(t[j]) - c[j]) * inv_tau - m) * inv;
-}
-
-// Teacher entropy (monitoring): h[r] = H(softmax((t[r] − c)/tau)) = log S − Σ e·(z − m)/S.
-template <typename T>
-__device__ void centered_entropy(const T *t, const float *c, float *h, int k, float inv_tau) {
-  __shared__ float sh[32];
-  const size_t row = blockIdx.x;
-  t += row * k;
   float m = -INFINITY;
   for (int j = threadIdx.x; j < k; j += blockDim.x) m = fmaxf(m, (to_f(t[j]) - c[j]) * inv_tau);
   m = block_max(m, sh);
@@ -311,12 +299,8 @@ __device__ void centered_entropy(const T *t, const float *c, float *h, int k, fl
   s = block_sum(s, sh);
   sz = block_sum(sz, sh);
   if (threadIdx.x == 0) h[row] = logf(s) - sz / s;
-}
-extern "C" __global__ void ROW_BLOCK centered_entropy_f32(const float *t, const float *c, float *h, int k, float it) {
-  centered_entropy<float>(t, c, h, k, it);
-}
-extern "C" __global__ void ROW_BLOCK centered_entropy_bf16(const bf16 *t, const float *c, float *h, int k, float it) {
-  centered_entropy<bf16>(t, c, h, k, it);
+  const float inv = 1.f / s;
+  for (int j = threadIdx.x; j < k; j += blockDim.x) p[j] = expf((to_f(t[j]) - c[j]) * inv_tau - m) * inv;
 }
 
 // Row statistics of the student row z = s/tau: max, log Σ exp(z − max); and of the target row:
@@ -387,9 +371,9 @@ __device__ void soft_ce_fused(T *s, const float *p, const float *g, float *loss,
 }
 
 #define CE_INST(SUF, T)                                                                          \
-  extern "C" __global__ void ROW_BLOCK centered_softmax_##SUF(const T *t, const float *c, float *p, int k,  \
-                                                    float inv_tau) {                             \
-    centered_softmax<T>(t, c, p, k, inv_tau);                                                    \
+  extern "C" __global__ void ROW_BLOCK centered_softmax_##SUF(const T *t, const float *c, float *p,      \
+                                                    float *h, int k, float inv_tau) {            \
+    centered_softmax<T>(t, c, p, h, k, inv_tau);                                                 \
   }                                                                                              \
   extern "C" __global__ void ROW_BLOCK soft_ce_fwd_##SUF(const T *s, const float *p, float *loss, int k,    \
                                                int p_rows, float inv_tau) {                      \
