@@ -1119,6 +1119,25 @@ fn ce_stats(s: &[f64], p: &[f64], tau: f64) -> (f64, f64, f64, f64) {
     (m, e.ln(), sp, spz)
 }
 
+/// Loss rows and ds = g_r·(Σp·softmax(s_r/tau) − p)/tau of s `[rows, k]` against p `[p_rows, k]`
+/// (row r reads row r mod p_rows): the reference of both halves.
+fn soft_ce_reference(s: &[f64], p: &[f64], g: &[f64], k: usize, tau: f64) -> (Vec<f64>, Vec<f64>) {
+    let (rows, p_rows) = (s.len() / k.max(1), p.len() / k.max(1));
+    let mut loss = vec![0.0; rows];
+    let mut ds = vec![0.0; s.len()];
+    for r in 0..rows {
+        let pr = &p[(r % p_rows) * k..(r % p_rows + 1) * k];
+        let sr = &s[r * k..(r + 1) * k];
+        let (m, lse, sp, spz) = ce_stats(sr, pr, tau);
+        loss[r] = sp * (m + lse) - spz;
+        for j in 0..k {
+            let q = (sr[j] / tau - m - lse).exp();
+            ds[r * k + j] = g[r] * (sp * q - pr[j]) / tau;
+        }
+    }
+    (loss, ds)
+}
+
 impl CustomOp2 for SoftCe {
     fn name(&self) -> &'static str {
         "udi-soft-ce"
@@ -1208,18 +1227,8 @@ impl CustomOp3 for SoftCeBwd {
         let s = cpu::read(s1, l1, "soft_ce s")?;
         let p = cpu::read_full(s2, l2, "soft_ce p")?;
         let g = cpu::read_full(s3, l3, "soft_ce g")?;
-        let (rows, k) = cpu::rows_cols(l1)?;
-        let (p_rows, _) = cpu::rows_cols(l2)?;
-        let mut ds = vec![0.0; s.len()];
-        for r in 0..rows {
-            let pr = &p[(r % p_rows) * k..(r % p_rows + 1) * k];
-            let sr = &s[r * k..(r + 1) * k];
-            let (m, lse, sp, _) = ce_stats(sr, pr, self.tau);
-            for j in 0..k {
-                let q = (sr[j] / self.tau - m - lse).exp();
-                ds[r * k + j] = g[r] * (sp * q - pr[j]) / self.tau;
-            }
-        }
+        let (_, k) = cpu::rows_cols(l1)?;
+        let (_, ds) = soft_ce_reference(&s, &p, &g, k, self.tau);
         Ok((cpu::write(&ds, s1.dtype())?, l1.shape().clone()))
     }
 
@@ -1283,22 +1292,10 @@ impl InplaceOp3 for SoftCeInPlace {
         let p = cpu::read_full(s2, l2, "soft_ce p")?;
         let g = cpu::read_full(s3, l3, "soft_ce g")?;
         let (rows, k) = cpu::rows_cols(l1)?;
-        let (p_rows, _) = cpu::rows_cols(l2)?;
         if g.len() != rows {
             bail!("soft_ce: {} row weights for {rows} rows", g.len());
         }
-        let mut loss = vec![0.0; rows];
-        let mut ds = vec![0.0; s.len()];
-        for r in 0..rows {
-            let pr = &p[(r % p_rows) * k..(r % p_rows + 1) * k];
-            let sr = &s[r * k..(r + 1) * k];
-            let (m, lse, sp, spz) = ce_stats(sr, pr, self.tau);
-            loss[r] = sp * (m + lse) - spz;
-            for j in 0..k {
-                let q = (sr[j] / self.tau - m - lse).exp();
-                ds[r * k + j] = g[r] * (sp * q - pr[j]) / self.tau;
-            }
-        }
+        let (loss, ds) = soft_ce_reference(&s, &p, &g, k, self.tau);
         cpu::write_into(s1, super::span(l1, s.len(), "soft_ce in place")?, &ds)?;
         let loss = Tensor::from_vec(loss, rows, &candle_core::Device::Cpu)?.to_dtype(s2.dtype())?;
         self.loss.put(loss)?;
@@ -1329,27 +1326,23 @@ impl InplaceOp3 for SoftCeInPlace {
         let f = gpu::func(&dev, &format!("soft_ce_fused_{}", gpu::suffix(dt)?))?;
         let mut loss = gpu::Out::alloc(&dev, DType::F32, rows, false)?;
         let (ki, pi, it) = (k as i32, p_rows as i32, (1.0 / self.tau) as f32);
-        let mut a = f.builder();
         let geo = geometry::head_rows(rows, k);
+        // The logits are read and overwritten in place: a mutable view of the destination.
+        macro_rules! launch {
+            ($t:ty) => {{
+                let mut v = s1.as_cuda_slice_mut::<$t>()?.slice_mut(span);
+                let mut a = f.builder();
+                a.arg(&mut v);
+                p.push(&mut a);
+                g.push(&mut a);
+                loss.push(&mut a);
+                a.arg(&ki).arg(&pi).arg(&it);
+                gpu::launch(a, geo)?
+            }};
+        }
         match dt {
-            DType::F32 => {
-                let mut v = s1.as_cuda_slice_mut::<f32>()?.slice_mut(span);
-                a.arg(&mut v);
-                p.push(&mut a);
-                g.push(&mut a);
-                loss.push(&mut a);
-                a.arg(&ki).arg(&pi).arg(&it);
-                gpu::launch(a, geo)?;
-            }
-            _ => {
-                let mut v = s1.as_cuda_slice_mut::<half::bf16>()?.slice_mut(span);
-                a.arg(&mut v);
-                p.push(&mut a);
-                g.push(&mut a);
-                loss.push(&mut a);
-                a.arg(&ki).arg(&pi).arg(&it);
-                gpu::launch(a, geo)?;
-            }
+            DType::F32 => launch!(f32),
+            _ => launch!(half::bf16),
         }
         self.loss.put(gpu::tensor(loss, &dev, rows))?;
         Ok(())
