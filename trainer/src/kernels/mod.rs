@@ -9,17 +9,16 @@
 //!   the reference implementation and whose `cuda_fwd` launches our PTX (`udi_kernels.cu`).
 //!
 //! Fused ops: [`layer_norm`] (fwd + bwd), [`bias_add`] and [`bias_gelu`] (fwd + bwd, bias
-//! gradients summed in f32), [`attn_softmax`] (fwd +
-//! bwd), [`flash`] (whole attention on packed qkv rows, fwd + bwd), [`ln_residual`] (a block's
-//! residual update with the LayerNorm after it, and that LayerNorm's backward with the stream's
-//! gradient), [`centered_softmax_entropy`] (teacher targets and their
-//! entropy in one pass, no bwd), [`soft_ce_rows`] (student
-//! cross-entropy with temperature, fwd + bwd) and [`soft_ce_in_place`] (both in one pass, the
-//! gradient written over the logits), [`adamw::AdamwEma`] (multi-tensor AdamW + EMA
-//! over flat buffers), [`accumulate`] (a gradient added in place into the flat gradient buffer),
-//! [`sq_norms`] (every parameter's squared gradient norm in two launches). Each public function
-//! takes `fused: bool` and falls back to the composed candle ops, so the two paths can be
-//! compared op by op (`trainer kernel-check`).
+//! gradients summed in f32; the GELU's in its backward's pass), [`attn_softmax`] (fwd + bwd),
+//! [`flash`] (whole attention on packed qkv rows, fwd + bwd), [`ln_residual`] (a block's residual
+//! update with the LayerNorm after it, and that LayerNorm's backward with the stream's gradient),
+//! [`centered_softmax_entropy`] (teacher targets and their entropy in one pass, no bwd),
+//! [`soft_ce_rows`] (student cross-entropy with temperature, fwd + bwd) and [`soft_ce_in_place`]
+//! (both in one pass, the gradient written over the logits), [`adamw::AdamwEma`] (multi-tensor
+//! AdamW + EMA over flat buffers), [`accumulate`] (a gradient added in place into the flat
+//! gradient buffer), [`sq_norms`] (every parameter's squared gradient norm in two launches). Each
+//! public function takes `fused: bool` and falls back to the composed candle ops, so the two paths
+//! can be compared op by op (`trainer kernel-check`).
 //!
 //! Launch grids are pure functions in [`geometry`], shared by the CUDA path and
 //! trainer/tests/cuda_source_on_cpu.rs, which runs `udi_kernels.cu` on the CPU (emu/).

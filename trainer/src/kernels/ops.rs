@@ -392,7 +392,7 @@ impl CustomOp2 for BiasGelu {
 }
 
 /// (x, b, dy) → dx = dy·gelu'(x + b) in x's dtype, and the bias gradient db = Σ_rows dx (of dx
-/// as rounded, in b's dtype) from the same pass, left in [`Self::db`].
+/// as rounded, in b's dtype) from the same pass, left in `db`.
 #[derive(Default)]
 struct BiasGeluBwd {
     db: Second,
