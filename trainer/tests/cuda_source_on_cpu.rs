@@ -63,6 +63,21 @@ fn assert_close(what: &str, reference: &Tensor, got: &Tensor, tol: f64) {
     );
 }
 
+/// Every element's bits, f32 or bf16.
+fn bits_any(t: &Tensor) -> Vec<u32> {
+    match t.dtype() {
+        DType::F32 => t
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect(),
+        _ => bits(t).into_iter().map(u32::from).collect(),
+    }
+}
+
 fn bits(t: &Tensor) -> Vec<u16> {
     let v = t.flatten_all().unwrap().to_vec1::<half::bf16>().unwrap();
     v.iter().map(|x| x.to_bits()).collect()
@@ -299,33 +314,46 @@ fn bias_gelu_bias_add_and_column_sums() {
                 .launch(geometry::elementwise(n));
             assert_output(&format!("bias_gelu {what}"), &y, &[rows, d], &y_ref, tol);
 
-            // dx and its column sums (the bias gradient) in one pass, on col_sum's grid.
-            let dx = Buf::output(Kind::of(dt), n);
-            let db = Buf::zeroed(Kind::F32, d);
-            let (g, rpb) = geometry::col_sum(rows, d);
-            emu.call(&format!("bias_gelu_bwd_{s}"))
-                .buf(&bx)
-                .buf(&bb)
-                .buf(&bdy)
-                .buf(&dx)
-                .buf(&db)
-                .i32(rows as i32)
-                .i32(d as i32)
-                .i32(rpb as i32)
-                .launch(g);
-            assert_output(
-                &format!("bias_gelu bwd {what}"),
-                &dx,
-                &[rows, d],
-                &dx_ref,
-                tol,
-            );
-            assert_close(
-                &format!("bias_gelu bwd db {what}"),
-                &db_ref,
-                &db.tensor(&[d]),
-                tol,
-            );
+            // dx and its column sums (the bias gradient) in one pass, on col_sum's grid; in place,
+            // x then holds the forward's output again, bit for bit the forward kernel's.
+            for in_place in [false, true] {
+                let what = format!("{what} gelu in place {in_place}");
+                let dx = Buf::output(Kind::of(dt), n);
+                let db = Buf::zeroed(Kind::F32, d);
+                let x_inout = Buf::in_out(&x);
+                let (g, rpb) = geometry::col_sum(rows, d);
+                emu.call(&format!("bias_gelu_bwd_{s}"))
+                    .buf(if in_place { &x_inout } else { &bx })
+                    .buf(&bb)
+                    .buf(&bdy)
+                    .buf(&dx)
+                    .buf(&db)
+                    .i32(rows as i32)
+                    .i32(d as i32)
+                    .i32(rpb as i32)
+                    .i32(in_place as i32)
+                    .launch(g);
+                assert_output(
+                    &format!("bias_gelu bwd {what}"),
+                    &dx,
+                    &[rows, d],
+                    &dx_ref,
+                    tol,
+                );
+                assert_close(
+                    &format!("bias_gelu bwd db {what}"),
+                    &db_ref,
+                    &db.tensor(&[d]),
+                    tol,
+                );
+                if in_place {
+                    assert_eq!(
+                        bits_any(&x_inout.tensor(&[rows, d])),
+                        bits_any(&y.tensor(&[rows, d])),
+                        "bias_gelu bwd {what}: the output made again differs from the forward's"
+                    );
+                }
+            }
 
             let y = Buf::output(Kind::of(dt), n);
             emu.call(&format!("bias_add_{s}"))

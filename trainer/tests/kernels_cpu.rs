@@ -193,6 +193,40 @@ fn attn_softmax_fused_matches_composed() {
 }
 
 #[test]
+fn bias_gelu_backward_recompute_leaves_the_forward_output() {
+    use trainer::kernels::{bias_gelu_backward, bias_gelu_backward_recompute};
+    for dt in [DType::F64, DType::F32, DType::BF16] {
+        let y = rand(&[7, 24], 31, 4.0).to_dtype(dt).unwrap();
+        // Biases are f32 (f64 in f64 runs), as the kernels take them.
+        let bdt = if dt == DType::F64 { dt } else { DType::F32 };
+        let b = rand(&[24], 32, 0.5).to_dtype(bdt).unwrap();
+        let dy = rand(&[7, 24], 33, 1.0).to_dtype(dt).unwrap();
+        for fused in [false, true] {
+            let what = format!("{dt:?} fused {fused}");
+            let (du0, db0) = bias_gelu_backward(&y, &b, &dy, fused).unwrap();
+            let h0 = bias_gelu(&y, &b, fused).unwrap();
+            // In place over rows 2..9 of a larger buffer: the rows around stay.
+            let buf = Tensor::cat(&[&dy.narrow(0, 0, 2).unwrap(), &y, &dy], 0).unwrap();
+            let before = buf.copy().unwrap();
+            let view = buf.narrow(0, 2, 7).unwrap();
+            let (du, db) = bias_gelu_backward_recompute(&view, &b, &dy, fused).unwrap();
+            // Bit for bit what the plain backward makes and what the forward made.
+            for (name, a, b) in [("du", &du, &du0), ("db", &db, &db0), ("gelu", &view, &h0)] {
+                assert_eq!(a.dims(), b.dims(), "{what}: {name}");
+                assert_eq!(max_abs_diff(a, b), 0.0, "{what}: {name}");
+            }
+            for (a, n) in [(0, 2), (9, 7)] {
+                let (x, y) = (
+                    buf.narrow(0, a, n).unwrap(),
+                    before.narrow(0, a, n).unwrap(),
+                );
+                assert_eq!(max_abs_diff(&x, &y), 0.0, "{what}: rows {a}.. changed");
+            }
+        }
+    }
+}
+
+#[test]
 fn centered_softmax_fused_matches_composed() {
     let t = rand(&[2, 3, 40], 7, 5.0);
     let c = rand(&[40], 8, 1.0);

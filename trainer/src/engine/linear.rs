@@ -7,7 +7,9 @@
 //! GEMMs read W and the transposes as strided views: nothing is copied.
 
 use super::{Grads, Ops};
-use crate::kernels::{bias_add, bias_gelu, bias_gelu_backward, col_sum};
+use crate::kernels::{
+    bias_add, bias_gelu, bias_gelu_backward, bias_gelu_backward_recompute, col_sum,
+};
 use candle_core::{Result, Tensor};
 
 pub struct Linear {
@@ -54,20 +56,38 @@ impl Linear {
             grads.add(id, &col_sum(dy, b.dtype(), ops.fused)?)?;
         }
         if need_dx {
-            Ok(Some(dy.matmul(&self.w)?))
+            Ok(Some(self.input_grad(dy)?))
         } else {
             Ok(None)
         }
     }
 
-    /// GELU(y + b) again from the saved pre-bias product `y` (the same values as the forward's:
-    /// the backward recomputes them instead of keeping them).
-    pub fn gelu_of(&self, ops: &Ops, y: &Tensor) -> Result<Tensor> {
-        bias_gelu(
-            y,
-            self.b.as_ref().expect("GELU linears have a bias"),
-            ops.fused,
-        )
+    /// dx = dy·W alone: for a backward that needs it before the weight gradient's input exists.
+    pub fn input_grad(&self, dy: &Tensor) -> Result<Tensor> {
+        dy.matmul(&self.w)
+    }
+
+    /// The GELU's backward from the saved pre-bias product `y` when its output was not kept:
+    /// returns du (the bias gradient added to `grads`) and overwrites `y` with the output
+    /// gelu(y + b) again, bit for bit the forward's, both from one pass over y. The weight
+    /// gradient and dx follow in [`Self::backward_product`] once the layer's input is at hand.
+    pub fn gelu_backward_recompute(
+        &self,
+        ops: &Ops,
+        y: &Tensor,
+        dh: &Tensor,
+        grads: &mut Grads,
+    ) -> Result<Tensor> {
+        let b = self.b.as_ref().expect("GELU linears have a bias");
+        let (du, db) = bias_gelu_backward_recompute(y, b, dh, ops.fused)?;
+        grads.add(self.b_id.expect("bias id"), &db)?;
+        Ok(du)
+    }
+
+    /// The weight gradient of the product's gradient `du` (rows of x) into `grads`; returns dx.
+    pub fn backward_product(&self, x: &Tensor, du: &Tensor, grads: &mut Grads) -> Result<Tensor> {
+        grads.add(self.w_id, &du.t()?.matmul(x)?)?;
+        self.input_grad(du)
     }
 
     /// Backward of [`Self::forward_gelu`] from its saved pre-bias product `y`; returns dx.
@@ -81,8 +101,7 @@ impl Linear {
     ) -> Result<Tensor> {
         let b = self.b.as_ref().expect("GELU linears have a bias");
         let (du, db) = bias_gelu_backward(y, b, dh, ops.fused)?;
-        grads.add(self.w_id, &du.t()?.matmul(x)?)?;
         grads.add(self.b_id.expect("bias id"), &db)?;
-        du.matmul(&self.w)
+        self.backward_product(x, &du, grads)
     }
 }

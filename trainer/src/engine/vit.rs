@@ -8,10 +8,11 @@
 //! Saved per block (student only; the teacher's forward keeps nothing): the block input x,
 //! what the attention's backward reads (the qkv rows and the flash output, or Q/K/V and P), the
 //! merged heads (proj input), x₁ and fc1's pre-bias product; the backward recomputes the
-//! LayerNorm and GELU outputs. The attention adds the qkv bias as it reads the qkv rows, and each
-//! residual update runs in one pass with the bias of the branch before it and the LayerNorm after
-//! it (LN₂ in the block, the next block's LN₁); backward, each LayerNorm's backward adds the
-//! stream's gradient and makes the next branch's masked gradient in the same pass.
+//! LayerNorm and GELU outputs (the GELU's over fc1's product, in its backward's pass). The
+//! attention adds the qkv bias as it reads the qkv rows, and each residual update runs in one
+//! pass with the bias of the branch before it and the LayerNorm after it (LN₂ in the block, the
+//! next block's LN₁); backward, each LayerNorm's backward adds the stream's gradient and makes
+//! the next branch's masked gradient in the same pass.
 
 use super::attention::{self, AttnSaved};
 use super::layernorm::LayerNorm;
@@ -142,24 +143,33 @@ impl Block {
         // MLP branch.
         let dm = d2.branch.reshape((b * t, d))?;
         let kept = s.kept.as_ref();
-        let gelu = match kept {
-            Some(k) => k.gelu.clone(),
-            None => self.fc1.gelu_of(ops, &s.fc1_pre)?,
-        };
-        let dgelu = self
-            .fc2
-            .backward(ops, &gelu, &dm, grads, true)?
-            .expect("dx");
-        std::mem::drop((gelu, dm));
         let rows1 = s.x1.reshape((b * t, d))?;
-        let ln2 = match kept {
-            Some(k) => k.ln2.clone(),
-            None => self.norm2.forward(ops, &rows1, ops.cdt)?,
+        let dln2 = match kept {
+            Some(k) => {
+                let dgelu = self
+                    .fc2
+                    .backward(ops, &k.gelu, &dm, grads, true)?
+                    .expect("dx");
+                std::mem::drop(dm);
+                self.fc1
+                    .backward_gelu(ops, &k.ln2, &s.fc1_pre, &dgelu, grads)?
+            }
+            None => {
+                // One pass over fc1's product makes the GELU's input gradient and fc1's bias
+                // gradient, and overwrites the product (read for the last time) with the GELU
+                // output again, which fc2's weight gradient then reads.
+                let dgelu = self.fc2.input_grad(&dm)?;
+                let du = self
+                    .fc1
+                    .gelu_backward_recompute(ops, &s.fc1_pre, &dgelu, grads)?;
+                std::mem::drop(dgelu);
+                let gelu = &s.fc1_pre;
+                self.fc2.backward(ops, gelu, &dm, grads, false)?;
+                std::mem::drop(dm);
+                let ln2 = self.norm2.forward(ops, &rows1, ops.cdt)?;
+                self.fc1.backward_product(&ln2, &du, grads)?
+            }
         };
-        let dln2 = self
-            .fc1
-            .backward_gelu(ops, &ln2, &s.fc1_pre, &dgelu, grads)?;
-        std::mem::drop(ln2);
         let attn_branch = Branch {
             m: drop.map(|m| &m.0),
             dtype: ops.cdt,

@@ -37,9 +37,9 @@ pub mod sq_norms;
 
 pub use ops::{
     accumulate, attn_softmax, attn_softmax_backward, bias_add, bias_gelu, bias_gelu_backward,
-    centered_softmax, centered_softmax_entropy, col_sum, layer_norm, layer_norm_backward,
-    residual_add, soft_ce_in_place, soft_ce_rows, Accumulate, AttnSoftmax, BiasAdd, BiasGelu,
-    ColSum, LayerNormOp, ResidualAdd, RowScale, SoftCe,
+    bias_gelu_backward_recompute, centered_softmax, centered_softmax_entropy, col_sum, layer_norm,
+    layer_norm_backward, residual_add, soft_ce_in_place, soft_ce_rows, Accumulate, AttnSoftmax,
+    BiasAdd, BiasGelu, ColSum, LayerNormOp, ResidualAdd, RowScale, SoftCe,
 };
 
 use candle_core::{DType, Device};

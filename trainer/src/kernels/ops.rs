@@ -337,6 +337,10 @@ fn bias_elementwise(
 /// `gelu_erf(x + b)` with b broadcast over the last dim; output in x's dtype.
 pub struct BiasGelu;
 
+fn gelu(v: f64) -> f64 {
+    0.5 * v * (1.0 + cpu::erf(v / std::f64::consts::SQRT_2))
+}
+
 fn gelu_grad(v: f64) -> f64 {
     0.5 * (1.0 + cpu::erf(v / std::f64::consts::SQRT_2))
         + v * (-0.5 * v * v).exp() / (2.0 * std::f64::consts::PI).sqrt()
@@ -360,10 +364,7 @@ impl CustomOp2 for BiasGelu {
         let y: Vec<f64> = x
             .iter()
             .enumerate()
-            .map(|(i, &v)| {
-                let v = v + b[i % d];
-                0.5 * v * (1.0 + cpu::erf(v / std::f64::consts::SQRT_2))
-            })
+            .map(|(i, &v)| gelu(v + b[i % d]))
             .collect();
         Ok((cpu::write(&y, s1.dtype())?, l1.shape().clone()))
     }
@@ -391,6 +392,67 @@ impl CustomOp2 for BiasGelu {
     }
 }
 
+/// The bias-GELU backward's reference: dx = dy·gelu'(x + b) rounded to `dt`, db = Σ_rows dx of dx
+/// as rounded (what a column sum of dx reads) and, with `gelu`, the forward's output gelu(x + b).
+fn bias_gelu_bwd_reference(
+    x: &[f64],
+    b: &[f64],
+    dy: &[f64],
+    dt: DType,
+    gelu_too: bool,
+) -> Result<(CpuStorage, Vec<f64>, Option<Vec<f64>>)> {
+    let d = b.len();
+    let dx: Vec<f64> = x
+        .iter()
+        .zip(dy)
+        .enumerate()
+        .map(|(i, (&v, &g))| g * gelu_grad(v + b[i % d]))
+        .collect();
+    let dx = cpu::write(&dx, dt)?;
+    let rounded = cpu::read(&dx, &Layout::contiguous(x.len()), "bias_gelu dx")?;
+    let mut db = vec![0.0; d];
+    for row in rounded.chunks(d) {
+        db.iter_mut().zip(row).for_each(|(s, v)| *s += v);
+    }
+    let y = gelu_too.then(|| {
+        x.iter()
+            .enumerate()
+            .map(|(i, &v)| gelu(v + b[i % d]))
+            .collect()
+    });
+    Ok((dx, db, y))
+}
+
+/// `bias_gelu_bwd_{dtype}`: dx and db (and the GELU output over x when in place) in one pass on
+/// `col_sum`'s grid; `|a| push` pushes x onto the launch `a` (read-only, or the in-place
+/// destination). A macro: x's borrow must live as long as the launch's arguments.
+#[cfg(feature = "cuda")]
+macro_rules! launch_bias_gelu_bwd {
+    (
+        $dev:expr, |$a:ident| $push_x:expr, $b:expr, $dy:expr, $rows:expr, $d:expr,
+        $in_place:expr
+    ) => {{
+        need_f32($b, "bias_gelu b")?;
+        let (geo, rpb) = geometry::col_sum($rows, $d);
+        let k = gpu::func(
+            $dev,
+            &format!("bias_gelu_bwd_{}", gpu::suffix($dy.dtype())?),
+        )?;
+        let mut dx = gpu::Out::alloc($dev, $dy.dtype(), $rows * $d, false)?;
+        let mut db = gpu::Out::alloc($dev, DType::F32, $d, true)?;
+        let (ri, di, rpbi, gi) = ($rows as i32, $d as i32, rpb as i32, $in_place as i32);
+        let mut $a = k.builder();
+        $push_x;
+        $b.push(&mut $a);
+        $dy.push(&mut $a);
+        dx.push(&mut $a);
+        db.push(&mut $a);
+        $a.arg(&ri).arg(&di).arg(&rpbi).arg(&gi);
+        gpu::launch($a, geo)?;
+        (dx, db)
+    }};
+}
+
 /// (x, b, dy) → dx = dy·gelu'(x + b) in x's dtype, and the bias gradient db = Σ_rows dx (of dx
 /// as rounded, in b's dtype) from the same pass, left in `db`.
 #[derive(Default)]
@@ -416,20 +478,8 @@ impl CustomOp3 for BiasGeluBwd {
         let x = cpu::read(s1, l1, "bias_gelu x")?;
         let b = cpu::read_full(s2, l2, "bias_gelu b")?;
         let dy = cpu::read(s3, l3, "bias_gelu dy")?;
+        let (dx, db, _) = bias_gelu_bwd_reference(&x, &b, &dy, s1.dtype(), false)?;
         let d = b.len();
-        let dx: Vec<f64> = x
-            .iter()
-            .zip(&dy)
-            .enumerate()
-            .map(|(i, (&v, &g))| g * gelu_grad(v + b[i % d]))
-            .collect();
-        let dx = cpu::write(&dx, s1.dtype())?;
-        // Summed as written: the rounded values, row after row.
-        let rounded = cpu::read(&dx, &Layout::contiguous(l1.shape()), "bias_gelu dx")?;
-        let mut db = vec![0.0; d];
-        for row in rounded.chunks(d) {
-            db.iter_mut().zip(row).for_each(|(s, v)| *s += v);
-        }
         self.db
             .put(Tensor::from_vec(db, d, &candle_core::Device::Cpu)?.to_dtype(s2.dtype())?)?;
         Ok((dx, l1.shape().clone()))
@@ -451,7 +501,6 @@ impl CustomOp3 for BiasGeluBwd {
             gpu::In::new(s2, l2, "bias_gelu b")?,
             gpu::In::new(s3, l3, "bias_gelu dy")?,
         );
-        need_f32(&b, "bias_gelu b")?;
         if dy.dtype() != x.dtype() {
             bail!(
                 "bias_gelu backward: dy {:?} != x {:?}",
@@ -461,21 +510,94 @@ impl CustomOp3 for BiasGeluBwd {
         }
         let d = l2.shape().elem_count();
         let rows = l1.shape().elem_count() / d.max(1);
-        let (geo, rpb) = geometry::col_sum(rows, d);
-        let k = gpu::func(dev, &format!("bias_gelu_bwd_{}", gpu::suffix(x.dtype())?))?;
-        let mut dx = gpu::Out::alloc(dev, x.dtype(), rows * d, false)?;
-        let mut db = gpu::Out::alloc(dev, DType::F32, d, true)?;
-        let (ri, di, rpbi) = (rows as i32, d as i32, rpb as i32);
-        let mut a = k.builder();
-        x.push(&mut a);
-        b.push(&mut a);
-        dy.push(&mut a);
-        dx.push(&mut a);
-        db.push(&mut a);
-        a.arg(&ri).arg(&di).arg(&rpbi);
-        gpu::launch(a, geo)?;
+        let (dx, db) = launch_bias_gelu_bwd!(dev, |a| x.push(&mut a), &b, &dy, rows, d, false);
         self.db.put(gpu::tensor(db, dev, d))?;
         Ok((dx.into_storage(dev), l1.shape().clone()))
+    }
+}
+
+/// The same backward in place over x for a backward that did not keep the forward's output:
+/// (x, b, dy) → x overwritten by gelu(x + b) (bit for bit [`BiasGelu`]'s), dx and db left in
+/// `dx` and `db`. One pass, and no new buffer for the output it makes again.
+#[derive(Default)]
+struct BiasGeluBwdRecompute {
+    dx: Second,
+    db: Second,
+}
+
+impl InplaceOp3 for BiasGeluBwdRecompute {
+    fn name(&self) -> &'static str {
+        "udi-bias-gelu-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        cpu::same(s1.dtype(), s3.dtype(), "bias_gelu backward x and dy")?;
+        let x = cpu::read(s1, l1, "bias_gelu x")?;
+        let b = cpu::read_full(s2, l2, "bias_gelu b")?;
+        let dy = cpu::read(s3, l3, "bias_gelu dy")?;
+        let (dx, db, y) = bias_gelu_bwd_reference(&x, &b, &dy, s1.dtype(), true)?;
+        let y = y.expect("asked for");
+        cpu::write_into(s1, super::span(l1, x.len(), "bias_gelu in place")?, &y)?;
+        // dx as the kernel allocates it (no f64 copy: the memory model counts every storage).
+        let dx = Tensor::from_storage(
+            candle_core::Storage::Cpu(dx),
+            x.len(),
+            candle_core::op::BackpropOp::none(),
+            false,
+        );
+        self.dx.put(dx)?;
+        let d = b.len();
+        self.db
+            .put(Tensor::from_vec(db, d, &candle_core::Device::Cpu)?.to_dtype(s2.dtype())?)?;
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        let dev = s1.device.clone();
+        let (b, dy) = (
+            gpu::In::new(s2, l2, "bias_gelu b")?,
+            gpu::In::new(s3, l3, "bias_gelu dy")?,
+        );
+        if dy.dtype() != s1.dtype() {
+            bail!(
+                "bias_gelu backward: dy {:?} != x {:?}",
+                dy.dtype(),
+                s1.dtype()
+            );
+        }
+        let d = l2.shape().elem_count();
+        let rows = l1.shape().elem_count() / d.max(1);
+        let span = super::span(l1, rows * d, "bias_gelu in place")?;
+        let (dx, db) = match s1.dtype() {
+            DType::F32 => {
+                let mut v = s1.as_cuda_slice_mut::<f32>()?.slice_mut(span);
+                launch_bias_gelu_bwd!(&dev, |a| a.arg(&mut v), &b, &dy, rows, d, true)
+            }
+            _ => {
+                let mut v = s1.as_cuda_slice_mut::<half::bf16>()?.slice_mut(span);
+                launch_bias_gelu_bwd!(&dev, |a| a.arg(&mut v), &b, &dy, rows, d, true)
+            }
+        };
+        self.dx.put(gpu::tensor(dx, &dev, rows * d))?;
+        self.db.put(gpu::tensor(db, &dev, d))?;
+        Ok(())
     }
 }
 
@@ -485,7 +607,9 @@ impl CustomOp3 for BiasGeluBwd {
 struct Second(std::sync::Mutex<Option<Tensor>>);
 
 impl Second {
+    /// Leaves `t`, counted as written by the op that makes it (`trainer bench --traffic`).
     fn put(&self, t: Tensor) -> Result<()> {
+        candle_core::memory::written_by_op(candle_core::memory::view_bytes(t.dtype(), t.layout()));
         match self.0.lock() {
             Ok(mut slot) => {
                 *slot = Some(t);
@@ -1492,6 +1616,31 @@ pub fn bias_gelu_backward(
         (dy.to_dtype(grad.dtype())? * grad)?.to_dtype(y.dtype())?
     };
     let db = col_sum(&du, b.dtype(), false)?.reshape(b.shape())?;
+    Ok((du, db))
+}
+
+/// [`bias_gelu_backward`] for a backward that did not keep the forward's output: returns `(du,
+/// db)` and overwrites `y` (the saved pre-bias product, no longer needed after this) with the
+/// output gelu(y + b), bit for bit as [`bias_gelu`] made it, for the next layer's weight
+/// gradient. Fused, all three come from one pass over y, with no new buffer for the output.
+pub fn bias_gelu_backward_recompute(
+    y: &Tensor,
+    b: &Tensor,
+    dy: &Tensor,
+    fused: bool,
+) -> Result<(Tensor, Tensor)> {
+    if !y.is_contiguous() {
+        bail!("bias_gelu backward in place: y must be contiguous");
+    }
+    if fused {
+        let op = BiasGeluBwdRecompute::default();
+        y.inplace_op3(b, &dy.contiguous()?, &op)?;
+        let du = op.dx.take("bias_gelu backward")?.reshape(y.shape())?;
+        let db = op.db.take("bias_gelu backward")?.reshape(b.shape())?;
+        return Ok((du, db));
+    }
+    let (du, db) = bias_gelu_backward(y, b, dy, false)?;
+    y.slice_set(&bias_gelu(y, b, false)?, 0, 0)?;
     Ok((du, db))
 }
 

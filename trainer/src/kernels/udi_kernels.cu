@@ -174,11 +174,13 @@ __device__ void bias_gelu_fwd(const T *x, const float *b, T *y, size_t n, int d)
 }
 // dx[r, j] = dy[r, j]·gelu'(x[r, j] + b[j]) and the bias gradient in the same pass:
 // db[j] += Σ_{rows of this block} dx[r, j], of dx as written (rounded), as a column sum of dx
-// would read it (db zeroed by the caller). Grid as col_sum: a thread per column, coalesced
-// along the row, one atomicAdd per column and block.
+// would read it (db zeroed by the caller); when gelu_in_place, x[r, j] is then overwritten by the
+// forward's output gelu(x + b) (bit for bit bias_gelu_fwd's), for a backward that did not keep
+// it. Each thread writes only the elements it read. Grid as col_sum: a thread per column,
+// coalesced along the row, one atomicAdd per column and block.
 template <typename T>
-__device__ void bias_gelu_bwd(const T *x, const float *b, const T *dy, T *dx, float *db, int rows,
-                              int d, int rows_per_block) {
+__device__ void bias_gelu_bwd(T *x, const float *b, const T *dy, T *dx, float *db, int rows, int d,
+                              int rows_per_block, int gelu_in_place) {
   const int j = blockIdx.x * blockDim.x + threadIdx.x;
   if (j >= d) return;
   const int r0 = blockIdx.y * rows_per_block;
@@ -187,9 +189,11 @@ __device__ void bias_gelu_bwd(const T *x, const float *b, const T *dy, T *dx, fl
   float s = 0.f;
   for (int r = r0; r < r1; r++) {
     const size_t i = (size_t)r * d + j;
-    const T v = from_f<T>(to_f(dy[i]) * gelu_erf_grad(to_f(x[i]) + bj));
+    const float u = to_f(x[i]) + bj;
+    const T v = from_f<T>(to_f(dy[i]) * gelu_erf_grad(u));
     dx[i] = v;
     s += to_f(v);
+    if (gelu_in_place) x[i] = from_f<T>(gelu_erf(u));
   }
   atomicAdd(db + j, s);
 }
@@ -198,9 +202,10 @@ __device__ void bias_gelu_bwd(const T *x, const float *b, const T *dy, T *dx, fl
                                                  int d) {                                        \
     bias_gelu_fwd<T>(x, b, y, n, d);                                                             \
   }                                                                                              \
-  extern "C" __global__ void bias_gelu_bwd_##SUF(const T *x, const float *b, const T *dy, T *dx,  \
-                                                 float *db, int rows, int d, int rpb) {          \
-    bias_gelu_bwd<T>(x, b, dy, dx, db, rows, d, rpb);                                            \
+  extern "C" __global__ void bias_gelu_bwd_##SUF(T *x, const float *b, const T *dy, T *dx,        \
+                                                 float *db, int rows, int d, int rpb,            \
+                                                 int gelu_in_place) {                            \
+    bias_gelu_bwd<T>(x, b, dy, dx, db, rows, d, rpb, gelu_in_place);                             \
   }
 BG_INST(f32, float)
 BG_INST(bf16, bf16)

@@ -67,6 +67,8 @@ static RECORDING: AtomicBool = AtomicBool::new(false);
 static OPS: Mutex<BTreeMap<&'static str, OpTraffic>> = Mutex::new(BTreeMap::new());
 thread_local! {
     static DEPTH: Cell<u32> = const { Cell::new(0) };
+    /// Bytes the op being traced writes besides its output ([`written_by_op`]).
+    static EXTRA: Cell<u64> = const { Cell::new(0) };
 }
 
 /// Starts recording traffic (from zero).
@@ -99,6 +101,12 @@ pub fn record_op(name: &'static str, read_bytes: u64, written_bytes: u64, flops:
     t.read_bytes += read_bytes;
     t.written_bytes += written_bytes;
     t.flops += flops;
+}
+
+/// Adds `bytes` to what the op running now writes: for a custom op that writes more than the one
+/// output candle counts (a second output it hands over another way).
+pub fn written_by_op(bytes: u64) {
+    EXTRA.with(|e| e.set(e.get() + bytes));
 }
 
 /// Runs `f` with the ops it runs not recorded: the caller records it as one op.
@@ -159,6 +167,9 @@ impl Trace {
 
     pub(crate) fn start_bytes(name: &'static str, read: u64, flops: u64) -> Self {
         let on = recording();
+        if on {
+            EXTRA.with(|e| e.set(0));
+        }
         Trace {
             name,
             read,
@@ -179,7 +190,8 @@ impl Trace {
         } = self;
         drop(_nested);
         if on {
-            record_op(name, read, written, flops);
+            let extra = EXTRA.with(|e| e.replace(0));
+            record_op(name, read, written + extra, flops);
         }
     }
 
