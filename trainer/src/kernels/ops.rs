@@ -392,35 +392,65 @@ impl CustomOp2 for BiasGelu {
     }
 }
 
-/// The bias-GELU backward's reference: dx = dy·gelu'(x + b) rounded to `dt`, db = Σ_rows dx of dx
-/// as rounded (what a column sum of dx reads) and, with `gelu`, the forward's output gelu(x + b).
+/// The bias-GELU backward's reference, for both ops: from the (x, b, dy) storages, dx =
+/// dy·gelu'(x + b) in x's dtype (returned), db = Σ_rows dx of dx as rounded (what a column sum of
+/// dx reads; left in `db`, b's dtype) and, with `gelu_too`, the forward's output gelu(x + b) as
+/// f64 values.
+#[allow(clippy::too_many_arguments)]
 fn bias_gelu_bwd_reference(
-    x: &[f64],
-    b: &[f64],
-    dy: &[f64],
-    dt: DType,
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+    s3: &CpuStorage,
+    l3: &Layout,
+    db_out: &Second,
     gelu_too: bool,
-) -> Result<(CpuStorage, Vec<f64>, Option<Vec<f64>>)> {
+) -> Result<(CpuStorage, Option<Vec<f64>>)> {
+    cpu::same(s1.dtype(), s3.dtype(), "bias_gelu backward x and dy")?;
+    let x = cpu::read(s1, l1, "bias_gelu x")?;
+    let b = cpu::read_full(s2, l2, "bias_gelu b")?;
+    let dy = cpu::read(s3, l3, "bias_gelu dy")?;
     let d = b.len();
     let dx: Vec<f64> = x
         .iter()
-        .zip(dy)
+        .zip(&dy)
         .enumerate()
         .map(|(i, (&v, &g))| g * gelu_grad(v + b[i % d]))
         .collect();
-    let dx = cpu::write(&dx, dt)?;
+    let dx = cpu::write(&dx, s1.dtype())?;
     let rounded = cpu::read(&dx, &Layout::contiguous(x.len()), "bias_gelu dx")?;
     let mut db = vec![0.0; d];
     for row in rounded.chunks(d) {
         db.iter_mut().zip(row).for_each(|(s, v)| *s += v);
     }
+    db_out.put(Tensor::from_vec(db, d, &candle_core::Device::Cpu)?.to_dtype(s2.dtype())?)?;
     let y = gelu_too.then(|| {
         x.iter()
             .enumerate()
             .map(|(i, &v)| gelu(v + b[i % d]))
             .collect()
     });
-    Ok((dx, db, y))
+    Ok((dx, y))
+}
+
+/// `$body` with `$v` a mutable typed view of an in-place op's destination `$s1` (f32 or bf16,
+/// elements `$span`), to push onto a launch. A macro: the view's borrow must outlive the launch
+/// arguments that hold it.
+#[cfg(feature = "cuda")]
+macro_rules! with_dest_view {
+    ($s1:expr, $span:expr, |$v:ident| $body:expr) => {
+        match $s1.dtype() {
+            DType::F32 => {
+                let mut $v = $s1.as_cuda_slice_mut::<f32>()?.slice_mut($span);
+                $body
+            }
+            _ => {
+                let mut $v = $s1.as_cuda_slice_mut::<half::bf16>()?.slice_mut($span);
+                $body
+            }
+        }
+    };
 }
 
 /// `bias_gelu_bwd_{dtype}`: dx and db (and the GELU output over x when in place) in one pass on
@@ -474,14 +504,7 @@ impl CustomOp3 for BiasGeluBwd {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        cpu::same(s1.dtype(), s3.dtype(), "bias_gelu backward x and dy")?;
-        let x = cpu::read(s1, l1, "bias_gelu x")?;
-        let b = cpu::read_full(s2, l2, "bias_gelu b")?;
-        let dy = cpu::read(s3, l3, "bias_gelu dy")?;
-        let (dx, db, _) = bias_gelu_bwd_reference(&x, &b, &dy, s1.dtype(), false)?;
-        let d = b.len();
-        self.db
-            .put(Tensor::from_vec(db, d, &candle_core::Device::Cpu)?.to_dtype(s2.dtype())?)?;
+        let (dx, _) = bias_gelu_bwd_reference(s1, l1, s2, l2, s3, l3, &self.db, false)?;
         Ok((dx, l1.shape().clone()))
     }
 
@@ -501,13 +524,7 @@ impl CustomOp3 for BiasGeluBwd {
             gpu::In::new(s2, l2, "bias_gelu b")?,
             gpu::In::new(s3, l3, "bias_gelu dy")?,
         );
-        if dy.dtype() != x.dtype() {
-            bail!(
-                "bias_gelu backward: dy {:?} != x {:?}",
-                dy.dtype(),
-                x.dtype()
-            );
-        }
+        cpu::same(x.dtype(), dy.dtype(), "bias_gelu backward x and dy")?;
         let d = l2.shape().elem_count();
         let rows = l1.shape().elem_count() / d.max(1);
         let (dx, db) = launch_bias_gelu_bwd!(dev, |a| x.push(&mut a), &b, &dy, rows, d, false);
@@ -539,24 +556,17 @@ impl InplaceOp3 for BiasGeluBwdRecompute {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<()> {
-        cpu::same(s1.dtype(), s3.dtype(), "bias_gelu backward x and dy")?;
-        let x = cpu::read(s1, l1, "bias_gelu x")?;
-        let b = cpu::read_full(s2, l2, "bias_gelu b")?;
-        let dy = cpu::read(s3, l3, "bias_gelu dy")?;
-        let (dx, db, y) = bias_gelu_bwd_reference(&x, &b, &dy, s1.dtype(), true)?;
+        let (dx, y) = bias_gelu_bwd_reference(s1, l1, s2, l2, s3, l3, &self.db, true)?;
         let y = y.expect("asked for");
-        cpu::write_into(s1, super::span(l1, x.len(), "bias_gelu in place")?, &y)?;
+        cpu::write_into(s1, super::span(l1, y.len(), "bias_gelu in place")?, &y)?;
         // dx as the kernel allocates it (no f64 copy: the memory model counts every storage).
         let dx = Tensor::from_storage(
             candle_core::Storage::Cpu(dx),
-            x.len(),
+            y.len(),
             candle_core::op::BackpropOp::none(),
             false,
         );
         self.dx.put(dx)?;
-        let d = b.len();
-        self.db
-            .put(Tensor::from_vec(db, d, &candle_core::Device::Cpu)?.to_dtype(s2.dtype())?)?;
         Ok(())
     }
 
@@ -575,26 +585,13 @@ impl InplaceOp3 for BiasGeluBwdRecompute {
             gpu::In::new(s2, l2, "bias_gelu b")?,
             gpu::In::new(s3, l3, "bias_gelu dy")?,
         );
-        if dy.dtype() != s1.dtype() {
-            bail!(
-                "bias_gelu backward: dy {:?} != x {:?}",
-                dy.dtype(),
-                s1.dtype()
-            );
-        }
+        cpu::same(s1.dtype(), dy.dtype(), "bias_gelu backward x and dy")?;
         let d = l2.shape().elem_count();
         let rows = l1.shape().elem_count() / d.max(1);
         let span = super::span(l1, rows * d, "bias_gelu in place")?;
-        let (dx, db) = match s1.dtype() {
-            DType::F32 => {
-                let mut v = s1.as_cuda_slice_mut::<f32>()?.slice_mut(span);
-                launch_bias_gelu_bwd!(&dev, |a| a.arg(&mut v), &b, &dy, rows, d, true)
-            }
-            _ => {
-                let mut v = s1.as_cuda_slice_mut::<half::bf16>()?.slice_mut(span);
-                launch_bias_gelu_bwd!(&dev, |a| a.arg(&mut v), &b, &dy, rows, d, true)
-            }
-        };
+        let (dx, db) = with_dest_view!(s1, span, |v| {
+            launch_bias_gelu_bwd!(&dev, |a| a.arg(&mut v), &b, &dy, rows, d, true)
+        });
         self.dx.put(gpu::tensor(dx, &dev, rows * d))?;
         self.db.put(gpu::tensor(db, &dev, d))?;
         Ok(())
@@ -1451,23 +1448,16 @@ impl InplaceOp3 for SoftCeInPlace {
         let mut loss = gpu::Out::alloc(&dev, DType::F32, rows, false)?;
         let (ki, pi, it) = (k as i32, p_rows as i32, (1.0 / self.tau) as f32);
         let geo = geometry::head_rows(rows, k);
-        // The logits are read and overwritten in place: a mutable view of the destination.
-        macro_rules! launch {
-            ($t:ty) => {{
-                let mut v = s1.as_cuda_slice_mut::<$t>()?.slice_mut(span);
-                let mut a = f.builder();
-                a.arg(&mut v);
-                p.push(&mut a);
-                g.push(&mut a);
-                loss.push(&mut a);
-                a.arg(&ki).arg(&pi).arg(&it);
-                gpu::launch(a, geo)?
-            }};
-        }
-        match dt {
-            DType::F32 => launch!(f32),
-            _ => launch!(half::bf16),
-        }
+        // The logits are read and overwritten in place.
+        with_dest_view!(s1, span, |v| {
+            let mut a = f.builder();
+            a.arg(&mut v);
+            p.push(&mut a);
+            g.push(&mut a);
+            loss.push(&mut a);
+            a.arg(&ki).arg(&pi).arg(&it);
+            gpu::launch(a, geo)?
+        });
         self.loss.put(gpu::tensor(loss, &dev, rows))?;
         Ok(())
     }
