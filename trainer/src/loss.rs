@@ -12,7 +12,7 @@
 
 use crate::config::LossConfig;
 use crate::data::TrainBatch;
-use crate::kernels::{centered_softmax_entropy, soft_ce_rows};
+use crate::kernels::{centered_softmax_entropy, col_sum, local_multimodal_targets, soft_ce_rows};
 use crate::model::{StudentOut, TeacherOut};
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -243,12 +243,13 @@ pub fn targets(
     if l > 0 {
         // Local T-rows [t, b, k, r] pooled over r (and, for c₂, over everything).
         let (avg_l, local_sum) = rows.local_pool(n_g, &batch.valid_l, dt)?; // [2, B, L, K], [K]
-        let cls_t = t_cls.unsqueeze(2)?; // [2, B, 1, K]
-        let mm_l = ((avg_l * alpha)?.broadcast_add(&(cls_t * (1.0 - alpha))?))?; // [2, B, L, K]
-        mm_sum = (mm_sum + mm_l.sum((0, 1, 2))?)?;
-        let (p1_l, h1_l) = teacher_probs(&mm_l, &centres.udi, tau)?;
-        // Summed from transposed views: the sum is written crop-major, no copy after it.
-        let p1_l = (p1_l.get(0)?.transpose(0, 1)? + p1_l.get(1)?.transpose(0, 1)?)?; // [L, B, K]
+                                                                            // mm_l[t, b, k] = α·avg_l[t, b, k] + (1−α)·t_cls[t, b], blended inside the targets' op;
+                                                                            // its sum over the 2·B·L rows from the two terms' column sums.
+        let (p1_l, h1_l) =
+            local_multimodal_targets(&avg_l, &t_cls, &centres.udi, alpha, tau, fused)?; // [L, B, K]
+        let cls_sum = t_cls.sum((0, 1))?;
+        mm_sum = ((mm_sum + (col_sum(&avg_l, dt, fused)? * alpha)?)?
+            + (cls_sum * ((1.0 - alpha) * l as f64))?)?;
         plus_local = Some(p1_l.reshape((l * b, k))?);
         h1_sum = (h1_sum + (mean_entropy(&h1_l, None)? * (2 * b * l) as f64)?)?;
         patch_sum = (patch_sum + local_sum)?;

@@ -64,8 +64,10 @@ impl TeacherRows {
         }
     }
 
-    /// Local T-rows pooled with validity weights `valid_l` `[2, B, L, n_l]`, in `dt`:
-    /// (Σ_r v·logits / (Σ_r v + 1e-5) `[2, B, L, K]`, Σ_{t,b,k,r} v·logits `[K]`).
+    /// Local T-rows pooled with validity weights `valid_l` `[2, B, L, n_l]`:
+    /// (Σ_r v·logits / (Σ_r v + 1e-5) `[2, B, L, K]`, Σ_{t,b,k,r} v·logits `[K]`). The sum is in
+    /// `dt`; the means are in `dt` from logits and in the last layer's output dtype from
+    /// features (the targets' op reads them as they are).
     pub fn local_pool(&self, n_g: usize, valid_l: &Tensor, dt: DType) -> Result<(Tensor, Tensor)> {
         let (two, b, l, n_l) = valid_l.dims4()?;
         let v5 = valid_l.unsqueeze(4)?;
@@ -90,9 +92,7 @@ impl TeacherRows {
                 let e = local_features.dim(2)?;
                 let x = local_features.to_dtype(dt)?.reshape((two, b, l, n_l, e))?;
                 let (mean, total) = pool(&x)?;
-                let mean = last
-                    .forward(&mean.reshape((two * b * l, e))?)?
-                    .to_dtype(dt)?;
+                let mean = last.forward(&mean.reshape((two * b * l, e))?)?;
                 let k = mean.dim(1)?;
                 let total = last
                     .forward(&total.unsqueeze(0)?)?

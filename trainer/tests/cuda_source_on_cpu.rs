@@ -595,6 +595,44 @@ fn head_softmax_entropy_and_cross_entropy() {
 }
 
 #[test]
+fn local_multimodal_targets_of_both_views() {
+    let Some(emu) = emu() else { return };
+    let (alpha, tau) = (0.3, 0.07);
+    for dt in [DType::F32, DType::BF16] {
+        let tol = tol(&[dt]);
+        let s = suffix(dt);
+        // K 40: a partial second warp; K 1500: 1024 threads, two passes per row.
+        for k in [40, 1500] {
+            let (b, l) = (3, 2);
+            let what = format!("local_multimodal {s} K {k}");
+            let avg = rand(&[2, b, l, k], 60, -3.0, 3.0, dt);
+            let cls = rand(&[2, b, k], 61, -3.0, 3.0, DType::F32);
+            let c = rand(&[k], 62, -0.5, 0.5, DType::F32);
+            let (p_ref, h_ref) =
+                trainer::kernels::local_multimodal_targets(&avg, &cls, &c, alpha, tau, true)
+                    .unwrap();
+            let (ba, bcls, bc) = (Buf::input(&avg), Buf::input(&cls), Buf::input(&c));
+            let p = Buf::output(Kind::F32, l * b * k);
+            let h = Buf::output(Kind::F32, 2 * b * l);
+            emu.call(&format!("local_multimodal_{s}"))
+                .buf(&ba)
+                .buf(&bcls)
+                .buf(&bc)
+                .buf(&p)
+                .buf(&h)
+                .i32(b as i32)
+                .i32(l as i32)
+                .i32(k as i32)
+                .f32(alpha as f32)
+                .f32((1.0 / tau) as f32)
+                .launch(geometry::head_rows(l * b, k));
+            assert_output(&what, &p, &[l, b, k], &p_ref, tol);
+            assert_output(&format!("{what}: entropy"), &h, &[2, b, l], &h_ref, tol);
+        }
+    }
+}
+
+#[test]
 fn adamw_with_teacher_ema() {
     let Some(emu) = emu() else { return };
     // Odd segment lengths, some frozen, clipped and unclipped.

@@ -714,6 +714,66 @@ fn centered_entropy_fused_matches_composed() {
 }
 
 #[test]
+fn local_multimodal_targets_blend_both_views() {
+    use trainer::kernels::local_multimodal_targets;
+    let (b, l, k) = (3, 4, 40);
+    // α ≠ 1/2, so that a swapped blend fails.
+    let (alpha, tau) = (0.3, 0.07);
+    let avg = rand(&[2, b, l, k], 50, 3.0);
+    let cls = rand(&[2, b, k], 51, 3.0);
+    let c = rand(&[k], 52, 0.5);
+    let [(p0, h0), (p1, h1)] =
+        [false, true].map(|f| local_multimodal_targets(&avg, &cls, &c, alpha, tau, f).unwrap());
+    assert_eq!(p1.dims(), &[l, b, k]);
+    assert_eq!(h1.dims(), &[2, b, l]);
+    assert!(max_abs_diff(&p0, &p1) < 1e-12, "{}", max_abs_diff(&p0, &p1));
+    assert!(max_abs_diff(&h0, &h1) < 1e-12, "{}", max_abs_diff(&h0, &h1));
+    // Each target row holds two distributions.
+    let sums = to_vec_f64(&p1.sum(2).unwrap().flatten_all().unwrap());
+    assert!(sums.iter().all(|s| (s - 2.0).abs() < 1e-12), "{sums:?}");
+    // One row by the definition: local crop 2 of image 1 against both global views.
+    let (li, bi) = (2, 1);
+    let cv = to_vec_f64(&c);
+    let mut want = vec![0.0; k];
+    for t in 0..2 {
+        let a = to_vec_f64(&avg.get(t).unwrap().get(bi).unwrap().get(li).unwrap());
+        let cl = to_vec_f64(&cls.get(t).unwrap().get(bi).unwrap());
+        let z: Vec<f64> = (0..k)
+            .map(|j| (alpha * a[j] + (1.0 - alpha) * cl[j] - cv[j]) / tau)
+            .collect();
+        let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let s: f64 = z.iter().map(|v| (v - m).exp()).sum();
+        let mut h = 0.0;
+        for j in 0..k {
+            let p = (z[j] - m).exp() / s;
+            want[j] += p;
+            h -= p * p.ln();
+        }
+        let got = to_vec_f64(&h1.get(t).unwrap().get(bi).unwrap())[li];
+        assert!((got - h).abs() < 1e-10, "entropy t {t}: {got} vs {h}");
+    }
+    let got = to_vec_f64(&p1.get(li).unwrap().get(bi).unwrap());
+    let err = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(err < 1e-12, "row ({li}, {bi}): {err}");
+    // bf16 pooled logits, f32 class logits and centre → f32 targets.
+    let f32_ = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    let ab = avg.to_dtype(DType::BF16).unwrap();
+    let [(p0, h0), (p1, h1)] = [false, true]
+        .map(|f| local_multimodal_targets(&ab, &f32_(&cls), &f32_(&c), alpha, tau, f).unwrap());
+    assert_eq!((p1.dtype(), h1.dtype()), (DType::F32, DType::F32));
+    assert!(max_abs_diff(&p0, &p1) < 1e-5, "{}", max_abs_diff(&p0, &p1));
+    assert!(max_abs_diff(&h0, &h1) < 1e-4, "{}", max_abs_diff(&h0, &h1));
+    // The class logits must be [2, B, K].
+    let cls3 = rand(&[3, b, k], 53, 1.0);
+    let e = local_multimodal_targets(&avg, &cls3, &c, alpha, tau, true).unwrap_err();
+    assert!(e.to_string().contains("local_multimodal"), "{e}");
+}
+
+#[test]
 fn col_sum_fused_matches_composed() {
     use trainer::kernels::col_sum;
     let x = rand(&[7, 5, 12], 42, 2.0);

@@ -855,6 +855,33 @@ pub fn run(dev: &Device, s: &Shapes, reps: usize) -> Result<CheckReport> {
             )?;
         }
 
+        // The local crops' [cls+] targets: both views' pooled logits blended with their [cls]
+        // logits, one softmax each, summed per crop; then the entropies.
+        let (b, l) = (s.ce_targets, s.cfg.augment.n_local as usize);
+        let avg = cast(rand_t(&[2, b, l, s.k], 29, -1.0, 1.0)?)?;
+        let cls = rand_t(&[2, b, s.k], 30, -1.0, 1.0)?;
+        let both = |t: &[Tensor], fused: bool| {
+            super::local_multimodal_targets(&t[0], &t[1], &t[2], 0.5, 0.04, fused)
+        };
+        let probs = |t: &[Tensor], fused: bool| both(t, fused).map(|r| r.0);
+        let entropy = |t: &[Tensor], fused: bool| both(t, fused).map(|r| r.1);
+        for (op, f) in [
+            ("local_multimodal", &probs as OpFn<'_>),
+            ("local_multimodal entropy", &entropy),
+        ] {
+            check(
+                &mut out,
+                op,
+                format!("[2, {b}, {l}, {}]", s.k),
+                dt,
+                f,
+                vec![avg.clone(), cls.clone(), c.clone()],
+                &[],
+                dev,
+                reps,
+            )?;
+        }
+
         // The bias gradient of fc1: a column sum over every token row, f32 out.
         let g = cast(rand_t(&[s.rows, s.mlp], 27, -1.0, 1.0)?)?;
         let f = |t: &[Tensor], fused: bool| super::col_sum(&t[0], DType::F32, fused);

@@ -1220,6 +1220,154 @@ pub fn centered_softmax(t: &Tensor, c: &Tensor, tau: f64, fused: bool) -> Result
     nn::softmax(&(t.to_dtype(c.dtype())?.broadcast_sub(c)? / tau)?)
 }
 
+/// The local crops' [cls+] targets (udi-spec §3.2) from one pass over the pooled logits: for
+/// image b, local crop l and both global views t, `z_t = (α·avg[t, b, l] + (1 − α)·cls[t, b] −
+/// c)/τ`; the output row l·B + b is `softmax(z_0) + softmax(z_1)` and the second output each
+/// softmax's entropy `[2, B, L]`, both in c's dtype (f32). The blended logits stay in registers.
+struct LocalMultimodal {
+    alpha: f64,
+    tau: f64,
+    entropy: Second,
+}
+
+impl LocalMultimodal {
+    /// (2, B, L, K) from avg `[2, B, L, K]` and cls `[2, B, K]`.
+    fn dims(l1: &Layout, l2: &Layout) -> Result<(usize, usize, usize)> {
+        let (two, b, l, k) = l1.shape().dims4()?;
+        if two != 2 || l2.shape().dims() != [2, b, k] {
+            bail!(
+                "local_multimodal: avg {:?} needs cls [2, B, K], got {:?}",
+                l1.shape(),
+                l2.shape()
+            );
+        }
+        Ok((b, l, k))
+    }
+}
+
+impl CustomOp3 for LocalMultimodal {
+    fn name(&self) -> &'static str {
+        "udi-local-multimodal"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, l, k) = Self::dims(l1, l2)?;
+        let avg = cpu::read(s1, l1, "local_multimodal avg")?;
+        let cls = cpu::read(s2, l2, "local_multimodal cls")?;
+        let c = cpu::read_full(s3, l3, "local_multimodal c")?;
+        cpu::same(s2.dtype(), s3.dtype(), "local_multimodal cls and c")?;
+        if c.len() != k {
+            bail!("local_multimodal: centre of {} for K = {k}", c.len());
+        }
+        let mut p = vec![0.0; l * b * k];
+        let mut h = vec![0.0; 2 * b * l];
+        let mut z = vec![0.0; k];
+        for (row, pr) in p.chunks_mut(k).enumerate() {
+            let (li, bi) = (row / b, row % b);
+            for t in 0..2 {
+                let a = &avg[((t * b + bi) * l + li) * k..][..k];
+                let cl = &cls[(t * b + bi) * k..][..k];
+                for j in 0..k {
+                    z[j] = (self.alpha * a[j] + (1.0 - self.alpha) * cl[j] - c[j]) / self.tau;
+                }
+                let m = z.iter().fold(f64::NEG_INFINITY, |a, &v| a.max(v));
+                let s: f64 = z.iter().map(|v| (v - m).exp()).sum();
+                let sz: f64 = z.iter().map(|v| (v - m).exp() * (v - m)).sum();
+                for j in 0..k {
+                    pr[j] += (z[j] - m).exp() / s;
+                }
+                h[(t * b + bi) * l + li] = s.ln() - sz / s;
+            }
+        }
+        let dev = &candle_core::Device::Cpu;
+        let h = Tensor::from_vec(h, (2, b, l), dev)?.to_dtype(s3.dtype())?;
+        self.entropy.put(h)?;
+        Ok((cpu::write(&p, s3.dtype())?, Shape::from((l, b, k))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = &s1.device;
+        let (b, l, k) = Self::dims(l1, l2)?;
+        let (avg, cls, c) = (
+            gpu::In::new(s1, l1, "local_multimodal avg")?,
+            gpu::In::new(s2, l2, "local_multimodal cls")?,
+            gpu::In::new(s3, l3, "local_multimodal c")?,
+        );
+        need_f32(&cls, "local_multimodal cls")?;
+        need_f32(&c, "centre")?;
+        let f = gpu::func(
+            dev,
+            &format!("local_multimodal_{}", gpu::suffix(avg.dtype())?),
+        )?;
+        let mut p = gpu::Out::alloc(dev, DType::F32, l * b * k, false)?;
+        let mut h = gpu::Out::alloc(dev, DType::F32, 2 * b * l, false)?;
+        let (bi, li, ki) = (b as i32, l as i32, k as i32);
+        let (al, it) = (self.alpha as f32, (1.0 / self.tau) as f32);
+        let mut a = f.builder();
+        avg.push(&mut a);
+        cls.push(&mut a);
+        c.push(&mut a);
+        p.push(&mut a);
+        h.push(&mut a);
+        a.arg(&bi).arg(&li).arg(&ki).arg(&al).arg(&it);
+        gpu::launch(a, geometry::head_rows(l * b, k))?;
+        self.entropy.put(gpu::tensor(h, dev, (2, b, l)))?;
+        Ok((p.into_storage(dev), Shape::from((l, b, k))))
+    }
+}
+
+/// The local crops' [cls+] targets (udi-spec §3.2): with the blended logits
+/// `mm[t, b, l] = α·avg[t, b, l] + (1 − α)·cls[t, b]` of both global views t (avg `[2, B, L, K]`,
+/// the validity-weighted mean of the patch logits a local crop reads on view t; cls `[2, B, K]`),
+/// `P[l, b] = softmax((mm[0, b, l] − c)/τ) + softmax((mm[1, b, l] − c)/τ)` `[L, B, K]` (crop-major:
+/// the student's local rows) and each softmax's entropy `[2, B, L]`, both in c's dtype, without
+/// a gradient. Fused: one pass over avg, which may be in a narrower dtype than c.
+pub fn local_multimodal_targets(
+    avg: &Tensor,
+    cls: &Tensor,
+    c: &Tensor,
+    alpha: f64,
+    tau: f64,
+    fused: bool,
+) -> Result<(Tensor, Tensor)> {
+    if fused {
+        let op = LocalMultimodal {
+            alpha,
+            tau,
+            entropy: Second::default(),
+        };
+        let p = avg.detach().contiguous()?.apply_op3_no_bwd(
+            &cls.detach().contiguous()?,
+            &c.detach().contiguous()?,
+            &op,
+        )?;
+        return Ok((p, op.entropy.take("local multimodal targets")?));
+    }
+    let mm =
+        ((avg.to_dtype(c.dtype())? * alpha)?.broadcast_add(&(cls.unsqueeze(2)? * (1.0 - alpha))?))?; // [2, B, L, K]
+    let (p, h) = centered_softmax_entropy(&mm, c, tau, false)?;
+    // Summed from transposed views: the sum is written crop-major, no copy after it.
+    let p = (p.get(0)?.transpose(0, 1)? + p.get(1)?.transpose(0, 1)?)?;
+    Ok((p, h))
+}
+
 /// Student cross-entropy rows: `loss[r] = −Σ_k p[r mod P, k]·log_softmax(s[r]/tau)_k` for
 /// s `[R, K]`, p `[P, K]` (P divides R: a target broadcast over leading groups); `[R]` in p's
 /// dtype. Backward to s only (p is a teacher target).

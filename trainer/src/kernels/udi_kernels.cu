@@ -308,6 +308,58 @@ __device__ void centered_softmax(const T *t, const float *c, float *p, float *h,
   for (int j = threadIdx.x; j < k; j += blockDim.x) p[j] = expf((to_f(t[j]) - c[j]) * inv_tau - m) * inv;
 }
 
+// The local crops' [cls+] targets (udi-spec §3.2): for image b, local crop l and both global
+// views t, z_t = (alpha·avg[t, b, l] + (1 − alpha)·cls[t, b] − c)/tau; the target row l·B + b is
+// softmax(z_0) + softmax(z_1) and h[t, b, l] each softmax's entropy. One block per (l, b): the
+// blended logits are made in registers, never stored.
+template <typename T>
+__device__ __forceinline__ float blended_z(const T *a, const float *cl, const float *c, int j,
+                                           float alpha, float inv_tau) {
+  return (alpha * to_f(a[j]) + (1.f - alpha) * cl[j] - c[j]) * inv_tau;
+}
+
+template <typename T>
+__device__ void local_multimodal(const T *avg, const float *cls, const float *c, float *p,
+                                 float *h, int batch, int n_local, int k, float alpha,
+                                 float inv_tau) {
+  __shared__ float sh[32];
+  const int row = blockIdx.x;  // l·B + b
+  const int l = row / batch, b = row % batch;
+  const T *a0 = avg + ((size_t)b * n_local + l) * k;
+  const T *a1 = avg + ((size_t)(batch + b) * n_local + l) * k;
+  const float *c0 = cls + (size_t)b * k, *c1 = cls + (size_t)(batch + b) * k;
+  p += (size_t)row * k;
+  float m0 = -INFINITY, m1 = -INFINITY;
+  for (int j = threadIdx.x; j < k; j += blockDim.x) {
+    m0 = fmaxf(m0, blended_z(a0, c0, c, j, alpha, inv_tau));
+    m1 = fmaxf(m1, blended_z(a1, c1, c, j, alpha, inv_tau));
+  }
+  m0 = block_max(m0, sh);
+  m1 = block_max(m1, sh);
+  float s0 = 0.f, sz0 = 0.f, s1 = 0.f, sz1 = 0.f;
+  for (int j = threadIdx.x; j < k; j += blockDim.x) {
+    const float z0 = blended_z(a0, c0, c, j, alpha, inv_tau) - m0;
+    const float z1 = blended_z(a1, c1, c, j, alpha, inv_tau) - m1;
+    const float e0 = expf(z0), e1 = expf(z1);
+    s0 += e0;
+    sz0 += e0 * z0;
+    s1 += e1;
+    sz1 += e1 * z1;
+  }
+  s0 = block_sum(s0, sh);
+  sz0 = block_sum(sz0, sh);
+  s1 = block_sum(s1, sh);
+  sz1 = block_sum(sz1, sh);
+  if (threadIdx.x == 0) {
+    h[(size_t)b * n_local + l] = logf(s0) - sz0 / s0;
+    h[(size_t)(batch + b) * n_local + l] = logf(s1) - sz1 / s1;
+  }
+  const float i0 = 1.f / s0, i1 = 1.f / s1;
+  for (int j = threadIdx.x; j < k; j += blockDim.x)
+    p[j] = expf(blended_z(a0, c0, c, j, alpha, inv_tau) - m0) * i0 +
+           expf(blended_z(a1, c1, c, j, alpha, inv_tau) - m1) * i1;
+}
+
 // Row statistics of the student row z = s/tau: max, log Σ exp(z − max); and of the target row:
 // Σ p, Σ p·z. Target row = student row mod p_rows (a target broadcast over leading groups).
 template <typename T>
@@ -379,6 +431,11 @@ __device__ void soft_ce_fused(T *s, const float *p, const float *g, float *loss,
   extern "C" __global__ void ROW_BLOCK centered_softmax_##SUF(const T *t, const float *c, float *p,      \
                                                     float *h, int k, float inv_tau) {            \
     centered_softmax<T>(t, c, p, h, k, inv_tau);                                                 \
+  }                                                                                              \
+  extern "C" __global__ void ROW_BLOCK local_multimodal_##SUF(                                  \
+      const T *avg, const float *cls, const float *c, float *p, float *h, int batch, int n_local, \
+      int k, float alpha, float inv_tau) {                                                       \
+    local_multimodal<T>(avg, cls, c, p, h, batch, n_local, k, alpha, inv_tau);                   \
   }                                                                                              \
   extern "C" __global__ void ROW_BLOCK soft_ce_fwd_##SUF(const T *s, const float *p, float *loss, int k,    \
                                                int p_rows, float inv_tau) {                      \
