@@ -12,7 +12,10 @@
 
 use crate::config::LossConfig;
 use crate::data::TrainBatch;
-use crate::kernels::{centered_softmax_entropy, col_sum, local_multimodal_targets, soft_ce_rows};
+use crate::kernels::{
+    centered_softmax_entropy, col_sum, local_multimodal_targets, other_view_softmax_entropy,
+    other_view_weighted_sum, soft_ce_rows,
+};
 use crate::model::{StudentOut, TeacherOut};
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -215,19 +218,15 @@ pub fn targets(
     };
     let n_g = batch.student_rows.dim(1)?;
 
-    // ---- teacher patch logits regrouped per pair ------------------------------------------
-    // Global: teacher view u holds pair ū's rows; swap views so index v = pair v = student view v.
-    // Swapped in the logits' dtype, then cast: the copy moves bf16 rather than f32 on the GPU.
-    let tg = rows.global(n_g)?.reshape((2, b, n_g, k))?;
-    let t_pat =
-        Tensor::cat(&[tg.get(1)?.unsqueeze(0)?, tg.get(0)?.unsqueeze(0)?], 0)?.to_dtype(dt)?; // [2, B, n_g, K]
-    let vg = &batch.valid_g; // [2, B, n_g]
+    // ---- teacher patch logits per pair -----------------------------------------------------
+    // Global: teacher view u holds pair ū's rows, so pair v (student view v) reads view v̄: the
+    // ops below read the other view's rows of the logits as they are (no swapped copy or cast).
+    let tg = rows.global(n_g)?.reshape((2, b, n_g, k))?; // by teacher view
+    let vg = &batch.valid_g; // [2, B, n_g] by pair
 
     // ---- multimodal targets (raw logits) ---------------------------------------------------
     let alpha = cfg.alpha;
-    // Validity-weighted sums over rows as matmuls (a masked copy and a strided reduction of
-    // [2, B, n_g, K] otherwise).
-    let sum_g = vg.unsqueeze(2)?.matmul(&t_pat)?.squeeze(2)?; // [2, B, K]
+    let sum_g = other_view_weighted_sum(&tg, vg, fused)?; // [2, B, K]
     let avg_g = sum_g.broadcast_div(&(vg.sum_keepdim(2)? + 1e-5)?)?; // [2, B, K]
     let t_cls_swapped = Tensor::cat(
         &[t_cls.get(1)?.unsqueeze(0)?, t_cls.get(0)?.unsqueeze(0)?],
@@ -258,7 +257,7 @@ pub fn targets(
     let h1 = (h1_sum / (2 * b + 2 * b * l) as f64)?;
 
     // ---- patch targets (global views only) --------------------------------------------------
-    let (p2, h2) = teacher_probs(&t_pat, &centres.patch, tau)?;
+    let (p2, h2) = other_view_softmax_entropy(&tg, &centres.patch, tau, fused)?;
     let h2 = mean_entropy(&h2, Some(vg))?;
     // c₂ count: the sum of the bilinear row sums of every T-row (global and local pairs).
     let count = batch.teacher_rows.sum_all()?;

@@ -498,32 +498,39 @@ fn head_softmax_entropy_and_cross_entropy() {
             let geo = |r| geometry::head_rows(r, k);
 
             // The targets and their entropies in one pass.
-            let (probs_ref, h_ref) =
-                trainer::kernels::centered_softmax_entropy(&t, &c, tau_t, true).unwrap();
-            let probs = Buf::output(Kind::F32, p_rows * k);
-            let h = Buf::output(Kind::F32, p_rows);
-            emu.call(&format!("centered_softmax_{s}"))
-                .buf(&bt)
-                .buf(&bc)
-                .buf(&probs)
-                .buf(&h)
-                .i32(k as i32)
-                .f32((1.0 / tau_t) as f32)
-                .launch(geo(p_rows));
-            assert_output(
-                &format!("centered_softmax {what}"),
-                &probs,
-                &[p_rows, k],
-                &probs_ref,
-                tol,
-            );
-            assert_output(
-                &format!("centered_softmax {what}: entropy"),
-                &h,
-                &[p_rows],
-                &h_ref,
-                tol,
-            );
+            // Then each half's from the other half's rows (the patch targets' view swap).
+            for (shift, name) in [(0, "centered_softmax"), (p_rows / 2, "other_view_softmax")] {
+                let (probs_ref, h_ref) = match shift {
+                    0 => trainer::kernels::centered_softmax_entropy(&t, &c, tau_t, true),
+                    _ => trainer::kernels::other_view_softmax_entropy(&t, &c, tau_t, true),
+                }
+                .unwrap();
+                let probs = Buf::output(Kind::F32, p_rows * k);
+                let h = Buf::output(Kind::F32, p_rows);
+                emu.call(&format!("centered_softmax_{s}"))
+                    .buf(&bt)
+                    .buf(&bc)
+                    .buf(&probs)
+                    .buf(&h)
+                    .i32(k as i32)
+                    .f32((1.0 / tau_t) as f32)
+                    .i32(shift as i32)
+                    .launch(geo(p_rows));
+                assert_output(
+                    &format!("{name} {what}"),
+                    &probs,
+                    &[p_rows, k],
+                    &probs_ref,
+                    tol,
+                );
+                assert_output(
+                    &format!("{name} {what}: entropy"),
+                    &h,
+                    &[p_rows],
+                    &h_ref,
+                    tol,
+                );
+            }
 
             let loss_ref = trainer::kernels::soft_ce_rows(&st, &p, tau_s, true).unwrap();
             let loss = Buf::output(Kind::F32, rows);
@@ -629,6 +636,32 @@ fn local_multimodal_targets_of_both_views() {
             assert_output(&what, &p, &[l, b, k], &p_ref, tol);
             assert_output(&format!("{what}: entropy"), &h, &[2, b, l], &h_ref, tol);
         }
+    }
+}
+
+#[test]
+fn other_view_weighted_row_sums() {
+    let Some(emu) = emu() else { return };
+    for dt in [DType::F32, DType::BF16] {
+        let tol = tol(&[dt]);
+        let s = suffix(dt);
+        // K 300: a partial second block of columns.
+        let (b, r, k) = (3, 5, 300);
+        let what = format!("weighted_rows {s}");
+        let x = rand(&[2, b, r, k], 63, -3.0, 3.0, dt);
+        let w = rand(&[2, b, r], 64, 0.0, 1.0, DType::F32);
+        let want = trainer::kernels::other_view_weighted_sum(&x, &w, true).unwrap();
+        let (bx, bw) = (Buf::input(&x), Buf::input(&w));
+        let out = Buf::output(Kind::F32, 2 * b * k);
+        emu.call(&format!("weighted_rows_{s}"))
+            .buf(&bx)
+            .buf(&bw)
+            .buf(&out)
+            .i32(r as i32)
+            .i32(k as i32)
+            .i32(b as i32)
+            .launch(geometry::weighted_rows(2 * b, k));
+        assert_output(&what, &out, &[2, b, k], &want, tol);
     }
 }
 

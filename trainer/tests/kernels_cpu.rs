@@ -774,6 +774,65 @@ fn local_multimodal_targets_blend_both_views() {
 }
 
 #[test]
+fn patch_targets_and_sums_read_the_other_view() {
+    use trainer::kernels::{
+        centered_softmax_entropy, other_view_softmax_entropy, other_view_weighted_sum,
+    };
+    let (b, r, k) = (3, 4, 40);
+    let t = rand(&[2, b, r, k], 54, 3.0);
+    let c = rand(&[k], 55, 0.5);
+    let w = rand(&[2, b, r], 56, 1.0).abs().unwrap();
+    // Targets: view v's are the plain op's on view 1 − v, whichever path.
+    let [(p0, h0), (p1, h1)] =
+        [false, true].map(|f| other_view_softmax_entropy(&t, &c, 0.07, f).unwrap());
+    assert_eq!((p1.dims(), h1.dims()), (t.dims(), &[2, b, r][..]));
+    for v in 0..2 {
+        let (p, h) = centered_softmax_entropy(&t.get(1 - v).unwrap(), &c, 0.07, false).unwrap();
+        for (got, want) in [(&p0, &p), (&p1, &p), (&h0, &h), (&h1, &h)] {
+            let got = got.get(v).unwrap();
+            assert!(max_abs_diff(&got, want) < 1e-12, "view {v}");
+        }
+    }
+    // Sums: out[v, b] = Σ_r w[v, b, r]·t[1 − v, b, r], against a loop.
+    let [s0, s1] = [false, true].map(|f| other_view_weighted_sum(&t, &w, f).unwrap());
+    assert_eq!(s1.dims(), &[2, b, k]);
+    assert!(max_abs_diff(&s0, &s1) < 1e-12, "{}", max_abs_diff(&s0, &s1));
+    let (v, bi) = (0, 2);
+    let wv = to_vec_f64(&w.get(v).unwrap().get(bi).unwrap());
+    let mut want = vec![0.0; k];
+    for (ri, wr) in wv.iter().enumerate() {
+        let row = to_vec_f64(&t.get(1 - v).unwrap().get(bi).unwrap().get(ri).unwrap());
+        want.iter_mut().zip(&row).for_each(|(o, x)| *o += wr * x);
+    }
+    let got = to_vec_f64(&s1.get(v).unwrap().get(bi).unwrap());
+    let err = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(err < 1e-12, "sum ({v}, {bi}): {err}");
+    // bf16 logits, f32 centre and weights: f32 out, read as they are.
+    let tb = t.to_dtype(DType::BF16).unwrap();
+    let (cf, wf) = (
+        c.to_dtype(DType::F32).unwrap(),
+        w.to_dtype(DType::F32).unwrap(),
+    );
+    let [(p0, h0), (p1, h1)] =
+        [false, true].map(|f| other_view_softmax_entropy(&tb, &cf, 0.07, f).unwrap());
+    assert_eq!(p1.dtype(), DType::F32);
+    assert!(max_abs_diff(&p0, &p1) < 1e-5 && max_abs_diff(&h0, &h1) < 1e-4);
+    let [s0, s1] = [false, true].map(|f| other_view_weighted_sum(&tb, &wf, f).unwrap());
+    assert_eq!(s1.dtype(), DType::F32);
+    assert!(max_abs_diff(&s0, &s1) < 1e-4 * max_abs(&s0));
+    // Three views, or weights of another shape, are refused.
+    let t3 = rand(&[3, b, r, k], 57, 1.0);
+    assert!(other_view_softmax_entropy(&t3, &c, 0.07, true).is_err());
+    assert!(other_view_weighted_sum(&t3, &w, true).is_err());
+    let w2 = rand(&[2, b, r + 1], 58, 1.0);
+    assert!(other_view_weighted_sum(&t, &w2, true).is_err());
+}
+
+#[test]
 fn col_sum_fused_matches_composed() {
     use trainer::kernels::col_sum;
     let x = rand(&[7, 5, 12], 42, 2.0);

@@ -882,6 +882,35 @@ pub fn run(dev: &Device, s: &Shapes, reps: usize) -> Result<CheckReport> {
             )?;
         }
 
+        // The patch targets and the validity-weighted sums of the patch logits, each view's from
+        // the other view's rows (16 rows per image and view).
+        let rows = 16;
+        let tp = cast(rand_t(&[2, b, rows, s.k], 31, -1.0, 1.0)?)?;
+        let w = rand_t(&[2, b, rows], 32, 0.0, 1.0)?
+            .ge(0.3)?
+            .to_dtype(DType::F32)?;
+        let targets = |t: &[Tensor], fused: bool| {
+            super::other_view_softmax_entropy(&t[0], &t[1], 0.04, fused)
+        };
+        let probs = |t: &[Tensor], fused: bool| targets(t, fused).map(|r| r.0);
+        let sums = |t: &[Tensor], fused: bool| super::other_view_weighted_sum(&t[0], &t[1], fused);
+        for (op, f, second) in [
+            ("other_view_softmax", &probs as OpFn<'_>, &c),
+            ("other_view_weighted_sum", &sums, &w),
+        ] {
+            check(
+                &mut out,
+                op,
+                format!("[2, {b}, {rows}, {}]", s.k),
+                dt,
+                f,
+                vec![tp.clone(), second.clone()],
+                &[],
+                dev,
+                reps,
+            )?;
+        }
+
         // The bias gradient of fc1: a column sum over every token row, f32 out.
         let g = cast(rand_t(&[s.rows, s.mlp], 27, -1.0, 1.0)?)?;
         let f = |t: &[Tensor], fused: bool| super::col_sum(&t[0], DType::F32, fused);

@@ -105,6 +105,14 @@ pub fn head_rows(rows: usize, k: usize) -> Geometry {
     per_row(rows, threads_for(k).min(1024))
 }
 
+/// `weighted_rows_*` over g groups of rows k wide: 256 columns per block, one block row per group.
+pub fn weighted_rows(g: usize, k: usize) -> Geometry {
+    Geometry {
+        grid: [k.div_ceil(256) as u32, g as u32, 1],
+        block: [256, 1, 1],
+    }
+}
+
 /// The flash kernels' tiles (`flash_fwd_bf16`, `flash_bwd_dq_bf16`, `flash_bwd_dkdv_bf16`):
 /// grid (⌈T/32⌉, H, B), 2 warps per block.
 pub fn flash(b: usize, t: usize, heads: usize) -> Geometry {

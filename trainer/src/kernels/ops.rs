@@ -1108,9 +1108,11 @@ pub fn attn_softmax(x: &Tensor, scale: f64, fused: bool) -> Result<Tensor> {
 
 /// Teacher targets `softmax((t − c)/tau)` over the last dim, in c's dtype (f32), and each row's
 /// entropy `H(softmax((t − c)/tau))` `[rows]` (c's dtype; a monitoring statistic) from the same
-/// pass, left in `entropy`. No backward.
+/// pass, left in `entropy`. Output row r reads input row (r + shift) mod rows (shift = rows/2:
+/// each view's targets from the other view's logits, without a swapped copy). No backward.
 struct CenteredSoftmax {
     tau: f64,
+    shift: usize,
     entropy: Second,
 }
 
@@ -1130,8 +1132,10 @@ impl CustomOp2 for CenteredSoftmax {
         let c = cpu::read_full(s2, l2, "centered_softmax c")?;
         let k = c.len();
         let mut p = vec![0.0; t.len()];
-        let mut h = Vec::with_capacity(t.len() / k.max(1));
-        for (tr, pr) in t.chunks(k).zip(p.chunks_mut(k)) {
+        let rows = t.len() / k.max(1);
+        let mut h = Vec::with_capacity(rows);
+        for (r, pr) in p.chunks_mut(k).enumerate() {
+            let tr = &t[(r + self.shift) % rows * k..][..k];
             let m = (0..k).fold(f64::NEG_INFINITY, |a, j| a.max((tr[j] - c[j]) / self.tau));
             let (mut s, mut sz) = (0.0, 0.0);
             for j in 0..k {
@@ -1143,7 +1147,6 @@ impl CustomOp2 for CenteredSoftmax {
             pr.iter_mut().for_each(|v| *v /= s);
             h.push(s.ln() - sz / s);
         }
-        let rows = h.len();
         let h = Tensor::from_vec(h, rows, &candle_core::Device::Cpu)?.to_dtype(s2.dtype())?;
         self.entropy.put(h)?;
         Ok((cpu::write(&p, s2.dtype())?, l1.shape().clone()))
@@ -1170,13 +1173,13 @@ impl CustomOp2 for CenteredSoftmax {
         )?;
         let mut p = gpu::Out::alloc(dev, DType::F32, rows * k, false)?;
         let mut h = gpu::Out::alloc(dev, DType::F32, rows, false)?;
-        let (ki, it) = (k as i32, (1.0 / self.tau) as f32);
+        let (ki, it, sh) = (k as i32, (1.0 / self.tau) as f32, self.shift as i32);
         let mut a = f.builder();
         t.push(&mut a);
         c.push(&mut a);
         p.push(&mut a);
         h.push(&mut a);
-        a.arg(&ki).arg(&it);
+        a.arg(&ki).arg(&it).arg(&sh);
         gpu::launch(a, geometry::head_rows(rows, k))?;
         self.entropy.put(gpu::tensor(h, dev, rows))?;
         Ok((p.into_storage(dev), l1.shape().clone()))
@@ -1192,23 +1195,158 @@ pub fn centered_softmax_entropy(
     tau: f64,
     fused: bool,
 ) -> Result<(Tensor, Tensor)> {
-    let dims = t.dims();
-    let lead = dims[..dims.len() - 1].to_vec();
     if fused {
-        let k = c.elem_count();
-        let t2 = t.detach().contiguous()?.reshape(((), k))?;
-        let op = CenteredSoftmax {
-            tau,
-            entropy: Second::default(),
-        };
-        let p = t2.apply_op2_no_bwd(&c.detach().contiguous()?, &op)?;
-        let h = op.entropy.take("centered softmax")?;
-        return Ok((p.reshape(t.shape())?, h.reshape(lead)?));
+        return centered_softmax_fused(t, c, tau, 0);
     }
     let z = (t.to_dtype(c.dtype())?.broadcast_sub(c)? / tau)?;
     let p = nn::softmax(&z)?;
     let h = (&p * nn::log_softmax(&z)?)?.sum(D::Minus1)?.neg()?;
     Ok((p, h))
+}
+
+/// [`CenteredSoftmax`] over t's rows with output row r reading row (r + shift) mod rows.
+fn centered_softmax_fused(
+    t: &Tensor,
+    c: &Tensor,
+    tau: f64,
+    shift: usize,
+) -> Result<(Tensor, Tensor)> {
+    let dims = t.dims();
+    let lead = dims[..dims.len() - 1].to_vec();
+    let k = c.elem_count();
+    let t2 = t.detach().contiguous()?.reshape(((), k))?;
+    let op = CenteredSoftmax {
+        tau,
+        shift,
+        entropy: Second::default(),
+    };
+    let p = t2.apply_op2_no_bwd(&c.detach().contiguous()?, &op)?;
+    let h = op.entropy.take("centered softmax")?;
+    Ok((p.reshape(t.shape())?, h.reshape(lead)?))
+}
+
+/// The two views swapped along the leading dim of x `[2, ..]`: x[1], x[0].
+fn other_view(x: &Tensor) -> Result<Tensor> {
+    Tensor::cat(&[x.narrow(0, 1, 1)?, x.narrow(0, 0, 1)?], 0)
+}
+
+/// [`centered_softmax_entropy`] of the other view: t `[2, .., K]` holds logits by view, and
+/// view v's targets and entropies (`[2, .., K]`, `[2, ..]`) are those of t[1 − v] (the patch
+/// targets: each student view against the teacher's other view). Fused: the kernel reads the
+/// other view's rows in place, no swapped copy.
+pub fn other_view_softmax_entropy(
+    t: &Tensor,
+    c: &Tensor,
+    tau: f64,
+    fused: bool,
+) -> Result<(Tensor, Tensor)> {
+    if t.dim(0)? != 2 {
+        bail!("other_view_softmax_entropy: {:?} has no 2 views", t.shape());
+    }
+    if fused {
+        return centered_softmax_fused(t, c, tau, t.elem_count() / c.elem_count().max(1) / 2);
+    }
+    centered_softmax_entropy(&other_view(t)?, c, tau, false)
+}
+
+/// `out[g, :] = Σ_i w[g, i]·x[(g + shift) mod G, i, :]` for x `[G, R, K]` (any float dtype),
+/// w `[G, R]`; `[G, K]` in w's dtype (f32 on CUDA), accumulated in f32 on CUDA.
+struct WeightedRows {
+    shift: usize,
+}
+
+impl CustomOp2 for WeightedRows {
+    fn name(&self) -> &'static str {
+        "udi-weighted-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (g, r, k) = l1.shape().dims3()?;
+        if l2.shape().dims() != [g, r] {
+            bail!(
+                "weighted_rows: x {:?} needs weights [{g}, {r}], got {:?}",
+                l1.shape(),
+                l2.shape()
+            );
+        }
+        let x = cpu::read(s1, l1, "weighted_rows x")?;
+        let w = cpu::read(s2, l2, "weighted_rows w")?;
+        let mut out = vec![0.0; g * k];
+        for (gi, o) in out.chunks_mut(k).enumerate() {
+            let src = (gi + self.shift) % g;
+            for i in 0..r {
+                let xr = &x[(src * r + i) * k..][..k];
+                let wi = w[gi * r + i];
+                o.iter_mut().zip(xr).for_each(|(o, x)| *o += wi * x);
+            }
+        }
+        Ok((cpu::write(&out, s2.dtype())?, Shape::from((g, k))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = &s1.device;
+        let (g, r, k) = l1.shape().dims3()?;
+        if l2.shape().dims() != [g, r] {
+            bail!(
+                "weighted_rows: weights {:?} for x {:?}",
+                l2.shape(),
+                l1.shape()
+            );
+        }
+        let (x, w) = (
+            gpu::In::new(s1, l1, "weighted_rows x")?,
+            gpu::In::new(s2, l2, "weighted_rows w")?,
+        );
+        need_f32(&w, "weighted_rows w")?;
+        let f = gpu::func(dev, &format!("weighted_rows_{}", gpu::suffix(x.dtype())?))?;
+        let mut out = gpu::Out::alloc(dev, DType::F32, g * k, false)?;
+        let (ri, ki, sh) = (r as i32, k as i32, self.shift as i32);
+        let mut a = f.builder();
+        x.push(&mut a);
+        w.push(&mut a);
+        out.push(&mut a);
+        a.arg(&ri).arg(&ki).arg(&sh);
+        gpu::launch(a, geometry::weighted_rows(g, k))?;
+        Ok((out.into_storage(dev), Shape::from((g, k))))
+    }
+}
+
+/// The validity-weighted sums of the other view's rows: x `[2, B, R, K]` by view (any float
+/// dtype), w `[2, B, R]`; `out[v, b] = Σ_r w[v, b, r]·x[1 − v, b, r]` `[2, B, K]` in w's dtype.
+/// Fused: one pass over x as it is (no swapped copy, no cast).
+pub fn other_view_weighted_sum(x: &Tensor, w: &Tensor, fused: bool) -> Result<Tensor> {
+    let (two, b, r, k) = x.dims4()?;
+    if two != 2 || w.dims() != [2, b, r] {
+        bail!(
+            "other_view_weighted_sum: x {:?} needs 2 views and w [2, {b}, {r}], got {:?}",
+            x.shape(),
+            w.shape()
+        );
+    }
+    if fused {
+        let op = WeightedRows { shift: b };
+        let out = x
+            .detach()
+            .contiguous()?
+            .reshape((2 * b, r, k))?
+            .apply_op2_no_bwd(&w.detach().contiguous()?.reshape((2 * b, r))?, &op)?;
+        return out.reshape((2, b, k));
+    }
+    let x = other_view(x)?.to_dtype(w.dtype())?;
+    w.unsqueeze(2)?.matmul(&x)?.squeeze(2)
 }
 
 /// Teacher probabilities `softmax((t − c)/tau)` in c's dtype (no gradient): the first half of

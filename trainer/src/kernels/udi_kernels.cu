@@ -286,10 +286,10 @@ extern "C" __global__ void grad_accumulate_bf16(float *dst, const bf16 *g, size_
 // S = Σ e, e = exp(z − m).
 template <typename T>
 __device__ void centered_softmax(const T *t, const float *c, float *p, float *h, int k,
-                                 float inv_tau) {
+                                 float inv_tau, int shift) {
   __shared__ float sh[32];
   const size_t row = blockIdx.x;
-  t += row * k;
+  t += ((row + shift) % gridDim.x) * k;
   p += row * k;
   float m = -INFINITY;
   for (int j = threadIdx.x; j < k; j += blockDim.x) m = fmaxf(m, (to_f(t[j]) - c[j]) * inv_tau);
@@ -306,6 +306,21 @@ __device__ void centered_softmax(const T *t, const float *c, float *p, float *h,
   if (threadIdx.x == 0) h[row] = logf(s) - sz / s;
   const float inv = 1.f / s;
   for (int j = threadIdx.x; j < k; j += blockDim.x) p[j] = expf((to_f(t[j]) - c[j]) * inv_tau - m) * inv;
+}
+
+// out[g, j] = Σ_i w[g, i]·x[(g + shift) mod G, i, j] over groups of r rows of k columns (the
+// validity-weighted sums of the teacher's patch logits, shift = G/2 to read the other view).
+// Grid (⌈k/256⌉, G), 256 threads: thread j of a group walks its r rows down one column.
+template <typename T>
+__device__ void weighted_rows(const T *x, const float *w, float *out, int r, int k, int shift) {
+  const int j = blockIdx.x * blockDim.x + threadIdx.x;
+  if (j >= k) return;
+  const size_t g = blockIdx.y, src = (g + shift) % gridDim.y;
+  x += src * r * k + j;
+  w += g * r;
+  float acc = 0.f;
+  for (int i = 0; i < r; i++) acc += w[i] * to_f(x[(size_t)i * k]);
+  out[g * k + j] = acc;
 }
 
 // The local crops' [cls+] targets (udi-spec §3.2): for image b, local crop l and both global
@@ -429,8 +444,12 @@ __device__ void soft_ce_fused(T *s, const float *p, const float *g, float *loss,
 
 #define CE_INST(SUF, T)                                                                          \
   extern "C" __global__ void ROW_BLOCK centered_softmax_##SUF(const T *t, const float *c, float *p,      \
-                                                    float *h, int k, float inv_tau) {            \
-    centered_softmax<T>(t, c, p, h, k, inv_tau);                                                 \
+                                                    float *h, int k, float inv_tau, int shift) { \
+    centered_softmax<T>(t, c, p, h, k, inv_tau, shift);                                          \
+  }                                                                                              \
+  extern "C" __global__ void weighted_rows_##SUF(const T *x, const float *w, float *out, int r,  \
+                                                 int k, int shift) {                             \
+    weighted_rows<T>(x, w, out, r, k, shift);                                                    \
   }                                                                                              \
   extern "C" __global__ void ROW_BLOCK local_multimodal_##SUF(                                  \
       const T *avg, const float *cls, const float *c, float *p, float *h, int batch, int n_local, \
