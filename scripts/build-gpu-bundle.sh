@@ -55,6 +55,7 @@ rm -f .gpu/no-gpu.txt
 size=$(du -cb .gpu | tail -n 1 | cut -f1)
 {
   echo "commit: $(git rev-parse HEAD)$(git diff --quiet HEAD -- . ':!.gpu' || echo ' (+ uncommitted changes)')"
+  echo "sources: $(bash scripts/source-hash.sh)"
   echo "built: $(date -u +%FT%TZ) on $(hostname)"
   echo "rustc: $(rustc --version)"
   echo "nvcc: $("$NVCC" --version | tail -n 1)"

@@ -54,7 +54,8 @@
 # F32_RTOL (1e-3), F32_ATOL (1e-4) for f32, PYTHON (python3), FAST (1), BENCH_STEPS (10),
 # BENCH_WARMUP (3), KCHECK_BATCH (32), KCHECK_SHAPES (vits), SKIP_KCHECK / SKIP_DEBUG / SKIP_BENCH /
 # SKIP_TORCH / SKIP_LEARN (0), LEARN_PER_CLASS (100), E2E_PER_CLASS (64), E2E_STEPS (30),
-# E2E_NOPREFETCH_STEPS (10), NCCL_STEPS (20), E2E_LOADERS (2), E2E_THREADS (7), E2E_ENGINE (explicit).
+# E2E_NOPREFETCH_STEPS (10), NCCL_STEPS (20), E2E_LOADERS (2), E2E_THREADS (7), E2E_ENGINE (explicit),
+# GPU_CHECK_STALE_OK (0; 1: run a bundle whose recorded source hash differs from this checkout's).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -177,13 +178,23 @@ cat "$RES/env.txt"
 if [ ! -x "$BIN" ]; then
   log "no binary at $BIN: run scripts/build-gpu-bundle.sh (here, or on another Linux machine and copy .gpu/ here)"
 fi
+# A bundle built from other sources would be measured as this checkout's code: stop, unless told.
+built_from=$(sed -n 's/^sources: //p' "$BINDIR/BUILD-INFO" 2>/dev/null)
+if [ -n "$built_from" ] && [ "$built_from" != "$(bash scripts/source-hash.sh)" ]; then
+  if [ "${GPU_CHECK_STALE_OK:-0}" = 1 ]; then
+    log "warning: $BINDIR was built from other sources than this checkout (GPU_CHECK_STALE_OK=1: going on)"
+  else
+    echo "error: $BINDIR was built from other sources than this checkout: rebuild it (scripts/build-gpu-bundle.sh) or set GPU_CHECK_STALE_OK=1" >&2
+    exit 2
+  fi
+fi
 
 # --- 0. candle itself on the GPU (independent of the model code), then our kernels ----------
 [ "${SKIP_SMOKE:-0}" != 1 ] && run device-smoke 90 "$SMOKE" "$DEV" && tail -n 1 "$RES/device-smoke.log"
 if [ "${SKIP_KCHECK:-0}" != 1 ]; then
   run kernel-check 150 "$BIN" kernel-check --device "$DEV" --shapes "${KCHECK_SHAPES:-vits}" \
     --batch-size "${KCHECK_BATCH:-32}" --reps "${KCHECK_REPS:-10}" --json
-  grep -E '^\||kernel-check|KERNELS' "$RES/kernel-check.log" | head -n 40
+  grep -E '^\||kernel-check|KERNELS' "$RES/kernel-check.log" | head -n 60
 fi
 
 # The trainer CLI's flags, read from its --help.
