@@ -121,8 +121,8 @@ pub struct Compute {
     pub precision: Precision,
     pub kernels: Kernels,
     /// The explicit step keeps each block's LayerNorm and GELU outputs for its backward instead
-    /// of recomputing them there: about 7 % less memory traffic per step for about 40 % more
-    /// saved activations (`bench/results/cpu-2026-12-06-traffic-model.md`). Off by default.
+    /// of recomputing them there: about 6 % less memory traffic per step for about 40 % more
+    /// peak tensor memory (`bench/results/cpu-2026-12-06-traffic-model.md`). Off by default.
     pub keep_activations: bool,
 }
 
