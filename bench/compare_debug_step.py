@@ -3,12 +3,14 @@
 
 Every numeric leaf present in both files is compared with
     |a - b| <= atol + rtol * max(|a|, |b|)
-(defaults sized for bf16 matmuls against an f32 reference: rtol 2e-2, atol 1e-3). Lists of numbers
+(defaults sized for bf16 matmuls against an f32 reference: rtol 2e-2, atol 1e-3); `--key-rtol
+PREFIX=RTOL` gives the keys that start with PREFIX their own rtol. Lists of numbers
 are compared element-wise. Keys that describe the run rather than the math (device, timings,
 paths) are skipped. Exit status: 0 all within tolerance, 1 a value differs, 2 the reports do not
 have the same numeric keys or cannot be read.
 
-  python3 bench/compare_debug_step.py cpu.json cuda.json [--rtol 2e-2] [--atol 1e-3] [--json]
+  python3 bench/compare_debug_step.py cpu.json cuda.json [--rtol 2e-2] [--atol 1e-3]
+      [--key-rtol teacher_entropy=5e-2] [--json]
 """
 
 import argparse
@@ -46,8 +48,18 @@ def main():
     ap.add_argument("candidate")
     ap.add_argument("--rtol", type=float, default=2e-2)
     ap.add_argument("--atol", type=float, default=1e-3)
+    ap.add_argument("--key-rtol", action="append", default=[], metavar="PREFIX=RTOL",
+                    help="rtol for the keys that start with PREFIX (repeatable)")
     ap.add_argument("--json", action="store_true", help="print a JSON summary instead of a table")
     args = ap.parse_args()
+    key_rtol = []
+    for spec in args.key_rtol:
+        prefix, _, value = spec.partition("=")
+        try:
+            key_rtol.append((prefix, float(value)))
+        except ValueError:
+            print(f"compare: --key-rtol {spec!r} is not PREFIX=RTOL", file=sys.stderr)
+            return 2
     try:
         with open(args.reference) as f:
             ref = leaves(json.load(f))
@@ -66,7 +78,8 @@ def main():
             rel = 0.0 if ok else math.inf
         else:
             diff = abs(a - b)
-            ok = diff <= args.atol + args.rtol * max(abs(a), abs(b))
+            rtol = next((r for p, r in key_rtol if key.startswith(p)), args.rtol)
+            ok = diff <= args.atol + rtol * max(abs(a), abs(b))
             rel = diff / max(abs(a), abs(b), 1e-30)
         rows.append((key, a, b, rel, ok))
         if not ok:
@@ -76,7 +89,7 @@ def main():
         print(json.dumps({
             "compared": len(rows), "failed": bad, "only_in_reference": only_ref,
             "only_in_candidate": only_cand, "max_rel_diff": max((r[3] for r in rows), default=None),
-            "rtol": args.rtol, "atol": args.atol, "ok": status == 0,
+            "rtol": args.rtol, "atol": args.atol, "key_rtol": dict(key_rtol), "ok": status == 0,
         }))
     else:
         w = max((len(r[0]) for r in rows), default=10)
@@ -88,8 +101,9 @@ def main():
         for k in only_cand:
             print(f"only in {args.candidate}: {k}")
         verdict = {0: "PASS", 1: "FAIL", 2: "MISMATCHED REPORTS"}[status]
+        own = "".join(f", {p}* rtol {r:g}" for p, r in key_rtol)
         print(f"{verdict}: {len(rows) - len(bad)} of {len(rows)} values within "
-              f"rtol {args.rtol:g} + atol {args.atol:g}")
+              f"rtol {args.rtol:g} + atol {args.atol:g}{own}")
     return status
 
 

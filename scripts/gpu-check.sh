@@ -50,7 +50,7 @@
 # TRAINER_RUNS ("bf16:fused:128:explicit bf16:fused:128:autograd …" =
 # precision:kernels:batch[:engine]), TORCH_BATCHES ("128 64"), DEBUG_BATCH (4),
 # DEADLINE (540), STEP_TIMEOUT (150), AB (0; 1: pool/event A/B rows), PROFILE (1: a --profile row),
-# KCHECK_REPS (10), SKIP_SMOKE / SKIP_TINY / SKIP_E2E / SKIP_NCCL (0), COMPARE_RTOL (2e-2), COMPARE_ATOL (1e-3) for bf16,
+# KCHECK_REPS (10), SKIP_SMOKE / SKIP_TINY / SKIP_E2E / SKIP_NCCL (0), COMPARE_RTOL (2e-2), COMPARE_ATOL (1e-3), BF16_ENTROPY_RTOL (5e-2) for bf16,
 # F32_RTOL (1e-3), F32_ATOL (1e-4) for f32, PYTHON (python3), FAST (1), BENCH_STEPS (10),
 # BENCH_WARMUP (3), KCHECK_BATCH (32), KCHECK_SHAPES (vits), SKIP_KCHECK / SKIP_DEBUG / SKIP_BENCH /
 # SKIP_TORCH / SKIP_LEARN (0), LEARN_PER_CLASS (100), E2E_PER_CLASS (64), E2E_STEPS (30),
@@ -218,15 +218,21 @@ debug_prepare() {
 # debug_cuda NAME CONFIG PRECISION KERNELS ENGINE: one CUDA variant (CPU in the dry run) compared
 # with the CPU reference.
 debug_cuda() {
-  local name=$1 cfg=$2 prec=$3 kern=$4 eng=$5 d="$WORK/$1" v="$1-$DEV-$3-$4-$5" rtol atol
+  local name=$1 cfg=$2 prec=$3 kern=$4 eng=$5 d="$WORK/$1" v="$1-$DEV-$3-$4-$5" rtol atol own=()
   if [ "$prec" = f32 ]; then rtol=${F32_RTOL:-1e-3}; atol=${F32_ATOL:-1e-4}
-  else rtol=${COMPARE_RTOL:-2e-2}; atol=${COMPARE_ATOL:-1e-3}; fi
+  else
+    rtol=${COMPARE_RTOL:-2e-2}; atol=${COMPARE_ATOL:-1e-3}
+    # The teacher entropies are the values most sensitive to bf16: the logits' rounding enters
+    # their softmax ×1/τ_t (25), over a few rows at these batches. The composed bf16 step is
+    # 2.2 % off the f32 reference on [cls] in the dry run, the flash one 3.4 %.
+    own=(--key-rtol "teacher_entropy=${BF16_ENTROPY_RTOL:-5e-2}")
+  fi
   run "$v" "$STEP_TIMEOUT" "$BIN" debug-step --config "$cfg" --weights "$d/w.safetensors" \
     --batch "$d/b.safetensors" --out "$RES/$v.json" --out-tensors "$d/$v.safetensors" \
     --device "$DEV" --precision "$prec" --kernels "$kern" --engine "$eng" || return
   if [ -s "$RES/$name-cpu.json" ] && [ -s "$RES/$v.json" ]; then
     "$PY" bench/compare_debug_step.py "$RES/$name-cpu.json" "$RES/$v.json" \
-      --rtol "$rtol" --atol "$atol" > "$RES/$v-compare.txt" 2>&1
+      --rtol "$rtol" --atol "$atol" "${own[@]}" > "$RES/$v-compare.txt" 2>&1
     echo "compare rc $?" >> "$RES/$v-compare.txt"
     echo "== $v vs CPU f32: $(grep -E '^(PASS|FAIL|MISMATCHED)' "$RES/$v-compare.txt")"
   fi
