@@ -325,8 +325,9 @@ __device__ void weighted_rows(const T *x, const float *w, float *out, int r, int
 
 // The local crops' [cls+] targets (udi-spec §3.2): for image b, local crop l and both global
 // views t, z_t = (alpha·avg[t, b, l] + (1 − alpha)·cls[t, b] − c)/tau; the target row l·B + b is
-// softmax(z_0) + softmax(z_1) and h[t, b, l] each softmax's entropy. One block per (l, b): the
-// blended logits are made in registers, never stored.
+// softmax(z_0) + softmax(z_1) and h[t, b, l] each softmax's entropy. One block per (b, l), in
+// that order, so that neighbouring blocks reread image b's [cls] rows from L2; the blended
+// logits are made in registers, never stored.
 template <typename T>
 __device__ __forceinline__ float blended_z(const T *a, const float *cl, const float *c, int j,
                                            float alpha, float inv_tau) {
@@ -338,8 +339,8 @@ __device__ void local_multimodal(const T *avg, const float *cls, const float *c,
                                  float *h, int batch, int n_local, int k, float alpha,
                                  float inv_tau) {
   __shared__ float sh[32];
-  const int row = blockIdx.x;  // l·B + b
-  const int l = row / batch, b = row % batch;
+  const int b = blockIdx.x / n_local, l = blockIdx.x % n_local;
+  const size_t row = (size_t)l * batch + b;
   const T *a0 = avg + ((size_t)b * n_local + l) * k;
   const T *a1 = avg + ((size_t)(batch + b) * n_local + l) * k;
   const float *c0 = cls + (size_t)b * k, *c1 = cls + (size_t)(batch + b) * k;
