@@ -140,27 +140,23 @@ pub(crate) fn dense_rows(aug: &AugmentConfig, h: &HostRows, out: &mut [f32]) -> 
 /// Normalises uint8 HWC crops `[N, S, S, 3]` (on their device) to NCHW `[N, 3, S, S]` of
 /// `dtype` (`(x/255 − mean)/std` in f32, as torchvision's ToTensor + Normalize). With `photo`
 /// (one record per crop, `[augment] photometric = "device"`), the photometric pipeline runs
-/// first, on the same device.
+/// first, on the same device. Without it, one kernel on CUDA (`kernels::normalise_crops`, the
+/// same bits as the composed ops).
 pub fn normalise(pixels: &Tensor, photo: Option<&[PhotoRecord]>, dtype: DType) -> Result<Tensor> {
-    let device = pixels.device();
     let n = pixels.dim(0)?;
-    let mut t = pixels.to_dtype(DType::F32)?;
-    if let Some(records) = photo {
-        ensure!(
-            records.len() == n,
-            "{} photometric records for {n} crops",
-            records.len()
-        );
-        t = crate::photometric::apply(&t, records)?;
-    }
-    let mean = Tensor::new(&MEAN, device)?;
-    let std = Tensor::new(&STD, device)?;
-    // True f32 division (candle's `t / 255.0` multiplies by the reciprocal: 1 ulp off torch).
-    let t = t
-        .broadcast_div(&Tensor::new(&[255f32], device)?)?
-        .broadcast_sub(&mean)?
-        .broadcast_div(&std)?;
-    Ok(t.permute((0, 3, 1, 2))?.contiguous()?.to_dtype(dtype)?)
+    let t = match photo {
+        Some(records) => {
+            ensure!(
+                records.len() == n,
+                "{} photometric records for {n} crops",
+                records.len()
+            );
+            crate::photometric::apply(&pixels.to_dtype(DType::F32)?, records)?
+        }
+        None => pixels.clone(),
+    };
+    let fused = photo.is_none() && pixels.device().is_cuda();
+    Ok(crate::kernels::normalise_crops(&t, MEAN, STD, fused)?.to_dtype(dtype)?)
 }
 
 impl TrainBatch {

@@ -666,6 +666,31 @@ fn other_view_weighted_row_sums() {
 }
 
 #[test]
+fn crops_normalised_bit_for_bit() {
+    let Some(emu) = emu() else { return };
+    // Every byte value, in 7 crops of 5×5 (a partial block).
+    let (n, s) = (7, 5);
+    let bytes: Vec<u8> = (0..n * s * s * 3).map(|i| (i * 97 % 256) as u8).collect();
+    let x = Tensor::from_vec(bytes, (n, s, s, 3), &Device::Cpu).unwrap();
+    let (mean, std) = (trainer::data::MEAN, trainer::data::STD);
+    let want = trainer::kernels::normalise_crops(&x, mean, std, false).unwrap();
+    let bx = Buf::input(&x);
+    let y = Buf::output(Kind::F32, n * 3 * s * s);
+    let mut call = emu
+        .call("normalise_crops")
+        .buf(&bx)
+        .buf(&y)
+        .usize(n * 3 * s * s)
+        .i32(s as i32);
+    for v in mean.iter().chain(&std) {
+        call = call.f32(*v);
+    }
+    call.launch(geometry::elementwise(n * 3 * s * s));
+    let got = y.tensor(&[n, 3, s, s]);
+    assert_eq!(bits_any(&got), bits_any(&want), "normalise_crops");
+}
+
+#[test]
 fn adamw_with_teacher_ema() {
     let Some(emu) = emu() else { return };
     // Odd segment lengths, some frozen, clipped and unclipped.

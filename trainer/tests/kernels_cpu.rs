@@ -833,6 +833,40 @@ fn patch_targets_and_sums_read_the_other_view() {
 }
 
 #[test]
+fn crops_normalised_in_one_pass_bit_for_bit() {
+    use trainer::data::{MEAN, STD};
+    use trainer::kernels::normalise_crops;
+    let (n, s) = (3, 4);
+    let bytes: Vec<u8> = (0..n * s * s * 3).map(|i| (i * 89 % 256) as u8).collect();
+    let x = Tensor::from_vec(bytes.clone(), (n, s, s, 3), &Device::Cpu).unwrap();
+    let [a, b] = [false, true].map(|f| normalise_crops(&x, MEAN, STD, f).unwrap());
+    assert_eq!(b.dims(), &[n, 3, s, s]);
+    assert_eq!(b.dtype(), DType::F32);
+    let bits = |t: &Tensor| -> Vec<u32> {
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v.iter().map(|x| x.to_bits()).collect()
+    };
+    assert_eq!(bits(&a), bits(&b));
+    // One value by the definition: crop 2, channel 1, row 3, column 0, as f32 steps.
+    let byte = bytes[((2 * s + 3) * s) * 3 + 1];
+    let want = (byte as f32 / 255.0 - MEAN[1]) / STD[1];
+    let got = b
+        .get(2)
+        .unwrap()
+        .get(1)
+        .unwrap()
+        .get(3)
+        .unwrap()
+        .get(0)
+        .unwrap();
+    assert_eq!(got.to_scalar::<f32>().unwrap().to_bits(), want.to_bits());
+    // Not [N, S, S, 3], or not uint8: refused by the one-pass op.
+    let hwc4 = Tensor::zeros((1, 2, 2, 4), DType::U8, &Device::Cpu).unwrap();
+    assert!(normalise_crops(&hwc4, MEAN, STD, true).is_err());
+    assert!(normalise_crops(&x.to_dtype(DType::F32).unwrap(), MEAN, STD, true).is_err());
+}
+
+#[test]
 fn col_sum_fused_matches_composed() {
     use trainer::kernels::col_sum;
     let x = rand(&[7, 5, 12], 42, 2.0);

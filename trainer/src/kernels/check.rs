@@ -985,6 +985,28 @@ pub fn run(dev: &Device, s: &Shapes, reps: usize) -> Result<CheckReport> {
         ),
     ] {
         check_photometric(&mut out, &s.cfg.augment, crops, size, dev, reps.min(5))?;
+        // The crops as they arrive from the ring, normalised in one pass (bit for bit).
+        let x = rand_t(&[crops, size, size, 3], 33, 0.0, 255.99)?.to_dtype(DType::U8)?;
+        let f = |t: &[Tensor], fused: bool| {
+            super::normalise_crops(&t[0], crate::data::MEAN, crate::data::STD, fused)
+        };
+        let shape = format!("[{crops}, {size}, {size}, 3] u8");
+        check(
+            &mut out,
+            "normalise_crops",
+            shape,
+            DType::F32,
+            &f,
+            vec![x],
+            &[],
+            dev,
+            reps.min(5),
+        )?;
+        if let Some(r) = out.last_mut() {
+            // Every step is one f32 operation on both sides: nothing but the same bits passes.
+            r.tolerance = 0.0;
+            r.pass = r.fwd_max_abs == 0.0;
+        }
     }
     // Last: a kernel fault can leave the device unusable for the rest of the process. An error
     // is a failed row, not a lost report.

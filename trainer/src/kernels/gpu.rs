@@ -18,6 +18,7 @@ pub enum In<'a> {
     F32(CudaView<'a, f32>),
     Bf16(CudaView<'a, bf16>),
     U32(CudaView<'a, u32>),
+    U8(CudaView<'a, u8>),
 }
 
 impl<'c> In<'c> {
@@ -29,6 +30,7 @@ impl<'c> In<'c> {
             CudaStorageSlice::F32(v) => In::F32(v.slice(a..b)),
             CudaStorageSlice::BF16(v) => In::Bf16(v.slice(a..b)),
             CudaStorageSlice::U32(v) => In::U32(v.slice(a..b)),
+            CudaStorageSlice::U8(v) => In::U8(v.slice(a..b)),
             _ => bail!("{what}: unsupported dtype {:?} on CUDA", s.dtype()),
         })
     }
@@ -38,6 +40,7 @@ impl<'c> In<'c> {
             In::F32(_) => DType::F32,
             In::Bf16(_) => DType::BF16,
             In::U32(_) => DType::U32,
+            In::U8(_) => DType::U8,
         }
     }
 
@@ -49,6 +52,7 @@ impl<'c> In<'c> {
             In::F32(v) => b.arg(v),
             In::Bf16(v) => b.arg(v),
             In::U32(v) => b.arg(v),
+            In::U8(v) => b.arg(v),
         };
     }
 }

@@ -15,7 +15,8 @@
 //! [`centered_softmax_entropy`] (teacher targets and their entropy in one pass, no bwd),
 //! [`local_multimodal_targets`] (the local crops' blended [cls+] targets of both views in one pass),
 //! [`other_view_softmax_entropy`] and [`other_view_weighted_sum`] (the patch targets and sums
-//! from the other view's logits as they are),
+//! from the other view's logits as they are), [`normalise_crops`] (uint8 crops to normalised f32
+//! in one pass),
 //! [`soft_ce_rows`] (student cross-entropy with temperature, fwd + bwd) and [`soft_ce_in_place`]
 //! (both in one pass, the gradient written over the logits), [`adamw::AdamwEma`] (multi-tensor
 //! AdamW + EMA over flat buffers), [`accumulate`] (a gradient added in place into the flat
@@ -41,7 +42,7 @@ pub mod sq_norms;
 pub use ops::{
     accumulate, attn_softmax, attn_softmax_backward, bias_add, bias_gelu, bias_gelu_backward,
     bias_gelu_backward_recompute, centered_softmax, centered_softmax_entropy, col_sum, layer_norm,
-    layer_norm_backward, local_multimodal_targets, other_view_softmax_entropy,
+    layer_norm_backward, local_multimodal_targets, normalise_crops, other_view_softmax_entropy,
     other_view_weighted_sum, residual_add, soft_ce_in_place, soft_ce_rows, Accumulate, AttnSoftmax,
     BiasAdd, BiasGelu, ColSum, LayerNormOp, ResidualAdd, RowScale, SoftCe,
 };

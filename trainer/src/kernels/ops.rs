@@ -692,6 +692,92 @@ pub fn bias_gelu(x: &Tensor, b: &Tensor, fused: bool) -> Result<Tensor> {
     bias_add(x, b, false)?.gelu_erf()
 }
 
+// ---- input crops ---------------------------------------------------------------------------------
+
+/// uint8 HWC crops `[N, S, S, 3]` → f32 NCHW `[N, 3, S, S]`: `(x/255 − mean[c])/std[c]`, each
+/// step an f32 operation (true division), as torchvision's ToTensor + Normalize and the composed
+/// ops of [`crate::data::normalise`]: bit for bit, so the reference is f32 too.
+struct NormaliseCrops {
+    mean: [f32; 3],
+    std: [f32; 3],
+}
+
+impl NormaliseCrops {
+    fn dims(l: &Layout) -> Result<(usize, usize)> {
+        let (n, s, s2, c) = l.shape().dims4()?;
+        if s != s2 || c != 3 {
+            bail!(
+                "normalise_crops: crops must be [N, S, S, 3], got {:?}",
+                l.shape()
+            );
+        }
+        Ok((n, s))
+    }
+}
+
+impl CustomOp1 for NormaliseCrops {
+    fn name(&self) -> &'static str {
+        "udi-normalise-crops"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, side) = Self::dims(l)?;
+        let (CpuStorage::U8(x), Some((a, b))) = (s, l.contiguous_offsets()) else {
+            bail!("normalise_crops: crops must be contiguous uint8");
+        };
+        let x = &x[a..b];
+        let hw = side * side;
+        let mut y = vec![0f32; x.len()];
+        for (i, v) in y.iter_mut().enumerate() {
+            let (img, c, p) = (i / (3 * hw), i / hw % 3, i % hw);
+            *v = (x[(img * hw + p) * 3 + c] as f32 / 255.0 - self.mean[c]) / self.std[c];
+        }
+        Ok((CpuStorage::F32(y), Shape::from((n, 3, side, side))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = &s.device;
+        let (n, side) = Self::dims(l)?;
+        let x = gpu::In::new(s, l, "normalise_crops x")?;
+        if x.dtype() != DType::U8 {
+            bail!("normalise_crops: crops must be uint8, got {:?}", x.dtype());
+        }
+        let len = l.shape().elem_count();
+        let k = gpu::func(dev, "normalise_crops")?;
+        let mut y = gpu::Out::alloc(dev, DType::F32, len, false)?;
+        let si = side as i32;
+        let ([m0, m1, m2], [d0, d1, d2]) = (self.mean, self.std);
+        let mut a = k.builder();
+        x.push(&mut a);
+        y.push(&mut a);
+        a.arg(&len).arg(&si);
+        a.arg(&m0).arg(&m1).arg(&m2).arg(&d0).arg(&d1).arg(&d2);
+        gpu::launch(a, geometry::elementwise(len))?;
+        Ok((y.into_storage(dev), Shape::from((n, 3, side, side))))
+    }
+}
+
+/// uint8 HWC crops `[N, S, S, 3]` → normalised f32 NCHW `[N, 3, S, S]`, `(x/255 − mean)/std`
+/// per channel, every step in f32 as torchvision's ToTensor + Normalize. Fused: one pass
+/// ([`NormaliseCrops`]), bit for bit the composed ops (a cast, a division, a subtraction, a
+/// division and a layout copy, each a pass over f32 crops).
+pub fn normalise_crops(x: &Tensor, mean: [f32; 3], std: [f32; 3], fused: bool) -> Result<Tensor> {
+    if fused {
+        return x
+            .contiguous()?
+            .apply_op1_no_bwd(&NormaliseCrops { mean, std });
+    }
+    let dev = x.device();
+    // True f32 division (candle's `t / 255.0` multiplies by the reciprocal: 1 ulp off torch).
+    let t = x
+        .to_dtype(DType::F32)?
+        .broadcast_div(&Tensor::new(&[255f32], dev)?)?
+        .broadcast_sub(&Tensor::new(&mean, dev)?)?
+        .broadcast_div(&Tensor::new(&std, dev)?)?;
+    t.permute((0, 3, 1, 2))?.contiguous()
+}
+
 // ---- column sums (bias gradients) ----------------------------------------------------------------
 
 /// Σ over rows of a `[rows, d]` matrix, in `out` (f32 under bf16): the bias gradient. candle's

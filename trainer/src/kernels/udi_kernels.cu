@@ -255,6 +255,21 @@ extern "C" __global__ void residual_add_f32(const float *x, const float *a, cons
 extern "C" __global__ void residual_add_bf16(const float *x, const bf16 *a, const float *m, float *y, size_t n, size_t per) {
   residual_add<bf16>(x, a, m, y, n, per);
 }
+// ---- input crops ---------------------------------------------------------------------------
+// uint8 HWC crops [N, S, S, 3] → f32 NCHW [N, 3, S, S]: (x/255 − mean[c])/std[c], true f32
+// divisions in that order, so bit for bit the composed ops (torchvision's ToTensor + Normalize).
+extern "C" __global__ void normalise_crops(const uint8_t *x, float *y, size_t n, int s, float m0,
+                                           float m1, float m2, float d0, float d1, float d2) {
+  const size_t hw = (size_t)s * s;
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    const size_t img = i / (3 * hw), p = i % hw;
+    const int c = (int)(i / hw % 3);
+    const float mean = c == 0 ? m0 : (c == 1 ? m1 : m2);
+    const float sd = c == 0 ? d0 : (c == 1 ? d1 : d2);
+    y[i] = ((float)x[(img * hw + p) * 3 + c] / 255.f - mean) / sd;
+  }
+}
+
 template <typename T>
 __device__ void row_scale(const float *g, const float *m, T *y, size_t n, size_t per) {
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)

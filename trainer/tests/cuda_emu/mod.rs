@@ -175,11 +175,13 @@ pub enum Kind {
     Bf16,
     U32,
     F64,
+    U8,
 }
 
 impl Kind {
     fn size(self) -> usize {
         match self {
+            Kind::U8 => 1,
             Kind::Bf16 => 2,
             Kind::F64 => 8,
             _ => 4,
@@ -191,11 +193,13 @@ impl Kind {
             Kind::Bf16 => 'B',
             Kind::U32 => 'U',
             Kind::F64 => 'D',
+            Kind::U8 => 'b',
         }
     }
     /// A NaN whose payload no arithmetic produces (a quiet NaN result differs).
     fn sentinel(self) -> &'static [u8] {
         match self {
+            Kind::U8 => &[0xa5],
             Kind::Bf16 => &[0xa5, 0xff],
             Kind::F64 => &[0xad, 0xdb, 0xba, 0xdb, 0xad, 0xdb, 0xf7, 0xff],
             _ => &[0xad, 0xdb, 0xba, 0xff],
@@ -207,6 +211,7 @@ impl Kind {
             DType::BF16 => Kind::Bf16,
             DType::U32 => Kind::U32,
             DType::F64 => Kind::F64,
+            DType::U8 => Kind::U8,
             d => panic!("no kernel buffers of {d:?}"),
         }
     }
@@ -216,6 +221,7 @@ impl Kind {
             Kind::Bf16 => DType::BF16,
             Kind::U32 => DType::U32,
             Kind::F64 => DType::F64,
+            Kind::U8 => DType::U8,
         }
     }
 }
@@ -297,6 +303,7 @@ impl Buf {
             Kind::Bf16 => le_bytes!(bf16),
             Kind::U32 => le_bytes!(u32),
             Kind::F64 => le_bytes!(f64),
+            Kind::U8 => t.to_vec1::<u8>().unwrap(),
         };
         let mut b = Buf::raw(kind, bytes.len() / kind.size());
         b.all_mut()[MARGIN..MARGIN + bytes.len()].copy_from_slice(&bytes);

@@ -109,6 +109,7 @@ template <> struct Code<const float *> { static constexpr char c = 'F'; };
 template <> struct Code<__nv_bfloat16 *> { static constexpr char c = 'B'; };
 template <> struct Code<const __nv_bfloat16 *> { static constexpr char c = 'B'; };
 template <> struct Code<const uint32_t *> { static constexpr char c = 'U'; };
+template <> struct Code<const uint8_t *> { static constexpr char c = 'b'; };
 template <> struct Code<double *> { static constexpr char c = 'D'; };
 template <> struct Code<const double *> { static constexpr char c = 'D'; };
 
@@ -136,7 +137,7 @@ const std::vector<Entry> &table() {
       K(ln_fwd_bf16_f32), K(ln_bwd_dx_bf16_f32), K(ln_bwd_wb_bf16_f32),
       K(bias_gelu_fwd_f32), K(bias_gelu_bwd_f32), K(bias_gelu_fwd_bf16), K(bias_gelu_bwd_bf16),
       K(bias_add_f32), K(bias_add_bf16), K(col_sum_f32), K(col_sum_bf16),
-      K(residual_add_f32), K(residual_add_bf16), K(grad_accumulate_f32), K(grad_accumulate_bf16), K(row_scale_f32), K(row_scale_bf16),
+      K(normalise_crops), K(residual_add_f32), K(residual_add_bf16), K(grad_accumulate_f32), K(grad_accumulate_bf16), K(row_scale_f32), K(row_scale_bf16),
       K(centered_softmax_f32), K(weighted_rows_f32), K(local_multimodal_f32), K(soft_ce_fwd_f32), K(soft_ce_bwd_f32), K(soft_ce_fused_f32),
       K(centered_softmax_bf16), K(weighted_rows_bf16), K(local_multimodal_bf16), K(soft_ce_fwd_bf16), K(soft_ce_bwd_bf16), K(soft_ce_fused_bf16),
       K(attn_softmax_fwd_f32), K(attn_softmax_bwd_f32),
