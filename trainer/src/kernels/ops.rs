@@ -1192,6 +1192,21 @@ pub fn attn_softmax(x: &Tensor, scale: f64, fused: bool) -> Result<Tensor> {
 
 // ---- the head's teacher softmax and student cross-entropy ------------------------------------
 
+/// Adds softmax(z) to `out` and returns its entropy −Σ p·log p (the teacher ops' references).
+fn add_softmax(z: &[f64], out: &mut [f64]) -> f64 {
+    let m = z.iter().fold(f64::NEG_INFINITY, |a, &v| a.max(v));
+    let (mut s, mut sz) = (0.0, 0.0);
+    for v in z {
+        let e = (v - m).exp();
+        s += e;
+        sz += e * (v - m);
+    }
+    for (o, v) in out.iter_mut().zip(z) {
+        *o += (v - m).exp() / s;
+    }
+    s.ln() - sz / s
+}
+
 /// Teacher targets `softmax((t − c)/tau)` over the last dim, in c's dtype (f32), and each row's
 /// entropy `H(softmax((t − c)/tau))` `[rows]` (c's dtype; a monitoring statistic) from the same
 /// pass, left in `entropy`. Output row r reads input row (r + shift) mod rows (shift = rows/2:
@@ -1220,18 +1235,13 @@ impl CustomOp2 for CenteredSoftmax {
         let mut p = vec![0.0; t.len()];
         let rows = t.len() / k.max(1);
         let mut h = Vec::with_capacity(rows);
+        let mut z = vec![0.0; k];
         for (r, pr) in p.chunks_mut(k).enumerate() {
             let tr = &t[(r + self.shift) % rows * k..][..k];
-            let m = (0..k).fold(f64::NEG_INFINITY, |a, j| a.max((tr[j] - c[j]) / self.tau));
-            let (mut s, mut sz) = (0.0, 0.0);
             for j in 0..k {
-                let z = (tr[j] - c[j]) / self.tau - m;
-                pr[j] = z.exp();
-                s += pr[j];
-                sz += pr[j] * z;
+                z[j] = (tr[j] - c[j]) / self.tau;
             }
-            pr.iter_mut().for_each(|v| *v /= s);
-            h.push(s.ln() - sz / s);
+            h.push(add_softmax(&z, pr));
         }
         let h = Tensor::from_vec(h, rows, &candle_core::Device::Cpu)?.to_dtype(s2.dtype())?;
         self.entropy.put(h)?;
@@ -1502,13 +1512,7 @@ impl CustomOp3 for LocalMultimodal {
                 for j in 0..k {
                     z[j] = (self.alpha * a[j] + (1.0 - self.alpha) * cl[j] - c[j]) / self.tau;
                 }
-                let m = z.iter().fold(f64::NEG_INFINITY, |a, &v| a.max(v));
-                let s: f64 = z.iter().map(|v| (v - m).exp()).sum();
-                let sz: f64 = z.iter().map(|v| (v - m).exp() * (v - m)).sum();
-                for j in 0..k {
-                    pr[j] += (z[j] - m).exp() / s;
-                }
-                h[(t * b + bi) * l + li] = s.ln() - sz / s;
+                h[(t * b + bi) * l + li] = add_softmax(&z, pr);
             }
         }
         let dev = &candle_core::Device::Cpu;
