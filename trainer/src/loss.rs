@@ -240,10 +240,11 @@ pub fn targets(
     let mut patch_sum = sum_g.sum((0, 1))?;
     let mut plus_local = None;
     if l > 0 {
-        // Local T-rows [t, b, k, r] pooled over r (and, for c₂, over everything).
-        let (avg_l, local_sum) = rows.local_pool(n_g, &batch.valid_l, dt)?; // [2, B, L, K], [K]
-                                                                            // mm_l[t, b, k] = α·avg_l[t, b, k] + (1−α)·t_cls[t, b], blended inside the targets' op;
-                                                                            // its sum over the 2·B·L rows from the two terms' column sums.
+        // Local T-rows [t, b, k, r] pooled over r (and, for c₂, over everything): [2, B, L, K]
+        // and [K].
+        let (avg_l, local_sum) = rows.local_pool(n_g, &batch.valid_l, dt)?;
+        // mm_l[t, b, k] = α·avg_l[t, b, k] + (1−α)·t_cls[t, b], blended inside the targets' op;
+        // its sum over the 2·B·L rows from the two terms' column sums.
         let (p1_l, h1_l) =
             local_multimodal_targets(&avg_l, &t_cls, &centres.udi, alpha, tau, fused)?; // [L, B, K]
         let cls_sum = t_cls.sum((0, 1))?;
