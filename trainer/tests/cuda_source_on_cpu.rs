@@ -691,6 +691,49 @@ fn crops_normalised_bit_for_bit() {
 }
 
 #[test]
+fn weight_norm_forward_and_backward() {
+    let Some(emu) = emu() else { return };
+    // E 40: a partial second pass of the warp; K 11: a partial block of 8 warps.
+    let (k, e) = (11, 40);
+    let v = rand(&[k, e], 65, -1.0, 1.0, DType::F32);
+    let g = rand(&[k, 1], 66, 0.5, 2.0, DType::F32);
+    let dw = rand(&[k, e], 67, -1.0, 1.0, DType::F32);
+    let (bv, bg, bdw) = (Buf::input(&v), Buf::input(&g), Buf::input(&dw));
+    for dt in [DType::F32, DType::BF16] {
+        let want = trainer::kernels::weight_norm(&v, &g, dt, true).unwrap();
+        let w = Buf::output(Kind::of(dt), k * e);
+        emu.call(&format!("weight_norm_{}", suffix(dt)))
+            .buf(&bv)
+            .buf(&bg)
+            .buf(&w)
+            .usize(k)
+            .i32(e as i32)
+            .launch(geometry::warp_rows(k));
+        assert_output(
+            &format!("weight_norm {}", suffix(dt)),
+            &w,
+            &[k, e],
+            &want,
+            tol(&[dt]),
+        );
+    }
+    let (dg_ref, dv_ref) = trainer::kernels::weight_norm_backward(&dw, &v, &g, true).unwrap();
+    let (dv, dg) = (Buf::output(Kind::F32, k * e), Buf::output(Kind::F32, k));
+    emu.call("weight_norm_bwd")
+        .buf(&bdw)
+        .buf(&bv)
+        .buf(&bg)
+        .buf(&dv)
+        .buf(&dg)
+        .usize(k)
+        .i32(e as i32)
+        .launch(geometry::warp_rows(k));
+    let tol = tol(&[DType::F32]);
+    assert_output("weight_norm_bwd dV", &dv, &[k, e], &dv_ref, tol);
+    assert_output("weight_norm_bwd dg", &dg, &[k, 1], &dg_ref, tol);
+}
+
+#[test]
 fn adamw_with_teacher_ema() {
     let Some(emu) = emu() else { return };
     // Odd segment lengths, some frozen, clipped and unclipped.

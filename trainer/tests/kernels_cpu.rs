@@ -867,6 +867,45 @@ fn crops_normalised_in_one_pass_bit_for_bit() {
 }
 
 #[test]
+fn weight_norm_and_its_backward_in_one_pass() {
+    use trainer::kernels::{weight_norm, weight_norm_backward};
+    let (k, e) = (7, 40);
+    let v = rand(&[k, e], 59, 1.0);
+    let g = rand(&[k, 1], 60, 2.0);
+    let dw = rand(&[k, e], 61, 1.0);
+    // Forward: fused against composed, and one row by the definition.
+    let [w0, w1] = [false, true].map(|f| weight_norm(&v, &g, DType::F64, f).unwrap());
+    assert!(max_abs_diff(&w0, &w1) < 1e-14, "{}", max_abs_diff(&w0, &w1));
+    let (vr, gr) = (to_vec_f64(&v.get(3).unwrap()), to_vec_f64(&g)[3]);
+    let n = vr.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let row = to_vec_f64(&w1.get(3).unwrap());
+    assert!(row
+        .iter()
+        .zip(&vr)
+        .all(|(w, v)| (w - gr * v / n).abs() < 1e-14));
+    // Backward: both paths against candle's autograd of the composed forward.
+    let (vv, gv) = (Var::from_tensor(&v).unwrap(), Var::from_tensor(&g).unwrap());
+    let w = weight_norm(vv.as_tensor(), gv.as_tensor(), DType::F64, false).unwrap();
+    let grads = (w * &dw).unwrap().sum_all().unwrap().backward().unwrap();
+    let (dv_ref, dg_ref) = (grads.get(&vv).unwrap(), grads.get(&gv).unwrap());
+    for fused in [false, true] {
+        let (dg, dv) = weight_norm_backward(&dw, &v, &g, fused).unwrap();
+        assert_eq!((dg.dims(), dv.dims()), (&[k, 1][..], &[k, e][..]));
+        assert!(max_abs_diff(&dg, dg_ref) < 1e-12, "dg fused {fused}");
+        assert!(max_abs_diff(&dv, dv_ref) < 1e-12, "dV fused {fused}");
+    }
+    // f32 parameters, bf16 W.
+    let f32_ = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    let [w0, w1] =
+        [false, true].map(|f| weight_norm(&f32_(&v), &f32_(&g), DType::BF16, f).unwrap());
+    assert_eq!(w1.dtype(), DType::BF16);
+    assert!(max_abs_diff(&w0, &w1) <= 1e-2 * max_abs(&w0));
+    // g must be [K, 1].
+    assert!(weight_norm(&v, &rand(&[k], 62, 1.0), DType::F64, true).is_err());
+    assert!(weight_norm_backward(&dw, &v, &rand(&[1, k], 63, 1.0), true).is_err());
+}
+
+#[test]
 fn col_sum_fused_matches_composed() {
     use trainer::kernels::col_sum;
     let x = rand(&[7, 5, 12], 42, 2.0);

@@ -1,12 +1,14 @@
 //! The shared DINO head (udi-spec §2.4): h₁ = gelu(fc0(x)), h₂ = gelu(fc2(h₁)), z = fc4(h₂),
 //! ẑ = z / max(‖z‖, 1e-12), logits = ẑ·Wᵀ with the weight-normalised W = g ⊙ V/‖V_row‖.
 //!
-//! Saved: the input rows, fc0/fc2 pre-bias products and GELU outputs, ‖z‖, ẑ, W, V/‖V‖ and
-//! ‖V_row‖. backward: dẑ = dlogits·W; dW = dlogitsᵀ·ẑ; dg = Σ_e dW ⊙ V/‖V‖, dV = g/‖V‖ ⊙ (dW − V/‖V‖ ⊙ dg);
-//! dz = (dẑ − ẑ·(dẑ·ẑ))/‖z‖ (dẑ/eps below eps); then the three linears in reverse.
+//! Saved: the input rows, fc0/fc2 pre-bias products and GELU outputs, ‖z‖, ẑ and W (‖V_row‖ is
+//! made again in W's backward). backward: dẑ = dlogits·W; dW = dlogitsᵀ·ẑ; dg = Σ_e dW ⊙ V/‖V‖,
+//! dV = g/‖V‖ ⊙ (dW − V/‖V‖ ⊙ dg); dz = (dẑ − ẑ·(dẑ·ẑ))/‖z‖ (dẑ/eps below eps); then the three
+//! linears in reverse.
 
 use super::linear::Linear;
 use super::{Grads, Ops};
+use crate::kernels::{weight_norm, weight_norm_backward};
 use candle_core::{Result, Tensor, D};
 
 const L2_EPS: f64 = 1e-12;
@@ -19,11 +21,9 @@ pub struct Head {
     pub v_id: usize,
 }
 
-/// The normalised last layer: W (compute dtype) and its factors (parameter dtype).
+/// The normalised last layer W (compute dtype).
 pub struct LastLayer {
     pub w: Tensor,
-    u: Tensor,
-    v_norm: Tensor,
 }
 
 pub struct HeadSaved {
@@ -36,10 +36,8 @@ pub struct HeadSaved {
 
 impl Head {
     pub fn last_layer(&self, ops: &Ops) -> Result<LastLayer> {
-        let v_norm = self.v.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
-        let u = self.v.broadcast_div(&v_norm)?;
-        let w = u.broadcast_mul(&self.g)?.to_dtype(ops.cdt)?;
-        Ok(LastLayer { w, u, v_norm })
+        let w = weight_norm(&self.v, &self.g, ops.cdt, ops.fused)?;
+        Ok(LastLayer { w })
     }
 
     /// Input rows `[R, D]` (parameter dtype) → the L2-normalised bottleneck ẑ `[R, E]`
@@ -82,10 +80,7 @@ impl Head {
                 .t()?
                 .matmul(&s.z_hat.to_dtype(ops.cdt)?)?
                 .to_dtype(ops.pdt)?;
-            let dg = (&dw * &last.u)?.sum_keepdim(D::Minus1)?;
-            let dv = dw
-                .sub(&last.u.broadcast_mul(&dg)?)?
-                .broadcast_mul(&self.g.broadcast_div(&last.v_norm)?)?;
+            let (dg, dv) = weight_norm_backward(&dw, &self.v, &self.g, ops.fused)?;
             grads.add(self.g_id, &dg)?;
             grads.add(self.v_id, &dv)?;
         }

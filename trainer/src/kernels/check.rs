@@ -912,6 +912,39 @@ pub fn run(dev: &Device, s: &Shapes, reps: usize) -> Result<CheckReport> {
             )?;
         }
 
+        // The weight-normalised last layer W in the compute dtype; its backward (f32) once.
+        let e = s.cfg.model.head_bottleneck as usize;
+        let v = rand_t(&[s.k, e], 34, -1.0, 1.0)?;
+        let gw = rand_t(&[s.k, 1], 35, 0.5, 2.0)?;
+        let f = |t: &[Tensor], fused: bool| super::weight_norm(&t[0], &t[1], dt, fused);
+        let shape = format!("[{}, {e}]", s.k);
+        let inputs = vec![v.clone(), gw.clone()];
+        check(
+            &mut out,
+            "weight_norm",
+            shape.clone(),
+            dt,
+            &f,
+            inputs,
+            &[],
+            dev,
+            reps,
+        )?;
+        if dt == DType::F32 {
+            let dw = rand_t(&[s.k, e], 36, -1.0, 1.0)?;
+            let both =
+                |t: &[Tensor], fused: bool| super::weight_norm_backward(&t[0], &t[1], &t[2], fused);
+            let dg = |t: &[Tensor], fused: bool| both(t, fused).map(|r| r.0);
+            let dv = |t: &[Tensor], fused: bool| both(t, fused).map(|r| r.1);
+            for (op, f) in [
+                ("weight_norm_backward dg", &dg as OpFn<'_>),
+                ("weight_norm_backward dV", &dv),
+            ] {
+                let inputs = vec![dw.clone(), v.clone(), gw.clone()];
+                check(&mut out, op, shape.clone(), dt, f, inputs, &[], dev, reps)?;
+            }
+        }
+
         // The bias gradient of fc1: a column sum over every token row, f32 out.
         let g = cast(rand_t(&[s.rows, s.mlp], 27, -1.0, 1.0)?)?;
         let f = |t: &[Tensor], fused: bool| super::col_sum(&t[0], DType::F32, fused);

@@ -16,7 +16,7 @@
 //! [`local_multimodal_targets`] (the local crops' blended [cls+] targets of both views in one pass),
 //! [`other_view_softmax_entropy`] and [`other_view_weighted_sum`] (the patch targets and sums
 //! from the other view's logits as they are), [`normalise_crops`] (uint8 crops to normalised f32
-//! in one pass),
+//! in one pass), [`weight_norm`] (the head's last layer, fwd + bwd, one pass each),
 //! [`soft_ce_rows`] (student cross-entropy with temperature, fwd + bwd) and [`soft_ce_in_place`]
 //! (both in one pass, the gradient written over the logits), [`adamw::AdamwEma`] (multi-tensor
 //! AdamW + EMA over flat buffers), [`accumulate`] (a gradient added in place into the flat
@@ -43,8 +43,9 @@ pub use ops::{
     accumulate, attn_softmax, attn_softmax_backward, bias_add, bias_gelu, bias_gelu_backward,
     bias_gelu_backward_recompute, centered_softmax, centered_softmax_entropy, col_sum, layer_norm,
     layer_norm_backward, local_multimodal_targets, normalise_crops, other_view_softmax_entropy,
-    other_view_weighted_sum, residual_add, soft_ce_in_place, soft_ce_rows, Accumulate, AttnSoftmax,
-    BiasAdd, BiasGelu, ColSum, LayerNormOp, ResidualAdd, RowScale, SoftCe,
+    other_view_weighted_sum, residual_add, soft_ce_in_place, soft_ce_rows, weight_norm,
+    weight_norm_backward, Accumulate, AttnSoftmax, BiasAdd, BiasGelu, ColSum, LayerNormOp,
+    ResidualAdd, RowScale, SoftCe,
 };
 
 use candle_core::{DType, Device};

@@ -1190,6 +1190,206 @@ pub fn attn_softmax(x: &Tensor, scale: f64, fused: bool) -> Result<Tensor> {
     nn::softmax(&z)?.to_dtype(x.dtype())
 }
 
+// ---- the head's weight-normalised last layer -----------------------------------------------------
+
+/// `W = g ⊙ V/‖V_row‖` (udi-spec §2.4) for V `[K, E]`, g `[K, 1]` (f32 parameters), in `out`:
+/// one pass over V instead of a square, a sum, a division, a product and a cast.
+struct WeightNorm {
+    out: DType,
+}
+
+/// The rows and width of V, and g's shape checked against them.
+fn weight_norm_dims(lv: &Layout, lg: &Layout) -> Result<(usize, usize)> {
+    let (k, e) = lv.shape().dims2()?;
+    if lg.shape().dims() != [k, 1] {
+        bail!(
+            "weight_norm: V {:?} needs g [{k}, 1], got {:?}",
+            lv.shape(),
+            lg.shape()
+        );
+    }
+    Ok((k, e))
+}
+
+impl CustomOp2 for WeightNorm {
+    fn name(&self) -> &'static str {
+        "udi-weight-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, e) = weight_norm_dims(l1, l2)?;
+        let v = cpu::read_full(s1, l1, "weight_norm V")?;
+        let g = cpu::read_full(s2, l2, "weight_norm g")?;
+        let mut w = vec![0.0; v.len()];
+        for ((vr, wr), g) in v.chunks(e).zip(w.chunks_mut(e)).zip(&g) {
+            let n = vr.iter().map(|x| x * x).sum::<f64>().sqrt();
+            wr.iter_mut().zip(vr).for_each(|(w, v)| *w = v / n * g);
+        }
+        Ok((cpu::write(&w, self.out)?, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = &s1.device;
+        let (k, e) = weight_norm_dims(l1, l2)?;
+        let v = gpu::In::new(s1, l1, "weight_norm V")?;
+        let g = gpu::In::new(s2, l2, "weight_norm g")?;
+        need_f32(&v, "weight_norm V")?;
+        need_f32(&g, "weight_norm g")?;
+        let f = gpu::func(dev, &format!("weight_norm_{}", gpu::suffix(self.out)?))?;
+        let mut w = gpu::Out::alloc(dev, self.out, k * e, false)?;
+        let ei = e as i32;
+        let mut a = f.builder();
+        v.push(&mut a);
+        g.push(&mut a);
+        w.push(&mut a);
+        a.arg(&k).arg(&ei);
+        gpu::launch(a, geometry::warp_rows(k))?;
+        Ok((w.into_storage(dev), l1.shape().clone()))
+    }
+}
+
+/// The weight-normalised last layer `W = g ⊙ V/‖V_row‖` in `out` (V `[K, E]`, g `[K, 1]`, f32).
+pub fn weight_norm(v: &Tensor, g: &Tensor, out: DType, fused: bool) -> Result<Tensor> {
+    if fused {
+        return v
+            .contiguous()?
+            .apply_op2_no_bwd(&g.contiguous()?, &WeightNorm { out });
+    }
+    let v_norm = v.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
+    v.broadcast_div(&v_norm)?.broadcast_mul(g)?.to_dtype(out)
+}
+
+/// The gradients of [`weight_norm`] from dW (`[K, E]`, V's dtype): with u = V/‖V‖, dg = Σ_e dW ⊙ u
+/// (the second output, `[K, 1]`) and dV = g/‖V‖ ⊙ (dW − u ⊙ dg). ‖V‖ is recomputed from V in the
+/// same pass (a warp holds a row), so the forward saves nothing.
+struct WeightNormBwd {
+    dg: Second,
+}
+
+impl CustomOp3 for WeightNormBwd {
+    fn name(&self) -> &'static str {
+        "udi-weight-norm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (k, e) = weight_norm_dims(l2, l3)?;
+        if l1.shape() != l2.shape() {
+            bail!(
+                "weight_norm_backward: dW {:?} for V {:?}",
+                l1.shape(),
+                l2.shape()
+            );
+        }
+        let dw = cpu::read_full(s1, l1, "weight_norm_backward dW")?;
+        let v = cpu::read_full(s2, l2, "weight_norm_backward V")?;
+        let g = cpu::read_full(s3, l3, "weight_norm_backward g")?;
+        let mut dv = vec![0.0; v.len()];
+        let mut dg = vec![0.0; k];
+        for (r, dvr) in dv.chunks_mut(e).enumerate() {
+            let (vr, dwr) = (&v[r * e..][..e], &dw[r * e..][..e]);
+            let n = vr.iter().map(|x| x * x).sum::<f64>().sqrt();
+            dg[r] = dwr.iter().zip(vr).map(|(d, v)| d * v / n).sum::<f64>();
+            for ((o, d), v) in dvr.iter_mut().zip(dwr).zip(vr) {
+                *o = (d - v / n * dg[r]) * (g[r] / n);
+            }
+        }
+        let dev = &candle_core::Device::Cpu;
+        self.dg
+            .put(Tensor::from_vec(dg, (k, 1), dev)?.to_dtype(s3.dtype())?)?;
+        Ok((cpu::write(&dv, s2.dtype())?, l2.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = &s1.device;
+        let (k, e) = weight_norm_dims(l2, l3)?;
+        if l1.shape() != l2.shape() {
+            bail!(
+                "weight_norm_backward: dW {:?} for V {:?}",
+                l1.shape(),
+                l2.shape()
+            );
+        }
+        let (dw, v, g) = (
+            gpu::In::new(s1, l1, "weight_norm_backward dW")?,
+            gpu::In::new(s2, l2, "weight_norm_backward V")?,
+            gpu::In::new(s3, l3, "weight_norm_backward g")?,
+        );
+        need_f32(&dw, "weight_norm_backward dW")?;
+        need_f32(&v, "weight_norm_backward V")?;
+        need_f32(&g, "weight_norm_backward g")?;
+        let f = gpu::func(dev, "weight_norm_bwd")?;
+        let mut dv = gpu::Out::alloc(dev, DType::F32, k * e, false)?;
+        let mut dg = gpu::Out::alloc(dev, DType::F32, k, false)?;
+        let ei = e as i32;
+        let mut a = f.builder();
+        dw.push(&mut a);
+        v.push(&mut a);
+        g.push(&mut a);
+        dv.push(&mut a);
+        dg.push(&mut a);
+        a.arg(&k).arg(&ei);
+        gpu::launch(a, geometry::warp_rows(k))?;
+        self.dg.put(gpu::tensor(dg, dev, (k, 1)))?;
+        Ok((dv.into_storage(dev), l2.shape().clone()))
+    }
+}
+
+/// The gradients of [`weight_norm`]: (dg `[K, 1]`, dV `[K, E]`) from dW `[K, E]` (all f32, as V
+/// and g). Fused: one pass over dW and V, ‖V‖ recomputed there.
+pub fn weight_norm_backward(
+    dw: &Tensor,
+    v: &Tensor,
+    g: &Tensor,
+    fused: bool,
+) -> Result<(Tensor, Tensor)> {
+    if fused {
+        let op = WeightNormBwd {
+            dg: Second::default(),
+        };
+        let dv = dw
+            .contiguous()?
+            .apply_op3_no_bwd(&v.contiguous()?, &g.contiguous()?, &op)?;
+        return Ok((op.dg.take("weight norm backward")?, dv));
+    }
+    let v_norm = v.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
+    let u = v.broadcast_div(&v_norm)?;
+    let dg = (dw * &u)?.sum_keepdim(D::Minus1)?;
+    let dv = dw
+        .sub(&u.broadcast_mul(&dg)?)?
+        .broadcast_mul(&g.broadcast_div(&v_norm)?)?;
+    Ok((dg, dv))
+}
+
 // ---- the head's teacher softmax and student cross-entropy ------------------------------------
 
 /// Adds softmax(z) to `out` and returns its entropy −Σ p·log p (the teacher ops' references).

@@ -36,6 +36,12 @@ __device__ float block_sum(float v, float *sh) {
   return v;
 }
 
+// Sum over the warp; every lane gets the result.
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+  return v;
+}
+
 __device__ float block_max(float v, float *sh) {
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -487,6 +493,47 @@ __device__ void soft_ce_fused(T *s, const float *p, const float *g, float *loss,
 CE_INST(f32, float)
 CE_INST(bf16, bf16)
 
+// ---- the head's weight-normalised last layer (one warp per row of V [K, E]) -------------------
+// W = g ⊙ V/‖V_row‖, as (v / ‖v‖)·g.
+template <typename T>
+__device__ void weight_norm(const float *v, const float *g, T *w, size_t rows, int e) {
+  const size_t row = (blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  v += row * e;
+  w += row * e;
+  float s = 0.f;
+  for (int j = lane; j < e; j += 32) s += v[j] * v[j];
+  const float n = sqrtf(warp_sum(s)), gr = g[row];
+  for (int j = lane; j < e; j += 32) w[j] = from_f<T>(v[j] / n * gr);
+}
+extern "C" __global__ void weight_norm_f32(const float *v, const float *g, float *w, size_t rows, int e) {
+  weight_norm<float>(v, g, w, rows, e);
+}
+extern "C" __global__ void weight_norm_bf16(const float *v, const float *g, bf16 *w, size_t rows, int e) {
+  weight_norm<bf16>(v, g, w, rows, e);
+}
+
+// With u = v/‖v‖: dg = Σ dW·u and dV = g/‖v‖·(dW − u·dg), ‖v‖ recomputed from the row.
+extern "C" __global__ void weight_norm_bwd(const float *dw, const float *v, const float *g, float *dv,
+                                           float *dg, size_t rows, int e) {
+  const size_t row = (blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  dw += row * e;
+  v += row * e;
+  dv += row * e;
+  float s = 0.f;
+  for (int j = lane; j < e; j += 32) s += v[j] * v[j];
+  const float n = sqrtf(warp_sum(s));
+  float d = 0.f;
+  for (int j = lane; j < e; j += 32) d += dw[j] * (v[j] / n);
+  d = warp_sum(d);
+  if (lane == 0) dg[row] = d;
+  const float scale = g[row] / n;
+  for (int j = lane; j < e; j += 32) dv[j] = (dw[j] - v[j] / n * d) * scale;
+}
+
 // ---- attention softmax over the last dim (N ≤ 1024 keys, one warp per row) -------------------
 // y = softmax(x·scale) computed in f32; rows of length n.
 template <typename T>
@@ -573,10 +620,6 @@ RLN_INST(f32_bf16, float, bf16)
 // registers, summed over the block's warps in shared memory, one atomicAdd per column and block.
 // Needs d ≤ 32·LNR_COLS and blockDim.x = 256 (4 blocks per SM at 64 registers).
 #define LNR_COLS 16
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
-  return v;
-}
 
 template <typename TO>
 __device__ void ln_bwd_residual(const float *x, const float *w, const TO *dy, const float *dres,

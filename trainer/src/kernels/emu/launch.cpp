@@ -140,6 +140,7 @@ const std::vector<Entry> &table() {
       K(normalise_crops), K(residual_add_f32), K(residual_add_bf16), K(grad_accumulate_f32), K(grad_accumulate_bf16), K(row_scale_f32), K(row_scale_bf16),
       K(centered_softmax_f32), K(weighted_rows_f32), K(local_multimodal_f32), K(soft_ce_fwd_f32), K(soft_ce_bwd_f32), K(soft_ce_fused_f32),
       K(centered_softmax_bf16), K(weighted_rows_bf16), K(local_multimodal_bf16), K(soft_ce_fwd_bf16), K(soft_ce_bwd_bf16), K(soft_ce_fused_bf16),
+      K(weight_norm_f32), K(weight_norm_bf16), K(weight_norm_bwd),
       K(attn_softmax_fwd_f32), K(attn_softmax_bwd_f32),
       K(attn_softmax_fwd_bf16), K(attn_softmax_bwd_bf16),
       K(residual_ln_fwd_f32_f32), K(residual_ln_fwd_bf16_bf16), K(residual_ln_fwd_bf16_f32),
