@@ -913,7 +913,7 @@ pub fn run(dev: &Device, s: &Shapes, reps: usize) -> Result<CheckReport> {
         }
 
         // The weight-normalised last layer W in the compute dtype; its backward (f32) once.
-        let e = s.cfg.model.head_bottleneck as usize;
+        let e = s.cfg.model.head_bottleneck;
         let v = rand_t(&[s.k, e], 34, -1.0, 1.0)?;
         let gw = rand_t(&[s.k, 1], 35, 0.5, 2.0)?;
         let f = |t: &[Tensor], fused: bool| super::weight_norm(&t[0], &t[1], dt, fused);
