@@ -20,6 +20,7 @@ source <(bash scripts/cuda-toolchain.sh --env)
 unset CANDLE_KERNELS_CHECK_ONLY   # that mode cannot link (vendor/README.md)
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target/cuda}"
 t0=$(date +%s)
+sources=$(bash scripts/source-hash.sh)
 cargo build --release --locked --features cuda -p trainer --bins --example device_smoke
 cargo build --release --locked -p loader -p shard-tool --bins
 echo "cuda release build: $(( $(date +%s) - t0 ))s" >&2
@@ -55,7 +56,7 @@ rm -f .gpu/no-gpu.txt
 size=$(du -cb .gpu | tail -n 1 | cut -f1)
 {
   echo "commit: $(git rev-parse HEAD)$(git diff --quiet HEAD -- . ':!.gpu' || echo ' (+ uncommitted changes)')"
-  echo "sources: $(bash scripts/source-hash.sh)"
+  echo "sources: $sources"
   echo "built: $(date -u +%FT%TZ) on $(hostname)"
   echo "rustc: $(rustc --version)"
   echo "nvcc: $("$NVCC" --version | tail -n 1)"
@@ -67,6 +68,12 @@ size=$(du -cb .gpu | tail -n 1 | cut -f1)
   done
 } > .gpu/BUILD-INFO
 cat .gpu/BUILD-INFO
+# The hash names what was built only if nothing changed while cargo ran.
+if [ "$(bash scripts/source-hash.sh)" != "$sources" ]; then
+  echo "error: the sources changed while the bundle was built; run scripts/build-gpu-bundle.sh again" >&2
+  sed -i 's/^sources: .*/sources: changed while building/' .gpu/BUILD-INFO   # gpu-check refuses it
+  exit 1
+fi
 limit=$(( ${BUNDLE_MAX_MIB:-64} * 1024 * 1024 ))
 if [ "$size" -gt "$limit" ]; then
   echo "error: .gpu is $size bytes, over BUNDLE_MAX_MIB=${BUNDLE_MAX_MIB:-64} MiB" >&2
