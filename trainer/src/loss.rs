@@ -13,8 +13,8 @@
 use crate::config::LossConfig;
 use crate::data::TrainBatch;
 use crate::kernels::{
-    centered_softmax_entropy, col_sum, local_multimodal_targets, other_view_softmax_entropy,
-    other_view_weighted_sum, soft_ce_rows,
+    centered_softmax_entropy, col_sum, local_multimodal_targets, other_view,
+    other_view_softmax_entropy, other_view_weighted_sum, soft_ce_rows,
 };
 use crate::model::{StudentOut, TeacherOut};
 use candle_core::{DType, Device, Result, Tensor};
@@ -189,7 +189,7 @@ pub fn targets(
     // ---- [cls] targets ---------------------------------------------------------------------
     let t_cls = t_cls_logits.reshape((2, b, k))?;
     let (p0, h0) = teacher_probs(&t_cls, &centres.cls, tau)?;
-    let cls_global = Tensor::cat(&[p0.get(1)?, p0.get(0)?], 0)?;
+    let cls_global = other_view(&p0)?.reshape((2 * b, k))?;
     // Every local crop k (rows k·B + b) against both views' targets of image b.
     let cls_local = if l > 0 {
         Some((p0.get(0)? + p0.get(1)?)?)
@@ -228,11 +228,7 @@ pub fn targets(
     let alpha = cfg.alpha;
     let sum_g = other_view_weighted_sum(&tg, vg, fused)?; // [2, B, K]
     let avg_g = sum_g.broadcast_div(&(vg.sum_keepdim(2)? + 1e-5)?)?; // [2, B, K]
-    let t_cls_swapped = Tensor::cat(
-        &[t_cls.get(1)?.unsqueeze(0)?, t_cls.get(0)?.unsqueeze(0)?],
-        0,
-    )?;
-    let mm_g = ((avg_g * alpha)? + (t_cls_swapped * (1.0 - alpha))?)?; // [2, B, K] by student view
+    let mm_g = ((avg_g * alpha)? + (other_view(&t_cls)? * (1.0 - alpha))?)?; // [2, B, K] by student view
     let mut mm_sum = mm_g.sum((0, 1))?;
     let (plus_global, h1_g) = teacher_probs(&mm_g, &centres.udi, tau)?;
     let plus_global = plus_global.reshape((2 * b, k))?;

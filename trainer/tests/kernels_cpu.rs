@@ -1310,6 +1310,23 @@ fn fused_ops_refuse_the_dtypes_cuda_refuses() {
     let p = centered_softmax(&dy, &c, 0.1, true).unwrap();
     let ce = |p: &Tensor| soft_ce_rows(&x, p, 0.1, true);
     refused("soft_ce target", ce(&half(&p)), ce(&p));
+    // The teacher-target ops: class logits and row weights are f32 on CUDA.
+    let by_view = x.reshape((2, 1, 2, d)).unwrap();
+    let cls = rand(&[2, 1, d], 4, 1.0).to_dtype(DType::F32).unwrap();
+    let mm = |cls: &Tensor| {
+        trainer::kernels::local_multimodal_targets(&by_view, cls, &c, 0.5, 0.1, true).map(|r| r.0)
+    };
+    refused("local_multimodal cls", mm(&half(&cls)), mm(&cls));
+    let wr = rand(&[2, 1, 2], 5, 1.0).to_dtype(DType::F32).unwrap();
+    let sums = |w: &Tensor| trainer::kernels::other_view_weighted_sum(&by_view, w, true);
+    refused("weighted_rows w", sums(&half(&wr)), sums(&wr));
+    // The weight norm: V, g and dW are f32 parameters and gradients.
+    let gn = rand(&[rows, 1], 6, 1.0).to_dtype(DType::F32).unwrap();
+    let wn = |v: &Tensor| trainer::kernels::weight_norm(v, &gn, DType::BF16, true);
+    refused("weight_norm V", wn(&half(&x)), wn(&x));
+    let wn_bwd =
+        |dw: &Tensor| trainer::kernels::weight_norm_backward(dw, &x, &gn, true).map(|r| r.1);
+    refused("weight_norm backward dW", wn_bwd(&half(&dy)), wn_bwd(&dy));
     let g = Tensor::ones(rows, DType::F32, &Device::Cpu).unwrap();
     let ce_in_place = |p: &Tensor, g: &Tensor| {
         trainer::kernels::soft_ce_in_place(&x.copy().unwrap(), p, g, 0.1, true)

@@ -1279,6 +1279,20 @@ struct WeightNormBwd {
     dg: Second,
 }
 
+impl WeightNormBwd {
+    /// (K, E) of V, with g `[K, 1]` and dW V's shape.
+    fn dims(ldw: &Layout, lv: &Layout, lg: &Layout) -> Result<(usize, usize)> {
+        if ldw.shape() != lv.shape() {
+            bail!(
+                "weight_norm_backward: dW {:?} for V {:?}",
+                ldw.shape(),
+                lv.shape()
+            );
+        }
+        weight_norm_dims(lv, lg)
+    }
+}
+
 impl CustomOp3 for WeightNormBwd {
     fn name(&self) -> &'static str {
         "udi-weight-norm-bwd"
@@ -1293,14 +1307,7 @@ impl CustomOp3 for WeightNormBwd {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (k, e) = weight_norm_dims(l2, l3)?;
-        if l1.shape() != l2.shape() {
-            bail!(
-                "weight_norm_backward: dW {:?} for V {:?}",
-                l1.shape(),
-                l2.shape()
-            );
-        }
+        let (k, e) = WeightNormBwd::dims(l1, l2, l3)?;
         let dw = cpu::read_full(s1, l1, "weight_norm_backward dW")?;
         let v = cpu::read_full(s2, l2, "weight_norm_backward V")?;
         let g = cpu::read_full(s3, l3, "weight_norm_backward g")?;
@@ -1331,14 +1338,7 @@ impl CustomOp3 for WeightNormBwd {
         l3: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let dev = &s1.device;
-        let (k, e) = weight_norm_dims(l2, l3)?;
-        if l1.shape() != l2.shape() {
-            bail!(
-                "weight_norm_backward: dW {:?} for V {:?}",
-                l1.shape(),
-                l2.shape()
-            );
-        }
+        let (k, e) = WeightNormBwd::dims(l1, l2, l3)?;
         let (dw, v, g) = (
             gpu::In::new(s1, l1, "weight_norm_backward dW")?,
             gpu::In::new(s2, l2, "weight_norm_backward V")?,
@@ -1521,8 +1521,9 @@ fn centered_softmax_fused(
     Ok((p.reshape(t.shape())?, h.reshape(lead)?))
 }
 
-/// The two views swapped along the leading dim of x `[2, ..]`: x[1], x[0].
-fn other_view(x: &Tensor) -> Result<Tensor> {
+/// The two views swapped along the leading dim of x `[2, ..]`: x[1], x[0] (each student view
+/// reads the teacher's other view).
+pub fn other_view(x: &Tensor) -> Result<Tensor> {
     Tensor::cat(&[x.narrow(0, 1, 1)?, x.narrow(0, 0, 1)?], 0)
 }
 
@@ -1551,6 +1552,21 @@ struct WeightedRows {
     shift: usize,
 }
 
+impl WeightedRows {
+    /// (G, R, K) of x `[G, R, K]`, with w checked to be `[G, R]`.
+    fn dims(l1: &Layout, l2: &Layout) -> Result<(usize, usize, usize)> {
+        let (g, r, k) = l1.shape().dims3()?;
+        if l2.shape().dims() != [g, r] {
+            bail!(
+                "weighted_rows: x {:?} needs weights [{g}, {r}], got {:?}",
+                l1.shape(),
+                l2.shape()
+            );
+        }
+        Ok((g, r, k))
+    }
+}
+
 impl CustomOp2 for WeightedRows {
     fn name(&self) -> &'static str {
         "udi-weighted-rows"
@@ -1563,16 +1579,9 @@ impl CustomOp2 for WeightedRows {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (g, r, k) = l1.shape().dims3()?;
-        if l2.shape().dims() != [g, r] {
-            bail!(
-                "weighted_rows: x {:?} needs weights [{g}, {r}], got {:?}",
-                l1.shape(),
-                l2.shape()
-            );
-        }
+        let (g, r, k) = WeightedRows::dims(l1, l2)?;
         let x = cpu::read(s1, l1, "weighted_rows x")?;
-        let w = cpu::read(s2, l2, "weighted_rows w")?;
+        let w = cpu::read_full(s2, l2, "weighted_rows w")?;
         let mut out = vec![0.0; g * k];
         for (gi, o) in out.chunks_mut(k).enumerate() {
             let src = (gi + self.shift) % g;
@@ -1594,14 +1603,7 @@ impl CustomOp2 for WeightedRows {
         l2: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let dev = &s1.device;
-        let (g, r, k) = l1.shape().dims3()?;
-        if l2.shape().dims() != [g, r] {
-            bail!(
-                "weighted_rows: weights {:?} for x {:?}",
-                l2.shape(),
-                l1.shape()
-            );
-        }
+        let (g, r, k) = WeightedRows::dims(l1, l2)?;
         let (x, w) = (
             gpu::In::new(s1, l1, "weighted_rows x")?,
             gpu::In::new(s2, l2, "weighted_rows w")?,
