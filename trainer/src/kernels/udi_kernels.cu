@@ -22,36 +22,36 @@ template <typename T> __device__ __forceinline__ T from_f(float x);
 template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
 template <> __device__ __forceinline__ bf16 from_f<bf16>(float x) { return __float2bfloat16(x); }
 
-// Sum over the block; every thread gets the result. `sh` holds 32 floats. Safe to call
-// repeatedly (leading barrier protects `sh` from the previous call's readers).
-__device__ float block_sum(float v, float *sh) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int nwarps = (blockDim.x + 31) >> 5;
-  __syncthreads();
-  if (lane == 0) sh[warp] = v;
-  __syncthreads();
-  v = lane < nwarps ? sh[lane] : 0.f;
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
-  return v;
-}
-
-// Sum over the warp; every lane gets the result.
+// Sum and max over the warp; every lane gets the result.
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
   return v;
 }
-
-__device__ float block_max(float v, float *sh) {
+__device__ __forceinline__ float warp_max(float v) {
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+  return v;
+}
+
+// Sum over the block; every thread gets the result. `sh` holds 32 floats. Safe to call
+// repeatedly (leading barrier protects `sh` from the previous call's readers).
+__device__ float block_sum(float v, float *sh) {
+  v = warp_sum(v);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int nwarps = (blockDim.x + 31) >> 5;
   __syncthreads();
   if (lane == 0) sh[warp] = v;
   __syncthreads();
-  v = lane < nwarps ? sh[lane] : -INFINITY;
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
-  return v;
+  return warp_sum(lane < nwarps ? sh[lane] : 0.f);
+}
+
+__device__ float block_max(float v, float *sh) {
+  v = warp_max(v);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nwarps = (blockDim.x + 31) >> 5;
+  __syncthreads();
+  if (lane == 0) sh[warp] = v;
+  __syncthreads();
+  return warp_max(lane < nwarps ? sh[lane] : -INFINITY);
 }
 
 // ---- LayerNorm (mean/var form, as trainer::nn::LayerNorm) --------------------------------------
@@ -545,10 +545,10 @@ __device__ void attn_softmax_fwd(const T *x, T *y, size_t rows, int n, float sca
   y += row * n;
   float m = -INFINITY;
   for (int j = lane; j < n; j += 32) m = fmaxf(m, to_f(x[j]) * scale);
-  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
+  m = warp_max(m);
   float s = 0.f;
   for (int j = lane; j < n; j += 32) s += expf(to_f(x[j]) * scale - m);
-  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
+  s = warp_sum(s);
   const float inv = 1.f / s;
   for (int j = lane; j < n; j += 32) y[j] = from_f<T>(expf(to_f(x[j]) * scale - m) * inv);
 }
@@ -563,7 +563,7 @@ __device__ void attn_softmax_bwd(const T *y, const T *dy, T *dx, size_t rows, in
   dx += row * n;
   float s = 0.f;
   for (int j = lane; j < n; j += 32) s += to_f(y[j]) * to_f(dy[j]);
-  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
+  s = warp_sum(s);
   for (int j = lane; j < n; j += 32) dx[j] = from_f<T>(scale * to_f(y[j]) * (to_f(dy[j]) - s));
 }
 #define SM_INST(SUF, T)                                                                          \
@@ -954,7 +954,7 @@ extern "C" __global__ void flash_bwd_dot_bf16(const bf16 *o, const bf16 *d_o, fl
   const int h = (int)(w % heads);
   const bf16 *a = o + row * heads * FA_D + h * FA_D, *g = d_o + row * heads * FA_D + h * FA_D;
   float s = to_f(a[lane]) * to_f(g[lane]) + to_f(a[lane + 32]) * to_f(g[lane + 32]);
-  for (int k = 16; k > 0; k >>= 1) s += __shfl_xor_sync(0xffffffff, s, k);
+  s = warp_sum(s);
   if (lane == 0) dsum[((row / t) * heads + h) * t + row % t] = s;
 }
 
