@@ -449,7 +449,7 @@ fn attention_softmax_forward_and_backward() {
                 .usize(rows)
                 .i32(n as i32)
                 .f32(scale as f32)
-                .launch(geometry::attn_softmax(rows));
+                .launch(geometry::warp_rows(rows));
             assert_output(&what, &y, &[rows, n], &y_ref, tol);
 
             let dx = Buf::output(Kind::of(dt), rows * n);
@@ -460,7 +460,7 @@ fn attention_softmax_forward_and_backward() {
                 .usize(rows)
                 .i32(n as i32)
                 .f32(scale as f32)
-                .launch(geometry::attn_softmax(rows));
+                .launch(geometry::warp_rows(rows));
             assert_output(&format!("{what} bwd"), &dx, &[rows, n], &dx_ref, tol);
         }
     }
@@ -480,13 +480,14 @@ fn head_softmax_entropy_and_cross_entropy() {
             let t = rand(&[p_rows, k], 16, -1.0, 1.0, dt);
             let c = rand(&[k], 17, -0.1, 0.1, DType::F32);
             let st = rand(&[rows, k], 18, -1.0, 1.0, dt);
-            let p = trainer::kernels::centered_softmax(
+            let p = trainer::kernels::centered_softmax_entropy(
                 &rand_t(&[p_rows, k], 19, -1.0, 1.0).unwrap(),
                 &Tensor::zeros(k, DType::F32, &Device::Cpu).unwrap(),
                 tau_t,
                 false,
             )
-            .unwrap();
+            .unwrap()
+            .0;
             let g = rand(&[rows], 20, 0.5, 1.5, DType::F32);
             let (bt, bc, bs, bp, bg) = (
                 Buf::input(&t),

@@ -8,8 +8,8 @@ mod common;
 use candle_core::{DType, Device, Tensor, Var};
 use common::{batch, micro_cfg, tiny_cfg, to_vec_f64};
 use trainer::kernels::{
-    attn_softmax, bias_add, bias_gelu, centered_softmax, layer_norm, residual_add, soft_ce_rows,
-    Compute, Kernels, Precision,
+    attn_softmax, bias_add, bias_gelu, centered_softmax_entropy, layer_norm, residual_add,
+    soft_ce_rows, Compute, Kernels, Precision,
 };
 use trainer::optim::{ema_update, AdamW};
 use trainer::params::ParamStore;
@@ -31,6 +31,11 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         .zip(to_vec_f64(b))
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f64::max)
+}
+
+/// The teacher targets alone (the first output of [`centered_softmax_entropy`]).
+fn centered_softmax(t: &Tensor, c: &Tensor, tau: f64, fused: bool) -> candle_core::Result<Tensor> {
+    Ok(centered_softmax_entropy(t, c, tau, fused)?.0)
 }
 
 fn max_abs(a: &Tensor) -> f64 {
@@ -676,7 +681,6 @@ fn fused_bf16_path_resumes_bitwise() {
 
 #[test]
 fn centered_entropy_fused_matches_composed() {
-    use trainer::kernels::centered_softmax_entropy;
     let centered_entropy = |t: &Tensor, c: &Tensor, tau: f64, fused: bool| {
         centered_softmax_entropy(t, c, tau, fused).map(|r| r.1)
     };
@@ -775,9 +779,7 @@ fn local_multimodal_targets_blend_both_views() {
 
 #[test]
 fn patch_targets_and_sums_read_the_other_view() {
-    use trainer::kernels::{
-        centered_softmax_entropy, other_view_softmax_entropy, other_view_weighted_sum,
-    };
+    use trainer::kernels::{other_view_softmax_entropy, other_view_weighted_sum};
     let (b, r, k) = (3, 4, 40);
     let t = rand(&[2, b, r, k], 54, 3.0);
     let c = rand(&[k], 55, 0.5);

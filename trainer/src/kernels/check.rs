@@ -15,8 +15,7 @@ use super::flash;
 use super::ln_residual::{layer_norm_backward_residual, residual_add_layer_norm, Branch};
 use super::sq_norms::SqNormPlan;
 use super::{
-    attn_softmax, bias_add, bias_gelu, centered_softmax, centered_softmax_entropy, layer_norm,
-    soft_ce_rows,
+    attn_softmax, bias_add, bias_gelu, centered_softmax_entropy, layer_norm, soft_ce_rows,
 };
 use crate::config::TrainConfig;
 use crate::optim::{ema_update, AdamW};
@@ -175,6 +174,7 @@ pub fn tolerance(dt: DType) -> f64 {
 }
 
 type OpFn<'a> = &'a dyn Fn(&[Tensor], bool) -> candle_core::Result<Tensor>;
+type PairFn<'a> = &'a dyn Fn(&[Tensor], bool) -> candle_core::Result<(Tensor, Tensor)>;
 
 /// Output and input gradients of `f(inputs, fused = true)` on `dev` (inputs copied there;
 /// gradients for the indices in `grad`, from the upstream gradient `r`).
@@ -257,6 +257,36 @@ fn check(
 ) -> Result<()> {
     let tol = tolerance(dt);
     check_within(out, op, shape, dt, tol, f, inputs, grad, dev, reps)
+}
+
+/// [`check`] of each output of an op with two, under the names `ops`.
+#[allow(clippy::too_many_arguments)]
+fn check_pair(
+    out: &mut Vec<KernelResult>,
+    ops: [&str; 2],
+    shape: String,
+    dt: DType,
+    f: PairFn<'_>,
+    inputs: Vec<Tensor>,
+    dev: &Device,
+    reps: usize,
+) -> Result<()> {
+    let first = |t: &[Tensor], fused: bool| f(t, fused).map(|r| r.0);
+    let second = |t: &[Tensor], fused: bool| f(t, fused).map(|r| r.1);
+    for (op, g) in ops.into_iter().zip([&first as OpFn<'_>, &second]) {
+        check(
+            out,
+            op,
+            shape.clone(),
+            dt,
+            g,
+            inputs.clone(),
+            &[],
+            dev,
+            reps,
+        )?;
+    }
+    Ok(())
 }
 
 /// [`check`] against the relative tolerance `tol` (0: the same bits).
@@ -852,25 +882,16 @@ pub fn run(dev: &Device, s: &Shapes, reps: usize) -> Result<CheckReport> {
         // The teacher-side op on logits and a centre: its probabilities, then its entropies.
         let t = cast(rand_t(&[2 * s.ce_targets, s.k], 16, -1.0, 1.0)?)?;
         let c = rand_t(&[s.k], 17, -0.1, 0.1)?;
-        let both = |t: &[Tensor], fused: bool| centered_softmax_entropy(&t[0], &t[1], 0.04, fused);
-        let probs = |t: &[Tensor], fused: bool| both(t, fused).map(|r| r.0);
-        let entropy = |t: &[Tensor], fused: bool| both(t, fused).map(|r| r.1);
-        for (op, f) in [
-            ("centered_softmax", &probs as OpFn<'_>),
-            ("centered_entropy", &entropy),
-        ] {
-            check(
-                &mut out,
-                op,
-                format!("[{}, {}]", 2 * s.ce_targets, s.k),
-                dt,
-                f,
-                vec![t.clone(), c.clone()],
-                &[],
-                dev,
-                reps,
-            )?;
-        }
+        check_pair(
+            &mut out,
+            ["centered_softmax", "centered_entropy"],
+            format!("[{}, {}]", 2 * s.ce_targets, s.k),
+            dt,
+            &|t, fused| centered_softmax_entropy(&t[0], &t[1], 0.04, fused),
+            vec![t.clone(), c.clone()],
+            dev,
+            reps,
+        )?;
 
         // The local crops' [cls+] targets: both views' pooled logits blended with their [cls]
         // logits, one softmax each, summed per crop; then the entropies. At most 8 images: the
@@ -878,27 +899,16 @@ pub fn run(dev: &Device, s: &Shapes, reps: usize) -> Result<CheckReport> {
         let (b, l) = (s.ce_targets.min(8), s.cfg.augment.n_local as usize);
         let avg = cast(rand_t(&[2, b, l, s.k], 29, -1.0, 1.0)?)?;
         let cls = rand_t(&[2, b, s.k], 30, -1.0, 1.0)?;
-        let both = |t: &[Tensor], fused: bool| {
-            super::local_multimodal_targets(&t[0], &t[1], &t[2], 0.5, 0.04, fused)
-        };
-        let probs = |t: &[Tensor], fused: bool| both(t, fused).map(|r| r.0);
-        let entropy = |t: &[Tensor], fused: bool| both(t, fused).map(|r| r.1);
-        for (op, f) in [
-            ("local_multimodal", &probs as OpFn<'_>),
-            ("local_multimodal entropy", &entropy),
-        ] {
-            check(
-                &mut out,
-                op,
-                format!("[2, {b}, {l}, {}]", s.k),
-                dt,
-                f,
-                vec![avg.clone(), cls.clone(), c.clone()],
-                &[],
-                dev,
-                reps,
-            )?;
-        }
+        check_pair(
+            &mut out,
+            ["local_multimodal", "local_multimodal entropy"],
+            format!("[2, {b}, {l}, {}]", s.k),
+            dt,
+            &|t, fused| super::local_multimodal_targets(&t[0], &t[1], &t[2], 0.5, 0.04, fused),
+            vec![avg, cls, c.clone()],
+            dev,
+            reps,
+        )?;
 
         // The patch targets and the validity-weighted sums of the patch logits, each view's from
         // the other view's rows (16 rows per image and view).
@@ -949,17 +959,16 @@ pub fn run(dev: &Device, s: &Shapes, reps: usize) -> Result<CheckReport> {
         )?;
         if dt == DType::F32 {
             let dw = rand_t(&[s.k, e], 36, -1.0, 1.0)?;
-            let both =
-                |t: &[Tensor], fused: bool| super::weight_norm_backward(&t[0], &t[1], &t[2], fused);
-            let dg = |t: &[Tensor], fused: bool| both(t, fused).map(|r| r.0);
-            let dv = |t: &[Tensor], fused: bool| both(t, fused).map(|r| r.1);
-            for (op, f) in [
-                ("weight_norm_backward dg", &dg as OpFn<'_>),
-                ("weight_norm_backward dV", &dv),
-            ] {
-                let inputs = vec![dw.clone(), v.clone(), gw.clone()];
-                check(&mut out, op, shape.clone(), dt, f, inputs, &[], dev, reps)?;
-            }
+            check_pair(
+                &mut out,
+                ["weight_norm_backward dg", "weight_norm_backward dV"],
+                shape,
+                dt,
+                &|t, fused| super::weight_norm_backward(&t[0], &t[1], &t[2], fused),
+                vec![dw, v, gw],
+                dev,
+                reps,
+            )?;
         }
 
         // The bias gradient of fc1: a column sum over every token row, f32 out.
@@ -978,12 +987,13 @@ pub fn run(dev: &Device, s: &Shapes, reps: usize) -> Result<CheckReport> {
         )?;
 
         let st = cast(rand_t(&[s.ce_rows, s.k], 18, -1.0, 1.0)?)?;
-        let p = centered_softmax(
+        let p = centered_softmax_entropy(
             &rand_t(&[s.ce_targets, s.k], 19, -1.0, 1.0)?,
             &Tensor::zeros(s.k, DType::F32, &Device::Cpu)?,
             0.04,
             false,
-        )?;
+        )?
+        .0;
         let f = |t: &[Tensor], fused: bool| soft_ce_rows(&t[0], &t[1], 0.1, fused);
         check(
             &mut out,
@@ -1000,29 +1010,20 @@ pub fn run(dev: &Device, s: &Shapes, reps: usize) -> Result<CheckReport> {
         // The explicit step's loss: the loss rows and the gradient in one pass, written over a
         // copy of the logits; each output compared on its own scale.
         let g = rand_t(&[s.ce_rows], 28, 0.5, 1.5)?;
-        let in_place = |t: &[Tensor], fused: bool| {
-            let s = t[0].copy()?;
-            let h = super::soft_ce_in_place(&s, &t[1], &t[2], 0.1, fused)?;
-            Ok((h, s))
-        };
-        let loss_rows = |t: &[Tensor], fused: bool| in_place(t, fused).map(|r| r.0);
-        let ds = |t: &[Tensor], fused: bool| in_place(t, fused).map(|r| r.1);
-        for (op, f) in [
-            ("soft_ce_in_place loss", &loss_rows as OpFn<'_>),
-            ("soft_ce_in_place ds", &ds),
-        ] {
-            check(
-                &mut out,
-                op,
-                format!("[{}, {}] vs [{}, {}]", s.ce_rows, s.k, s.ce_targets, s.k),
-                dt,
-                f,
-                vec![st.clone(), p.clone(), g.clone()],
-                &[],
-                dev,
-                reps,
-            )?;
-        }
+        check_pair(
+            &mut out,
+            ["soft_ce_in_place loss", "soft_ce_in_place ds"],
+            format!("[{}, {}] vs [{}, {}]", s.ce_rows, s.k, s.ce_targets, s.k),
+            dt,
+            &|t, fused| {
+                let s = t[0].copy()?;
+                let h = super::soft_ce_in_place(&s, &t[1], &t[2], 0.1, fused)?;
+                Ok((h, s))
+            },
+            vec![st, p, g],
+            dev,
+            reps,
+        )?;
     }
     check_adamw(&mut out, s, dev, reps.min(10))?;
     check_sq_norms(&mut out, s, dev, reps.min(10))?;

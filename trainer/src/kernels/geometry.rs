@@ -94,11 +94,6 @@ pub fn col_sum(rows: usize, d: usize) -> (Geometry, usize) {
     (g, rpb)
 }
 
-/// `attn_softmax_{fwd,bwd}_*`: one warp per row, 8 rows per block.
-pub fn attn_softmax(rows: usize) -> Geometry {
-    warp_rows(rows)
-}
-
 /// One warp per row, 8 rows per block (`attn_softmax_*`, `weight_norm_*`, `weight_norm_bwd`).
 pub fn warp_rows(rows: usize) -> Geometry {
     per_row(rows.div_ceil(8), 256)

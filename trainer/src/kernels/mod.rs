@@ -41,7 +41,7 @@ pub mod sq_norms;
 
 pub use ops::{
     accumulate, attn_softmax, attn_softmax_backward, bias_add, bias_gelu, bias_gelu_backward,
-    bias_gelu_backward_recompute, centered_softmax, centered_softmax_entropy, col_sum, layer_norm,
+    bias_gelu_backward_recompute, centered_softmax_entropy, col_sum, layer_norm,
     layer_norm_backward, local_multimodal_targets, normalise_crops, other_view,
     other_view_softmax_entropy, other_view_weighted_sum, residual_add, soft_ce_in_place,
     soft_ce_rows, weight_norm, weight_norm_backward, Accumulate, AttnSoftmax, BiasAdd, BiasGelu,

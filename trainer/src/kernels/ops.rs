@@ -1105,7 +1105,7 @@ impl CustomOp1 for AttnSoftmax {
         x.push(&mut a);
         y.push(&mut a);
         a.arg(&rows).arg(&ni).arg(&sc);
-        gpu::launch(a, geometry::attn_softmax(rows))?;
+        gpu::launch(a, geometry::warp_rows(rows))?;
         Ok((y.into_storage(dev), l.shape().clone()))
     }
 
@@ -1176,7 +1176,7 @@ impl CustomOp2 for AttnSoftmaxBwd {
         dy.push(&mut a);
         dx.push(&mut a);
         a.arg(&rows).arg(&ni).arg(&sc);
-        gpu::launch(a, geometry::attn_softmax(rows))?;
+        gpu::launch(a, geometry::warp_rows(rows))?;
         Ok((dx.into_storage(dev), l1.shape().clone()))
     }
 }
@@ -1645,15 +1645,6 @@ pub fn other_view_weighted_sum(x: &Tensor, w: &Tensor, fused: bool) -> Result<Te
     }
     let x = other_view(x)?.to_dtype(w.dtype())?;
     w.unsqueeze(2)?.matmul(&x)?.squeeze(2)
-}
-
-/// Teacher probabilities `softmax((t − c)/tau)` in c's dtype (no gradient): the first half of
-/// [`centered_softmax_entropy`].
-pub fn centered_softmax(t: &Tensor, c: &Tensor, tau: f64, fused: bool) -> Result<Tensor> {
-    if fused {
-        return Ok(centered_softmax_entropy(t, c, tau, true)?.0);
-    }
-    nn::softmax(&(t.to_dtype(c.dtype())?.broadcast_sub(c)? / tau)?)
 }
 
 /// The local crops' [cls+] targets (udi-spec §3.2) from one pass over the pooled logits: for
